@@ -1,0 +1,34 @@
+# goleash — every entry point a person or CI uses. Targets that need the host
+# set up (BCC, headers, Go toolchains, venv) run `setup` first; it is idempotent.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+export GOLEASH_CACHE ?= /var/cache/goleash
+
+.PHONY: setup demo test test-unit bench proto lint
+
+setup:
+	@bash scripts/setup.sh
+
+## the main job: until the leak demo exists, inspect a Go service the demo builds
+demo: setup
+	@$(PY) -m goleash.demo
+
+## the whole suite, BPF tests included (root)
+test: setup
+	@$(PY) -m pytest -q tests
+
+## pure-Python tests only (no root needed once set up)
+test-unit: setup
+	@$(PY) -m pytest -q tests/unit
+
+bench: setup
+	@$(PY) -m goleash.bench
+
+proto: setup
+	@echo "no protos yet"
+
+lint: setup
+	@$(VENV)/bin/ruff check agent tests
+	@$(VENV)/bin/ruff format --check agent tests
+	@$(VENV)/bin/mypy
