@@ -1,0 +1,125 @@
+"""The one `goleash` command.
+
+Each subcommand is a small function taking parsed args and returning an exit code;
+the work itself lives in the packages (gobin, probes, node, control). Exit codes:
+0 success, 1 the check a command makes failed (e.g. leaks found where asked to
+fail on them), 2 bad input or an environment goleash cannot work in (message on
+stderr, never a traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from goleash import __version__
+from goleash.errors import GoleashError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+def _target_args(p: argparse.ArgumentParser, *, path: bool) -> None:
+    """PATH or --pid PID: the binary on disk, or the one a running process executes."""
+    if path:
+        p.add_argument("path", nargs="?", help="Go executable to read")
+    p.add_argument("--pid", type=int, help="read the executable of this running process")
+
+
+# --- inspect -----------------------------------------------------------------
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from goleash.gobin.report import inspect_path, inspect_pid, render_text
+
+    if (args.path is None) == (args.pid is None):
+        raise GoleashError("give exactly one of PATH or --pid PID")
+    report = inspect_pid(args.pid) if args.pid is not None else inspect_path(args.path)
+    if args.json:
+        print_json(report.to_dict())
+    else:
+        sys.stdout.write(render_text(report))
+    return 0
+
+
+def cmd_symbolize(args: argparse.Namespace) -> int:
+    from goleash.gobin.report import symbolize
+
+    rows = symbolize(args.path, [int(pc, 0) for pc in args.pcs])
+    if args.json:
+        print_json([r.to_dict() for r in rows])
+    else:
+        for r in rows:
+            where = f"{r.file}:{r.line}" if r.file else "?"
+            print(f"{r.pc:#x}\t{r.function or '?'}\t{where}")
+    return 0
+
+
+# --- the parser ----------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="goleash",
+        description=(
+            "Watch Go services from the outside: goroutine lifetimes, leaks and function "
+            "latency via eBPF uprobes and process memory. No code change, no restart."
+        ),
+        epilog="Run `goleash COMMAND --help` for the details of each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"goleash {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "inspect",
+        help="what goleash reads from a Go binary: version, offsets, probe sites",
+        description=(
+            "Read a Go executable without running it and report its Go version, build "
+            "settings, where symbols came from, the runtime struct offsets the probes use "
+            "and the instruction sites they would attach at. Exit 2 if goleash cannot "
+            "trace it (not Go, Go < 1.17, stripped with an unknown version)."
+        ),
+        epilog="examples:\n  goleash inspect ./server\n  goleash inspect --pid 4242 --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _target_args(p, path=True)
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(handler=cmd_inspect)
+
+    p = sub.add_parser(
+        "symbolize",
+        help="PC -> function and file:line, from the binary's pclntab",
+        description="Symbolize program counters (link-time addresses) with the binary's pclntab.",
+    )
+    p.add_argument("path", help="Go executable")
+    p.add_argument("pcs", nargs="+", metavar="PC", help="addresses, e.g. 0x4a1b2c")
+    p.add_argument("--json", action="store_true", help="a JSON list on stdout")
+    p.set_defaults(handler=cmd_symbolize)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except GoleashError as exc:
+        print(f"goleash {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

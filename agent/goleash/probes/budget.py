@@ -1,0 +1,65 @@
+"""The overhead budget: what our probe hits cost a traced process, kept under a cap.
+
+A uprobe hit is a kernel trap taken by the traced thread. Its cost depends on the
+probed instruction: the x86 uprobe code emulates push/call/jmp/jcc/nop (cheap) and
+single-steps everything else (a debug trap; on VMs a VM exit). We know each
+probe's hit count per interval from its own BPF counter, so the cost we impose is
+hits x cost-per-hit, as a fraction of one CPU core over the interval.
+
+Default costs are this project's measurements on its CI VMs (`make bench` reports
+them); set GOLEASH_HIT_COST_NS="emulated,stepped" to use a host's own figures.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+# ns per hit, measured by `make bench` on the project's VMs (DESIGN.md: 557 ns at
+# emulated sites, 13,900-20,000 ns single-stepped).
+DEFAULT_EMULATED_NS = 600.0
+DEFAULT_STEPPED_NS = 15_000.0
+DEFAULT_CPU_FRACTION = 0.01  # 1% of one core per traced process
+
+
+def hit_costs_ns() -> tuple[float, float]:
+    raw = os.environ.get("GOLEASH_HIT_COST_NS")
+    if not raw:
+        return DEFAULT_EMULATED_NS, DEFAULT_STEPPED_NS
+    emulated, stepped = (float(x) for x in raw.split(","))
+    return emulated, stepped
+
+
+@dataclass
+class OverheadBudget:
+    """Per-process budget. Feed it each interval's hit counts; it says whether
+    the probes may stay attached (hysteresis: back on only below half the cap)."""
+
+    cpu_fraction: float = DEFAULT_CPU_FRACTION
+    emulated_ns: float = field(default_factory=lambda: hit_costs_ns()[0])
+    stepped_ns: float = field(default_factory=lambda: hit_costs_ns()[1])
+    over: bool = False
+    last_fraction: float = 0.0
+
+    def cost_fraction(self, emulated_hits: int, stepped_hits: int, interval_s: float) -> float:
+        """Fraction of one core the hits cost the traced process over the interval."""
+        if interval_s <= 0:
+            return 0.0
+        ns = emulated_hits * self.emulated_ns + stepped_hits * self.stepped_ns
+        return ns / (interval_s * 1e9)
+
+    def update(self, emulated_hits: int, stepped_hits: int, interval_s: float) -> bool:
+        """Record an interval; returns True when the probes should be (or stay) detached."""
+        self.last_fraction = self.cost_fraction(emulated_hits, stepped_hits, interval_s)
+        if self.last_fraction > self.cpu_fraction:
+            self.over = True
+        elif self.over and self.last_fraction < self.cpu_fraction / 2:
+            self.over = False
+        return self.over
+
+    def duty_cycle(self, projected_fraction: float) -> float:
+        """Share of an interval probes can stay attached to cost at most the cap
+        (1.0 when the full-time cost fits). Used to sample hot functions."""
+        if projected_fraction <= self.cpu_fraction:
+            return 1.0
+        return max(0.0, self.cpu_fraction / projected_fraction)
