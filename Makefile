@@ -5,7 +5,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 export GOLEASH_CACHE ?= /var/cache/goleash
 
-.PHONY: setup demo test test-unit bench proto lint
+.PHONY: setup demo test test-unit bench proto lint offsets-table
 
 setup:
 	@bash scripts/setup.sh
@@ -24,6 +24,10 @@ test-unit: setup
 
 bench: setup
 	@$(PY) -m goleash.bench
+
+## regenerate agent/goleash/gobin/offsets_table.json from every toolchain's DWARF
+offsets-table: setup
+	@$(PY) -m goleash.gobin.offsets_table
 
 proto: setup
 	@echo "no protos yet"
