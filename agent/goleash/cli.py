@@ -62,6 +62,24 @@ def cmd_symbolize(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- trace -----------------------------------------------------------------------
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from goleash.node.trace import run_trace
+
+    return run_trace(
+        args.pid,
+        duration=args.duration,
+        interval=args.interval,
+        stacks=args.stacks,
+        as_json=args.json,
+        budget_fraction=args.budget,
+        max_live=args.max_live,
+        emit_json=print_json,
+    )
+
+
 # --- the parser ----------------------------------------------------------------
 
 
@@ -102,6 +120,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pcs", nargs="+", metavar="PC", help="addresses, e.g. 0x4a1b2c")
     p.add_argument("--json", action="store_true", help="a JSON list on stdout")
     p.set_defaults(handler=cmd_symbolize)
+
+    p = sub.add_parser(
+        "trace",
+        help="live goroutine summary of one process, per creation site",
+        description=(
+            "Track every goroutine of a running Go process from birth to exit with BPF "
+            "uprobes (two probe hits per goroutine) and read the live set from its memory. "
+            "Prints, every interval, per creation site (started function + `go` statement): "
+            "live, created, exited, ages and what they are blocked on. Needs root."
+        ),
+        epilog=(
+            "examples:\n  goleash trace --pid 4242\n"
+            "  goleash trace --pid 4242 --duration 30 --json > sites.json"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--pid", type=int, required=True, help="process to trace")
+    p.add_argument("--duration", type=float, help="stop after S seconds (default: until Ctrl-C)")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between summaries")
+    p.add_argument(
+        "--stacks", action="store_true", help="also record each creator's stack (one more hit)"
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=0.01,
+        help="max share of one core the probes may cost the process (default 0.01 = 1%%)",
+    )
+    p.add_argument("--max-live", type=int, help="size of the kernel's live-goroutine table")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    p.set_defaults(handler=cmd_trace)
 
     return parser
 
