@@ -455,6 +455,12 @@ def test_default_policy_has_the_design_goroutine_levels_and_ships_in_monitor_mod
     assert levels == {"L1": 3000, "L2": 5000, "L3": 8000}
 
 
+def test_default_policy_passes_the_control_planes_policy_gate() -> None:
+    policy = pytest.importorskip("goleash.control.policy", reason="policy gate not written yet")
+    doc = policy.validate_policy((BASE / "policy.yaml").read_text())
+    assert doc.mode == "monitor"
+
+
 # --- RBAC --------------------------------------------------------------------------
 
 
