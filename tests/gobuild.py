@@ -84,7 +84,7 @@ def build(fixture: str, toolchain: str, variant: str = "default") -> Path:
         raise FileNotFoundError(f"no Go fixture {src}")
     flags, cgo = VARIANTS[variant]
     key = hashlib.sha256(
-        f"{fixture}|{toolchain}|{variant}|{_source_hash(src)}".encode()
+        f"v2|{fixture}|{toolchain}|{variant}|{_source_hash(src)}".encode()
     ).hexdigest()[:20]
     out_dir = CACHE / "fixtures" / key
     out = out_dir / fixture
@@ -96,7 +96,9 @@ def build(fixture: str, toolchain: str, variant: str = "default") -> Path:
         if out.exists():
             return out
         tmp = out_dir / f".{fixture}.tmp"
-        cmd = [str(go_root(toolchain) / "bin" / "go"), "build", *flags, "-o", str(tmp), "."]
+        go = str(go_root(toolchain) / "bin" / "go")
+        # -buildvcs=false: a CI clone may belong to another user, and git would refuse it.
+        cmd = [go, "build", "-buildvcs=false", *flags, "-o", str(tmp), "."]
         res = subprocess.run(
             cmd, cwd=src, env=go_env(toolchain, cgo), capture_output=True, text=True
         )

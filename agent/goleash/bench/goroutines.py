@@ -1,0 +1,285 @@
+"""Goroutine tracking cost, as ratios measured in one run (issue "Goroutine lifetimes").
+
+1. The physical limit: one hit of an empty uprobe at an emulated instruction
+   (`push %rbp`) and at a single-stepped one (the prologue's `cmp`), on a tight
+   Go call loop, against the same loop untraced.
+2. goleash's cost per hit (ratio to the empty emulated hit) and hits per goroutine
+   on a goroutine-churn workload; the same workload under bpftrace probing
+   runtime.newproc1 and runtime.goexit1 at their entries (the usual way).
+3. Throughput of std-lib HTTP/2 and HTTP/1.1 (one goroutine per request)
+   client+server pairs: untraced, goleash, bpftrace.
+4. Inventory of 100k live goroutines from memory: time, and the stall the traced
+   process saw, next to a pprof goroutine?debug=2 capture of the same process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from goleash.bench import Report, fixture
+from goleash.gobin.disasm import entry_site
+from goleash.probes.goroutines import GoroutineProbes
+from goleash.probes.inventory import read_goroutines
+from goleash.probes.target import GoProcess
+
+TOOLCHAIN = os.environ.get("GOLEASH_BENCH_GO", "1.22.10")
+REPEATS = 3
+
+
+class Workload:
+    """A benchload process that waits on stdin so tracers attach before it runs."""
+
+    def __init__(self, binary: Path, *args: str) -> None:
+        self.p = subprocess.Popen(
+            [str(binary), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.p.stdout is not None
+        ready = json.loads(self.p.stdout.readline())
+        self.pid: int = ready["pid"]
+
+    def send(self, line: str) -> dict[str, Any]:
+        assert self.p.stdin is not None and self.p.stdout is not None
+        self.p.stdin.write(line + "\n")
+        self.p.stdin.flush()
+        return json.loads(self.p.stdout.readline())
+
+    def go(self) -> dict[str, Any]:
+        res = self.send("")
+        self.p.wait(timeout=120)
+        return res
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
+
+def _best(values: list[float], higher_is_better: bool) -> float:
+    return max(values) if higher_is_better else min(values)
+
+
+@contextmanager
+def _empty_uprobe(binary: Path, pid: int, file_offset: int) -> Iterator[None]:
+    from bcc import BPF
+
+    b = BPF(text="int hit(struct pt_regs *ctx) { return 0; }")
+    b.attach_uprobe(name=str(binary), addr=file_offset, fn_name="hit", pid=pid)
+    try:
+        yield
+    finally:
+        b.cleanup()
+
+
+@contextmanager
+def _goleash(pid: int, hits: dict[str, int]) -> Iterator[None]:
+    proc = GoProcess.attach(pid)
+    probes = GoroutineProbes(proc)
+    probes.attach()
+    try:
+        yield
+    finally:
+        r = probes.read(with_live=False)
+        hits.update(r.counters)
+        probes.close()
+
+
+@contextmanager
+def _bpftrace(binary: Path, pid: int) -> Iterator[None]:
+    prog = (
+        f"uprobe:{binary}:runtime.newproc1 {{ @created = count(); }} "
+        f"uprobe:{binary}:runtime.goexit1 {{ @exited = count(); }}"
+    )
+    p = subprocess.Popen(
+        ["bpftrace", "-p", str(pid), "-e", prog],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert p.stdout is not None
+    line = p.stdout.readline()
+    if "Attaching" not in line:
+        p.kill()
+        raise RuntimeError(f"bpftrace did not attach: {line}")
+    try:
+        yield
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=30)
+
+
+Tracer = Callable[[int], Any]
+
+
+def _measure(binary: Path, args: list[str], key: str, tracer: Tracer | None) -> float:
+    w = Workload(binary, *args)
+    try:
+        if tracer is None:
+            return float(w.go()[key])
+        with tracer(w.pid):
+            return float(w.go()[key])
+    finally:
+        w.kill()
+
+
+def _cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run(report: Report) -> None:
+    binary = fixture("benchload", TOOLCHAIN)
+    report.line("toolchain", float(TOOLCHAIN.split(".")[1]), "go1.N", f"go{TOOLCHAIN}")
+    proc_syms = None
+
+    # --- 1. the physical limit --------------------------------------------------------
+    from goleash.gobin.binary import GoBinary
+    from goleash.gobin.symbols import symbol_table
+
+    with GoBinary(binary) as gb:
+        proc_syms = symbol_table(gb)
+        addr, size = proc_syms.require("main.work")
+        push = entry_site(gb, "main.work", addr, size)
+        first_offset = gb.vaddr_to_offset(addr)
+    n_calls = 200_000
+    call_args = ["-mode", "call", "-n", str(n_calls)]
+    base = _best([_measure(binary, call_args, "ns_per_call", None) for _ in range(REPEATS)], False)
+    report.line("Go call, untraced", base, "ns/call")
+    per_hit: dict[str, float] = {}
+    for label, off in (
+        ("emulated `push %rbp`", push.file_offset),
+        ("single-stepped `cmp`", first_offset),
+    ):
+
+        def tracer(pid: int, off: int = off) -> Any:
+            return _empty_uprobe(binary, pid, off)
+
+        t = _best(
+            [_measure(binary, call_args, "ns_per_call", tracer) for _ in range(REPEATS)], False
+        )
+        per_hit[label] = t - base
+        report.line(f"empty uprobe hit at {label}", t - base, "ns/hit")
+    emulated_hit = per_hit["emulated `push %rbp`"]
+    report.line(
+        "single-stepped / emulated hit cost",
+        per_hit["single-stepped `cmp`"] / emulated_hit,
+        "x",
+    )
+
+    # --- 2. goroutine churn -------------------------------------------------------------
+    n_g = 200_000
+    churn_args = ["-mode", "churn", "-n", str(n_g)]
+    untraced = _best(
+        [_measure(binary, churn_args, "ns_per_goroutine", None) for _ in range(REPEATS)], False
+    )
+    hits: dict[str, int] = {}
+    cpu0 = _cpu_s()
+    traced = _best(
+        [
+            _measure(binary, churn_args, "ns_per_goroutine", lambda pid: _goleash(pid, hits))
+            for _ in range(REPEATS)
+        ],
+        False,
+    )
+    agent_cpu = (_cpu_s() - cpu0) / REPEATS
+    hits_per_g = (hits.get("create_hits", 0) + hits.get("exit_hits", 0)) / n_g
+    goleash_per_g = traced - untraced
+    report.line("churn untraced", untraced, "ns/goroutine")
+    report.line("churn traced by goleash", traced, "ns/goroutine")
+    report.line("goleash probe hits per goroutine", hits_per_g, "hits", "goal 2")
+    report.line(
+        "goleash cost per hit / empty emulated hit",
+        goleash_per_g / max(hits_per_g, 1e-9) / emulated_hit,
+        "x",
+        "goal <= 1.2",
+    )
+    report.line("agent CPU per churn run (attach+compile+read)", agent_cpu, "s")
+    if shutil.which("bpftrace"):
+        bt = _best(
+            [
+                _measure(binary, churn_args, "ns_per_goroutine", lambda pid: _bpftrace(binary, pid))
+                for _ in range(REPEATS)
+            ],
+            False,
+        )
+        report.line("churn traced by bpftrace (entry probes)", bt, "ns/goroutine")
+        report.line(
+            "bpftrace cost / goleash cost per goroutine",
+            (bt - untraced) / max(goleash_per_g, 1e-9),
+            "x",
+            "goal >= 10",
+        )
+
+    # --- 3. HTTP throughput -------------------------------------------------------------
+    for mode in ("http2", "http1"):
+        args = ["-mode", mode, "-seconds", "3", "-workers", "8"]
+        u = _best([_measure(binary, args, "requests_per_s", None) for _ in range(REPEATS)], True)
+        g = _best(
+            [
+                _measure(binary, args, "requests_per_s", lambda pid: _goleash(pid, {}))
+                for _ in range(REPEATS)
+            ],
+            True,
+        )
+        report.line(f"{mode} untraced", u, "req/s")
+        report.line(f"{mode} traced by goleash / untraced", g / u, "ratio", "goal >= 0.85 (http2)")
+        if shutil.which("bpftrace"):
+            b = _best(
+                [
+                    _measure(binary, args, "requests_per_s", lambda pid: _bpftrace(binary, pid))
+                    for _ in range(REPEATS)
+                ],
+                True,
+            )
+            report.line(f"{mode} traced by bpftrace / untraced", b / u, "ratio")
+
+    # --- 4. inventory of 100k goroutines vs pprof ------------------------------------------
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    w = Workload(binary, "-mode", "hold", "-n", "100000", "-pprof", f"127.0.0.1:{port}")
+    try:
+        proc = GoProcess.attach(w.pid)
+        w.send("stall")  # reset the stall meter
+        t0 = time.monotonic()
+        inv = read_goroutines(proc)
+        inv_s = time.monotonic() - t0
+        stall_inv = w.send("stall")["worst_delay_ns"]
+        report.line(
+            "inventory of 100k goroutines from memory",
+            inv_s * 1000,
+            "ms",
+            f"{len(inv.goroutines)} read",
+        )
+        report.line("  traced process's worst stall during it", stall_inv / 1e6, "ms", "goal: none")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/debug/pprof/", timeout=1).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        w.send("stall")
+        t0 = time.monotonic()
+        urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/debug/pprof/goroutine?debug=2", timeout=60
+        ).read()
+        pprof_s = time.monotonic() - t0
+        stall_pprof = w.send("stall")["worst_delay_ns"]
+        report.line("pprof goroutine?debug=2 of the same process", pprof_s * 1000, "ms")
+        report.line("  traced process's worst stall during it", stall_pprof / 1e6, "ms")
+    finally:
+        w.kill()

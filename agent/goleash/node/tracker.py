@@ -1,0 +1,311 @@
+"""One tracker per traced process: probes + memory inventory + overhead budget.
+
+The probes count births and exits per creation site since attach and know each
+new goroutine's birth time and parent; the inventory (process memory) sees every
+live goroutine with its state and wait reason, including those born before
+attach or started without newproc (iter.Pull coroutines). A snapshot joins both.
+When the probes cost more than the budget allows, they are detached and the
+inventory alone carries on (mode "inventory-only"); they return once the
+creation rate (read from goid growth) fits the budget again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from goleash.gobin.disasm import disassemble
+from goleash.gobin.pclntab import Func
+from goleash.probes.budget import OverheadBudget
+from goleash.probes.goroutines import GoroutineProbes, TrackerReading
+from goleash.probes.inventory import Goroutine, read_goroutines
+from goleash.probes.target import GoProcess
+
+# Wait reasons that cannot end by themselves: nobody else holds a reference that
+# would wake the goroutine once its parent is gone (DESIGN.md "Orphans and leaks").
+STUCK_WAIT_REASONS = frozenset(
+    {
+        "chan receive",
+        "chan send",
+        "chan receive (nil chan)",
+        "chan send (nil chan)",
+        "select",
+        "select (no cases)",
+        "sync.Cond.Wait",
+        "semacquire",
+        "sync.Mutex.Lock",
+        "sync.RWMutex.RLock",
+        "sync.RWMutex.Lock",
+        "sync.WaitGroup.Wait",
+    }
+)
+DEFAULT_ORPHAN_MIN_AGE_S = 30.0
+
+
+def started_function(proc: GoProcess, wrapper: Func) -> str | None:
+    """The user's function behind a `go f(x)` wrapper (Go 1.21+ compiles such a
+    statement to a closure `caller.gowrapN` that calls f): its first direct call
+    to a non-runtime function, as pprof's first frame would show it."""
+    for ins in disassemble(proc.binary, wrapper.entry, wrapper.end - wrapper.entry):
+        if ins.mnemonic != "call" or not ins.op_str.startswith("0x"):
+            continue
+        callee = proc.pclntab.func_for_pc(int(ins.op_str, 16))
+        if callee is not None and not callee.name.startswith("runtime."):
+            return callee.name
+    return None
+
+
+def _quantile(sorted_vals: list[float], q: float) -> float | None:
+    if not sorted_vals:
+        return None
+    i = min(len(sorted_vals) - 1, max(0, round(q * (len(sorted_vals) - 1))))
+    return sorted_vals[i]
+
+
+@dataclass
+class SiteSummary:
+    """One creation site: the function a `go` statement starts, and where."""
+
+    function: str
+    go_statement: str
+    live: int
+    created: int
+    exited: int
+    exited_unseen: int
+    age_p50_s: float | None
+    age_p99_s: float | None
+    age_max_s: float | None
+    wait_reasons: dict[str, int]
+    orphans: int
+    lifetime_mean_s: float | None
+    gopc: int = 0
+    startpc: int = 0
+
+
+@dataclass
+class ProcessSnapshot:
+    pid: int
+    exe: str
+    go_version: str
+    taken_at: float  # unix time
+    mode: str  # "probes" | "inventory-only"
+    mode_reason: str
+    sites: list[SiteSummary]
+    totals: dict[str, int]
+    dropped: dict[str, int]
+    probe_hits: dict[str, int]
+    overhead_fraction: float
+    overhead_cap: float
+    inventory_ms: float
+    torn_reads: int
+    goroutines: list[Goroutine] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("goroutines")
+        return d
+
+
+class ProcessTracker:
+    def __init__(
+        self,
+        proc: GoProcess,
+        *,
+        stacks: bool = False,
+        budget: OverheadBudget | None = None,
+        max_live: int | None = None,
+        max_sites: int | None = None,
+        orphan_min_age_s: float = DEFAULT_ORPHAN_MIN_AGE_S,
+        use_probes: bool = True,
+    ) -> None:
+        self.proc = proc
+        self.budget = budget or OverheadBudget()
+        kw: dict[str, Any] = {"stacks": stacks}
+        if max_live:
+            kw["max_live"] = max_live
+        if max_sites:
+            kw["max_sites"] = max_sites
+        self.probes = GoroutineProbes(proc, **kw) if use_probes else None
+        self.orphan_min_age_s = orphan_min_age_s
+        self.first_seen_ns: dict[int, int] = {}
+        self._site_names: dict[tuple[int, int], tuple[str, str]] = {}
+        self._last_hits = 0
+        self._last_poll = time.monotonic()
+        self._last_max_goid = 0
+        self.mode_reason = "probes attached"
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Inventory first (the whole picture at attach), then the probes."""
+        inv = read_goroutines(self.proc)
+        self._remember(inv.goroutines, inv.read_ns)
+        if self.probes is not None:
+            self.probes.attach()
+        else:
+            self.mode_reason = "probes off (inventory only)"
+        self._last_poll = time.monotonic()
+
+    def close(self) -> None:
+        if self.probes is not None:
+            self.probes.close()
+
+    @property
+    def mode(self) -> str:
+        return "probes" if self.probes is not None and self.probes.attached else "inventory-only"
+
+    # --- naming ------------------------------------------------------------------------
+
+    def site_name(self, gopc: int, startpc: int) -> tuple[str, str]:
+        key = (gopc, startpc)
+        name = self._site_names.get(key)
+        if name is None:
+            tab = self.proc.pclntab
+            fn = tab.func_for_pc(startpc)
+            sl = tab.call_site(gopc) if gopc else None
+            fname = fn.name if fn else f"{startpc:#x}"
+            if fn is not None and ".gowrap" in fn.name:
+                fname = started_function(self.proc, fn) or fname
+            name = (fname, f"{sl.file}:{sl.line}" if sl else "?")
+            self._site_names[key] = name
+        return name
+
+    def _remember(self, goroutines: list[Goroutine], now_ns: int) -> None:
+        seen = set()
+        for g in goroutines:
+            seen.add(g.goid)
+            self.first_seen_ns.setdefault(g.goid, now_ns)
+        for goid in list(self.first_seen_ns):
+            if goid not in seen:
+                del self.first_seen_ns[goid]
+
+    # --- budget ---------------------------------------------------------------------------
+
+    def _apply_budget(self, reading: TrackerReading | None, max_goid: int, dt: float) -> None:
+        if self.probes is None:
+            return
+        if reading is not None and self.probes.attached:
+            hits = reading.counters["create_hits"] + reading.counters["exit_hits"]
+            new_hits = hits - self._last_hits
+            self._last_hits = hits
+        else:
+            # Detached: estimate what the probes would cost from goid growth (goids
+            # are handed out in order, one per goroutine created, two hits each).
+            new_hits = 2 * max(0, max_goid - self._last_max_goid)
+        stepped = self.probes.stepped_sites
+        emulated_hits = new_hits if stepped == 0 else new_hits // 2
+        stepped_hits = 0 if stepped == 0 else new_hits - emulated_hits
+        over = self.budget.update(emulated_hits, stepped_hits, dt)
+        if over and self.probes.attached:
+            self.probes.detach()
+            self.mode_reason = (
+                f"probes detached: they would cost {self.budget.last_fraction:.1%} of a core "
+                f"(budget {self.budget.cpu_fraction:.1%}); counting from memory only"
+            )
+        elif not over and not self.probes.attached:
+            self.probes.attach()
+            self.mode_reason = "probes re-attached: back under budget"
+
+    def _birth_ns(self, goid: int, born: dict, now_ns: int) -> int:
+        """Birth time from the probes, else when we first saw it (a lower bound)."""
+        if goid in born:
+            return born[goid].created_ns
+        return self.first_seen_ns.get(goid, now_ns)
+
+    def _is_orphan(self, g: Goroutine, age_s: float, born: dict, live: set[int]) -> bool:
+        parent = g.parent_goid or (born[g.goid].parent_goid if g.goid in born else 0)
+        return bool(
+            parent
+            and parent not in live
+            and g.wait_reason in STUCK_WAIT_REASONS
+            and age_s >= self.orphan_min_age_s
+        )
+
+    # --- snapshot ----------------------------------------------------------------------------
+
+    def snapshot(self) -> ProcessSnapshot:
+        now = time.monotonic()
+        dt = max(1e-3, now - self._last_poll)
+        self._last_poll = now
+        inv = read_goroutines(self.proc)
+        self._remember(inv.goroutines, inv.read_ns)
+        reading = (
+            self.probes.read() if self.probes is not None and self.probes._bpf is not None else None
+        )
+        max_goid = max((g.goid for g in inv.goroutines), default=self._last_max_goid)
+        self._apply_budget(reading, max_goid, dt)
+        self._last_max_goid = max(self._last_max_goid, max_goid)
+
+        live_by_goid = {g.goid for g in inv.goroutines}
+        born = reading.live if reading else {}
+        by_site: dict[tuple[int, int], list[Goroutine]] = {}
+        for g in inv.goroutines:
+            by_site.setdefault((g.gopc, g.startpc), []).append(g)
+        keys = set(by_site) | (set(reading.sites) if reading else set())
+
+        sites: list[SiteSummary] = []
+        for key in keys:
+            members = by_site.get(key, [])
+            counts = reading.sites.get(key) if reading else None
+            member_ages = [
+                (inv.read_ns - self._birth_ns(g.goid, born, inv.read_ns)) / 1e9 for g in members
+            ]
+            ages = sorted(member_ages)
+            reasons = Counter(g.wait_reason for g in members if g.wait_reason)
+            orphans = sum(
+                1
+                for g, age in zip(members, member_ages, strict=True)
+                if self._is_orphan(g, age, born, live_by_goid)
+            )
+            fn, stmt = self.site_name(*key)
+            exited = counts.exited if counts else 0
+            sites.append(
+                SiteSummary(
+                    function=fn,
+                    go_statement=stmt,
+                    live=len(members),
+                    created=counts.created if counts else 0,
+                    exited=exited,
+                    exited_unseen=counts.exited_unseen if counts else 0,
+                    age_p50_s=_quantile(ages, 0.5),
+                    age_p99_s=_quantile(ages, 0.99),
+                    age_max_s=ages[-1] if ages else None,
+                    wait_reasons=dict(reasons.most_common(3)),
+                    orphans=orphans,
+                    lifetime_mean_s=(counts.lifetime_sum_ns / exited / 1e9)
+                    if counts and exited
+                    else None,
+                    gopc=key[0],
+                    startpc=key[1],
+                )
+            )
+        sites.sort(key=lambda s: (-s.live, -s.created, s.function))
+        counters = reading.counters if reading else {}
+        return ProcessSnapshot(
+            pid=self.proc.pid,
+            exe=self.proc.exe_name,
+            go_version=self.proc.build_info.go_version,
+            taken_at=time.time(),
+            mode=self.mode,
+            mode_reason=self.mode_reason,
+            sites=sites,
+            totals={
+                "live": len(inv.goroutines),
+                "created": sum(s.created for s in sites),
+                "exited": sum(s.exited + s.exited_unseen for s in sites),
+                "orphans": sum(s.orphans for s in sites),
+            },
+            dropped={
+                k: v
+                for k, v in counters.items()
+                if k in ("live_table_full", "site_table_full", "read_faults", "stack_faults")
+            },
+            probe_hits={k: v for k, v in counters.items() if k.endswith("_hits")},
+            overhead_fraction=self.budget.last_fraction,
+            overhead_cap=self.budget.cpu_fraction,
+            inventory_ms=inv.read_ms if hasattr(inv, "read_ms") else 0.0,
+            torn_reads=inv.torn,
+            goroutines=inv.goroutines,
+        )

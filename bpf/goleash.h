@@ -1,0 +1,114 @@
+/* goleash.h: structs shared between the BPF programs in bpf/ and the Python readers
+ * in agent/goleash/probes/. One section per program.
+ * Keep the Python ctypes views in the same order; every field is naturally aligned.
+ */
+#ifndef GOLEASH_H
+#define GOLEASH_H
+
+/* ---- goroutines.bpf.c <-> probes/goroutines.py ----------------------------- */
+
+/* A goroutine is (pid, goid): g structs are reused after exit, goids never are. */
+struct goroutine_key {
+    u32 pid;
+    u32 _pad;
+    u64 goid;
+};
+
+/* One live goroutine born while we were attached. */
+struct goroutine_info {
+    u64 parent_goid;
+    u64 gopc;        /* PC after the `go` statement's call to newproc (link-time for non-PIE) */
+    u64 startpc;     /* the goroutine's function */
+    u64 created_ns;  /* bpf_ktime_get_ns(): CLOCK_MONOTONIC, the clock of Go's nanotime */
+    s64 stack_id;    /* creator's user stack (--stacks), or -1 */
+};
+
+/* A creation site: the `go` statement plus the function it starts. */
+struct site_key {
+    u32 pid;
+    u32 _pad;
+    u64 gopc;
+    u64 startpc;
+};
+
+#define LIFETIME_SLOTS 48 /* log2(ns) buckets: 1 ns .. ~3 days */
+
+struct site_stats {
+    u64 created;
+    u64 exited;
+    u64 exited_unseen;    /* exits of goroutines born before attach (or dropped) */
+    u64 lifetime_sum_ns;
+    u64 lifetime_log2[LIFETIME_SLOTS];
+};
+
+/* Indexes of the per-CPU counters array. */
+enum goroutine_counter {
+    GR_CNT_CREATE_HITS = 0,
+    GR_CNT_EXIT_HITS,
+    GR_CNT_NEWPROC_HITS,
+    GR_CNT_LIVE_FULL,       /* live table full: a birth not recorded */
+    GR_CNT_SITES_FULL,      /* site table full: a site's counts lost */
+    GR_CNT_READ_FAULTS,     /* bpf_probe_read_user failed on a g */
+    GR_CNT_STACK_FAULTS,    /* creator stack not captured */
+    GR_CNT_MAX,
+};
+
+/* ---- end of goroutines section ---------------------------------------------- */
+
+/* ---- funclat.bpf.c <-> probes/funclat.py (function latency, panics) --------- */
+
+/* Calls in flight per goroutine (struct goroutine_key), innermost last. A frame is
+ * identified by its depth on the goroutine stack, stack.hi - SP at entry (== at its
+ * RET): that survives stack copying (growth), unlike SP itself. */
+#define FL_MAX_DEPTH 16 /* power of two: indexes are masked with it */
+
+struct fl_frame {
+    u64 start_ns;
+    u64 depth;   /* g.stack.hi - SP, SP pointing at the return address */
+    u32 fid;     /* index of the traced function */
+    u32 tid;     /* thread at entry: a different one at RET counts as migrated */
+};
+
+struct fl_inflight {
+    u32 n;
+    u32 _pad;
+    struct fl_frame frames[FL_MAX_DEPTH];
+};
+
+/* Per traced function (array index fid). Counts since attach; user space diffs. */
+struct fl_stats {
+    u64 count;       /* calls timed (entry and RET paired) */
+    u64 sum_ns;
+    u64 max_ns;
+    u64 entry_hits;  /* probe hits, for the overhead budget */
+    u64 ret_hits;
+    u64 unmatched;   /* RET with no entry recorded (attached mid-call, or dropped) */
+    u64 stale;       /* entries that never returned (panic unwound them, Goexit) */
+    u64 migrated;    /* calls that returned on another thread than they entered on */
+    u64 overflow;    /* entries not recorded: FL_MAX_DEPTH calls already in flight */
+};
+
+/* A panic site: the caller of runtime.gopanic and 3 more frames (frame pointers),
+ * user space picks the first frame outside the runtime. Runtime PCs (add no bias). */
+#define FL_PANIC_FRAMES 4
+struct fl_panic_key {
+    u32 pid;
+    u32 _pad;
+    u64 pcs[FL_PANIC_FRAMES];
+};
+
+enum fl_counter {
+    FL_CNT_INFLIGHT_NEW = 0, /* goroutine entries created in fl_inflight */
+    FL_CNT_INFLIGHT_DEL,     /* ... and deleted (last call returned, goroutine exited) */
+    FL_CNT_INFLIGHT_FULL,    /* insert failed */
+    FL_CNT_EXIT_HITS,        /* runtime.goexit1 */
+    FL_CNT_EXIT_CLEANED,     /* frames dropped at goroutine exit */
+    FL_CNT_PANIC_HITS,       /* runtime.gopanic */
+    FL_CNT_PANIC_SITES_FULL,
+    FL_CNT_READ_FAULTS,
+    FL_CNT_MAX,
+};
+
+/* ---- end of funclat section -------------------------------------------------- */
+
+#endif

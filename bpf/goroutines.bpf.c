@@ -1,0 +1,149 @@
+// goroutines.bpf.c: every goroutine of one Go process from birth to exit.
+//
+// Attached per process (BCC, pid filter) at sites chosen by disassembly
+// (agent/goleash/gobin/disasm.py) so the kernel emulates the probed instruction:
+//   on_create   `call runtime.runqput` in runtime.newproc's closure: RBX = new g
+//               (fallback: every RET of runtime.newproc1, RAX = new g)
+//   on_exit     `push %rbp` of runtime.goexit1 after its stack check: R14 = g
+//   on_newproc  (--stacks only) runtime.newproc on the creator's own stack
+// Two hits per goroutine lifetime by default. Never a uretprobe: Go moves stacks.
+//
+// Offsets of runtime.g come from DWARF or the per-version table as -D macros:
+//   G_GOID G_GOPC G_STARTPC [G_PARENT_GOID | (G_M M_CURG)]
+//   CREATE_REG (bx|ax)  MAX_LIVE  MAX_SITES  WITH_STACKS
+#include <uapi/linux/ptrace.h>
+#include "goleash.h"
+
+BPF_HASH(live_goroutines, struct goroutine_key, struct goroutine_info, MAX_LIVE);
+BPF_HASH(site_stats, struct site_key, struct site_stats, MAX_SITES);
+BPF_PERCPU_ARRAY(counters, u64, GR_CNT_MAX);
+#ifdef WITH_STACKS
+BPF_STACK_TRACE(creator_stacks, MAX_SITES);
+BPF_HASH(pending_stack, u32, s64, 4096); /* thread id -> stack id, newproc -> create */
+#endif
+
+static __always_inline void count(int idx)
+{
+    u64 *v = counters.lookup(&idx);
+    if (v)
+        (*v)++;
+}
+
+static __always_inline int read_u64(u64 *dst, u64 addr)
+{
+    if (bpf_probe_read_user(dst, sizeof(*dst), (void *)addr) != 0) {
+        count(GR_CNT_READ_FAULTS);
+        return -1;
+    }
+    return 0;
+}
+
+static __always_inline struct site_stats *site_for(u32 pid, u64 gopc, u64 startpc)
+{
+    struct site_key sk = {.pid = pid, .gopc = gopc, .startpc = startpc};
+    struct site_stats *st = site_stats.lookup(&sk);
+    if (st)
+        return st;
+    struct site_stats zero = {};
+    if (site_stats.insert(&sk, &zero) != 0 && site_stats.lookup(&sk) == NULL) {
+        count(GR_CNT_SITES_FULL);
+        return NULL;
+    }
+    return site_stats.lookup(&sk);
+}
+
+#ifdef WITH_STACKS
+int on_newproc(struct pt_regs *ctx)
+{
+    count(GR_CNT_NEWPROC_HITS);
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    s64 id = creator_stacks.get_stackid(ctx, BPF_F_USER_STACK);
+    if (id < 0)
+        count(GR_CNT_STACK_FAULTS);
+    pending_stack.update(&tid, &id);
+    return 0;
+}
+#endif
+
+int on_create(struct pt_regs *ctx)
+{
+    count(GR_CNT_CREATE_HITS);
+    u64 g = ctx->CREATE_REG;
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    struct goroutine_key key = {.pid = pid};
+    struct goroutine_info info = {.stack_id = -1};
+
+    if (read_u64(&key.goid, g + G_GOID) || read_u64(&info.gopc, g + G_GOPC) ||
+        read_u64(&info.startpc, g + G_STARTPC))
+        return 0;
+#ifdef G_PARENT_GOID
+    read_u64(&info.parent_goid, g + G_PARENT_GOID);
+#else
+    /* Before Go 1.21 the g has no parentGoid. This site runs on the system stack,
+     * so R14 is g0, and g0.m.curg is the goroutine that executed the `go`. */
+    u64 m = 0, curg = 0;
+    if (read_u64(&m, ctx->r14 + G_M) == 0 && m && read_u64(&curg, m + M_CURG) == 0 && curg)
+        read_u64(&info.parent_goid, curg + G_GOID);
+#endif
+    info.created_ns = bpf_ktime_get_ns();
+#ifdef WITH_STACKS
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    s64 *sid = pending_stack.lookup(&tid);
+    if (sid) {
+        info.stack_id = *sid;
+        pending_stack.delete(&tid);
+    }
+#endif
+    if (live_goroutines.update(&key, &info) != 0)
+        count(GR_CNT_LIVE_FULL);
+
+    struct site_stats *st = site_for(pid, info.gopc, info.startpc);
+    if (st)
+        __sync_fetch_and_add(&st->created, 1);
+    return 0;
+}
+
+static __always_inline u32 log2_slot(u64 v)
+{
+    u32 r = 0;
+#pragma unroll
+    for (int i = 5; i >= 0; i--) {
+        u32 shift = 1u << i;
+        if (v >= (1ull << shift)) {
+            v >>= shift;
+            r += shift;
+        }
+    }
+    return r < LIFETIME_SLOTS ? r : LIFETIME_SLOTS - 1;
+}
+
+int on_exit(struct pt_regs *ctx)
+{
+    count(GR_CNT_EXIT_HITS);
+    u64 g = ctx->r14;
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    struct goroutine_key key = {.pid = pid};
+    u64 gopc = 0, startpc = 0;
+
+    if (read_u64(&key.goid, g + G_GOID) || read_u64(&gopc, g + G_GOPC) ||
+        read_u64(&startpc, g + G_STARTPC))
+        return 0;
+
+    struct site_stats *st = site_for(pid, gopc, startpc);
+    struct goroutine_info *info = live_goroutines.lookup(&key);
+    if (!info) {
+        if (st)
+            __sync_fetch_and_add(&st->exited_unseen, 1);
+        return 0;
+    }
+    u64 lifetime = bpf_ktime_get_ns() - info->created_ns;
+    live_goroutines.delete(&key);
+    if (!st)
+        return 0;
+    __sync_fetch_and_add(&st->exited, 1);
+    __sync_fetch_and_add(&st->lifetime_sum_ns, lifetime);
+    u32 slot = log2_slot(lifetime);
+    if (slot < LIFETIME_SLOTS)
+        __sync_fetch_and_add(&st->lifetime_log2[slot], 1);
+    return 0;
+}
