@@ -80,6 +80,29 @@ def cmd_trace(args: argparse.Namespace) -> int:
     )
 
 
+# --- dump --------------------------------------------------------------------------
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    from goleash.probes.dump import build_dump, dump_to_dict, render_text
+    from goleash.probes.target import GoProcess
+
+    with GoProcess.attach(args.pid) as proc:
+        dump = build_dump(proc, system=args.system)
+    if args.json:
+        print_json(dump_to_dict(dump))
+        return 0
+    sys.stdout.write(render_text(dump, system=args.system))
+    hidden = f", {dump.hidden_system} runtime goroutines hidden" if dump.hidden_system else ""
+    torn = f", {dump.torn} changed while read and skipped" if dump.torn else ""
+    print(
+        f"goleash dump: PID {dump.pid} ({dump.go_version}): {len(dump.entries)} goroutines"
+        f"{hidden}{torn}, read in {dump.read_ms:.1f} ms without stopping it",
+        file=sys.stderr,
+    )
+    return 0
+
+
 # --- the parser ----------------------------------------------------------------
 
 
@@ -120,6 +143,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pcs", nargs="+", metavar="PC", help="addresses, e.g. 0x4a1b2c")
     p.add_argument("--json", action="store_true", help="a JSON list on stdout")
     p.set_defaults(handler=cmd_symbolize)
+
+    p = sub.add_parser(
+        "dump",
+        help="goroutine dump of a running process, read from its memory",
+        description=(
+            "Print every goroutine of a running Go process with its state, how long it has "
+            "been blocked, its stack and where it was created, in the format of "
+            "runtime.Stack / pprof goroutine?debug=2. Read from the process's memory: the "
+            "process is not stopped, signalled or changed, and needs no pprof endpoint. "
+            "Stacks of goroutines running on a CPU cannot be read from outside. Needs root "
+            "(or CAP_SYS_PTRACE). Exit 2 if the PID is not a Go program goleash can read."
+        ),
+        epilog="examples:\n  goleash dump --pid 4242\n  goleash dump --pid 4242 --json | jq .",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--pid", type=int, required=True, help="process to read")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument(
+        "--system",
+        action="store_true",
+        help="also the runtime's own goroutines and runtime frames (as GOTRACEBACK=system)",
+    )
+    p.set_defaults(handler=cmd_dump)
 
     p = sub.add_parser(
         "trace",
