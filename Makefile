@@ -29,8 +29,9 @@ bench: setup
 offsets-table: setup
 	@$(PY) -m goleash.gobin.offsets_table
 
+## regenerate agent/goleash/api/ from proto/goleash/v1 (commit the result: CI checks it)
 proto: setup
-	@echo "no protos yet"
+	@$(PY) scripts/genproto.py
 
 lint: setup
 	@$(VENV)/bin/ruff check agent tests

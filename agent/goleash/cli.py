@@ -103,6 +103,327 @@ def cmd_dump(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- control plane and its clients ------------------------------------------------
+
+
+def cmd_control_plane(args: argparse.Namespace) -> int:
+    import os
+
+    from goleash.control.server import ControlPlaneConfig, serve
+
+    token = args.token or os.environ.get("GOLEASH_TOKEN") or None
+    if args.token_file:
+        try:
+            with open(args.token_file) as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise GoleashError(
+                f"cannot read --token-file {args.token_file}: {exc.strerror}"
+            ) from exc
+    return serve(
+        ControlPlaneConfig(
+            listen=args.listen,
+            db=args.db,
+            token=token,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_ca=args.tls_ca,
+            max_message_bytes=args.max_message_bytes,
+        )
+    )
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from goleash.control.client import ClientOptions, ControlClient
+
+    return ControlClient(
+        ClientOptions.from_env(
+            server=args.server,
+            token=args.token,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            timeout=args.timeout,
+        )
+    )
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    from goleash.api.goleash.v1 import goleash_service_pb2 as q
+    from goleash.control import views
+
+    req = q.ListProcessesRequest(
+        selector=q.ProcessSelector(service=args.service or ""),
+        window_seconds=args.window,
+        include_gone=args.all,
+    )
+    with _client(args) as c:
+        resp = c.call("ListProcesses", req)
+    if args.json:
+        print_json([views.process_dict(p, resp.window_seconds) for p in resp.processes])
+    else:
+        sys.stdout.write(views.processes_text(resp))
+    return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    import shutil
+    import time
+
+    from goleash.api.goleash.v1 import goleash_service_pb2 as q
+    from goleash.control import views
+
+    sel = q.ProcessSelector(service=args.service or "")
+    with _client(args) as c:
+
+        def frame() -> tuple[Any, Any, Any]:
+            return (
+                c.call(
+                    "ListProcesses",
+                    q.ListProcessesRequest(selector=sel, window_seconds=args.window),
+                ),
+                c.call(
+                    "GetGoroutineSummary",
+                    q.GetGoroutineSummaryRequest(
+                        selector=sel, window_seconds=args.window, limit=200
+                    ),
+                ),
+                c.call("ListAgents", q.ListAgentsRequest()),
+            )
+
+        if args.json:
+            print_json(views.top_json(*frame()))
+            return 0
+        if args.once:
+            sys.stdout.write(views.top_frame(c.opts.server, *frame(), max_rows=1000))
+            return 0
+        try:
+            while True:
+                rows = shutil.get_terminal_size((120, 40)).lines
+                text = views.top_frame(c.opts.server, *frame(), max_rows=rows - 1)
+                sys.stdout.write("\x1b[H\x1b[2J" + text)  # home + clear, like top
+                sys.stdout.flush()
+                time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return 0
+
+
+def cmd_orphans(args: argparse.Namespace) -> int:
+    from goleash.api.goleash.v1 import goleash_service_pb2 as q
+    from goleash.control import views
+
+    req = q.ListOrphansRequest(
+        selector=q.ProcessSelector(service=args.service or "", pid=args.pid or 0),
+        min_age_seconds=args.min_age,
+    )
+    with _client(args) as c:
+        resp = c.call("ListOrphans", req)
+    if args.json:
+        print_json([views.orphan_dict(g) for g in resp.groups])
+    else:
+        sys.stdout.write(views.orphans_text(resp))
+    return 1 if args.fail_if_any and resp.groups else 0
+
+
+def cmd_agents(args: argparse.Namespace) -> int:
+    from goleash.api.goleash.v1 import goleash_service_pb2 as q
+    from goleash.control import views
+
+    with _client(args) as c:
+        resp = c.call("ListAgents", q.ListAgentsRequest())
+    if args.json:
+        print_json([views.agent_dict(a) for a in resp.agents])
+    else:
+        sys.stdout.write(views.agents_text(resp))
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from goleash.api.goleash.v1 import goleash_service_pb2 as q
+    from goleash.api.goleash.v1 import types_pb2 as t
+    from goleash.control import views
+
+    kinds = []
+    for k in args.kind or ():
+        name = "EVENT_KIND_" + k.upper().replace("-", "_")
+        try:
+            kinds.append(t.EventKind.Value(name))
+        except ValueError:
+            names = t.EventKind.keys()[1:]
+            known = ", ".join(n.removeprefix("EVENT_KIND_").lower() for n in names)
+            raise GoleashError(f"unknown event kind {k!r} (known: {known})") from None
+    flt = q.EventFilter(kinds=kinds, service=args.service or "", pid=args.pid or 0)
+    with _client(args) as c:
+        if not args.follow:
+            resp = c.call(
+                "ListEvents",
+                q.ListEventsRequest(
+                    filter=flt,
+                    after_id=args.after_id,
+                    newest_first=not args.after_id,
+                    page_size=args.limit,
+                ),
+            )
+            found = sorted(resp.events, key=lambda e: e.id)
+            if args.json:
+                print_json([views.event_dict(e) for e in found])
+            else:
+                for e in found:
+                    print(views.event_line(e))
+            return 0
+        req = q.WatchEventsRequest(filter=flt, after_id=args.after_id)
+        try:
+            for e in c.watch_events(req):
+                if args.json:
+                    print(json.dumps(views.event_dict(e)), flush=True)
+                else:
+                    print(views.event_line(e), flush=True)
+        except KeyboardInterrupt:
+            return 0
+    return 0
+
+
+def _server_args(p: argparse.ArgumentParser) -> None:
+    from goleash.control import DEFAULT_SERVER
+
+    g = p.add_argument_group("control plane connection")
+    g.add_argument(
+        "--server",
+        help=f"control plane address (default $GOLEASH_SERVER or {DEFAULT_SERVER})",
+    )
+    g.add_argument("--token", help="bearer token for changes (default $GOLEASH_TOKEN)")
+    g.add_argument("--tls-ca", help="CA bundle to verify the server with (turns TLS on)")
+    g.add_argument("--tls-cert", help="client certificate for mTLS")
+    g.add_argument("--tls-key", help="client key for mTLS")
+    g.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
+
+
+def _add_control_commands(sub: Any) -> None:
+    from goleash.control import DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES
+
+    p = sub.add_parser(
+        "control-plane",
+        help="run the control plane: ingest from agents, gRPC queries, event log",
+        description=(
+            "Serve the goleash gRPC API: agents stream their batches to it; `goleash ps`, "
+            "`top`, `orphans`, `events` and tools query it. Keeps time windows per service "
+            "and process and a durable event log in SQLite. Loopback only unless --listen "
+            "says otherwise; configure TLS (mTLS with --tls-ca) before exposing it, and a "
+            "token to protect policy changes and overrides."
+        ),
+        epilog=(
+            "examples:\n  goleash control-plane\n"
+            "  goleash control-plane --listen 0.0.0.0:7070 --db /data/goleash.db \\\n"
+            "      --tls-cert tls.crt --tls-key tls.key --tls-ca ca.crt --token-file /run/token"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        help=f"HOST:PORT (default {DEFAULT_LISTEN}; port 0 picks one)",
+    )
+    p.add_argument("--db", help="event log file or directory (default /var/lib/goleash/goleash.db)")
+    p.add_argument("--token", help="require this bearer token for changes (or $GOLEASH_TOKEN)")
+    p.add_argument("--token-file", help="read the token from this file")
+    p.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key turns TLS on")
+    p.add_argument("--tls-key", help="server private key (PEM)")
+    p.add_argument("--tls-ca", help="CA bundle: clients must present a certificate it signed")
+    p.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        help=f"largest message accepted (default {DEFAULT_MAX_MESSAGE_BYTES})",
+    )
+    p.set_defaults(handler=cmd_control_plane)
+
+    p = sub.add_parser(
+        "ps",
+        help="processes the agents follow, with goroutine counts",
+        description="List the Go processes the agents follow, from the control plane.",
+        epilog="examples:\n  goleash ps\n  goleash ps --service shop --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--service", help="only this service")
+    p.add_argument("--all", action="store_true", help="also processes that exited recently")
+    p.add_argument("--window", type=float, default=60.0, help="seconds for created/exited")
+    p.add_argument("--json", action="store_true", help="a JSON list on stdout")
+    _server_args(p)
+    p.set_defaults(handler=cmd_ps)
+
+    p = sub.add_parser(
+        "top",
+        help="live table of processes and goroutine creation sites, like top",
+        description=(
+            "Refresh a table of the busiest processes and creation sites every interval "
+            "(Ctrl-C quits). --once prints one frame; --json prints one snapshot."
+        ),
+        epilog="examples:\n  goleash top\n  goleash top --once --service shop",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--service", help="only this service")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between frames")
+    p.add_argument("--window", type=float, default=60.0, help="seconds for rates and growth")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument("--json", action="store_true", help="print one JSON snapshot and exit")
+    _server_args(p)
+    p.set_defaults(handler=cmd_top)
+
+    p = sub.add_parser(
+        "orphans",
+        help="goroutines whose creator exited and that wait on something that will not come",
+        description=(
+            "Orphaned goroutines grouped by service and creation site: the function, the "
+            "`go` statement, how many, the oldest's age and what they wait on."
+        ),
+        epilog="examples:\n  goleash orphans\n  goleash orphans --json --min-age 60",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--service", help="only this service")
+    p.add_argument("--pid", type=int, help="only this process")
+    p.add_argument("--min-age", type=float, default=0.0, help="only groups at least S old")
+    p.add_argument("--fail-if-any", action="store_true", help="exit 1 when there are orphans")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="a JSON list of groups (function, go_statement, count, oldest_age_s, reason, ...)",
+    )
+    _server_args(p)
+    p.set_defaults(handler=cmd_orphans)
+
+    p = sub.add_parser(
+        "events",
+        help="the control plane's event log (--follow to stream new events)",
+        description=(
+            "Print the latest events (processes appearing and going, orphans, leak "
+            "suspects, policy decisions and actions), or follow them as they happen."
+        ),
+        epilog=(
+            "examples:\n  goleash events --limit 20\n"
+            "  goleash events --follow --kind decision --kind action"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--follow", "-f", action="store_true", help="stream new events until Ctrl-C")
+    p.add_argument("--kind", action="append", help="only this kind, e.g. process_appeared")
+    p.add_argument("--service", help="only this service")
+    p.add_argument("--pid", type=int, help="only this process")
+    p.add_argument("--limit", type=int, default=50, help="how many of the latest (default 50)")
+    p.add_argument("--after-id", type=int, default=0, help="events after this id (resume)")
+    p.add_argument("--json", action="store_true", help="JSON (a list; one object a line with -f)")
+    _server_args(p)
+    p.set_defaults(handler=cmd_events)
+
+    p = sub.add_parser(
+        "agents",
+        help="node agents connected to the control plane",
+        description="List the agents that have sent batches, their state and counters.",
+    )
+    p.add_argument("--json", action="store_true", help="a JSON list on stdout")
+    _server_args(p)
+    p.set_defaults(handler=cmd_agents)
+
+
 # --- the parser ----------------------------------------------------------------
 
 
@@ -197,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-live", type=int, help="size of the kernel's live-goroutine table")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
     p.set_defaults(handler=cmd_trace)
+
+    _add_control_commands(sub)
 
     return parser
 

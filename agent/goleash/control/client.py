@@ -1,0 +1,121 @@
+"""Talking to a control plane from the CLI (or any Python tool): a channel with the
+right credentials, and gRPC failures turned into messages a person can act on."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from goleash.api.goleash.v1 import goleash_service_pb2 as q
+from goleash.api.goleash.v1 import goleash_service_pb2_grpc as q_grpc
+from goleash.api.goleash.v1 import types_pb2 as t
+from goleash.control import DEFAULT_SERVER
+from goleash.errors import GoleashError
+
+
+class ControlPlaneError(GoleashError):
+    """The control plane could not be reached or refused the request."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """Where the control plane is and how to authenticate to it."""
+
+    server: str = DEFAULT_SERVER
+    token: str | None = None
+    tls_ca: str | None = None  # set: TLS, verifying the server against this CA
+    tls_cert: str | None = None  # with tls_key: client certificate for mTLS
+    tls_key: str | None = None
+    timeout: float = 10.0
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> ClientOptions:
+        """Defaults from GOLEASH_SERVER / GOLEASH_TOKEN, then explicit overrides."""
+        base: dict[str, Any] = {
+            "server": os.environ.get("GOLEASH_SERVER", DEFAULT_SERVER),
+            "token": os.environ.get("GOLEASH_TOKEN") or None,
+        }
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ControlPlaneError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+class ControlClient:
+    """A GoleashService client whose errors are ControlPlaneError."""
+
+    def __init__(self, opts: ClientOptions) -> None:
+        self.opts = opts
+        if opts.tls_ca or opts.tls_cert:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=_read(opts.tls_ca) if opts.tls_ca else None,
+                private_key=_read(opts.tls_key) if opts.tls_key else None,
+                certificate_chain=_read(opts.tls_cert) if opts.tls_cert else None,
+            )
+            self._channel = grpc.secure_channel(opts.server, creds)
+        else:
+            self._channel = grpc.insecure_channel(opts.server)
+        self.stub = q_grpc.GoleashServiceStub(self._channel)
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.opts.token}"),) if self.opts.token else ()
+
+    def _explain(self, exc: grpc.RpcError) -> ControlPlaneError:
+        code = exc.code()  # type: ignore[attr-defined]
+        details = exc.details()  # type: ignore[attr-defined]
+        server = self.opts.server
+        if code == grpc.StatusCode.UNAVAILABLE:
+            msg = (
+                f"cannot reach the control plane at {server} ({details}); start one with "
+                "`goleash control-plane` or `goleash run`, or point --server at it"
+            )
+        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            msg = f"the control plane at {server} did not answer within {self.opts.timeout:g}s"
+        else:
+            msg = f"{code.name.lower().replace('_', ' ')}: {details}"
+        return ControlPlaneError(msg, code)
+
+    def call(self, method: str, request: Any) -> Any:
+        """Call a unary GoleashService method by name, e.g. call("ListOrphans", req)."""
+        try:
+            return getattr(self.stub, method)(
+                request, timeout=self.opts.timeout, metadata=self._metadata()
+            )
+        except grpc.RpcError as exc:
+            raise self._explain(exc) from exc
+
+    def watch_events(self, request: q.WatchEventsRequest) -> Iterator[t.Event]:
+        """Events as they come, until the server ends the stream or the caller stops."""
+        stream = self.stub.WatchEvents(request, metadata=self._metadata())
+        try:
+            for resp in stream:
+                yield resp.event
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
+                return
+            raise self._explain(exc) from exc
+        finally:
+            stream.cancel()

@@ -1,0 +1,949 @@
+"""What the control plane knows: agents, processes and services, with time windows.
+
+`Store.ingest` applies agent batches; the query methods answer the GoleashService
+RPCs with API messages. No gRPC and no I/O here: events go out through the `emit`
+callback (the server wires it to the SQLite log) and time is passed in, so all of it
+runs in unit tests on plain data.
+
+Service = ProcessInfo.service (Kubernetes workload when the agent knows it, else the
+executable's name). Windows are kept per process and per service; point-in-time
+numbers (live goroutines, ages, wait reasons, orphans) come from each process's
+latest snapshot.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from goleash.api.goleash.v1 import goleash_service_pb2 as q
+from goleash.api.goleash.v1 import ingest_service_pb2 as ing
+from goleash.api.goleash.v1 import types_pb2 as t
+from goleash.control import detect
+from goleash.control.histogram import MAX_SUB_BUCKET_BITS, Histogram
+from goleash.control.windows import (
+    DEFAULT_TIERS,
+    HistogramWindows,
+    Kind,
+    Tier,
+    Windows,
+    covered,
+    retention,
+)
+from goleash.errors import GoleashError
+
+SiteKey = tuple[str, str]  # (function, go statement)
+ProcKey = tuple[str, int]  # (agent id, pid)
+
+# metric positions in the rings
+CREATED, EXITED, LIVE, OLDEST = 0, 1, 2, 3  # per site
+GOROUTINES, PANICS = 2, 3  # per process / service (CREATED, EXITED shared)
+SITE_KINDS = (Kind.SUM, Kind.SUM, Kind.LAST, Kind.MAX)
+PROC_KINDS = (Kind.SUM, Kind.SUM, Kind.LAST, Kind.SUM)
+
+DEFAULT_WINDOW = 60.0
+DEFAULT_QUANTILES = (0.5, 0.9, 0.99, 0.999)
+DEFAULT_PAGE, MAX_PAGE = 100, 1000
+STALE_INTERVALS = 3
+UNANNOUNCED = "snapshot_of_unannounced_process"
+
+Emit = Callable[..., Any]  # EventLog.append's signature
+
+
+class ControlError(GoleashError):
+    """A request the control plane refuses; `status` names the gRPC status code."""
+
+    status = "INTERNAL"
+
+
+class InvalidArgument(ControlError):
+    status = "INVALID_ARGUMENT"
+
+
+class NotFound(ControlError):
+    status = "NOT_FOUND"
+
+
+# --- records -----------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class AgentState:
+    identity: t.AgentIdentity
+    first_seen: float
+    last_seen: float = 0.0
+    instance_id: str = ""
+    last_sequence: int = 0
+    batches: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    streams: int = 0
+    heartbeat: t.Heartbeat = field(default_factory=t.Heartbeat)
+    drops: Counter[str] = field(default_factory=Counter)
+    procs: set[ProcKey] = field(default_factory=set)
+
+    @property
+    def interval(self) -> float:
+        return self.heartbeat.interval_seconds or 5.0
+
+
+@dataclass(eq=False)
+class SiteState:
+    """One creation site in one process."""
+
+    creator: str
+    windows: Windows
+    touched: float
+    live: int = 0
+    age: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # p50, p90, p99, max
+    wait: tuple[tuple[str, int], ...] = ()
+    orphans: int = 0
+    orphan_oldest: float = 0.0
+    orphan_reason: str = ""
+    orphan_blocked: float = 0.0
+
+
+@dataclass(eq=False)
+class ProcState:
+    key: ProcKey
+    info: t.ProcessInfo
+    service: str
+    first_seen: float
+    windows: Windows
+    last_seen: float = 0.0
+    gone_at: float | None = None
+    gone_reason: str = ""
+    goroutines: int = 0
+    orphans: int = 0
+    sites: dict[SiteKey, SiteState] = field(default_factory=dict)
+    kept: Sequence[t.Goroutine] = ()
+    latency: dict[str, HistogramWindows] = field(default_factory=dict)
+    drops: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(eq=False)
+class ServiceSite:
+    creator: str
+    windows: Windows
+    live: int = 0
+
+
+@dataclass(eq=False)
+class ServiceState:
+    name: str
+    windows: Windows
+    goroutines: int = 0
+    procs: set[ProcKey] = field(default_factory=set)
+    sites: dict[SiteKey, ServiceSite] = field(default_factory=dict)
+    latency: dict[str, HistogramWindows] = field(default_factory=dict)
+
+
+@dataclass
+class _SiteNow:
+    """Point-in-time numbers of one site summed over processes."""
+
+    creator: str = ""
+    live: int = 0
+    orphans: int = 0
+    processes: int = 0
+    age: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    wait: Counter[str] = field(default_factory=Counter)
+
+    def add(self, s: SiteState) -> None:
+        self.creator = self.creator or s.creator
+        self.live += s.live
+        self.orphans += s.orphans
+        self.processes += 1 if s.live else 0
+        if s.age[3] > self.age[3]:
+            self.age = s.age
+        for reason, n in s.wait:
+            self.wait[reason] += n
+
+
+# --- helpers -----------------------------------------------------------------
+
+
+def service_of(info: t.ProcessInfo) -> str:
+    return info.service or os.path.basename(info.exe) or f"pid-{info.pid}"
+
+
+def encode_page_token(kind: str, position: int) -> str:
+    return base64.urlsafe_b64encode(f"{kind}:{position}".encode()).decode().rstrip("=")
+
+
+def decode_page_token(kind: str, token: str) -> int:
+    if not token:
+        return 0
+    try:
+        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        prefix, _, pos = text.partition(":")
+        if prefix == kind and int(pos) >= 0:
+            return int(pos)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        pass
+    raise InvalidArgument(
+        "page_token is not one this server issued for this call; pass the "
+        "next_page_token of the previous response, or nothing for the first page"
+    )
+
+
+def page_size(n: int) -> int:
+    if n < 0:
+        raise InvalidArgument(f"page_size must be >= 0 (0 means {DEFAULT_PAGE}), got {n}")
+    return min(n or DEFAULT_PAGE, MAX_PAGE)
+
+
+def _non_negative(name: str, v: float) -> float:
+    if math.isnan(v) or v < 0:
+        raise InvalidArgument(f"{name} must be a number >= 0, got {v}")
+    return v
+
+
+def _ns(seconds: float) -> int:
+    return max(int(seconds * 1e9), 0)
+
+
+def _age_msg(age: tuple[float, float, float, float]) -> t.AgeQuantiles:
+    return t.AgeQuantiles(
+        p50_seconds=age[0], p90_seconds=age[1], p99_seconds=age[2], max_seconds=age[3]
+    )
+
+
+def _waits(c: Counter[str], n: int = 5) -> list[t.WaitReasonCount]:
+    return [t.WaitReasonCount(reason=r, count=k) for r, k in c.most_common(n)]
+
+
+def _drops(c: Counter[str]) -> list[t.DropCount]:
+    return [t.DropCount(reason=r, count=n) for r, n in sorted(c.items())]
+
+
+# --- the store -----------------------------------------------------------------
+
+
+class Store:
+    """Everything the agents reported, with windows; answers queries."""
+
+    def __init__(
+        self,
+        emit: Emit,
+        *,
+        tiers: Sequence[Tier] = DEFAULT_TIERS,
+        leak: detect.LeakParams = detect.DEFAULT_LEAK_PARAMS,
+        known_processes: Iterable[tuple[str, int, int]] = (),
+    ) -> None:
+        self._emit = emit
+        self.tiers = tuple(tiers)
+        self.retention = retention(self.tiers)
+        self.leak = leak
+        self.agents: dict[str, AgentState] = {}
+        self.procs: dict[ProcKey, ProcState] = {}
+        self.services: dict[str, ServiceState] = {}
+        self.suspects: dict[tuple[str, SiteKey], detect.LeakVerdict] = {}
+        self._with_orphans: set[ProcKey] = set()
+        # (agent, pid, start time) of processes whose PROCESS_APPEARED is already in
+        # the log: a re-announcement after a restart of the control plane is no news.
+        self._known: set[tuple[str, int, int]] = set(known_processes)
+
+    # --- ingest --------------------------------------------------------------
+
+    def stream_opened(self, identity: t.AgentIdentity, now: float) -> None:
+        a = self._agent(identity, now)
+        a.streams += 1
+        self._emit(
+            t.EVENT_KIND_AGENT_CONNECTED,
+            f"agent {identity.agent_id} on {identity.node_name or '?'} connected",
+            agent_id=identity.agent_id,
+            details={"instance_id": identity.instance_id, "version": identity.version},
+        )
+
+    def stream_closed(self, agent_id: str, now: float, why: str = "stream ended") -> None:
+        a = self.agents.get(agent_id)
+        if a is None:
+            return
+        a.streams = max(a.streams - 1, 0)
+        self._emit(
+            t.EVENT_KIND_AGENT_DISCONNECTED,
+            f"agent {agent_id} disconnected ({why})",
+            agent_id=agent_id,
+            details={"last_sequence": a.last_sequence, "reason": why},
+        )
+
+    def _agent(self, identity: t.AgentIdentity, now: float) -> AgentState:
+        a = self.agents.get(identity.agent_id)
+        if a is None:
+            a = self.agents[identity.agent_id] = AgentState(t.AgentIdentity(), first_seen=now)
+            a.identity.CopyFrom(identity)
+        return a
+
+    @staticmethod
+    def check_batch(b: ing.AgentBatch) -> None:
+        if not b.agent.agent_id:
+            raise InvalidArgument("batch.agent.agent_id is empty: every batch names its agent")
+        if b.sequence == 0:
+            raise InvalidArgument("batch.sequence is 0: sequence numbers start at 1")
+
+    def ingest(self, b: ing.AgentBatch, now: float) -> bool:
+        """Apply one batch; False when it was a duplicate (already applied)."""
+        self.check_batch(b)
+        a = self._agent(b.agent, now)
+        a.last_seen = now
+        if b.agent.instance_id != a.instance_id:
+            a.instance_id, a.last_sequence = b.agent.instance_id, 0
+        if b.sequence <= a.last_sequence:
+            a.duplicates += 1
+            return False
+        if a.last_sequence and b.sequence > a.last_sequence + 1:
+            missing = b.sequence - a.last_sequence - 1
+            a.gaps += missing
+            self._emit(
+                t.EVENT_KIND_AGENT_SEQUENCE_GAP,
+                f"agent {b.agent.agent_id}: {missing} batch(es) never arrived "
+                f"(sequence {a.last_sequence} then {b.sequence})",
+                agent_id=b.agent.agent_id,
+                details={"missing": missing, "after": a.last_sequence, "got": b.sequence},
+            )
+        a.last_sequence = b.sequence
+        a.batches += 1
+        a.identity.CopyFrom(b.agent)
+        a.heartbeat = b.heartbeat
+        for d in b.drops:
+            a.drops[d.reason] += d.count
+        for info in b.processes_appeared:
+            self._appeared(a, info, now)
+        for snap in b.snapshots:
+            self._snapshot(a, snap, now)
+        for gone in b.processes_gone:
+            self._gone(a, gone.pid, gone.start_time_unix_nano, gone.reason or "gone", now)
+        return True
+
+    def _service(self, name: str) -> ServiceState:
+        svc = self.services.get(name)
+        if svc is None:
+            svc = self.services[name] = ServiceState(name, Windows(PROC_KINDS, self.tiers))
+        return svc
+
+    def _appeared(self, a: AgentState, info: t.ProcessInfo, now: float) -> None:
+        agent_id = a.identity.agent_id
+        key = (agent_id, info.pid)
+        p = self.procs.get(key)
+        if p is not None and p.gone_at is None:
+            old_start = p.info.start_time_unix_nano
+            if old_start and info.start_time_unix_nano and old_start != info.start_time_unix_nano:
+                self._gone(a, info.pid, old_start, "pid reused by a new process", now)
+                p = None
+        if p is not None and p.gone_at is not None:
+            p = None
+        if p is None:
+            service = service_of(info)
+            p = ProcState(key, info, service, now, Windows(PROC_KINDS, self.tiers), last_seen=now)
+            self.procs[key] = p
+            self._service(service).procs.add(key)
+            a.procs.add(key)
+            ident = (agent_id, info.pid, info.start_time_unix_nano)
+            if ident not in self._known:
+                self._known.add(ident)
+                mode = t.TrackingMode.Name(info.tracking_mode)
+                self._emit(
+                    t.EVENT_KIND_PROCESS_APPEARED,
+                    f"{service} pid {info.pid} on {a.identity.node_name or agent_id} "
+                    f"({info.go_version or 'go?'}, {mode.removeprefix('TRACKING_MODE_').lower()})",
+                    service=service,
+                    agent_id=agent_id,
+                    pid=info.pid,
+                    details={
+                        "exe": info.exe,
+                        "go_version": info.go_version,
+                        "start_time_unix_nano": info.start_time_unix_nano,
+                        "tracking_mode": mode,
+                        "tracking_reason": info.tracking_reason,
+                    },
+                )
+            return
+        if info.tracking_mode != p.info.tracking_mode:
+            self._emit(
+                t.EVENT_KIND_PROCESS_TRACKING_CHANGED,
+                f"{p.service} pid {info.pid}: now {t.TrackingMode.Name(info.tracking_mode)}"
+                + (f" ({info.tracking_reason})" if info.tracking_reason else ""),
+                service=p.service,
+                agent_id=agent_id,
+                pid=info.pid,
+                details={
+                    "from": t.TrackingMode.Name(p.info.tracking_mode),
+                    "to": t.TrackingMode.Name(info.tracking_mode),
+                    "reason": info.tracking_reason,
+                },
+            )
+        service = service_of(info)
+        if service != p.service:
+            self._detach(p, now)
+            p.service = service
+            self._attach(p, now)
+        p.info = info
+
+    def _detach(self, p: ProcState, now: float) -> None:
+        """Take the process's live numbers out of its service."""
+        svc = self._service(p.service)
+        svc.procs.discard(p.key)
+        svc.goroutines -= p.goroutines
+        for k, s in p.sites.items():
+            site = svc.sites.get(k)
+            if site is not None and s.live:
+                site.live -= s.live
+                site.windows.record(now, (0, 0, site.live, 0))
+        svc.windows.record(now, (0, 0, svc.goroutines, 0))
+
+    def _attach(self, p: ProcState, now: float) -> None:
+        svc = self._service(p.service)
+        svc.procs.add(p.key)
+        svc.goroutines += p.goroutines
+        for k, s in p.sites.items():
+            site = svc.sites.get(k)
+            if site is None:
+                site = svc.sites[k] = ServiceSite(s.creator, Windows(SITE_KINDS, self.tiers))
+            site.live += s.live
+            site.windows.record(now, (0, 0, site.live, s.age[3]))
+
+    def _snapshot(self, a: AgentState, s: ing.ProcessSnapshot, now: float) -> None:
+        p = self.procs.get((a.identity.agent_id, s.pid))
+        if p is None or p.gone_at is not None:
+            a.drops[UNANNOUNCED] += 1
+            return
+        svc = self._service(p.service)
+        p.last_seen = now
+        svc.goroutines += s.goroutines - p.goroutines
+        p.goroutines = s.goroutines
+        created = exited = orphans = 0
+        seen: set[SiteKey] = set()
+        tiers = self.tiers
+        for ss in s.sites:
+            k = (ss.function, ss.go_statement)
+            seen.add(k)
+            site = p.sites.get(k)
+            if site is None:
+                site = p.sites[k] = SiteState(
+                    ss.creator_function, Windows(SITE_KINDS, tiers), touched=now
+                )
+            ssite = svc.sites.get(k)
+            if ssite is None:
+                ssite = svc.sites[k] = ServiceSite(ss.creator_function, Windows(SITE_KINDS, tiers))
+            ssite.live += ss.live - site.live
+            age = ss.age
+            site.live = ss.live
+            site.age = (age.p50_seconds, age.p90_seconds, age.p99_seconds, age.max_seconds)
+            site.wait = tuple((w.reason, w.count) for w in ss.wait_reasons)
+            site.touched = now
+            o = ss.orphans
+            if o.count and not site.orphans:
+                self._emit(
+                    t.EVENT_KIND_ORPHANS_APPEARED,
+                    f"{p.service} pid {s.pid}: {o.count} orphaned goroutine(s) of "
+                    f"{ss.function} created at {ss.go_statement}, parked in "
+                    f"{o.dominant_wait_reason or '?'}",
+                    service=p.service,
+                    agent_id=a.identity.agent_id,
+                    pid=s.pid,
+                    details={
+                        "function": ss.function,
+                        "go_statement": ss.go_statement,
+                        "count": o.count,
+                        "oldest_age_s": o.oldest_age_seconds,
+                        "reason": o.dominant_wait_reason,
+                    },
+                )
+            site.orphans = o.count
+            site.orphan_oldest = o.oldest_age_seconds
+            site.orphan_reason = o.dominant_wait_reason
+            site.orphan_blocked = o.longest_blocked_seconds
+            orphans += o.count
+            site.windows.record(now, (ss.created, ss.exited, ss.live, age.max_seconds))
+            ssite.windows.record(now, (ss.created, ss.exited, ssite.live, age.max_seconds))
+            created += ss.created
+            exited += ss.exited
+        for k in [k for k in p.sites if k not in seen]:
+            site = p.sites[k]
+            if site.live or site.orphans:
+                ssite = svc.sites[k]
+                ssite.live -= site.live
+                ssite.windows.record(now, (0, 0, ssite.live, 0))
+                site.live = site.orphans = 0
+                site.wait = ()
+                site.windows.record(now, (0, 0, 0, 0))
+            elif now - site.touched > self.retention:
+                del p.sites[k]
+        p.orphans = orphans
+        if orphans:
+            self._with_orphans.add(p.key)
+        else:
+            self._with_orphans.discard(p.key)
+        panics = 0
+        for pc in s.panics:
+            panics += pc.count
+        if panics:
+            self._emit(
+                t.EVENT_KIND_PANICS,
+                f"{p.service} pid {s.pid}: {panics} panic(s)",
+                service=p.service,
+                agent_id=a.identity.agent_id,
+                pid=s.pid,
+                details={"by_function": {pc.function or "?": pc.count for pc in s.panics}},
+            )
+        p.windows.record(now, (created, exited, s.goroutines, panics))
+        svc.windows.record(now, (created, exited, svc.goroutines, panics))
+        for lat in s.latency:
+            h = lat.histogram
+            if h.sub_bucket_bits > MAX_SUB_BUCKET_BITS:
+                a.drops["invalid_histogram"] += 1
+                continue
+            buckets = [(b.index, b.count) for b in h.buckets]
+            for owner in (p.latency, svc.latency):
+                hw = owner.get(lat.function)
+                if hw is None:
+                    hw = owner[lat.function] = HistogramWindows(tiers)
+                hw.record(now, h.sub_bucket_bits, buckets, h.count, h.sum_seconds)
+        for d in s.drops:
+            p.drops[d.reason] += d.count
+        p.kept = s.goroutines_kept
+
+    def _gone(self, a: AgentState, pid: int, start: int, reason: str, now: float) -> None:
+        key = (a.identity.agent_id, pid)
+        p = self.procs.get(key)
+        if p is None or p.gone_at is not None:
+            return
+        if start and p.info.start_time_unix_nano and start != p.info.start_time_unix_nano:
+            return  # about an older process with the same pid
+        self._detach(p, now)
+        p.gone_at, p.gone_reason = now, reason
+        p.goroutines = p.orphans = 0
+        p.kept = ()
+        self._with_orphans.discard(key)
+        a.procs.discard(key)
+        self._known.discard((key[0], pid, p.info.start_time_unix_nano))
+        self._emit(
+            t.EVENT_KIND_PROCESS_GONE,
+            f"{p.service} pid {pid} gone ({reason})",
+            service=p.service,
+            agent_id=key[0],
+            pid=pid,
+            details={"reason": reason, "start_time_unix_nano": p.info.start_time_unix_nano},
+        )
+
+    # --- upkeep ----------------------------------------------------------------
+
+    def prune(self, now: float) -> None:
+        """Forget what fell out of the retention: gone processes, idle sites, services."""
+        horizon = now - self.retention
+        for key in [k for k, p in self.procs.items() if p.gone_at and p.gone_at < horizon]:
+            del self.procs[key]
+        for name, svc in list(self.services.items()):
+            for k in [k for k, s in svc.sites.items() if not s.live]:
+                if svc.sites[k].windows.latest_time() < horizon:
+                    del svc.sites[k]
+            if not svc.procs and not svc.sites and svc.windows.latest_time() < horizon:
+                del self.services[name]
+
+    def detect(self, now: float) -> None:
+        """Re-judge leak suspects per service site; log the ones that start or stop."""
+        found: dict[tuple[str, SiteKey], detect.LeakVerdict] = {}
+        for svc in self.services.values():
+            for k, site in svc.sites.items():
+                v = self._judge(site.windows, now, self.leak.window_seconds)
+                if v is not None:
+                    found[(svc.name, k)] = v
+        for (service, (fn, stmt)), v in found.items():
+            if (service, (fn, stmt)) not in self.suspects:
+                self._emit(
+                    t.EVENT_KIND_LEAK_SUSPECTED,
+                    f"{service}: goroutines of {fn} created at {stmt} keep piling up "
+                    f"({v.live_at_start:.0f} -> {v.live:.0f}, {v.growth_per_minute:+.0f}/min, "
+                    f"oldest {v.oldest_age:.0f}s)",
+                    service=service,
+                    details={"function": fn, "go_statement": stmt, **v.__dict__},
+                )
+        for service, (fn, stmt) in self.suspects:
+            if (service, (fn, stmt)) not in found:
+                self._emit(
+                    t.EVENT_KIND_LEAK_CLEARED,
+                    f"{service}: {fn} created at {stmt} stopped growing",
+                    service=service,
+                    details={"function": fn, "go_statement": stmt},
+                )
+        self.suspects = found
+
+    def _judge(self, w: Windows, now: float, window: float) -> detect.LeakVerdict | None:
+        live = w.series(now, window, LIVE)
+        oldest = w.series(now, window, OLDEST)
+        points = [detect.SitePoint(t0, v, o) for (t0, v), (_, o) in zip(live, oldest, strict=True)]
+        return detect.assess(points, self.leak)
+
+    # --- selection ---------------------------------------------------------------
+
+    def window(self, seconds: float, default: float = DEFAULT_WINDOW) -> float:
+        if math.isnan(seconds) or seconds < 0:
+            raise InvalidArgument(
+                f"window_seconds must be >= 0 (0 means {default:g}), got {seconds}"
+            )
+        w = seconds or default
+        if w > self.retention:
+            raise InvalidArgument(
+                f"window_seconds {w:g} is longer than the retention ({self.retention:g}s)"
+            )
+        return w
+
+    def _check_selector(self, sel: q.ProcessSelector) -> None:
+        if sel.service and sel.service not in self.services:
+            known = ", ".join(sorted(self.services)[:10]) or "none yet"
+            raise NotFound(f"no service named {sel.service!r} (known: {known})")
+        if sel.agent_id and sel.agent_id not in self.agents:
+            known = ", ".join(sorted(self.agents)[:10]) or "none yet"
+            raise NotFound(f"no agent with id {sel.agent_id!r} (known: {known})")
+        if sel.pid and not any(k[1] == sel.pid for k in self.procs):
+            raise NotFound(f"no followed process with pid {sel.pid}")
+
+    @staticmethod
+    def _matches(p: ProcState, sel: q.ProcessSelector) -> bool:
+        return (
+            (not sel.service or p.service == sel.service)
+            and (not sel.agent_id or p.key[0] == sel.agent_id)
+            and (not sel.pid or p.key[1] == sel.pid)
+        )
+
+    def select(self, sel: q.ProcessSelector, *, include_gone: bool = False) -> list[ProcState]:
+        self._check_selector(sel)
+        if sel.service and not include_gone:
+            keys: Iterable[ProcKey] = self.services[sel.service].procs
+            procs = [self.procs[k] for k in keys]
+        else:
+            procs = list(self.procs.values())
+        return [p for p in procs if (include_gone or p.gone_at is None) and self._matches(p, sel)]
+
+    def process_state(self, p: ProcState, now: float) -> int:
+        if p.gone_at is not None:
+            return q.PROCESS_STATE_GONE
+        a = self.agents.get(p.key[0])
+        interval = a.interval if a else 5.0
+        if now - p.last_seen > STALE_INTERVALS * interval:
+            return q.PROCESS_STATE_STALE
+        return q.PROCESS_STATE_RUNNING
+
+    # --- queries -----------------------------------------------------------------
+
+    def list_agents(self, now: float) -> q.ListAgentsResponse:
+        out = q.ListAgentsResponse()
+        for agent_id in sorted(self.agents):
+            a = self.agents[agent_id]
+            if not a.streams:
+                state = q.AGENT_STATE_DISCONNECTED
+            elif now - a.last_seen > STALE_INTERVALS * a.interval:
+                state = q.AGENT_STATE_STALE
+            else:
+                state = q.AGENT_STATE_CONNECTED
+            out.agents.add(
+                identity=a.identity,
+                state=state,
+                first_seen_unix_nano=_ns(a.first_seen),
+                last_seen_unix_nano=_ns(a.last_seen),
+                last_sequence=a.last_sequence,
+                batches=a.batches,
+                duplicates=a.duplicates,
+                gaps=a.gaps,
+                processes=len(a.procs),
+                heartbeat=a.heartbeat,
+                drops=_drops(a.drops),
+            )
+        return out
+
+    def list_processes(self, req: q.ListProcessesRequest, now: float) -> q.ListProcessesResponse:
+        w = self.window(req.window_seconds)
+        procs = self.select(req.selector, include_gone=req.include_gone)
+        procs.sort(key=lambda p: (p.service, p.key))
+        out = q.ListProcessesResponse(window_seconds=covered(now, w, self.tiers))
+        for p in procs:
+            out.processes.add(
+                info=p.info,
+                agent_id=p.key[0],
+                node_name=self.agents[p.key[0]].identity.node_name,
+                state=self.process_state(p, now),
+                first_seen_unix_nano=_ns(p.first_seen),
+                last_seen_unix_nano=_ns(p.last_seen),
+                goroutines=p.goroutines,
+                created=int(p.windows.total(now, w, CREATED)),
+                exited=int(p.windows.total(now, w, EXITED)),
+                orphans=p.orphans,
+                panics=int(p.windows.total(now, w, PANICS)),
+                drops=_drops(p.drops),
+                gone_reason=p.gone_reason,
+            )
+        return out
+
+    def goroutine_summary(
+        self, req: q.GetGoroutineSummaryRequest, now: float
+    ) -> q.GetGoroutineSummaryResponse:
+        w = self.window(req.window_seconds)
+        sel = req.selector
+        procs = self.select(sel)
+        per_process = bool(sel.agent_id or sel.pid)
+        now_by_site: dict[tuple[str, str, str], _SiteNow] = {}
+        windowed: dict[tuple[str, str, str], list[float]] = {}  # created, exited, growth
+        out = q.GetGoroutineSummaryResponse(
+            window_seconds=covered(now, w, self.tiers), processes=len(procs)
+        )
+        for p in procs:
+            out.goroutines += p.goroutines
+            out.created += int(p.windows.total(now, w, CREATED))
+            out.exited += int(p.windows.total(now, w, EXITED))
+            out.orphans += p.orphans
+            for (fn, stmt), s in p.sites.items():
+                key = (p.service, fn, stmt)
+                acc = now_by_site.get(key)
+                if acc is None:
+                    acc = now_by_site[key] = _SiteNow()
+                acc.add(s)
+                if per_process:
+                    win = windowed.setdefault(key, [0.0, 0.0, 0.0])
+                    win[0] += s.windows.total(now, w, CREATED)
+                    win[1] += s.windows.total(now, w, EXITED)
+                    win[2] += detect.growth_per_minute(s.windows.series(now, w, LIVE))
+        if not per_process:
+            services = [self.services[sel.service]] if sel.service else self.services.values()
+            for svc in services:
+                for (fn, stmt), ssite in svc.sites.items():
+                    key = (svc.name, fn, stmt)
+                    windowed[key] = [
+                        ssite.windows.total(now, w, CREATED),
+                        ssite.windows.total(now, w, EXITED),
+                        detect.growth_per_minute(ssite.windows.series(now, w, LIVE)),
+                    ]
+                    now_by_site.setdefault(key, _SiteNow(creator=ssite.creator))
+        rows = []
+        for key, acc in now_by_site.items():
+            created, exited, growth = windowed.get(key, (0.0, 0.0, 0.0))
+            if not (acc.live or created or exited):
+                continue
+            rows.append((acc.live, created, key, acc, exited, growth))
+        rows.sort(key=lambda r: (-r[0], -r[1], r[2]))
+        if req.limit:
+            rows = rows[: req.limit]
+        for live, created, (service, fn, stmt), acc, exited, growth in rows:
+            out.sites.add(
+                service=service,
+                function=fn,
+                go_statement=stmt,
+                creator_function=acc.creator,
+                live=live,
+                created=int(created),
+                exited=int(exited),
+                growth_per_minute=growth,
+                age=_age_msg(acc.age),
+                wait_reasons=_waits(acc.wait),
+                orphans=acc.orphans,
+                processes=acc.processes,
+            )
+        return out
+
+    @staticmethod
+    def _site_matches(g: t.Goroutine, site: str) -> bool:
+        return g.function == site or g.go_statement == site or g.go_statement.endswith("/" + site)
+
+    def list_goroutines(self, req: q.ListGoroutinesRequest, now: float) -> q.ListGoroutinesResponse:
+        min_age = _non_negative("min_age_seconds", req.min_age_seconds)
+        min_blocked = _non_negative("min_blocked_for_seconds", req.min_blocked_for_seconds)
+        if req.state not in t.GoroutineState.values():
+            raise InvalidArgument(
+                f"state {req.state} is not a GoroutineState "
+                f"(one of {', '.join(t.GoroutineState.keys())})"
+            )
+        size = page_size(req.page_size)
+        start = decode_page_token("goroutines", req.page_token)
+        found: list[tuple[float, ProcKey, int, ProcState, t.Goroutine]] = []
+        for p in self.select(req.selector):
+            for g in p.kept:
+                if (
+                    g.age_seconds >= min_age
+                    and g.blocked_for_seconds >= min_blocked
+                    and (not req.state or g.state == req.state)
+                    and (not req.orphans_only or g.orphan)
+                    and (not req.site or self._site_matches(g, req.site))
+                ):
+                    found.append((-g.age_seconds, p.key, g.goid, p, g))
+        found.sort(key=lambda r: r[:3])
+        page = found[start : start + size]
+        out = q.ListGoroutinesResponse(total_size=len(found))
+        for _, _, _, p, g in page:
+            out.goroutines.append(self._record(p, g))
+        if start + size < len(found):
+            out.next_page_token = encode_page_token("goroutines", start + size)
+        return out
+
+    @staticmethod
+    def _record(p: ProcState, g: t.Goroutine) -> q.GoroutineRecord:
+        return q.GoroutineRecord(
+            service=p.service,
+            agent_id=p.key[0],
+            pid=p.key[1],
+            goroutine=g,
+            observed_unix_nano=_ns(p.last_seen),
+        )
+
+    def _example(
+        self, procs: Iterable[ProcState], key: SiteKey, *, orphan: bool
+    ) -> q.GoroutineRecord | None:
+        best: tuple[float, ProcState, t.Goroutine] | None = None
+        for p in procs:
+            for g in p.kept:
+                if (
+                    (g.function, g.go_statement) == key
+                    and (g.orphan or not orphan)
+                    and (best is None or g.age_seconds > best[0])
+                ):
+                    best = (g.age_seconds, p, g)
+        return self._record(best[1], best[2]) if best else None
+
+    def list_orphans(self, req: q.ListOrphansRequest, now: float) -> q.ListOrphansResponse:
+        min_age = _non_negative("min_age_seconds", req.min_age_seconds)
+        sel = req.selector
+        self._check_selector(sel)
+        groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for key in self._with_orphans:
+            p = self.procs[key]
+            if not self._matches(p, sel):
+                continue
+            for (fn, stmt), s in p.sites.items():
+                if not s.orphans:
+                    continue
+                g = groups.setdefault(
+                    (p.service, fn, stmt),
+                    {
+                        "creator": s.creator,
+                        "count": 0,
+                        "oldest": 0.0,
+                        "blocked": 0.0,
+                        "reasons": Counter(),
+                        "procs": [],
+                    },
+                )
+                g["count"] += s.orphans
+                g["oldest"] = max(g["oldest"], s.orphan_oldest)
+                g["blocked"] = max(g["blocked"], s.orphan_blocked)
+                g["reasons"][s.orphan_reason] += s.orphans
+                g["procs"].append(p)
+        out = q.ListOrphansResponse()
+        ordered = sorted(groups.items(), key=lambda kv: (-kv[1]["count"], kv[0]))
+        for (service, fn, stmt), g in ordered:
+            if g["oldest"] < min_age:
+                continue
+            example = self._example(g["procs"], (fn, stmt), orphan=True)
+            out.groups.add(
+                service=service,
+                function=fn,
+                go_statement=stmt,
+                creator_function=g["creator"],
+                count=g["count"],
+                oldest_age_seconds=g["oldest"],
+                reason=g["reasons"].most_common(1)[0][0],
+                longest_blocked_seconds=g["blocked"],
+                processes=len(g["procs"]),
+                example=example,
+            )
+        return out
+
+    def leak_suspects(
+        self, req: q.ListLeakSuspectsRequest, now: float
+    ) -> q.ListLeakSuspectsResponse:
+        w = self.window(req.window_seconds, self.leak.window_seconds)
+        sel = req.selector
+        procs = self.select(sel)
+        by_site: dict[tuple[str, str, str], list[ProcState]] = {}
+        for p in procs:
+            for k in p.sites:
+                by_site.setdefault((p.service, *k), []).append(p)
+        found: list[tuple[detect.LeakVerdict, tuple[str, str, str]]] = []
+        if sel.agent_id or sel.pid:
+            # judge each selected process's site on its own series
+            for key, ps in by_site.items():
+                for p in ps:
+                    v = self._judge(p.sites[key[1:]].windows, now, w)
+                    if v is not None:
+                        found.append((v, key))
+        else:
+            for key in by_site:
+                ssite = self.services[key[0]].sites.get(key[1:])
+                v = self._judge(ssite.windows, now, w) if ssite else None
+                if v is not None:
+                    found.append((v, key))
+        found.sort(key=lambda r: -r[0].growth_per_minute)
+        out = q.ListLeakSuspectsResponse(window_seconds=covered(now, w, self.tiers))
+        for v, (service, fn, stmt) in found:
+            acc = _SiteNow()
+            for p in by_site[(service, fn, stmt)]:
+                acc.add(p.sites[(fn, stmt)])
+            out.suspects.add(
+                service=service,
+                function=fn,
+                go_statement=stmt,
+                creator_function=acc.creator,
+                live=int(v.live),
+                live_at_start=int(v.live_at_start),
+                growth_per_minute=v.growth_per_minute,
+                steady_fraction=v.steady_fraction,
+                oldest_age_start_seconds=v.oldest_age_start,
+                oldest_age_seconds=v.oldest_age,
+                age=_age_msg(acc.age),
+                wait_reasons=_waits(acc.wait),
+                processes=acc.processes,
+                example=self._example(by_site[(service, fn, stmt)], (fn, stmt), orphan=False),
+            )
+        return out
+
+    def function_latency(
+        self, req: q.GetFunctionLatencyRequest, now: float
+    ) -> q.GetFunctionLatencyResponse:
+        if not req.function:
+            raise InvalidArgument("function is required (a symbol, e.g. main.handle)")
+        qs = list(req.quantiles) or list(DEFAULT_QUANTILES)
+        for x in qs:
+            if not 0 < x < 1:
+                raise InvalidArgument(f"quantiles must be in (0, 1), got {x}")
+        w = self.window(req.window_seconds)
+        sel = req.selector
+        procs = self.select(sel)
+        fn = req.function
+        if sel.agent_id or sel.pid:
+            sources = [p.latency[fn] for p in procs if fn in p.latency]
+        else:
+            services = [self.services[sel.service]] if sel.service else self.services.values()
+            sources = [svc.latency[fn] for svc in services if fn in svc.latency]
+        if not sources:
+            traced = sorted({f for p in procs for f in p.latency})
+            listed = ", ".join(traced[:10]) + (" ..." if len(traced) > 10 else "")
+            raise NotFound(
+                f"no latency data for {fn!r} in the selection"
+                + (f" (traced: {listed})" if traced else " (no function is traced there)")
+            )
+        merged: Histogram | None = None
+        for hw in sources:
+            merged = hw.merged(now, w, merged)
+        span = covered(now, w, self.tiers)
+        out = q.GetFunctionLatencyResponse(function=fn, window_seconds=span)
+        out.processes = sum(
+            1 for p in procs if fn in p.latency and p.latency[fn].latest_time() > now - span
+        )
+        if merged is not None and merged.count:
+            out.count = merged.count
+            out.mean_seconds = merged.sum_seconds / merged.count
+            out.histogram.sub_bucket_bits = merged.bits
+            out.histogram.count = merged.count
+            out.histogram.sum_seconds = merged.sum_seconds
+            for idx in sorted(merged.buckets):
+                out.histogram.buckets.add(index=idx, count=merged.buckets[idx])
+            values = merged.quantiles(qs)
+        else:
+            values = [0.0] * len(qs)
+        for x, v in zip(qs, values, strict=True):
+            out.quantiles.add(quantile=x, value_seconds=v)
+        return out

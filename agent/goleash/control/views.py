@@ -1,0 +1,316 @@
+"""API responses as plain dicts (the CLI's --json) and as text tables for people."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from google.protobuf import json_format
+
+from goleash.api.goleash.v1 import goleash_service_pb2 as q
+from goleash.api.goleash.v1 import types_pb2 as t
+
+
+def _enum(name: str, prefix: str) -> str:
+    return name.removeprefix(prefix).lower()
+
+
+def _ts(ns: int) -> float:
+    return round(ns / 1e9, 3)
+
+
+def _stack(r: q.GoroutineRecord | None) -> list[str]:
+    if r is None or not r.HasField("goroutine"):
+        return []
+    return [f"{f.function} {f.file}:{f.line}" for f in r.goroutine.stack]
+
+
+def process_dict(p: q.ProcessStatus, window: float) -> dict[str, Any]:
+    return {
+        "service": p.info.service,
+        "pid": p.info.pid,
+        "agent_id": p.agent_id,
+        "node": p.node_name,
+        "exe": p.info.exe,
+        "go_version": p.info.go_version,
+        "tracking": _enum(t.TrackingMode.Name(p.info.tracking_mode), "TRACKING_MODE_"),
+        "tracking_reason": p.info.tracking_reason,
+        "state": _enum(q.ProcessState.Name(p.state), "PROCESS_STATE_"),
+        "goroutines": p.goroutines,
+        "created": p.created,
+        "exited": p.exited,
+        "orphans": p.orphans,
+        "panics": p.panics,
+        "window_s": round(window, 1),
+        "last_seen": _ts(p.last_seen_unix_nano),
+        "drops": {d.reason: d.count for d in p.drops},
+    }
+
+
+def site_dict(s: q.SiteStats) -> dict[str, Any]:
+    return {
+        "service": s.service,
+        "function": s.function,
+        "go_statement": s.go_statement,
+        "creator_function": s.creator_function,
+        "live": s.live,
+        "created": s.created,
+        "exited": s.exited,
+        "growth_per_min": round(s.growth_per_minute, 2),
+        "oldest_age_s": round(s.age.max_seconds, 3),
+        "wait_reasons": {w.reason: w.count for w in s.wait_reasons},
+        "orphans": s.orphans,
+        "processes": s.processes,
+    }
+
+
+def orphan_dict(g: q.OrphanGroup) -> dict[str, Any]:
+    return {
+        "function": g.function,
+        "go_statement": g.go_statement,
+        "count": g.count,
+        "oldest_age_s": round(g.oldest_age_seconds, 3),
+        "reason": g.reason,
+        "service": g.service,
+        "creator_function": g.creator_function,
+        "longest_blocked_s": round(g.longest_blocked_seconds, 3),
+        "processes": g.processes,
+        "example_stack": _stack(g.example if g.HasField("example") else None),
+    }
+
+
+def agent_dict(a: q.AgentStatus) -> dict[str, Any]:
+    return {
+        "agent_id": a.identity.agent_id,
+        "node": a.identity.node_name,
+        "version": a.identity.version,
+        "state": _enum(q.AgentState.Name(a.state), "AGENT_STATE_"),
+        "processes": a.processes,
+        "last_seen": _ts(a.last_seen_unix_nano),
+        "last_sequence": a.last_sequence,
+        "batches": a.batches,
+        "duplicates": a.duplicates,
+        "gaps": a.gaps,
+        "interval_s": a.heartbeat.interval_seconds,
+        "cpu_s": round(a.heartbeat.cpu_seconds, 3),
+        "rss_bytes": a.heartbeat.rss_bytes,
+        "drops": {d.reason: d.count for d in a.drops},
+    }
+
+
+def event_dict(e: t.Event) -> dict[str, Any]:
+    return {
+        "id": e.id,
+        "time": _ts(e.time_unix_nano),
+        "kind": _enum(t.EventKind.Name(e.kind), "EVENT_KIND_"),
+        "service": e.service,
+        "agent_id": e.agent_id,
+        "pid": e.pid,
+        "message": e.message,
+        "details": json_format.MessageToDict(e.details),
+    }
+
+
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """Left-aligned columns; numbers right-aligned."""
+    cells = [[str(h) for h in header]] + [[_cell(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    numeric = [all(isinstance(r[i], int | float) for r in rows) for i in range(len(header))]
+    lines = []
+    for r in cells:
+        parts = [
+            c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric, strict=True)
+        ]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.1f}"
+    return str(v)
+
+
+def _age(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f}h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds:.0f}s"
+
+
+def processes_text(resp: q.ListProcessesResponse) -> str:
+    if not resp.processes:
+        return "no processes followed yet (is an agent connected? see `goleash agents`)\n"
+    rows = [
+        (
+            d["service"],
+            d["pid"],
+            d["node"],
+            d["go_version"],
+            d["tracking"],
+            d["state"],
+            d["goroutines"],
+            d["created"],
+            d["exited"],
+            d["orphans"],
+            d["panics"],
+        )
+        for d in (process_dict(p, resp.window_seconds) for p in resp.processes)
+    ]
+    w = f"/{resp.window_seconds:.0f}s"
+    header = (
+        "SERVICE",
+        "PID",
+        "NODE",
+        "GO",
+        "TRACKING",
+        "STATE",
+        "GOROUTINES",
+        "CREATED" + w,
+        "EXITED" + w,
+        "ORPHANS",
+        "PANICS" + w,
+    )
+    return table(rows, header)
+
+
+def orphans_text(resp: q.ListOrphansResponse) -> str:
+    if not resp.groups:
+        return "no orphaned goroutines\n"
+    rows = [
+        (g.service, g.count, _age(g.oldest_age_seconds), g.reason, g.function, g.go_statement)
+        for g in resp.groups
+    ]
+    return table(rows, ("SERVICE", "COUNT", "OLDEST", "REASON", "FUNCTION", "GO STATEMENT"))
+
+
+def agents_text(resp: q.ListAgentsResponse) -> str:
+    if not resp.agents:
+        return "no agent has connected yet\n"
+    rows = []
+    for a in resp.agents:
+        d = agent_dict(a)
+        ago = max(time.time() - d["last_seen"], 0.0)
+        rows.append(
+            (
+                d["agent_id"],
+                d["node"],
+                d["state"],
+                d["processes"],
+                _age(ago) + " ago",
+                d["batches"],
+                d["gaps"],
+                sum(d["drops"].values()),
+            )
+        )
+    return table(
+        rows, ("AGENT", "NODE", "STATE", "PROCESSES", "LAST SEEN", "BATCHES", "GAPS", "DROPS")
+    )
+
+
+def event_line(e: t.Event) -> str:
+    when = time.strftime("%H:%M:%S", time.localtime(e.time_unix_nano / 1e9))
+    kind = _enum(t.EventKind.Name(e.kind), "EVENT_KIND_")
+    return f"{e.id:>6}  {when}  {kind:<22} {e.message}"
+
+
+def top_frame(
+    server: str,
+    procs: q.ListProcessesResponse,
+    summary: q.GetGoroutineSummaryResponse,
+    agents: q.ListAgentsResponse,
+    max_rows: int = 40,
+) -> str:
+    """One screen of `goleash top`: totals, busiest processes, creation sites."""
+    connected = sum(1 for a in agents.agents if a.state == q.AGENT_STATE_CONNECTED)
+    w = summary.window_seconds
+    head = (
+        f"goleash top  {server}  {time.strftime('%H:%M:%S')}  window {w:.0f}s\n"
+        f"agents {connected}/{len(agents.agents)} connected  processes {summary.processes}  "
+        f"goroutines {summary.goroutines}  created {summary.created}  exited {summary.exited}  "
+        f"orphans {summary.orphans}\n\n"
+    )
+    budget = max(max_rows - 8, 6)
+    running = sorted(procs.processes, key=lambda p: (-p.goroutines, p.info.service))
+    prow = [
+        (
+            p.info.service,
+            p.info.pid,
+            p.node_name,
+            p.goroutines,
+            round(p.created * 60 / w, 1),
+            round(p.exited * 60 / w, 1),
+            p.orphans,
+            p.panics,
+            _enum(q.ProcessState.Name(p.state), "PROCESS_STATE_"),
+        )
+        for p in running[: budget // 2]
+    ]
+    ptab = table(
+        prow,
+        (
+            "SERVICE",
+            "PID",
+            "NODE",
+            "GOROUTINES",
+            "CREATED/MIN",
+            "EXITED/MIN",
+            "ORPHANS",
+            "PANICS",
+            "STATE",
+        ),
+    )
+    srow = [
+        (
+            s.service,
+            s.live,
+            round(s.growth_per_minute, 1),
+            s.created,
+            s.exited,
+            s.orphans,
+            _age(s.age.max_seconds),
+            s.wait_reasons[0].reason if s.wait_reasons else "",
+            s.function,
+            s.go_statement.rsplit("/", 1)[-1],
+        )
+        for s in summary.sites[: budget - len(prow)]
+    ]
+    stab = table(
+        srow,
+        (
+            "SERVICE",
+            "LIVE",
+            "GROWTH/MIN",
+            "CREATED",
+            "EXITED",
+            "ORPHANS",
+            "OLDEST",
+            "WAIT",
+            "FUNCTION",
+            "GO STATEMENT",
+        ),
+    )
+    return head + ptab + "\n" + stab
+
+
+def top_json(
+    procs: q.ListProcessesResponse,
+    summary: q.GetGoroutineSummaryResponse,
+    agents: q.ListAgentsResponse,
+) -> dict[str, Any]:
+    return {
+        "time": round(time.time(), 3),
+        "window_s": round(summary.window_seconds, 1),
+        "agents": [agent_dict(a) for a in agents.agents],
+        "totals": {
+            "processes": summary.processes,
+            "goroutines": summary.goroutines,
+            "created": summary.created,
+            "exited": summary.exited,
+            "orphans": summary.orphans,
+        },
+        "processes": [process_dict(p, procs.window_seconds) for p in procs.processes],
+        "sites": [site_dict(s) for s in summary.sites],
+    }
