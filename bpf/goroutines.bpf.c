@@ -17,6 +17,9 @@
 BPF_HASH(live_goroutines, struct goroutine_key, struct goroutine_info, MAX_LIVE);
 BPF_HASH(site_stats, struct site_key, struct site_stats, MAX_SITES);
 BPF_PERCPU_ARRAY(counters, u64, GR_CNT_MAX);
+/* A zeroed site_stats to insert from: at 416 bytes it does not fit on the 512-byte
+ * BPF stack next to the rest. Never written. */
+BPF_PERCPU_ARRAY(zero_site, struct site_stats, 1);
 #ifdef WITH_STACKS
 BPF_STACK_TRACE(creator_stacks, MAX_SITES);
 BPF_HASH(pending_stack, u32, s64, 4096); /* thread id -> stack id, newproc -> create */
@@ -44,8 +47,11 @@ static __always_inline struct site_stats *site_for(u32 pid, u64 gopc, u64 startp
     struct site_stats *st = site_stats.lookup(&sk);
     if (st)
         return st;
-    struct site_stats zero = {};
-    if (site_stats.insert(&sk, &zero) != 0 && site_stats.lookup(&sk) == NULL) {
+    int zero_idx = 0;
+    struct site_stats *zero = zero_site.lookup(&zero_idx);
+    if (!zero)
+        return NULL;
+    if (site_stats.insert(&sk, zero) != 0 && site_stats.lookup(&sk) == NULL) {
         count(GR_CNT_SITES_FULL);
         return NULL;
     }

@@ -98,7 +98,13 @@ def run_trace(
             try:
                 last = tracker.snapshot()
             except ProcessError:
-                exit_note = f"PID {pid} exited; final summary from the last reading"
+                last = tracker.final_snapshot()
+                exit_note = (
+                    f"PID {pid} exited; final summary: the kernel's counts up to its exit, "
+                    "live goroutines as last read"
+                )
+                if not as_json:
+                    out.write(render(last, time.monotonic() - start))
                 break
             if not as_json:
                 out.write(render(last, time.monotonic() - start))

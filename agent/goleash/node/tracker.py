@@ -20,7 +20,7 @@ from goleash.gobin.disasm import disassemble
 from goleash.gobin.pclntab import Func
 from goleash.probes.budget import OverheadBudget
 from goleash.probes.goroutines import GoroutineProbes, TrackerReading
-from goleash.probes.inventory import Goroutine, read_goroutines
+from goleash.probes.inventory import Goroutine, Inventory, read_goroutines
 from goleash.probes.target import GoProcess
 
 # Wait reasons that cannot end by themselves: nobody else holds a reference that
@@ -135,12 +135,14 @@ class ProcessTracker:
         self._last_poll = time.monotonic()
         self._last_max_goid = 0
         self.mode_reason = "probes attached"
+        self._last_inventory: Inventory | None = None
 
     # --- lifecycle -----------------------------------------------------------------
 
     def start(self) -> None:
         """Inventory first (the whole picture at attach), then the probes."""
         inv = read_goroutines(self.proc)
+        self._last_inventory = inv
         self._remember(inv.goroutines, inv.read_ns)
         if self.probes is not None:
             self.probes.attach()
@@ -225,17 +227,23 @@ class ProcessTracker:
 
     # --- snapshot ----------------------------------------------------------------------------
 
-    def snapshot(self) -> ProcessSnapshot:
+    def final_snapshot(self) -> ProcessSnapshot:
+        """After the process exited: the kernel's counts (the maps outlive the
+        process) joined with the last inventory we read."""
+        assert self._last_inventory is not None, "start() reads an inventory"
+        return self.snapshot(inventory=self._last_inventory)
+
+    def snapshot(self, inventory: Inventory | None = None) -> ProcessSnapshot:
         now = time.monotonic()
         dt = max(1e-3, now - self._last_poll)
         self._last_poll = now
-        inv = read_goroutines(self.proc)
+        inv = inventory or read_goroutines(self.proc)
+        self._last_inventory = inv
         self._remember(inv.goroutines, inv.read_ns)
-        reading = (
-            self.probes.read() if self.probes is not None and self.probes._bpf is not None else None
-        )
+        reading = self.probes.read() if self.probes is not None and self.probes.compiled else None
         max_goid = max((g.goid for g in inv.goroutines), default=self._last_max_goid)
-        self._apply_budget(reading, max_goid, dt)
+        if inventory is None:
+            self._apply_budget(reading, max_goid, dt)
         self._last_max_goid = max(self._last_max_goid, max_goid)
 
         live_by_goid = {g.goid for g in inv.goroutines}

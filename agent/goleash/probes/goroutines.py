@@ -141,7 +141,7 @@ class GoroutineProbes:
         src = (BPF_DIR / "goroutines.bpf.c").read_text()
         try:
             self._bpf = BPF(
-                text=src,
+                text=src.encode(),
                 cflags=_cflags(
                     self.proc,
                     self.sites,
@@ -180,6 +180,10 @@ class GoroutineProbes:
             if not os.path.exists(f"/proc/{self.proc.pid}"):
                 raise ProbeAttachError(f"PID {self.proc.pid} exited while attaching") from exc
             raise ProbeAttachError(f"attaching uprobes to PID {self.proc.pid}: {exc}") from exc
+
+    @property
+    def compiled(self) -> bool:
+        return self._bpf is not None
 
     @property
     def attached(self) -> bool:

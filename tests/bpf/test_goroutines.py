@@ -1,0 +1,236 @@
+"""Goroutine lifetimes with real uprobes on real Go programs, every toolchain.
+
+The populations fixture holds known numbers of goroutines in known states and
+starts short-lived ones on command, so every count here is exact, not a range.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import gobuild
+import pytest
+from goleash.node.tracker import ProcessTracker, SiteSummary
+from goleash.probes.target import GoProcess
+
+pytestmark = pytest.mark.root
+
+COUNTS = {"orphans": 30, "nilselect": 7, "condwait": 5, "workers": 3, "sleepers": 4}
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Populations:
+    def __init__(self, binary: Path, **counts: int) -> None:
+        args = [str(binary)] + [f"-{k}={v}" for k, v in counts.items()]
+        self.p = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ready = self.read()
+        self.pid: int = self.ready["pid"]
+
+    def read(self) -> dict:
+        assert self.p.stdout is not None
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"populations fixture exited with {self.p.wait()}")
+        return json.loads(line)
+
+    def send(self, cmd: str) -> dict:
+        assert self.p.stdin is not None
+        self.p.stdin.write(cmd + "\n")
+        self.p.stdin.flush()
+        return self.read()
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait()
+
+
+@contextmanager
+def populations(toolchain: str, variant: str = "default", **counts: int) -> Iterator[Populations]:
+    pop = Populations(gobuild.build("populations", toolchain, variant), **(counts or COUNTS))
+    try:
+        yield pop
+    finally:
+        pop.stop()
+
+
+def site(snapshot_sites: list[SiteSummary], marker: str) -> SiteSummary:
+    fname, line = gobuild.marker_line("populations", marker)
+    found = [s for s in snapshot_sites if s.go_statement.endswith(f"{fname}:{line}")]
+    assert len(found) == 1, f"no single site for {marker} ({fname}:{line}) in {snapshot_sites}"
+    return found[0]
+
+
+def poll(fn, what: str, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("variant", ["default", "stripped", "pie"])
+def test_counts_exact(toolchain: str, variant: str) -> None:
+    with populations(toolchain, variant) as pop:
+        proc = GoProcess.attach(pop.pid)
+        tracker = ProcessTracker(proc, orphan_min_age_s=0)
+        try:
+            tracker.start()
+            assert tracker.mode == "probes"
+            n = 2000
+            assert pop.send(f"churn {n}") == {"churned": n}
+
+            def churn_done():
+                snap = tracker.snapshot()
+                s = site(snap.sites, "churn")
+                return snap if s.exited == n else None
+
+            snap = poll(churn_done, "every churn goroutine to exit")
+            churn = site(snap.sites, "churn")
+            assert (churn.created, churn.exited, churn.live) == (n, n, 0)
+            assert churn.function == "main.churn"
+            assert churn.lifetime_mean_s is not None and churn.lifetime_mean_s < 5
+
+            # Populations born before attach: the inventory's live counts are exact.
+            for marker, count, reason in (
+                ("orphan", COUNTS["orphans"], "chan receive"),
+                ("nilselect", COUNTS["nilselect"], "select"),
+                ("condwait", COUNTS["condwait"], "sync.Cond.Wait"),
+                ("sleeper", COUNTS["sleepers"], "sleep"),
+            ):
+                s = site(snap.sites, marker)
+                assert s.live == count, marker
+                assert s.created == 0, f"{marker} was born before attach"
+                assert s.wait_reasons == {reason: count}, marker
+                assert s.function == f"main.{marker}"
+            workers = site(snap.sites, "worker")
+            assert workers.live == COUNTS["workers"]
+
+            # Orphans: the creators exited; 1.21+ says so from g.parentGoid.
+            orphans = site(snap.sites, "orphan")
+            if proc.offsets.g_parent_goid is not None:
+                assert orphans.orphans == COUNTS["orphans"]
+                parents = {
+                    g.parent_goid for g in snap.goroutines if g.goid in _goids(snap, orphans)
+                }
+                assert parents == set(pop.ready["populations"]["orphan"]["creator_goids"])
+            # Healthy long-lived goroutines are never orphans.
+            for marker in ("worker", "sleeper"):
+                assert site(snap.sites, marker).orphans == 0
+            assert snap.dropped == {
+                "live_table_full": 0,
+                "site_table_full": 0,
+                "read_faults": 0,
+                "stack_faults": 0,
+            }
+            hits = snap.probe_hits
+            assert hits["create_hits"] == n and hits["exit_hits"] == n, "two hits per goroutine"
+        finally:
+            tracker.close()
+
+
+def _goids(snap, s: SiteSummary) -> set[int]:
+    return {g.goid for g in snap.goroutines if (g.gopc, g.startpc) == (s.gopc, s.startpc)}
+
+
+# Drop accounting does not depend on the Go version: the oldest and newest suffice.
+@pytest.mark.parametrize("toolchain", [gobuild.TOOLCHAINS[0], gobuild.TOOLCHAINS[-1]])
+def test_map_too_small_counts_drops(toolchain: str) -> None:
+    with populations(toolchain) as pop:
+        proc = GoProcess.attach(pop.pid)
+        tracker = ProcessTracker(proc, max_live=16)
+        try:
+            tracker.start()
+            n = 3000
+            pop.send(f"churn {n}")
+
+            def settled():
+                snap = tracker.snapshot()
+                c = site(snap.sites, "churn")
+                return snap if c.exited + c.exited_unseen == n else None
+
+            snap = poll(settled, "all churn exits counted")
+            c = site(snap.sites, "churn")
+            assert c.created == n, "site counts stay exact when the live table is full"
+            assert snap.dropped["live_table_full"] > 0
+            assert snap.dropped["live_table_full"] == c.exited_unseen
+        finally:
+            tracker.close()
+
+
+def run_trace(pid: int, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "goleash.cli", "trace", "--pid", str(pid), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+
+
+def test_cli_trace_json_and_exit_mid_trace() -> None:
+    toolchain = gobuild.TOOLCHAINS[-1]
+    with populations(toolchain) as pop:
+        tr = run_trace(pop.pid, "--duration", "60", "--interval", "0.5", "--json")
+        assert tr.stderr is not None
+        poll(lambda: "tracing PID" in tr.stderr.readline(), "trace to attach")
+        assert pop.send("churn 500") == {"churned": 500}
+        assert pop.send("exit") == {"bye": True}
+        out, err = tr.communicate(timeout=60)
+        assert tr.returncode == 0, err
+        assert "exited" in err
+        result = json.loads(out)
+        assert result["process_exited"] is True
+        by_fn = {s["function"]: s for s in result["sites"]}
+        assert by_fn["main.orphan"]["live"] == COUNTS["orphans"]
+        assert {"function", "go_statement", "live", "created", "exited"} <= set(
+            by_fn["main.orphan"]
+        )
+        assert {"live", "created", "exited"} <= set(result["totals"])
+
+
+def test_output_unchanged_by_tracing() -> None:
+    """The traced program prints exactly what it prints untraced."""
+    toolchain = gobuild.TOOLCHAINS[-1]
+    outputs = []
+    for traced in (False, True):
+        with populations(toolchain) as pop:
+            tr = None
+            if traced:
+                tr = run_trace(pop.pid, "--duration", "60", "--interval", "0.5")
+                assert tr.stderr is not None
+                poll(lambda tr=tr: "tracing PID" in tr.stderr.readline(), "trace to attach")
+            lines = [pop.send(c) for c in ("churn 3000", "churn 10", "exit")]
+            assert pop.p.wait(timeout=30) == 0
+            outputs.append(lines)
+            if tr is not None:
+                tr.communicate(timeout=60)
+                assert tr.returncode == 0
+    assert outputs[0] == outputs[1]
+
+
+def test_trace_refuses_non_go_process() -> None:
+    p = subprocess.Popen(["sleep", "30"])
+    try:
+        tr = run_trace(p.pid, "--duration", "1")
+        _, err = tr.communicate(timeout=30)
+        assert tr.returncode == 2
+        assert "not a Go binary" in err and "Traceback" not in err
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_trace_no_such_pid() -> None:
+    tr = run_trace(4_000_000, "--duration", "1")
+    _, err = tr.communicate(timeout=30)
+    assert tr.returncode == 2 and "4000000" in err and "Traceback" not in err
