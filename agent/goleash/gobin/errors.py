@@ -29,5 +29,9 @@ class SymbolNotFoundError(BinaryError):
     """A function or variable the probes need is not in the binary."""
 
 
+class ProbeSiteError(BinaryError):
+    """A function's code does not hold the instruction a probe must be placed on."""
+
+
 class ProcessError(GoleashError):
     """A PID that does not exist, exited, or cannot be read."""
