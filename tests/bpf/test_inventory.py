@@ -161,6 +161,55 @@ def test_inventory_and_dump_of_known_populations(toolchain: str, variant: str) -
         assert not any("created by runtime." in b for b in blocks.values())
 
 
+def runtime_blocks(stacks: str) -> dict[int, str]:
+    """runtime.Stack's dump with each function's arguments written `(...)`, as ours are
+    (the runtime prints their register/stack values, which we cannot see)."""
+    lines = []
+    for line in stacks.splitlines():
+        if line and not line.startswith(("\t", "goroutine ", "created by ")):
+            line = line.rsplit("(", 1)[0] + "(...)"
+        lines.append(line)
+    return dump_blocks("\n".join(lines))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_dump_matches_the_runtimes_own(toolchain: str, variant: str) -> None:
+    """Every parked goroutine's block equals what runtime.Stack(all) prints for it in
+    the same process: header, frames (inlined calls included), file:line +offset,
+    created by. Goroutines that can wake up (workers, main) are left out."""
+    counts = {"orphan": 6, "nilselect": 2, "condwait": 2, "sleeper": 2}
+    with (
+        running_populations(toolchain, variant, **counts) as pop,
+        GoProcess.attach(pop.pid) as proc,
+    ):
+        ours = dump_blocks(render_text(build_dump(proc)))
+        theirs = runtime_blocks(pop.command("stacks")["stacks"])
+        inv = read_goroutines(proc)
+        sites = by_site(proc, inv.goroutines)
+        parked = [g.goid for p in counts for g in sites[site_of(p)]]
+        assert len(parked) == sum(counts.values())
+        for goid in parked:
+            assert ours[goid] == theirs[goid]
+
+
+def test_wait_since_is_set_by_a_gc_on_the_monotonic_clock(toolchain: str) -> None:
+    """g.waitsince is set when a GC cycle finds the goroutine blocked, to the previous
+    cycle's mark-termination time (work.tstart; 0 before any cycle ended), on the
+    runtime's nanotime: CLOCK_MONOTONIC, the clock of Inventory.read_ns. Two GCs make
+    sure it is set; the fixture may have run others while starting."""
+    launched = time.monotonic_ns()
+    with (
+        running_populations(toolchain, orphan=5, sleeper=2) as pop,
+        GoProcess.attach(pop.pid) as proc,
+    ):
+        assert pop.command("gc") == {"gc": True}
+        assert pop.command("gc") == {"gc": True}
+        inv = read_goroutines(proc)
+        sites = by_site(proc, inv.goroutines)
+        for g in sites[site_of("orphan")] + sites[site_of("sleeper")]:
+            assert launched < g.wait_since_ns <= inv.read_ns
+
+
 def test_reading_while_goroutines_come_and_go(toolchain: str) -> None:
     """Reads racing thousands of goroutine births and exits (g structs reused while
     read) never fail and never miscount the goroutines that stay."""

@@ -12,8 +12,8 @@ prints, so it reads like any Go dump and existing tools parse it:
 as traceback.go goroutineheader / printcreatedby1 write it: the wait reason in place
 of "waiting"; minutes only from 1 up; "in goroutine N" from Go 1.21 (when g has a
 parentGoid); the `+0x` offset only for a PC past the function entry. What differs:
-arguments are always `(...)` (their values are in registers we cannot see); inlined
-calls are not expanded into frames of their own; a running goroutine's stack
+arguments are always `(...)` (their values are in registers we cannot see); a
+running goroutine's stack
 cannot be read from outside (the runtime prints the same line for a goroutine on
 another thread). As at GOTRACEBACK's default level, runtime-internal frames and the
 runtime's own goroutines are left out unless `system` is asked for.
@@ -133,7 +133,8 @@ def _status_text(e: DumpEntry) -> str:
 
 
 def _frame_lines(fr: Frame) -> str:
-    off = f" +{fr.offset:#x}" if fr.offset > 0 else ""
+    # An inlined call has no PC of its own: the runtime prints no offset for it.
+    off = f" +{fr.offset:#x}" if fr.offset > 0 and not fr.inlined else ""
     return f"{fr.function}(...)\n\t{fr.file}:{fr.line}{off}\n"
 
 
@@ -167,6 +168,7 @@ def _frame_dict(fr: Frame) -> dict[str, Any]:
         "line": fr.line,
         "pc": fr.pc,
         "offset": fr.offset,
+        "inlined": fr.inlined,
     }
 
 

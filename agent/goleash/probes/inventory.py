@@ -75,11 +75,14 @@ class Goroutine:
     # The binary's own name for the wait ("chan receive", "select", "sleep", ...); set
     # for status "waiting" (and "leaked") only, as the runtime's goroutine header does.
     wait_reason: str | None
-    # g.waitsince: runtime nanotime (CLOCK_MONOTONIC, comparable with Inventory.read_ns)
-    # of the start of the first GC cycle that found this goroutine blocked (mgcmark.go
-    # markroot sets it; execute/exitsyscall reset it to 0). So 0 until a GC has run since
-    # it blocked, and then early by at most one GC mark phase. The runtime's
-    # "[chan receive, 5 minutes]" is (nanotime() - waitsince) / 1 min.
+    # g.waitsince, runtime nanotime (CLOCK_MONOTONIC, comparable with Inventory.read_ns);
+    # 0 if not (yet) known. The runtime sets it lazily, only for its "N minutes": when
+    # a GC's mark phase scans a goroutine that is waiting (or in a syscall) with
+    # waitsince 0, it stores work.tstart (mgcmark.go markroot), which gcMark sets at
+    # the *previous* cycle's mark termination; execute() and exitsyscall() reset it
+    # to 0. So it stays 0 until the second GC cycle after the goroutine blocked
+    # started (the first GC of a program stores 0), and then it can be earlier
+    # than the real start of the wait by up to one GC interval.
     wait_since_ns: int
     gopc: int  # return address after the CALL of the `go` statement (0 for goroutine 1's)
     startpc: int  # entry of the function the goroutine started with

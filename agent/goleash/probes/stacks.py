@@ -19,8 +19,7 @@ fpTracebackPCs walks the same chain). For a goroutine that is not on a CPU,
 The walk stops at runtime.goexit (the bottom of every goroutine), when BP leaves
 [stack.lo, stack.hi) or does not grow, or after `max_frames`. The stack can change
 under the walk (the goroutine wakes up): a walk that goes astray stops early.
-Inlined calls are not expanded (pclntab's inline tree is not read): a frame is
-the physical function with the innermost file:line at its PC.
+Inlined calls are expanded into frames of their own, as the runtime prints them.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ import weakref
 from dataclasses import dataclass
 
 from goleash.gobin.binary import GoBinary
+from goleash.gobin.pclntab import MAGIC_GO116, MAGIC_GO120
 from goleash.probes.inventory import Goroutine
 from goleash.probes.target import GoProcess
 
@@ -46,6 +46,7 @@ class Frame:
     file: str
     line: int
     entry: int  # the function's entry (link-time): the runtime prints "+0x(pc-entry)"
+    inlined: bool = False  # a call the compiler inlined into the next frame's function
 
     @property
     def offset(self) -> int:
@@ -59,32 +60,119 @@ class Stack:
     note: str | None = None  # why there are no (or not all) frames
 
 
-_frame_caches: weakref.WeakKeyDictionary[GoBinary, dict[tuple[int, bool], Frame]] = (
-    weakref.WeakKeyDictionary()
-)
+class _Symbolizer:
+    """PC -> the logical frames there, innermost first, inlined calls expanded.
+
+    A physical frame's PC can sit in code inlined from other functions: pclntab
+    records, per function, an inline tree (FUNCDATA_InlTree, an array of
+    runtime.inlinedCall) and a PC -> tree index table (PCDATA_InlTreeIndex, -1 where
+    the code is the function's own). Each tree node names the inlined function and
+    the parentPc whose position is the call site; runtime/symtabinl.go's unwinder
+    (traceback.go's loop before Go 1.21) walks it the same way. Funcdata offsets are
+    relative to moduledata.gofunc (Go 1.18+), which follows moduledata.rodata, the
+    word equal to the .rodata section's address. inlinedCall is 20 bytes before the
+    Go 1.20 pclntab (nameOff at 12, parentPc at 16), 16 bytes after (4, 8).
+    Anything unexpected gives the physical frame alone, never an error.
+    """
+
+    _PCDATA_INL_INDEX = 2
+    _FUNCDATA_INL_TREE = 3
+
+    def __init__(self, proc: GoProcess) -> None:
+        self.proc = proc
+        self.tab = proc.pclntab
+        self.cache: dict[tuple[int, bool], tuple[Frame, ...]] = {}
+        self.gofunc = self._gofunc()
+        self.node = (16, 4, 8) if self.tab.magic == MAGIC_GO120 else (20, 12, 16)
+
+    def _gofunc(self) -> int | None:
+        tab, binary = self.tab, self.proc.binary
+        rodata = binary.section(".rodata")
+        if tab.moduledata is None or rodata is None or tab.magic == MAGIC_GO116:
+            return None
+        try:
+            words = struct.unpack("<64Q", binary.read(tab.moduledata, 64 * 8))
+        except Exception:
+            return None
+        at = [i for i in range(24, 63) if words[i] == rodata.vaddr]
+        return words[at[-1] + 1] if at else None
+
+    def frames(self, pc: int, exact: bool) -> tuple[Frame, ...]:
+        key = (pc, exact)
+        out = self.cache.get(key)
+        if out is None:
+            out = self.cache[key] = self._frames(pc, exact)
+        return out
+
+    def _frames(self, pc: int, exact: bool) -> tuple[Frame, ...]:
+        tab = self.tab
+        f = tab.func_for_pc(pc)
+        if f is None:
+            return (Frame(pc, f"{pc:#x}", "?", 0, pc),)
+        # A return address's line is the CALL's: look one byte back, as the runtime's
+        # traceback does; not when the PC is the entry (a goroutine that has not run)
+        # or was interrupted there (the frame under runtime.asyncPreempt).
+        tracepc = pc - 1 if pc > f.entry and not exact else pc
+        out: list[Frame] = []
+        try:
+            inlined, tracepc = self._inlined(f.entry, tracepc)
+        except Exception:
+            inlined = []  # a damaged or unexpected inline tree: the physical frame alone
+        for name, at in inlined:
+            src = tab.source_line(at)
+            file, line = (src.file, src.line) if src else ("?", 0)
+            out.append(Frame(pc, name, file, line, f.entry, inlined=True))
+        src = tab.source_line(tracepc)
+        file, line = (src.file, src.line) if src else ("?", 0)
+        out.append(Frame(pc, f.name, file, line, f.entry))
+        return tuple(out)
+
+    def _inlined(self, entry: int, tracepc: int) -> tuple[list[tuple[str, int]], int]:
+        """(inlined function, PC whose line is its position) pairs, innermost first,
+        and the PC whose line is the physical function's (the outermost call site)."""
+        tab = self.tab
+        none: tuple[list[tuple[str, int]], int] = ([], tracepc)
+        if self.gofunc is None:
+            return none
+        i = tab._index_for_pc(entry)
+        if i is None:
+            return none
+        buf = tab._buf
+        fo = tab._pclntable + tab._funcoffs[i]
+        npcdata = tab._func_field(fo, 7)
+        nfuncdata = buf[fo + tab._funcid_off + 3]
+        if npcdata <= self._PCDATA_INL_INDEX or nfuncdata <= self._FUNCDATA_INL_TREE:
+            return none
+        base = fo + tab._funcid_off + 4
+        (pcdata,) = struct.unpack_from("<I", buf, base + 4 * self._PCDATA_INL_INDEX)
+        (tree,) = struct.unpack_from("<I", buf, base + 4 * (npcdata + self._FUNCDATA_INL_TREE))
+        if pcdata == 0 or tree == 0xFFFFFFFF:
+            return none
+        size, name_at, parent_at = self.node
+        out: list[tuple[str, int]] = []
+        pc = tracepc
+        for _ in range(64):  # inlining depth is small; a cycle would be damage
+            ix = tab._pcvalue(pcdata, entry, pc)
+            if ix < 0:
+                return out, pc
+            node = self.proc.binary.read(self.gofunc + tree + ix * size, size)
+            (name_off,) = struct.unpack_from("<i", node, name_at)
+            (parent_pc,) = struct.unpack_from("<i", node, parent_at)
+            out.append((tab._cstring(tab._funcnametab + name_off), pc))
+            pc = entry + parent_pc
+        return none
 
 
-def _frame(proc: GoProcess, pc: int, exact: bool = False) -> Frame:
-    # Many goroutines share their PCs: symbolize each once per binary.
-    cache = _frame_caches.get(proc.binary)
-    if cache is None:
-        cache = _frame_caches[proc.binary] = {}
-    fr = cache.get((pc, exact))
-    if fr is None:
-        fr = cache[(pc, exact)] = _symbolize(proc, pc, exact)
-    return fr
+_symbolizers: weakref.WeakKeyDictionary[GoBinary, _Symbolizer] = weakref.WeakKeyDictionary()
 
 
-def _symbolize(proc: GoProcess, pc: int, exact: bool) -> Frame:
-    tab = proc.pclntab
-    f = tab.func_for_pc(pc)
-    if f is None:
-        return Frame(pc, f"{pc:#x}", "?", 0, pc)
-    # A return address's line is the CALL's: look one byte back, as the runtime's
-    # traceback does; not when the PC is the entry (a goroutine that has not run) or
-    # was interrupted there (the frame under runtime.asyncPreempt).
-    src = tab.source_line(pc - 1 if pc > f.entry and not exact else pc)
-    return Frame(pc, f.name, src.file if src else "?", src.line if src else 0, f.entry)
+def _frames(proc: GoProcess, pc: int, exact: bool = False) -> tuple[Frame, ...]:
+    """The logical frames at a physical frame's PC, cached per binary (goroutines share
+    their PCs)."""
+    sym = _symbolizers.get(proc.binary)
+    if sym is None:
+        sym = _symbolizers[proc.binary] = _Symbolizer(proc)
+    return sym.frames(pc, exact)
 
 
 class _StackMemory:
@@ -128,20 +216,22 @@ def walk_stack(
     frames: list[Frame] = []
     pc, bp = g.sched_pc, g.sched_bp
     old_syscall = g.status == "syscall" and proc.build_info.version < (1, 23, 0)
-    exact = False
+    exact, physical = False, 0
     while True:
-        fr = _frame(proc, pc, exact)
+        logical = _frames(proc, pc, exact)
+        fr = logical[-1]  # the physical function; inlined calls come before it
         if fr.function == _GOEXIT:
             return Stack(frames, True)
-        if len(frames) >= max_frames:
+        if len(frames) + len(logical) > max_frames:
             return Stack(frames, False, "...additional frames elided...")
-        frames.append(fr)
+        frames.extend(logical)
+        physical += 1
         if old_syscall:
             return Stack(frames, False, "in a system call: Go < 1.23 saves no frame pointer")
-        if bp == 0 and len(frames) == 1:
+        if bp == 0 and physical == 1:
             # Never run: the start function at its entry, goexit's return address at sp.
             pair = mem.u64_pair(g.sched_sp)
-            if pair is not None and _frame(proc, pair[0] - bias).function == _GOEXIT:
+            if pair is not None and _frames(proc, pair[0] - bias)[-1].function == _GOEXIT:
                 return Stack(frames, True)
             return Stack(frames, False, "frame pointer chain ends")
         if not (g.stack_lo <= bp < g.stack_hi) or bp % 8:
