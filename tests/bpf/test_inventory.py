@@ -31,6 +31,7 @@ from goleash.probes.inventory import (
     read_goroutines,
     wait_reason_names,
 )
+from goleash.probes.procmem import MemoryFault, ProcessMemory
 from goleash.probes.stacks import walk_stack
 from goleash.probes.target import GoProcess
 from populations import running_populations
@@ -49,7 +50,7 @@ EXPECT = {
     "worker": ("main.worker", None),  # healthy: receiving, or running a job
     "churn": ("main.churn", None),
 }
-VARIANTS = ("default", "stripped", "pie")
+VARIANTS = tuple(gobuild.VARIANTS)  # default, stripped, pie, trimpath, cgo
 FIXTURE_MAIN = gobuild.FIXTURES / "populations" / "main.go"
 
 
@@ -190,6 +191,8 @@ def test_dump_matches_the_runtimes_own(toolchain: str, variant: str) -> None:
         assert len(parked) == sum(counts.values())
         for goid in parked:
             assert ours[goid] == theirs[goid]
+        # The same goroutines, too: the runtime's own ones left out by both.
+        assert set(ours) == set(theirs)
 
 
 def test_wait_since_is_set_by_a_gc_on_the_monotonic_clock(toolchain: str) -> None:
@@ -243,6 +246,25 @@ def test_reading_while_goroutines_come_and_go(toolchain: str) -> None:
             "main.go:{}".format(*gobuild.marker_line("populations", "churn")[1:]),
         )
         assert churn_site not in by_site(proc, read_goroutines(proc).goroutines)
+
+
+def test_proc_pid_mem_fallback_reads_the_same() -> None:
+    """Where process_vm_readv is filtered (seccomp), /proc/PID/mem gives the same."""
+    with (
+        running_populations(gobuild.TOOLCHAINS[-1], orphan=30, condwait=3) as pop,
+        GoProcess.attach(pop.pid) as proc,
+    ):
+        fast = read_goroutines(proc)
+        waiter = next(g for g in fast.goroutines if g.wait_reason == "sync.Cond.Wait")
+        fast_stack = walk_stack(proc, waiter)
+        proc.memory = ProcessMemory(pop.pid, use_process_vm_readv=False)
+        slow = read_goroutines(proc)
+        assert [(g.goid, g.status, g.wait_reason, g.gopc) for g in fast.goroutines] == [
+            (g.goid, g.status, g.wait_reason, g.gopc) for g in slow.goroutines
+        ]
+        assert walk_stack(proc, waiter) == fast_stack and fast_stack.complete
+        with pytest.raises(MemoryFault):
+            proc.memory.read(8, 8)  # page zero is never mapped
 
 
 def test_pid_that_does_not_exist() -> None:

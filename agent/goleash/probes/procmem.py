@@ -94,10 +94,12 @@ def check_pid(pid: int) -> None:
 class ProcessMemory:
     """The address space of one running process, read as bytes by virtual address."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, *, use_process_vm_readv: bool = True) -> None:
+        """use_process_vm_readv=False reads through /proc/PID/mem only (the fallback,
+        chosen by itself when the system call is filtered)."""
         check_pid(pid)
         self.pid = pid
-        self._use_readv = _process_vm_readv is not None
+        self._use_readv = use_process_vm_readv and _process_vm_readv is not None
         self._mem_fd: int | None = None
         # Fail now, not at the first read, when we may not read this process at all.
         self._check_permission()
