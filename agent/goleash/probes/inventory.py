@@ -12,7 +12,7 @@ Nothing is locked: a g may be reused or change state while it is read. Such a
 read is "torn": it is counted, never trusted, never fatal.
 
 In a stripped binary (no .symtab) there are no data symbols; allgs is found from
-the code of `runtime.allgadd` (present, not inlined, on Go 1.17..1.27): the slice
+the code of `runtime.allgadd` (a function of its own on Go 1.19..1.27): the slice
 is the RIP-relative address referenced together with its +8 (len) and +16 (cap),
 checked by reading it (len <= cap, and allgs[0] is goroutine 1, which the runtime
 itself relies on in mgc.go). Wait reason names come from the binary's own
@@ -214,7 +214,7 @@ def _find_allgs(proc: GoProcess) -> tuple[int, int | None, int | None]:
     hit = sym("runtime.allgs")
     if hit is not None:
         glen, gptr = sym("runtime.allglen"), sym("runtime.allgptr")
-        return hit[0], glen and glen[0], gptr and gptr[0]
+        return hit[0], glen[0] if glen else None, gptr[0] if gptr else None
     slices, targets = _allgs_candidates(proc)
     for base in slices:
         if not _check_allgs(proc, base):
@@ -426,7 +426,9 @@ def creation_site_of(proc: GoProcess, g: Goroutine) -> CreationSite:
     if site is None:
         tab = proc.pclntab
         start = tab.func_for_pc(g.startpc)
-        call: SourceLine | None = tab.call_site(g.gopc) if g.gopc else None
+        # Goroutine 1 (runtime.main) is started by the assembly of rt0_go, not by a go
+        # statement: the runtime prints no "created by" for it, and neither do we.
+        call: SourceLine | None = tab.call_site(g.gopc) if g.gopc and g.goid != 1 else None
         site = CreationSite(
             function=start.name if start else f"{g.startpc:#x}",
             go_statement=f"{call.file}:{call.line}" if call else "",
