@@ -10,12 +10,14 @@
 //
 // Offsets of runtime.g come from DWARF or the per-version table as -D macros:
 //   G_GOID G_GOPC G_STARTPC [G_PARENT_GOID | (G_M M_CURG)]
+//   SPAN_START SPAN_WORDS: one read covers [parentGoid,] gopc .. startpc
 //   CREATE_REG (bx|ax)  MAX_LIVE  MAX_SITES  WITH_STACKS
 #include <uapi/linux/ptrace.h>
 #include "goleash.h"
 
 BPF_HASH(live_goroutines, struct goroutine_key, struct goroutine_info, MAX_LIVE);
-BPF_HASH(site_stats, struct site_key, struct site_stats, MAX_SITES);
+/* Per-CPU: the hot path takes no atomics and no cache line moves between CPUs. */
+BPF_PERCPU_HASH(site_stats, struct site_key, struct site_stats, MAX_SITES);
 BPF_PERCPU_ARRAY(counters, u64, GR_CNT_MAX);
 /* A zeroed site_stats to insert from: at 416 bytes it does not fit on the 512-byte
  * BPF stack next to the rest. Never written. */
@@ -35,6 +37,22 @@ static __always_inline void count(int idx)
 static __always_inline int read_u64(u64 *dst, u64 addr)
 {
     if (bpf_probe_read_user(dst, sizeof(*dst), (void *)addr) != 0) {
+        count(GR_CNT_READ_FAULTS);
+        return -1;
+    }
+    return 0;
+}
+
+/* g.parentGoid, g.gopc and g.startpc sit within a few words of each other: read
+ * them with one bpf_probe_read_user (each read is a page-table walk). */
+struct g_span {
+    u64 w[SPAN_WORDS];
+};
+#define SPAN_AT(span, off) ((span).w[((off) - SPAN_START) / 8])
+
+static __always_inline int read_span(struct g_span *span, u64 g)
+{
+    if (bpf_probe_read_user(span, sizeof(*span), (void *)(g + SPAN_START)) != 0) {
         count(GR_CNT_READ_FAULTS);
         return -1;
     }
@@ -78,12 +96,14 @@ int on_create(struct pt_regs *ctx)
     u32 pid = bpf_get_current_pid_tgid() >> 32;
     struct goroutine_key key = {.pid = pid};
     struct goroutine_info info = {.stack_id = -1};
+    struct g_span span;
 
-    if (read_u64(&key.goid, g + G_GOID) || read_u64(&info.gopc, g + G_GOPC) ||
-        read_u64(&info.startpc, g + G_STARTPC))
+    if (read_u64(&key.goid, g + G_GOID) || read_span(&span, g))
         return 0;
+    info.gopc = SPAN_AT(span, G_GOPC);
+    info.startpc = SPAN_AT(span, G_STARTPC);
 #ifdef G_PARENT_GOID
-    read_u64(&info.parent_goid, g + G_PARENT_GOID);
+    info.parent_goid = SPAN_AT(span, G_PARENT_GOID);
 #else
     /* Before Go 1.21 the g has no parentGoid. This site runs on the system stack,
      * so R14 is g0, and g0.m.curg is the goroutine that executed the `go`. */
@@ -105,7 +125,7 @@ int on_create(struct pt_regs *ctx)
 
     struct site_stats *st = site_for(pid, info.gopc, info.startpc);
     if (st)
-        __sync_fetch_and_add(&st->created, 1);
+        st->created++;
     return 0;
 }
 
@@ -129,27 +149,26 @@ int on_exit(struct pt_regs *ctx)
     u64 g = ctx->r14;
     u32 pid = bpf_get_current_pid_tgid() >> 32;
     struct goroutine_key key = {.pid = pid};
-    u64 gopc = 0, startpc = 0;
+    struct g_span span;
 
-    if (read_u64(&key.goid, g + G_GOID) || read_u64(&gopc, g + G_GOPC) ||
-        read_u64(&startpc, g + G_STARTPC))
+    if (read_u64(&key.goid, g + G_GOID) || read_span(&span, g))
         return 0;
 
-    struct site_stats *st = site_for(pid, gopc, startpc);
+    struct site_stats *st = site_for(pid, SPAN_AT(span, G_GOPC), SPAN_AT(span, G_STARTPC));
     struct goroutine_info *info = live_goroutines.lookup(&key);
     if (!info) {
         if (st)
-            __sync_fetch_and_add(&st->exited_unseen, 1);
+            st->exited_unseen++;
         return 0;
     }
     u64 lifetime = bpf_ktime_get_ns() - info->created_ns;
     live_goroutines.delete(&key);
     if (!st)
         return 0;
-    __sync_fetch_and_add(&st->exited, 1);
-    __sync_fetch_and_add(&st->lifetime_sum_ns, lifetime);
+    st->exited++;
+    st->lifetime_sum_ns += lifetime;
     u32 slot = log2_slot(lifetime);
     if (slot < LIFETIME_SLOTS)
-        __sync_fetch_and_add(&st->lifetime_log2[slot], 1);
+        st->lifetime_log2[slot]++;
     return 0;
 }

@@ -101,8 +101,17 @@ def _cflags(
         # newproc1 returns the new g in RAX.
         "-DCREATE_REG=" + ("bx" if sites.create_kind == "runqput_call" else "ax"),
     ]
+    span = [off.g_gopc, off.g_startpc]
     if off.g_parent_goid is not None:
         flags.append(f"-DG_PARENT_GOID={off.g_parent_goid}")
+        span.append(off.g_parent_goid)
+    span_start, span_end = min(span), max(span) + 8
+    if span_end - span_start > 64:
+        raise ProbeAttachError(
+            f"runtime.g fields gopc/startpc/parentGoid are {span_end - span_start} bytes apart "
+            "(expected a few words): this Go release's layout needs a probe update"
+        )
+    flags += [f"-DSPAN_START={span_start}", f"-DSPAN_WORDS={(span_end - span_start) // 8}"]
     if stacks:
         flags.append("-DWITH_STACKS=1")
     return flags
@@ -214,16 +223,18 @@ class GoroutineProbes:
                 counters[COUNTER_NAMES[idx.value]] = sum(int(v) for v in per_cpu)
 
         sites: dict[tuple[int, int], SiteCounts] = {}
-        for k, v in self._bpf["site_stats"].items():
+        for k, per_cpu in self._bpf["site_stats"].items():
             key = (k.gopc - bias, k.startpc - bias)
             sites[key] = SiteCounts(
                 gopc=key[0],
                 startpc=key[1],
-                created=v.created,
-                exited=v.exited,
-                exited_unseen=v.exited_unseen,
-                lifetime_sum_ns=v.lifetime_sum_ns,
-                lifetime_log2=tuple(v.lifetime_log2),
+                created=sum(v.created for v in per_cpu),
+                exited=sum(v.exited for v in per_cpu),
+                exited_unseen=sum(v.exited_unseen for v in per_cpu),
+                lifetime_sum_ns=sum(v.lifetime_sum_ns for v in per_cpu),
+                lifetime_log2=tuple(
+                    sum(v.lifetime_log2[i] for v in per_cpu) for i in range(LIFETIME_SLOTS)
+                ),
             )
 
         live: dict[int, LiveGoroutine] = {}
