@@ -10,54 +10,22 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import gobuild
 import pytest
 from goleash.node.tracker import ProcessTracker, SiteSummary
 from goleash.probes.target import GoProcess
+from populations import running_populations
 
 pytestmark = pytest.mark.root
 
-COUNTS = {"orphans": 30, "nilselect": 7, "condwait": 5, "workers": 3, "sleepers": 4}
+COUNTS = {"orphan": 30, "nilselect": 7, "condwait": 5, "worker": 3, "sleeper": 4}
 REPO = Path(__file__).resolve().parents[2]
 
 
-class Populations:
-    def __init__(self, binary: Path, **counts: int) -> None:
-        args = [str(binary)] + [f"-{k}={v}" for k, v in counts.items()]
-        self.p = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.ready = self.read()
-        self.pid: int = self.ready["pid"]
-
-    def read(self) -> dict:
-        assert self.p.stdout is not None
-        line = self.p.stdout.readline()
-        if not line:
-            raise RuntimeError(f"populations fixture exited with {self.p.wait()}")
-        return json.loads(line)
-
-    def send(self, cmd: str) -> dict:
-        assert self.p.stdin is not None
-        self.p.stdin.write(cmd + "\n")
-        self.p.stdin.flush()
-        return self.read()
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.kill()
-        self.p.wait()
-
-
-@contextmanager
-def populations(toolchain: str, variant: str = "default", **counts: int) -> Iterator[Populations]:
-    pop = Populations(gobuild.build("populations", toolchain, variant), **(counts or COUNTS))
-    try:
-        yield pop
-    finally:
-        pop.stop()
+def populations(toolchain: str, variant: str = "default", **counts: int):
+    return running_populations(toolchain, variant, **(counts or COUNTS))
 
 
 def site(snapshot_sites: list[SiteSummary], marker: str) -> SiteSummary:
@@ -87,12 +55,13 @@ def test_counts_exact(toolchain: str, variant: str) -> None:
             tracker.start()
             assert tracker.mode == "probes"
             n = 2000
-            assert pop.send(f"churn {n}") == {"churned": n}
+            assert pop.command(f"churn {n}") == {"churned": n}
 
             def churn_done():
                 snap = tracker.snapshot()
                 s = site(snap.sites, "churn")
-                return snap if s.exited == n else None
+                # live: a goroutine is _Gdead a moment after goexit1 (our probe)
+                return snap if (s.exited, s.live) == (n, 0) else None
 
             snap = poll(churn_done, "every churn goroutine to exit")
             churn = site(snap.sites, "churn")
@@ -102,10 +71,10 @@ def test_counts_exact(toolchain: str, variant: str) -> None:
 
             # Populations born before attach: the inventory's live counts are exact.
             for marker, count, reason in (
-                ("orphan", COUNTS["orphans"], "chan receive"),
+                ("orphan", COUNTS["orphan"], "chan receive"),
                 ("nilselect", COUNTS["nilselect"], "select"),
                 ("condwait", COUNTS["condwait"], "sync.Cond.Wait"),
-                ("sleeper", COUNTS["sleepers"], "sleep"),
+                ("sleeper", COUNTS["sleeper"], "sleep"),
             ):
                 s = site(snap.sites, marker)
                 assert s.live == count, marker
@@ -113,12 +82,12 @@ def test_counts_exact(toolchain: str, variant: str) -> None:
                 assert s.wait_reasons == {reason: count}, marker
                 assert s.function == f"main.{marker}"
             workers = site(snap.sites, "worker")
-            assert workers.live == COUNTS["workers"]
+            assert workers.live == COUNTS["worker"]
 
             # Orphans: the creators exited; 1.21+ says so from g.parentGoid.
             orphans = site(snap.sites, "orphan")
             if proc.offsets.g_parent_goid is not None:
-                assert orphans.orphans == COUNTS["orphans"]
+                assert orphans.orphans == COUNTS["orphan"]
                 parents = {
                     g.parent_goid for g in snap.goroutines if g.goid in _goids(snap, orphans)
                 }
@@ -142,6 +111,41 @@ def _goids(snap, s: SiteSummary) -> set[int]:
     return {g.goid for g in snap.goroutines if (g.gopc, g.startpc) == (s.gopc, s.startpc)}
 
 
+def test_parents_from_probes(toolchain: str) -> None:
+    """Goroutines born while attached get their parent from the probe: from
+    g.parentGoid on 1.21+, and on 1.19 (no such field) from g0.m.curg."""
+    with populations(toolchain) as pop:
+        proc = GoProcess.attach(pop.pid)
+        tracker = ProcessTracker(proc, orphan_min_age_s=0)
+        try:
+            tracker.start()
+            late = pop.command("orphans 6")
+            born = tracker.probes.read().live
+            children = [g for g in born.values() if g.parent_goid == late["creator_goid"]]
+            assert len(children) == 6
+            fname, line = gobuild.marker_line("populations", "orphan")
+            assert {tracker.site_name(g.gopc, g.startpc) for g in children} == {
+                ("main.orphan", tracker.site_name(children[0].gopc, children[0].startpc)[1])
+            }
+            assert tracker.site_name(children[0].gopc, children[0].startpc)[1].endswith(
+                f"{fname}:{line}"
+            )
+
+            # Once the creator has exited, all its children are orphans.
+            def all_orphaned():
+                s = site(tracker.snapshot().sites, "orphan")
+                return (
+                    s
+                    if s.orphans == COUNTS["orphan"] + 6
+                    or (proc.offsets.g_parent_goid is None and s.orphans == 6)
+                    else None
+                )
+
+            poll(all_orphaned, "the late creator's children to count as orphans")
+        finally:
+            tracker.close()
+
+
 # Drop accounting does not depend on the Go version: the oldest and newest suffice.
 @pytest.mark.parametrize("toolchain", [gobuild.TOOLCHAINS[0], gobuild.TOOLCHAINS[-1]])
 def test_map_too_small_counts_drops(toolchain: str) -> None:
@@ -151,7 +155,7 @@ def test_map_too_small_counts_drops(toolchain: str) -> None:
         try:
             tracker.start()
             n = 3000
-            pop.send(f"churn {n}")
+            pop.command(f"churn {n}")
 
             def settled():
                 snap = tracker.snapshot()
@@ -183,15 +187,15 @@ def test_cli_trace_json_and_exit_mid_trace() -> None:
         tr = run_trace(pop.pid, "--duration", "60", "--interval", "0.5", "--json")
         assert tr.stderr is not None
         poll(lambda: "tracing PID" in tr.stderr.readline(), "trace to attach")
-        assert pop.send("churn 500") == {"churned": 500}
-        assert pop.send("exit") == {"bye": True}
+        assert pop.command("churn 500") == {"churned": 500}
+        assert pop.command("exit") == {"bye": True}
         out, err = tr.communicate(timeout=60)
         assert tr.returncode == 0, err
         assert "exited" in err
         result = json.loads(out)
         assert result["process_exited"] is True
         by_fn = {s["function"]: s for s in result["sites"]}
-        assert by_fn["main.orphan"]["live"] == COUNTS["orphans"]
+        assert by_fn["main.orphan"]["live"] == COUNTS["orphan"]
         assert {"function", "go_statement", "live", "created", "exited"} <= set(
             by_fn["main.orphan"]
         )
@@ -209,8 +213,8 @@ def test_output_unchanged_by_tracing() -> None:
                 tr = run_trace(pop.pid, "--duration", "60", "--interval", "0.5")
                 assert tr.stderr is not None
                 poll(lambda tr=tr: "tracing PID" in tr.stderr.readline(), "trace to attach")
-            lines = [pop.send(c) for c in ("churn 3000", "churn 10", "exit")]
-            assert pop.p.wait(timeout=30) == 0
+            lines = [pop.command(c) for c in ("churn 3000", "churn 10", "exit")]
+            assert pop.proc.wait(timeout=30) == 0
             outputs.append(lines)
             if tr is not None:
                 tr.communicate(timeout=60)
