@@ -101,10 +101,18 @@ class ProcessSnapshot:
     inventory_ms: float
     torn_reads: int
     goroutines: list[Goroutine] = field(default_factory=list, repr=False)
+    # Per live goroutine (by goid), for exporters that keep individual goroutines:
+    # age (from the probes' birth time, else first sight: a lower bound), the creator's
+    # goid when known, and whether it counted as an orphan.
+    ages_s: dict[int, float] = field(default_factory=dict, repr=False)
+    parents: dict[int, int] = field(default_factory=dict, repr=False)
+    orphan_goids: frozenset[int] = field(default_factory=frozenset, repr=False)
+    read_ns: int = 0  # CLOCK_MONOTONIC of the inventory read (Goroutine.wait_since_ns's clock)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("goroutines")
+        for k in ("goroutines", "ages_s", "parents", "orphan_goids"):
+            d.pop(k)
         return d
 
 
@@ -216,8 +224,12 @@ class ProcessTracker:
             return born[goid].created_ns
         return self.first_seen_ns.get(goid, now_ns)
 
+    @staticmethod
+    def _parent(g: Goroutine, born: dict) -> int:
+        return g.parent_goid or (born[g.goid].parent_goid if g.goid in born else 0)
+
     def _is_orphan(self, g: Goroutine, age_s: float, born: dict, live: set[int]) -> bool:
-        parent = g.parent_goid or (born[g.goid].parent_goid if g.goid in born else 0)
+        parent = self._parent(g, born)
         return bool(
             parent
             and parent not in live
@@ -254,6 +266,8 @@ class ProcessTracker:
         keys = set(by_site) | (set(reading.sites) if reading else set())
 
         sites: list[SiteSummary] = []
+        ages_s: dict[int, float] = {}
+        orphan_goids: set[int] = set()
         for key in keys:
             members = by_site.get(key, [])
             counts = reading.sites.get(key) if reading else None
@@ -262,11 +276,12 @@ class ProcessTracker:
             ]
             ages = sorted(member_ages)
             reasons = Counter(g.wait_reason for g in members if g.wait_reason)
-            orphans = sum(
-                1
-                for g, age in zip(members, member_ages, strict=True)
-                if self._is_orphan(g, age, born, live_by_goid)
-            )
+            orphans = 0
+            for g, age in zip(members, member_ages, strict=True):
+                ages_s[g.goid] = age
+                if self._is_orphan(g, age, born, live_by_goid):
+                    orphans += 1
+                    orphan_goids.add(g.goid)
             fn, stmt = self.site_name(*key)
             exited = counts.exited if counts else 0
             sites.append(
@@ -316,4 +331,8 @@ class ProcessTracker:
             inventory_ms=inv.read_ms if hasattr(inv, "read_ms") else 0.0,
             torn_reads=inv.torn,
             goroutines=inv.goroutines,
+            ages_s=ages_s,
+            parents={g.goid: p for g in inv.goroutines if (p := self._parent(g, born))},
+            orphan_goids=frozenset(orphan_goids),
+            read_ns=inv.read_ns,
         )
