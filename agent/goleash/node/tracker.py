@@ -82,6 +82,7 @@ class SiteSummary:
     lifetime_mean_s: float | None
     gopc: int = 0
     startpc: int = 0
+    creator_stack: list[str] = field(default_factory=list)  # with --stacks: "func file:line"
 
 
 @dataclass
@@ -181,6 +182,24 @@ class ProcessTracker:
             name = (fname, f"{sl.file}:{sl.line}" if sl else "?")
             self._site_names[key] = name
         return name
+
+    def creator_stack(self, gopc: int, pcs: list[int]) -> list[str]:
+        """The creator's stack as "function file:line", innermost first. The kernel's
+        walk starts inside runtime.newproc; where its probe sits before newproc's
+        frame is built (Go 1.21+, `push %rbp`), the walk skips the function holding
+        the `go` statement, so that frame comes from gopc instead."""
+        tab = self.proc.pclntab
+        frames: list[str] = []
+        head = tab.call_site(gopc) if gopc else None
+        for pc in pcs[1:]:  # pcs[0] is runtime.newproc itself
+            sl = tab.source_line(pc - 1)
+            if sl is not None:
+                frames.append(f"{sl.function} {sl.file}:{sl.line}")
+        if head is not None and not (frames and frames[0].startswith(head.function + " ")):
+            frames.insert(0, f"{head.function} {head.file}:{head.line}")
+        elif head is not None:
+            frames[0] = f"{head.function} {head.file}:{head.line}"
+        return frames
 
     def _remember(self, goroutines: list[Goroutine], now_ns: int) -> None:
         seen = set()
@@ -283,6 +302,18 @@ class ProcessTracker:
                     orphans += 1
                     orphan_goids.add(g.goid)
             fn, stmt = self.site_name(*key)
+            stack: list[str] = []
+            if reading is not None and reading.creator_stacks:
+                sid = next(
+                    (
+                        born[g.goid].stack_id
+                        for g in members
+                        if g.goid in born and born[g.goid].stack_id in reading.creator_stacks
+                    ),
+                    None,
+                )
+                if sid is not None:
+                    stack = self.creator_stack(key[0], reading.creator_stacks[sid])
             exited = counts.exited if counts else 0
             sites.append(
                 SiteSummary(
@@ -302,6 +333,7 @@ class ProcessTracker:
                     else None,
                     gopc=key[0],
                     startpc=key[1],
+                    creator_stack=stack,
                 )
             )
         sites.sort(key=lambda s: (-s.live, -s.created, s.function))
