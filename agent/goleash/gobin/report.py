@@ -49,7 +49,7 @@ class FunctionRecord:
     symbol: str
     address: int
     file_offset: int
-    after_check: SiteRecord
+    probe: SiteRecord  # where goleash attaches: after the stack check, on an emulated insn
     rets: list[SiteRecord] | None  # only for functions that need a return probe
 
 
@@ -95,6 +95,15 @@ def analyze(binary: GoBinary) -> tuple[BuildInfo, SymbolTable, RuntimeOffsets, P
 
 def inspect_binary(binary: GoBinary) -> InspectReport:
     info, syms, offsets, _ = analyze(binary)
+    sites = goroutine_probe_sites(binary, syms.lookup)
+    # The goroutine and panic probes read argument registers as well as R14: their
+    # sites come from goroutine_probe_sites, which keeps those intact.
+    chosen = {
+        "runtime.newproc": sites.newproc_entry,
+        "runtime.goexit1": sites.exit,
+        "runtime.gopark": sites.gopark,
+        "runtime.gopanic": sites.gopanic,
+    }
     probes: dict[str, FunctionRecord] = {}
     for name in PROBED_FUNCTIONS:
         addr, size = syms.require(name)
@@ -103,10 +112,9 @@ def inspect_binary(binary: GoBinary) -> InspectReport:
             symbol=name,
             address=fp.entry,
             file_offset=fp.entry_file_offset,
-            after_check=SiteRecord.of(fp.after_check),
+            probe=SiteRecord.of(chosen.get(name, fp.entry_probe)),
             rets=[SiteRecord.of(r) for r in fp.rets] if name in NEEDS_RETURN_PROBE else None,
         )
-    sites = goroutine_probe_sites(binary, syms.lookup)
     create: dict[str, Any] = {"kind": sites.create_kind}
     if sites.create is not None:
         create.update(symbol=sites.create.symbol, **asdict(SiteRecord.of(sites.create)))
@@ -230,7 +238,7 @@ def render_text(r: InspectReport) -> str:
         lines.append(f"    {k:<22} {'-' if v is None else v}")
     lines.append("  probe sites (link-time address, file offset, instruction)")
     for f in r.probes.values():
-        ac = f.after_check
+        ac = f.probe
         kind = "emulated" if ac.emulated else "single-stepped"
         lines.append(
             f"    {f.symbol:<18} entry {_hex(f.address)}  probe {_hex(ac.vaddr)} "
@@ -242,7 +250,7 @@ def render_text(r: InspectReport) -> str:
     c = r.goroutine_create
     if c.get("kind") == "runqput_call":
         lines.append(
-            f"  goroutine create: `{c['instruction']}` in {c['symbol']} at {c['vaddr']:#x} "
+            f"  goroutine create: `call runtime.runqput` in {c['symbol']} at {c['vaddr']:#x} "
             f"@{c['file_offset']:#x} (new g in RBX)"
         )
     else:
