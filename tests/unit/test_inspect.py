@@ -203,7 +203,7 @@ def test_pid_that_exited() -> None:
     import time
 
     deadline = time.monotonic() + 10
-    while open(f"/proc/{p.pid}/stat").read().split()[2] != "Z":
+    while Path(f"/proc/{p.pid}/stat").read_text().split()[2] != "Z":
         assert time.monotonic() < deadline
         time.sleep(0.01)
     try:
