@@ -60,13 +60,15 @@ enum goroutine_counter {
 /* Calls in flight per goroutine (struct goroutine_key), innermost last. A frame is
  * identified by its depth on the goroutine stack, stack.hi - SP at entry (== at its
  * RET): that survives stack copying (growth), unlike SP itself. */
-#define FL_MAX_DEPTH 16 /* power of two: indexes are masked with it */
+#define FL_MAX_DEPTH 16 /* indexes are masked with 15 (fl_idx in funclat.bpf.c) */
 
 struct fl_frame {
     u64 start_ns;
     u64 depth;   /* g.stack.hi - SP, SP pointing at the return address */
     u32 fid;     /* index of the traced function */
     u32 tid;     /* thread at entry: a different one at RET counts as migrated */
+    u32 epoch;   /* fl_epoch[fid] at entry: its RET probes' attachment */
+    u32 _pad;
 };
 
 struct fl_inflight {
@@ -86,6 +88,8 @@ struct fl_stats {
     u64 stale;       /* entries that never returned (panic unwound them, Goexit) */
     u64 migrated;    /* calls that returned on another thread than they entered on */
     u64 overflow;    /* entries not recorded: FL_MAX_DEPTH calls already in flight */
+    u64 opened;      /* entries recorded; opened - count - stale - expired = in flight */
+    u64 expired;     /* calls whose RET probes were detached meanwhile (sampling): not timed */
 };
 
 /* A panic site: the caller of runtime.gopanic and 3 more frames (frame pointers),

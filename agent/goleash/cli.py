@@ -80,6 +80,29 @@ def cmd_trace(args: argparse.Namespace) -> int:
     )
 
 
+# --- latency, panics -----------------------------------------------------------------
+
+
+def cmd_latency(args: argparse.Namespace) -> int:
+    from goleash.node.latency import run_latency
+
+    return run_latency(
+        args.pid,
+        args.func,
+        duration=args.duration,
+        interval=args.interval,
+        as_json=args.json,
+        budget_fraction=args.budget,
+        emit_json=print_json,
+    )
+
+
+def cmd_panics(args: argparse.Namespace) -> int:
+    from goleash.node.latency import run_panics
+
+    return run_panics(args.pid, duration=args.duration, as_json=args.json, emit_json=print_json)
+
+
 # --- dump --------------------------------------------------------------------------
 
 
@@ -518,6 +541,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-live", type=int, help="size of the kernel's live-goroutine table")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
     p.set_defaults(handler=cmd_trace)
+
+    p = sub.add_parser(
+        "latency",
+        help="latency of chosen functions in a running process (count, quantiles, histogram)",
+        description=(
+            "Time every call of the chosen functions in a running Go process with BPF "
+            "uprobes at their entry (after the stack-growth check) and at every RET, paired "
+            "per goroutine. Prints per function: count, p50/p90/p99/p999, max and a log2 "
+            "histogram. A pattern is an exact symbol, a glob (* and ?), or an alias such as "
+            "http2.ReadFrame that finds the function in whichever package this Go release "
+            "put it; goleash says what each pattern resolved to. Inlined functions have no "
+            "code of their own and cannot be traced. A function whose calls would cost more "
+            "than the --budget is sampled (probes attached for part of each interval), and "
+            "the output says so. Needs root."
+        ),
+        epilog=(
+            "examples:\n  goleash latency --pid 4242 --func http2.ReadFrame --duration 10\n"
+            "  goleash latency --pid 4242 --func 'net/http.(*conn).serve' 'main.*Handler' --json"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--pid", type=int, required=True, help="process to trace")
+    p.add_argument("--func", nargs="+", required=True, metavar="PATTERN", help="functions to time")
+    p.add_argument("--duration", type=float, help="stop after S seconds (default: until Ctrl-C)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds per sampling interval")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=0.01,
+        help="max share of one core the probes may cost the process (default 0.01 = 1%%)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(handler=cmd_latency)
+
+    p = sub.add_parser(
+        "panics",
+        help="count panics of a running process, per function that panicked",
+        description=(
+            "Count the panics of a running Go process, recovered or not, per function that "
+            "panicked (the first caller of runtime.gopanic outside the runtime, with its "
+            "file:line), with one BPF uprobe on runtime.gopanic. Needs root."
+        ),
+        epilog="examples:\n  goleash panics --pid 4242 --duration 60 --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--pid", type=int, required=True, help="process to watch")
+    p.add_argument("--duration", type=float, help="stop after S seconds (default: until Ctrl-C)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(handler=cmd_panics)
 
     _add_control_commands(sub)
 

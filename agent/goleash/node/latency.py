@@ -1,0 +1,218 @@
+"""`goleash latency` and `goleash panics`: function latency and panics of one process."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from goleash.errors import GoleashError
+from goleash.probes.budget import OverheadBudget
+from goleash.probes.funclat import FuncLatencyProbes, FunctionLatency, PanicProbes, PanicReading
+from goleash.probes.funcs import FunctionIndex, Selection, resolve
+from goleash.probes.target import GoProcess
+
+
+def fmt_ns(v: float | None) -> str:
+    if v is None or v != v:
+        return "-"
+    for unit, div in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)):
+        if v >= div:
+            return f"{v / div:.3g}{unit}"
+    return f"{v:.0f}ns"
+
+
+def render_function(f: FunctionLatency, budget: float, width: int = 40) -> str:
+    """One function's figures and a log2 histogram in µs, as BCC's funclatency draws it."""
+    q = {p: f.quantile_ns(p) for p in (0.5, 0.9, 0.99, 0.999)}
+    lines = [
+        f.symbol,
+        f"  count {f.count}   p50 {fmt_ns(q[0.5])}   p90 {fmt_ns(q[0.9])}   "
+        f"p99 {fmt_ns(q[0.99])}   p999 {fmt_ns(q[0.999])}   "
+        f"max {fmt_ns(f.hist.max_ns if f.count else None)}",
+    ]
+    rows = f.hist.log2_rows()
+    if rows:
+        top = max(c for _, _, c in rows)
+        lines.append(f"{'usecs':>10}{'':15}: count     distribution")
+        for lo, hi, c in rows:
+            stars = "*" * round(width * c / top) if top else ""
+            lines.append(f"{lo:>10} -> {hi:<10} : {c:<8} |{stars:<{width}}|")
+    if f.sampled:
+        lines.append(
+            f"  sampled: over the {budget:.0%} CPU budget, probes were attached "
+            f"{f.attached_fraction:.1%} of the time; quantiles from the {f.count} sampled "
+            "calls"
+            + (f"; {f.cut} calls still running when sampling stopped, not timed" if f.cut else "")
+        )
+    if f.stale:
+        lines.append(f"  not timed: {f.stale} calls that never returned (panic, Goexit)")
+    if f.overflow:
+        lines.append(f"  not timed: {f.overflow} calls nested too deep in traced calls")
+    return "\n".join(lines) + "\n"
+
+
+def _select(proc: GoProcess, patterns: Sequence[str]) -> Selection:
+    index = FunctionIndex(proc.binary, proc.pclntab, proc.symbols)
+    return resolve(index, patterns)
+
+
+class _Stop:
+    """SIGINT/SIGTERM end the run cleanly (probes detached, summary printed)."""
+
+    def __init__(self) -> None:
+        self.why = ""
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Stop:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._on)
+        return self
+
+    def _on(self, signum: int, _frame: object) -> None:
+        self.why = signal.Signals(signum).name
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def run_latency(
+    pid: int,
+    patterns: Sequence[str],
+    *,
+    duration: float | None,
+    interval: float,
+    as_json: bool,
+    budget_fraction: float,
+    out: TextIO = sys.stdout,
+    emit_json: Callable[[object], None] | None = None,
+) -> int:
+    if interval <= 0:
+        raise GoleashError("--interval must be positive")
+    proc = GoProcess.attach(pid)
+    selection = _select(proc, patterns)
+    budget = OverheadBudget(cpu_fraction=budget_fraction)
+    probes = FuncLatencyProbes(proc, selection.functions, budget=budget)
+    err = sys.stderr
+    for line in selection.describe():
+        print(f"goleash: {line}", file=err)
+    for note in probes.notes:
+        print(f"goleash: note: {note}", file=err)
+    totals = {f.symbol: FunctionLatency(f.symbol) for f in selection.functions}
+    start = time.monotonic()
+    exited = False
+    with _Stop() as stop:
+        try:
+            probes.attach()
+            print(
+                f"goleash: tracing {len(selection.functions)} function(s) in PID {pid} "
+                f"({proc.go_version}); "
+                + ("Ctrl-C to stop" if duration is None else f"for {duration:g}s"),
+                file=err,
+            )
+            while not stop.why:
+                left = None if duration is None else duration - (time.monotonic() - start)
+                if left is not None and left <= 0.01:
+                    break
+                reading = probes.run_interval(interval if left is None else min(interval, left))
+                for r in reading.functions:
+                    totals[r.symbol] = totals[r.symbol] + r
+                if not proc.alive():
+                    exited = True
+                    break
+            # What returned since the last interval (a Ctrl-C may come at any time).
+            for r in probes.run_interval(0.0).functions:
+                totals[r.symbol] = totals[r.symbol] + r
+        finally:
+            probes.close()  # detach every uprobe, whatever happened
+    elapsed = time.monotonic() - start
+    if exited:
+        print(f"goleash: PID {pid} exited; figures up to its exit", file=err)
+    funcs = list(totals.values())
+    if as_json:
+        obj = {
+            "pid": pid,
+            "go_version": proc.go_version,
+            "duration_s": round(elapsed, 3),
+            "budget": budget_fraction,
+            "process_exited": exited,
+            "resolved": [
+                {"pattern": r.pattern, "how": r.how, "symbols": list(r.symbols)}
+                for r in selection.resolutions
+            ],
+            "functions": [f.to_dict() for f in funcs],
+        }
+        (emit_json or _print_json)(obj)
+        return 0
+    out.write(f"\nPID {pid} ({proc.go_version}), {elapsed:.1f}s\n\n")
+    for f in funcs:
+        out.write(render_function(f, budget_fraction))
+        out.write("\n")
+    return 0
+
+
+def render_panics(r: PanicReading) -> str:
+    lines = [f"{r.total} panics (recovered or not)"]
+    if r.sites:
+        lines.append(f"{'COUNT':>7}  {'FUNCTION':<48} WHERE")
+        for s in sorted(r.sites, key=lambda s: -s.count):
+            where = f"{s.file}:{s.line}" if s.file else "?"
+            lines.append(f"{s.count:>7}  {s.function:<48} {where}")
+    return "\n".join(lines) + "\n"
+
+
+def run_panics(
+    pid: int,
+    *,
+    duration: float | None,
+    as_json: bool,
+    out: TextIO = sys.stdout,
+    emit_json: Callable[[object], None] | None = None,
+) -> int:
+    proc = GoProcess.attach(pid)
+    probes = PanicProbes(proc)
+    start = time.monotonic()
+    exited = False
+    with _Stop() as stop:
+        try:
+            probes.attach()
+            print(
+                f"goleash: counting panics in PID {pid} ({proc.go_version}); "
+                + ("Ctrl-C to stop" if duration is None else f"for {duration:g}s"),
+                file=sys.stderr,
+            )
+            while not stop.why:
+                if duration is not None and time.monotonic() - start >= duration:
+                    break
+                if not proc.alive():
+                    exited = True  # an unrecovered panic ends it: its count is kept
+                    break
+                time.sleep(0.1)
+            reading = probes.read()
+        finally:
+            probes.close()
+    elapsed = time.monotonic() - start
+    if exited:
+        print(f"goleash: PID {pid} exited; counts up to its exit", file=sys.stderr)
+    if as_json:
+        obj = {
+            "pid": pid,
+            "go_version": proc.go_version,
+            "duration_s": round(elapsed, 3),
+            "process_exited": exited,
+            **reading.to_dict(),
+        }
+        (emit_json or _print_json)(obj)
+        return 0
+    out.write(f"PID {pid} ({proc.go_version}), {elapsed:.1f}s: " + render_panics(reading))
+    return 0
+
+
+def _print_json(obj: object) -> None:
+    import json
+
+    json.dump(obj, sys.stdout, indent=2)
+    sys.stdout.write("\n")

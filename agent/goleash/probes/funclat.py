@@ -1,0 +1,809 @@
+"""BCC side of function latency and panics: compile bpf/funclat.bpf.c for one process,
+attach at the sites disassembly chose, read the kernel's histograms as per-interval
+deltas, and keep the probes' cost under the process's overhead budget.
+
+Cost model (see probes/budget.py): an entry hit on an emulated instruction is cheap,
+every RET hit is single-stepped (no cheaper return site exists in Go code: the
+instructions before a RET are `add rsp`/`pop rbp`, neither emulated), so a traced call
+costs one cheap and one expensive hit. A function whose calls would cost more than its
+share of the budget is sampled: its probes are attached for a slice of each interval
+(entry first off, RETs left on until the calls entered in the slice have returned, so
+long calls are not biased out), and its figures say so and count only sampled calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import os
+import queue
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from goleash.errors import GoleashError
+from goleash.gobin.disasm import ProbeSite, disassemble, emulated_entry_site, function_probes
+from goleash.probes import hist
+from goleash.probes.budget import OverheadBudget
+from goleash.probes.funcs import TracedFunction
+from goleash.probes.hist import Histogram
+from goleash.probes.target import GoProcess
+
+BPF_DIR = Path(__file__).resolve().parents[3] / "bpf"
+STAT_FIELDS = (
+    "count",
+    "sum_ns",
+    "max_ns",
+    "entry_hits",
+    "ret_hits",
+    "unmatched",
+    "stale",
+    "migrated",
+    "overflow",
+    "opened",
+    "expired",
+)
+COUNTER_NAMES = (
+    "inflight_new",
+    "inflight_del",
+    "inflight_full",
+    "exit_hits",
+    "exit_cleaned",
+    "panic_hits",
+    "panic_sites_full",
+    "read_faults",
+)
+DEFAULT_MAX_GOROUTINES = 16384
+DEFAULT_MAX_PANIC_SITES = 1024
+POLL_S = 0.01  # how often a sampled function's slice is checked against its share
+
+# bpf(2) for uprobe_multi links (Linux >= 6.6), which BCC 0.26 does not wrap.
+_SYS_BPF = 321  # x86-64
+_BPF_LINK_CREATE = 28
+_BPF_TRACE_UPROBE_MULTI = 48  # enum bpf_attach_type
+_BPF_ATTR_SIZE = 128
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class FuncProbeError(GoleashError):
+    """BCC could not compile or attach the function-latency probes."""
+
+
+# --- where the probes go -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FuncSites:
+    symbol: str
+    entry: ProbeSite
+    sp_adj: int  # bytes the function lowered SP before `entry` (0 at its first instruction)
+    rets: tuple[ProbeSite, ...]
+    tail_calls: int  # exits by `jmp` that no RET probe sees
+
+
+def _sp_lowered(binary: Any, start: ProbeSite, site: ProbeSite) -> int | None:
+    """How far SP moved down between two sites on a straight line, or None if some
+    instruction there changes SP in a way not followed."""
+    if site.vaddr == start.vaddr:
+        return 0
+    delta = 0
+    for ins in disassemble(binary, start.vaddr, site.vaddr - start.vaddr):
+        if "rsp" not in ins.writes:
+            continue
+        ops = ins.op_str.split(", ")
+        if ins.mnemonic == "push":
+            delta += 8
+        elif ins.mnemonic == "pop":
+            delta -= 8
+        elif ins.mnemonic in ("sub", "add") and ops[0] == "rsp" and len(ops) == 2:
+            try:
+                n = int(ops[1], 0)
+            except ValueError:
+                return None
+            delta += n if ins.mnemonic == "sub" else -n
+        else:
+            return None
+    return delta
+
+
+def function_sites(proc: GoProcess, fn: TracedFunction) -> FuncSites:
+    """Entry after the stack check on the cheapest once-per-call instruction that still
+    has R14 (on Go 1.19 that is past `sub rsp`, hence sp_adj), and every RET."""
+    fp = function_probes(proc.binary, fn.symbol, fn.addr, fn.size)
+    entry, adj = fp.entry_probe, _sp_lowered(proc.binary, fp.after_check, fp.entry_probe)
+    if adj is None:
+        entry, adj = fp.after_check, 0
+    if not fp.rets:
+        raise FuncProbeError(
+            f"{fn.symbol} has no RET instruction (it never returns, or leaves only by tail "
+            "calls): there is nothing to time"
+        )
+    return FuncSites(fn.symbol, entry, adj, tuple(fp.rets), len(fp.tail_calls))
+
+
+def runtime_site(proc: GoProcess, name: str, keep: tuple[str, ...]) -> tuple[ProbeSite, int]:
+    found = proc.symbols.require(name)
+    fp = function_probes(proc.binary, name, *found)
+    site = emulated_entry_site(proc.binary, name, *found, keep=keep)
+    adj = _sp_lowered(proc.binary, fp.after_check, site)
+    if adj is None:
+        return fp.after_check, 0
+    return site, adj
+
+
+# --- what a window of time holds -----------------------------------------------------
+
+
+@dataclass
+class FunctionLatency:
+    """One function over a window: the calls timed, and how it was watched."""
+
+    symbol: str
+    hist: Histogram = field(default_factory=Histogram)
+    window_s: float = 0.0
+    attached_s: float = 0.0  # time its entry probe was attached in the window
+    entry_hits: int = 0
+    ret_hits: int = 0
+    unmatched: int = 0  # RETs of calls entered before attach (or not recorded)
+    stale: int = 0  # calls that never returned (panic, Goexit) or were lost
+    migrated: int = 0  # timed calls that returned on another thread
+    overflow: int = 0  # calls not recorded: too deep a nest of traced calls in flight
+    cut: int = 0  # calls whose RET probes sampling detached while they ran: not timed
+    sampled: bool = False  # over budget: probes were attached only part of the window
+
+    @property
+    def count(self) -> int:
+        return self.hist.count
+
+    @property
+    def attached_fraction(self) -> float:
+        return self.attached_s / self.window_s if self.window_s else 0.0
+
+    def __add__(self, other: FunctionLatency) -> FunctionLatency:
+        out = FunctionLatency(self.symbol, self.hist + other.hist)
+        out.sampled = self.sampled or other.sampled
+        for name in (
+            "window_s",
+            "attached_s",
+            "entry_hits",
+            "ret_hits",
+            "unmatched",
+            "stale",
+            "migrated",
+            "overflow",
+            "cut",
+        ):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        return out
+
+    def quantile_ns(self, q: float) -> float | None:
+        v = self.hist.quantile(q)
+        return None if v != v else v  # NaN when no call was timed
+
+    def to_dict(self) -> dict[str, Any]:
+        def ns(q: float) -> int | None:
+            v = self.quantile_ns(q)
+            return None if v is None else round(v)
+
+        return {
+            "symbol": self.symbol,
+            "count": self.count,
+            "p50_ns": ns(0.5),
+            "p90_ns": ns(0.9),
+            "p99_ns": ns(0.99),
+            "p999_ns": ns(0.999),
+            "max_ns": self.hist.max_ns if self.count else None,
+            "mean_ns": round(self.hist.mean_ns) if self.count else None,
+            "sampled": self.sampled,
+            "attached_fraction": round(self.attached_fraction, 4),
+            "stale": self.stale,
+            "unmatched": self.unmatched,
+            "migrated": self.migrated,
+            "overflow": self.overflow,
+            "cut": self.cut,
+        }
+
+
+@dataclass
+class IntervalReading:
+    start: float  # time.monotonic()
+    end: float
+    functions: list[FunctionLatency]
+    counters: dict[str, int]  # deltas over the interval
+    cost_fraction: float  # of one core, what the probes cost the process
+    cleanup_at_exit: bool  # goexit1 probe attached (else stale calls age out of the LRU)
+
+
+@dataclass
+class _Raw:
+    stats: dict[str, int]
+    hist: Histogram
+
+
+@dataclass
+class _FuncState:
+    sites: FuncSites
+    fid: int
+    entry_on: bool = False
+    rets_on: bool = False
+    on_since: float = 0.0  # when the entry probe was last attached
+    baseline_inflight: int = 0  # calls in flight when this slice started
+    rate: float | None = None  # probe cost (ns per second attached) when last measured
+    epoch: int = 0  # attachments of its RET probes (fl_epoch in the kernel)
+    last: _Raw | None = None
+
+
+# --- the probes ----------------------------------------------------------------------
+
+
+class _Program:
+    """One compiled funclat.bpf.c for one process (functions, goexit1, gopanic).
+
+    Probes are attached in groups (a function's entry, its RETs, goexit1, gopanic),
+    each group as one uprobe_multi BPF link when the kernel has them (Linux >= 6.6):
+    closing a uprobe costs the kernel an RCU grace period (~0.1 s here for each perf-event
+    uprobe, serialized; ~0.04 s for a whole link), though the breakpoints leave the
+    process at once. Older kernels get one perf-event uprobe per site through BCC.
+    Detaching runs on a worker thread so a duty cycle never stalls on it.
+    """
+
+    def __init__(
+        self,
+        proc: GoProcess,
+        sites: Sequence[FuncSites],
+        *,
+        max_goroutines: int,
+        max_panic_sites: int,
+        panic_sp_adj: int,
+    ) -> None:
+        from bcc import BPF  # probes is the only package that imports bcc
+
+        self.proc = proc
+        off = proc.offsets
+        flags = [
+            f"-I{BPF_DIR}",
+            f"-DG_GOID={off.g_goid}",
+            f"-DG_STACK_HI={off.g_stack_hi}",
+            f"-DFL_NFUNCS={max(1, len(sites))}",
+            f"-DFL_MAX_GOROUTINES={max_goroutines}",
+            f"-DFL_MAX_PANIC_SITES={max_panic_sites}",
+            f"-DFL_PANIC_SP_ADJ={panic_sp_adj}",
+            *(f"-D{k}={v}" for k, v in hist.c_defines().items()),
+        ]
+        text = (BPF_DIR / "funclat.bpf.c").read_text()
+        text += "".join(f"FL_FUNC({i}, {s.sp_adj})\n" for i, s in enumerate(sites))
+        try:
+            self.bpf: Any = BPF(text=text, cflags=flags)
+        except Exception as exc:  # BCC raises bare Exception on compile errors
+            raise FuncProbeError(f"compiling funclat.bpf.c failed: {exc}") from exc
+        self.multi: bool | None = None  # uprobe_multi links work here (None: not tried)
+        self._groups: dict[str, Callable[[], None]] = {}  # attached group -> its detach
+        self._pending: dict[str, threading.Event] = {}
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._detach_loop, daemon=True)
+        self._worker.start()
+
+    def attach(self, group: str, sites: Sequence[ProbeSite], fn_name: str) -> None:
+        """Attach BPF function `fn_name` at every site, as one group."""
+        ev = self._pending.get(group)
+        if ev is not None:
+            ev.wait()
+        try:
+            if self.multi is not False:
+                try:
+                    self._groups[group] = self._attach_multi(sites, fn_name)
+                    self.multi = True
+                    return
+                except OSError:
+                    if self.multi:
+                        raise
+                    self.multi = False  # no uprobe_multi here: reload for perf events
+                    fn = self.bpf.funcs.pop(fn_name.encode(), None)
+                    if fn is not None:
+                        os.close(fn.fd)
+            self._groups[group] = self._attach_perf(sites, fn_name)
+        except Exception as exc:
+            if not self.proc.alive():
+                raise FuncProbeError(f"PID {self.proc.pid} exited while attaching") from exc
+            raise FuncProbeError(
+                f"attaching uprobes to {sites[0].symbol} in PID {self.proc.pid}: {exc}"
+            ) from exc
+
+    def _attach_multi(self, sites: Sequence[ProbeSite], fn_name: str) -> Callable[[], None]:
+        from bcc import BPF
+
+        fn = self.bpf.load_func(fn_name, BPF.KPROBE, attach_type=_BPF_TRACE_UPROBE_MULTI)
+        offsets = (ctypes.c_uint64 * len(sites))(*(s.file_offset for s in sites))
+        path = ctypes.create_string_buffer(self.proc.exe.encode())
+        attr = (ctypes.c_uint8 * _BPF_ATTR_SIZE)()
+        # union bpf_attr.link_create: prog_fd, target_fd, attach_type, flags, then
+        # uprobe_multi: path, offsets, ref_ctr_offsets, cookies, cnt, flags, pid.
+        struct.pack_into("<IIII", attr, 0, fn.fd, 0, _BPF_TRACE_UPROBE_MULTI, 0)
+        struct.pack_into(
+            "<QQQQIII",
+            attr,
+            16,
+            ctypes.addressof(path),
+            ctypes.addressof(offsets),
+            0,
+            0,
+            len(sites),
+            0,
+            self.proc.pid,
+        )
+        fd = _libc.syscall(_SYS_BPF, _BPF_LINK_CREATE, attr, _BPF_ATTR_SIZE)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"uprobe_multi link: {os.strerror(err)}")
+        return lambda: os.close(fd)
+
+    def _attach_perf(self, sites: Sequence[ProbeSite], fn_name: str) -> Callable[[], None]:
+        done: list[ProbeSite] = []
+
+        def detach() -> None:
+            for s in done:
+                # When the process is gone, the kernel dropped the probe with it.
+                with contextlib.suppress(Exception):
+                    self.bpf.detach_uprobe(name=self.proc.exe, addr=s.vaddr, pid=self.proc.pid)
+
+        try:
+            for s in sites:
+                # BCC 0.26 takes `addr` as a link-time virtual address of the ELF file
+                # and turns it into the file offset itself (a file offset fails there).
+                self.bpf.attach_uprobe(
+                    name=self.proc.exe, addr=s.vaddr, fn_name=fn_name, pid=self.proc.pid
+                )
+                done.append(s)
+        except Exception:
+            detach()
+            raise
+        return detach
+
+    def attached(self, group: str) -> bool:
+        return group in self._groups
+
+    def detach(self, group: str) -> None:
+        """Queue the group's removal; returns at once."""
+        undo = self._groups.pop(group, None)
+        if undo is None:
+            return
+        self._pending[group] = ev = threading.Event()
+
+        def run() -> None:
+            try:
+                undo()
+            finally:
+                ev.set()
+
+        self._queue.put(run)
+
+    def busy(self, group: str) -> bool:
+        """The group's previous probes are still being removed."""
+        ev = self._pending.get(group)
+        return ev is not None and not ev.is_set()
+
+    def _detach_loop(self) -> None:
+        while (job := self._queue.get()) is not None:
+            with contextlib.suppress(Exception):
+                job()
+
+    def set_epoch(self, fid: int, epoch: int) -> None:
+        self.bpf["fl_epoch"][ctypes.c_int(fid)] = ctypes.c_uint32(epoch & 0xFFFFFFFF)
+
+    def stats(self, fid: int) -> dict[str, int]:
+        v = self.bpf["fl_stats"][ctypes.c_int(fid)]
+        return {name: int(getattr(v, name)) for name in STAT_FIELDS}
+
+    def raw(self, fid: int) -> _Raw:
+        st = self.stats(fid)
+        counts = [int(x) for x in self.bpf["fl_hist"][ctypes.c_int(fid)].b[: hist.N_BUCKETS]]
+        return _Raw(st, Histogram(counts, st["count"], st["sum_ns"], st["max_ns"]))
+
+    def counters(self) -> dict[str, int]:
+        out = dict.fromkeys(COUNTER_NAMES, 0)
+        for idx, per_cpu in self.bpf["fl_counters"].items():
+            if idx.value < len(COUNTER_NAMES):
+                out[COUNTER_NAMES[idx.value]] = sum(int(x) for x in per_cpu)
+        return out
+
+    def close(self) -> None:
+        for group in list(self._groups):
+            self.detach(group)
+        self._queue.put(None)
+        self._worker.join()
+        self.bpf.cleanup()
+
+
+class FuncLatencyProbes:
+    """Latency of chosen functions in one process: `attach()`, then `run_interval(s)`
+    repeatedly (each returns that interval's figures), then `close()`."""
+
+    def __init__(
+        self,
+        proc: GoProcess,
+        functions: Sequence[TracedFunction],
+        *,
+        budget: OverheadBudget | None = None,
+        cleanup_at_exit: bool = True,
+        max_goroutines: int = DEFAULT_MAX_GOROUTINES,
+    ) -> None:
+        self.proc = proc
+        self.budget = budget if budget is not None else OverheadBudget()
+        self.funcs = [_FuncState(function_sites(proc, fn), i) for i, fn in enumerate(functions)]
+        self.exit_site, _ = runtime_site(proc, "runtime.goexit1", ("r14",))
+        self.cleanup_at_exit = cleanup_at_exit
+        self.max_goroutines = max_goroutines
+        self._prog: _Program | None = None
+        self._last_counters = dict.fromkeys(COUNTER_NAMES, 0)
+        self._exit_rate: float | None = None  # goexit1 cost, ns per second
+
+    @property
+    def notes(self) -> list[str]:
+        out = []
+        for f in self.funcs:
+            if f.sites.tail_calls:
+                out.append(
+                    f"{f.sites.symbol}: {f.sites.tail_calls} exit(s) by tail call are not "
+                    "timed (no RET there)"
+                )
+            if not f.sites.entry.emulated:
+                out.append(
+                    f"{f.sites.symbol}: no emulated entry site; its entry probe is "
+                    "single-stepped (dearer)"
+                )
+        return out
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def attach(self) -> None:
+        if self._prog is not None:
+            return
+        self._prog = _Program(
+            self.proc,
+            [f.sites for f in self.funcs],
+            max_goroutines=self.max_goroutines,
+            max_panic_sites=1,
+            panic_sp_adj=0,
+        )
+        try:
+            if self.cleanup_at_exit:
+                self._prog.attach("goexit", [self.exit_site], "fl_goexit")
+            for f in self.funcs:
+                self._switch_on(f, time.monotonic())
+                f.last = self._prog.raw(f.fid)
+        except BaseException:
+            self.close()
+            raise
+        self._last_counters = self._prog.counters()
+
+    def close(self) -> None:
+        if self._prog is not None:
+            self._prog.close()
+            self._prog = None
+
+    def __enter__(self) -> FuncLatencyProbes:
+        self.attach()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _switch_on(self, f: _FuncState, now: float) -> None:
+        assert self._prog is not None
+        st = self._prog.stats(f.fid)
+        f.baseline_inflight = _inflight(st)
+        if not f.rets_on:  # RETs before the entry: no entry is left without its RET probe
+            # A new epoch: frames entered before may have returned while RETs were off.
+            f.epoch += 1
+            self._prog.set_epoch(f.fid, f.epoch)
+            self._prog.attach(f"rets:{f.fid}", f.sites.rets, f"fl_ret_{f.fid}")
+            f.rets_on = True
+        self._prog.attach(f"entry:{f.fid}", [f.sites.entry], f"fl_entry_{f.fid}")
+        f.entry_on, f.on_since = True, now
+
+    def _entry_off(self, f: _FuncState) -> None:
+        assert self._prog is not None
+        self._prog.detach(f"entry:{f.fid}")
+        f.entry_on = False
+
+    def _rets_off(self, f: _FuncState) -> None:
+        assert self._prog is not None
+        self._prog.detach(f"rets:{f.fid}")
+        f.rets_on = False
+
+    # --- cost --------------------------------------------------------------------------
+
+    def _cost_ns(self, f: _FuncState, entry_hits: int, ret_hits: int) -> float:
+        b = self.budget
+        e = b.emulated_ns if f.sites.entry.emulated else b.stepped_ns
+        r = b.emulated_ns if all(s.emulated for s in f.sites.rets) else b.stepped_ns
+        return entry_hits * e + ret_hits * r
+
+    def _spent(self, f: _FuncState, st: dict[str, int]) -> float:
+        assert f.last is not None
+        return self._cost_ns(
+            f,
+            st["entry_hits"] - f.last.stats["entry_hits"],
+            st["ret_hits"] - f.last.stats["ret_hits"],
+        )
+
+    def _shares(self, interval_s: float) -> dict[int, float]:
+        """Each function's allowance (ns) this interval: the budget left after the
+        goexit1 probe, water-filled so cheap functions keep everything they need and
+        the rest is split evenly among the hot ones."""
+        allowance = self.budget.cpu_fraction * interval_s * 1e9
+        if self._exit_rate is not None and self._prog is not None and self.cleanup_at_exit:
+            allowance -= self._exit_rate * interval_s
+        allowance = max(0.0, allowance)
+        need = {
+            f.fid: (f.rate * interval_s if f.rate is not None else float("inf")) for f in self.funcs
+        }
+        shares: dict[int, float] = {}
+        left = sorted(self.funcs, key=lambda f: need[f.fid])
+        while left:
+            fair = allowance / len(left)
+            f = left.pop(0)
+            shares[f.fid] = min(need[f.fid], fair)
+            allowance -= shares[f.fid]
+        return shares
+
+    # --- one interval ----------------------------------------------------------------
+
+    def run_interval(self, interval_s: float) -> IntervalReading:
+        """Watch for `interval_s` seconds and return what happened in them. Functions
+        whose full-time cost fits their share stay attached throughout; the others are
+        attached for a slice of the interval, cut when their share is spent."""
+        prog = self._prog
+        if prog is None:
+            raise FuncProbeError("run_interval() before attach()")
+        t0 = time.monotonic()
+        end = t0 + interval_s
+        shares = self._shares(interval_s)
+        attached = {f.fid: 0.0 for f in self.funcs}
+        sampled: set[int] = set()  # entry probe off for part of the interval
+        slices: dict[int, float] = {}  # sampled fid -> length of its slice (s)
+        for f in self.funcs:
+            share = shares[f.fid]
+            if f.rate is None:
+                slices[f.fid] = math.inf  # cost unknown: cut once the share is spent
+            elif f.rate * interval_s > share * 1.0001:
+                slices[f.fid] = share / f.rate if f.rate > 0 else interval_s
+        started: dict[int, float] = {}
+        want_on: list[_FuncState] = []
+        for f in self.funcs:
+            if f.entry_on:
+                started[f.fid] = t0
+                f.baseline_inflight = _inflight(prog.stats(f.fid))
+            elif slices.get(f.fid, 1.0) > 0:
+                want_on.append(f)
+        while True:
+            now = time.monotonic()
+            for f in list(want_on):  # a slice starts once its old probes are gone
+                if not (prog.busy(f"entry:{f.fid}") or prog.busy(f"rets:{f.fid}")):
+                    self._switch_on(f, now)
+                    started[f.fid] = now
+                    want_on.remove(f)
+            if now >= end:
+                break
+            active = [f for f in self.funcs if f.fid in slices and (f.entry_on or f.rets_on)]
+            if not active and not want_on:
+                time.sleep(end - now)
+                continue
+            wake = [end, now + POLL_S]
+            wake += [started[f.fid] + slices[f.fid] for f in active if f.entry_on]
+            time.sleep(max(0.0, min(wake) - now))
+            now = time.monotonic()
+            for f in active:
+                st = prog.stats(f.fid)
+                spent = self._spent(f, st)
+                if f.entry_on:
+                    if now >= started[f.fid] + slices[f.fid] or spent >= shares[f.fid]:
+                        attached[f.fid] += now - max(f.on_since, t0)
+                        self._entry_off(f)
+                        sampled.add(f.fid)
+                elif _inflight(st) <= f.baseline_inflight or spent >= 2 * shares[f.fid]:
+                    self._rets_off(f)
+        now = time.monotonic()
+        readings = []
+        for f in self.funcs:
+            if f.entry_on:
+                attached[f.fid] += now - max(f.on_since, t0)
+            raw = prog.raw(f.fid)
+            assert f.last is not None
+            spent = self._spent(f, raw.stats)
+            if attached[f.fid] > 0:
+                f.rate = spent / attached[f.fid]
+            d = {k: raw.stats[k] - f.last.stats[k] for k in STAT_FIELDS}
+            readings.append(
+                FunctionLatency(
+                    f.sites.symbol,
+                    raw.hist.minus(f.last.hist),
+                    window_s=now - t0,
+                    attached_s=attached[f.fid],
+                    entry_hits=d["entry_hits"],
+                    ret_hits=d["ret_hits"],
+                    unmatched=d["unmatched"],
+                    stale=d["stale"],
+                    migrated=d["migrated"],
+                    overflow=d["overflow"],
+                    cut=d["expired"],
+                    sampled=f.fid in sampled or f in want_on,
+                )
+            )
+            f.last = raw
+        counters = prog.counters()
+        delta = {k: counters[k] - self._last_counters[k] for k in COUNTER_NAMES}
+        self._last_counters = counters
+        elapsed = now - t0
+        exit_ns = delta["exit_hits"] * (
+            self.budget.emulated_ns if self.exit_site.emulated else self.budget.stepped_ns
+        )
+        self._exit_rate = exit_ns / elapsed if elapsed > 0 else None
+        funcs_ns = sum(
+            self._cost_ns(f, r.entry_hits, r.ret_hits)
+            for f, r in zip(self.funcs, readings, strict=True)
+        )
+        cost = (funcs_ns + exit_ns) / (elapsed * 1e9) if elapsed > 0 else 0.0
+        self.budget.last_fraction = cost
+        if self.cleanup_at_exit and exit_ns > self.budget.cpu_fraction * elapsed * 1e9 / 2:
+            # Goroutine churn alone would eat the budget: stale calls age out of the LRU.
+            prog.detach("goexit")
+            self.cleanup_at_exit = False
+        # Sampled functions start their next slice with the next interval; those whose
+        # measured cost now fits stay attached through the boundary.
+        nxt = self._shares(interval_s)
+        for f in self.funcs:
+            if f.fid not in slices:
+                continue
+            if f.rate is not None and f.rate * interval_s <= nxt[f.fid] * 1.0001:
+                continue
+            if f.entry_on:
+                self._entry_off(f)
+            if f.rets_on:
+                self._rets_off(f)
+        return IntervalReading(t0, now, readings, delta, cost, self.cleanup_at_exit)
+
+    # --- inspection ------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        """Kernel counters since attach (goroutine table churn, goexit1, read faults)."""
+        return self._prog.counters() if self._prog is not None else {}
+
+    def inflight_goroutines(self) -> int:
+        """Goroutines with traced calls in flight, as the kernel table holds them now
+        (walks the table: not for every interval)."""
+        if self._prog is None:
+            return 0
+        return sum(1 for _ in self._prog.bpf["fl_inflight"])
+
+
+def _inflight(st: dict[str, int]) -> int:
+    return st["opened"] - st["count"] - st["stale"] - st["expired"]
+
+
+# --- panics --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PanicSite:
+    function: str  # the first function outside the runtime: the one that panicked
+    file: str | None
+    line: int | None
+    count: int
+    frames: tuple[str, ...]  # caller of gopanic first (runtime frames included)
+
+
+@dataclass
+class PanicReading:
+    total: int
+    sites: list[PanicSite]
+
+    def by_function(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.sites:
+            out[s.function] = out.get(s.function, 0) + s.count
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "functions": [
+                {"function": fn, "count": n}
+                for fn, n in sorted(self.by_function().items(), key=lambda kv: -kv[1])
+            ],
+            "sites": [
+                {
+                    "function": s.function,
+                    "file": s.file,
+                    "line": s.line,
+                    "count": s.count,
+                    "frames": list(s.frames),
+                }
+                for s in sorted(self.sites, key=lambda s: -s.count)
+            ],
+        }
+
+
+class PanicProbes:
+    """Panics in one process, recovered or not: a uprobe on runtime.gopanic."""
+
+    def __init__(self, proc: GoProcess, *, max_sites: int = DEFAULT_MAX_PANIC_SITES) -> None:
+        self.proc = proc
+        self.max_sites = max_sites
+        self.site, self.sp_adj = runtime_site(proc, "runtime.gopanic", ("r14",))
+        self._prog: _Program | None = None
+
+    def attach(self) -> None:
+        if self._prog is not None:
+            return
+        self._prog = _Program(
+            self.proc,
+            [],
+            max_goroutines=1,
+            max_panic_sites=self.max_sites,
+            panic_sp_adj=self.sp_adj,
+        )
+        try:
+            self._prog.attach("panic", [self.site], "fl_panic")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._prog is not None:
+            self._prog.close()
+            self._prog = None
+
+    def __enter__(self) -> PanicProbes:
+        self.attach()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read(self) -> PanicReading:
+        """Counts since attach."""
+        if self._prog is None:
+            raise FuncProbeError("read() before attach()")
+        tab = self.proc.pclntab
+        bias = self.proc.load_bias
+        sites: list[PanicSite] = []
+        for k, v in self._prog.bpf["fl_panics"].items():
+            pcs: list[int] = []
+            for pc in k.pcs:
+                # Where gopanic's probe sits past its frame set-up (Go 1.19), the
+                # frame-pointer walk repeats the caller: keep each frame once.
+                if pc and (not pcs or pcs[-1] != pc - bias):
+                    pcs.append(int(pc) - bias)
+            names = []
+            for pc in pcs:
+                fn = tab.func_for_pc(pc - 1)
+                names.append(fn.name if fn is not None else f"{pc:#x}")
+            pick = next((i for i, n in enumerate(names) if not n.startswith("runtime.")), 0)
+            src = tab.call_site(pcs[pick]) if pcs else None
+            sites.append(
+                PanicSite(
+                    function=names[pick] if names else "?",
+                    file=src.file if src else None,
+                    line=src.line if src else None,
+                    count=int(v.value),
+                    frames=tuple(names),
+                )
+            )
+        total = self._prog.counters()["panic_hits"]
+        return PanicReading(total, _merge_sites(sites))
+
+
+def _merge_sites(sites: list[PanicSite]) -> list[PanicSite]:
+    """Sites recorded with different deeper frames but the same panicking line are one."""
+    merged: dict[tuple[str, str | None, int | None], PanicSite] = {}
+    for s in sites:
+        key = (s.function, s.file, s.line)
+        old = merged.get(key)
+        merged[key] = s if old is None else PanicSite(*key, old.count + s.count, old.frames)
+    return list(merged.values())

@@ -1,0 +1,304 @@
+// funclat.bpf.c: latency of chosen Go functions, and panics, in one Go process.
+//
+// Attached per process (BCC, pid filter) at sites chosen by disassembly
+// (agent/goleash/gobin/disasm.py):
+//   fl_entry_<fid>  the function's entry after its stack-growth check, on an
+//                   emulated instruction (`push %rbp` on Go >= 1.21): fires once per
+//                   call even when the stack grows, R14 = the calling g
+//   fl_ret_<fid>    every RET of the function (single-stepped; never a uretprobe: Go
+//                   moves goroutine stacks and a rewritten return address crashes it)
+//   fl_goexit       runtime.goexit1 after its check: drops calls that never returned
+//   fl_panic        runtime.gopanic after its check: counts panics per call site
+// The per-function stubs are appended by probes/funclat.py as FL_FUNC(fid, sp_adj).
+//
+// Entry and return are paired by goroutine (pid, goid), never by thread: a goroutine
+// blocked in a traced call may resume on another thread. A goroutine's calls in flight
+// form a small stack; each frame is keyed by its depth on the goroutine stack
+// (stack.hi - SP), which stack copying preserves. Any frame at or below a newly
+// entered or returning frame's depth is dead (a panic unwound it): it is dropped and
+// counted as stale, so recursion and recovered panics pair correctly.
+//
+// -D macros (offsets from DWARF or the per-version table, never guessed):
+//   G_GOID G_STACK_HI          offsets in runtime.g
+//   FL_NFUNCS                  number of traced functions (>= 1)
+//   FL_MAX_GOROUTINES          LRU size of fl_inflight
+//   FL_MAX_PANIC_SITES         size of fl_panics
+//   FL_PANIC_SP_ADJ            bytes SP was lowered before gopanic's probe site
+//   GL_FL_SUB_BITS GL_FL_SUB GL_FL_MAX_EXP GL_FL_NBUCKETS GL_FL_SLOTS   from probes/hist.py
+#include <uapi/linux/ptrace.h>
+#include "goleash.h"
+
+// GL_FL_SLOTS is GL_FL_NBUCKETS rounded up to a power of two, so an index masked with
+// it is provably in bounds (clang drops a plain `b < N` check the verifier needs).
+struct fl_hist {
+    u64 b[GL_FL_SLOTS];
+};
+
+BPF_ARRAY(fl_stats, struct fl_stats, FL_NFUNCS);
+BPF_ARRAY(fl_hist, struct fl_hist, FL_NFUNCS);
+// Bumped by user space each time it attaches a function's RET probes: a frame entered
+// under an older epoch may have returned while they were off, so a later RET at the
+// same depth is not necessarily its own.
+BPF_ARRAY(fl_epoch, u32, FL_NFUNCS);
+// LRU: goroutines that exit while we are detached from goexit1 cannot pile up.
+BPF_TABLE("lru_hash", struct goroutine_key, struct fl_inflight, fl_inflight, FL_MAX_GOROUTINES);
+BPF_PERCPU_ARRAY(fl_zero, struct fl_inflight, 1); // never written: the insert template
+BPF_HASH(fl_panics, struct fl_panic_key, u64, FL_MAX_PANIC_SITES);
+BPF_PERCPU_ARRAY(fl_counters, u64, FL_CNT_MAX);
+
+static __always_inline void fl_count(int idx, u64 n)
+{
+    u64 *v = fl_counters.lookup(&idx);
+    if (v)
+        *v += n;
+}
+
+static __always_inline int fl_read(u64 *dst, u64 addr)
+{
+    if (bpf_probe_read_user(dst, sizeof(*dst), (void *)addr) != 0) {
+        fl_count(FL_CNT_READ_FAULTS, 1);
+        return -1;
+    }
+    return 0;
+}
+
+// floor(log2(v)) for v > 0, without loops or clz (BPF has neither).
+static __always_inline u32 fl_log2(u64 v)
+{
+    u32 r = 0, s;
+    s = (v > 0xFFFFFFFFULL) << 5; v >>= s; r |= s;
+    s = (v > 0xFFFF) << 4; v >>= s; r |= s;
+    s = (v > 0xFF) << 3; v >>= s; r |= s;
+    s = (v > 0xF) << 2; v >>= s; r |= s;
+    s = (v > 0x3) << 1; v >>= s; r |= s;
+    return r | (u32)(v >> 1);
+}
+
+// Same index as hist.bucket_of().
+static __always_inline u32 fl_bucket(u64 v)
+{
+    if (v < GL_FL_SUB)
+        return (u32)v;
+    u32 k = fl_log2(v);
+    if (k >= GL_FL_MAX_EXP)
+        return GL_FL_NBUCKETS - 1;
+    u32 sub = (u32)(v >> (k - GL_FL_SUB_BITS)) - GL_FL_SUB;
+    return (k - GL_FL_SUB_BITS + 1) * GL_FL_SUB + sub;
+}
+
+// An index into fl_inflight.frames the verifier can bound: clang drops an `& mask` it
+// proves redundant after a range check, the asm keeps it.
+static __always_inline u32 fl_idx(u32 i)
+{
+    asm volatile("%0 &= 15" : "+r"(i)); /* FL_MAX_DEPTH - 1 */
+    return i;
+}
+
+static __always_inline u32 fl_epoch_of(u32 fid)
+{
+    u32 *e = fl_epoch.lookup(&fid);
+    return e ? *e : 0;
+}
+
+// A frame dropped untimed: expired if its RET probes went away meanwhile (sampling),
+// else stale (a panic unwound it, or its goroutine exited).
+static __always_inline void fl_drop(struct fl_frame *f)
+{
+    u32 fid = f->fid;
+    struct fl_stats *st = fl_stats.lookup(&fid);
+    if (!st)
+        return;
+    if (f->epoch != fl_epoch_of(fid))
+        __sync_fetch_and_add(&st->expired, 1);
+    else
+        __sync_fetch_and_add(&st->stale, 1);
+}
+
+// Pop frames that cannot be live any more: deeper than `depth`, or (at an entry) as
+// deep, since a new call at that depth means the old one is gone.
+static __always_inline void fl_drop_dead(struct fl_inflight *fl, u64 depth, int inclusive)
+{
+#pragma unroll
+    for (int i = 0; i < FL_MAX_DEPTH; i++) {
+        u32 n = fl->n;
+        if (n == 0)
+            break;
+        struct fl_frame *top = &fl->frames[fl_idx(n - 1)];
+        if (top->depth < depth || (!inclusive && top->depth == depth))
+            break;
+        fl_drop(top);
+        fl->n = n - 1;
+    }
+}
+
+static __always_inline int fl_goroutine(struct pt_regs *ctx, u64 sp, struct goroutine_key *key,
+                                        u64 *depth)
+{
+    u64 g = ctx->r14, hi = 0;
+    if (fl_read(&key->goid, g + G_GOID) || fl_read(&hi, g + G_STACK_HI))
+        return -1;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    key->pid = pid_tgid >> 32;
+    // A function running on the system stack (g0, goid 0) is bound to its thread:
+    // key it by thread, since every thread has its own g0.
+    if (key->goid == 0)
+        key->goid = (1ULL << 63) | (u32)pid_tgid;
+    *depth = hi - sp;
+    return 0;
+}
+
+static __always_inline int fl_entry(struct pt_regs *ctx, u32 fid, u64 sp_adj)
+{
+    struct fl_stats *st = fl_stats.lookup(&fid);
+    if (!st)
+        return 0;
+    __sync_fetch_and_add(&st->entry_hits, 1);
+
+    struct goroutine_key key = {};
+    u64 depth;
+    if (fl_goroutine(ctx, ctx->sp + sp_adj, &key, &depth))
+        return 0;
+    struct fl_inflight *fl = fl_inflight.lookup(&key);
+    if (!fl) {
+        u32 zero = 0;
+        struct fl_inflight *z = fl_zero.lookup(&zero);
+        if (!z)
+            return 0;
+        if (fl_inflight.update(&key, z) != 0) {
+            fl_count(FL_CNT_INFLIGHT_FULL, 1);
+            return 0;
+        }
+        fl_count(FL_CNT_INFLIGHT_NEW, 1);
+        fl = fl_inflight.lookup(&key);
+        if (!fl)
+            return 0;
+    }
+    fl_drop_dead(fl, depth, 1);
+    u32 n = fl->n;
+    if (n >= FL_MAX_DEPTH) {
+        __sync_fetch_and_add(&st->overflow, 1);
+        return 0;
+    }
+    struct fl_frame *f = &fl->frames[fl_idx(n)];
+    f->depth = depth;
+    f->fid = fid;
+    f->tid = (u32)bpf_get_current_pid_tgid();
+    f->epoch = fl_epoch_of(fid);
+    f->start_ns = bpf_ktime_get_ns();
+    fl->n = n + 1;
+    __sync_fetch_and_add(&st->opened, 1);
+    return 0;
+}
+
+static __always_inline void fl_record(struct fl_stats *st, u32 fid, u64 ns)
+{
+    struct fl_hist *h = fl_hist.lookup(&fid);
+    if (h) {
+        u32 b = fl_bucket(ns);
+        __sync_fetch_and_add(&h->b[b & (GL_FL_SLOTS - 1)], 1);
+    }
+    __sync_fetch_and_add(&st->count, 1);
+    __sync_fetch_and_add(&st->sum_ns, ns);
+    if (ns > st->max_ns) // racy across CPUs: a max may be lost to a concurrent one
+        st->max_ns = ns;
+}
+
+static __always_inline int fl_ret(struct pt_regs *ctx, u32 fid)
+{
+    u64 now = bpf_ktime_get_ns();
+    struct fl_stats *st = fl_stats.lookup(&fid);
+    if (!st)
+        return 0;
+    __sync_fetch_and_add(&st->ret_hits, 1);
+
+    struct goroutine_key key = {};
+    u64 depth;
+    // At RET, SP points at the return address, as it did at entry.
+    if (fl_goroutine(ctx, ctx->sp, &key, &depth))
+        return 0;
+    struct fl_inflight *fl = fl_inflight.lookup(&key);
+    if (!fl) {
+        __sync_fetch_and_add(&st->unmatched, 1);
+        return 0;
+    }
+    fl_drop_dead(fl, depth, 0);
+    u32 n = fl->n;
+    struct fl_frame *top = &fl->frames[fl_idx(n - 1)];
+    if (n > 0 && top->depth == depth) {
+        if (top->fid == fid && top->epoch == fl_epoch_of(fid)) {
+            fl_record(st, fid, now - top->start_ns);
+            if (top->tid != (u32)bpf_get_current_pid_tgid())
+                __sync_fetch_and_add(&st->migrated, 1);
+        } else {
+            fl_drop(top);
+            __sync_fetch_and_add(&st->unmatched, 1);
+        }
+        fl->n = n - 1;
+    } else {
+        __sync_fetch_and_add(&st->unmatched, 1);
+    }
+    if (fl->n == 0) {
+        fl_inflight.delete(&key);
+        fl_count(FL_CNT_INFLIGHT_DEL, 1);
+    }
+    return 0;
+}
+
+#define FL_FUNC(fid, sp_adj)                                                                 \
+    int fl_entry_##fid(struct pt_regs *ctx) { return fl_entry(ctx, fid, sp_adj); }          \
+    int fl_ret_##fid(struct pt_regs *ctx) { return fl_ret(ctx, fid); }
+
+// runtime.goexit1 on the exiting goroutine (R14): its calls in flight never return.
+int fl_goexit(struct pt_regs *ctx)
+{
+    fl_count(FL_CNT_EXIT_HITS, 1);
+    struct goroutine_key key = {.pid = bpf_get_current_pid_tgid() >> 32};
+    if (fl_read(&key.goid, ctx->r14 + G_GOID))
+        return 0;
+    struct fl_inflight *fl = fl_inflight.lookup(&key);
+    if (!fl)
+        return 0;
+    u32 n = fl->n;
+#pragma unroll
+    for (int i = 0; i < FL_MAX_DEPTH; i++) { // no break: fully unrolled, fixed offsets
+        if (i < n)
+            fl_drop(&fl->frames[i]);
+    }
+    fl_count(FL_CNT_EXIT_CLEANED, n);
+    fl_inflight.delete(&key);
+    fl_count(FL_CNT_INFLIGHT_DEL, 1);
+    return 0;
+}
+
+// runtime.gopanic: [SP] is the return address into the function that panicked (for
+// runtime errors, into the runtime's panicIndex/panicmem/...; user space walks up to
+// the first frame outside the runtime using the frame-pointer chain kept here).
+int fl_panic(struct pt_regs *ctx)
+{
+    fl_count(FL_CNT_PANIC_HITS, 1);
+    struct fl_panic_key key = {.pid = bpf_get_current_pid_tgid() >> 32};
+    if (fl_read(&key.pcs[0], ctx->sp + FL_PANIC_SP_ADJ))
+        return 0;
+    u64 bp = ctx->bp;
+#pragma unroll
+    for (int i = 1; i < FL_PANIC_FRAMES; i++) {
+        u64 next = 0;
+        if (bp == 0 || fl_read(&key.pcs[i], bp + 8) || fl_read(&next, bp))
+            break;
+        bp = next;
+    }
+    u64 *v = fl_panics.lookup(&key);
+    if (v) {
+        __sync_fetch_and_add(v, 1);
+        return 0;
+    }
+    u64 one = 1;
+    if (fl_panics.insert(&key, &one) != 0) {
+        v = fl_panics.lookup(&key); // another CPU inserted it first
+        if (v)
+            __sync_fetch_and_add(v, 1);
+        else
+            fl_count(FL_CNT_PANIC_SITES_FULL, 1);
+    }
+    return 0;
+}

@@ -1,0 +1,417 @@
+"""Function latency and panic probes on real Go programs, every toolchain.
+
+Each test starts tests/fixtures/go/funclat (or h2pair), attaches the probes, lets the
+program run a workload it measures itself, and compares what the probes saw with
+what the program measured: call counts exactly, quantiles within 10%.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import gobuild
+import pytest
+from goleash.probes.budget import OverheadBudget
+from goleash.probes.funclat import FuncLatencyProbes, FunctionLatency, PanicProbes
+from goleash.probes.funcs import FunctionIndex, resolve
+from goleash.probes.target import GoProcess
+
+pytestmark = pytest.mark.root
+
+REPO = Path(__file__).resolve().parents[2]
+UNLIMITED = 1.0  # a budget of a whole core: every call is timed, so counts are exact
+QS = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "p999": 0.999}
+# The heavy HTTP/2 fixture on the oldest, a middle and the newest toolchain.
+H2_TOOLCHAINS = sorted({gobuild.TOOLCHAINS[0], gobuild.TOOLCHAINS[3], gobuild.TOOLCHAINS[-1]})
+
+
+class Program:
+    """A Go fixture speaking the ready/go/result/done protocol on stdin/stdout."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.p = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            self.lines.put(line.strip())
+        self.lines.put(None)
+
+    def line(self, timeout: float = 60.0) -> str:
+        got = self.lines.get(timeout=timeout)
+        if got is None:
+            raise AssertionError(f"program exited (rc={self.p.wait()}) before answering")
+        return got
+
+    def send(self, text: str) -> None:
+        assert self.p.stdin is not None
+        self.p.stdin.write(text + "\n")
+        self.p.stdin.flush()
+
+    def result(self, timeout: float = 60.0) -> dict[str, Any]:
+        res = json.loads(self.line(timeout))
+        assert self.line(timeout) == "done"
+        return res
+
+    def close(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait()
+
+
+@contextmanager
+def funclat(toolchain: str, *args: str, variant: str = "default") -> Iterator[tuple[Program, int]]:
+    """The funclat fixture in a mode; GOMAXPROCS above the core count so goroutines
+    hop between threads while they sleep."""
+    prog = Program([str(gobuild.build("funclat", toolchain, variant)), *args], {"GOMAXPROCS": "8"})
+    try:
+        ready = prog.line()
+        assert ready.startswith("ready ")
+        yield prog, int(ready.split()[1])
+    finally:
+        prog.close()
+
+
+@contextmanager
+def traced(pid: int, patterns: list[str], budget: float = UNLIMITED) -> Iterator[FuncLatencyProbes]:
+    proc = GoProcess.attach(pid)
+    sel = resolve(FunctionIndex(proc.binary, proc.pclntab, proc.symbols), patterns)
+    probes = FuncLatencyProbes(proc, sel.functions, budget=OverheadBudget(cpu_fraction=budget))
+    probes.attach()
+    try:
+        yield probes
+    finally:
+        probes.close()
+
+
+def by_symbol(probes: FuncLatencyProbes, interval: float = 0.05) -> dict[str, FunctionLatency]:
+    """Everything since attach (the first interval's delta starts at attach)."""
+    return {f.symbol: f for f in probes.run_interval(interval).functions}
+
+
+def assert_quantiles_close(f: FunctionLatency, go_ns: dict[str, float], tol: float = 0.10) -> None:
+    for name, q in QS.items():
+        got, want = f.quantile_ns(q), go_ns[name]
+        assert got is not None
+        assert abs(got - want) <= tol * want, (
+            f"{f.symbol} {name}: probes {got / 1e6:.3f} ms, program {want / 1e6:.3f} ms"
+        )
+
+
+# --- latency ---------------------------------------------------------------------------
+
+
+def test_sleep_mixture_quantiles_from_many_goroutines(toolchain: str) -> None:
+    with (
+        funclat(toolchain, "-mode", "mixture", "-goroutines", "64", "-calls", "40") as (
+            prog,
+            pid,
+        ),
+        traced(pid, ["main.sleepFor"]) as probes,
+    ):
+        prog.send("go")
+        res = prog.result()
+        f = by_symbol(probes)["main.sleepFor"]
+        assert f.count == res["calls"] == 64 * 40
+        assert_quantiles_close(f, res["ns"])
+        assert f.unmatched == 0 and f.stale == 0 and not f.sampled
+        # The point of pairing by goroutine: many calls returned on another thread.
+        assert f.migrated > 0
+        assert probes.inflight_goroutines() == 0
+
+
+def test_recursion_pairs_each_level_and_bounds_depth(toolchain: str) -> None:
+    # 20 nested calls: the outer 16 (FL_MAX_DEPTH) are timed, the inner 4 counted.
+    calls, depth, kept = 6, 20, 16
+    with (
+        funclat(toolchain, "-mode", "recursion", "-calls", str(calls), "-depth", str(depth)) as (
+            prog,
+            pid,
+        ),
+        traced(pid, ["main.recurse"]) as probes,
+    ):
+        prog.send("go")
+        res = prog.result()
+        f = by_symbol(probes)["main.recurse"]
+        assert f.count == calls * kept
+        assert f.overflow == calls * (depth - kept)
+        assert f.unmatched == calls * (depth - kept)  # the RETs of the unrecorded calls
+        assert f.stale == 0
+        # Every level encloses the 2 ms sleep at the bottom; the outermost is what the
+        # program measured around the whole recursion.
+        assert f.hist.quantile(0.0) >= 2e6 * 0.95
+        assert abs(f.hist.max_ns - res["ns"]["max"]) <= 0.10 * res["ns"]["max"]
+        assert probes.inflight_goroutines() == 0
+
+
+def test_recovered_panics_leave_no_stale_calls(toolchain: str) -> None:
+    goroutines, calls = 4, 40
+    with (
+        funclat(
+            toolchain, "-mode", "panics", "-goroutines", str(goroutines), "-calls", str(calls)
+        ) as (prog, pid),
+        traced(pid, ["main.mayPanic", "main.safeCall"]) as probes,
+    ):
+        prog.send("go")
+        res = prog.result()
+        fs = by_symbol(probes)
+        recovered = res["extra"]["recovered"]
+        assert recovered == goroutines * calls // 4
+        may, safe = fs["main.mayPanic"], fs["main.safeCall"]
+        assert may.count == goroutines * calls - recovered
+        assert may.stale == recovered  # unwound by the panic, dropped, never timed
+        assert safe.count == goroutines * calls  # returns normally after recover()
+        assert may.unmatched == safe.unmatched == 0
+        assert probes.inflight_goroutines() == 0
+
+
+def test_goexit_drops_calls_that_never_return(toolchain: str) -> None:
+    n = 30
+    with (
+        funclat(toolchain, "-mode", "goexit", "-calls", str(n)) as (prog, pid),
+        traced(pid, ["main.exiting", "main.beforeExit"]) as probes,
+    ):
+        prog.send("go")
+        prog.result()
+        fs = by_symbol(probes)
+        assert fs["main.exiting"].count == 0
+        assert fs["main.exiting"].stale == n
+        assert fs["main.beforeExit"].count == n
+        assert probes.counters()["exit_cleaned"] == n
+        assert probes.inflight_goroutines() == 0
+
+
+def test_stack_growth_during_the_call(toolchain: str) -> None:
+    n, depth = 20, 12
+    with (
+        funclat(toolchain, "-mode", "stackgrowth", "-calls", str(n), "-depth", str(depth)) as (
+            prog,
+            pid,
+        ),
+        traced(pid, ["main.grow", "main.bigFrame", "runtime.copystack"]) as probes,
+    ):
+        prog.send("go")
+        prog.result()
+        fs = by_symbol(probes)
+        # The stacks did move while the traced calls were in flight ...
+        assert fs["runtime.copystack"].count >= n
+        # ... and every call was seen once: no double entry, no lost return.
+        assert fs["main.grow"].count == n
+        assert fs["main.bigFrame"].count == n * depth
+        for f in (fs["main.grow"], fs["main.bigFrame"]):
+            assert f.unmatched == 0 and f.stale == 0
+        prog.send("go")  # and the program still works
+        assert prog.result()["calls"] == n
+
+
+def test_hot_function_is_sampled_within_budget(toolchain: str) -> None:
+    """Over the default 1% budget: probes attached for part of each interval, the
+    output says so, and the sampled calls still give the right quantiles."""
+    with (
+        funclat(toolchain, "-mode", "mixture", "-goroutines", "8", "-duration", "3s") as (
+            prog,
+            pid,
+        ),
+        traced(pid, ["main.sleepFor"], budget=0.01) as probes,
+    ):
+        prog.send("go")
+        total = FunctionLatency("main.sleepFor")
+        deadline = time.monotonic() + 30
+        while prog.lines.empty() and time.monotonic() < deadline:
+            total = total + probes.run_interval(0.5).functions[0]
+        res = prog.result()
+        assert total.sampled
+        assert 0 < total.attached_fraction < 0.5
+        assert 200 <= total.count < res["calls"] / 2
+        assert_quantiles_close(total, res["ns"])
+
+
+# --- panics ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["default", "stripped", "pie"])
+def test_panics_counted_per_function(toolchain: str, variant: str) -> None:
+    goroutines, calls = 4, 40
+    with funclat(
+        toolchain,
+        "-mode",
+        "panics",
+        "-goroutines",
+        str(goroutines),
+        "-calls",
+        str(calls),
+        variant=variant,
+    ) as (prog, pid):
+        proc = GoProcess.attach(pid)
+        with PanicProbes(proc) as panics:
+            prog.send("go")
+            res = prog.result()
+            reading = panics.read()
+        extra = res["extra"]
+        assert reading.total == extra["recovered"] + extra["index_recovered"]
+        assert reading.by_function() == {
+            "main.mayPanic": extra["recovered"],
+            # a runtime error panics in the runtime; the user function is named
+            "main.indexPanic": extra["index_recovered"],
+        }
+        lines = {s.function: (Path(s.file or "").name, s.line) for s in reading.sites}
+        assert lines["main.mayPanic"] == gobuild.marker_line("funclat", "panic-here")
+        assert lines["main.indexPanic"] == gobuild.marker_line("funclat", "index-panic")
+
+
+# --- HTTP/2 ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("toolchain", H2_TOOLCHAINS, ids=lambda v: f"go{v}")
+def test_http2_readframe_latency_follows_server_delay(toolchain: str) -> None:
+    binary = str(gobuild.build("h2pair", toolchain))
+    with tempfile.TemporaryDirectory() as tmp:
+        cert = f"{tmp}/cert.pem"
+        server = Program([binary, "-mode", "server", "-cert", cert])
+        client = None
+        try:
+            addr = server.line().removeprefix("listening ")
+            client = Program([binary, "-mode", "client", "-cert", cert, "-addr", addr])
+            pid = int(client.line().split()[1])
+            with traced(pid, ["http2.ReadFrame"]) as probes:
+                (sym,) = (f.sites.symbol for f in probes.funcs)
+                assert sym.endswith("ReadFrame") and "http2" in sym
+                delay_ms = 80
+                client.send("20 0ms")
+                fast = client.result()
+                assert fast["proto"] == "HTTP/2.0"
+                before = by_symbol(probes)[sym]
+                client.send(f"15 {delay_ms}ms")
+                slow = client.result()
+                after = by_symbol(probes)[sym]
+        finally:
+            if client is not None:
+                client.close()
+            server.close()
+    d = delay_ms * 1e6
+    # The client's read loop waits in ReadFrame for each response's HEADERS: about a
+    # round trip without delay, about the server's delay with it.
+    assert before.count >= 20 and after.count >= 15
+    assert before.quantile_ns(0.9) < d / 4
+    p90 = after.quantile_ns(0.9)
+    assert p90 is not None and 0.9 * d <= p90 <= 1.5 * d
+    assert slow["ns"]["p50"] >= d  # the program saw the delay too
+
+
+# --- the CLI, and what it refuses ------------------------------------------------------
+
+
+def goleash(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "goleash.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "agent")},
+        timeout=120,
+    )
+
+
+class Cli:
+    """`goleash ...` running in the background; its stderr is followed line by line."""
+
+    def __init__(self, *args: str) -> None:
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "goleash.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO / "agent")},
+        )
+        self.err: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.p.stderr is not None
+        for line in self.p.stderr:
+            self.err.append(line)
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_for(self, text: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self._lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            if line is None:
+                raise AssertionError(f"goleash exited before saying {text!r}: {self.err}")
+            if text in line:
+                return
+
+    def stop(self) -> tuple[int, str, str]:
+        """Ctrl-C: it detaches, prints its summary and exits 0."""
+        self.p.send_signal(signal.SIGINT)
+        out, _ = self.p.communicate(timeout=60)
+        return self.p.returncode, out, "".join(self.err)
+
+
+def test_cli_latency_and_panics_json() -> None:
+    with funclat(gobuild.TOOLCHAINS[-1], "-mode", "panics", "-goroutines", "2", "-calls", "20") as (
+        prog,
+        pid,
+    ):
+        lat = Cli("latency", "--pid", str(pid), "--func", "main.mayP*", "--budget", "1", "--json")
+        pan = Cli("panics", "--pid", str(pid), "--json")
+        lat.wait_for("goleash: tracing 1 function(s)")
+        pan.wait_for("goleash: counting panics")
+        prog.send("go")
+        res = prog.result()
+        lat_rc, lat_out, lat_err = lat.stop()
+        pan_rc, pan_out, pan_err = pan.stop()
+    assert lat_rc == 0, lat_err
+    assert pan_rc == 0, pan_err
+    assert "main.mayP* -> main.mayPanic (glob)" in lat_err
+    (f,) = json.loads(lat_out)["functions"]
+    assert f["symbol"] == "main.mayPanic"
+    assert f["count"] == res["calls"] - res["extra"]["recovered"]
+    for key in ("p50_ns", "p90_ns", "p99_ns", "p999_ns", "max_ns"):
+        assert isinstance(f[key], int) and f[key] > 0
+    panics = json.loads(pan_out)
+    assert panics["total"] == res["extra"]["recovered"] + res["extra"]["index_recovered"]
+    counts = {x["function"]: x["count"] for x in panics["functions"]}
+    assert counts["main.mayPanic"] == res["extra"]["recovered"]
+
+
+def test_cli_refuses_bad_input() -> None:
+    toolchain = gobuild.TOOLCHAINS[-1]
+    with funclat(toolchain, "-mode", "mixture") as (_prog, pid):
+        r = goleash("latency", "--pid", str(pid), "--func", "main.sleepFr")
+        assert r.returncode == 2
+        assert "no function matches 'main.sleepFr'" in r.stderr
+        assert "main.sleepFor" in r.stderr  # a close match is offered
+        r = goleash("latency", "--pid", str(pid), "--func", "main.tiny")
+        assert r.returncode == 2
+        assert "main.tiny: inlined into every caller" in r.stderr
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        r = goleash("latency", "--pid", str(sleeper.pid), "--func", "main.main")
+        assert r.returncode == 2
+        assert "not a Go binary" in r.stderr
+        assert "Traceback" not in r.stderr
+    finally:
+        sleeper.kill()
+        sleeper.wait()
