@@ -37,11 +37,16 @@ def _target_args(p: argparse.ArgumentParser, *, path: bool) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from goleash.gobin.report import inspect_path, inspect_pid, render_text
+    from goleash.gobin.report import inspect_path, render_text
 
     if (args.path is None) == (args.pid is None):
         raise GoleashError("give exactly one of PATH or --pid PID")
-    report = inspect_pid(args.pid) if args.pid is not None else inspect_path(args.path)
+    if args.pid is not None:
+        from goleash.probes.target import inspect_process
+
+        report = inspect_process(args.pid)
+    else:
+        report = inspect_path(args.path)
     if args.json:
         print_json(report.to_dict())
     else:
@@ -447,6 +452,211 @@ def _add_control_commands(sub: Any) -> None:
     p.set_defaults(handler=cmd_agents)
 
 
+# --- node agent, embedded run ------------------------------------------------------
+
+
+def _agent_config(args: argparse.Namespace) -> Any:
+    import os
+
+    from goleash.node.agent import AgentConfig
+    from goleash.node.discovery import Selector
+
+    def endpoint(value: str) -> str | None:
+        return None if value in ("", "off") else value
+
+    if args.interval <= 0:
+        raise GoleashError("--interval must be positive")
+    return AgentConfig(
+        server=getattr(args, "server", None) or os.environ.get("GOLEASH_SERVER") or "",
+        selector=Selector(
+            pids=frozenset(args.pid or ()),
+            exe_globs=tuple(args.exe or ()),
+            cgroup_globs=tuple(args.cgroup or ()),
+            pod_uids=frozenset(args.pod_uid or ()),
+        ),
+        interval=args.interval,
+        node_name=args.node_name,
+        agent_id=args.agent_id,
+        funcs=tuple(args.func or ()),
+        panics=args.panics,
+        health_listen=endpoint(args.health_listen),
+        metrics_listen=endpoint(args.metrics_listen),
+        host_root=args.host_root,
+        token=getattr(args, "token", None) or os.environ.get("GOLEASH_TOKEN") or None,
+        tls_ca=getattr(args, "tls_ca", None),
+        tls_cert=getattr(args, "tls_cert", None),
+        tls_key=getattr(args, "tls_key", None),
+        orphan_min_age_s=args.orphan_min_age,
+        budget_fraction=args.budget,
+        stacks=args.stacks,
+        buffer_batches=args.buffer_batches,
+    )
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from goleash.node.agent import DEFAULT_SERVER, serve
+
+    cfg = _agent_config(args)
+    cfg.server = cfg.server or DEFAULT_SERVER
+    return serve(cfg)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from goleash.control.server import ControlPlaneConfig
+    from goleash.embedded import serve
+
+    return serve(
+        ControlPlaneConfig(listen=args.listen, db=args.db, token=args.token), _agent_config(args)
+    )
+
+
+def _agent_args(p: argparse.ArgumentParser, *, metrics_default: str, health_default: str) -> None:
+    from goleash.node.sender import DEFAULT_MAX_BATCHES
+    from goleash.node.tracker import DEFAULT_ORPHAN_MIN_AGE_S
+
+    g = p.add_argument_group(
+        "which processes (every criterion given must hold; default: every Go process)"
+    )
+    g.add_argument("--pid", type=int, nargs="+", action="extend", metavar="PID", help="these PIDs")
+    g.add_argument(
+        "--exe",
+        nargs="+",
+        action="extend",
+        metavar="GLOB",
+        help="executables matching a glob (full path or base name), e.g. '*/shop-*'",
+    )
+    g.add_argument(
+        "--cgroup",
+        nargs="+",
+        action="extend",
+        metavar="GLOB",
+        help="processes whose cgroup path matches (containers), e.g. '*docker-*'",
+    )
+    g.add_argument(
+        "--pod-uid",
+        nargs="+",
+        action="extend",
+        metavar="UID",
+        help="processes of these Kubernetes pods (UID from the kubepods cgroup path)",
+    )
+    g = p.add_argument_group("what to measure")
+    g.add_argument("--interval", type=float, default=5.0, help="seconds between snapshots (5)")
+    g.add_argument(
+        "--func",
+        nargs="+",
+        action="extend",
+        metavar="PATTERN",
+        help="time these functions in every followed process where they exist "
+        "(exact symbol, glob, or alias like http2.ReadFrame; see `goleash latency`)",
+    )
+    g.add_argument(
+        "--panics", action="store_true", help="count panics (one uprobe on runtime.gopanic)"
+    )
+    g.add_argument(
+        "--orphan-min-age",
+        type=float,
+        default=DEFAULT_ORPHAN_MIN_AGE_S,
+        metavar="S",
+        help=f"an orphan is at least S seconds old (default {DEFAULT_ORPHAN_MIN_AGE_S:g})",
+    )
+    g.add_argument(
+        "--budget",
+        type=float,
+        default=0.01,
+        help="max share of one core the probes may cost each process (default 0.01 = 1%%)",
+    )
+    g.add_argument(
+        "--stacks", action="store_true", help="record each creation site's creator stack"
+    )
+    g = p.add_argument_group("agent")
+    g.add_argument("--node-name", help="node name (default $NODE_NAME, else the host name)")
+    g.add_argument("--agent-id", help="stable agent id (default: node name + boot id)")
+    g.add_argument(
+        "--host-root",
+        default="/",
+        help="where the host's filesystem is mounted (in a container: /host)",
+    )
+    g.add_argument(
+        "--health-listen",
+        default=health_default,
+        metavar="HOST:PORT",
+        help=f"gRPC health (\"\" live, goleash.ready ready); 'off' for none "
+        f"(default {health_default})",
+    )
+    g.add_argument(
+        "--metrics-listen",
+        default=metrics_default,
+        metavar="HOST:PORT",
+        help=f"Prometheus /metrics; 'off' for none (default {metrics_default})",
+    )
+    g.add_argument(
+        "--buffer-batches",
+        type=int,
+        default=DEFAULT_MAX_BATCHES,
+        metavar="N",
+        help=f"batches kept while the control plane is away (default {DEFAULT_MAX_BATCHES}; "
+        "the oldest are dropped and counted beyond)",
+    )
+
+
+def _add_agent_commands(sub: Any) -> None:
+    from goleash.control import DEFAULT_LISTEN, DEFAULT_SERVER
+    from goleash.node.agent import DEFAULT_HEALTH_LISTEN, DEFAULT_METRICS_LISTEN
+
+    p = sub.add_parser(
+        "agent",
+        help="the node agent: follow the host's Go processes, stream to a control plane",
+        description=(
+            "Find the Go processes of this host (and new ones as they start), trace their "
+            "goroutines with BPF uprobes and their memory, and stream a summary every "
+            "interval to the control plane. Keeps a bounded buffer while the control plane "
+            "is away and reconnects with backoff. Serves Prometheus /metrics and gRPC "
+            "health. Never traces itself; a process it cannot trace is reported, not fatal. "
+            "Needs root (or CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE)."
+        ),
+        epilog=(
+            "examples:\n  goleash agent --server cp.example:7070 --tls-ca ca.crt\n"
+            "  goleash agent --exe '*/shop-*' --interval 2 --func http2.ReadFrame"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _agent_args(p, metrics_default=DEFAULT_METRICS_LISTEN, health_default=DEFAULT_HEALTH_LISTEN)
+    g = p.add_argument_group("control plane connection")
+    g.add_argument(
+        "--server", help=f"control plane address (default $GOLEASH_SERVER or {DEFAULT_SERVER})"
+    )
+    g.add_argument("--token", help="bearer token sent with the stream (default $GOLEASH_TOKEN)")
+    g.add_argument("--tls-ca", help="CA bundle to verify the control plane (turns TLS on)")
+    g.add_argument("--tls-cert", help="client certificate for mTLS")
+    g.add_argument("--tls-key", help="client key for mTLS")
+    p.set_defaults(handler=cmd_agent)
+
+    p = sub.add_parser(
+        "run",
+        help="agent + control plane in one process: goleash on one machine, no set-up",
+        description=(
+            "Run the control plane (on loopback) and the node agent in one process; the agent "
+            "streams to the control plane over gRPC as a remote one would. With no selection "
+            "flags every Go process on the host is followed, except goleash itself. Then use "
+            "`goleash ps`, `top`, `orphans`, `events` against it (their default --server)."
+        ),
+        epilog=(
+            "examples:\n  goleash run\n  goleash run --exe '*/shop-*' --interval 2 "
+            "--db /tmp/goleash.db"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        help=f"control plane HOST:PORT (default {DEFAULT_LISTEN}; port 0 picks one)",
+    )
+    p.add_argument("--db", help="event log file or directory (default /var/lib/goleash/goleash.db)")
+    p.add_argument("--token", help="require this bearer token for changes (or $GOLEASH_TOKEN)")
+    _agent_args(p, metrics_default=DEFAULT_METRICS_LISTEN, health_default=DEFAULT_HEALTH_LISTEN)
+    p.set_defaults(handler=cmd_run)
+
+
 # --- the parser ----------------------------------------------------------------
 
 
@@ -592,6 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_panics)
 
     _add_control_commands(sub)
+    _add_agent_commands(sub)
 
     return parser
 

@@ -8,14 +8,12 @@ with the same error.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from goleash.gobin.binary import GoBinary
 from goleash.gobin.buildinfo import BuildInfo, check_supported, read_build_info
 from goleash.gobin.disasm import ProbeSite, function_probes, goroutine_probe_sites
-from goleash.gobin.errors import BinaryError, ProcessError
 from goleash.gobin.offsets import RuntimeOffsets, runtime_offsets
 from goleash.gobin.pclntab import Pclntab
 from goleash.gobin.symbols import SymbolTable, symbol_table
@@ -145,51 +143,6 @@ def inspect_binary(binary: GoBinary) -> InspectReport:
 def inspect_path(path: str) -> InspectReport:
     with GoBinary(path) as binary:
         return inspect_binary(binary)
-
-
-def pid_exe(pid: int) -> str:
-    """/proc/PID/exe: the process's binary even inside another mount namespace."""
-    exe = f"/proc/{pid}/exe"
-    if not os.path.exists(f"/proc/{pid}"):
-        raise ProcessError(f"no process with PID {pid}")
-    try:
-        os.stat(exe)
-    except PermissionError:
-        raise ProcessError(f"PID {pid}: permission denied reading {exe} (run as root)") from None
-    except (FileNotFoundError, ProcessLookupError):
-        raise ProcessError(f"PID {pid} exited (or is a kernel thread with no executable)") from None
-    return exe
-
-
-def load_bias(pid: int, binary: GoBinary) -> int:
-    """Where a PIE binary was loaded: runtime address = link-time address + bias."""
-    if not binary.is_pie:
-        return 0
-    first = min(s.vaddr - s.offset for s in binary.segments)
-    exe = os.path.realpath(f"/proc/{pid}/exe").removesuffix(" (deleted)")
-    try:
-        with open(f"/proc/{pid}/maps") as maps:
-            for line in maps:
-                parts = line.split()
-                if len(parts) >= 6 and parts[5] == exe and int(parts[2], 16) == 0:
-                    return int(parts[0].split("-")[0], 16) - first
-    except FileNotFoundError:
-        raise ProcessError(f"PID {pid} exited while being read") from None
-    raise ProcessError(f"PID {pid}: executable {exe} not found in /proc/{pid}/maps")
-
-
-def inspect_pid(pid: int) -> InspectReport:
-    exe = pid_exe(pid)
-    try:
-        binary = GoBinary(exe)
-    except BinaryError as exc:
-        raise type(exc)(f"PID {pid}: {exc}") from None
-    with binary:
-        report = inspect_binary(binary)
-        report.pid = pid
-        report.load_bias = load_bias(pid, binary)
-        report.path = os.path.realpath(exe)
-    return report
 
 
 @dataclass(frozen=True)

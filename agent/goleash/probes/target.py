@@ -12,11 +12,12 @@ import os
 from dataclasses import dataclass, field
 
 from goleash.gobin.binary import GoBinary
-from goleash.gobin.buildinfo import BuildInfo, check_supported, read_build_info
+from goleash.gobin.buildinfo import BuildInfo
 from goleash.gobin.errors import BinaryError, ProcessError
-from goleash.gobin.offsets import RuntimeOffsets, runtime_offsets
+from goleash.gobin.offsets import RuntimeOffsets
 from goleash.gobin.pclntab import Pclntab
-from goleash.gobin.symbols import SymbolTable, symbol_table
+from goleash.gobin.report import InspectReport, analyze, inspect_binary
+from goleash.gobin.symbols import SymbolTable
 from goleash.probes.procmem import ProcessMemory, check_pid, exe_path, load_bias, start_time
 
 
@@ -48,11 +49,7 @@ class GoProcess:
         started = start_time(pid)
         try:
             binary = GoBinary(exe)
-            info = read_build_info(binary)
-            check_supported(info)
-            offsets = runtime_offsets(binary, info.go_version)
-            symbols = symbol_table(binary)
-            pclntab = Pclntab.from_binary(binary)
+            info, symbols, offsets, pclntab = analyze(binary)
         except BinaryError as exc:
             if start_time(pid) != started:
                 raise ProcessError(f"PID {pid}: the process exited while attaching") from None
@@ -99,3 +96,13 @@ class GoProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def inspect_process(pid: int) -> InspectReport:
+    """`goleash inspect --pid`: the binary's report, plus where the process loaded it."""
+    with GoProcess.attach(pid) as proc:
+        report = inspect_binary(proc.binary)
+        report.pid = pid
+        report.load_bias = proc.load_bias
+        report.path = proc.exe_name
+    return report
