@@ -192,8 +192,11 @@ class PolicyStore:
 
     def clear_overrides(self, service: str, *, action: int = 0, rule: str = "") -> int:
         """Clear the service's active overrides (only `action`/`rule` ones when given)."""
-        sql = "UPDATE overrides SET cleared = 1 WHERE cleared = 0 AND service = ?"
-        args: list[Any] = [service]
+        sql = (
+            "UPDATE overrides SET cleared = 1 WHERE cleared = 0 AND service = ? "
+            "AND (expires_unix_nano = 0 OR expires_unix_nano > ?)"
+        )
+        args: list[Any] = [service, int(self._clock() * 1e9)]
         if action:
             sql += " AND action = ?"
             args.append(action)
