@@ -1,0 +1,225 @@
+"""`kubernetes`: set env on a workload's containers (a rolling restart), undo on recovery.
+
+Go's net/http reads GODEBUG at process start, so HTTP/2 goes off by restarting the
+pods with `GODEBUG=http2client=0,http2server=0`: patching the pod template does
+exactly that, through the workload's own rolling update. The values a container had
+before are kept in an annotation on the workload (`goleash.io/original-env`), so
+recovery puts back what was there (a GODEBUG of the user's own is merged with ours
+on degrade, and restored on recovery), and a second apply of the same change is a
+no-op. Patches are JSON patches that carry the resourceVersion read, so a
+concurrent edit makes the attempt fail with 409 Conflict (and retry on fresh data)
+instead of being overwritten.
+
+The workload comes from the action (`namespace`, `kind`, `name`, `container`), else
+from what the agents learnt about the service's pods, else from a service named
+"namespace/name". The API server from `kubeconfig:` (and `context:`), else the pod's
+service account, else the default kubeconfig.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any
+
+from goleash.control.actions import (
+    Action,
+    ActionContext,
+    ActionError,
+    ActionSpecError,
+    env_spec,
+)
+
+ANNOTATION = "goleash.io/original-env"
+KINDS = {"Deployment": "deployment", "StatefulSet": "stateful_set", "DaemonSet": "daemon_set"}
+_MISSING = None  # the variable was not set before
+
+
+def merge_godebug(current: str, ours: str) -> str:
+    """GODEBUG is a comma list of key=value: ours override the same keys, others stay."""
+    keep = [kv for kv in current.split(",") if kv.strip()]
+    mine = [kv for kv in ours.split(",") if kv.strip()]
+    names = {kv.split("=", 1)[0].strip() for kv in mine}
+    return ",".join([kv for kv in keep if kv.split("=", 1)[0].strip() not in names] + mine)
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")  # JSON pointer (RFC 6901)
+
+
+class KubernetesAction(Action):
+    type = "kubernetes"
+    keys = ("env", "namespace", "kind", "name", "container", "kubeconfig", "context")
+
+    def check(self) -> None:
+        env_spec(self.spec)
+        kind = self.spec.get("kind", "Deployment")
+        if kind not in KINDS:
+            raise ActionSpecError("kind", f"kind must be one of {', '.join(KINDS)}")
+        for k in ("namespace", "name", "container", "kubeconfig", "context"):
+            if k in self.spec and (not isinstance(self.spec[k], str) or not self.spec[k]):
+                raise ActionSpecError(k, f"{k} must be a non-empty string")
+
+    def target(self, ctx: ActionContext) -> tuple[str, str, str]:
+        """(kind, namespace, name) of the workload to patch."""
+        k8s = ctx.kubernetes
+        kind = self.spec.get("kind") or k8s.get("workload_kind") or "Deployment"
+        ns = self.spec.get("namespace") or k8s.get("namespace") or ""
+        name = self.spec.get("name") or k8s.get("workload_name") or ""
+        if not (ns and name) and "/" in ctx.service:
+            ns, name = ns or ctx.service.split("/", 1)[0], name or ctx.service.split("/", 1)[1]
+        if not (ns and name):
+            raise ActionError(
+                f"no Kubernetes workload known for service {ctx.service!r}: the agents saw no "
+                "pod for it; give namespace: and name: in the action",
+                retryable=False,
+            )
+        if kind not in KINDS:
+            raise ActionError(f"cannot patch a {kind} (only {', '.join(KINDS)})", retryable=False)
+        return kind, ns, name
+
+    def key(self, service: str) -> str:
+        return f"kubernetes:{service}:{json.dumps(sorted(env_spec(self.spec).items()))}"
+
+    def describe(self, ctx: ActionContext) -> str:
+        kind, ns, name = self.target(ctx)
+        return f"{kind} {ns}/{name}"
+
+    def _api(self) -> Any:
+        from kubernetes import client, config
+
+        try:
+            if self.spec.get("kubeconfig"):
+                api = config.new_client_from_config(
+                    config_file=self.spec["kubeconfig"], context=self.spec.get("context")
+                )
+            elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+                config.load_incluster_config()
+                api = client.ApiClient()
+            else:
+                api = config.new_client_from_config(context=self.spec.get("context"))
+        except config.ConfigException as exc:
+            raise ActionError(f"no Kubernetes API to talk to: {exc}", retryable=False) from exc
+        return client.AppsV1Api(api)
+
+    def _call(self, what: str, fn: Any, **kw: Any) -> Any:
+        from kubernetes.client import ApiException
+
+        try:
+            resp = fn(_preload_content=False, _request_timeout=10, **kw)
+            return json.loads(resp.data)
+        except ApiException as exc:
+            reason = exc.reason
+            with contextlib.suppress(ValueError):
+                reason = json.loads(exc.body or "{}").get("message") or reason
+            # 403/404/422 will not change by trying again; conflicts and 5xx may
+            retry = exc.status in (409, 429) or (exc.status or 0) >= 500
+            raise ActionError(f"{what}: {exc.status} {reason}", retryable=retry) from exc
+        except OSError as exc:  # connection refused, timeouts (urllib3 errors are OSErrors)
+            raise ActionError(f"{what}: {exc}") from exc
+        except Exception as exc:  # urllib3's MaxRetryError and friends
+            if type(exc).__module__.startswith("urllib3"):
+                raise ActionError(f"{what}: {exc}") from exc
+            raise
+
+    def _patch(self, ctx: ActionContext, degrade: bool) -> str:
+        kind, ns, name = self.target(ctx)
+        api = self._api()
+        suffix = KINDS[kind]
+        read = getattr(api, f"read_namespaced_{suffix}")
+        patch = getattr(api, f"patch_namespaced_{suffix}")
+        obj = self._call(f"read {kind} {ns}/{name}", read, name=name, namespace=ns)
+        meta = obj.get("metadata", {})
+        annotations = meta.get("annotations") or {}
+        containers = obj.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
+        only = self.spec.get("container") or ctx.kubernetes.get("container") or ""
+        if only and not any(c.get("name") == only for c in containers):
+            raise ActionError(f"{kind} {ns}/{name} has no container {only!r}", retryable=False)
+        saved: dict[str, dict[str, Any]] = json.loads(annotations.get(ANNOTATION, "{}"))
+        want = env_spec(self.spec)
+        # resourceVersion in a patch is a precondition: the API server answers 409
+        # Conflict if the workload changed since it was read (then we read again)
+        ops: list[dict[str, Any]] = [
+            {
+                "op": "replace",
+                "path": "/metadata/resourceVersion",
+                "value": meta.get("resourceVersion"),
+            }
+        ]
+        changed = []
+        new_saved = dict(saved)
+        for i, c in enumerate(containers):
+            cname = c.get("name", "")
+            if only and cname != only:
+                continue
+            env = [dict(e) for e in c.get("env") or []]
+            by_name = {e.get("name"): e for e in env}
+            if degrade:
+                # first degrade: remember what was there (a copy: env is edited below)
+                before = saved.get(cname) or {
+                    k: dict(by_name[k]) if k in by_name else _MISSING for k in want
+                }
+                new_saved[cname] = before
+                for k, v in want.items():
+                    orig = before.get(k)
+                    base = orig.get("value", "") if isinstance(orig, dict) else ""
+                    value = merge_godebug(base, v) if k == "GODEBUG" else v
+                    if k in by_name:
+                        by_name[k].pop("valueFrom", None)
+                        by_name[k]["value"] = value
+                    else:
+                        env.append({"name": k, "value": value})
+            else:
+                if cname not in saved:
+                    continue  # nothing of ours here
+                before = saved[cname]
+                for k, orig in before.items():
+                    env = [e for e in env if e.get("name") != k]
+                    if isinstance(orig, dict):
+                        env.append(orig)
+                new_saved.pop(cname, None)
+            if env != (c.get("env") or []):
+                changed.append(cname)
+                ops.append(
+                    {"op": "add", "path": f"/spec/template/spec/containers/{i}/env", "value": env}
+                )
+        if new_saved != saved:
+            if new_saved:
+                if "annotations" not in meta or meta["annotations"] is None:
+                    ops.append({"op": "add", "path": "/metadata/annotations", "value": {}})
+                ops.append(
+                    {
+                        "op": "add",
+                        "path": f"/metadata/annotations/{_escape(ANNOTATION)}",
+                        "value": json.dumps(new_saved, sort_keys=True),
+                    }
+                )
+            else:
+                ops.append({"op": "remove", "path": f"/metadata/annotations/{_escape(ANNOTATION)}"})
+        where = f"{kind} {ns}/{name}"
+        if len(ops) == 1:
+            return f"{where} already {'degraded' if degrade else 'restored'}"
+        self._call(
+            f"patch {where}",
+            patch,
+            name=name,
+            namespace=ns,
+            body=ops,
+            field_manager="goleash",
+            _content_type="application/json-patch+json",
+        )
+        what = ", ".join(f"{k}={v}" for k, v in want.items())
+        if degrade:
+            return (
+                f"{where}: set {what} on {', '.join(changed) or 'no container'} (rolling restart)"
+            )
+        return (
+            f"{where}: restored the env of {', '.join(changed) or 'no container'} (rolling restart)"
+        )
+
+    def apply(self, ctx: ActionContext) -> str:
+        return self._patch(ctx, degrade=True)
+
+    def undo(self, ctx: ActionContext) -> str:
+        return self._patch(ctx, degrade=False)
