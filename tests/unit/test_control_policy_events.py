@@ -16,7 +16,10 @@ rules:
   - name: goroutines
     signal: {kind: goroutines, scope: service}
   - name: readframe
-    signal: {kind: latency_jump, function: net/http.(*http2Framer).ReadFrame}
+    signal:
+      kind: function_latency
+      function: net/http.(*http2Framer).ReadFrame
+      over_baseline: 300ms
 """
 
 

@@ -97,6 +97,8 @@ def validate_policy(text: str) -> PolicyDocument:
                 _line(knode), f"unknown key {name!r} (known: {', '.join(TOP_LEVEL_KEYS)})"
             )
     mode = raw.get("mode", "monitor")
+    if mode is False:  # YAML 1.1 reads a bare `mode: off` as false
+        mode = "off"
     if mode not in MODES:
         raise PolicyError(_line(keys["mode"][1]), f"mode must be one of {', '.join(MODES)}")
     rules_node = keys.get("rules", (None, None))[1]
@@ -116,7 +118,12 @@ def validate_policy(text: str) -> PolicyDocument:
         seen.add(name)
         if "signal" not in rule:
             raise PolicyError(_line(node), f"rule {name!r} needs a signal:")
-    return PolicyDocument(text=text, mode=mode, rules=tuple(rules), raw=raw)
+    doc = PolicyDocument(text=text, mode=mode, rules=tuple(rules), raw=raw)
+    # the engine's own checks (signals, thresholds, levels, actions), each with its line
+    from goleash.control.rules import compile_document
+
+    compile_document(doc)
+    return doc
 
 
 @dataclass(frozen=True)
