@@ -39,6 +39,7 @@ from goleash.api.goleash.v1 import ingest_service_pb2_grpc as ing_grpc
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.control import DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES
 from goleash.control.detect import DEFAULT_LEAK_PARAMS, LeakParams
+from goleash.control.engine import EngineLoop
 from goleash.control.events import EventLog, EventQuery, EventRecord, open_db, resolve_db_path
 from goleash.control.policy import PolicyError, PolicyStore
 from goleash.control.state import (
@@ -77,6 +78,8 @@ class ControlPlaneConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     upkeep_seconds: float = 5.0  # pruning and leak detection period
     leak: LeakParams = DEFAULT_LEAK_PARAMS
+    policy_file: str | None = None  # hot-reloaded; validated before it replaces the running one
+    report_dir: str | None = None  # flame graphs of decisions; None: reports/ beside the db
 
 
 def is_loopback(listen: str) -> bool:
@@ -487,6 +490,17 @@ class ControlPlane:
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._upkeep: asyncio.Task[None] | None = None
+        report_dir = config.report_dir
+        if report_dir is None and self.db_path != ":memory:":
+            report_dir = str(Path(self.db_path).parent / "reports")
+        self.engine = EngineLoop(
+            self.store,
+            self.events,
+            self.policies,
+            clock=clock,
+            policy_file=config.policy_file,
+            report_dir=report_dir,
+        )
         self.address = ""
 
     def _open_processes(self) -> set[tuple[str, int, int]]:
@@ -541,6 +555,7 @@ class ControlPlane:
         for name in ("", GOLEASH_SERVICE, INGEST_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._upkeep = asyncio.create_task(self._upkeep_loop())
+        self.engine.start()
         return self.address
 
     async def _upkeep_loop(self) -> None:
@@ -554,6 +569,7 @@ class ControlPlane:
                 log.exception("upkeep failed")
 
     async def stop(self, grace: float = 2.0) -> None:
+        await self.engine.stop()
         if self._upkeep is not None:
             self._upkeep.cancel()
             with contextlib.suppress(asyncio.CancelledError):
