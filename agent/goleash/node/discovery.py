@@ -1,0 +1,443 @@
+"""Finding the Go processes of a host, and which of them to follow.
+
+A scan lists /proc (the host's: the agent runs with hostPID) and, for each process,
+stats its executable through /proc/PID/exe. Whether that executable is a Go program
+is decided once per file version, (device, inode, size, mtime), by looking for Go's
+build info: so a scan of a steady host costs one stat per process and no reads.
+Kernel threads (no executable) are remembered by PID until they vanish. A process
+that exec()s another program keeps its PID but changes executable: it is judged
+again, which also catches `fork; exec ./server` seen between the two calls.
+
+Selection (every criterion given must hold; within one criterion any value will do):
+PIDs, executable globs (matched against the path in the process's own mount
+namespace and its base name), cgroup path globs (containers), Kubernetes pod UIDs
+(parsed from kubepods cgroup paths). With no criterion every Go process is followed
+except the agent itself and processes it started.
+
+Kubernetes placement comes from the node, never from the API server: the pod UID
+and container id from /proc/PID/cgroup; pod name, namespace and container name from
+the container runtime's bundle (containerd, CRI-O) under the host root; labels from
+a downward-API volume the pod mounts, when it has one; the namespace also from the
+service-account mount inside the container; POD_NAME/POD_NAMESPACE from the
+process's environment when the pod's spec sets them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from goleash.gobin.binary import GoBinary
+from goleash.gobin.buildinfo import read_build_info
+from goleash.gobin.errors import BinaryError
+
+# --- Kubernetes placement ---------------------------------------------------------
+
+# cgroupfs driver: .../kubepods/burstable/pod1b2c.../<container id>
+# systemd driver:  .../kubepods-burstable-pod1b2c..._....slice/cri-containerd-<id>.scope
+_POD_UID = re.compile(
+    r"kubepods[^/]*/(?:[^/]*/)*?[^/]*pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}"
+    r"[-_][0-9a-f]{4}[-_][0-9a-f]{12})"
+)
+_CONTAINER_ID = re.compile(r"(?:^|[/-])([0-9a-f]{64})(?:\.scope)?$")
+# Pod-name suffixes Kubernetes controllers generate: ReplicaSet hash and pod
+# suffix use the alphabet of k8s.io/apimachinery's rand.SafeEncodeString.
+_SAFE = "bcdfghjklmnpqrstvwxz2456789"
+_DEPLOYMENT_POD = re.compile(rf"^(.+)-[{_SAFE}]{{6,10}}-[{_SAFE}]{{5}}$")
+_SUFFIXED_POD = re.compile(rf"^(.+)-[{_SAFE}]{{5}}$")
+_STATEFUL_POD = re.compile(r"^(.+)-\d+$")
+
+
+@dataclass(frozen=True)
+class KubePlacement:
+    """Where a process sits in Kubernetes; empty strings where unknown."""
+
+    pod_uid: str
+    container_id: str = ""
+    namespace: str = ""
+    pod: str = ""
+    container: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    workload_kind: str = ""
+    workload_name: str = ""
+
+    @property
+    def service(self) -> str:
+        """ "namespace/workload" (the API's service name), or "" when not known."""
+        name = self.workload_name or self.pod
+        if not name:
+            return ""
+        return f"{self.namespace}/{name}" if self.namespace else name
+
+
+def pod_uid_from_cgroup(text: str) -> str:
+    """The pod UID in a /proc/PID/cgroup text (dashes restored), "" if not a pod."""
+    for line in text.splitlines():
+        m = _POD_UID.search(line.rpartition(":")[2])
+        if m:
+            return m.group(1).replace("_", "-")
+    return ""
+
+
+def container_id_from_cgroup(text: str) -> str:
+    """The 64-hex container id ending a cgroup path (docker-, cri-containerd-, crio-
+    scopes or a bare id), "" if none."""
+    for line in text.splitlines():
+        path = line.rpartition(":")[2].rstrip("/")
+        m = _CONTAINER_ID.search(path)
+        if m:
+            return m.group(1)
+    return ""
+
+
+def workload_from_pod(pod: str, labels: dict[str, str]) -> tuple[str, str]:
+    """(kind, name) of the workload that owns a pod, from its labels (exact) or the
+    shape of its name (a guess the kind says nothing about: kind "")."""
+    h = labels.get("pod-template-hash")
+    if h and f"-{h}-" in pod:
+        return "Deployment", pod.rsplit(f"-{h}-", 1)[0]
+    if "statefulset.kubernetes.io/pod-name" in labels and _STATEFUL_POD.match(pod):
+        return "StatefulSet", pod.rsplit("-", 1)[0]
+    if labels.get("controller-revision-hash") and _SUFFIXED_POD.match(pod):
+        return "DaemonSet", pod.rsplit("-", 1)[0]
+    if "job-name" in labels:
+        return "Job", labels["job-name"]
+    for rx in (_DEPLOYMENT_POD, _SUFFIXED_POD):
+        m = rx.match(pod)
+        if m:
+            return "", m.group(1)
+    return "", pod
+
+
+def parse_labels_file(text: str) -> dict[str, str]:
+    """A downward-API labels file: one `key="value"` a line (value Go-quoted)."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key:
+            try:
+                out[key] = json.loads(value) if value.startswith('"') else value
+            except ValueError:
+                out[key] = value.strip('"')
+    return out
+
+
+def read_environ(pid: int, proc_root: str = "/proc") -> dict[str, str]:
+    try:
+        raw = Path(f"{proc_root}/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    env: dict[str, str] = {}
+    for item in raw.split(b"\0"):
+        k, sep, v = item.partition(b"=")
+        if sep:
+            env[k.decode(errors="replace")] = v.decode(errors="replace")
+    return env
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def _runtime_annotations(host_root: Path, container_id: str) -> dict[str, str]:
+    """The CRI annotations of a container from its runtime bundle's config.json."""
+    for rel in (
+        f"run/containerd/io.containerd.runtime.v2.task/k8s.io/{container_id}/config.json",
+        f"run/containers/storage/overlay-containers/{container_id}/userdata/config.json",
+    ):
+        text = _read_text(host_root / rel)
+        if text:
+            try:
+                ann = json.loads(text).get("annotations") or {}
+            except ValueError:
+                continue
+            return {str(k): str(v) for k, v in ann.items()}
+    return {}
+
+
+def kube_placement(
+    pid: int, cgroup_text: str, host_root: Path, proc_root: str = "/proc"
+) -> KubePlacement | None:
+    """Kubernetes placement of a process, or None if it is not in a pod."""
+    uid = pod_uid_from_cgroup(cgroup_text)
+    if not uid:
+        return None
+    cid = container_id_from_cgroup(cgroup_text)
+    ann = _runtime_annotations(host_root, cid) if cid else {}
+    env = read_environ(pid, proc_root)
+    namespace = (
+        ann.get("io.kubernetes.cri.sandbox-namespace")
+        or ann.get("io.kubernetes.pod.namespace")
+        or env.get("POD_NAMESPACE")
+        or _read_text(
+            Path(f"{proc_root}/{pid}/root/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        ).strip()
+    )
+    pod = (
+        ann.get("io.kubernetes.cri.sandbox-name")
+        or ann.get("io.kubernetes.pod.name")
+        or env.get("POD_NAME")
+        or ""
+    )
+    container = (
+        ann.get("io.kubernetes.cri.container-name") or ann.get("io.kubernetes.container.name") or ""
+    )
+    labels: dict[str, str] = {}
+    volumes = host_root / "var/lib/kubelet/pods" / uid / "volumes/kubernetes.io~downward-api"
+    try:
+        for vol in sorted(volumes.iterdir()):
+            labels.update(parse_labels_file(_read_text(vol / "labels")))
+    except OSError:
+        pass
+    kind, workload = workload_from_pod(pod, labels) if pod else ("", "")
+    name = labels.get("app.kubernetes.io/name") or labels.get("app") or workload
+    return KubePlacement(
+        pod_uid=uid,
+        container_id=cid,
+        namespace=namespace,
+        pod=pod,
+        container=container,
+        labels=labels,
+        workload_kind=kind,
+        workload_name=name,
+    )
+
+
+# --- selection ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Which Go processes to follow; empty: all of them."""
+
+    pids: frozenset[int] = frozenset()
+    exe_globs: tuple[str, ...] = ()
+    cgroup_globs: tuple[str, ...] = ()
+    pod_uids: frozenset[str] = frozenset()
+
+    @property
+    def everything(self) -> bool:
+        return not (self.pids or self.exe_globs or self.cgroup_globs or self.pod_uids)
+
+    def matches(self, c: Candidate) -> bool:
+        if self.pids and c.pid not in self.pids:
+            return False
+        if self.exe_globs and not any(
+            fnmatch.fnmatchcase(c.exe, g) or fnmatch.fnmatchcase(os.path.basename(c.exe), g)
+            for g in self.exe_globs
+        ):
+            return False
+        if self.cgroup_globs and not any(
+            fnmatch.fnmatchcase(path, g) for path in c.cgroups for g in self.cgroup_globs
+        ):
+            return False
+        if self.pod_uids:
+            uid = c.kube.pod_uid if c.kube else ""
+            if uid not in self.pod_uids and uid.replace("-", "_") not in self.pod_uids:
+                return False
+        return True
+
+
+# --- processes ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GoCheck:
+    """What one executable file is, decided once per file version."""
+
+    go_version: str | None  # None: not a Go program
+    main_module: str | None = None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A Go process on the host."""
+
+    pid: int
+    start_ticks: int  # /proc/PID/stat starttime: with pid, the process's identity
+    exe: str  # path in the process's own mount namespace
+    exe_key: tuple[int, int, int, int]  # (dev, inode, size, mtime_ns) of the executable
+    go_version: str
+    main_module: str | None
+    cgroups: tuple[str, ...]
+    kube: KubePlacement | None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.pid, self.start_ticks)
+
+    @property
+    def container_id(self) -> str:
+        if self.kube is not None:
+            return self.kube.container_id
+        return container_id_from_cgroup("\n".join(self.cgroups))
+
+
+@dataclass
+class ScanResult:
+    appeared: list[Candidate]
+    vanished: list[tuple[int, int]]  # keys of followed candidates that are gone
+
+
+def _stat_fields(pid: int, proc_root: str) -> tuple[int, int] | None:
+    """(ppid, starttime) from /proc/PID/stat."""
+    try:
+        text = Path(f"{proc_root}/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rpartition(")")[2].split()
+    try:
+        return int(fields[1]), int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+class Discovery:
+    """Keeps the set of selected Go processes of the host up to date, scan by scan."""
+
+    def __init__(
+        self,
+        selector: Selector,
+        *,
+        host_root: str | os.PathLike[str] = "/",
+        proc_root: str = "/proc",
+        self_pid: int | None = None,
+    ) -> None:
+        self.selector = selector
+        self.host_root = Path(host_root)
+        self.proc_root = proc_root
+        self.self_pid = os.getpid() if self_pid is None else self_pid
+        self._verdicts: dict[tuple[int, int, int, int], GoCheck] = {}
+        self._no_exe: set[int] = set()  # kernel threads (and zombies until reaped)
+        self._seen: dict[int, tuple[int, int, int, int]] = {}  # pid -> exe key judged
+        self.followed: dict[int, Candidate] = {}  # pid -> selected candidate
+        self.scans = 0
+
+    # --- one process -------------------------------------------------------------
+
+    def _exe_key(self, pid: int) -> tuple[int, int, int, int] | None:
+        try:
+            st = os.stat(f"{self.proc_root}/{pid}/exe")
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _check(self, pid: int, key: tuple[int, int, int, int]) -> GoCheck:
+        found = self._verdicts.get(key)
+        if found is None:
+            try:
+                binary = GoBinary(f"{self.proc_root}/{pid}/exe")
+            except BinaryError:
+                found = GoCheck(None)
+            else:
+                try:
+                    info = read_build_info(binary)
+                    found = GoCheck(info.go_version, info.main_module)
+                except BinaryError:
+                    found = GoCheck(None)
+                finally:
+                    binary.close()
+            self._verdicts[key] = found
+        return found
+
+    def _descends_from_self(self, pid: int) -> bool:
+        seen = 0
+        while pid > 1 and seen < 64:
+            if pid == self.self_pid:
+                return True
+            f = _stat_fields(pid, self.proc_root)
+            if f is None:
+                return False
+            pid, seen = f[0], seen + 1
+        return False
+
+    def candidate(self, pid: int) -> Candidate | None:
+        """The Go process PID as a candidate, or None (not Go, gone, kernel thread)."""
+        key = self._exe_key(pid)
+        if key is None:
+            return None
+        check = self._check(pid, key)
+        if check.go_version is None:
+            return None
+        st = _stat_fields(pid, self.proc_root)
+        if st is None:
+            return None
+        try:
+            exe = os.readlink(f"{self.proc_root}/{pid}/exe")
+        except OSError:
+            return None
+        cgroup_text = _read_text(Path(f"{self.proc_root}/{pid}/cgroup"))
+        cgroups = tuple(
+            line.split(":", 2)[2] for line in cgroup_text.splitlines() if line.count(":") >= 2
+        )
+        return Candidate(
+            pid=pid,
+            start_ticks=st[1],
+            exe=exe.removesuffix(" (deleted)"),
+            exe_key=key,
+            go_version=check.go_version,
+            main_module=check.main_module,
+            cgroups=cgroups,
+            kube=kube_placement(pid, cgroup_text, self.host_root, self.proc_root),
+        )
+
+    # --- the host ------------------------------------------------------------------
+
+    def _pids(self) -> Iterable[int]:
+        try:
+            names = os.listdir(self.proc_root)
+        except OSError:
+            return []
+        return [int(n) for n in names if n.isdigit()]
+
+    def scan(self) -> ScanResult:
+        """Compare the host with the previous scan: selected Go processes that
+        appeared, and followed ones that vanished (exited, or exec'd another program)."""
+        self.scans += 1
+        pids = set(self._pids())
+        self._no_exe &= pids
+        for pid in [p for p in self._seen if p not in pids]:
+            del self._seen[pid]
+        vanished: list[tuple[int, int]] = []
+        for pid, c in list(self.followed.items()):
+            st = _stat_fields(pid, self.proc_root) if pid in pids else None
+            if st is None or st[1] != c.start_ticks or self._exe_key(pid) != c.exe_key:
+                vanished.append(c.key)
+                del self.followed[pid]
+                self._seen.pop(pid, None)
+        appeared: list[Candidate] = []
+        for pid in sorted(pids):
+            if pid == self.self_pid or pid in self._no_exe or pid in self.followed:
+                continue
+            key = self._exe_key(pid)
+            if key is None:
+                if not Path(f"{self.proc_root}/{pid}").exists():
+                    continue
+                self._no_exe.add(pid)
+                continue
+            if self._seen.get(pid) == key:
+                continue  # judged already, nothing changed
+            self._seen[pid] = key
+            c = self.candidate(pid)
+            if c is None or not self.selector.matches(c):
+                continue
+            if self.selector.everything and self._descends_from_self(pid):
+                continue
+            self.followed[pid] = c
+            appeared.append(c)
+        return ScanResult(appeared, vanished)
+
+    def forget(self, pid: int, *, retry: bool = False) -> None:
+        """Stop following PID. With retry, the next scan judges it afresh (a transient
+        failure); without, not until its executable changes (it cannot be traced)."""
+        self.followed.pop(pid, None)
+        if retry:
+            self._seen.pop(pid, None)

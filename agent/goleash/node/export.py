@@ -1,0 +1,307 @@
+"""Tracker snapshots as ingest API messages (goleash.v1 ProcessInfo, ProcessSnapshot).
+
+The tracker counts since attach; the API wants deltas since the previous snapshot of
+the same process (proto/goleash/v1/ingest_service.proto), so one `SnapshotExporter`
+per process remembers what it reported. Sites are keyed by (function, go statement),
+as the control plane keys them. The runtime's own goroutines (GC workers and the
+like, which runtime.Stack, pprof and runtime.NumGoroutine leave out) are left out
+too, so "goroutines" is the number a Go programmer would see.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from goleash.api.goleash.v1 import ingest_service_pb2 as ing
+from goleash.api.goleash.v1 import types_pb2 as t
+from goleash.node.discovery import Candidate
+from goleash.node.tracker import ProcessSnapshot, SiteSummary
+from goleash.probes.inventory import SYSTEM_KEEP, Goroutine
+from goleash.probes.stacks import walk_stacks
+from goleash.probes.target import GoProcess
+
+DEFAULT_MAX_KEPT = 200  # individual goroutines per process and snapshot
+KEPT_FRAMES = 32
+
+STATES = {
+    "idle": t.GOROUTINE_STATE_IDLE,
+    "runnable": t.GOROUTINE_STATE_RUNNABLE,
+    "running": t.GOROUTINE_STATE_RUNNING,
+    "syscall": t.GOROUTINE_STATE_SYSCALL,
+    "waiting": t.GOROUTINE_STATE_WAITING,
+    "leaked": t.GOROUTINE_STATE_WAITING,  # Go 1.26's leak detector marks parked ones
+    "dead": t.GOROUTINE_STATE_DEAD,
+    "copystack": t.GOROUTINE_STATE_COPYSTACK,
+    "preempted": t.GOROUTINE_STATE_PREEMPTED,
+}
+TRACKER_DROPS = {
+    "live_table_full": "goroutine_table_full",
+    "site_table_full": "site_table_full",
+    "read_faults": "probe_read_faults",
+    "stack_faults": "probe_stack_faults",
+}
+
+
+def is_system_function(name: str) -> bool:
+    """A goroutine started in this function belongs to the runtime (inventory.py's
+    is_system_goroutine, by name)."""
+    return name.startswith("runtime.") and name not in SYSTEM_KEEP
+
+
+def site_name(s: SiteSummary) -> tuple[str, str]:
+    """(function, go statement) of a tracker site, as the API keys sites. Goroutine 1
+    (runtime.main) is started by the runtime's assembly, not by a go statement: it
+    has none, as the runtime's own tracebacks print it."""
+    return (s.function, "" if s.function == "runtime.main" else s.go_statement)
+
+
+def boot_time_s(proc_root: str = "/proc") -> float:
+    with open(f"{proc_root}/stat") as f:
+        for line in f:
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    raise OSError(f"{proc_root}/stat has no btime line")
+
+
+def start_time_unix_nano(start_ticks: int, boot_s: float) -> int:
+    return int((boot_s + start_ticks / os.sysconf("SC_CLK_TCK")) * 1e9)
+
+
+def process_info(
+    c: Candidate,
+    *,
+    service: str,
+    boot_s: float,
+    mode: str,
+    reason: str,
+) -> t.ProcessInfo:
+    info = t.ProcessInfo(
+        pid=c.pid,
+        start_time_unix_nano=start_time_unix_nano(c.start_ticks, boot_s),
+        exe=c.exe,
+        service=service,
+        go_version=c.go_version,
+        tracking_mode=t.TRACKING_MODE_PROBES
+        if mode == "probes"
+        else t.TRACKING_MODE_INVENTORY_ONLY,
+        tracking_reason="" if mode == "probes" else reason,
+        container_id=c.container_id,
+        module_path=c.main_module or "",
+    )
+    k = c.kube
+    if k is not None:
+        info.kubernetes.CopyFrom(
+            t.KubernetesRef(
+                namespace=k.namespace,
+                pod=k.pod,
+                pod_uid=k.pod_uid,
+                container=k.container,
+                workload_kind=k.workload_kind,
+                workload_name=k.workload_name,
+            )
+        )
+    return info
+
+
+def service_name(c: Candidate) -> str:
+    """Kubernetes "namespace/workload" when known, else the executable's name."""
+    if c.kube is not None and c.kube.service:
+        return c.kube.service
+    return os.path.basename(c.exe)
+
+
+# --- latency and panics --------------------------------------------------------------
+
+
+@dataclass
+class LatencyDelta:
+    """Calls of one traced function timed since the previous snapshot (log-linear
+    buckets in the API's layout: probes/hist.py and types.proto agree)."""
+
+    function: str
+    sub_bucket_bits: int
+    buckets: dict[int, int]
+    count: int
+    sum_ns: int
+
+
+def _quantiles(sorted_vals: Sequence[float]) -> tuple[float, float, float, float]:
+    if not sorted_vals:
+        return (0.0, 0.0, 0.0, 0.0)
+    n = len(sorted_vals)
+
+    def q(x: float) -> float:
+        return sorted_vals[min(n - 1, max(0, round(x * (n - 1))))]
+
+    return (q(0.5), q(0.9), q(0.99), sorted_vals[-1])
+
+
+# --- snapshots ---------------------------------------------------------------------
+
+
+class SnapshotExporter:
+    """One process's snapshots as API messages, with counters turned into deltas."""
+
+    def __init__(self, proc: GoProcess, *, max_kept: int = DEFAULT_MAX_KEPT) -> None:
+        self.proc = proc
+        self.max_kept = max_kept
+        self._last_sites: dict[tuple[str, str], tuple[int, int]] = {}
+        self._last_drops: dict[str, int] = {}
+        self._creators: dict[int, str] = {}
+
+    def creator(self, gopc: int) -> str:
+        name = self._creators.get(gopc)
+        if name is None:
+            sl = self.proc.pclntab.call_site(gopc) if gopc else None
+            name = self._creators[gopc] = sl.function if sl is not None else ""
+        return name
+
+    @staticmethod
+    def _delta(now: int, before: int) -> int:
+        # The kernel's counters only grow; smaller means they started over.
+        return now - before if now >= before else now
+
+    def message(
+        self,
+        snap: ProcessSnapshot,
+        *,
+        latency: Iterable[LatencyDelta] = (),
+        panics: Mapping[str, int] | None = None,
+        extra_drops: Mapping[str, int] | None = None,
+        keep: bool = True,
+    ) -> ing.ProcessSnapshot:
+        """keep=False leaves individual goroutines out (the final snapshot of an
+        exited process, whose memory can no longer be read for stacks)."""
+        names = {(s.gopc, s.startpc): site_name(s) for s in snap.sites}
+        created: Counter[tuple[str, str]] = Counter()
+        exited: Counter[tuple[str, str]] = Counter()
+        creators: dict[tuple[str, str], str] = {}
+        for s in snap.sites:
+            k = site_name(s)
+            created[k] += s.created
+            exited[k] += s.exited + s.exited_unseen
+            creators.setdefault(k, self.creator(s.gopc))
+        members: dict[tuple[str, str], list[Goroutine]] = {}
+        for g in snap.goroutines:
+            k = names.get((g.gopc, g.startpc))
+            if k is not None and not is_system_function(k[0]):
+                members.setdefault(k, []).append(g)
+
+        out = ing.ProcessSnapshot(pid=snap.pid, time_unix_nano=int(snap.taken_at * 1e9))
+        total = 0
+        for k in sorted(set(created) | set(members)):
+            if is_system_function(k[0]):
+                continue
+            gs = members.get(k, [])
+            before = self._last_sites.get(k, (0, 0))
+            d_created = self._delta(created[k], before[0])
+            d_exited = self._delta(exited[k], before[1])
+            self._last_sites[k] = (created[k], exited[k])
+            if not gs and not d_created and not d_exited:
+                continue
+            total += len(gs)
+            s = out.sites.add(
+                function=k[0],
+                go_statement=k[1],
+                creator_function=creators.get(k, ""),
+                live=len(gs),
+                created=d_created,
+                exited=d_exited,
+            )
+            ages = sorted(snap.ages_s.get(g.goid, 0.0) for g in gs)
+            p50, p90, p99, mx = _quantiles(ages)
+            s.age.p50_seconds, s.age.p90_seconds = p50, p90
+            s.age.p99_seconds, s.age.max_seconds = p99, mx
+            for reason, n in Counter(g.wait_reason for g in gs if g.wait_reason).most_common(3):
+                s.wait_reasons.add(reason=reason, count=n)
+            orphans = [g for g in gs if g.goid in snap.orphan_goids]
+            if orphans:
+                s.orphans.count = len(orphans)
+                s.orphans.oldest_age_seconds = max(snap.ages_s.get(g.goid, 0.0) for g in orphans)
+                reasons = Counter(g.wait_reason or "" for g in orphans)
+                s.orphans.dominant_wait_reason = reasons.most_common(1)[0][0]
+                s.orphans.longest_blocked_seconds = max(self._blocked(snap, g) for g in orphans)
+        out.goroutines = total
+        if keep:
+            out.goroutines_kept.extend(self._kept(snap, names, members))
+        for d in latency:
+            lat = out.latency.add(function=d.function)
+            h = lat.histogram
+            h.sub_bucket_bits, h.count, h.sum_seconds = d.sub_bucket_bits, d.count, d.sum_ns / 1e9
+            for idx in sorted(d.buckets):
+                h.buckets.add(index=idx, count=d.buckets[idx])
+        for fn, n in sorted((panics or {}).items()):
+            if n:
+                out.panics.add(function=fn, count=n)
+        drops: Counter[str] = Counter()
+        for raw, reason in TRACKER_DROPS.items():
+            now = snap.dropped.get(raw, 0)
+            drops[reason] += self._delta(now, self._last_drops.get(raw, 0))
+            self._last_drops[raw] = now
+        drops["inventory_torn_reads"] += snap.torn_reads
+        for reason, n in (extra_drops or {}).items():
+            drops[reason] += n
+        for reason, n in sorted(drops.items()):
+            if n:
+                out.drops.add(reason=reason, count=n)
+        return out
+
+    @staticmethod
+    def _blocked(snap: ProcessSnapshot, g: Goroutine) -> float:
+        # g.waitsince is set lazily by the GC (inventory.py): 0 means not known yet.
+        if g.wait_since_ns and snap.read_ns > g.wait_since_ns:
+            return (snap.read_ns - g.wait_since_ns) / 1e9
+        return 0.0
+
+    def _kept(
+        self,
+        snap: ProcessSnapshot,
+        names: Mapping[tuple[int, int], tuple[str, str]],
+        members: Mapping[tuple[str, str], list[Goroutine]],
+    ) -> list[t.Goroutine]:
+        """Orphans first, then the oldest parked goroutines, up to max_kept, with stacks."""
+        ages = snap.ages_s
+        parked = [g for gs in members.values() for g in gs if g.status == "waiting"]
+        parked.sort(key=lambda g: (g.goid not in snap.orphan_goids, -ages.get(g.goid, 0.0)))
+        chosen = parked[: self.max_kept]
+        if not chosen:
+            return []
+        stacks = walk_stacks(self.proc, chosen, KEPT_FRAMES)
+        live = {g.goid for g in snap.goroutines}
+        out = []
+        for g in chosen:
+            fn, stmt = names[(g.gopc, g.startpc)]
+            parent = snap.parents.get(g.goid, 0)
+            m = t.Goroutine(
+                goid=g.goid,
+                parent_goid=parent,
+                parent_exited=bool(parent) and parent not in live,
+                function=fn,
+                go_statement=stmt,
+                state=STATES.get(g.status, t.GOROUTINE_STATE_UNSPECIFIED),
+                wait_reason=g.wait_reason or "",
+                age_seconds=ages.get(g.goid, 0.0),
+                blocked_for_seconds=self._blocked(snap, g),
+                orphan=g.goid in snap.orphan_goids,
+            )
+            stack = stacks.get(g.goid)
+            for f in stack.frames if stack is not None else ():
+                m.stack.add(function=f.function, file=f.file, line=f.line, pc=f.pc)
+            out.append(m)
+        return out
+
+
+def trim_kept(batch: ing.AgentBatch, max_bytes: int) -> bool:
+    """Drop individual goroutines (largest snapshots first) until the batch fits;
+    False if it still does not."""
+    while batch.ByteSize() > max_bytes:
+        snaps = [s for s in batch.snapshots if len(s.goroutines_kept)]
+        if not snaps:
+            return False
+        biggest = max(snaps, key=lambda s: s.ByteSize())
+        keep = len(biggest.goroutines_kept) // 2
+        del biggest.goroutines_kept[keep:]
+    return True

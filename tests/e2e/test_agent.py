@@ -1,0 +1,567 @@
+"""`goleash agent` and `goleash run` as real processes: real Go fixtures, real uprobes,
+a real control plane on a real port, queried through the CLI and gRPC.
+
+These tests check the data path (discovery, batches, reconnects, endpoints, clean
+detach), not the probes' correctness per Go release: tests/bpf covers every toolchain
+and variant. So they use two toolchains (1.22 and 1.25: before and after the 1.23
+newproc1 signature change) and an interval of 1 s to stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import gobuild
+import grpc
+import pytest
+from goleash.api.goleash.v1 import goleash_service_pb2 as q
+from goleash.api.goleash.v1 import goleash_service_pb2_grpc as q_grpc
+from goleash.gobin.disasm import goroutine_probe_sites
+from goleash.probes.target import GoProcess
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from populations import FLAGS, READY_TIMEOUT, Populations, read_json_line
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.root
+
+BIN = Path(sys.executable).parent / "goleash"
+GOLEASH = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "goleash.cli"]
+GO_A, GO_B = "1.22.10", "1.25.5"
+INTERVAL = 1.0
+SCAN = 1.0  # the agent's /proc scan period
+# Within one interval: a process is announced at the scan after it starts, with its
+# first snapshot; attaching (BPF compile + inventory) takes about a second here.
+APPEAR_S = INTERVAL + SCAN + 5.0
+COUNTS = {"orphan": 30, "nilselect": 7, "condwait": 5, "worker": 3, "sleeper": 4}
+WAITS = {"orphan": "chan receive", "nilselect": "select", "condwait": "sync.Cond.Wait"}
+WAITS |= {"sleeper": "sleep"}
+FUNCS = {k: f"main.{k}" for k in COUNTS}
+
+T = TypeVar("T")
+
+
+def wait_for(fn: Callable[[], T | None], what: str, timeout: float = 15.0) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stmt(marker: str) -> str:
+    fname, line = gobuild.marker_line("populations", marker)
+    return f"{fname}:{line}"
+
+
+# --- processes under test ------------------------------------------------------------------
+
+
+class Daemon:
+    """A goleash subprocess whose stderr is collected; `wait_line` finds a line."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = args
+        self.proc = subprocess.Popen(
+            [*GOLEASH, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        self.lines: list[str] = []
+        self._cv = threading.Condition()
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._cv:
+                self.lines.append(line)
+                self._cv.notify_all()
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_line(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while True:
+                for line in self.lines:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    raise AssertionError(f"no line matching {pattern!r} in:\n{self.log}")
+                self._cv.wait(min(left, 0.2))
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+class ControlPlane(Daemon):
+    def __init__(self, db: Path, port: int = 0) -> None:
+        super().__init__(["control-plane", "--listen", f"127.0.0.1:{port}", "--db", str(db)])
+        self.address = self.wait_line(r"listening on (\S+)").group(1)
+
+
+class Agent(Daemon):
+    def __init__(self, server: str, *selection: str, extra: tuple[str, ...] = ()) -> None:
+        super().__init__(
+            [
+                "agent",
+                "--server",
+                server,
+                "--interval",
+                str(INTERVAL),
+                "--orphan-min-age",
+                "0",
+                "--health-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                *selection,
+                *extra,
+            ]
+        )
+        m = self.wait_line(r"health on (\S+); metrics on http://(\S+)/metrics")
+        self.health, self.metrics = m.group(1).rstrip(";"), m.group(2)
+
+    def scrape(self) -> dict[str, list[Any]]:
+        with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample (0 if absent)."""
+        for fam in self.scrape().values():
+            for s in fam:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return float(s.value)
+        return 0.0
+
+    def health_status(self, service: str) -> int:
+        with grpc.insecure_channel(self.health) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            return int(stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status)
+
+
+@contextmanager
+def populations(
+    tmp_path: Path, name: str, toolchain: str = GO_A, **counts: int
+) -> Iterator[Populations]:
+    """The populations fixture under a name of our own, so that `--exe` globs select
+    this test's process and no other test's."""
+    exe = tmp_path / name
+    shutil.copy(gobuild.build("populations", toolchain), exe)
+    args = [str(exe)]
+    for k, n in (counts or COUNTS).items():
+        args += [f"-{FLAGS[k]}", str(n)]
+    proc = subprocess.Popen(
+        args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+    )
+    try:
+        ready = read_json_line(proc, READY_TIMEOUT)
+        assert ready.get("ready") is True, ready
+        yield Populations(proc, ready)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for f in (proc.stdin, proc.stdout):
+            if f is not None:
+                f.close()
+
+
+def cli_json(*args: str) -> Any:
+    r = subprocess.run([*GOLEASH, *args, "--json"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def api(address: str) -> q_grpc.GoleashServiceStub:
+    return q_grpc.GoleashServiceStub(grpc.insecure_channel(address))
+
+
+def sites_of(stub: q_grpc.GoleashServiceStub, pid: int) -> dict[str, q.SiteStats]:
+    resp = stub.GetGoroutineSummary(
+        q.GetGoroutineSummaryRequest(selector=q.ProcessSelector(pid=pid)), timeout=5
+    )
+    return {s.function: s for s in resp.sites}
+
+
+def listed(address: str, pid: int) -> dict[str, Any] | None:
+    return next((p for p in cli_json("ps", "--server", address) if p["pid"] == pid), None)
+
+
+def check_populations(stub: q_grpc.GoleashServiceStub, pid: int, counts: dict[str, int]) -> None:
+    sites = sites_of(stub, pid)
+    for pop, n in counts.items():
+        s = sites[FUNCS[pop]]
+        assert s.live == n, (pop, s)
+        assert s.go_statement.endswith("/" + stmt(pop)), (pop, s.go_statement)
+        if pop in WAITS:
+            assert s.wait_reasons[0].reason == WAITS[pop], (pop, s.wait_reasons)
+    assert sites["main.orphan"].orphans == counts["orphan"]
+    assert sites["main.orphan"].creator_function == "main.creator"
+    assert all(s.orphans == 0 for f, s in sites.items() if f != "main.orphan")
+
+
+# --- probes in the target --------------------------------------------------------------------
+
+
+def probe_bytes(pid: int) -> tuple[list[int], list[int]]:
+    """(bytes in the process, bytes in the file) at the goroutine probes' sites. The
+    kernel writes int3 (0xcc) into the process's copy of a page to place a uprobe and
+    restores the original byte when the last probe there goes."""
+    with GoProcess.attach(pid) as proc:
+        sites = goroutine_probe_sites(proc.binary, proc.symbols.lookup)
+        where = [s for s in (sites.create, sites.exit, *sites.create_rets) if s is not None]
+        live = [proc.memory.read(s.vaddr + proc.load_bias, 1)[0] for s in where]
+        disk = [proc.binary.read(s.vaddr, 1)[0] for s in where]
+    return live, disk
+
+
+def probes_in(pid: int) -> bool:
+    live, disk = probe_bytes(pid)
+    assert 0xCC not in disk
+    return live.count(0xCC) >= 2  # the create and exit probes at least
+
+
+def kernel_uprobe_events_for(pid: int) -> list[str]:
+    path = Path("/sys/kernel/tracing/uprobe_events")
+    if not path.exists():
+        return []
+    return [line for line in path.read_text().splitlines() if f"_{pid}_" in line]
+
+
+# --- tests --------------------------------------------------------------------------------------
+
+
+def test_processes_appear_with_their_populations_and_vanish(tmp_path: Path) -> None:
+    cp = ControlPlane(tmp_path / "cp.db")
+    agent = Agent(cp.address, "--exe", "*goleash-e2e-appear*")
+    stub = api(cp.address)
+    try:
+        wait_for(lambda: agent.health_status("goleash.ready") == 1, "the agent to be ready")
+        with populations(tmp_path, "goleash-e2e-appear") as pop:
+            started = time.monotonic()
+            row = wait_for(lambda: listed(cp.address, pop.pid), "ps to list it", APPEAR_S)
+            appeared_after = time.monotonic() - started
+            assert row["service"] == "goleash-e2e-appear" and row["go_version"] == "go" + GO_A
+            assert row["tracking"] == "probes" and row["state"] == "running"
+            assert row["goroutines"] == sum(COUNTS.values()) + 2  # + main, owner
+            check_populations(stub, pop.pid, COUNTS)
+            orphans = cli_json("orphans", "--server", cp.address)
+            (group,) = [g for g in orphans if g["service"] == "goleash-e2e-appear"]
+            assert (group["function"], group["count"], group["reason"]) == (
+                "main.orphan",
+                COUNTS["orphan"],
+                "chan receive",
+            )
+            assert group["go_statement"].endswith(stmt("orphan"))
+            assert any("main.orphan" in f for f in group["example_stack"]), group
+            kept = stub.ListGoroutines(
+                q.ListGoroutinesRequest(selector=q.ProcessSelector(pid=pop.pid), orphans_only=True)
+            )
+            assert kept.total_size == COUNTS["orphan"]
+            assert {g.goroutine.parent_goid for g in kept.goroutines} <= set(pop.creator_goids)
+
+            # Goroutines born and gone between two snapshots: counted by the probes.
+            pop.churn(500)
+
+            def churned() -> q.SiteStats | None:
+                s = sites_of(stub, pop.pid).get("main.churn")
+                return s if s is not None and (s.created, s.exited) == (500, 500) else None
+
+            s = wait_for(churned, "500 churn goroutines created and exited", 3 * INTERVAL + 5)
+            assert s.live == 0 and s.go_statement.endswith(stmt("churn"))
+
+            pop.proc.stdin.write("exit\n")  # type: ignore[union-attr]
+            pop.proc.stdin.flush()  # type: ignore[union-attr]
+            pop.proc.wait(timeout=10)
+            wait_for(lambda: listed(cp.address, pop.pid) is None, "ps to drop it", APPEAR_S)
+        gone = [
+            p
+            for p in cli_json("ps", "--server", cp.address, "--all")
+            if p["pid"] == pop.pid and p["state"] == "gone"
+        ]
+        assert len(gone) == 1 and gone[0]["created"] >= 500
+        kinds = [
+            e["kind"]
+            for e in cli_json("events", "--server", cp.address, "--pid", str(pop.pid))
+            if e["kind"] in ("process_appeared", "process_gone")
+        ]
+        assert kinds == ["process_appeared", "process_gone"]
+        print(f"appeared in ps {appeared_after:.2f}s after the process was ready")
+    finally:
+        assert agent.stop() == 0, agent.log
+        cp.stop()
+    assert "probes detached" in agent.log
+
+
+def test_two_agents_feed_one_control_plane(tmp_path: Path) -> None:
+    cp = ControlPlane(tmp_path / "cp.db")
+    stub = api(cp.address)
+    counts_b = {"orphan": 20, "nilselect": 2, "condwait": 1, "worker": 1, "sleeper": 9}
+    with (
+        populations(tmp_path, "goleash-e2e-two-a", GO_A) as a,
+        populations(tmp_path, "goleash-e2e-two-b", GO_B, **counts_b) as b,
+        subprocess.Popen(["sleep", "600"]) as not_go,
+    ):
+        agents = [
+            Agent(cp.address, "--pid", str(a.pid), str(not_go.pid), extra=("--agent-id", "a")),
+            Agent(cp.address, "--pid", str(b.pid), extra=("--agent-id", "b")),
+        ]
+        try:
+            for pid in (a.pid, b.pid):
+                wait_for(lambda pid=pid: listed(cp.address, pid), f"PID {pid} in ps", APPEAR_S)
+            by_pid = {p["pid"]: p for p in cli_json("ps", "--server", cp.address)}
+            assert (by_pid[a.pid]["agent_id"], by_pid[b.pid]["agent_id"]) == ("a", "b")
+            assert by_pid[b.pid]["go_version"] == "go" + GO_B
+            assert not_go.pid not in by_pid
+            check_populations(stub, a.pid, COUNTS)
+            check_populations(stub, b.pid, counts_b)
+            listing = stub.ListAgents(q.ListAgentsRequest(), timeout=5).agents
+            states = {x.identity.agent_id: x.state for x in listing}
+            assert states == {"a": q.AGENT_STATE_CONNECTED, "b": q.AGENT_STATE_CONNECTED}
+            # a selected process that is not Go: said once, and the agent carries on ready
+            agents[0].wait_line(rf"--pid {not_go.pid}: .*not a Go", timeout=10)
+            assert agents[0].health_status("goleash.ready") == 1
+        finally:
+            not_go.kill()
+            for x in agents:
+                assert x.stop() == 0, x.log
+            cp.stop()
+
+
+def test_control_plane_restart_buffer_reconnect_and_drops(tmp_path: Path) -> None:
+    port, db, buffered = free_port(), tmp_path / "cp.db", 10
+    cp = ControlPlane(db, port)
+    with populations(tmp_path, "goleash-e2e-restart") as pop:
+        agent = Agent(cp.address, "--pid", str(pop.pid), extra=("--buffer-batches", str(buffered)))
+        try:
+
+            def status() -> q.AgentStatus | None:
+                try:
+                    found = api(cp.address).ListAgents(q.ListAgentsRequest(), timeout=2).agents
+                except grpc.RpcError:
+                    return None
+                return found[0] if found else None
+
+            wait_for(lambda: (s := status()) and s.last_sequence >= 3, "three batches")
+
+            # 1. Away for fewer intervals than the buffer holds (a restart and the
+            # agent's backoff: a few seconds): nothing is lost.
+            seen_before = status().last_sequence  # type: ignore[union-attr]
+            cp.stop(signal.SIGKILL)
+            made = agent.metric("goleash_agent_batches_total")
+            wait_for(
+                lambda: agent.metric("goleash_agent_batches_total") >= made + 2,
+                "batches assembled while the control plane is away",
+            )
+            assert agent.metric("goleash_agent_connected") == 0
+            cp = ControlPlane(db, port)
+            now = agent.metric("goleash_agent_batches_total")
+            s = wait_for(lambda: (x := status()) and x.last_sequence >= now and x, "catching up")
+            # A new control plane starts counting at the first batch it gets: no gap, and
+            # every batch after the last one the old one saw arrived.
+            assert s.gaps == 0 and s.batches >= s.last_sequence - seen_before, s
+            assert not {d.reason for d in s.drops}, s.drops
+            assert agent.metric("goleash_agent_reconnects_total") >= 1
+            wait_for(lambda: listed(cp.address, pop.pid), "the process known again")
+            check_populations(api(cp.address), pop.pid, COUNTS)
+
+            # 2. Away for longer than the buffer holds: the oldest are dropped, counted,
+            # and the count reaches the control plane.
+            cp.stop(signal.SIGKILL)
+
+            def dropped() -> float:
+                return agent.metric(
+                    "goleash_agent_batches_dropped_total", reason="batches_buffer_full"
+                )
+
+            wait_for(
+                lambda: dropped() >= 2, "batches dropped", timeout=(buffered + 6) * INTERVAL + 10
+            )
+            cp = ControlPlane(db, port)
+            s = wait_for(
+                lambda: (x := status()) and {d.reason: d.count for d in x.drops} and x,
+                "the drop count at the control plane",
+            )
+            assert {d.reason: d.count for d in s.drops} == {"batches_buffer_full": dropped()}
+
+            # The event log kept its events across both restarts, each once.
+            events = cli_json("events", "--server", cp.address, "--pid", str(pop.pid))
+            assert [e["kind"] for e in events].count("process_appeared") == 1
+        finally:
+            assert agent.stop() == 0, agent.log
+            cp.stop()
+
+
+def test_agent_killed_leaves_no_probe_behind(tmp_path: Path) -> None:
+    cp = ControlPlane(tmp_path / "cp.db")
+    with populations(tmp_path, "goleash-e2e-kill") as pop:
+        assert not probes_in(pop.pid)
+        agent = Agent(cp.address, "--pid", str(pop.pid))
+        try:
+            wait_for(lambda: listed(cp.address, pop.pid), "the process in ps", APPEAR_S)
+            wait_for(lambda: probes_in(pop.pid), "the uprobes in the target")
+            assert agent.health_status("goleash.ready") == 1
+            agent.stop(signal.SIGKILL)
+            # The uprobes were perf events owned by the agent's file descriptors: the
+            # kernel removes them when the killed process's files are closed.
+            wait_for(lambda: not probes_in(pop.pid), "the int3 bytes to be restored", 10)
+            live, disk = probe_bytes(pop.pid)
+            assert live == disk
+            assert kernel_uprobe_events_for(pop.pid) == []
+            # The target goes on as before: it still creates, runs and ends goroutines
+            # and answers, and its populations are where they were.
+            pop.churn(1000)
+            stacks = pop.command("stacks")["stacks"]
+            assert stacks.count("main.orphan()") == COUNTS["orphan"]
+            assert pop.proc.poll() is None
+        finally:
+            agent.stop()
+            cp.stop()
+
+
+def test_metrics_and_health(tmp_path: Path) -> None:
+    cp = ControlPlane(tmp_path / "cp.db")
+    with populations(tmp_path, "goleash-e2e-metrics") as pop:
+        agent = Agent(cp.address, "--exe", "goleash-e2e-metrics")
+        try:
+            assert agent.health_status("") == health_pb2.HealthCheckResponse.SERVING
+            wait_for(lambda: agent.health_status("goleash.ready") == 1, "ready")
+            pid = str(pop.pid)
+            wait_for(
+                lambda: agent.metric("goleash_goroutines_live", pid=pid, function="main.orphan"),
+                "per-site metrics",
+                APPEAR_S,
+            )
+            pop.churn(200)
+            wait_for(
+                lambda: (
+                    agent.metric("goleash_goroutines_exited_total", pid=pid, function="main.churn")
+                    == 200
+                ),
+                "the churn counted",
+            )
+            fams = agent.scrape()
+            by_fn = {
+                s.labels["function"]: s
+                for s in fams["goleash_goroutines_live"]
+                if s.labels["pid"] == pid
+            }
+            for pop_name, n in COUNTS.items():
+                assert by_fn[FUNCS[pop_name]].value == n
+                assert by_fn[FUNCS[pop_name]].labels["service"] == "goleash-e2e-metrics"
+                assert by_fn[FUNCS[pop_name]].labels["go_statement"].endswith(stmt(pop_name))
+            assert not any(f.startswith("runtime.") and f != "runtime.main" for f in by_fn)
+            orphaned = {
+                s.labels["function"]: s.value
+                for s in fams["goleash_goroutines_orphaned"]
+                if s.labels["pid"] == pid and s.value
+            }
+            assert orphaned == {"main.orphan": COUNTS["orphan"]}
+            created = {
+                s.labels["function"]: s.value
+                for s in fams["goleash_goroutines_created"]
+                if s.name.endswith("_total") and s.labels["pid"] == pid
+            }
+            assert created["main.churn"] == 200
+            hits = {
+                s.labels["probe"]: s.value
+                for s in fams["goleash_probe_hits"]
+                if s.labels["pid"] == pid
+            }
+            assert hits["create"] >= 200 and hits["exit"] >= 200
+            samples = {s.name: s.value for fam in fams.values() for s in fam if not s.labels}
+            assert samples["goleash_agent_tracked_processes"] == 1
+            assert samples["goleash_agent_connected"] == 1
+            assert samples["goleash_agent_batches_total"] >= 1
+            assert samples["process_cpu_seconds_total"] > 0
+            assert samples["process_resident_memory_bytes"] > 0
+        finally:
+            assert agent.stop() == 0, agent.log
+            cp.stop()
+        # SIGTERM: the agent detached everything on its way out
+        assert not probes_in(pop.pid)
+
+
+def test_goleash_run_shows_the_fixture_within_an_interval(tmp_path: Path) -> None:
+    with populations(tmp_path, "goleash-e2e-run") as pop:
+        run = Daemon(
+            [
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--db",
+                str(tmp_path / "run.db"),
+                "--exe",
+                "*goleash-e2e-run",
+                "--interval",
+                str(INTERVAL),
+                "--orphan-min-age",
+                "0",
+                "--health-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ]
+        )
+        try:
+            address = run.wait_line(r"control plane listening on (\S+)").group(1)
+            row = wait_for(lambda: listed(address, pop.pid), "ps to list it", APPEAR_S)
+            assert row["tracking"] == "probes" and row["orphans"] == COUNTS["orphan"]
+            (group,) = cli_json("orphans", "--server", address)
+            assert (group["function"], group["count"]) == ("main.orphan", COUNTS["orphan"])
+            top = subprocess.run(
+                [*GOLEASH, "top", "--once", "--server", address],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert top.returncode == 0 and "main.orphan" in top.stdout, top.stderr
+            assert os.getpid() != pop.pid
+        finally:
+            assert run.stop() == 0, run.log
+        assert not probes_in(pop.pid)
+
+
+def test_agent_alone_survives_no_control_plane(tmp_path: Path) -> None:
+    """Started before any control plane exists: it traces, buffers, and is ready
+    (readiness is about its probes, not about the control plane)."""
+    with populations(tmp_path, "goleash-e2e-alone") as pop:
+        agent = Agent(f"127.0.0.1:{free_port()}", "--pid", str(pop.pid))
+        try:
+            wait_for(lambda: agent.health_status("goleash.ready") == 1, "ready")
+            wait_for(lambda: probes_in(pop.pid), "the probes placed")
+            wait_for(lambda: agent.metric("goleash_agent_buffered_batches") >= 2, "buffering")
+            assert agent.metric("goleash_agent_connected") == 0
+        finally:
+            assert agent.stop() == 0, agent.log
+        assert not probes_in(pop.pid)
