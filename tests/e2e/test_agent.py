@@ -565,3 +565,80 @@ def test_agent_alone_survives_no_control_plane(tmp_path: Path) -> None:
         finally:
             assert agent.stop() == 0, agent.log
         assert not probes_in(pop.pid)
+
+
+def test_function_latency_and_panics_reach_the_control_plane(tmp_path: Path) -> None:
+    """--func and --panics: the funclat fixture's `panics` workload calls safeCall
+    goroutines x calls times; every 4th call's mayPanic panics (recovered in safeCall),
+    every 10th call also an index panic."""
+    goroutines, calls = 4, 40
+    exe = tmp_path / "goleash-e2e-funclat"
+    shutil.copy(gobuild.build("funclat", GO_A), exe)
+    cp = ControlPlane(tmp_path / "cp.db")
+    stub = api(cp.address)
+    with subprocess.Popen(
+        [str(exe), "-mode", "panics", "-goroutines", str(goroutines), "-calls", str(calls)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    ) as fx:
+        assert fx.stdout is not None and fx.stdin is not None
+        assert fx.stdout.readline().split() == ["ready", str(fx.pid)]
+        agent = Agent(
+            cp.address,
+            "--pid",
+            str(fx.pid),
+            extra=("--func", "main.safeCall", "main.mayPanic", "main.noSuchFunction", "--panics"),
+        )
+        try:
+            wait_for(lambda: listed(cp.address, fx.pid), "the process in ps", APPEAR_S)
+            agent.wait_line(r"--func: no function matches 'main.noSuchFunction'")
+            fx.stdin.write("go\n")
+            fx.stdin.flush()
+            result = json.loads(fx.stdout.readline())
+            assert fx.stdout.readline().strip() == "done"
+            panics = result["extra"]["recovered"] + result["extra"]["index_recovered"]
+            assert result["calls"] == goroutines * calls and panics > 0
+
+            def timed(fn: str) -> int:
+                try:
+                    r = stub.GetFunctionLatency(
+                        q.GetFunctionLatencyRequest(
+                            function=fn, selector=q.ProcessSelector(pid=fx.pid)
+                        ),
+                        timeout=5,
+                    )
+                except grpc.RpcError:
+                    return -1
+                return int(r.count)
+
+            n = goroutines * calls
+            wait_for(lambda: timed("main.safeCall") == n, f"{n} timed safeCall calls", 10)
+            # the calls that panicked never returned: only the others are timed
+            assert timed("main.mayPanic") == n - result["extra"]["recovered"]
+            row = wait_for(
+                lambda: (p := listed(cp.address, fx.pid)) and p["panics"] == panics and p,
+                "the panics counted",
+            )
+            assert row["panics"] == panics
+            by_fn = {
+                s.labels["function"]: s.value
+                for s in agent.scrape()["goleash_panics"]
+                if s.name.endswith("_total")
+            }
+            assert by_fn == {
+                "main.mayPanic": result["extra"]["recovered"],
+                "main.indexPanic": result["extra"]["index_recovered"],
+            }
+            counts = {
+                s.labels["function"]: s.value
+                for s in agent.scrape()["goleash_function_latency_seconds"]
+                if s.name.endswith("_count")
+            }
+            assert counts["main.safeCall"] == n
+        finally:
+            assert agent.stop() == 0, agent.log
+            cp.stop()
+            fx.stdin.close()
+            fx.wait(timeout=10)
