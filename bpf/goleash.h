@@ -90,6 +90,7 @@ struct fl_stats {
     u64 overflow;    /* entries not recorded: FL_MAX_DEPTH calls already in flight */
     u64 opened;      /* entries recorded; opened - count - stale - expired = in flight */
     u64 expired;     /* calls whose RET probes were detached meanwhile (sampling): not timed */
+    u64 ret_nop_hits; /* hits at NOPs standing in for a RET (emulated; ret_hits: stepped) */
 };
 
 /* A panic site: the caller of runtime.gopanic and 3 more frames (frame pointers),

@@ -224,6 +224,28 @@ def test_stack_growth_during_the_call(toolchain: str) -> None:
         assert prog.result()["calls"] == n
 
 
+def test_nop_before_ret_is_probed_instead_of_the_ret(toolchain: str) -> None:
+    """Where Go leaves a NOP right before a RET (Go >= 1.21 for this shape), the
+    emulated NOP is probed in place of the single-stepped RET: same calls, same times."""
+    calls = 30
+    with (
+        funclat(toolchain, "-mode", "referer", "-calls", str(calls)) as (prog, pid),
+        traced(pid, ["main.referer"]) as probes,
+    ):
+        (sites,) = (f.sites for f in probes.funcs)
+        prog.send("go")
+        res = prog.result()
+        f = by_symbol(probes)["main.referer"]
+        assert f.count == calls
+        assert f.ret_hits + f.ret_nop_hits == calls  # each call leaves by one site
+        if sites.ret_nops:  # the calls not returning `ref` leave through the NOP
+            assert f.ret_nop_hits == calls - res["extra"]["via_ref"]
+        else:
+            assert f.ret_nop_hits == 0
+        assert f.unmatched == 0 and f.stale == 0
+        assert abs(f.hist.max_ns - res["ns"]["max"]) <= 0.10 * res["ns"]["max"]
+
+
 def test_hot_function_is_sampled_within_budget(toolchain: str) -> None:
     """Over the default 1% budget: probes attached for part of each interval, the
     output says so, and the sampled calls still give the right quantiles."""

@@ -47,6 +47,7 @@ STAT_FIELDS = (
     "overflow",
     "opened",
     "expired",
+    "ret_nop_hits",
 )
 COUNTER_NAMES = (
     "inflight_new",
@@ -82,8 +83,11 @@ class FuncSites:
     symbol: str
     entry: ProbeSite
     sp_adj: int  # bytes the function lowered SP before `entry` (0 at its first instruction)
-    rets: tuple[ProbeSite, ...]
+    rets: tuple[ProbeSite, ...]  # the RETs themselves (single-stepped)
     tail_calls: int  # exits by `jmp` that no RET probe sees
+    # Emulated stand-ins for some RETs: a NOP right before a RET that nothing jumps to
+    # (SP is already what the RET sees). Go leaves one before ~3% of its RETs.
+    ret_nops: tuple[ProbeSite, ...] = ()
 
 
 def _sp_lowered(binary: Any, start: ProbeSite, site: ProbeSite) -> int | None:
@@ -123,7 +127,43 @@ def function_sites(proc: GoProcess, fn: TracedFunction) -> FuncSites:
             f"{fn.symbol} has no RET instruction (it never returns, or leaves only by tail "
             "calls): there is nothing to time"
         )
-    return FuncSites(fn.symbol, entry, adj, tuple(fp.rets), len(fp.tail_calls))
+    rets, nops = _return_sites(proc, fn, fp.rets)
+    return FuncSites(fn.symbol, entry, adj, rets, len(fp.tail_calls), nops)
+
+
+def _return_sites(
+    proc: GoProcess, fn: TracedFunction, rets: Sequence[ProbeSite]
+) -> tuple[tuple[ProbeSite, ...], tuple[ProbeSite, ...]]:
+    """Split the RETs into those probed where they are and emulated NOPs standing in
+    for the others. A NOP stands in only on a straight line: the RET is no jump target,
+    and the function has no indirect jump (a jump table could land on the RET)."""
+    insns = disassemble(proc.binary, fn.addr, fn.size)
+    if any(i.mnemonic == "jmp" and i.target is None for i in insns):
+        return tuple(rets), ()
+    targets = {i.target for i in insns if i.target is not None}
+    before = {b.address: a for a, b in zip(insns, insns[1:], strict=False)}
+    stepped: list[ProbeSite] = []
+    nops: list[ProbeSite] = []
+    for r in rets:
+        prev = before.get(r.vaddr)
+        if (
+            prev is not None
+            and prev.mnemonic == "nop"
+            and prev.is_emulated
+            and r.vaddr not in targets  # a jump to the NOP still passes it: fine
+        ):
+            nops.append(
+                ProbeSite(
+                    r.symbol,
+                    prev.address,
+                    proc.binary.vaddr_to_offset(prev.address),
+                    prev.text,
+                    True,
+                )
+            )
+        else:
+            stepped.append(r)
+    return tuple(stepped), tuple(nops)
 
 
 def runtime_site(proc: GoProcess, name: str, keep: tuple[str, ...]) -> tuple[ProbeSite, int]:
@@ -148,7 +188,8 @@ class FunctionLatency:
     window_s: float = 0.0
     attached_s: float = 0.0  # time its entry probe was attached in the window
     entry_hits: int = 0
-    ret_hits: int = 0
+    ret_hits: int = 0  # at RET instructions (single-stepped)
+    ret_nop_hits: int = 0  # at NOPs standing in for a RET (emulated)
     unmatched: int = 0  # RETs of calls entered before attach (or not recorded)
     stale: int = 0  # calls that never returned (panic, Goexit) or were lost
     migrated: int = 0  # timed calls that returned on another thread
@@ -172,6 +213,7 @@ class FunctionLatency:
             "attached_s",
             "entry_hits",
             "ret_hits",
+            "ret_nop_hits",
             "unmatched",
             "stale",
             "migrated",
@@ -241,7 +283,7 @@ class _FuncState:
 # --- the probes ----------------------------------------------------------------------
 
 
-class _Program:
+class LatencyProgram:
     """One compiled funclat.bpf.c for one process (functions, goexit1, gopanic).
 
     Probes are attached in groups (a function's entry, its RETs, goexit1, gopanic),
@@ -438,7 +480,7 @@ class FuncLatencyProbes:
         self.exit_site, _ = runtime_site(proc, "runtime.goexit1", ("r14",))
         self.cleanup_at_exit = cleanup_at_exit
         self.max_goroutines = max_goroutines
-        self._prog: _Program | None = None
+        self._prog: LatencyProgram | None = None
         self._last_counters = dict.fromkeys(COUNTER_NAMES, 0)
         self._exit_rate: float | None = None  # goexit1 cost, ns per second
 
@@ -463,7 +505,7 @@ class FuncLatencyProbes:
     def attach(self) -> None:
         if self._prog is not None:
             return
-        self._prog = _Program(
+        self._prog = LatencyProgram(
             self.proc,
             [f.sites for f in self.funcs],
             max_goroutines=self.max_goroutines,
@@ -501,7 +543,10 @@ class FuncLatencyProbes:
             # A new epoch: frames entered before may have returned while RETs were off.
             f.epoch += 1
             self._prog.set_epoch(f.fid, f.epoch)
-            self._prog.attach(f"rets:{f.fid}", f.sites.rets, f"fl_ret_{f.fid}")
+            if f.sites.rets:
+                self._prog.attach(f"rets:{f.fid}", f.sites.rets, f"fl_ret_{f.fid}")
+            if f.sites.ret_nops:
+                self._prog.attach(f"retn:{f.fid}", f.sites.ret_nops, f"fl_retnop_{f.fid}")
             f.rets_on = True
         self._prog.attach(f"entry:{f.fid}", [f.sites.entry], f"fl_entry_{f.fid}")
         f.entry_on, f.on_since = True, now
@@ -514,23 +559,22 @@ class FuncLatencyProbes:
     def _rets_off(self, f: _FuncState) -> None:
         assert self._prog is not None
         self._prog.detach(f"rets:{f.fid}")
+        self._prog.detach(f"retn:{f.fid}")
         f.rets_on = False
 
     # --- cost --------------------------------------------------------------------------
 
-    def _cost_ns(self, f: _FuncState, entry_hits: int, ret_hits: int) -> float:
+    def _cost_ns(self, f: _FuncState, entry_hits: int, ret_hits: int, nop_hits: int) -> float:
+        """What the hits cost the process: RETs are single-stepped, their NOP stand-ins
+        and (almost always) the entry site emulated."""
         b = self.budget
         e = b.emulated_ns if f.sites.entry.emulated else b.stepped_ns
-        r = b.emulated_ns if all(s.emulated for s in f.sites.rets) else b.stepped_ns
-        return entry_hits * e + ret_hits * r
+        return entry_hits * e + ret_hits * b.stepped_ns + nop_hits * b.emulated_ns
 
     def _spent(self, f: _FuncState, st: dict[str, int]) -> float:
         assert f.last is not None
-        return self._cost_ns(
-            f,
-            st["entry_hits"] - f.last.stats["entry_hits"],
-            st["ret_hits"] - f.last.stats["ret_hits"],
-        )
+        d = {k: st[k] - f.last.stats[k] for k in ("entry_hits", "ret_hits", "ret_nop_hits")}
+        return self._cost_ns(f, d["entry_hits"], d["ret_hits"], d["ret_nop_hits"])
 
     def _shares(self, interval_s: float) -> dict[int, float]:
         """Each function's allowance (ns) this interval: the budget left after the
@@ -584,7 +628,7 @@ class FuncLatencyProbes:
         while True:
             now = time.monotonic()
             for f in list(want_on):  # a slice starts once its old probes are gone
-                if not (prog.busy(f"entry:{f.fid}") or prog.busy(f"rets:{f.fid}")):
+                if not any(prog.busy(f"{g}:{f.fid}") for g in ("entry", "rets", "retn")):
                     self._switch_on(f, now)
                     started[f.fid] = now
                     want_on.remove(f)
@@ -627,6 +671,7 @@ class FuncLatencyProbes:
                     attached_s=attached[f.fid],
                     entry_hits=d["entry_hits"],
                     ret_hits=d["ret_hits"],
+                    ret_nop_hits=d["ret_nop_hits"],
                     unmatched=d["unmatched"],
                     stale=d["stale"],
                     migrated=d["migrated"],
@@ -645,7 +690,7 @@ class FuncLatencyProbes:
         )
         self._exit_rate = exit_ns / elapsed if elapsed > 0 else None
         funcs_ns = sum(
-            self._cost_ns(f, r.entry_hits, r.ret_hits)
+            self._cost_ns(f, r.entry_hits, r.ret_hits, r.ret_nop_hits)
             for f, r in zip(self.funcs, readings, strict=True)
         )
         cost = (funcs_ns + exit_ns) / (elapsed * 1e9) if elapsed > 0 else 0.0
@@ -736,12 +781,12 @@ class PanicProbes:
         self.proc = proc
         self.max_sites = max_sites
         self.site, self.sp_adj = runtime_site(proc, "runtime.gopanic", ("r14",))
-        self._prog: _Program | None = None
+        self._prog: LatencyProgram | None = None
 
     def attach(self) -> None:
         if self._prog is not None:
             return
-        self._prog = _Program(
+        self._prog = LatencyProgram(
             self.proc,
             [],
             max_goroutines=1,
