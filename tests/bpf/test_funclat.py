@@ -301,6 +301,20 @@ def test_panics_counted_per_function(toolchain: str, variant: str) -> None:
         assert lines["main.indexPanic"] == gobuild.marker_line("funclat", "index-panic")
 
 
+def test_unrecovered_panic_is_counted_before_the_process_dies(toolchain: str) -> None:
+    with funclat(toolchain, "-mode", "crash") as (prog, pid):
+        with PanicProbes(GoProcess.attach(pid)) as panics:
+            prog.send("go")
+            assert prog.p.wait(timeout=60) == 2  # Go's exit status for a fatal panic
+            reading = panics.read()  # the counts live in our maps, not in the process
+        assert reading.total == 1
+        (site,) = reading.sites
+        assert site.function == "main.crash"
+        assert (Path(site.file or "").name, site.line) == gobuild.marker_line(
+            "funclat", "crash-here"
+        )
+
+
 # --- HTTP/2 ----------------------------------------------------------------------------
 
 
