@@ -208,7 +208,7 @@ def test_latency_jump_over_baseline_degrades_and_a_recovery_signal_recovers(
             services: [client]
             signal:
               kind: function_latency
-              function: {READFRAME}
+              function: "*http2*Framer).ReadFrame"  # any release's package path
               quantile: p99
               window: 10s
               over_baseline: 100ms

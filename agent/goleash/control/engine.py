@@ -806,10 +806,13 @@ class PolicyEngine:
             v = float(sum(p.panics for p in procs)) / window * 60.0
             return Reading(v, v, processes=n)
         # function_latency
+        fn = self._function(svc, sig.function)
+        if fn is None:
+            return None
         try:
             lat = self.store.function_latency(
                 q.GetFunctionLatencyRequest(
-                    function=sig.function,
+                    function=fn,
                     selector=_selector(svc),
                     window_seconds=window,
                     quantiles=[sig.quantile],
@@ -837,6 +840,24 @@ class PolicyEngine:
             return None
         base = statistics.median(past)
         return Reading(v - base, v, baseline=base, processes=n, note=f"{lat.count} calls")
+
+    def _function(self, svc: str, pattern: str) -> str | None:
+        """The traced function a signal names: exactly, or by a glob (`*` any run, `(*`
+        a pointer receiver), so one policy covers releases where net/http's HTTP/2
+        framer has another package path (`*http2*Framer).ReadFrame`)."""
+        s = self.store.services.get(svc)
+        if s is None:
+            return None
+        if pattern in s.latency or "*" not in pattern.replace("(*", "("):
+            return pattern
+        rx = re.compile(
+            "".join(
+                r"\(\*" if pattern[i : i + 2] == "(*" else ".*" if ch == "*" else re.escape(ch)
+                for i, ch in enumerate(pattern)
+                if not (ch == "*" and i and pattern[i - 1] == "(")
+            )
+        )
+        return next((f for f in sorted(s.latency) if rx.fullmatch(f)), None)
 
     def _site_live(self, svc: str, site: str, now: float) -> int:
         resp = self.store.goroutine_summary(

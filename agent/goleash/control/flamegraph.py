@@ -51,9 +51,11 @@ def creation_stacks(
         frames = [f"go {root}", function]
         g = examples.get((function, stmt))
         if g is not None:
-            now = [fr.function for fr in reversed(g.stack)]
-            if now and now[0] == function:
-                now = now[1:]
+            now = [fr.function for fr in reversed(g.stack) if fr.function != "runtime.goexit"]
+            # Go 1.21+ starts `go f(x)` in a wrapper (caller.gowrapN) that calls f: the
+            # started function is drawn once, with what runs above it
+            if function in now:
+                now = now[now.index(function) + 1 :]
             frames += now
             if g.wait_reason:
                 frames.append(f"[{g.wait_reason}]")

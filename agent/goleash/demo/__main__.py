@@ -1,0 +1,5 @@
+import sys
+
+from goleash.demo.run import main
+
+sys.exit(main())
