@@ -331,3 +331,15 @@ def test_gone_processes_and_idle_services_are_pruned_after_the_retention(store: 
     assert (a.identity.agent_id, 10) in store.procs  # still listed as gone
     store.prune(T0 + 400)
     assert not store.procs and "batch-job" not in store.services
+
+
+def test_processes_ordered_by_goroutines_or_orphans_with_a_limit(store: Store) -> None:
+    orphan_setup(store)
+    busiest = store.list_processes(
+        q.ListProcessesRequest(order_by=q.PROCESS_ORDER_GOROUTINES, limit=1), T0 + 6
+    )
+    assert [p.info.pid for p in busiest.processes] == [10] and busiest.total_size == 2
+    by_orphans = store.list_processes(q.ListProcessesRequest(order_by=q.PROCESS_ORDER_ORPHANS), T0)
+    assert [(p.info.pid, p.orphans) for p in by_orphans.processes] == [(10, 25), (20, 4)]
+    with pytest.raises(InvalidArgument):
+        store.list_processes(q.ListProcessesRequest(order_by=7), T0)

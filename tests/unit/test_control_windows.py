@@ -11,7 +11,15 @@ from goleash.control.histogram import (
     bucket_index,
     from_values,
 )
-from goleash.control.windows import DEFAULT_TIERS, Kind, Ring, Tier, Windows, covered, pick_tier
+from goleash.control.windows import (
+    DEFAULT_TIERS,
+    HistogramWindows,
+    Kind,
+    Tier,
+    Windows,
+    covered,
+    pick_tier,
+)
 
 RNG = random.Random(7)
 VALUES = [0, 1, 2, 3, 7, 8, 9, 1000, 1023, 1024, 1025, 999_999, 10**6, 5 * 10**9, 2**40 + 17]
@@ -69,8 +77,7 @@ def test_empty_histogram_has_zero_quantiles() -> None:
 
 
 def test_ring_sums_counters_over_the_window_and_forgets_older_slots() -> None:
-    tier = Tier(5.0, 13)
-    r = Ring(tier, (Kind.SUM,))
+    r = Windows((Kind.SUM,), (Tier(5.0, 13),))
     for i in range(40):  # one count per second for 40 s, starting at t=1000
         r.record(1000.0 + i, (1,))
     now = 1039.5
@@ -82,7 +89,7 @@ def test_ring_sums_counters_over_the_window_and_forgets_older_slots() -> None:
 
 
 def test_ring_gauges_keep_last_and_max_per_slot() -> None:
-    r = Ring(Tier(5.0, 13), (Kind.LAST, Kind.MAX))
+    r = Windows((Kind.LAST, Kind.MAX), (Tier(5.0, 13),))
     r.record(100.0, (3, 3))
     r.record(101.0, (9, 9))
     r.record(102.0, (4, 4))
@@ -107,3 +114,15 @@ def test_five_minute_window_counts_what_the_one_minute_window_has_forgotten() ->
     w.record(1200.0, (1,))
     assert w.total(1210.0, 60, 0) == 1
     assert w.total(1210.0, 300, 0) == 8
+
+
+def test_histogram_windows_merge_slots_and_coarsen_to_the_coarsest_layout() -> None:
+    hw = HistogramWindows()
+    fine, coarse = from_values(VALUES[:500], 5), from_values(VALUES[500:1000], 2)
+    hw.record(1000.0, 5, list(fine.buckets.items()), fine.count, fine.sum_seconds)
+    hw.record(1002.0, 2, list(coarse.buckets.items()), coarse.count, coarse.sum_seconds)
+    merged = hw.merged(1003.0, 10)
+    assert merged is not None and merged.bits == 2
+    assert merged.buckets == from_values(VALUES[:1000], 2).buckets
+    assert merged.count == 1000
+    assert hw.merged(1400.0, 60) is None  # long gone from the window

@@ -33,7 +33,7 @@ def bucket_bounds(index: int, bits: int) -> tuple[int, int]:
     return low, low + (1 << (e - bits))
 
 
-@dataclass
+@dataclass(slots=True)
 class Histogram:
     """Bucket counts at one resolution, plus count and sum (seconds)."""
 

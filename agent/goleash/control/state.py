@@ -95,18 +95,22 @@ class AgentState:
 
 @dataclass(eq=False)
 class SiteState:
-    """One creation site in one process."""
+    """One creation site in one process.
+
+    `summary` is the site's part of the latest snapshot, kept as the message itself:
+    copying its fields at ingest cost more than reading them at query time (it keeps
+    the agent's latest batch alive, about one batch per agent)."""
 
     creator: str
     windows: Windows
     touched: float
+    summary: ing.SiteSummary | None = None  # None: no live goroutines left
     live: int = 0
-    age: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # p50, p90, p99, max
-    wait: tuple[tuple[str, int], ...] = ()
     orphans: int = 0
-    orphan_oldest: float = 0.0
-    orphan_reason: str = ""
-    orphan_blocked: float = 0.0
+
+    @property
+    def oldest(self) -> float:
+        return self.summary.age.max_seconds if self.summary is not None else 0.0
 
 
 @dataclass(eq=False)
@@ -122,6 +126,7 @@ class ProcState:
     goroutines: int = 0
     orphans: int = 0
     sites: dict[SiteKey, SiteState] = field(default_factory=dict)
+    orphan_sites: set[SiteKey] = field(default_factory=set)  # sites with orphans now
     kept: Sequence[t.Goroutine] = ()
     latency: dict[str, HistogramWindows] = field(default_factory=dict)
     drops: Counter[str] = field(default_factory=Counter)
@@ -160,10 +165,14 @@ class _SiteNow:
         self.live += s.live
         self.orphans += s.orphans
         self.processes += 1 if s.live else 0
-        if s.age[3] > self.age[3]:
-            self.age = s.age
-        for reason, n in s.wait:
-            self.wait[reason] += n
+        ss = s.summary
+        if ss is None:
+            return
+        a = ss.age
+        if a.max_seconds > self.age[3]:
+            self.age = (a.p50_seconds, a.p90_seconds, a.p99_seconds, a.max_seconds)
+        for w in ss.wait_reasons:
+            self.wait[w.reason] += w.count
 
 
 # --- helpers -----------------------------------------------------------------
@@ -239,6 +248,9 @@ class Store:
     ) -> None:
         self._emit = emit
         self.tiers = tuple(tiers)
+        # Per-process latency keeps only the coarsest tier: histograms are the bulk of
+        # the memory (a dict per slot), and the finer windows matter per service.
+        self.process_latency_tiers = self.tiers[-1:]
         self.retention = retention(self.tiers)
         self.leak = leak
         self.agents: dict[str, AgentState] = {}
@@ -407,7 +419,7 @@ class Store:
             if site is None:
                 site = svc.sites[k] = ServiceSite(s.creator, Windows(SITE_KINDS, self.tiers))
             site.live += s.live
-            site.windows.record(now, (0, 0, site.live, s.age[3]))
+            site.windows.record(now, (0, 0, site.live, s.oldest))
 
     def _snapshot(self, a: AgentState, s: ing.ProcessSnapshot, now: float) -> None:
         p = self.procs.get((a.identity.agent_id, s.pid))
@@ -432,14 +444,14 @@ class Store:
             ssite = svc.sites.get(k)
             if ssite is None:
                 ssite = svc.sites[k] = ServiceSite(ss.creator_function, Windows(SITE_KINDS, tiers))
-            ssite.live += ss.live - site.live
-            age = ss.age
-            site.live = ss.live
-            site.age = (age.p50_seconds, age.p90_seconds, age.p99_seconds, age.max_seconds)
-            site.wait = tuple((w.reason, w.count) for w in ss.wait_reasons)
+            live = ss.live
+            ssite.live += live - site.live
+            site.live = live
+            site.summary = ss
             site.touched = now
             o = ss.orphans
-            if o.count and not site.orphans:
+            n_orphans = o.count
+            if n_orphans and not site.orphans:
                 self._emit(
                     t.EVENT_KIND_ORPHANS_APPEARED,
                     f"{p.service} pid {s.pid}: {o.count} orphaned goroutine(s) of "
@@ -456,15 +468,17 @@ class Store:
                         "reason": o.dominant_wait_reason,
                     },
                 )
-            site.orphans = o.count
-            site.orphan_oldest = o.oldest_age_seconds
-            site.orphan_reason = o.dominant_wait_reason
-            site.orphan_blocked = o.longest_blocked_seconds
-            orphans += o.count
-            site.windows.record(now, (ss.created, ss.exited, ss.live, age.max_seconds))
-            ssite.windows.record(now, (ss.created, ss.exited, ssite.live, age.max_seconds))
-            created += ss.created
-            exited += ss.exited
+            if n_orphans:
+                p.orphan_sites.add(k)
+            elif site.orphans:
+                p.orphan_sites.discard(k)
+            site.orphans = n_orphans
+            orphans += n_orphans
+            c, e, oldest = ss.created, ss.exited, ss.age.max_seconds
+            site.windows.record(now, (c, e, live, oldest))
+            ssite.windows.record(now, (c, e, ssite.live, oldest))
+            created += c
+            exited += e
         for k in [k for k in p.sites if k not in seen]:
             site = p.sites[k]
             if site.live or site.orphans:
@@ -472,7 +486,8 @@ class Store:
                 ssite.live -= site.live
                 ssite.windows.record(now, (0, 0, ssite.live, 0))
                 site.live = site.orphans = 0
-                site.wait = ()
+                p.orphan_sites.discard(k)
+                site.summary = None
                 site.windows.record(now, (0, 0, 0, 0))
             elif now - site.touched > self.retention:
                 del p.sites[k]
@@ -501,10 +516,13 @@ class Store:
                 a.drops["invalid_histogram"] += 1
                 continue
             buckets = [(b.index, b.count) for b in h.buckets]
-            for owner in (p.latency, svc.latency):
+            for owner, owner_tiers in (
+                (p.latency, self.process_latency_tiers),
+                (svc.latency, tiers),
+            ):
                 hw = owner.get(lat.function)
                 if hw is None:
-                    hw = owner[lat.function] = HistogramWindows(tiers)
+                    hw = owner[lat.function] = HistogramWindows(owner_tiers)
                 hw.record(now, h.sub_bucket_bits, buckets, h.count, h.sum_seconds)
         for d in s.drops:
             p.drops[d.reason] += d.count
@@ -520,6 +538,7 @@ class Store:
         self._detach(p, now)
         p.gone_at, p.gone_reason = now, reason
         p.goroutines = p.orphans = 0
+        p.orphan_sites.clear()
         p.kept = ()
         self._with_orphans.discard(key)
         a.procs.discard(key)
@@ -658,12 +677,23 @@ class Store:
             )
         return out
 
+    _ORDERS: dict[int, Callable[[ProcState], Any]] = {
+        q.PROCESS_ORDER_UNSPECIFIED: lambda p: (p.service, p.key),
+        q.PROCESS_ORDER_GOROUTINES: lambda p: (-p.goroutines, p.service, p.key),
+        q.PROCESS_ORDER_ORPHANS: lambda p: (-p.orphans, -p.goroutines, p.service, p.key),
+    }
+
     def list_processes(self, req: q.ListProcessesRequest, now: float) -> q.ListProcessesResponse:
         w = self.window(req.window_seconds)
+        order = self._ORDERS.get(req.order_by)
+        if order is None:
+            raise InvalidArgument(f"order_by {req.order_by} is not a ProcessOrder")
         procs = self.select(req.selector, include_gone=req.include_gone)
-        procs.sort(key=lambda p: (p.service, p.key))
-        out = q.ListProcessesResponse(window_seconds=covered(now, w, self.tiers))
-        for p in procs:
+        procs.sort(key=order)
+        out = q.ListProcessesResponse(
+            window_seconds=covered(now, w, self.tiers), total_size=len(procs)
+        )
+        for p in procs[: req.limit or None]:
             out.processes.add(
                 info=p.info,
                 agent_id=p.key[0],
@@ -684,52 +714,62 @@ class Store:
     def goroutine_summary(
         self, req: q.GetGoroutineSummaryRequest, now: float
     ) -> q.GetGoroutineSummaryResponse:
+        """Sites of the selection, most live first. Whole services are answered from
+        their service-level windows; only the sites returned are looked up in each
+        process (ages, wait reasons), so `limit` keeps a 20k-process summary cheap."""
         w = self.window(req.window_seconds)
         sel = req.selector
         procs = self.select(sel)
-        per_process = bool(sel.agent_id or sel.pid)
-        now_by_site: dict[tuple[str, str, str], _SiteNow] = {}
-        windowed: dict[tuple[str, str, str], list[float]] = {}  # created, exited, growth
         out = q.GetGoroutineSummaryResponse(
             window_seconds=covered(now, w, self.tiers), processes=len(procs)
         )
-        for p in procs:
-            out.goroutines += p.goroutines
-            out.created += int(p.windows.total(now, w, CREATED))
-            out.exited += int(p.windows.total(now, w, EXITED))
-            out.orphans += p.orphans
-            for (fn, stmt), s in p.sites.items():
-                key = (p.service, fn, stmt)
-                acc = now_by_site.get(key)
-                if acc is None:
-                    acc = now_by_site[key] = _SiteNow()
-                acc.add(s)
-                if per_process:
-                    win = windowed.setdefault(key, [0.0, 0.0, 0.0])
-                    win[0] += s.windows.total(now, w, CREATED)
-                    win[1] += s.windows.total(now, w, EXITED)
-                    win[2] += detect.growth_per_minute(s.windows.series(now, w, LIVE))
-        if not per_process:
+        # (service, function, go statement) -> live, created, exited, where to look
+        rows: dict[tuple[str, str, str], list[Any]] = {}
+        if sel.agent_id or sel.pid:
+            for p in procs:
+                out.goroutines += p.goroutines
+                out.created += int(p.windows.total(now, w, CREATED))
+                out.exited += int(p.windows.total(now, w, EXITED))
+                out.orphans += p.orphans
+                for k, s in p.sites.items():
+                    row = rows.setdefault((p.service, *k), [0, 0.0, 0.0, []])
+                    row[0] += s.live
+                    row[1] += s.windows.total(now, w, CREATED)
+                    row[2] += s.windows.total(now, w, EXITED)
+                    row[3].append(p)
+        else:
             services = [self.services[sel.service]] if sel.service else self.services.values()
             for svc in services:
-                for (fn, stmt), ssite in svc.sites.items():
-                    key = (svc.name, fn, stmt)
-                    windowed[key] = [
-                        ssite.windows.total(now, w, CREATED),
-                        ssite.windows.total(now, w, EXITED),
-                        detect.growth_per_minute(ssite.windows.series(now, w, LIVE)),
+                out.goroutines += svc.goroutines
+                out.created += int(svc.windows.total(now, w, CREATED))
+                out.exited += int(svc.windows.total(now, w, EXITED))
+                for k, ss in svc.sites.items():
+                    rows[(svc.name, *k)] = [
+                        ss.live,
+                        ss.windows.total(now, w, CREATED),
+                        ss.windows.total(now, w, EXITED),
+                        svc,
                     ]
-                    now_by_site.setdefault(key, _SiteNow(creator=ssite.creator))
-        rows = []
-        for key, acc in now_by_site.items():
-            created, exited, growth = windowed.get(key, (0.0, 0.0, 0.0))
-            if not (acc.live or created or exited):
-                continue
-            rows.append((acc.live, created, key, acc, exited, growth))
-        rows.sort(key=lambda r: (-r[0], -r[1], r[2]))
-        if req.limit:
-            rows = rows[: req.limit]
-        for live, created, (service, fn, stmt), acc, exited, growth in rows:
+            out.orphans = sum(p.orphans for p in procs)
+        ranked = sorted(
+            ((key, row) for key, row in rows.items() if row[0] or row[1] or row[2]),
+            key=lambda kr: (-kr[1][0], -kr[1][1], kr[0]),
+        )
+        for (service, fn, stmt), (live, created, exited, where) in ranked[: req.limit or None]:
+            k = (fn, stmt)
+            acc = _SiteNow()
+            if isinstance(where, ServiceState):
+                acc.creator = where.sites[k].creator
+                growth = detect.growth_per_minute(where.sites[k].windows.series(now, w, LIVE))
+                for key in where.procs:
+                    s = self.procs[key].sites.get(k)
+                    if s is not None:
+                        acc.add(s)
+            else:
+                growth = 0.0
+                for p in where:
+                    acc.add(p.sites[k])
+                    growth += detect.growth_per_minute(p.sites[k].windows.series(now, w, LIVE))
             out.sites.add(
                 service=service,
                 function=fn,
@@ -813,24 +853,26 @@ class Store:
             p = self.procs[key]
             if not self._matches(p, sel):
                 continue
-            for (fn, stmt), s in p.sites.items():
-                if not s.orphans:
+            for fn, stmt in p.orphan_sites:
+                s = p.sites[(fn, stmt)]
+                if s.summary is None:
                     continue
-                g = groups.setdefault(
-                    (p.service, fn, stmt),
-                    {
+                gk = (p.service, fn, stmt)
+                g = groups.get(gk)
+                if g is None:
+                    g = groups[gk] = {
                         "creator": s.creator,
                         "count": 0,
                         "oldest": 0.0,
                         "blocked": 0.0,
                         "reasons": Counter(),
                         "procs": [],
-                    },
-                )
+                    }
+                o = s.summary.orphans
                 g["count"] += s.orphans
-                g["oldest"] = max(g["oldest"], s.orphan_oldest)
-                g["blocked"] = max(g["blocked"], s.orphan_blocked)
-                g["reasons"][s.orphan_reason] += s.orphans
+                g["oldest"] = max(g["oldest"], o.oldest_age_seconds)
+                g["blocked"] = max(g["blocked"], o.longest_blocked_seconds)
+                g["reasons"][o.dominant_wait_reason] += s.orphans
                 g["procs"].append(p)
         out = q.ListOrphansResponse()
         ordered = sorted(groups.items(), key=lambda kv: (-kv[1]["count"], kv[0]))
@@ -913,8 +955,10 @@ class Store:
         sel = req.selector
         procs = self.select(sel)
         fn = req.function
+        span_tiers = self.tiers
         if sel.agent_id or sel.pid:
             sources = [p.latency[fn] for p in procs if fn in p.latency]
+            span_tiers = self.process_latency_tiers
         else:
             services = [self.services[sel.service]] if sel.service else self.services.values()
             sources = [svc.latency[fn] for svc in services if fn in svc.latency]
@@ -928,10 +972,10 @@ class Store:
         merged: Histogram | None = None
         for hw in sources:
             merged = hw.merged(now, w, merged)
-        span = covered(now, w, self.tiers)
+        span = covered(now, w, span_tiers)
         out = q.GetFunctionLatencyResponse(function=fn, window_seconds=span)
         out.processes = sum(
-            1 for p in procs if fn in p.latency and p.latency[fn].latest_time() > now - span
+            1 for p in procs if fn in p.latency and p.latency[fn].last_record > now - span
         )
         if merged is not None and merged.count:
             out.count = merged.count

@@ -10,6 +10,7 @@ caller passes (the control plane uses its own receive time, not agents' clocks).
 
 from __future__ import annotations
 
+import functools
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,118 +65,152 @@ def covered(now: float, window: float, tiers: Sequence[Tier] = DEFAULT_TIERS) ->
     return now - first * tier.slot_seconds
 
 
-class Ring:
-    """K metrics of one key in the slots of one tier (flat arrays: ~1 KB per key)."""
+class Layout:
+    """What a family of Windows shares: metric kinds and tiers (one per kind tuple)."""
 
-    __slots__ = ("_kinds", "_stamp", "_tier", "_v")
+    def __init__(self, kinds: Sequence[Kind], tiers: Sequence[Tier]) -> None:
+        self.kinds, self.tiers = tuple(kinds), tuple(tiers)
+        self.k = len(self.kinds)
+        self.slots = sum(t.slots for t in self.tiers)
+        offsets = [sum(t.slots for t in self.tiers[:i]) for i in range(len(self.tiers))]
+        # (first position, slot width, slot count) per tier
+        self.params = tuple(
+            (o, t.slot_seconds, t.slots) for o, t in zip(offsets, self.tiers, strict=True)
+        )
+        self.sums = tuple(j for j, kd in enumerate(self.kinds) if kd is Kind.SUM)
+        self.lasts = tuple(j for j, kd in enumerate(self.kinds) if kd is Kind.LAST)
+        self.maxes = tuple(j for j, kd in enumerate(self.kinds) if kd is Kind.MAX)
+        self.zeros = array("f", [0.0]) * self.k
 
-    def __init__(self, tier: Tier, kinds: Sequence[Kind]) -> None:
-        self._tier = tier
-        self._kinds = tuple(kinds)
-        self._stamp = array("q", [-1]) * tier.slots
-        self._v = array("d", [0.0]) * (tier.slots * len(kinds))
+    def positions(self, now: float, window: float) -> list[tuple[int, int, float]]:
+        """(slot number, array position, slot end) of the window's slots, oldest first."""
+        ti = pick_tier(window, self.tiers)
+        off, width, n = self.params[ti]
+        first, last = _slot_range(self.tiers[ti], now, window)
+        return [(s, off + s % n, min((s + 1) * width, now)) for s in range(first, last + 1)]
+
+
+@functools.cache
+def layout(kinds: tuple[Kind, ...], tiers: tuple[Tier, ...] = DEFAULT_TIERS) -> Layout:
+    return Layout(kinds, tiers)
+
+
+class Windows:
+    """K metrics of one key in the slots of every tier, in two flat arrays (~0.6 KB).
+
+    Recording runs ~30 times per process snapshot, the control plane's hottest code:
+    it is a few tight loops over array positions. Values are float32 (counts are exact
+    up to 2^24 per slot)."""
+
+    __slots__ = ("_layout", "_stamp", "_v")
+
+    def __init__(self, kinds: Sequence[Kind], tiers: Sequence[Tier] = DEFAULT_TIERS) -> None:
+        self._layout = lay = layout(tuple(kinds), tuple(tiers))
+        self._stamp = array("q", [-1]) * lay.slots
+        self._v = array("f", [0.0]) * (lay.slots * lay.k)
 
     def record(self, t: float, values: Sequence[float]) -> None:
-        slot = int(t // self._tier.slot_seconds)
-        i = slot % self._tier.slots
-        k = len(self._kinds)
-        base = i * k
-        v = self._v
-        if self._stamp[i] != slot:
-            self._stamp[i] = slot
-            for j in range(k):
-                v[base + j] = 0.0
-        for j, kind in enumerate(self._kinds):
-            if kind is Kind.SUM:
+        lay = self._layout
+        k, v, stamp = lay.k, self._v, self._stamp
+        for off, width, n in lay.params:
+            slot = int(t // width)
+            pos = off + slot % n
+            base = pos * k
+            if stamp[pos] != slot:
+                stamp[pos] = slot
+                v[base : base + k] = lay.zeros
+            for j in lay.sums:
                 v[base + j] += values[j]
-            elif kind is Kind.LAST or values[j] > v[base + j]:
+            for j in lay.lasts:
                 v[base + j] = values[j]
-
-    def _slots(self, now: float, window: float) -> list[tuple[int, int]]:
-        """(slot number, ring position) of the slots with data inside the window."""
-        first, last = _slot_range(self._tier, now, window)
-        n = self._tier.slots
-        return [(s, s % n) for s in range(first, last + 1) if self._stamp[s % n] == s]
+            for j in lay.maxes:
+                if values[j] > v[base + j]:
+                    v[base + j] = values[j]
 
     def total(self, now: float, window: float, metric: int) -> float:
-        k = len(self._kinds)
-        return sum(self._v[i * k + metric] for _, i in self._slots(now, window))
+        k, v, stamp = self._layout.k, self._v, self._stamp
+        return sum(
+            v[pos * k + metric]
+            for s, pos, _ in self._layout.positions(now, window)
+            if stamp[pos] == s
+        )
 
     def series(self, now: float, window: float, metric: int) -> list[tuple[float, float]]:
         """(time, value) per slot with data, oldest first; time is the slot's end."""
-        k, width = len(self._kinds), self._tier.slot_seconds
+        k, v, stamp = self._layout.k, self._v, self._stamp
         return [
-            (min((s + 1) * width, now), self._v[i * k + metric])
-            for s, i in self._slots(now, window)
+            (end, v[pos * k + metric])
+            for s, pos, end in self._layout.positions(now, window)
+            if stamp[pos] == s
         ]
 
     def latest_time(self) -> float:
         """End of the newest slot with data (-inf when empty)."""
-        newest = max(self._stamp)
-        return (newest + 1) * self._tier.slot_seconds if newest >= 0 else float("-inf")
-
-
-class Windows:
-    """The same metrics kept in every tier; queries pick the tier by window length."""
-
-    __slots__ = ("_rings", "_tiers")
-
-    def __init__(self, kinds: Sequence[Kind], tiers: Sequence[Tier] = DEFAULT_TIERS) -> None:
-        self._tiers = tuple(tiers)
-        self._rings = tuple(Ring(t, kinds) for t in self._tiers)
-
-    def record(self, t: float, values: Sequence[float]) -> None:
-        for r in self._rings:
-            r.record(t, values)
-
-    def total(self, now: float, window: float, metric: int) -> float:
-        return self._rings[pick_tier(window, self._tiers)].total(now, window, metric)
-
-    def series(self, now: float, window: float, metric: int) -> list[tuple[float, float]]:
-        return self._rings[pick_tier(window, self._tiers)].series(now, window, metric)
-
-    def latest_time(self) -> float:
-        return self._rings[0].latest_time()
+        off, width, n = self._layout.params[0]
+        newest = max(self._stamp[off : off + n])
+        return (newest + 1) * width if newest >= 0 else float("-inf")
 
 
 class HistogramWindows:
-    """Latency histograms per slot, in every tier; a window merges its slots."""
+    """Latency histograms per slot, in every tier; a window merges its slots.
 
-    __slots__ = ("_slots", "_stamps", "_tiers")
+    A slot's buckets are a plain {index: count} dict (the garbage collector does not
+    track those), its count and sum sit in arrays. All slots share one layout
+    (`bits`): a histogram with fewer sub-bucket bits coarsens the whole structure."""
+
+    __slots__ = ("_count", "_layout", "_slots", "_stamp", "_sum", "bits", "last_record")
 
     def __init__(self, tiers: Sequence[Tier] = DEFAULT_TIERS) -> None:
-        self._tiers = tuple(tiers)
-        self._stamps = [array("q", [-1]) * t.slots for t in self._tiers]
-        self._slots: list[list[Histogram | None]] = [[None] * t.slots for t in self._tiers]
+        self._layout = lay = layout((Kind.SUM,), tuple(tiers))
+        self.bits = -1
+        self.last_record = float("-inf")  # time of the newest record
+        self._stamp = array("q", [-1]) * lay.slots
+        self._count = array("q", [0]) * lay.slots
+        self._sum = array("d", [0.0]) * lay.slots
+        self._slots: list[dict[int, int] | None] = [None] * lay.slots
+
+    def _coarsen(self, bits: int) -> None:
+        for pos, d in enumerate(self._slots):
+            if d:
+                h = Histogram(self.bits, d)
+                h.coarsen(bits)
+                self._slots[pos] = h.buckets
+        self.bits = bits
 
     def record(
         self, t: float, bits: int, buckets: Sequence[tuple[int, int]], count: int, sum_s: float
     ) -> None:
-        for tier, stamps, slots in zip(self._tiers, self._stamps, self._slots, strict=True):
-            slot = int(t // tier.slot_seconds)
-            i = slot % tier.slots
-            h = slots[i]
-            if stamps[i] != slot or h is None:
-                stamps[i] = slot
-                h = slots[i] = Histogram(bits)
+        if self.bits < 0:
+            self.bits = bits
+        elif bits < self.bits:
+            self._coarsen(bits)
+        if bits != self.bits:  # finer than what we keep: bring it to our layout
+            h = Histogram(self.bits)
             h.add(bits, buckets, count, sum_s)
+            buckets = list(h.buckets.items())
+        stamp, slots = self._stamp, self._slots
+        self.last_record = max(self.last_record, t)
+        for off, width, n in self._layout.params:
+            slot = int(t // width)
+            pos = off + slot % n
+            d = slots[pos]
+            if stamp[pos] != slot or d is None:
+                stamp[pos] = slot
+                d = slots[pos] = {}
+                self._count[pos] = 0
+                self._sum[pos] = 0.0
+            for idx, c in buckets:
+                d[idx] = d.get(idx, 0) + c
+            self._count[pos] += count
+            self._sum[pos] += sum_s
 
     def merged(self, now: float, window: float, into: Histogram | None = None) -> Histogram | None:
         """Merge the window's slots into `into` (or a new histogram); None when no data."""
-        ti = pick_tier(window, self._tiers)
-        tier, stamps, slots = self._tiers[ti], self._stamps[ti], self._slots[ti]
-        first, last = _slot_range(tier, now, window)
         out = into
-        for s in range(first, last + 1):
-            i = s % tier.slots
-            h = slots[i]
-            if stamps[i] == s and h is not None:
+        for s, pos, _ in self._layout.positions(now, window):
+            d = self._slots[pos]
+            if self._stamp[pos] == s and d is not None:
                 if out is None:
-                    out = Histogram(h.bits)
-                out.merge(h)
+                    out = Histogram(self.bits)
+                out.add(self.bits, d.items(), self._count[pos], self._sum[pos])
         return out
-
-    def latest_time(self) -> float:
-        tier, stamps = self._tiers[0], self._stamps[0]
-        newest = max(stamps)
-        return (newest + 1) * tier.slot_seconds if newest >= 0 else float("-inf")

@@ -22,6 +22,12 @@ class ProcessState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PROCESS_STATE_STALE: _ClassVar[ProcessState]
     PROCESS_STATE_GONE: _ClassVar[ProcessState]
 
+class ProcessOrder(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROCESS_ORDER_UNSPECIFIED: _ClassVar[ProcessOrder]
+    PROCESS_ORDER_GOROUTINES: _ClassVar[ProcessOrder]
+    PROCESS_ORDER_ORPHANS: _ClassVar[ProcessOrder]
+
 class PolicyMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     POLICY_MODE_UNSPECIFIED: _ClassVar[PolicyMode]
@@ -44,6 +50,9 @@ PROCESS_STATE_UNSPECIFIED: ProcessState
 PROCESS_STATE_RUNNING: ProcessState
 PROCESS_STATE_STALE: ProcessState
 PROCESS_STATE_GONE: ProcessState
+PROCESS_ORDER_UNSPECIFIED: ProcessOrder
+PROCESS_ORDER_GOROUTINES: ProcessOrder
+PROCESS_ORDER_ORPHANS: ProcessOrder
 POLICY_MODE_UNSPECIFIED: PolicyMode
 POLICY_MODE_ENFORCE: PolicyMode
 POLICY_MODE_MONITOR: PolicyMode
@@ -101,22 +110,28 @@ class AgentStatus(_message.Message):
     def __init__(self, identity: _Optional[_Union[_types_pb2.AgentIdentity, _Mapping]] = ..., state: _Optional[_Union[AgentState, str]] = ..., first_seen_unix_nano: _Optional[int] = ..., last_seen_unix_nano: _Optional[int] = ..., last_sequence: _Optional[int] = ..., batches: _Optional[int] = ..., duplicates: _Optional[int] = ..., gaps: _Optional[int] = ..., processes: _Optional[int] = ..., heartbeat: _Optional[_Union[_types_pb2.Heartbeat, _Mapping]] = ..., drops: _Optional[_Iterable[_Union[_types_pb2.DropCount, _Mapping]]] = ...) -> None: ...
 
 class ListProcessesRequest(_message.Message):
-    __slots__ = ("selector", "window_seconds", "include_gone")
+    __slots__ = ("selector", "window_seconds", "include_gone", "order_by", "limit")
     SELECTOR_FIELD_NUMBER: _ClassVar[int]
     WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_GONE_FIELD_NUMBER: _ClassVar[int]
+    ORDER_BY_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
     selector: ProcessSelector
     window_seconds: float
     include_gone: bool
-    def __init__(self, selector: _Optional[_Union[ProcessSelector, _Mapping]] = ..., window_seconds: _Optional[float] = ..., include_gone: _Optional[bool] = ...) -> None: ...
+    order_by: ProcessOrder
+    limit: int
+    def __init__(self, selector: _Optional[_Union[ProcessSelector, _Mapping]] = ..., window_seconds: _Optional[float] = ..., include_gone: _Optional[bool] = ..., order_by: _Optional[_Union[ProcessOrder, str]] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class ListProcessesResponse(_message.Message):
-    __slots__ = ("processes", "window_seconds")
+    __slots__ = ("processes", "window_seconds", "total_size")
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
     WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     processes: _containers.RepeatedCompositeFieldContainer[ProcessStatus]
     window_seconds: float
-    def __init__(self, processes: _Optional[_Iterable[_Union[ProcessStatus, _Mapping]]] = ..., window_seconds: _Optional[float] = ...) -> None: ...
+    total_size: int
+    def __init__(self, processes: _Optional[_Iterable[_Union[ProcessStatus, _Mapping]]] = ..., window_seconds: _Optional[float] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class ProcessStatus(_message.Message):
     __slots__ = ("info", "agent_id", "node_name", "state", "first_seen_unix_nano", "last_seen_unix_nano", "goroutines", "created", "exited", "orphans", "panics", "drops", "gone_reason")
