@@ -157,6 +157,9 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
             tls_key=args.tls_key,
             tls_ca=args.tls_ca,
             max_message_bytes=args.max_message_bytes,
+            policy_file=args.policy,
+            health_listen=args.health_listen,
+            metrics_listen=args.metrics_listen,
         )
     )
 
@@ -369,6 +372,13 @@ def _add_control_commands(sub: Any) -> None:
         default=DEFAULT_MAX_MESSAGE_BYTES,
         help=f"largest message accepted (default {DEFAULT_MAX_MESSAGE_BYTES})",
     )
+    p.add_argument("--policy", help="policy YAML file, reloaded when it changes (validated first)")
+    p.add_argument(
+        "--health-listen",
+        help='also serve grpc.health.v1 in plaintext on HOST:PORT ("" live, goleash.ready '
+        "ready), for probes that cannot speak TLS",
+    )
+    p.add_argument("--metrics-listen", help="serve Prometheus /metrics on HOST:PORT")
     p.set_defaults(handler=cmd_control_plane)
 
     p = sub.add_parser(

@@ -664,3 +664,47 @@ def test_bad_configuration_fails_with_a_message(tmp_path: Path) -> None:
     )
     assert r.returncode == 2 and "--tls-key" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_plaintext_health_port_and_prometheus_metrics(tmp_path: Path) -> None:
+    cp = ControlPlaneProcess(
+        tmp_path / "goleash.db",
+        *("--health-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"),
+    )
+    try:
+        line = next(x for x in cp.stderr if "listening on" in x)
+        health_addr = line.split("health on ", 1)[1].split(",")[0].strip(" )\n")
+        metrics_addr = line.split("metrics on ", 1)[1].split(",")[0].strip(" )\n")
+        with grpc.insecure_channel(health_addr) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            for service in ("", "goleash.ready"):
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                assert resp.status == health_pb2.HealthCheckResponse.SERVING
+            # the health port carries nothing else
+            api = q_grpc.GoleashServiceStub(ch)
+            assert status_of(lambda: api.ListAgents(q.ListAgentsRequest(), timeout=5)) == (
+                grpc.StatusCode.UNIMPLEMENTED
+            )
+        with grpc.insecure_channel(cp.address) as ch:
+            feed_shop(ch)
+        from urllib.request import urlopen
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = urlopen(f"http://{metrics_addr}/metrics", timeout=10).read().decode()
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+        }
+        assert samples[("goleash_control_agents", (("state", "disconnected"),))] == 2
+        assert samples[("goleash_control_processes", (("state", "running"),))] == 3
+        assert samples[("goleash_control_processes", (("state", "gone"),))] == 1
+        assert samples[("goleash_control_service_goroutines", (("service", "shop"),))] == 82
+        assert samples[("goleash_control_service_orphans", (("service", "shop"),))] == 35
+        assert samples[("goleash_control_batches_total", ())] == 6
+        assert samples[("goleash_control_batch_gaps_total", ())] == 1
+        assert samples[("goleash_control_events_total", ())] >= 9
+        assert samples[("process_resident_memory_bytes", ())] > 0
+    finally:
+        cp.stop()

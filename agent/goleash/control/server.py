@@ -65,6 +65,9 @@ log = logging.getLogger("goleash.control")
 GOLEASH_SERVICE = q.DESCRIPTOR.services_by_name["GoleashService"].full_name
 INGEST_SERVICE = ing.DESCRIPTOR.services_by_name["IngestService"].full_name
 MUTATING = ("SetPolicy", "OverrideService")
+# Health service names: "" is liveness; READY is SERVING once the event log is open,
+# the policy loaded and the API listening (readiness probes, load balancers).
+READY_SERVICE = "goleash.ready"
 WATCH_QUEUE = 10_000  # events a slow watcher may lag behind before it is cut off
 
 
@@ -88,6 +91,9 @@ class ControlPlaneConfig:
     leak: LeakParams = DEFAULT_LEAK_PARAMS
     policy_file: str | None = None  # hot-reloaded; validated before it replaces the running one
     report_dir: str | None = None  # flame graphs of decisions; None: reports/ beside the db
+    # plaintext grpc.health.v1 only (the kubelet's gRPC probes cannot speak TLS)
+    health_listen: str | None = None
+    metrics_listen: str | None = None  # Prometheus /metrics over HTTP
 
 
 def is_loopback(listen: str) -> bool:
@@ -498,6 +504,9 @@ class ControlPlane:
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._upkeep: asyncio.Task[None] | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self._metrics: Any = None
+        self.health_address = self.metrics_address = ""
         report_dir = config.report_dir
         if report_dir is None and self.db_path != ":memory:":
             report_dir = str(Path(self.db_path).parent / "reports")
@@ -560,7 +569,27 @@ class ControlPlane:
         await server.start()
         self._server = server
         self.address = f"{cfg.listen.rsplit(':', 1)[0]}:{port}"
-        for name in ("", GOLEASH_SERVICE, INGEST_SERVICE):
+        if cfg.health_listen:
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            try:
+                hport = self._health_server.add_insecure_port(cfg.health_listen)
+            except RuntimeError as exc:
+                raise ServerSetupError(
+                    f"cannot listen on --health-listen {cfg.health_listen}: {exc}"
+                ) from exc
+            await self._health_server.start()
+            self.health_address = f"{cfg.health_listen.rsplit(':', 1)[0]}:{hport}"
+        if cfg.metrics_listen:
+            from goleash.control.metrics import MetricsServer, view
+
+            self._metrics = MetricsServer(
+                cfg.metrics_listen,
+                asyncio.get_running_loop(),
+                lambda: view(self.store, self.events.last_id(), self.clock()),
+            )
+            self.metrics_address = self._metrics.address
+        for name in ("", GOLEASH_SERVICE, INGEST_SERVICE, READY_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if cfg.full_gc_seconds > 0:
             gc.freeze()  # what start-up allocated lives as long as the process
@@ -595,8 +624,12 @@ class ControlPlane:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._upkeep
         await self.health.enter_graceful_shutdown()
+        if self._metrics is not None:
+            self._metrics.stop()
         if self._server is not None:
             await self._server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(grace)
         self._conn.close()
 
     async def wait(self) -> None:
@@ -610,7 +643,10 @@ async def _serve(config: ControlPlaneConfig) -> None:
     tls = "mTLS" if config.tls_ca else ("TLS" if config.tls_cert else "no TLS")
     print(
         f"goleash control-plane: listening on {address} ({tls}, token "
-        f"{'required for changes' if config.token else 'off'}, events in {cp.db_path})",
+        f"{'required for changes' if config.token else 'off'}, events in {cp.db_path}"
+        + (f", health on {cp.health_address}" if cp.health_address else "")
+        + (f", metrics on {cp.metrics_address}" if cp.metrics_address else "")
+        + ")",
         file=sys.stderr,
         flush=True,
     )
