@@ -414,6 +414,7 @@ def test_malformed_and_oversized_requests_get_the_right_status(channel: grpc.Cha
             q.GetFunctionLatencyRequest(function="main.callBackend", quantiles=[2])
         ),
         lambda: api.ListEvents(q.ListEventsRequest(filter=q.EventFilter(kinds=[999]))),
+        lambda: list(api.WatchEvents(q.WatchEventsRequest(filter=q.EventFilter(kinds=[999])))),
         lambda: stream(channel, [SimAgent("").batch()]),
         lambda: stream(channel, [SimAgent("x").batch(sequence=0)]),
     ]
