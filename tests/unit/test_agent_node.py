@@ -338,3 +338,30 @@ def test_latency_buckets_are_exact_at_octave_bounds() -> None:
     for (le, n), bound in zip(got, LATENCY_BOUNDS_NS, strict=False):
         assert float(le) == bound / 1e9
         assert n == sum(1 for v in values if v < bound), le
+
+
+# --- the DaemonSet's command line ----------------------------------------------------------
+
+
+def test_the_daemonset_args_are_the_agents_flags() -> None:
+    import re
+
+    import yaml
+    from goleash.cli import build_parser
+
+    path = Path(__file__).resolve().parents[2] / "deploy/kubernetes/agent.yaml"
+    ds = next(d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "DaemonSet")
+    (c,) = ds["spec"]["template"]["spec"]["containers"]
+    env = {"NODE_NAME": "node-1", "GOLEASH_SERVER": "cp.goleash:7070", "GOLEASH_INTERVAL": "5"}
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in c["args"]]
+    ns = build_parser().parse_args(args)
+    assert ns.command == "agent"
+    assert (ns.server, ns.node_name, ns.host_root, ns.interval) == (
+        "cp.goleash:7070",
+        "node-1",
+        "/host",
+        5.0,
+    )
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ns.health_listen.endswith(f":{ports['health']}")
+    assert ns.metrics_listen.endswith(f":{ports['metrics']}")

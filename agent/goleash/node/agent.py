@@ -71,6 +71,7 @@ from goleash.node.sender import (
 )
 from goleash.node.tracker import DEFAULT_ORPHAN_MIN_AGE_S, ProcessSnapshot, ProcessTracker
 from goleash.probes.budget import OverheadBudget
+from goleash.probes.procmem import start_time
 from goleash.probes.target import GoProcess
 
 if TYPE_CHECKING:
@@ -230,6 +231,7 @@ class Agent:
         self.bpf_ok = False
         self.bpf_problem = ""
         self.untraceable: dict[tuple[int, int], str] = {}  # (pid, start) -> kind
+        self._untraceable_counts: dict[str, int] = {}
         self._attempts: Counter[tuple[int, int]] = Counter()
         self._reported_pids: set[int] = set()
         self._pending_appeared: list[t.ProcessInfo] = []
@@ -242,17 +244,17 @@ class Agent:
     # --- endpoints -----------------------------------------------------------------
 
     def view(self) -> AgentView:
+        """For the metrics thread: only attributes the main loop replaces whole."""
         s = self.sender.stats
-        untraceable = Counter(self.untraceable.values())
         return AgentView(
             processes=self._procs_view,
             batches=self.sequence,
             batches_sent=s.batches_sent,
             buffered=len(self.buffer),
-            batch_drops=dict(self.buffer.drops),
+            batch_drops=self.buffer.drop_counts(),
             reconnects=s.reconnects,
             connected=s.connected,
-            untraceable=dict(untraceable),
+            untraceable=self._untraceable_counts,
             scans=self.discovery.scans,
         )
 
@@ -284,6 +286,7 @@ class Agent:
         if c.key not in self.untraceable:
             log.warning("not tracing PID %d (%s): %s", c.pid, c.exe, exc)
         self.untraceable[c.key] = kind
+        self._untraceable_counts = dict(Counter(self.untraceable.values()))
         self._attempts.pop(c.key, None)
         self.discovery.forget(c.pid)
 
@@ -334,6 +337,9 @@ class Agent:
             w.start()
         except GoleashError as exc:
             log.warning("PID %d (%s): no function latency/panics: %s", f.proc.pid, f.service, exc)
+            return
+        except Exception:  # a bug here must not cost the goroutine tracking
+            log.exception("PID %d (%s): no function latency/panics", f.proc.pid, f.service)
             return
         f.funcs = w
 
@@ -394,6 +400,14 @@ class Agent:
             self._untraceable(c, exc)
         else:
             self.discovery.forget(c.pid, retry=True)  # young processes: runtime not up yet
+
+    def _forget_vanished(self) -> None:
+        """Processes that could not be traced (or were waiting for a retry) and exited."""
+        gone = [k for k in (*self.untraceable, *self._attempts) if start_time(k[0]) != k[1]]
+        for k in gone:
+            self._attempts.pop(k, None)
+            if self.untraceable.pop(k, None) is not None:
+                self._untraceable_counts = dict(Counter(self.untraceable.values()))
 
     def _info(self, c: Candidate, service: str, tracker: ProcessTracker) -> t.ProcessInfo:
         return process_info(
@@ -534,6 +548,7 @@ class Agent:
         result = self.discovery.scan()
         for pid, _start in result.vanished:
             self.finish(pid, "exited")
+        self._forget_vanished()
         first_snaps = []
         for c in result.appeared:
             f = self.follow(c)

@@ -82,6 +82,10 @@ class BatchBuffer:
         with self._cv:
             return sum(1 for e in self._q if e.sent_at is None)
 
+    def drop_counts(self) -> dict[str, int]:
+        with self._cv:
+            return dict(self.drops)
+
     def count_drop(self, reason: str, n: int = 1) -> None:
         with self._cv:
             self.drops[reason] += n
