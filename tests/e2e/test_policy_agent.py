@@ -1,0 +1,194 @@
+"""The policy engine on a real Go service under the real agent (`goleash run`): a
+fixture whose goroutine count the test steers over stdin walks the levels
+L1 -> L2 -> L3 and back down through hysteresis and hold, each level's flag file
+written on the way up and removed on the way down. And the whole story, `make demo`,
+which verifies the HTTP/2 -> HTTP/1.1 fallback on the wire and the recovery."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gobuild
+import pytest
+from goleash.api.goleash.v1 import goleash_service_pb2 as q
+from goleash.api.goleash.v1 import types_pb2 as t
+from goleash.control.client import ClientOptions, ControlClient
+
+pytestmark = pytest.mark.root
+REPO = Path(__file__).resolve().parents[2]
+
+POLICY = """\
+mode: enforce
+evaluation_interval: 0.5s
+rules:
+  - name: levels
+    services: [steered]
+    signal: {{kind: goroutines, scope: service}}
+    sustain: {{consecutive: 2}}
+    levels:
+      - {{level: L1, above: 100, clear_below: 80, actions: [{{type: file, path: "{d}/L1"}}]}}
+      - {{level: L2, above: 300, clear_below: 250, actions: [{{type: file, path: "{d}/L2"}}]}}
+      - {{level: L3, above: 600, clear_below: 500, actions: [{{type: file, path: "{d}/L3"}}]}}
+    recovery: {{hold: 2s}}
+    cooldown: {{initial: 0.5s, backoff: 1}}
+"""
+
+
+def wait_for(cond: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+@pytest.fixture
+def goleash_run(tmp_path: Path) -> Iterator[ControlClient]:
+    log = tmp_path / "goleash.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "goleash.cli", "run", "--listen", "127.0.0.1:0",
+             "--db", str(tmp_path), "--exe", "*/steered", "--interval", "0.5",
+             "--health-listen", "off", "--metrics-listen", "off"],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )  # fmt: skip
+    try:
+        m = wait_for(
+            lambda: (
+                re.search(r"control plane listening on (\S+)", log.read_text())
+                or (
+                    proc.poll() is not None
+                    and pytest.fail(f"goleash run exited: {log.read_text()}")
+                )
+            ),
+            "the control plane",
+            60,
+        )
+        with ControlClient(ClientOptions(server=m.group(1))) as client:
+            yield client
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_levels_up_and_back_down_on_a_steered_go_service(
+    goleash_run: ControlClient, tmp_path: Path
+) -> None:
+    api = goleash_run
+    flags = tmp_path / "flags"
+    api.call("SetPolicy", q.SetPolicyRequest(policy_yaml=POLICY.format(d=flags)))
+    binary = gobuild.build("steered", gobuild.TOOLCHAINS[-1])
+    go = subprocess.Popen(
+        [str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+    )
+    assert go.stdin is not None and go.stdout is not None
+    try:
+        assert go.stdout.readline().startswith("ready")
+
+        def steer(n: int) -> None:
+            go.stdin.write(f"{n}\n")  # type: ignore[union-attr]
+            assert go.stdout.readline().strip() == f"ok {n}"  # type: ignore[union-attr]
+
+        def level() -> str:
+            resp = api.call("ListDecisions", q.ListDecisionsRequest(service="steered"))
+            for e in resp.decisions:  # newest first
+                if e.kind == t.EVENT_KIND_DECISION and e.details["decision"] != "hold":
+                    return str(e.details["to_level"]) or "normal"
+            return "normal"
+
+        def goroutines() -> int:
+            procs = api.call("ListProcesses", q.ListProcessesRequest()).processes
+            return next((p.goroutines for p in procs if p.info.service == "steered"), -1)
+
+        wait_for(lambda: goroutines() >= 0, "the agent to follow the fixture")
+        steer(20)
+        time.sleep(2)
+        assert level() == "normal"
+        for n, want in ((200, "L1"), (400, "L2"), (800, "L3")):
+            steer(n)
+            wait_for(lambda want=want: level() == want, f"{want} at {n} goroutines")
+            assert (flags / want).exists()
+        # between L3's clear threshold (500) and its threshold (600): hysteresis holds L3
+        steer(550)
+        time.sleep(4)
+        assert level() == "L3" and goroutines() >= 550
+        steer(450)  # under L3's clear, above L2's threshold: down to L2 after the hold
+        wait_for(lambda: level() == "L2", "L3 -> L2")
+        assert not (flags / "L3").exists() and (flags / "L2").exists()
+        steer(10)
+        wait_for(lambda: level() == "normal", "back to normal")
+        assert sorted(p.name for p in flags.iterdir()) == []
+        decided = api.call("ListDecisions", q.ListDecisionsRequest(service="steered")).decisions
+        path = [
+            (e.details["from_level"] or "normal", e.details["to_level"] or "normal")
+            for e in reversed(decided)
+            if e.kind == t.EVENT_KIND_DECISION and e.details["decision"] != "hold"
+        ]
+        assert path == [
+            ("normal", "L1"),
+            ("L1", "L2"),
+            ("L2", "L3"),
+            ("L3", "L2"),
+            ("L2", "normal"),
+        ]
+        actions = [
+            (e.details["operation"], Path(e.details["target"]).name, e.details["ok"])
+            for e in reversed(decided)
+            if e.kind == t.EVENT_KIND_ACTION
+        ]
+        assert actions == [
+            ("apply", "L1", True),
+            ("apply", "L2", True),
+            ("apply", "L3", True),
+            ("undo", "L3", True),
+            ("undo", "L2", True),
+            ("undo", "L1", True),
+        ]
+    finally:
+        go.kill()
+        go.wait()
+
+
+@pytest.mark.skipif(os.environ.get("GOLEASH_SKIP_DEMO") == "1", reason="GOLEASH_SKIP_DEMO=1")
+def test_make_demo_tells_the_whole_story_and_exits_0(tmp_path: Path) -> None:
+    """HTTP/2 -> HTTP/1.1 on a congested link, seen on the wire by the server, and back."""
+    env = {**os.environ, "GOLEASH_DEMO_DIR": str(tmp_path)}
+    res = subprocess.run(
+        [sys.executable, "-m", "goleash.demo"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    out = res.stdout
+    for line in (
+        "goroutines climb",
+        "orphans appear with their creation site",
+        "the policy fires",
+        "the server observes HTTP/1.1 on the wire",
+        "the client is back on HTTP/2",
+        "every step observed",
+    ):
+        assert line in out
+    (workdir,) = tmp_path.iterdir()
+    assert (workdir / "report" / "flamegraph.svg").read_text().startswith("<svg")
+    # every process the demo started is gone
+    left = subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True)
+    assert left.stdout.strip() == ""
