@@ -151,3 +151,39 @@ def test_policy_file_decisions_on_watch_events_and_a_bad_reload_keeps_the_old_po
         agent.close()
         watch.cancel()
         channel.close()
+
+
+def test_cli_policy_check_set_get_override_and_decisions(
+    plane: tuple[EmbeddedControlPlane, Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from goleash.cli import main
+
+    cp, _, flag = plane
+    srv = ["--server", cp.address]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(POLICY.format(above="lots", flag=flag))
+    assert main(["policy", "check", str(bad)]) == 2
+    assert "line 6: above must be a number" in capsys.readouterr().err
+    assert main(["policy", "set", str(bad), *srv]) == 2
+    assert "the running policy, version 1, is unchanged" in capsys.readouterr().err
+    good = tmp_path / "good.yaml"
+    good.write_text(POLICY.format(above=10_000, flag=flag))
+    assert main(["policy", "check", str(good)]) == 0
+    assert main(["policy", "set", str(good), *srv]) == 0
+    assert "running: version 2 (enforce, 1 rule(s))" in capsys.readouterr().out
+    agent = Agent(cp.address)
+    try:
+        wait_for(lambda: (agent.send(5), cp.cp and "shop" in cp.cp.store.services)[1], "shop")
+        assert main(["override", "shop", "degrade", "--reason", "drill", *srv]) == 0
+        wait_for(lambda: (agent.send(5), flag.exists())[1], "the forced degrade")
+        assert main(["policy", "get", *srv]) == 0
+        out = capsys.readouterr().out
+        assert "# version 2 from api (enforce)" in out and "force_degrade" in out
+        assert main(["override", "shop", "clear", *srv]) == 0
+        assert main(["decisions", "--service", "shop", "--json", *srv]) == 0
+        out = capsys.readouterr().out
+        assert '"forced": true' in out and "manual override (drill)" in out
+    finally:
+        agent.close()
