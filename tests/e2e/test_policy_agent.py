@@ -58,7 +58,7 @@ def goleash_run(tmp_path: Path) -> Iterator[ControlClient]:
     with open(log, "w") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "goleash.cli", "run", "--listen", "127.0.0.1:0",
-             "--db", str(tmp_path), "--exe", "*/steered", "--interval", "0.5",
+             "--db", str(tmp_path), "--exe", "*/steered*", "--interval", "0.5",
              "--health-listen", "off", "--metrics-listen", "off"],
             stdout=subprocess.DEVNULL,
             stderr=err,
@@ -162,6 +162,73 @@ def test_levels_up_and_back_down_on_a_steered_go_service(
     finally:
         go.kill()
         go.wait()
+
+
+BLAST = """\
+mode: enforce
+evaluation_interval: 0.5s
+blast_radius: {{max_services: 2}}
+rules:
+  - name: too-many
+    services: ["steered-*"]
+    signal: {{kind: goroutines, above: 300}}
+    levels: [{{level: L3, actions: [{{type: file, path: "{d}/{{service}}"}}]}}]
+    cooldown: {{initial: 0.5s}}
+"""
+
+
+def test_blast_radius_and_no_data_with_several_real_services(
+    goleash_run: ControlClient, tmp_path: Path
+) -> None:
+    api, flags = goleash_run, tmp_path / "flags"
+    api.call("SetPolicy", q.SetPolicyRequest(policy_yaml=BLAST.format(d=flags)))
+    built = gobuild.build("steered", gobuild.TOOLCHAINS[-1])
+    procs = {}
+    try:
+        for name in ("steered-a", "steered-b", "steered-c"):
+            exe = tmp_path / name  # the executable's name is the service's name
+            exe.write_bytes(built.read_bytes())
+            exe.chmod(0o755)
+            procs[name] = subprocess.Popen(
+                [str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+            )
+            assert procs[name].stdout.readline().startswith("ready")  # type: ignore[union-attr]
+
+        def running() -> set[str]:
+            ps = api.call("ListProcesses", q.ListProcessesRequest()).processes
+            return {p.info.service for p in ps if p.state == q.PROCESS_STATE_RUNNING}
+
+        wait_for(lambda: set(procs) <= running(), "the agent to follow all three", 60)
+        for name in sorted(procs):  # a, then b, then c cross the threshold
+            procs[name].stdin.write("500\n")  # type: ignore[union-attr]
+            procs[name].stdout.readline()  # type: ignore[union-attr]
+            time.sleep(1.5)
+        wait_for(lambda: flags.exists() and len(list(flags.iterdir())) == 2, "two degraded")
+
+        def held() -> list[str]:
+            resp = api.call("ListDecisions", q.ListDecisionsRequest(service="steered-c"))
+            return [e.message for e in resp.decisions if "blast radius" in e.message]
+
+        wait_for(held, "steered-c held by the blast radius")
+        time.sleep(2)
+        assert sorted(p.name for p in flags.iterdir()) == ["steered-a", "steered-b"]
+        # steered-a's process dies: no data for it, so it holds (degraded), never recovers
+        # on a guess, and the cap still counts it
+        procs["steered-a"].kill()
+        procs["steered-a"].wait()
+        wait_for(lambda: "steered-a" not in running(), "steered-a gone")
+        time.sleep(3)
+        assert sorted(p.name for p in flags.iterdir()) == ["steered-a", "steered-b"]
+        # steered-b recovers: now steered-c may degrade
+        procs["steered-b"].stdin.write("10\n")  # type: ignore[union-attr]
+        wait_for(
+            lambda: sorted(p.name for p in flags.iterdir()) == ["steered-a", "steered-c"],
+            "steered-b recovered and steered-c degraded",
+        )
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
 
 
 @pytest.mark.skipif(os.environ.get("GOLEASH_SKIP_DEMO") == "1", reason="GOLEASH_SKIP_DEMO=1")
