@@ -52,10 +52,8 @@ def is_system_function(name: str) -> bool:
 
 
 def site_name(s: SiteSummary) -> tuple[str, str]:
-    """(function, go statement) of a tracker site, as the API keys sites. Goroutine 1
-    (runtime.main) is started by the runtime's assembly, not by a go statement: it
-    has none, as the runtime's own tracebacks print it."""
-    return (s.function, "" if s.function == "runtime.main" else s.go_statement)
+    """(function, go statement) of a tracker site, as the API keys sites."""
+    return (s.function, s.go_statement)
 
 
 def boot_time_s(proc_root: str = "/proc") -> float:

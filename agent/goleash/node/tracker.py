@@ -16,11 +16,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from goleash.gobin.disasm import disassemble
-from goleash.gobin.pclntab import Func
 from goleash.probes.budget import OverheadBudget
 from goleash.probes.goroutines import GoroutineProbes, TrackerReading
-from goleash.probes.inventory import Goroutine, Inventory, read_goroutines
+from goleash.probes.inventory import Goroutine, Inventory, read_goroutines, site_at
 from goleash.probes.target import GoProcess
 
 # Wait reasons that cannot end by themselves: nobody else holds a reference that
@@ -42,19 +40,6 @@ STUCK_WAIT_REASONS = frozenset(
     }
 )
 DEFAULT_ORPHAN_MIN_AGE_S = 30.0
-
-
-def started_function(proc: GoProcess, wrapper: Func) -> str | None:
-    """The user's function behind a `go f(x)` wrapper (Go 1.21+ compiles such a
-    statement to a closure `caller.gowrapN` that calls f): its first direct call
-    to a non-runtime function, as pprof's first frame would show it."""
-    for ins in disassemble(proc.binary, wrapper.entry, wrapper.end - wrapper.entry):
-        if ins.mnemonic != "call" or not ins.op_str.startswith("0x"):
-            continue
-        callee = proc.pclntab.func_for_pc(int(ins.op_str, 16))
-        if callee is not None and not callee.name.startswith("runtime."):
-            return callee.name
-    return None
 
 
 def _quantile(sorted_vals: list[float], q: float) -> float | None:
@@ -139,7 +124,6 @@ class ProcessTracker:
         self.probes = GoroutineProbes(proc, **kw) if use_probes else None
         self.orphan_min_age_s = orphan_min_age_s
         self.first_seen_ns: dict[int, int] = {}
-        self._site_names: dict[tuple[int, int], tuple[str, str]] = {}
         self._last_hits = 0
         self._last_poll = time.monotonic()
         self._last_max_goid = 0
@@ -170,18 +154,8 @@ class ProcessTracker:
     # --- naming ------------------------------------------------------------------------
 
     def site_name(self, gopc: int, startpc: int) -> tuple[str, str]:
-        key = (gopc, startpc)
-        name = self._site_names.get(key)
-        if name is None:
-            tab = self.proc.pclntab
-            fn = tab.func_for_pc(startpc)
-            sl = tab.call_site(gopc) if gopc else None
-            fname = fn.name if fn else f"{startpc:#x}"
-            if fn is not None and ".gowrap" in fn.name:
-                fname = started_function(self.proc, fn) or fname
-            name = (fname, f"{sl.file}:{sl.line}" if sl else "?")
-            self._site_names[key] = name
-        return name
+        site = site_at(self.proc, gopc, startpc)
+        return site.function, site.go_statement
 
     def creator_stack(self, gopc: int, pcs: list[int]) -> list[str]:
         """The creator's stack as "function file:line", innermost first. The kernel's
