@@ -104,14 +104,19 @@ def traced(pid: int, patterns: list[str], budget: float = UNLIMITED) -> Iterator
         probes.close()
 
 
-def by_symbol(probes: FuncLatencyProbes, interval: float = 0.05) -> dict[str, FunctionLatency]:
-    """Everything since attach (the first interval's delta starts at attach)."""
-    return {f.symbol: f for f in probes.run_interval(interval).functions}
+def by_symbol(probes: FuncLatencyProbes) -> dict[str, FunctionLatency]:
+    """Everything since the previous reading (the first starts at attach)."""
+    return {f.symbol: f for f in probes.flush().functions}
 
 
-def assert_quantiles_close(f: FunctionLatency, go_ns: dict[str, float], tol: float = 0.10) -> None:
-    for name, q in QS.items():
-        got, want = f.quantile_ns(q), go_ns[name]
+def assert_quantiles_close(
+    f: FunctionLatency,
+    go_ns: dict[str, float],
+    tol: float = 0.10,
+    names: tuple[str, ...] = tuple(QS),
+) -> None:
+    for name in names:
+        got, want = f.quantile_ns(QS[name]), go_ns[name]
         assert got is not None
         assert abs(got - want) <= tol * want, (
             f"{f.symbol} {name}: probes {got / 1e6:.3f} ms, program {want / 1e6:.3f} ms"
@@ -265,7 +270,12 @@ def test_hot_function_is_sampled_within_budget(toolchain: str) -> None:
         assert total.sampled
         assert 0 < total.attached_fraction < 0.5
         assert 200 <= total.count < res["calls"] / 2
-        assert_quantiles_close(total, res["ns"])
+        ns = res["ns"]
+        assert_quantiles_close(total, ns, names=("p50", "p90", "p99"))
+        # A p999 from a third of the calls rests on a handful of them, and a loaded
+        # machine adds rare outliers to the population: it must be a tail value.
+        p999 = total.quantile_ns(0.999)
+        assert p999 is not None and 0.9 * ns["p99"] <= p999 <= 1.1 * ns["max"]
 
 
 # --- panics ----------------------------------------------------------------------------

@@ -124,7 +124,7 @@ def run_latency(
                     exited = True
                     break
             # What returned since the last interval (a Ctrl-C may come at any time).
-            for r in probes.run_interval(0.0).functions:
+            for r in probes.flush().functions:
                 totals[r.symbol] = totals[r.symbol] + r
         finally:
             probes.close()  # detach every uprobe, whatever happened

@@ -2,10 +2,11 @@
 attach at the sites disassembly chose, read the kernel's histograms as per-interval
 deltas, and keep the probes' cost under the process's overhead budget.
 
-Cost model (see probes/budget.py): an entry hit on an emulated instruction is cheap,
-every RET hit is single-stepped (no cheaper return site exists in Go code: the
-instructions before a RET are `add rsp`/`pop rbp`, neither emulated), so a traced call
-costs one cheap and one expensive hit. A function whose calls would cost more than its
+Cost model (see probes/budget.py): an entry hit on an emulated instruction is cheap, a
+RET hit is single-stepped, so a traced call costs one cheap and one expensive hit. The
+only cheaper return site Go code offers is a NOP the compiler sometimes leaves right
+before a RET (~3% of them); elsewhere the RET follows `add rsp`/`pop rbp` (Go >= 1.21)
+or `mov rbp`/`add rsp` (1.19), none emulated. A function whose calls would cost more than its
 share of the budget is sampled: its probes are attached for a slice of each interval
 (entry first off, RETs left on until the calls entered in the slice have returned, so
 long calls are not biased out), and its figures say so and count only sampled calls.
@@ -483,6 +484,7 @@ class FuncLatencyProbes:
         self._prog: LatencyProgram | None = None
         self._last_counters = dict.fromkeys(COUNTER_NAMES, 0)
         self._exit_rate: float | None = None  # goexit1 cost, ns per second
+        self._last_read = 0.0  # time.monotonic() of the last reading
 
     @property
     def notes(self) -> list[str]:
@@ -522,6 +524,7 @@ class FuncLatencyProbes:
             self.close()
             raise
         self._last_counters = self._prog.counters()
+        self._last_read = time.monotonic()
 
     def close(self) -> None:
         if self._prog is not None:
@@ -627,13 +630,13 @@ class FuncLatencyProbes:
                 want_on.append(f)
         while True:
             now = time.monotonic()
+            if now >= end:
+                break
             for f in list(want_on):  # a slice starts once its old probes are gone
                 if not any(prog.busy(f"{g}:{f.fid}") for g in ("entry", "rets", "retn")):
                     self._switch_on(f, now)
                     started[f.fid] = now
                     want_on.remove(f)
-            if now >= end:
-                break
             active = [f for f in self.funcs if f.fid in slices and (f.entry_on or f.rets_on)]
             if not active and not want_on:
                 time.sleep(end - now)
@@ -653,37 +656,14 @@ class FuncLatencyProbes:
                 elif _inflight(st) <= f.baseline_inflight or spent >= 2 * shares[f.fid]:
                     self._rets_off(f)
         now = time.monotonic()
-        readings = []
+        sampled.update(f.fid for f in want_on)  # never got its slice this time
         for f in self.funcs:
+            spent = self._spent(f, prog.stats(f.fid))
             if f.entry_on:
                 attached[f.fid] += now - max(f.on_since, t0)
-            raw = prog.raw(f.fid)
-            assert f.last is not None
-            spent = self._spent(f, raw.stats)
             if attached[f.fid] > 0:
                 f.rate = spent / attached[f.fid]
-            d = {k: raw.stats[k] - f.last.stats[k] for k in STAT_FIELDS}
-            readings.append(
-                FunctionLatency(
-                    f.sites.symbol,
-                    raw.hist.minus(f.last.hist),
-                    window_s=now - t0,
-                    attached_s=attached[f.fid],
-                    entry_hits=d["entry_hits"],
-                    ret_hits=d["ret_hits"],
-                    ret_nop_hits=d["ret_nop_hits"],
-                    unmatched=d["unmatched"],
-                    stale=d["stale"],
-                    migrated=d["migrated"],
-                    overflow=d["overflow"],
-                    cut=d["expired"],
-                    sampled=f.fid in sampled or f in want_on,
-                )
-            )
-            f.last = raw
-        counters = prog.counters()
-        delta = {k: counters[k] - self._last_counters[k] for k in COUNTER_NAMES}
-        self._last_counters = counters
+        readings, delta = self._collect(t0, now, attached, sampled)
         elapsed = now - t0
         exit_ns = delta["exit_hits"] * (
             self.budget.emulated_ns if self.exit_site.emulated else self.budget.stepped_ns
@@ -712,6 +692,51 @@ class FuncLatencyProbes:
             if f.rets_on:
                 self._rets_off(f)
         return IntervalReading(t0, now, readings, delta, cost, self.cleanup_at_exit)
+
+    def flush(self) -> IntervalReading:
+        """What happened since the last interval, read at once, nothing rescheduled:
+        the final reading when stopping between intervals."""
+        if self._prog is None:
+            raise FuncProbeError("flush() before attach()")
+        now = time.monotonic()
+        t0 = min(self._last_read, now)
+        attached = {f.fid: now - max(f.on_since, t0) if f.entry_on else 0.0 for f in self.funcs}
+        readings, delta = self._collect(t0, now, attached, set())
+        return IntervalReading(t0, now, readings, delta, 0.0, self.cleanup_at_exit)
+
+    def _collect(
+        self, t0: float, now: float, attached: dict[int, float], sampled: set[int]
+    ) -> tuple[list[FunctionLatency], dict[str, int]]:
+        """Each function's figures since the last read, and the counters' deltas."""
+        assert self._prog is not None
+        readings = []
+        for f in self.funcs:
+            raw = self._prog.raw(f.fid)
+            assert f.last is not None
+            d = {k: raw.stats[k] - f.last.stats[k] for k in STAT_FIELDS}
+            readings.append(
+                FunctionLatency(
+                    f.sites.symbol,
+                    raw.hist.minus(f.last.hist),
+                    window_s=now - t0,
+                    attached_s=attached[f.fid],
+                    entry_hits=d["entry_hits"],
+                    ret_hits=d["ret_hits"],
+                    ret_nop_hits=d["ret_nop_hits"],
+                    unmatched=d["unmatched"],
+                    stale=d["stale"],
+                    migrated=d["migrated"],
+                    overflow=d["overflow"],
+                    cut=d["expired"],
+                    sampled=f.fid in sampled,
+                )
+            )
+            f.last = raw
+        counters = self._prog.counters()
+        delta = {k: counters[k] - self._last_counters[k] for k in COUNTER_NAMES}
+        self._last_counters = counters
+        self._last_read = now
+        return readings, delta
 
     # --- inspection ------------------------------------------------------------------
 
