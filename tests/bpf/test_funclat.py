@@ -251,6 +251,26 @@ def test_nop_before_ret_is_probed_instead_of_the_ret(toolchain: str) -> None:
         assert abs(f.hist.max_ns - res["ns"]["max"]) <= 0.10 * res["ns"]["max"]
 
 
+def test_full_goroutine_table_evicts_and_counts() -> None:
+    """More goroutines in traced calls at once than the table holds: the oldest are
+    evicted (LRU), counted, and their returns are unmatched, never mispaired. (Long
+    calls are the likelier victims, so their quantiles lean short: the CLI says so.)"""
+    with funclat(gobuild.TOOLCHAINS[-1], "-mode", "mixture", "-goroutines", "64") as (
+        prog,
+        pid,
+    ):
+        proc = GoProcess.attach(pid)
+        sel = resolve(FunctionIndex(proc.binary, proc.pclntab, proc.symbols), ["main.sleepFor"])
+        budget = OverheadBudget(cpu_fraction=UNLIMITED)
+        with FuncLatencyProbes(proc, sel.functions, budget=budget, max_goroutines=16) as probes:
+            prog.send("go")
+            res = prog.result()
+            f = by_symbol(probes)["main.sleepFor"]
+            assert probes.evicted() > 0
+            assert f.count + f.unmatched == res["calls"]
+            assert f.count > 0
+
+
 def test_hot_function_is_sampled_within_budget(toolchain: str) -> None:
     """Over the default 1% budget: probes attached for part of each interval, the
     output says so, and the sampled calls still give the right quantiles."""

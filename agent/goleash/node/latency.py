@@ -126,6 +126,14 @@ def run_latency(
             # What returned since the last interval (a Ctrl-C may come at any time).
             for r in probes.flush().functions:
                 totals[r.symbol] = totals[r.symbol] + r
+            evicted = probes.evicted()
+            if evicted:
+                print(
+                    f"goleash: note: the in-flight table was full and dropped the calls of "
+                    f"{evicted} goroutines; long calls are the likelier victims, so the "
+                    "quantiles may lean short",
+                    file=err,
+                )
         finally:
             probes.close()  # detach every uprobe, whatever happened
     elapsed = time.monotonic() - start

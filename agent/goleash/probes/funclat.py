@@ -744,6 +744,12 @@ class FuncLatencyProbes:
         """Kernel counters since attach (goroutine table churn, goexit1, read faults)."""
         return self._prog.counters() if self._prog is not None else {}
 
+    def evicted(self) -> int:
+        """Goroutines whose calls in flight the full LRU table dropped (their RETs then
+        count as unmatched). Walks the table: not for every interval."""
+        c = self.counters()
+        return max(0, c["inflight_new"] - c["inflight_del"] - self.inflight_goroutines())
+
     def inflight_goroutines(self) -> int:
         """Goroutines with traced calls in flight, as the kernel table holds them now
         (walks the table: not for every interval)."""
