@@ -618,6 +618,7 @@ def main() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)  # also when started with SIGINT ignored (`cmd &`)
     code = 1
     try:
         code = demo.run()
@@ -628,6 +629,9 @@ def main() -> int:
         demo.say(f"✘ {exc}")
         code = 1
     finally:
+        # a second Ctrl-C must not cut the clean-up short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         demo.cleanup()
     missing = [k for k in EXPECTED if k not in demo.steps]
     if code == 0 and missing:
