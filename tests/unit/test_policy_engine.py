@@ -140,7 +140,8 @@ def test_a_flapping_signal_acts_at_most_once_per_cooldown_with_backoff(tmp_path:
     assert all(g >= 10 for g in gaps)  # never two actions within the cooldown
     assert gaps[1] >= 20 and gaps[2] >= 40  # and the cooldown backs off
     holds = [d for d in w.decisions(changes_only=False) if "cooldown" in d.get("reason", "")]
-    assert holds  # the waits are recorded
+    # the waits are recorded, once per wait (not at every evaluation)
+    assert len(times) - 1 <= len(holds) <= 2 * len(times)
 
 
 def test_blast_radius_caps_how_many_services_are_degraded_at_once(tmp_path: Path) -> None:

@@ -380,7 +380,11 @@ class PolicyEngine:
             for svc in services:
                 if not rule.applies_to(svc):
                     continue
-                d = self._evaluate_one(pol, rule, svc, now, overrides, len(services))
+                try:
+                    d = self._evaluate_one(pol, rule, svc, now, overrides, len(services))
+                except Exception:  # one rule or service must not stop the others
+                    log.exception("evaluating %s for %s failed; holding", rule.name, svc)
+                    continue
                 if d is not None:
                     decisions.append(d)
         return decisions
@@ -399,6 +403,8 @@ class PolicyEngine:
         if any(o.action == PAUSE and o.rule == rule.name for o in mine):
             self._note(rule, svc, st, "paused by an override", now)
             return None
+        if st.note == "paused by an override":
+            st.note = ""  # resumed: a later pause is news again
         forced = [o for o in mine if o.action in (FORCE_DEGRADE, FORCE_RECOVER)]
         if forced:
             o = forced[-1]
@@ -467,8 +473,8 @@ class PolicyEngine:
         if st.level < 0:
             if reading is None:
                 self._note(rule, svc, st, "no data: holding", now)
-            else:
-                st.note = ""
+            elif st.note.startswith("no data"):
+                st.note = ""  # data is back: a later gap is news again
             return None
         # degraded: judge recovery
         if rule.recovery_signal is not None:
@@ -498,7 +504,8 @@ class PolicyEngine:
             return None
         if not cleared:
             st.clear_since = None
-            st.note = ""
+            if st.note.startswith("no data"):
+                st.note = ""
             return None
         if st.clear_since is None:
             st.clear_since = now
@@ -522,11 +529,15 @@ class PolicyEngine:
             return _dur(rule.sustain_window)
         return f"{rule.consecutive} evaluation{'s' if rule.consecutive != 1 else ''}"
 
-    def _note(self, rule: RuleSpec, svc: str, st: RuleState, note: str, now: float) -> None:
-        """Record a hold once (not at every evaluation) as a DECISION without a change."""
-        if st.note == note:
+    def _note(
+        self, rule: RuleSpec, svc: str, st: RuleState, note: str, now: float, key: str = ""
+    ) -> None:
+        """Record a hold once (not at every evaluation) as a DECISION without a change;
+        `key` says which notes are the same hold (their text carries changing numbers)."""
+        key = key or note
+        if st.note == key:
             return
-        st.note = note
+        st.note = key
         self.events.append(
             t.EVENT_KIND_DECISION,
             f"{svc}: {rule.name}: {note}",
@@ -579,6 +590,7 @@ class PolicyEngine:
                 f"would {'degrade' if up else 'recover'} ({reason}); {mode} mode leaves the "
                 "level applied in enforce mode as it is",
                 now,
+                key=f"{mode}-keeps-{up}",
             )
             return None
         if not forced:
@@ -588,8 +600,9 @@ class PolicyEngine:
                     svc,
                     st,
                     f"would {'degrade' if up else 'recover'} ({reason}) but the cooldown "
-                    f"runs until {_dur(st.next_allowed - now)} from now",
+                    f"runs {_dur(st.next_allowed - now)} more",
                     now,
+                    key=f"cooldown-{up}",
                 )
                 return None
             if (
@@ -608,6 +621,7 @@ class PolicyEngine:
                         f"would degrade ({reason}) but {len(degraded)} of {n_services} "
                         f"services are degraded already (blast radius: at most {cap})",
                         now,
+                        key="blast-radius",
                     )
                     return None
         # cooldown with backoff; a quiet period as long as the maximum resets it
