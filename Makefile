@@ -10,7 +10,7 @@ export GOLEASH_CACHE ?= /var/cache/goleash
 setup:
 	@bash scripts/setup.sh
 
-## the main job: until the leak demo exists, inspect a Go service the demo builds
+## the main job: a real Go service leaks, is detected, degraded to HTTP/1.1, recovered
 demo: setup
 	@$(PY) -m goleash.demo
 
