@@ -17,6 +17,7 @@ machine hits every variant alike.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -162,7 +163,7 @@ def run(report: Report) -> None:
             "untraced": None,
             "entry": lambda pid: _groups(pid, sym, ("entry",)),
             "rets": lambda pid: _groups(pid, sym, ("rets",)),
-            "timed": lambda pid: _goleash(pid, [sym], 1.0),
+            "timed": lambda pid: _goleash(pid, [sym], math.inf),
             "bpftrace": lambda pid: _bpftrace_entry(binary, pid, sym),
         },
     )
@@ -188,7 +189,7 @@ def run(report: Report) -> None:
         {
             "untraced": None,
             "budget": lambda pid: _goleash(pid, funcs, 0.01),
-            "every call": lambda pid: _goleash(pid, funcs, 1.0),
+            "every call": lambda pid: _goleash(pid, funcs, math.inf),
         },
     )
     report.line("HTTP/2 client+server, untraced", rps["untraced"], "req/s")
