@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 
 import grpc
+
 from goleash.api.goleash.v1 import ingest_service_pb2 as ing
 from goleash.api.goleash.v1 import ingest_service_pb2_grpc as ing_grpc
 from goleash.api.goleash.v1 import types_pb2 as t

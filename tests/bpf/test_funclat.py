@@ -22,8 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import gobuild
 import pytest
+
+import gobuild
 from goleash.probes.budget import OverheadBudget
 from goleash.probes.funclat import FuncLatencyProbes, FunctionLatency, PanicProbes
 from goleash.probes.funcs import FunctionIndex, resolve

@@ -12,8 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-import gobuild
 import pytest
+
+import gobuild
 from goleash.node.tracker import ProcessTracker, SiteSummary
 from goleash.probes.budget import OverheadBudget
 from goleash.probes.target import GoProcess

@@ -21,8 +21,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import gobuild
 import pytest
+
+import gobuild
 from goleash.gobin.errors import NotGoError, ProcessError
 from goleash.probes.dump import build_dump, render_text
 from goleash.probes.inventory import (

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import gobuild
 import pytest
+
+import gobuild
 from goleash.gobin.binary import GoBinary
 from goleash.gobin.disasm import goroutine_probe_sites
 

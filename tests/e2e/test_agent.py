@@ -25,16 +25,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-import gobuild
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+import gobuild
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import goleash_service_pb2_grpc as q_grpc
 from goleash.gobin.disasm import goroutine_probe_sites
 from goleash.probes.target import GoProcess
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from populations import FLAGS, READY_TIMEOUT, Populations, read_json_line
-from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.root
 

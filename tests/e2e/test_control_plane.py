@@ -17,6 +17,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from agentsim import SimAgent, goroutine, process_info, site, snapshot, stream
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import goleash_service_pb2_grpc as q_grpc
@@ -24,8 +27,6 @@ from goleash.api.goleash.v1 import ingest_service_pb2 as ing
 from goleash.api.goleash.v1 import ingest_service_pb2_grpc as ing_grpc
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.control.histogram import bucket_bounds, bucket_index
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 BIN = Path(sys.executable).parent / "goleash"
 GOLEASH = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "goleash.cli"]

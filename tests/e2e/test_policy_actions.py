@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from engineworld import World
 from goleash.control.actions import DEGRADE, RECOVER, ActionContext, Attempt, run_action
 from goleash.control.actions.kubernetes import ANNOTATION, KubernetesAction

@@ -16,8 +16,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import gobuild
 import pytest
+
+import gobuild
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.control.client import ClientOptions, ControlClient

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import goleash_service_pb2_grpc as q_grpc
 from goleash.api.goleash.v1 import ingest_service_pb2 as ing

@@ -8,8 +8,9 @@ import json
 import os
 from pathlib import Path
 
-import gobuild
 import pytest
+
+import gobuild
 from goleash.api.goleash.v1 import ingest_service_pb2 as ing
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.node.discovery import (
@@ -347,6 +348,7 @@ def test_the_daemonset_args_are_the_agents_flags() -> None:
     import re
 
     import yaml
+
     from goleash.cli import build_parser
 
     path = Path(__file__).resolve().parents[2] / "deploy/kubernetes/agent.yaml"

@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 import capstone
-import gobuild
 import pytest
+
+import gobuild
 from goleash.gobin.binary import GoBinary
 from goleash.gobin.buildinfo import (
     BuildInfo,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.control.events import EventLog, EventQuery, open_db, resolve_db_path

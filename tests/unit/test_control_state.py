@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from agentsim import SimAgent, goroutine, process_info, site, snapshot
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import types_pb2 as t

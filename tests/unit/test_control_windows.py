@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from goleash.control.histogram import (
     Histogram,
     bucket_bounds,

@@ -11,8 +11,9 @@ import importlib.util
 from functools import cache
 from typing import Any
 
-import gobuild
 import pytest
+
+import gobuild
 from goleash.gobin.binary import GoBinary
 from goleash.gobin.disasm import (
     GoroutineProbeSites,

@@ -3,8 +3,9 @@ builds of every toolchain (stripped too: names then come from pclntab alone)."""
 
 from __future__ import annotations
 
-import gobuild
 import pytest
+
+import gobuild
 from goleash.gobin.binary import GoBinary
 from goleash.gobin.pclntab import Pclntab
 from goleash.gobin.symbols import symbol_table

@@ -6,6 +6,7 @@ import math
 import random
 
 import pytest
+
 from goleash.probes import hist
 from goleash.probes.hist import Histogram, bucket_bounds, bucket_of, exact_quantile
 

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import capstone
-import gobuild
 import pytest
+
+import gobuild
 from goleash.cli import main
 
 REPO = Path(__file__).resolve().parents[2]

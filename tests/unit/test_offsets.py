@@ -10,8 +10,9 @@ from __future__ import annotations
 import re
 from functools import cache
 
-import gobuild
 import pytest
+
+import gobuild
 from goleash.gobin.binary import GoBinary
 from goleash.gobin.errors import OffsetsUnavailableError
 from goleash.gobin.offsets import (

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from engineworld import World
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.control.policy import PolicyError, validate_policy

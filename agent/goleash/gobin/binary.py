@@ -15,6 +15,7 @@ from pathlib import Path
 from elftools.common.exceptions import ELFError
 from elftools.elf.constants import P_FLAGS
 from elftools.elf.elffile import ELFFile
+
 from goleash.gobin.errors import BinaryError, NotELFError
 
 

@@ -30,6 +30,7 @@ from typing import Literal
 
 from capstone import CS_ARCH_X86, CS_GRP_CALL, CS_GRP_JUMP, CS_MODE_64, Cs
 from capstone.x86 import X86_OP_IMM
+
 from goleash.gobin.binary import GoBinary
 from goleash.gobin.errors import ProbeSiteError, SymbolNotFoundError
 

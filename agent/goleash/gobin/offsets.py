@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from elftools.dwarf.die import DIE
 from elftools.dwarf.dwarfinfo import DWARFInfo
+
 from goleash.gobin.binary import GoBinary
 from goleash.gobin.errors import OffsetsUnavailableError
 
