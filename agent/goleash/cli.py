@@ -89,6 +89,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_latency(args: argparse.Namespace) -> int:
+    if args.pid is None:
+        return _latency_from_server(args)
     from goleash.node.latency import run_latency
 
     return run_latency(
@@ -111,7 +113,15 @@ def cmd_panics(args: argparse.Namespace) -> int:
 # --- dump --------------------------------------------------------------------------
 
 
+def _remote(args: argparse.Namespace) -> bool:
+    """Ask the control plane (not this host's process memory) when a control plane
+    option was given, or nothing names a local process."""
+    return bool(args.server or args.service) or args.pid is None
+
+
 def cmd_dump(args: argparse.Namespace) -> int:
+    if _remote(args):
+        return _dump_from_server(args)
     from goleash.probes.dump import build_dump, dump_to_dict, render_text
     from goleash.probes.target import GoProcess
 
@@ -128,6 +138,58 @@ def cmd_dump(args: argparse.Namespace) -> int:
         f"{hidden}{torn}, read in {dump.read_ms:.1f} ms without stopping it",
         file=sys.stderr,
     )
+    return 0
+
+
+def _dump_from_server(args: argparse.Namespace) -> int:
+    """The goroutines the agents kept (orphans first, with stacks), as a dump."""
+    from google.protobuf.json_format import MessageToDict
+
+    from goleash.api.goleash.v1 import goleash_service_pb2 as q
+    from goleash.control import views
+
+    req = q.ListGoroutinesRequest(
+        selector=q.ProcessSelector(service=args.service or "", pid=args.pid or 0),
+        page_size=1000,
+    )
+    records = []
+    with _client(args) as c:
+        while True:
+            resp = c.call("ListGoroutines", req)
+            records.extend(resp.goroutines)
+            if not resp.next_page_token or len(records) >= args.limit:
+                break
+            req.page_token = resp.next_page_token
+    records = records[: args.limit]
+    if args.json:
+        print_json([MessageToDict(r, preserving_proto_field_name=True) for r in records])
+    else:
+        sys.stdout.write(views.dump_text(records))
+    return 0
+
+
+def _latency_from_server(args: argparse.Namespace) -> int:
+    """Quantiles of traced functions over a window, from what the agents sent."""
+    from goleash.api.goleash.v1 import goleash_service_pb2 as q
+    from goleash.control import views
+
+    sel = q.ProcessSelector(service=args.service or "")
+    with _client(args) as c:
+        rows = [
+            views.latency_dict(
+                c.call(
+                    "GetFunctionLatency",
+                    q.GetFunctionLatencyRequest(
+                        function=fn, selector=sel, window_seconds=args.window
+                    ),
+                )
+            )
+            for fn in args.func
+        ]
+    if args.json:
+        print_json({"functions": rows})
+    else:
+        sys.stdout.write(views.latency_text(rows))
     return 0
 
 
@@ -887,11 +949,22 @@ def build_parser() -> argparse.ArgumentParser:
             "Stacks of goroutines running on a CPU cannot be read from outside. Needs root "
             "(or CAP_SYS_PTRACE). Exit 2 if the PID is not a Go program goleash can read."
         ),
-        epilog="examples:\n  goleash dump --pid 4242\n  goleash dump --pid 4242 --json | jq .",
+        epilog=(
+            "examples:\n  goleash dump --pid 4242\n  goleash dump --pid 4242 --json | jq .\n"
+            "  goleash dump --server cp:7070 --service shop/frontend   "
+            "(what the agents kept: orphans first)"
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--pid", type=int, required=True, help="process to read")
+    p.add_argument(
+        "--pid", type=int, help="process to read (on this host, unless --server/--service)"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--service", help="from the control plane: goroutines of this service")
+    p.add_argument(
+        "--limit", type=int, default=1000, help="from the control plane: at most N goroutines"
+    )
+    _server_args(p)
     p.add_argument(
         "--system",
         action="store_true",
@@ -946,12 +1019,24 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "examples:\n  goleash latency --pid 4242 --func http2.ReadFrame --duration 10\n"
-            "  goleash latency --pid 4242 --func 'net/http.(*conn).serve' 'main.*Handler' --json"
+            "  goleash latency --pid 4242 --func 'net/http.(*conn).serve' 'main.*Handler' --json\n"
+            "  goleash latency --func 'net/http.(*http2Framer).ReadFrame' --window 300"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--pid", type=int, required=True, help="process to trace")
-    p.add_argument("--func", nargs="+", required=True, metavar="PATTERN", help="functions to time")
+    p.add_argument("--pid", type=int, help="process to trace (without it: ask the control plane)")
+    p.add_argument(
+        "--func",
+        nargs="+",
+        required=True,
+        metavar="PATTERN",
+        help="functions to time (with the control plane: symbols exactly as traced)",
+    )
+    p.add_argument("--service", help="from the control plane: this service only")
+    p.add_argument(
+        "--window", type=float, default=60.0, help="from the control plane: seconds (default 60)"
+    )
+    _server_args(p)
     p.add_argument("--duration", type=float, help="stop after S seconds (default: until Ctrl-C)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds per sampling interval")
     p.add_argument(

@@ -203,6 +203,12 @@ def cli_json(*args: str) -> Any:
     return json.loads(r.stdout)
 
 
+def cli_text(*args: str) -> str:
+    r = subprocess.run([*GOLEASH, *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
 def api(address: str) -> q_grpc.GoleashServiceStub:
     return q_grpc.GoleashServiceStub(grpc.insecure_channel(address))
 
@@ -290,6 +296,15 @@ def test_processes_appear_with_their_populations_and_vanish(tmp_path: Path) -> N
             )
             assert kept.total_size == COUNTS["orphan"]
             assert {g.goroutine.parent_goid for g in kept.goroutines} <= set(pop.creator_goids)
+
+            # The same goroutines as a dump, from the control plane.
+            text = cli_text("dump", "--server", cp.address, "--pid", str(pop.pid))
+            orphan_blocks = [b for b in text.split("\n\n") if "main.orphan(...)" in b]
+            assert len(orphan_blocks) == COUNTS["orphan"]
+            assert all(
+                "[chan receive" in b and "created by main.creator in goroutine" in b
+                for b in orphan_blocks
+            )
 
             # Goroutines born and gone between two snapshots: counted by the probes.
             pop.churn(500)
@@ -638,6 +653,11 @@ def test_function_latency_and_panics_reach_the_control_plane(tmp_path: Path) -> 
                 if s.name.endswith("_count")
             }
             assert counts["main.safeCall"] == n
+            (lat,) = cli_json(
+                "latency", "--server", cp.address, "--func", "main.safeCall", "--window", "300"
+            )["functions"]
+            assert lat["symbol"] == "main.safeCall" and lat["count"] == n
+            assert 0 < lat["p50_ns"] <= lat["p99_ns"]
         finally:
             assert agent.stop() == 0, agent.log
             cp.stop()

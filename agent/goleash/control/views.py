@@ -314,3 +314,80 @@ def top_json(
         "processes": [process_dict(p, procs.window_seconds) for p in procs.processes],
         "sites": [site_dict(s) for s in summary.sites],
     }
+
+
+_STATE_TEXT = {
+    "RUNNABLE": "runnable",
+    "RUNNING": "running",
+    "SYSCALL": "syscall",
+    "WAITING": "waiting",
+    "IDLE": "idle",
+    "DEAD": "dead",
+    "COPYSTACK": "copystack",
+    "PREEMPTED": "preempted",
+}
+
+
+def dump_text(records: Sequence[q.GoroutineRecord]) -> str:
+    """Goroutines the agents kept, in the shape of runtime.Stack / pprof debug=2, one
+    block per goroutine, each headed by where it lives (service, PID)."""
+    out = []
+    for r in records:
+        g = r.goroutine
+        status = g.wait_reason or _STATE_TEXT.get(
+            _enum(t.GoroutineState.Name(g.state), "GOROUTINE_STATE_"), "unknown"
+        )
+        minutes = int(g.blocked_for_seconds // 60)
+        if minutes >= 1:
+            status += f", {minutes} minutes"
+        lines = [
+            f"# {r.service} PID {r.pid} (agent {r.agent_id})",
+            f"goroutine {g.goid} [{status}]:",
+        ]
+        for f in g.stack:
+            lines += [f"{f.function}(...)", f"\t{f.file}:{f.line}"]
+        if not g.stack:
+            lines.append("\t(no stack kept for this goroutine)")
+        if g.go_statement:
+            by = g.created_by or g.function
+            lines.append(
+                f"created by {by}" + (f" in goroutine {g.parent_goid}" if g.parent_goid else "")
+            )
+            lines.append(f"\t{g.go_statement}")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + ("\n" if out else "")
+
+
+def latency_dict(resp: q.GetFunctionLatencyResponse) -> dict[str, Any]:
+    """The shape `goleash latency --json` prints for a traced process, from a window."""
+    row: dict[str, Any] = {"symbol": resp.function, "count": resp.count}
+    for qv in resp.quantiles:
+        key = {0.5: "p50_ns", 0.9: "p90_ns", 0.99: "p99_ns", 0.999: "p999_ns"}.get(
+            round(qv.quantile, 4), f"q{qv.quantile:g}_ns"
+        )
+        row[key] = round(qv.value_seconds * 1e9)
+    row["mean_ns"] = round(resp.mean_seconds * 1e9)
+    row["window_s"] = resp.window_seconds
+    row["processes"] = resp.processes
+    return row
+
+
+def latency_text(rows: Sequence[dict[str, Any]]) -> str:
+    def ms(ns: Any) -> str:
+        return "-" if ns is None else f"{ns / 1e6:.3f}"
+
+    return table(
+        [
+            (
+                r["symbol"],
+                r["count"],
+                ms(r.get("p50_ns")),
+                ms(r.get("p90_ns")),
+                ms(r.get("p99_ns")),
+                ms(r.get("p999_ns")),
+                r["processes"],
+            )
+            for r in rows
+        ],
+        ("FUNCTION", "CALLS", "p50 ms", "p90 ms", "p99 ms", "p999 ms", "PROCESSES"),
+    )

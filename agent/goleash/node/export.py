@@ -19,7 +19,7 @@ from goleash.api.goleash.v1 import ingest_service_pb2 as ing
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.node.discovery import Candidate
 from goleash.node.tracker import ProcessSnapshot, SiteSummary
-from goleash.probes.inventory import SYSTEM_KEEP, Goroutine
+from goleash.probes.inventory import SYSTEM_KEEP, Goroutine, site_at
 from goleash.probes.stacks import walk_stacks
 from goleash.probes.target import GoProcess
 
@@ -284,6 +284,7 @@ class SnapshotExporter:
                 age_seconds=ages.get(g.goid, 0.0),
                 blocked_for_seconds=self._blocked(snap, g),
                 orphan=g.goid in snap.orphan_goids,
+                created_by=site_at(self.proc, g.gopc, g.startpc).created_by,
             )
             stack = stacks.get(g.goid)
             for f in stack.frames if stack is not None else ():

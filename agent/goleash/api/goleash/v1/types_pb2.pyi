@@ -158,7 +158,7 @@ class OrphanStats(_message.Message):
     def __init__(self, count: _Optional[int] = ..., oldest_age_seconds: _Optional[float] = ..., dominant_wait_reason: _Optional[str] = ..., longest_blocked_seconds: _Optional[float] = ...) -> None: ...
 
 class Goroutine(_message.Message):
-    __slots__ = ("goid", "parent_goid", "parent_exited", "function", "go_statement", "state", "wait_reason", "age_seconds", "blocked_for_seconds", "stack", "orphan")
+    __slots__ = ("goid", "parent_goid", "parent_exited", "function", "go_statement", "state", "wait_reason", "age_seconds", "blocked_for_seconds", "stack", "orphan", "created_by")
     GOID_FIELD_NUMBER: _ClassVar[int]
     PARENT_GOID_FIELD_NUMBER: _ClassVar[int]
     PARENT_EXITED_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +170,7 @@ class Goroutine(_message.Message):
     BLOCKED_FOR_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STACK_FIELD_NUMBER: _ClassVar[int]
     ORPHAN_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
     goid: int
     parent_goid: int
     parent_exited: bool
@@ -181,7 +182,8 @@ class Goroutine(_message.Message):
     blocked_for_seconds: float
     stack: _containers.RepeatedCompositeFieldContainer[StackFrame]
     orphan: bool
-    def __init__(self, goid: _Optional[int] = ..., parent_goid: _Optional[int] = ..., parent_exited: _Optional[bool] = ..., function: _Optional[str] = ..., go_statement: _Optional[str] = ..., state: _Optional[_Union[GoroutineState, str]] = ..., wait_reason: _Optional[str] = ..., age_seconds: _Optional[float] = ..., blocked_for_seconds: _Optional[float] = ..., stack: _Optional[_Iterable[_Union[StackFrame, _Mapping]]] = ..., orphan: _Optional[bool] = ...) -> None: ...
+    created_by: str
+    def __init__(self, goid: _Optional[int] = ..., parent_goid: _Optional[int] = ..., parent_exited: _Optional[bool] = ..., function: _Optional[str] = ..., go_statement: _Optional[str] = ..., state: _Optional[_Union[GoroutineState, str]] = ..., wait_reason: _Optional[str] = ..., age_seconds: _Optional[float] = ..., blocked_for_seconds: _Optional[float] = ..., stack: _Optional[_Iterable[_Union[StackFrame, _Mapping]]] = ..., orphan: _Optional[bool] = ..., created_by: _Optional[str] = ...) -> None: ...
 
 class LogLinearHistogram(_message.Message):
     __slots__ = ("sub_bucket_bits", "buckets", "count", "sum_seconds")
