@@ -29,6 +29,7 @@ FLAGS = {
     "condwait": "condwait",
     "worker": "workers",
     "sleeper": "sleepers",
+    "coroutine": "coroutines",
 }
 
 

@@ -340,3 +340,22 @@ def test_sigterm_detaches_and_prints_summary() -> None:
         # The traced program goes on, unchanged.
         pop.churn(100)
         assert pop.proc.poll() is None
+
+
+def test_coroutines_not_born_through_newproc_are_seen() -> None:
+    """iter.Pull coroutines (Go 1.23+) start without runqput: the probes never see
+    them born, the memory inventory counts them all the same."""
+    toolchain = gobuild.TOOLCHAINS[-1]
+    with populations(toolchain, coroutine=6, orphan=3) as pop:
+        proc = GoProcess.attach(pop.pid)
+        tracker = ProcessTracker(proc)
+        try:
+            tracker.start()
+            snap = tracker.snapshot()
+            # Their site is the runtime's coroutine start inside iter.Pull.
+            (site_,) = [s for s in snap.sites if s.function == "runtime.corostart"]
+            assert site_.go_statement.endswith("iter/iter.go:" + site_.go_statement.split(":")[-1])
+            assert (site_.live, site_.created, site_.wait_reasons) == (6, 0, {"coroutine": 6})
+            assert site(snap.sites, "orphan").live == 3
+        finally:
+            tracker.close()
