@@ -23,6 +23,18 @@ struct goroutine_info {
     s64 stack_id;    /* creator's user stack (--stacks), or -1 */
 };
 
+/* The fast home of a live goroutine: slot goid % LIVE_SLOTS of a direct-mapped
+ * array (goids are sequential, so the slots in use stay close together). A
+ * goroutine whose slot is taken goes to the live_goroutines hash instead. */
+#define LIVE_SLOT_EMPTY 0ULL
+#define LIVE_SLOT_WRITING (~0ULL) /* claimed, info not written yet: readers skip it */
+struct live_slot {
+    u64 goid;
+    u32 pid;
+    u32 _pad;
+    struct goroutine_info info;
+};
+
 /* A creation site: the `go` statement plus the function it starts. */
 struct site_key {
     u32 pid;

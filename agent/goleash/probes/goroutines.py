@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
+import mmap
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +35,17 @@ COUNTER_NAMES = (
 DEFAULT_MAX_LIVE = 131072
 DEFAULT_MAX_SITES = 4096
 MAX_SPAN = 256  # bytes of runtime.g read per hit (168 on go1.19, the widest so far)
+
+
+# struct live_slot in bpf/goleash.h: goid, pid, _pad, then struct goroutine_info.
+_LIVE_SLOT = struct.Struct("<QIIQQQQq")
+_SLOT_WRITING = (1 << 64) - 1  # empty slots have goid 0
+
+
+def live_slots_for(max_live: int) -> int:
+    """Slots of the direct-mapped live array: the largest power of two <= max_live
+    (a mask, not a division, picks the slot)."""
+    return 1 << (max(max_live, 1).bit_length() - 1)
 
 
 class ProbeAttachError(GoleashError):
@@ -97,6 +111,7 @@ def _cflags(
         f"-DG_M={off.g_m}",
         f"-DM_CURG={off.m_curg}",
         f"-DMAX_LIVE={max_live}",
+        f"-DLIVE_SLOTS={live_slots_for(max_live)}",
         f"-DMAX_SITES={max_sites}",
         # runqput(pp, newg, next): RBX is the second integer argument (ABIInternal);
         # newproc1 returns the new g in RAX.
@@ -122,7 +137,12 @@ def _cflags(
 
 
 class GoroutineProbes:
-    """The goroutine probes of one process. `attach()`, `read()`, `detach()`."""
+    """The goroutine probes of one process. `attach()`, `read()`, `detach()`.
+
+    Live goroutines are kept in a direct-mapped array (slot goid % live_slots) with a
+    hash of max_live entries for those whose slot is taken, so up to
+    live_slots + max_live are tracked before `live_table_full` counts a drop.
+    """
 
     def __init__(
         self,
@@ -140,6 +160,7 @@ class GoroutineProbes:
         self._bpf = None  # bcc.BPF; falsy when it has no tables: test `is not None`
         self._attached: list[tuple[ProbeSite, str]] = []  # (site, BCC event name)
         self._compiled = False
+        self._slots_mm: mmap.mmap | None = None
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -212,11 +233,38 @@ class GoroutineProbes:
 
     def close(self) -> None:
         self.detach()
+        if self._slots_mm is not None:
+            self._slots_mm.close()
+            self._slots_mm = None
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
 
     # --- reading --------------------------------------------------------------------
+
+    def _read_slots(self) -> list[tuple[int, int, int, int, int, int, int]]:
+        """The occupied slots of live_slots, read through an mmap of the array (one
+        copy of the memory instead of a syscall per slot)."""
+        assert self._bpf is not None
+        n = live_slots_for(self.max_live)
+        if self._slots_mm is None:
+            size = n * _LIVE_SLOT.size
+            size += -size % mmap.PAGESIZE
+            fd = self._bpf["live_slots"].map_fd
+            self._slots_mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        data = self._slots_mm[: n * _LIVE_SLOT.size]
+        words = memoryview(data).cast("Q")
+        stride = _LIVE_SLOT.size // 8
+        goids = words[::stride].tolist()
+        words.release()
+        out = [
+            _LIVE_SLOT.unpack_from(data, i * _LIVE_SLOT.size)
+            for i in itertools.compress(range(n), goids)  # nonzero goids, found in C
+            if goids[i] != _SLOT_WRITING
+        ]
+        # A slot freed and reused while copying shows a goid with another's info for
+        # one reading at most; the copy is one memcpy, so that window is tiny.
+        return [(g, pid, *info) for g, pid, _pad, *info in out]
 
     def read(self, *, with_live: bool = True) -> TrackerReading:
         assert self._bpf is not None
@@ -248,6 +296,16 @@ class GoroutineProbes:
                 items = table.items_lookup_batch()  # ~8x faster than items() at 100k
             except Exception:
                 items = table.items()
+            for goid, slot_pid, parent, gopc, startpc, created_ns, stack_id in self._read_slots():
+                if slot_pid == self.proc.pid:
+                    live[goid] = LiveGoroutine(
+                        goid=goid,
+                        parent_goid=parent,
+                        gopc=gopc - bias,
+                        startpc=startpc - bias,
+                        created_ns=created_ns,
+                        stack_id=stack_id,
+                    )
             for k, v in items:
                 live[k.goid] = LiveGoroutine(
                     goid=k.goid,
