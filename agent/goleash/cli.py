@@ -999,7 +999,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.01,
         help="max share of one core the probes may cost the process (default 0.01 = 1%%)",
     )
-    p.add_argument("--max-live", type=int, help="size of the kernel's live-goroutine table")
+    p.add_argument(
+        "--max-live",
+        type=int,
+        help="size of the kernel's live-goroutine tables (default 131072: a goid-indexed "
+        "array of that size rounded down to a power of two, plus a hash as large for "
+        "collisions); births that fit in neither are counted as dropped",
+    )
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
     p.set_defaults(handler=cmd_trace)
 

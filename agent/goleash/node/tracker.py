@@ -40,6 +40,7 @@ STUCK_WAIT_REASONS = frozenset(
     }
 )
 DEFAULT_ORPHAN_MIN_AGE_S = 30.0
+BUDGET_MIN_WINDOW_S = 1.0
 
 
 def _quantile(sorted_vals: list[float], q: float) -> float | None:
@@ -240,7 +241,9 @@ class ProcessTracker:
 
     def snapshot(self, inventory: Inventory | None = None) -> ProcessSnapshot:
         now = time.monotonic()
-        dt = max(1e-3, now - self._last_poll)
+        # The budget is a share of a core over time: a burst read over a few
+        # milliseconds (two snapshots close together) is judged over one second.
+        dt = max(BUDGET_MIN_WINDOW_S, now - self._last_poll)
         self._last_poll = now
         inv = inventory or read_goroutines(self.proc)
         self._last_inventory = inv
