@@ -6,8 +6,12 @@ same run (never absolute timings from a test). Each section module exposes
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,3 +54,40 @@ def fixture(name: str, toolchain: str, variant: str = "default") -> Path:
     import gobuild  # type: ignore[import-not-found]
 
     return Path(gobuild.build(name, toolchain, variant))
+
+
+@contextmanager
+def bpftrace(binary: Path, pid: int, probes: dict[str, str]) -> Iterator[None]:
+    """bpftrace counting hits of `probes` (symbol -> map name) in PID, live until exit.
+
+    No -p: bpftrace 0.17 aborts comparing mount namespaces here; a predicate filters
+    the same way (the probe still fires for other processes, as goleash's pid
+    filter does not). BEGIN runs once every probe is attached: its line says the
+    tracer is live.
+    """
+    prog = 'BEGIN { printf("attached\\n"); } ' + " ".join(
+        f"uprobe:{binary}:{sym} /pid == {pid}/ {{ @{name} = count(); }}"
+        for sym, name in probes.items()
+    )
+    p = subprocess.Popen(
+        ["bpftrace", "-e", prog], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert p.stdout is not None
+    seen = []
+    for line in p.stdout:  # warnings (e.g. RLIMIT_MEMLOCK) may come first
+        seen.append(line)
+        if line.startswith("attached"):
+            break
+    else:
+        p.wait()
+        raise RuntimeError("bpftrace did not attach:\n" + "".join(seen))
+    try:
+        yield
+    finally:
+        p.send_signal(signal.SIGINT)
+        try:
+            p.wait(timeout=30)
+        finally:
+            if p.poll() is None:  # a stray bpftrace would keep probing every run after
+                p.kill()
+                p.wait()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from goleash.bench import Report, fixture
+from goleash.bench import Report, bpftrace, fixture
 from goleash.probes.budget import OverheadBudget
 from goleash.probes.funclat import FuncLatencyProbes, LatencyProgram, function_sites
 from goleash.probes.funcs import FunctionIndex, resolve
@@ -116,39 +115,6 @@ def _goleash(pid: int, patterns: list[str], budget: float) -> Iterator[None]:
         probes.close()
 
 
-@contextmanager
-def _bpftrace_entry(binary: Path, pid: int, symbol: str) -> Iterator[None]:
-    # No -p: bpftrace 0.17 aborts comparing mount namespaces here; a predicate
-    # filters the same way (the probe still fires, as goleash's pid filter does not).
-    # BEGIN runs once every probe is attached: its line says the tracer is live.
-    prog = (
-        'BEGIN { printf("attached\\n"); } '
-        f"uprobe:{binary}:{symbol} /pid == {pid}/ {{ @calls = count(); }}"
-    )
-    p = subprocess.Popen(
-        ["bpftrace", "-e", prog], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    assert p.stdout is not None
-    seen = []
-    for line in p.stdout:  # warnings may come first
-        seen.append(line)
-        if line.startswith("attached"):
-            break
-    else:
-        p.wait()
-        raise RuntimeError("bpftrace did not attach:\n" + "".join(seen))
-    try:
-        yield
-    finally:
-        p.send_signal(signal.SIGINT)
-        try:
-            p.wait(timeout=30)
-        finally:
-            if p.poll() is None:  # a stray bpftrace would keep probing every run after
-                p.kill()
-                p.wait()
-
-
 def run(report: Report) -> None:
     binary = fixture("benchload", TOOLCHAIN)
     report.line("toolchain", float(TOOLCHAIN.split(".")[1]), "go1.N", f"go{TOOLCHAIN}")
@@ -164,7 +130,7 @@ def run(report: Report) -> None:
             "entry": lambda pid: _groups(pid, sym, ("entry",)),
             "rets": lambda pid: _groups(pid, sym, ("rets",)),
             "timed": lambda pid: _goleash(pid, [sym], math.inf),
-            "bpftrace": lambda pid: _bpftrace_entry(binary, pid, sym),
+            "bpftrace": lambda pid: bpftrace(binary, pid, {sym: "calls"}),
         },
     )
     base = calls["untraced"]

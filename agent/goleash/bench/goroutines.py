@@ -18,7 +18,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -28,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from goleash.bench import Report, fixture
+from goleash.bench import Report, bpftrace, fixture
 from goleash.gobin.disasm import entry_site, goroutine_probe_sites
 from goleash.probes.goroutines import GoroutineProbes
 from goleash.probes.inventory import read_goroutines
@@ -98,34 +97,9 @@ def _goleash(pid: int, hits: dict[str, int]) -> Iterator[None]:
         probes.close()
 
 
-@contextmanager
-def _bpftrace(binary: Path, pid: int) -> Iterator[None]:
-    # No -p: bpftrace 0.17 aborts comparing mount namespaces here; a predicate
-    # filters the same way (the probe still fires, as goleash's pid filter does not).
-    prog = (
-        f"uprobe:{binary}:runtime.newproc1 /pid == {pid}/ {{ @created = count(); }} "
-        f"uprobe:{binary}:runtime.goexit1 /pid == {pid}/ {{ @exited = count(); }}"
-    )
-    p = subprocess.Popen(
-        ["bpftrace", "-e", prog],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert p.stdout is not None
-    seen = []
-    for line in p.stdout:  # warnings (e.g. RLIMIT_MEMLOCK) may come first
-        seen.append(line)
-        if line.startswith("Attaching"):
-            break
-    else:
-        p.wait()
-        raise RuntimeError("bpftrace did not attach:\n" + "".join(seen))
-    try:
-        yield
-    finally:
-        p.send_signal(signal.SIGINT)
-        p.wait(timeout=30)
+def _bpftrace_usual(binary: Path, pid: int) -> Any:
+    """Goroutine births and exits the usual way: probes at the functions' entries."""
+    return bpftrace(binary, pid, {"runtime.newproc1": "created", "runtime.goexit1": "exited"})
 
 
 Tracer = Callable[[int], Any]
@@ -203,7 +177,7 @@ def run(report: Report) -> None:
         "goleash": lambda pid: _goleash(pid, hits),
     }
     if shutil.which("bpftrace"):
-        tracers["bpftrace"] = lambda pid: _bpftrace(binary, pid)
+        tracers["bpftrace"] = lambda pid: _bpftrace_usual(binary, pid)
     cpu0 = _cpu_s()
     churn = compare(binary, churn_args, "ns_per_goroutine", tracers)
     agent_cpu = (_cpu_s() - cpu0) / REPEATS
@@ -240,7 +214,7 @@ def run(report: Report) -> None:
         args = ["-mode", mode, "-seconds", "3", "-workers", "8"]
         tracers = {"untraced": None, "goleash": lambda pid: _goleash(pid, {})}
         if shutil.which("bpftrace"):
-            tracers["bpftrace"] = lambda pid: _bpftrace(binary, pid)
+            tracers["bpftrace"] = lambda pid: _bpftrace_usual(binary, pid)
         rps = compare(binary, args, "requests_per_s", tracers)
         report.line(f"{mode} untraced", rps["untraced"], "req/s")
         for name in ("goleash", "bpftrace"):
