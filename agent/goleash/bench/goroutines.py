@@ -212,12 +212,17 @@ def run(report: Report) -> None:
     # --- 3. HTTP throughput -------------------------------------------------------------
     for mode in ("http2", "http1"):
         args = ["-mode", mode, "-seconds", "3", "-workers", "8"]
-        tracers = {"untraced": None, "goleash": lambda pid: _goleash(pid, {})}
+        # Empty programs at goleash's sites: what the traps alone cost this workload.
+        tracers = {
+            "untraced": None,
+            "empty probes at goleash's sites": lambda pid: _empty_uprobe(binary, pid, sites),
+            "goleash": lambda pid: _goleash(pid, {}),
+        }
         if shutil.which("bpftrace"):
             tracers["bpftrace"] = lambda pid: _bpftrace_usual(binary, pid)
         rps = compare(binary, args, "requests_per_s", tracers)
         report.line(f"{mode} untraced", rps["untraced"], "req/s")
-        for name in ("goleash", "bpftrace"):
+        for name in ("empty probes at goleash's sites", "goleash", "bpftrace"):
             if name in rps:
                 goal = "goal >= 0.85" if (mode, name) == ("http2", "goleash") else ""
                 report.line(
