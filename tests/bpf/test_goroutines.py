@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import gobuild
 from goleash.node.tracker import ProcessTracker, SiteSummary
 from goleash.probes.budget import OverheadBudget
 from goleash.probes.target import GoProcess
+from polling import wait_for
 from populations import running_populations
 
 pytestmark = pytest.mark.root
@@ -37,17 +37,6 @@ def site(snapshot_sites: list[SiteSummary], marker: str) -> SiteSummary:
     return found[0]
 
 
-def poll(fn, what: str, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("variant", ["default", "stripped", "pie"])
 def test_counts_exact(toolchain: str, variant: str) -> None:
     with populations(toolchain, variant) as pop:
@@ -65,7 +54,7 @@ def test_counts_exact(toolchain: str, variant: str) -> None:
                 # live: a goroutine is _Gdead a moment after goexit1 (our probe)
                 return snap if (s.exited, s.live) == (n, 0) else None
 
-            snap = poll(churn_done, "every churn goroutine to exit")
+            snap = wait_for(churn_done, "every churn goroutine to exit")
             churn = site(snap.sites, "churn")
             assert (churn.created, churn.exited, churn.live) == (n, n, 0)
             assert churn.function == "main.churn"
@@ -143,7 +132,7 @@ def test_parents_from_probes(toolchain: str) -> None:
                     else None
                 )
 
-            poll(all_orphaned, "the late creator's children to count as orphans")
+            wait_for(all_orphaned, "the late creator's children to count as orphans")
         finally:
             tracker.close()
 
@@ -164,7 +153,7 @@ def test_map_too_small_counts_drops(toolchain: str) -> None:
                 c = site(snap.sites, "churn")
                 return snap if c.exited + c.exited_unseen == n else None
 
-            snap = poll(settled, "all churn exits counted")
+            snap = wait_for(settled, "all churn exits counted")
             c = site(snap.sites, "churn")
             assert c.created == n, "site counts stay exact when the live table is full"
             assert snap.dropped["live_table_full"] > 0
@@ -188,7 +177,7 @@ def test_cli_trace_json_and_exit_mid_trace() -> None:
     with populations(toolchain) as pop:
         tr = run_trace(pop.pid, "--duration", "60", "--interval", "0.5", "--json")
         assert tr.stderr is not None
-        poll(lambda: "tracing PID" in tr.stderr.readline(), "trace to attach")
+        wait_for(lambda: "tracing PID" in tr.stderr.readline(), "trace to attach")
         assert pop.command("churn 500") == {"churned": 500}
         assert pop.command("exit") == {"bye": True}
         out, err = tr.communicate(timeout=60)
@@ -214,7 +203,7 @@ def test_output_unchanged_by_tracing() -> None:
             if traced:
                 tr = run_trace(pop.pid, "--duration", "60", "--interval", "0.5")
                 assert tr.stderr is not None
-                poll(lambda tr=tr: "tracing PID" in tr.stderr.readline(), "trace to attach")
+                wait_for(lambda tr=tr: "tracing PID" in tr.stderr.readline(), "trace to attach")
             lines = [pop.command(c) for c in ("churn 3000", "churn 10", "exit")]
             assert pop.proc.wait(timeout=30) == 0
             outputs.append(lines)
@@ -291,7 +280,7 @@ def test_newproc1_return_fallback() -> None:
                 c = site(snap.sites, "churn")
                 return snap if (c.created, c.exited) == (500, 500) else None
 
-            snap = poll(done, "churn counted through newproc1's RETs")
+            snap = wait_for(done, "churn counted through newproc1's RETs")
             assert snap.probe_hits["create_hits"] == 500
             assert tracker.probes.stepped_sites == len(rets), "RET sites are single-stepped"
         finally:
@@ -318,7 +307,7 @@ def test_budget_falls_back_to_inventory_and_returns() -> None:
             snap = tracker.snapshot()
             assert snap.mode == "probes" and tracker.probes.attached
             pop.churn(10)
-            snap = poll(
+            snap = wait_for(
                 lambda: (s := tracker.snapshot()) and s.probe_hits["create_hits"] >= 20010 and s,
                 "probes counting again",
             )
@@ -331,8 +320,8 @@ def test_sigterm_detaches_and_prints_summary() -> None:
     with populations(toolchain) as pop:
         tr = run_trace(pop.pid, "--interval", "0.3")
         assert tr.stderr is not None and tr.stdout is not None
-        poll(lambda: "tracing PID" in tr.stderr.readline(), "trace to attach")
-        poll(lambda: "main.orphan" in tr.stdout.readline(), "a summary naming main.orphan")
+        wait_for(lambda: "tracing PID" in tr.stderr.readline(), "trace to attach")
+        wait_for(lambda: "main.orphan" in tr.stdout.readline(), "a summary naming main.orphan")
         tr.terminate()
         out, err = tr.communicate(timeout=30)
         assert tr.returncode == 0, err

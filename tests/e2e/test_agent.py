@@ -20,10 +20,10 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import pytest
@@ -35,6 +35,7 @@ from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import goleash_service_pb2_grpc as q_grpc
 from goleash.gobin.disasm import goroutine_probe_sites
 from goleash.probes.target import GoProcess
+from polling import wait_for
 from populations import FLAGS, READY_TIMEOUT, Populations, read_json_line
 
 pytestmark = pytest.mark.root
@@ -51,19 +52,6 @@ COUNTS = {"orphan": 30, "nilselect": 7, "condwait": 5, "worker": 3, "sleeper": 4
 WAITS = {"orphan": "chan receive", "nilselect": "select", "condwait": "sync.Cond.Wait"}
 WAITS |= {"sleeper": "sleep"}
 FUNCS = {k: f"main.{k}" for k in COUNTS}
-
-T = TypeVar("T")
-
-
-def wait_for(fn: Callable[[], T | None], what: str, timeout: float = 15.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def free_port() -> int:

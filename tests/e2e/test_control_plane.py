@@ -27,6 +27,7 @@ from goleash.api.goleash.v1 import ingest_service_pb2 as ing
 from goleash.api.goleash.v1 import ingest_service_pb2_grpc as ing_grpc
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.control.histogram import bucket_bounds, bucket_index
+from polling import wait_for
 
 BIN = Path(sys.executable).parent / "goleash"
 GOLEASH = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "goleash.cli"]
@@ -98,17 +99,6 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     if check:
         assert r.returncode == 0, r.stderr
     return r
-
-
-def wait_for(predicate, what: str, timeout: float = 10.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def status_of(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from goleash.api.goleash.v1 import ingest_service_pb2_grpc as ing_grpc
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.control.server import ControlPlaneConfig
 from goleash.embedded import EmbeddedControlPlane
+from polling import wait_for
 
 POLICY = """\
 mode: enforce
@@ -36,16 +36,6 @@ rules:
     recovery: {{hold: 600ms}}
     cooldown: {{initial: 1s}}
 """
-
-
-def wait_for(cond, what: str, timeout: float = 20.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Agent:
