@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,12 +47,9 @@ class Report:
 
 def fixture(name: str, toolchain: str, variant: str = "default") -> Path:
     """Build a Go fixture of tests/fixtures/go with the tests' builder."""
-    tests = Path(__file__).resolve().parents[3] / "tests"
-    if str(tests) not in sys.path:
-        sys.path.insert(0, str(tests))
-    import gobuild  # type: ignore[import-not-found]
+    from goleash import fixtures
 
-    return Path(gobuild.build(name, toolchain, variant))
+    return fixtures.build(name, toolchain, variant)
 
 
 @contextmanager
