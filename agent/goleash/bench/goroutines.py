@@ -32,7 +32,7 @@ from goleash.gobin.disasm import entry_site, goroutine_probe_sites
 from goleash.probes.goroutines import GoroutineProbes
 from goleash.probes.inventory import read_goroutines
 from goleash.probes.target import GoProcess
-from goleash.probes.uprobe import attach_at
+from goleash.probes.uprobe import empty_probes
 
 TOOLCHAIN = os.environ.get("GOLEASH_BENCH_GO", "1.22.10")
 REPEATS = 5
@@ -69,19 +69,6 @@ class Workload:
 def _median(values: list[float]) -> float:
     v = sorted(values)
     return v[len(v) // 2]
-
-
-@contextmanager
-def _empty_uprobe(binary: Path, pid: int, file_offsets: list[int]) -> Iterator[None]:
-    from bcc import BPF
-
-    b = BPF(text=b"int hit(struct pt_regs *ctx) { return 0; }")
-    for off in file_offsets:
-        attach_at(b, str(binary), off, "hit", pid)
-    try:
-        yield
-    finally:
-        b.cleanup()
 
 
 @contextmanager
@@ -156,8 +143,8 @@ def run(report: Report) -> None:
         "ns_per_call",
         {
             "untraced": None,
-            "emulated": lambda pid: _empty_uprobe(binary, pid, [push.file_offset]),
-            "stepped": lambda pid: _empty_uprobe(binary, pid, [first_offset]),
+            "emulated": lambda pid: empty_probes(str(binary), pid, [push.file_offset]),
+            "stepped": lambda pid: empty_probes(str(binary), pid, [first_offset]),
         },
     )
     base = calls["untraced"]
@@ -173,7 +160,7 @@ def run(report: Report) -> None:
     hits: dict[str, int] = {}
     tracers: dict[str, Tracer | None] = {
         "untraced": None,
-        "empty probes at goleash's sites": lambda pid: _empty_uprobe(binary, pid, sites),
+        "empty probes at goleash's sites": lambda pid: empty_probes(str(binary), pid, sites),
         "goleash": lambda pid: _goleash(pid, hits),
     }
     if shutil.which("bpftrace"):
@@ -215,7 +202,7 @@ def run(report: Report) -> None:
         # Empty programs at goleash's sites: what the traps alone cost this workload.
         tracers = {
             "untraced": None,
-            "empty probes at goleash's sites": lambda pid: _empty_uprobe(binary, pid, sites),
+            "empty probes at goleash's sites": lambda pid: empty_probes(str(binary), pid, sites),
             "goleash": lambda pid: _goleash(pid, {}),
         }
         if shutil.which("bpftrace"):

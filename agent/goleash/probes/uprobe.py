@@ -10,6 +10,7 @@ program headers (gobin), so we hand it to the kernel directly; the kernel follow
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -31,3 +32,21 @@ def detach(bpf: Any, ev_name: str) -> None:
     # Already gone when the process exited or it was detached before.
     with contextlib.suppress(Exception):
         bpf.detach_uprobe_event(ev_name.encode())
+
+
+@contextlib.contextmanager
+def empty_probes(path: str, pid: int, file_offsets: list[int]) -> Iterator[None]:
+    """Attach a program that does nothing at each offset: the trap's own cost.
+
+    `make bench` measures goleash's programs as a ratio against this baseline at
+    the same sites; it lives here because probes is the only package that imports bcc.
+    """
+    from bcc import BPF
+
+    b = BPF(text=b"int hit(struct pt_regs *ctx) { return 0; }")
+    try:
+        for off in file_offsets:
+            attach_at(b, path, off, "hit", pid)
+        yield
+    finally:
+        b.cleanup()
