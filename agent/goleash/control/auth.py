@@ -438,21 +438,29 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             request: Any, context: grpc.aio.ServicerContext
         ) -> AsyncIterator[Any]:
             _current.set(await check(method, context))
+            async for item in inner_stream(request, context):
+                yield item
+
+        async def written_response(request: Any, context: grpc.aio.ServicerContext) -> None:
+            # handlers that write with context.write() (grpc's health Watch) return None
+            _current.set(await check(method, context))
             out = inner_stream(request, context)
-            if hasattr(out, "__aiter__"):
-                async for item in out:
-                    yield item
+            if inspect.isawaitable(out):
+                await out
             else:
                 for item in out:
-                    yield item
+                    await context.write(item)
 
+        wrapper: Any = (
+            stream_response if inspect.isasyncgenfunction(inner_stream) else written_response
+        )
         make = (
             grpc.unary_stream_rpc_method_handler
             if handler.unary_stream
             else grpc.stream_stream_rpc_method_handler
         )
         return make(
-            stream_response,
+            wrapper,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )

@@ -691,6 +691,10 @@ class ControlPlane:
 
 async def _serve(config: ControlPlaneConfig) -> None:
     cp = ControlPlane(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before "listening on": a stop may follow
+        loop.add_signal_handler(sig, stop.set)
     address = await cp.start()
     tls = "mTLS" if config.tls_ca else ("TLS" if config.tls_cert else "no TLS")
     authn = cp.authenticator
@@ -711,10 +715,6 @@ async def _serve(config: ControlPlaneConfig) -> None:
         file=sys.stderr,
         flush=True,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await cp.stop()
 
