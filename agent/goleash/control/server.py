@@ -359,7 +359,7 @@ class GoleashServicer(q_grpc.GoleashServiceServicer):
                 return q.SetPolicyResponse(
                     version=running, mode=_mode(doc.mode), rules=len(doc.rules)
                 )
-            accepted = policies.set(request.policy_yaml, f"api:{who}")
+            accepted = policies.set(request.policy_yaml, "api")
         except PolicyError as exc:
             if not request.validate_only:
                 events.append(
