@@ -55,6 +55,7 @@ class AgentRun:
     sent: int
     accepted: int
     errors: int
+    why: str  # failed streams by status code
     lateness_p99: float
     bytes_per_batch: float
     build_s: float
@@ -149,6 +150,8 @@ async def _agents(address: str, t0: float) -> AgentRun:
     sent = [0]
     sizes: list[int] = []
 
+    codes: dict[str, int] = {}
+
     async def one(agent: int) -> tuple[int, bool]:
         announce, body = bodies[agent]
         identity = t.AgentIdentity(
@@ -176,7 +179,9 @@ async def _agents(address: str, t0: float) -> AgentRun:
                 batches(), metadata=(("authorization", f"Bearer {AGENT_TOKEN}"),)
             )
             return resp.accepted, True
-        except grpc.RpcError:
+        except grpc.RpcError as exc:
+            name = exc.code().name  # type: ignore[attr-defined]
+            codes[name] = codes.get(name, 0) + 1
             return 0, False
 
     results = await asyncio.gather(*(one(a) for a in range(AGENTS)))
@@ -187,6 +192,7 @@ async def _agents(address: str, t0: float) -> AgentRun:
         sent=sent[0],
         accepted=sum(r[0] for r in results),
         errors=sum(1 for r in results if not r[1]),
+        why=", ".join(f"{n} {k}" for k, n in sorted(codes.items())),
         lateness_p99=lateness[int(0.99 * (len(lateness) - 1))] if lateness else 0.0,
         bytes_per_batch=statistics.mean(sizes) if sizes else 0.0,
         build_s=build_s,
@@ -334,7 +340,8 @@ def run(report: Report) -> None:
             "batches applied / sent",
             run_.accepted / max(run_.sent, 1),
             "ratio",
-            f"{run_.accepted} of {run_.sent}, {run_.errors} streams failed",
+            f"{run_.accepted} of {run_.sent}, {run_.errors} streams failed"
+            + (f" ({run_.why})" if run_.why else ""),
         )
         report.line(
             "agent send lateness p99",

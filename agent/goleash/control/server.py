@@ -28,6 +28,7 @@ import functools
 import gc
 import ipaddress
 import logging
+import os
 import signal
 import sqlite3
 import sys
@@ -119,16 +120,56 @@ def _read(path: str, what: str) -> bytes:
         raise ServerSetupError(f"cannot read the {what} {path}: {exc.strerror}") from exc
 
 
+class CertificateFiles:
+    """The server's key, certificate and client CA, re-read when they change on disk
+    (cert-manager renews them; Kubernetes swaps a Secret volume's files at once).
+    gRPC asks before every new connection's handshake; a stat of three files is the
+    cost, and connections are long-lived (one ingest stream per agent)."""
+
+    def __init__(self, key: str, cert: str, ca: str | None) -> None:
+        self.paths = tuple(p for p in (key, cert, ca) if p)
+        self.key, self.cert, self.ca = key, cert, ca
+        self._stamp = self._stat()
+
+    def _stat(self) -> tuple[tuple[int, int, int], ...]:
+        out = []
+        for p in self.paths:
+            st = os.stat(p)
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(out)
+
+    def configuration(self) -> Any:
+        return grpc.ssl_server_certificate_configuration(
+            [(_read(self.key, "TLS key"), _read(self.cert, "TLS certificate"))],
+            root_certificates=_read(self.ca, "TLS CA bundle") if self.ca else None,
+        )
+
+    def fetch(self) -> Any:
+        """A new configuration when the files changed, else None (keep the current)."""
+        try:
+            stamp = self._stat()
+            if stamp == self._stamp:
+                return None
+            fresh = self.configuration()
+        except (OSError, ServerSetupError) as exc:  # mid-update: the next connection retries
+            log.warning("TLS files changed but cannot be read yet: %s", exc)
+            return None
+        self._stamp = stamp
+        log.info("TLS certificate files changed on disk: new connections use them")
+        return fresh
+
+
 def server_credentials(cfg: ControlPlaneConfig) -> grpc.ServerCredentials | None:
     if not (cfg.tls_cert or cfg.tls_key or cfg.tls_ca):
         return None
     if not (cfg.tls_cert and cfg.tls_key):
         raise ServerSetupError("TLS needs both --tls-cert and --tls-key (--tls-ca adds mTLS)")
-    ca = _read(cfg.tls_ca, "TLS CA bundle") if cfg.tls_ca else None
-    return grpc.ssl_server_credentials(
-        [(_read(cfg.tls_key, "TLS key"), _read(cfg.tls_cert, "TLS certificate"))],
-        root_certificates=ca,
-        require_client_auth=ca is not None,
+    try:
+        files = CertificateFiles(cfg.tls_key, cfg.tls_cert, cfg.tls_ca)
+    except OSError as exc:
+        raise ServerSetupError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+    return grpc.dynamic_ssl_server_credentials(
+        files.configuration(), files.fetch, require_client_authentication=cfg.tls_ca is not None
     )
 
 
