@@ -511,6 +511,48 @@ def test_every_change_is_an_event_naming_who_made_it(
         assert "spiffe://goleash.test/admin" in e.message
 
 
+def test_a_renewed_server_certificate_is_used_without_a_restart(
+    tmp_path: Path, pki: dict[str, Any]
+) -> None:
+    """cert-manager renews in place: the control plane serves new connections with the
+    files now on disk (here the renewal even comes from another CA, so a client that
+    trusts only the new one tells which certificate it got)."""
+    p = pki["dir"]
+    crt, key = tmp_path / "server.crt", tmp_path / "server.key"
+    crt.write_bytes(pki["server"].cert)
+    key.write_bytes(pki["server"].key)
+    cp = ControlPlaneProcess(
+        tmp_path / "goleash.db",
+        *("--tls-cert", str(crt), "--tls-key", str(key), "--tls-ca", str(p / "ca.crt")),
+        *("--client-role", "goleash-viewer=viewer"),
+    )
+    try:
+        renewed_ca = CA("renewed CA")
+        renewed = renewed_ca.issue(
+            "goleash-control-plane",
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+            ExtendedKeyUsageOID.SERVER_AUTH,
+        )
+        viewer = pki["viewer"]
+
+        def list_agents(trust: bytes) -> grpc.StatusCode:
+            creds = grpc.ssl_channel_credentials(trust, viewer.key, viewer.cert)
+            with grpc.secure_channel(cp.address, creds) as ch:
+                return call(ch, "/goleash.v1.GoleashService/ListAgents", q.ListAgentsRequest(), ())
+
+        assert list_agents(pki["ca"]) == grpc.StatusCode.OK
+        assert list_agents(renewed_ca.pem) == grpc.StatusCode.UNAVAILABLE
+        # Kubernetes swaps a Secret volume's files at once; here: write aside, rename
+        for path, data in ((key, renewed.key), (crt, renewed.cert)):
+            path.with_name(path.name + ".new").write_bytes(data)
+        for path in (key, crt):
+            os.replace(path.with_name(path.name + ".new"), path)
+        assert list_agents(renewed_ca.pem) == grpc.StatusCode.OK
+        assert any("TLS certificate files changed" in line for line in cp.stderr)
+    finally:
+        cp.stop()
+
+
 # --- refusing to start, empty credentials ---------------------------------------------
 
 
