@@ -99,7 +99,11 @@ def test_configuration_errors_are_refused(tmp_path: Path) -> None:
         _authn(tmp_path, GOLEASH_VIEWER_TOKEN="")
     with pytest.raises(AuthSetupError, match="one token, one role"):
         _authn(tmp_path, GOLEASH_ADMIN_TOKEN=TOKEN)
-    for rule, message in (("admin", "IDENTITY=ROLE"), ("x=root", "role must be"), ("*=admin", "not every certificate")):
+    for rule, message in (
+        ("admin", "IDENTITY=ROLE"),
+        ("x=root", "role must be"),
+        ("*=admin", "not every certificate"),
+    ):
         with pytest.raises(AuthSetupError, match=message):
             auth.parse_identity_rule(rule)
 
@@ -164,3 +168,28 @@ def test_redaction_removes_every_secret_and_keeps_the_rest() -> None:
 def test_text_that_cannot_be_parsed_is_withheld_whole() -> None:
     out = redact_policy("headers: {Authorization: s3cret\n")
     assert "s3cret" not in out and "<redacted>" in out
+
+
+def test_events_are_scrubbed_of_credentials_before_they_are_stored() -> None:
+    from goleash.api.goleash.v1 import types_pb2 as t
+    from goleash.control.events import open_db
+    from goleash.control.server import ScrubbedEventLog
+
+    log = ScrubbedEventLog(open_db(":memory:"), clock=lambda: 1.0)
+    log.append(
+        t.EVENT_KIND_ACTION,
+        "POST https://bot:pw-s3cr3t@hooks.example/x failed: 401 (sent Bearer abc.s3cr3t)",
+        service="shop",
+        details={
+            "action": {"type": "webhook", "headers": {"X-Key": "s3cr3t"}, "timeout": 5},
+            "api_key": "s3cr3t",
+            "attempts": [{"url": "http://u:s3cr3t@h/"}],
+            "level": "L3",
+        },
+    )
+    (e,) = log.query()
+    assert "s3cr3t" not in e.message and "s3cr3t" not in repr(e.details)
+    assert e.message.startswith("POST https://<redacted>@hooks.example/x failed: 401")
+    assert e.details["action"] == {"type": "webhook", "headers": {"X-Key": "<redacted>"},
+                                   "timeout": 5}  # fmt: skip
+    assert e.details["level"] == "L3" and e.service == "shop"

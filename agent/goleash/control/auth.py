@@ -512,3 +512,28 @@ def redact_policy(text: str) -> str:
     for start, end, repl in sorted(set(spans), reverse=True):  # aliases repeat a node
         out = out[:start] + repl + out[end:]
     return out
+
+
+# --- secrets in events ----------------------------------------------------------------
+
+_CREDENTIAL_WORDS = re.compile(r"\b(Bearer|Basic)\s+[\x21-\x7e]+", re.I)
+
+
+def scrub(value: Any, key: str = "") -> Any:
+    """An event's message or details without credentials: values under secret-sounding
+    keys, header mappings, `Bearer ...`/`Basic ...` words and URL user:password parts
+    are replaced. Events are for everyone with the viewer role."""
+    if isinstance(value, str):
+        if key and (_SECRET_KEY.search(key) or key.lower() == "headers"):
+            return REDACTED
+        value = _URL_USERINFO.sub(rf"\g<scheme>{REDACTED}@", value)
+        return _CREDENTIAL_WORDS.sub(rf"\1 {REDACTED}", value)
+    if isinstance(value, dict):
+        if key.lower() == "headers":
+            return {k: REDACTED for k in value}
+        if key and _SECRET_KEY.search(key):
+            return REDACTED
+        return {k: scrub(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrub(v, key) for v in value]
+    return value

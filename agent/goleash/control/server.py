@@ -82,6 +82,17 @@ class PermissionDenied(ControlError):
     status = "PERMISSION_DENIED"
 
 
+class ScrubbedEventLog(EventLog):
+    """The event log, with credentials scrubbed from every event before it is stored
+    (an action's URL with user:password, a header quoted in an error): viewers read
+    events, and secrets are never echoed."""
+
+    def append(self, kind: int, message: str, **kw: Any) -> EventRecord:
+        if kw.get("details"):
+            kw["details"] = auth.scrub(kw["details"])
+        return super().append(kind, auth.scrub(message), **kw)
+
+
 @dataclass
 class ControlPlaneConfig:
     """How to run the control plane (CLI flags map one to one)."""
@@ -542,7 +553,7 @@ class ControlPlane:
         self.clock = clock
         self.db_path = resolve_db_path(config.db)
         self._conn: sqlite3.Connection = open_db(self.db_path)
-        self.events = EventLog(self._conn, clock)
+        self.events = ScrubbedEventLog(self._conn, clock)
         self.policies = PolicyStore(self._conn, clock)
         self.store = Store(
             self.events.append, leak=config.leak, known_processes=self._open_processes()
