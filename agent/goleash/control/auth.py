@@ -186,12 +186,11 @@ def client_token(
     env: Mapping[str, str] | None = None,
 ) -> str | None:
     """The one token a client sends: --token-file, else --token, else $GOLEASH_TOKEN.
-    A set but empty source is an error, never "no token"."""
+    A set but empty source is an error, never "no token". A token file in the server's
+    format may hold several lines while a token is rotated: the client sends the last
+    (newest) one, so the server's and the clients' files can be the same Secret key."""
     if token_file is not None:
-        entries = read_token_file(token_file)
-        if len(entries) != 1:
-            raise AuthSetupError(f"{token_file}: a client sends one token; it holds {len(entries)}")
-        return entries[0][1]
+        return read_token_file(token_file)[-1][1]
     if token is not None:
         if not token or not _TOKEN.fullmatch(token):
             raise AuthSetupError("--token is empty or not printable ASCII without spaces")
