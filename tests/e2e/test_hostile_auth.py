@@ -447,6 +447,47 @@ def test_an_agent_cannot_write_another_agents_id(token_plane: ControlPlaneProces
         assert {x.identity.agent_id: x.last_sequence for x in agents}["node-a-agent"] == 2
 
 
+def test_the_agents_sender_presents_its_token_and_keeps_batches_when_refused(
+    token_plane: ControlPlaneProcess,
+) -> None:
+    """The node agent's own sender (goleash.node.sender): with its token the batches
+    arrive; with a wrong one the control plane refuses the stream and the agent keeps
+    the batches (bounded) for when its credentials are fixed, instead of dropping them
+    as rejected data."""
+    from goleash.node.sender import BatchBuffer, IngestSender, SenderOptions
+    from polling import wait_for
+
+    channel = grpc.insecure_channel(token_plane.address)
+    api = q_grpc.GoleashServiceStub(channel)
+
+    def sequence_of(agent_id: str) -> int:
+        agents = api.ListAgents(q.ListAgentsRequest(), metadata=bearer("viewer")).agents
+        return next((a.last_sequence for a in agents if a.identity.agent_id == agent_id), 0)
+
+    for who, token in (("good", TOKENS["node-a"]), ("bad", WRONG)):
+        buf = BatchBuffer(max_batches=10)
+        a = SimAgent(f"sender-{who}")
+        for _ in range(3):
+            buf.put(a.batch(appeared=[process_info(3, "shop")]), ())
+        sender = IngestSender(
+            SenderOptions(token_plane.address, token=token, backoff_initial_s=0.1),
+            buf,
+            inflight_s=1.0,
+        )
+        sender.start()
+        try:
+            if who == "good":
+                wait_for(lambda: sequence_of("sender-good") == 3, "the three batches")
+            else:
+                stats = sender.stats
+                wait_for(lambda s=stats: "UNAUTHENTICATED" in s.last_error, "the refusal")
+                assert sequence_of("sender-bad") == 0
+                assert len(buf) == 3 and "batches_rejected" not in buf.drop_counts()
+        finally:
+            sender.stop()
+    channel.close()
+
+
 # --- secrets and the audit trail ------------------------------------------------------
 
 
