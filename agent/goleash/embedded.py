@@ -77,6 +77,18 @@ def dial_address(bound: str) -> str:
     return bound
 
 
+def embedded_agent_token(cp_config: ControlPlaneConfig) -> str | None:
+    """When the control plane authenticates, a token of the agent role made for this
+    process only (added to cp_config), which the embedded agent sends; else None."""
+    creds = cp_config.credentials
+    if not Authenticator.from_config(creds).enabled:
+        return None
+    own = secrets.token_hex(32)
+    tokens = {**creds.tokens, Role.AGENT: (*creds.tokens.get(Role.AGENT, ()), own)}
+    cp_config.credentials = dataclasses.replace(creds, tokens=tokens)
+    return own
+
+
 def serve(cp_config: ControlPlaneConfig, agent_config: AgentConfig) -> int:
     """Run both until SIGTERM/SIGINT. The agent's `server` is set to the control plane."""
     logging.basicConfig(level=logging.INFO, format="goleash run: %(message)s")
@@ -87,12 +99,7 @@ def serve(cp_config: ControlPlaneConfig, agent_config: AgentConfig) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    if Authenticator.from_config(cp_config.credentials).enabled:
-        own = secrets.token_hex(32)
-        creds = cp_config.credentials
-        tokens = {**creds.tokens, Role.AGENT: (*creds.tokens.get(Role.AGENT, ()), own)}
-        cp_config.credentials = dataclasses.replace(creds, tokens=tokens)
-        agent_config.token = own
+    agent_config.token = embedded_agent_token(cp_config)
     cp = EmbeddedControlPlane(cp_config)
     address = cp.start()
     try:

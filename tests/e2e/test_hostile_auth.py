@@ -488,6 +488,43 @@ def test_the_agents_sender_presents_its_token_and_keeps_batches_when_refused(
     channel.close()
 
 
+def test_goleash_run_gives_its_own_agent_a_token_only_when_authentication_is_on(
+    tmp_path: Path,
+) -> None:
+    """`goleash run`: zero-config on loopback; with people's tokens configured the
+    embedded agent streams with an agent token made for the process, over the same
+    real gRPC port a remote agent uses."""
+    from goleash.control.auth import AuthConfig
+    from goleash.control.server import ControlPlaneConfig
+    from goleash.embedded import EmbeddedControlPlane, embedded_agent_token
+
+    assert embedded_agent_token(ControlPlaneConfig(listen="127.0.0.1:0")) is None
+    (tmp_path / "admin").write_text(TOKENS["admin"])
+    cfg = ControlPlaneConfig(
+        listen="127.0.0.1:0",
+        db=str(tmp_path),
+        credentials=AuthConfig(token_files={Role.ADMIN: [str(tmp_path / "admin")]}, env=False),
+    )
+    own = embedded_agent_token(cfg)
+    assert own and own not in TOKENS.values()
+    cp = EmbeddedControlPlane(cfg)
+    cp.start()
+    try:
+        with grpc.insecure_channel(cp.address) as ch:
+            a = SimAgent("embedded")
+            batch = [ing.StreamBatchesRequest(batch=a.batch(appeared=[process_info(1, "x")]))]
+            method = "/goleash.v1.IngestService/StreamBatches"
+            md = (("authorization", f"Bearer {own}"),)
+            assert call(ch, method, batch, md) == grpc.StatusCode.OK
+            assert call(ch, method, batch, ()) == grpc.StatusCode.UNAUTHENTICATED
+            # the made-up token is an agent's only: it reads nothing
+            assert call(ch, "/goleash.v1.GoleashService/ListAgents", q.ListAgentsRequest(), md) == (
+                grpc.StatusCode.PERMISSION_DENIED
+            )
+    finally:
+        cp.stop()
+
+
 # --- secrets and the audit trail ------------------------------------------------------
 
 
