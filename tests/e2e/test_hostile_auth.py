@@ -631,6 +631,33 @@ def test_a_renewed_server_certificate_is_used_without_a_restart(
         cp.stop()
 
 
+def test_a_rotated_token_file_takes_effect_without_a_restart(tmp_path: Path) -> None:
+    from polling import wait_for
+
+    f = tmp_path / "viewer"
+    f.write_text(TOKENS["viewer"] + "\n")
+    cp = ControlPlaneProcess(tmp_path / "goleash.db", "--viewer-token-file", str(f))
+    new = "rotated-0123456789abcdef0123456789"
+    try:
+        with grpc.insecure_channel(cp.address) as ch:
+
+            def status(token: str) -> grpc.StatusCode:
+                md = (("authorization", f"Bearer {token}"),)
+                return call(ch, "/goleash.v1.GoleashService/ListAgents", q.ListAgentsRequest(), md)
+
+            assert status(TOKENS["viewer"]) == grpc.StatusCode.OK
+            (tmp_path / "next").write_text(f"new {new}\n")
+            os.replace(tmp_path / "next", f)  # as a Secret volume update does
+            wait_for(lambda: status(new) == grpc.StatusCode.OK, "the new token", 20)
+            assert status(TOKENS["viewer"]) == grpc.StatusCode.UNAUTHENTICATED
+            (tmp_path / "next").write_text("")  # a broken update changes nothing
+            os.replace(tmp_path / "next", f)
+            wait_for(lambda: any("cannot be used" in x for x in cp.stderr), "the error", 20)
+            assert status(new) == grpc.StatusCode.OK
+    finally:
+        cp.stop()
+
+
 # --- refusing to start, empty credentials ---------------------------------------------
 
 

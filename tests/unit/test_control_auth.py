@@ -192,3 +192,30 @@ def test_events_are_scrubbed_of_credentials_before_they_are_stored() -> None:
     assert e.details["action"] == {"type": "webhook", "headers": {"X-Key": "<redacted>"},
                                    "timeout": 5}  # fmt: skip
     assert e.details["level"] == "L3" and e.service == "shop"
+
+
+def test_token_files_are_reloaded_when_they_change_and_kept_when_broken(tmp_path: Path) -> None:
+    import os
+
+    f = tmp_path / "admin"
+    f.write_text(TOKEN + "\n")
+    cfg = AuthConfig(token_files={Role.ADMIN: [str(f)]}, env=False)
+    first = Authenticator.from_config(cfg)
+    assert auth.reloaded(first, cfg) is first  # unchanged: no re-read
+
+    def replace(text: str) -> None:  # how a Secret volume swaps its files
+        (tmp_path / "new").write_text(text)
+        os.replace(tmp_path / "new", f)
+
+    def who(a: Authenticator, token: str) -> auth.Principal | None:
+        return a.authenticate([("authorization", f"Bearer {token}")], {})
+
+    replace(f"{TOKEN}\n{TOKEN[::-1]}\n")  # mid-rotation: both
+    second = auth.reloaded(first, cfg)
+    assert who(second, TOKEN) is not None and who(second, TOKEN[::-1]) is not None
+    replace("")  # a broken update keeps the tokens that work
+    assert auth.reloaded(second, cfg) is second
+    assert who(second, TOKEN[::-1]) is not None
+    replace(TOKEN[::-1] + "\n")
+    third = auth.reloaded(second, cfg)
+    assert who(third, TOKEN) is None and who(third, TOKEN[::-1]) is not None

@@ -11,7 +11,9 @@ environment) or with a client certificate whose identity (a SAN URI, a SAN DNS n
 or the subject CN) maps to a role (`--client-role IDENTITY=ROLE`). A presented token
 decides on its own: a wrong token is refused even on a connection with a good
 certificate. Tokens are compared in constant time, against their SHA-256 digests so
-that the comparison does not depend on the length either.
+that the comparison does not depend on the length either. Token files are re-read when they
+change (a rotated Kubernetes Secret); an update that leaves one unusable is refused
+and the previous tokens stay.
 
 Authentication is off only when nothing is configured and the control plane listens
 on loopback (`goleash run` stays zero-config), or when `--insecure` says so. Then
@@ -240,10 +242,17 @@ class AuthConfig:
 class Authenticator:
     """Turns a call's metadata and peer certificate into a Principal."""
 
-    def __init__(self, tokens: Sequence[TokenEntry], rules: Sequence[IdentityRule]) -> None:
+    def __init__(
+        self,
+        tokens: Sequence[TokenEntry],
+        rules: Sequence[IdentityRule],
+        files: Sequence[str] = (),
+    ) -> None:
         self.tokens = tuple(tokens)
         self.rules = tuple(rules)
         self.enabled = bool(self.tokens or self.rules)
+        self.files = tuple(files)  # token files, re-read when they change
+        self.stamp = files_stamp(self.files)
 
     @classmethod
     def from_config(
@@ -274,7 +283,8 @@ class Authenticator:
                 var = ROLE_ENV[role]
                 add(f"{role.value}-token", role, check_token(environ[var].strip(), var), var)
         rules = [parse_identity_rule(r) for r in cfg.client_roles]
-        return cls(entries, rules)
+        files = [p for role in Role for p in cfg.token_files.get(role, ())]
+        return cls(entries, rules, files)
 
     def _token_principal(self, token: str) -> Principal | None:
         d = _digest(token)
@@ -312,6 +322,35 @@ class Authenticator:
                 return None
             return self._token_principal(token.strip())
         return self._cert_principal(auth_context) or ANONYMOUS
+
+
+def files_stamp(paths: Sequence[str]) -> tuple[tuple[int, int, int], ...]:
+    """What changes when a file is replaced or rewritten (a Secret volume update)."""
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append((0, 0, 0))
+    return tuple(out)
+
+
+def reloaded(current: Authenticator, cfg: AuthConfig) -> Authenticator:
+    """`current`, or a new Authenticator when its token files changed on disk (a
+    rotated Kubernetes Secret). Files that are now unusable (empty, unreadable) keep
+    the current tokens, with an error in the log: never a silent "no token"."""
+    stamp = files_stamp(current.files)
+    if stamp == current.stamp:
+        return current
+    try:
+        fresh = Authenticator.from_config(cfg)
+    except AuthSetupError as exc:
+        current.stamp = stamp  # one error per change, not one per check
+        log.error("token files changed but cannot be used (%s); the previous tokens stay", exc)
+        return current
+    log.info("token files changed: %d token(s) now accepted", len(fresh.tokens))
+    return fresh
 
 
 def certificate_identities(auth_context: Mapping[str, Sequence[bytes]]) -> list[str]:

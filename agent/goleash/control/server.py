@@ -644,8 +644,9 @@ class ControlPlane:
         cfg = self.config
         creds = server_credentials(cfg)
         self._check_security(creds)
+        self._interceptor = auth.AuthInterceptor(self.authenticator)
         server = grpc.aio.server(
-            interceptors=[auth.AuthInterceptor(self.authenticator)],
+            interceptors=[self._interceptor],
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.so_reuseport", 0),  # a second control plane must not share the port
@@ -711,6 +712,8 @@ class ControlPlane:
                 self.store.detect(now)
                 for agent_id in [a for a in self.agent_owners if a not in self.store.agents]:
                     del self.agent_owners[agent_id]
+                self.authenticator = auth.reloaded(self.authenticator, self.config.credentials)
+                self._interceptor.authn = self.authenticator
             except Exception:  # keep serving; the next round may succeed
                 log.exception("upkeep failed")
             period = self.config.full_gc_seconds
