@@ -186,7 +186,8 @@ def server_credentials(cfg: ControlPlaneConfig) -> grpc.ServerCredentials | None
 
 def event_message(e: EventRecord) -> t.Event:
     details = struct_pb2.Struct()
-    details.update(e.details)
+    # scrubbed on the way out too: a database written before scrubbing existed
+    details.update(auth.scrub(e.details))
     return t.Event(
         id=e.id,
         time_unix_nano=int(e.time * 1e9),
@@ -194,7 +195,7 @@ def event_message(e: EventRecord) -> t.Event:
         service=e.service,
         agent_id=e.agent_id,
         pid=e.pid,
-        message=e.message,
+        message=auth.scrub(e.message),
         details=details,
     )
 
