@@ -179,8 +179,15 @@ class SimAgent:
 
 
 def stream(
-    channel: grpc.Channel, batches: Iterable[ing.AgentBatch], timeout: float = 30.0
+    channel: grpc.Channel,
+    batches: Iterable[ing.AgentBatch],
+    timeout: float = 30.0,
+    token: str | None = None,
 ) -> ing.StreamBatchesResponse:
-    """Send the batches on one ingest stream; the server's summary when it closes."""
+    """Send the batches on one ingest stream (with a token of the agent role when the
+    control plane wants one); the server's summary when it closes."""
     stub = ing_grpc.IngestServiceStub(channel)
-    return stub.StreamBatches((ing.StreamBatchesRequest(batch=b) for b in batches), timeout=timeout)
+    md = (("authorization", f"Bearer {token}"),) if token else ()
+    return stub.StreamBatches(
+        (ing.StreamBatchesRequest(batch=b) for b in batches), timeout=timeout, metadata=md
+    )

@@ -196,25 +196,28 @@ def _latency_from_server(args: argparse.Namespace) -> int:
 # --- control plane and its clients ------------------------------------------------
 
 
-def cmd_control_plane(args: argparse.Namespace) -> int:
-    import os
+def _auth_config(args: argparse.Namespace) -> Any:
+    from goleash.control.auth import AuthConfig, Role
 
+    return AuthConfig(
+        token_files={
+            Role.ADMIN: args.admin_token_file or (),
+            Role.VIEWER: args.viewer_token_file or (),
+            Role.AGENT: getattr(args, "agent_token_file", None) or (),
+        },
+        client_roles=getattr(args, "client_role", None) or (),
+        insecure=args.insecure,
+    )
+
+
+def cmd_control_plane(args: argparse.Namespace) -> int:
     from goleash.control.server import ControlPlaneConfig, serve
 
-    token = args.token or os.environ.get("GOLEASH_TOKEN") or None
-    if args.token_file:
-        try:
-            with open(args.token_file) as f:
-                token = f.read().strip()
-        except OSError as exc:
-            raise GoleashError(
-                f"cannot read --token-file {args.token_file}: {exc.strerror}"
-            ) from exc
     return serve(
         ControlPlaneConfig(
             listen=args.listen,
             db=args.db,
-            token=token,
+            credentials=_auth_config(args),
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_ca=args.tls_ca,
@@ -227,12 +230,13 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Any:
+    from goleash.control.auth import client_token
     from goleash.control.client import ClientOptions, ControlClient
 
     return ControlClient(
         ClientOptions.from_env(
             server=args.server,
-            token=args.token,
+            token=client_token(args.token, args.token_file),
             tls_ca=args.tls_ca,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
@@ -382,6 +386,42 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token_args(g: Any, what: str) -> None:
+    g.add_argument(
+        "--token-file",
+        help=f"file holding the bearer token of {what}; preferred over --token, "
+        "whose value other users can see in the process list",
+    )
+    g.add_argument("--token", help="bearer token (default $GOLEASH_TOKEN; empty is an error)")
+
+
+def _access_args(p: argparse.ArgumentParser, *, agent_tokens: bool) -> None:
+    g = p.add_argument_group(
+        "authentication",
+        "Every RPC needs a role: agent (ingest), viewer (queries, events), admin (policy, "
+        "overrides; includes viewer). Token files hold one token per line (`TOKEN` or "
+        "`NAME TOKEN`; several lines rotate), also $GOLEASH_{ADMIN,VIEWER,AGENT}_TOKEN. "
+        "With none configured only a loopback address is served.",
+    )
+    g.add_argument("--admin-token-file", action="append", help="tokens of the admin role")
+    g.add_argument("--viewer-token-file", action="append", help="tokens of the viewer role")
+    if agent_tokens:
+        g.add_argument("--agent-token-file", action="append", help="tokens of the agent role")
+        g.add_argument(
+            "--client-role",
+            action="append",
+            metavar="IDENTITY=ROLE",
+            help="give client certificates with this identity (SAN URI, SAN DNS or CN; a "
+            "trailing * matches a prefix) a role; needs --tls-ca",
+        )
+    g.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve a non-loopback address without authentication (anyone reaching it may "
+        "change the policy and trigger actions); logged loudly",
+    )
+
+
 def _server_args(p: argparse.ArgumentParser) -> None:
     from goleash.control import DEFAULT_SERVER
 
@@ -390,7 +430,7 @@ def _server_args(p: argparse.ArgumentParser) -> None:
         "--server",
         help=f"control plane address (default $GOLEASH_SERVER or {DEFAULT_SERVER})",
     )
-    g.add_argument("--token", help="bearer token for changes (default $GOLEASH_TOKEN)")
+    _token_args(g, "this client's role (viewer to read, admin to change)")
     g.add_argument("--tls-ca", help="CA bundle to verify the server with (turns TLS on)")
     g.add_argument("--tls-cert", help="client certificate for mTLS")
     g.add_argument("--tls-key", help="client key for mTLS")
@@ -407,13 +447,14 @@ def _add_control_commands(sub: Any) -> None:
             "Serve the goleash gRPC API: agents stream their batches to it; `goleash ps`, "
             "`top`, `orphans`, `events` and tools query it. Keeps time windows per service "
             "and process and a durable event log in SQLite. Loopback only unless --listen "
-            "says otherwise; configure TLS (mTLS with --tls-ca) before exposing it, and a "
-            "token to protect policy changes and overrides."
+            "says otherwise; elsewhere it refuses to start without authentication (tokens "
+            "per role, or client certificates mapped to roles) unless --insecure is given."
         ),
         epilog=(
             "examples:\n  goleash control-plane\n"
             "  goleash control-plane --listen 0.0.0.0:7070 --db /data/goleash.db \\\n"
-            "      --tls-cert tls.crt --tls-key tls.key --tls-ca ca.crt --token-file /run/token"
+            "      --tls-cert tls.crt --tls-key tls.key --tls-ca ca.crt \\\n"
+            "      --agent-token-file /run/tokens/agent --admin-token-file /run/tokens/admin"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -423,8 +464,7 @@ def _add_control_commands(sub: Any) -> None:
         help=f"HOST:PORT (default {DEFAULT_LISTEN}; port 0 picks one)",
     )
     p.add_argument("--db", help="event log file or directory (default /var/lib/goleash/goleash.db)")
-    p.add_argument("--token", help="require this bearer token for changes (or $GOLEASH_TOKEN)")
-    p.add_argument("--token-file", help="read the token from this file")
+    _access_args(p, agent_tokens=True)
     p.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key turns TLS on")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-ca", help="CA bundle: clients must present a certificate it signed")
@@ -543,6 +583,7 @@ def _add_control_commands(sub: Any) -> None:
 def _agent_config(args: argparse.Namespace) -> Any:
     import os
 
+    from goleash.control.auth import client_token
     from goleash.node.agent import AgentConfig
     from goleash.node.discovery import Selector
 
@@ -567,7 +608,9 @@ def _agent_config(args: argparse.Namespace) -> Any:
         health_listen=endpoint(args.health_listen),
         metrics_listen=endpoint(args.metrics_listen),
         host_root=args.host_root,
-        token=getattr(args, "token", None) or os.environ.get("GOLEASH_TOKEN") or None,
+        token=client_token(getattr(args, "token", None), getattr(args, "token_file", None))
+        if hasattr(args, "token")
+        else None,
         tls_ca=getattr(args, "tls_ca", None),
         tls_cert=getattr(args, "tls_cert", None),
         tls_key=getattr(args, "tls_key", None),
@@ -591,7 +634,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from goleash.embedded import serve
 
     return serve(
-        ControlPlaneConfig(listen=args.listen, db=args.db, token=args.token), _agent_config(args)
+        ControlPlaneConfig(listen=args.listen, db=args.db, credentials=_auth_config(args)),
+        _agent_config(args),
     )
 
 
@@ -710,7 +754,7 @@ def _add_agent_commands(sub: Any) -> None:
     g.add_argument(
         "--server", help=f"control plane address (default $GOLEASH_SERVER or {DEFAULT_SERVER})"
     )
-    g.add_argument("--token", help="bearer token sent with the stream (default $GOLEASH_TOKEN)")
+    _token_args(g, "the agent role")
     g.add_argument("--tls-ca", help="CA bundle to verify the control plane (turns TLS on)")
     g.add_argument("--tls-cert", help="client certificate for mTLS")
     g.add_argument("--tls-key", help="client key for mTLS")
@@ -737,7 +781,7 @@ def _add_agent_commands(sub: Any) -> None:
         help=f"control plane HOST:PORT (default {DEFAULT_LISTEN}; port 0 picks one)",
     )
     p.add_argument("--db", help="event log file or directory (default /var/lib/goleash/goleash.db)")
-    p.add_argument("--token", help="require this bearer token for changes (or $GOLEASH_TOKEN)")
+    _access_args(p, agent_tokens=False)
     _agent_args(p, metrics_default=DEFAULT_METRICS_LISTEN, health_default=DEFAULT_HEALTH_LISTEN)
     p.set_defaults(handler=cmd_run)
 

@@ -5,16 +5,24 @@ place that imports both `node` and `control`. They still meet only through the A
 the control plane serves gRPC on its address (loopback by default) and the agent
 streams to it over a real gRPC channel, exactly as a remote agent would. The control
 plane runs on its own asyncio loop in a thread; the agent's loop is the main thread.
+
+On loopback with no credentials configured nothing is authenticated (zero-config).
+When authentication is on (tokens for people, or a non-loopback --listen), the
+embedded agent gets a token of the agent role made for this process only, so only
+the people's tokens need configuring.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
+import secrets
 import signal
 import threading
 
+from goleash.control.auth import Authenticator, Role
 from goleash.control.server import ControlPlane, ControlPlaneConfig
 from goleash.errors import GoleashError
 from goleash.node.agent import Agent, AgentConfig, describe
@@ -69,6 +77,18 @@ def dial_address(bound: str) -> str:
     return bound
 
 
+def embedded_agent_token(cp_config: ControlPlaneConfig) -> str | None:
+    """When the control plane authenticates, a token of the agent role made for this
+    process only (added to cp_config), which the embedded agent sends; else None."""
+    creds = cp_config.credentials
+    if not Authenticator.from_config(creds).enabled:
+        return None
+    own = secrets.token_hex(32)
+    tokens = {**creds.tokens, Role.AGENT: (*creds.tokens.get(Role.AGENT, ()), own)}
+    cp_config.credentials = dataclasses.replace(creds, tokens=tokens)
+    return own
+
+
 def serve(cp_config: ControlPlaneConfig, agent_config: AgentConfig) -> int:
     """Run both until SIGTERM/SIGINT. The agent's `server` is set to the control plane."""
     logging.basicConfig(level=logging.INFO, format="goleash run: %(message)s")
@@ -79,6 +99,7 @@ def serve(cp_config: ControlPlaneConfig, agent_config: AgentConfig) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    agent_config.token = embedded_agent_token(cp_config)
     cp = EmbeddedControlPlane(cp_config)
     address = cp.start()
     try:

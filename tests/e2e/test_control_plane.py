@@ -33,7 +33,9 @@ BIN = Path(sys.executable).parent / "goleash"
 GOLEASH = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "goleash.cli"]
 LEAK = ("main.handler.func1", "/src/shop/main.go:42")
 POOL = ("main.worker", "/src/shop/pool.go:17")
-TOKEN = "s3cret-token"
+ADMIN = "admin-token-0123456789abcdef"
+VIEWER = "viewer-token-0123456789abcdef"
+AGENT = "agent-token-0123456789abcdef"
 POLICY = "mode: monitor\nrules:\n  - name: goroutines\n    signal: {kind: goroutines}\n"
 
 
@@ -82,7 +84,7 @@ class ControlPlaneProcess:
 
 @pytest.fixture
 def control_plane(tmp_path: Path) -> Iterator[ControlPlaneProcess]:
-    cp = ControlPlaneProcess(tmp_path / "goleash.db", "--token", TOKEN)
+    cp = ControlPlaneProcess(tmp_path / "goleash.db")  # loopback, no credentials: all open
     yield cp
     cp.stop()
 
@@ -435,21 +437,54 @@ def test_malformed_and_oversized_requests_get_the_right_status(channel: grpc.Cha
     assert api.ListAgents(q.ListAgentsRequest()).agents
 
 
-def test_mutating_rpcs_need_the_token(channel: grpc.Channel) -> None:
-    feed_shop(channel)
-    api = q_grpc.GoleashServiceStub(channel)
-    good = (("authorization", f"Bearer {TOKEN}"),)
+class Bearer(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInterceptor):
+    """Sends one bearer token with every call of a channel."""
+
+    def __init__(self, token: str) -> None:
+        self.md = (("authorization", f"Bearer {token}"),)
+
+    def _add(self, details):  # type: ignore[no-untyped-def]
+        return details._replace(metadata=tuple(details.metadata or ()) + self.md)
+
+    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._add(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return continuation(self._add(details), requests)
+
+
+def test_mutating_rpcs_need_the_admin_role(tmp_path: Path) -> None:
+    for role, token in (("admin", ADMIN), ("viewer", VIEWER), ("agent", AGENT)):
+        (tmp_path / role).write_text(token + "\n")
+    cp = ControlPlaneProcess(
+        tmp_path / "goleash.db",
+        *("--admin-token-file", str(tmp_path / "admin")),
+        *("--viewer-token-file", str(tmp_path / "viewer")),
+        *("--agent-token-file", str(tmp_path / "agent")),
+    )
+    try:
+        with grpc.insecure_channel(cp.address) as plain:
+            _mutating_rpcs_need_the_admin_role(plain)
+    finally:
+        cp.stop()
+
+
+def _mutating_rpcs_need_the_admin_role(plain: grpc.Channel) -> None:
+    feed_shop(grpc.intercept_channel(plain, Bearer(AGENT)))
+    api = q_grpc.GoleashServiceStub(plain)
+    good = (("authorization", f"Bearer {ADMIN}"),)
     bad = (("authorization", "Bearer wrong"),)
+    viewer = (("authorization", f"Bearer {VIEWER}"),)
     set_policy = q.SetPolicyRequest(policy_yaml=POLICY)
     degrade = q.OverrideServiceRequest(service="shop", action=q.OVERRIDE_ACTION_FORCE_DEGRADE)
-    for md in ((), bad):
-        assert status_of(lambda md=md: api.SetPolicy(set_policy, metadata=md)) == (
-            grpc.StatusCode.UNAUTHENTICATED
-        )
-        assert status_of(lambda md=md: api.OverrideService(degrade, metadata=md)) == (
-            grpc.StatusCode.UNAUTHENTICATED
-        )
-    assert api.GetPolicy(q.GetPolicyRequest()).version == 0  # reads need no token
+    for md, code in (
+        ((), grpc.StatusCode.UNAUTHENTICATED),
+        (bad, grpc.StatusCode.UNAUTHENTICATED),
+        (viewer, grpc.StatusCode.PERMISSION_DENIED),
+    ):
+        assert status_of(lambda md=md: api.SetPolicy(set_policy, metadata=md)) == code
+        assert status_of(lambda md=md: api.OverrideService(degrade, metadata=md)) == code
+    assert api.GetPolicy(q.GetPolicyRequest(), metadata=viewer).version == 0  # viewers read
     assert api.SetPolicy(set_policy, metadata=good).version == 1
 
     broken = q.SetPolicyRequest(policy_yaml=POLICY + "  - name: goroutines\n    signal: x\n")
@@ -458,7 +493,7 @@ def test_mutating_rpcs_need_the_token(channel: grpc.Channel) -> None:
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "line 5" in info.value.details() and "used twice" in info.value.details()
     assert ("goleash-policy-line", "5") in info.value.trailing_metadata()
-    running = api.GetPolicy(q.GetPolicyRequest())
+    running = api.GetPolicy(q.GetPolicyRequest(), metadata=good)
     assert running.version == 1 and running.policy_yaml == POLICY
     assert running.mode == q.POLICY_MODE_MONITOR
 
@@ -470,14 +505,18 @@ def test_mutating_rpcs_need_the_token(channel: grpc.Channel) -> None:
     assert status_of(lambda: api.OverrideService(pause_unknown, metadata=good)) == (
         grpc.StatusCode.NOT_FOUND
     )
-    assert [x.action for x in api.GetPolicy(q.GetPolicyRequest()).overrides] == [
+    assert [x.action for x in api.GetPolicy(q.GetPolicyRequest(), metadata=good).overrides] == [
         q.OVERRIDE_ACTION_FORCE_DEGRADE
     ]
-    kinds = [e.kind for e in api.ListEvents(q.ListEventsRequest(page_size=1000)).events]
+    events = api.ListEvents(q.ListEventsRequest(page_size=1000), metadata=viewer).events
+    kinds = [e.kind for e in events]
     assert {t.EVENT_KIND_POLICY_SET, t.EVENT_KIND_POLICY_REJECTED, t.EVENT_KIND_OVERRIDE} <= set(
         kinds
     )
-    assert not api.ListDecisions(q.ListDecisionsRequest()).decisions
+    assert not api.ListDecisions(q.ListDecisionsRequest(), metadata=viewer).decisions
+    # the audit trail: every change names who made it
+    audit = [e for e in events if e.kind in (t.EVENT_KIND_POLICY_SET, t.EVENT_KIND_OVERRIDE)]
+    assert audit and all(e.details["identity"] == "admin-token" for e in audit)
 
 
 def test_restart_mid_run_keeps_every_event(tmp_path: Path) -> None:

@@ -11,7 +11,9 @@ agents could send), and the query latencies while it ingests.
 The agents run in a child process (asyncio, pre-serialised batches: protobuf messages
 concatenate by merging, so a per-interval header with the sequence number is glued to
 a per-agent body built once), so the query client and the control plane are not
-slowed down by the load generator's Python. Sizes: GOLEASH_BENCH_INGEST_AGENTS,
+slowed down by the load generator's Python. Authentication is on, as in a cluster:
+every stream carries the agents' shared token, every query a viewer's (each call is
+checked against the role table). Sizes: GOLEASH_BENCH_INGEST_AGENTS,
 _PROCESSES, _INTERVALS, _INTERVAL_S override the defaults for quick runs.
 """
 
@@ -30,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from goleash.bench import Report
 
 AGENTS = int(os.environ.get("GOLEASH_BENCH_INGEST_AGENTS", "1000"))
@@ -42,6 +46,8 @@ SITES = 6
 ORPHAN_SHARE = 10  # every 10th process has an orphaned site
 TRACED = ("net/http.(*http2Framer).ReadFrame", "main.callBackend")
 QUERY_PERIOD_S = 0.05
+AGENT_TOKEN = "bench-agent-" + "a" * 32
+VIEWER_TOKEN = "bench-viewer-" + "v" * 32
 
 
 @dataclass
@@ -49,6 +55,7 @@ class AgentRun:
     sent: int
     accepted: int
     errors: int
+    why: str  # failed streams by status code
     lateness_p99: float
     bytes_per_batch: float
     build_s: float
@@ -143,6 +150,8 @@ async def _agents(address: str, t0: float) -> AgentRun:
     sent = [0]
     sizes: list[int] = []
 
+    codes: dict[str, int] = {}
+
     async def one(agent: int) -> tuple[int, bool]:
         announce, body = bodies[agent]
         identity = t.AgentIdentity(
@@ -166,9 +175,13 @@ async def _agents(address: str, t0: float) -> AgentRun:
                 yield msg
 
         try:
-            resp = await calls[agent % CHANNELS](batches())
+            resp = await calls[agent % CHANNELS](
+                batches(), metadata=(("authorization", f"Bearer {AGENT_TOKEN}"),)
+            )
             return resp.accepted, True
-        except grpc.RpcError:
+        except grpc.RpcError as exc:
+            name = exc.code().name  # type: ignore[attr-defined]
+            codes[name] = codes.get(name, 0) + 1
             return 0, False
 
     results = await asyncio.gather(*(one(a) for a in range(AGENTS)))
@@ -179,6 +192,7 @@ async def _agents(address: str, t0: float) -> AgentRun:
         sent=sent[0],
         accepted=sum(r[0] for r in results),
         errors=sum(1 for r in results if not r[1]),
+        why=", ".join(f"{n} {k}" for k, n in sorted(codes.items())),
         lateness_p99=lateness[int(0.99 * (len(lateness) - 1))] if lateness else 0.0,
         bytes_per_batch=statistics.mean(sizes) if sizes else 0.0,
         build_s=build_s,
@@ -202,6 +216,8 @@ def _status_kb(pid: int, key: str) -> int:
 
 
 def _start_control_plane(db: Path) -> tuple[subprocess.Popen[str], str]:
+    (db.parent / "agent.token").write_text(AGENT_TOKEN + "\n")
+    (db.parent / "viewer.token").write_text(VIEWER_TOKEN + "\n")
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -212,6 +228,10 @@ def _start_control_plane(db: Path) -> tuple[subprocess.Popen[str], str]:
             "127.0.0.1:0",
             "--db",
             str(db),
+            "--agent-token-file",
+            str(db.parent / "agent.token"),
+            "--viewer-token-file",
+            str(db.parent / "viewer.token"),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -236,6 +256,14 @@ def _pct(xs: list[float], p: float) -> float:
     return s[min(int(p * len(s)), len(s) - 1)] if s else 0.0
 
 
+class _Viewer(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Sends the viewer's token with every query."""
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        md = (*(details.metadata or ()), ("authorization", f"Bearer {VIEWER_TOKEN}"))
+        return continuation(details._replace(metadata=md), request)
+
+
 def run(report: Report) -> None:
     import grpc
 
@@ -258,7 +286,8 @@ def run(report: Report) -> None:
             lat_service: list[float] = []
             lat_all: list[float] = []
             cpu0 = cpu_t0 = 0.0
-            with grpc.insecure_channel(address) as ch:
+            with grpc.insecure_channel(address) as plain:
+                ch = grpc.intercept_channel(plain, _Viewer())
                 api = q_grpc.GoleashServiceStub(ch)
                 while time.time() < steady_from:
                     time.sleep(0.05)
@@ -311,7 +340,8 @@ def run(report: Report) -> None:
             "batches applied / sent",
             run_.accepted / max(run_.sent, 1),
             "ratio",
-            f"{run_.accepted} of {run_.sent}, {run_.errors} streams failed",
+            f"{run_.accepted} of {run_.sent}, {run_.errors} streams failed"
+            + (f" ({run_.why})" if run_.why else ""),
         )
         report.line(
             "agent send lateness p99",

@@ -15,6 +15,7 @@ from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import goleash_service_pb2_grpc as q_grpc
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.control import DEFAULT_SERVER
+from goleash.control.auth import client_token
 from goleash.errors import GoleashError
 
 
@@ -39,11 +40,11 @@ class ClientOptions:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> ClientOptions:
-        """Defaults from GOLEASH_SERVER / GOLEASH_TOKEN, then explicit overrides."""
-        base: dict[str, Any] = {
-            "server": os.environ.get("GOLEASH_SERVER", DEFAULT_SERVER),
-            "token": os.environ.get("GOLEASH_TOKEN") or None,
-        }
+        """Defaults from GOLEASH_SERVER / GOLEASH_TOKEN, then explicit overrides. A set
+        but empty GOLEASH_TOKEN is an error (AuthSetupError), not "no token"."""
+        base: dict[str, Any] = {"server": os.environ.get("GOLEASH_SERVER", DEFAULT_SERVER)}
+        if overrides.get("token") is None:
+            base["token"] = client_token()
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -92,6 +93,13 @@ class ControlClient:
                 f"cannot reach the control plane at {server} ({details}); start one with "
                 "`goleash control-plane` or `goleash run`, or point --server at it"
             )
+        elif code == grpc.StatusCode.UNAUTHENTICATED:
+            msg = (
+                f"the control plane at {server} did not accept these credentials ({details}); "
+                "give a token with --token-file or $GOLEASH_TOKEN (or a client certificate)"
+            )
+        elif code == grpc.StatusCode.PERMISSION_DENIED:
+            msg = f"permission denied: {details}"
         elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
             msg = f"the control plane at {server} did not answer within {self.opts.timeout:g}s"
         else:

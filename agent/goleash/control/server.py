@@ -4,10 +4,14 @@ One asyncio gRPC server (grpc.aio): a thousand agents each hold a long-lived ing
 stream, which a thread-per-RPC server could not afford. Everything runs on the event
 loop thread, so the Store needs no locks; handlers are short and synchronous inside.
 
-Security: TLS when a certificate and key are configured, mTLS when a CA is too
-(clients must present a certificate it signed). When a token is configured, the
-RPCs that change the control plane (SetPolicy, OverrideService) require metadata
-`authorization: Bearer TOKEN`. The default address is loopback only.
+Security (control/auth.py): every RPC has a role (agent, viewer, admin) checked by
+an interceptor before its handler runs; callers authenticate with bearer tokens per
+role or client certificates mapped to roles. TLS when a certificate and key are
+configured, mTLS when a CA is too (clients must present a certificate it signed).
+With no credentials configured the control plane serves loopback only; it refuses a
+non-loopback address then unless --insecure says otherwise (logged loudly). Agent ids
+belong to the principal that first wrote them; GetPolicy redacts secrets for
+non-admins; policy changes and overrides are events naming who made them.
 
 Garbage collection: the state of 20k processes is about a million objects the cyclic
 collector would walk in every full collection (about a second during which no RPC is
@@ -22,15 +26,15 @@ import asyncio
 import contextlib
 import functools
 import gc
-import hmac
 import ipaddress
 import logging
+import os
 import signal
 import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,7 +48,7 @@ from goleash.api.goleash.v1 import goleash_service_pb2_grpc as q_grpc
 from goleash.api.goleash.v1 import ingest_service_pb2 as ing
 from goleash.api.goleash.v1 import ingest_service_pb2_grpc as ing_grpc
 from goleash.api.goleash.v1 import types_pb2 as t
-from goleash.control import DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES
+from goleash.control import DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES, auth
 from goleash.control.detect import DEFAULT_LEAK_PARAMS, LeakParams
 from goleash.control.engine import EngineLoop
 from goleash.control.events import EventLog, EventQuery, EventRecord, open_db, resolve_db_path
@@ -64,7 +68,6 @@ log = logging.getLogger("goleash.control")
 
 GOLEASH_SERVICE = q.DESCRIPTOR.services_by_name["GoleashService"].full_name
 INGEST_SERVICE = ing.DESCRIPTOR.services_by_name["IngestService"].full_name
-MUTATING = ("SetPolicy", "OverrideService")
 # Health service names: "" is liveness; READY is SERVING once the event log is open,
 # the policy loaded and the API listening (readiness probes, load balancers).
 READY_SERVICE = "goleash.ready"
@@ -75,13 +78,28 @@ class ServerSetupError(GoleashError):
     """The server cannot start with this configuration."""
 
 
+class PermissionDenied(ControlError):
+    status = "PERMISSION_DENIED"
+
+
+class ScrubbedEventLog(EventLog):
+    """The event log, with credentials scrubbed from every event before it is stored
+    (an action's URL with user:password, a header quoted in an error): viewers read
+    events, and secrets are never echoed."""
+
+    def append(self, kind: int, message: str, **kw: Any) -> EventRecord:
+        if kw.get("details"):
+            kw["details"] = auth.scrub(kw["details"])
+        return super().append(kind, auth.scrub(message), **kw)
+
+
 @dataclass
 class ControlPlaneConfig:
     """How to run the control plane (CLI flags map one to one)."""
 
     listen: str = DEFAULT_LISTEN
     db: str | None = None  # file or directory; None: /var/lib/goleash/goleash.db
-    token: str | None = None
+    credentials: auth.AuthConfig = field(default_factory=auth.AuthConfig)
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None  # set: clients must present a certificate it signed
@@ -113,22 +131,63 @@ def _read(path: str, what: str) -> bytes:
         raise ServerSetupError(f"cannot read the {what} {path}: {exc.strerror}") from exc
 
 
+class CertificateFiles:
+    """The server's key, certificate and client CA, re-read when they change on disk
+    (cert-manager renews them; Kubernetes swaps a Secret volume's files at once).
+    gRPC asks before every new connection's handshake; a stat of three files is the
+    cost, and connections are long-lived (one ingest stream per agent)."""
+
+    def __init__(self, key: str, cert: str, ca: str | None) -> None:
+        self.paths = tuple(p for p in (key, cert, ca) if p)
+        self.key, self.cert, self.ca = key, cert, ca
+        self._stamp = self._stat()
+
+    def _stat(self) -> tuple[tuple[int, int, int], ...]:
+        out = []
+        for p in self.paths:
+            st = os.stat(p)
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(out)
+
+    def configuration(self) -> Any:
+        return grpc.ssl_server_certificate_configuration(
+            [(_read(self.key, "TLS key"), _read(self.cert, "TLS certificate"))],
+            root_certificates=_read(self.ca, "TLS CA bundle") if self.ca else None,
+        )
+
+    def fetch(self) -> Any:
+        """A new configuration when the files changed, else None (keep the current)."""
+        try:
+            stamp = self._stat()
+            if stamp == self._stamp:
+                return None
+            fresh = self.configuration()
+        except (OSError, ServerSetupError) as exc:  # mid-update: the next connection retries
+            log.warning("TLS files changed but cannot be read yet: %s", exc)
+            return None
+        self._stamp = stamp
+        log.info("TLS certificate files changed on disk: new connections use them")
+        return fresh
+
+
 def server_credentials(cfg: ControlPlaneConfig) -> grpc.ServerCredentials | None:
     if not (cfg.tls_cert or cfg.tls_key or cfg.tls_ca):
         return None
     if not (cfg.tls_cert and cfg.tls_key):
         raise ServerSetupError("TLS needs both --tls-cert and --tls-key (--tls-ca adds mTLS)")
-    ca = _read(cfg.tls_ca, "TLS CA bundle") if cfg.tls_ca else None
-    return grpc.ssl_server_credentials(
-        [(_read(cfg.tls_key, "TLS key"), _read(cfg.tls_cert, "TLS certificate"))],
-        root_certificates=ca,
-        require_client_auth=ca is not None,
+    try:
+        files = CertificateFiles(cfg.tls_key, cfg.tls_cert, cfg.tls_ca)
+    except OSError as exc:
+        raise ServerSetupError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+    return grpc.dynamic_ssl_server_credentials(
+        files.configuration(), files.fetch, require_client_authentication=cfg.tls_ca is not None
     )
 
 
 def event_message(e: EventRecord) -> t.Event:
     details = struct_pb2.Struct()
-    details.update(e.details)
+    # scrubbed on the way out too: a database written before scrubbing existed
+    details.update(auth.scrub(e.details))
     return t.Event(
         id=e.id,
         time_unix_nano=int(e.time * 1e9),
@@ -136,7 +195,7 @@ def event_message(e: EventRecord) -> t.Event:
         service=e.service,
         agent_id=e.agent_id,
         pid=e.pid,
-        message=e.message,
+        message=auth.scrub(e.message),
         details=details,
     )
 
@@ -184,8 +243,10 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
                 try:
                     if not agent_id:
                         store.check_batch(b)
+                        self._cp.check_owner(b.agent.agent_id, auth.current())
                         agent_id = b.agent.agent_id
                         store.stream_opened(b.agent, clock())
+                        self._cp.agent_owners[agent_id] = auth.current().name
                     elif b.agent.agent_id != agent_id:
                         raise InvalidArgument(
                             f"one stream carries one agent: {agent_id!r} then {b.agent.agent_id!r}"
@@ -217,21 +278,6 @@ class GoleashServicer(q_grpc.GoleashServiceServicer):
     @property
     def _store(self) -> Store:
         return self._cp.store
-
-    async def _authorize(self, context: grpc.aio.ServicerContext, method: str) -> None:
-        token = self._cp.config.token
-        if not token:
-            return
-        sent = ""
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
-                sent = value if isinstance(value, str) else value.decode()
-        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"{method} changes the control plane and needs its token: send metadata "
-                "'authorization: Bearer TOKEN' (goleash: --token or GOLEASH_TOKEN)",
-            )
 
     @_status
     def ListAgents(self, request: q.ListAgentsRequest, context: Any) -> q.ListAgentsResponse:
@@ -341,7 +387,9 @@ class GoleashServicer(q_grpc.GoleashServiceServicer):
         out = q.GetPolicyResponse()
         cur = policies.current
         if cur is not None:
-            out.policy_yaml = cur.document.text
+            text = cur.document.text
+            admin = auth.current().may(auth.Role.ADMIN)
+            out.policy_yaml = text if admin else auth.redact_policy(text)
             out.version = cur.version
             out.set_unix_nano = int(cur.set_at * 1e9)
             out.source = cur.source
@@ -353,8 +401,8 @@ class GoleashServicer(q_grpc.GoleashServiceServicer):
     async def SetPolicy(
         self, request: q.SetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> q.SetPolicyResponse:
-        await self._authorize(context, "SetPolicy")
         policies, events = self._cp.policies, self._cp.events
+        who = auth.current().name
         running = policies.current.version if policies.current else 0
         try:
             if request.validate_only:
@@ -369,8 +417,11 @@ class GoleashServicer(q_grpc.GoleashServiceServicer):
             if not request.validate_only:
                 events.append(
                     t.EVENT_KIND_POLICY_REJECTED,
-                    f"policy rejected ({exc}); version {running} keeps running",
-                    details={"line": exc.line, "reason": exc.reason, "running_version": running},
+                    f"policy from {who} rejected (line {exc.line}); version {running} keeps "
+                    "running",
+                    # The reason stays out of the event log: it may quote a value of the
+                    # rejected text (a header, a token); the caller got it in the status.
+                    details={"line": exc.line, "running_version": running, "identity": who},
                 )
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -384,8 +435,14 @@ class GoleashServicer(q_grpc.GoleashServiceServicer):
         doc = accepted.document
         events.append(
             t.EVENT_KIND_POLICY_SET,
-            f"policy version {accepted.version} running ({doc.mode}, {len(doc.rules)} rule(s))",
-            details={"version": accepted.version, "mode": doc.mode, "rules": len(doc.rules)},
+            f"policy version {accepted.version} running ({doc.mode}, {len(doc.rules)} "
+            f"rule(s)), set by {who}",
+            details={
+                "version": accepted.version,
+                "mode": doc.mode,
+                "rules": len(doc.rules),
+                "identity": who,
+            },
         )
         return q.SetPolicyResponse(
             version=accepted.version, mode=_mode(doc.mode), rules=len(doc.rules)
@@ -409,14 +466,13 @@ class GoleashServicer(q_grpc.GoleashServiceServicer):
     async def OverrideService(
         self, request: q.OverrideServiceRequest, context: grpc.aio.ServicerContext
     ) -> q.OverrideServiceResponse:
-        await self._authorize(context, "OverrideService")
         try:
-            return self._override(request)
+            return self._override(request, auth.current().name)
         except ControlError as exc:
             await context.abort(grpc.StatusCode[exc.status], str(exc))
             raise  # unreachable
 
-    def _override(self, r: q.OverrideServiceRequest) -> q.OverrideServiceResponse:
+    def _override(self, r: q.OverrideServiceRequest, who: str) -> q.OverrideServiceResponse:
         policies, events = self._cp.policies, self._cp.events
         if not r.service:
             raise InvalidArgument("service is required")
@@ -457,9 +513,11 @@ class GoleashServicer(q_grpc.GoleashServiceServicer):
             + (f" {r.rule}" if r.rule else "")
             + (f" {r.level}" if r.level else "")
             + (f" for {r.duration_seconds:g}s" if r.duration_seconds else "")
-            + (f" ({r.reason})" if r.reason else ""),
+            + (f" ({r.reason})" if r.reason else "")
+            + f" by {who}",
             service=r.service,
             details={
+                "identity": who,
                 "action": action,
                 "rule": r.rule,
                 "level": r.level,
@@ -496,12 +554,15 @@ class ControlPlane:
         self.clock = clock
         self.db_path = resolve_db_path(config.db)
         self._conn: sqlite3.Connection = open_db(self.db_path)
-        self.events = EventLog(self._conn, clock)
+        self.events = ScrubbedEventLog(self._conn, clock)
         self.policies = PolicyStore(self._conn, clock)
         self.store = Store(
             self.events.append, leak=config.leak, known_processes=self._open_processes()
         )
         self.health = health.aio.HealthServicer()
+        self.authenticator = auth.Authenticator.from_config(config.credentials)
+        # agent id -> name of the principal that writes it (sequences belong to it)
+        self.agent_owners: dict[str, str] = {}
         self._server: grpc.aio.Server | None = None
         self._upkeep: asyncio.Task[None] | None = None
         self._health_server: grpc.aio.Server | None = None
@@ -533,21 +594,64 @@ class ControlPlane:
                 open_.discard(ident)
         return open_
 
+    def check_owner(self, agent_id: str, who: auth.Principal) -> None:
+        """An agent id is written by the principal that first wrote it, no other (so one
+        node cannot jam or poison another's sequence). Claims end when the store
+        forgets the agent."""
+        owner = self.agent_owners.get(agent_id)
+        if owner is not None and owner != who.name:
+            raise PermissionDenied(
+                f"agent id {agent_id[:128]!r} belongs to another identity; {who.name} may "
+                "only write agent ids of its own"
+            )
+
+    def _check_security(self, creds: grpc.ServerCredentials | None) -> None:
+        cfg = self.config
+        authn = self.authenticator
+        if authn.rules and not cfg.tls_ca:
+            raise ServerSetupError(
+                "--client-role maps client certificates to roles, which needs mTLS: "
+                "add --tls-cert, --tls-key and --tls-ca"
+            )
+        if is_loopback(cfg.listen):
+            return
+        if not authn.enabled:
+            if not cfg.credentials.insecure:
+                raise ServerSetupError(
+                    f"refusing to listen on {cfg.listen} without authentication: anyone who "
+                    "can reach it could set a policy (and run its actions) or feed it data. "
+                    "Give tokens (--admin-token-file, --viewer-token-file, --agent-token-file) "
+                    "and/or client certificate roles (--tls-ca with --client-role), listen "
+                    "on loopback, or pass --insecure to accept the risk"
+                )
+            for line in (
+                "*" * 72,
+                f"INSECURE: listening on {cfg.listen} with authentication OFF (--insecure).",
+                "Anyone who can reach this port can change the policy, trigger its actions",
+                "(restarts, commands, webhooks, files) and read everything. Do not run it",
+                "like this anywhere but an isolated test network.",
+                "*" * 72,
+            ):
+                log.warning("%s", line)
+        elif creds is None and authn.tokens:
+            log.warning(
+                "listening on %s without TLS: bearer tokens cross the network in plaintext; "
+                "configure --tls-cert/--tls-key (and --tls-ca for mTLS)",
+                cfg.listen,
+            )
+
     async def start(self) -> str:
         """Bind and serve; returns the address actually bound ("host:port")."""
         cfg = self.config
         creds = server_credentials(cfg)
-        if creds is None and not is_loopback(cfg.listen):
-            log.warning(
-                "listening on %s without TLS: anyone who can reach it can read the data "
-                "and feed it; configure --tls-cert/--tls-key (and --tls-ca for mTLS)",
-                cfg.listen,
-            )
+        self._check_security(creds)
+        self._interceptor = auth.AuthInterceptor(self.authenticator)
         server = grpc.aio.server(
+            interceptors=[self._interceptor],
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.so_reuseport", 0),  # a second control plane must not share the port
-            ]
+            ],
         )
         ing_grpc.add_IngestServiceServicer_to_server(IngestServicer(self), server)
         q_grpc.add_GoleashServiceServicer_to_server(GoleashServicer(self), server)
@@ -607,6 +711,10 @@ class ControlPlane:
             try:
                 self.store.prune(now)
                 self.store.detect(now)
+                for agent_id in [a for a in self.agent_owners if a not in self.store.agents]:
+                    del self.agent_owners[agent_id]
+                self.authenticator = auth.reloaded(self.authenticator, self.config.credentials)
+                self._interceptor.authn = self.authenticator
             except Exception:  # keep serving; the next round may succeed
                 log.exception("upkeep failed")
             period = self.config.full_gc_seconds
@@ -639,21 +747,30 @@ class ControlPlane:
 
 async def _serve(config: ControlPlaneConfig) -> None:
     cp = ControlPlane(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before "listening on": a stop may follow
+        loop.add_signal_handler(sig, stop.set)
     address = await cp.start()
     tls = "mTLS" if config.tls_ca else ("TLS" if config.tls_cert else "no TLS")
+    authn = cp.authenticator
+    if authn.enabled:
+        how = f"{len(authn.tokens)} token(s), {len(authn.rules)} certificate role(s)"
+        access = f"authentication on: {how}"
+    else:
+        access = (
+            "authentication OFF (--insecure)"
+            if config.credentials.insecure
+            else ("authentication off: loopback only")
+        )
     print(
-        f"goleash control-plane: listening on {address} ({tls}, token "
-        f"{'required for changes' if config.token else 'off'}, events in {cp.db_path}"
+        f"goleash control-plane: listening on {address} ({tls}, {access}, events in {cp.db_path}"
         + (f", health on {cp.health_address}" if cp.health_address else "")
         + (f", metrics on {cp.metrics_address}" if cp.metrics_address else "")
         + ")",
         file=sys.stderr,
         flush=True,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await cp.stop()
 

@@ -40,6 +40,7 @@ from goleash.errors import GoleashError
 log = logging.getLogger("goleash.agent")
 
 BUFFER_FULL = "batches_buffer_full"
+DENIED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 DEFAULT_MAX_BATCHES = 120  # ten minutes at the default 5 s interval
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
@@ -343,10 +344,20 @@ class IngestSender:
             code = grpc.StatusCode.UNAVAILABLE if err is None else err.code()  # type: ignore[attr-defined]
             details = "ended by the control plane" if err is None else err.details()  # type: ignore[attr-defined]
             self.stats.last_error = f"{code.name}: {details}"
-            # Refused, not unreachable: the same batches would be refused again.
-            refused = code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+            # Refused, not unreachable: the same batches would be refused again. Refused
+            # credentials are not the batches' fault: they wait (bounded) for a fix.
+            refused = code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, *DENIED)
             self.stats.resent += self.buffer.rewind(failed - self.inflight_s, give_up=refused)
-            if failed >= quiet_until:
+            if code in DENIED and failed >= quiet_until:
+                log.error(
+                    "the control plane at %s refused this agent (%s): it needs a token of the "
+                    "agent role (--token-file) or a client certificate mapped to it, and the "
+                    "agent id must not be written by another identity; buffering",
+                    self.opts.server,
+                    self.stats.last_error,
+                )
+                quiet_until = failed + 60
+            elif failed >= quiet_until:
                 log.warning(
                     "ingest stream to %s ended (%s); buffering up to %d batches while reconnecting",
                     self.opts.server,
