@@ -119,18 +119,57 @@ def _remote(args: argparse.Namespace) -> bool:
     return bool(args.server or args.service) or args.pid is None
 
 
+DUMP_FORMATS = ("text", "json", "pprof", "folded")
+
+
+def _dump_format(args: argparse.Namespace) -> str:
+    fmt = args.format or ("json" if args.json else "text")
+    if args.json and fmt != "json":
+        raise GoleashError(f"--json and --format {fmt} disagree: give one")
+    return fmt
+
+
+def _write_profile(args: argparse.Namespace, fmt: str, samples: Any, **meta: Any) -> None:
+    """pprof (gzipped protobuf) or folded stacks, to --output or stdout."""
+    import time
+
+    from goleash import profiles
+
+    if fmt == "pprof":
+        data = profiles.pprof_goroutine_profile(samples, time_ns=time.time_ns(), **meta)
+    else:
+        data = profiles.folded_text(samples).encode()
+    if args.output and args.output != "-":
+        try:
+            with open(args.output, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            raise GoleashError(f"cannot write {args.output}: {exc.strerror}") from exc
+        return
+    if fmt == "pprof" and sys.stdout.isatty():
+        raise GoleashError("a pprof profile is binary: give -o FILE or redirect stdout")
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
 def cmd_dump(args: argparse.Namespace) -> int:
+    fmt = _dump_format(args)
     if _remote(args):
-        return _dump_from_server(args)
-    from goleash.probes.dump import build_dump, dump_to_dict, render_text
+        return _dump_from_server(args, fmt)
+    from goleash.probes.dump import build_dump, dump_samples, dump_to_dict, render_text
     from goleash.probes.target import GoProcess
 
     with GoProcess.attach(args.pid) as proc:
         dump = build_dump(proc, system=args.system)
-    if args.json:
+    if fmt == "json":
         print_json(dump_to_dict(dump))
         return 0
-    sys.stdout.write(render_text(dump, system=args.system))
+    if fmt in ("pprof", "folded"):
+        comment = f"goleash dump: PID {dump.pid} ({dump.exe}, {dump.go_version}), read from memory"
+        _write_profile(args, fmt, dump_samples(dump), comments=[comment], mapping_file=dump.exe)
+    else:
+        sys.stdout.write(render_text(dump, system=args.system))
     hidden = f", {dump.hidden_system} runtime goroutines hidden" if dump.hidden_system else ""
     torn = f", {dump.torn} changed while read and skipped" if dump.torn else ""
     print(
@@ -141,10 +180,8 @@ def cmd_dump(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dump_from_server(args: argparse.Namespace) -> int:
+def _dump_from_server(args: argparse.Namespace, fmt: str) -> int:
     """The goroutines the agents kept (orphans first, with stacks), as a dump."""
-    from google.protobuf.json_format import MessageToDict
-
     from goleash.api.goleash.v1 import goleash_service_pb2 as q
     from goleash.control import views
 
@@ -161,8 +198,12 @@ def _dump_from_server(args: argparse.Namespace) -> int:
                 break
             req.page_token = resp.next_page_token
     records = records[: args.limit]
-    if args.json:
-        print_json([MessageToDict(r, preserving_proto_field_name=True) for r in records])
+    if fmt == "json":
+        print_json(views.dump_json(records))
+    elif fmt in ("pprof", "folded"):
+        what = args.service or (f"PID {args.pid}" if args.pid else "all services")
+        comment = f"goleash dump: goroutines the agents kept ({what})"
+        _write_profile(args, fmt, views.record_samples(records), comments=[comment])
     else:
         sys.stdout.write(views.dump_text(records))
     return 0
@@ -951,6 +992,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "examples:\n  goleash dump --pid 4242\n  goleash dump --pid 4242 --json | jq .\n"
+            "  goleash dump --pid 4242 --format pprof -o goroutines.pb.gz && "
+            "go tool pprof -top goroutines.pb.gz\n"
+            "  goleash dump --pid 4242 --format folded | flamegraph.pl > goroutines.svg\n"
             "  goleash dump --server cp:7070 --service shop/frontend   "
             "(what the agents kept: orphans first)"
         ),
@@ -959,7 +1003,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pid", type=int, help="process to read (on this host, unless --server/--service)"
     )
-    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument(
+        "--format",
+        choices=DUMP_FORMATS,
+        help="text (runtime.Stack style, the default), json, pprof (gzipped protobuf "
+        "goroutine profile for `go tool pprof`), folded (collapsed stacks for "
+        "flamegraph.pl, inferno, speedscope)",
+    )
+    p.add_argument("--json", action="store_true", help="same as --format json")
+    p.add_argument(
+        "-o", "--output", metavar="FILE", help="write pprof/folded output to FILE (- is stdout)"
+    )
     p.add_argument("--service", help="from the control plane: goroutines of this service")
     p.add_argument(
         "--limit", type=int, default=1000, help="from the control plane: at most N goroutines"

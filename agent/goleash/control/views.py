@@ -10,6 +10,7 @@ from google.protobuf import json_format
 
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import types_pb2 as t
+from goleash.profiles import DUMP_SCHEMA, ProfileFrame, StackSample, goroutine_json
 
 
 def _enum(name: str, prefix: str) -> str:
@@ -356,6 +357,60 @@ def dump_text(records: Sequence[q.GoroutineRecord]) -> str:
             lines.append(f"\t{g.go_statement}")
         out.append("\n".join(lines))
     return "\n\n".join(out) + ("\n" if out else "")
+
+
+def _state(g: t.Goroutine) -> str:
+    name = _enum(t.GoroutineState.Name(g.state), "GOROUTINE_STATE_")
+    return _STATE_TEXT.get(name.upper(), name)
+
+
+def _record_frames(g: t.Goroutine) -> list[ProfileFrame]:
+    return [ProfileFrame(f.function, f.file, f.line, f.pc) for f in g.stack]
+
+
+def goroutine_dict(r: q.GoroutineRecord) -> dict[str, Any]:
+    """A goroutine the agents kept, in `dump --json`'s one schema."""
+    g = r.goroutine
+    return goroutine_json(
+        goid=g.goid,
+        parent_goid=g.parent_goid,
+        state=_state(g),
+        wait_reason=g.wait_reason,
+        blocked_seconds=g.blocked_for_seconds if g.blocked_for_seconds > 0 else None,
+        age_seconds=g.age_seconds if g.age_seconds > 0 else None,
+        age_is_lower_bound=False,
+        start_function=g.function,
+        created_by=g.created_by,
+        go_statement=g.go_statement,
+        orphan=g.orphan,
+        system=None,
+        frames=_record_frames(g),
+        # agents keep at most a bounded number of frames and do not say whether
+        # they cut: unknown
+        stack_complete=None,
+        stack_note=None,
+        service=r.service,
+        pid=r.pid,
+        agent_id=r.agent_id,
+    )
+
+
+def dump_json(records: Sequence[q.GoroutineRecord]) -> dict[str, Any]:
+    return {
+        "schema": DUMP_SCHEMA,
+        "source": "control-plane",
+        "goroutines": [goroutine_dict(r) for r in records],
+    }
+
+
+def record_samples(records: Sequence[q.GoroutineRecord]) -> list[StackSample]:
+    """Kept goroutines as profile samples (as probes.dump.dump_samples)."""
+    out = []
+    for r in records:
+        g = r.goroutine
+        frames = tuple(_record_frames(g)) or (ProfileFrame(g.function or "?"),)
+        out.append(StackSample(frames, 1, (("state", g.wait_reason or _state(g)),)))
+    return out
 
 
 def latency_dict(resp: q.GetFunctionLatencyResponse) -> dict[str, Any]:
