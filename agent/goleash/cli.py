@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK
 """The one `goleash` command.
 
 Each subcommand is a small function taking parsed args and returning an exit code;
@@ -5,13 +6,20 @@ the work itself lives in the packages (gobin, probes, node, control). Exit codes
 0 success, 1 the check a command makes failed (e.g. leaks found where asked to
 fail on them), 2 bad input or an environment goleash cannot work in (message on
 stderr, never a traceback), 130 interrupted.
+
+Options go anywhere in the line, as in kubectl: the global ones (logging, the
+control plane connection) before or after the subcommand, a subcommand's options
+before or after its positional arguments (`policy set --dry-run pol.yaml`). A bad
+option prints that subcommand's usage.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -337,12 +345,25 @@ def cmd_top(args: argparse.Namespace) -> int:
             text = views.top_frame(c.opts.server, *frame(args.limit), max_rows=2 * args.limit + 8)
             sys.stdout.write(text)
             return 0
+        # Into a pipe or file: plain snapshots one after another, as `top -b` writes
+        # them; screen-clearing escapes only for a terminal.
+        terminal = sys.stdout.isatty()
+        shown = 0
         try:
             while True:
-                rows = shutil.get_terminal_size((120, 40)).lines
-                text = views.top_frame(c.opts.server, *frame(rows // 2), max_rows=rows - 1)
-                sys.stdout.write("\x1b[H\x1b[2J" + text)  # home + clear, like top
+                if terminal:
+                    rows = shutil.get_terminal_size((120, 40)).lines
+                    text = views.top_frame(c.opts.server, *frame(rows // 2), max_rows=rows - 1)
+                    sys.stdout.write("\x1b[H\x1b[2J" + text)  # home + clear, like top
+                else:
+                    text = views.top_frame(
+                        c.opts.server, *frame(args.limit), max_rows=2 * args.limit + 8
+                    )
+                    sys.stdout.write(("\n" if shown else "") + text)
                 sys.stdout.flush()
+                shown += 1
+                if args.iterations and shown >= args.iterations:
+                    return 0
                 time.sleep(args.interval)
         except KeyboardInterrupt:
             return 0
@@ -423,19 +444,68 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
-def _server_args(p: argparse.ArgumentParser) -> None:
+SERVER_DEFAULTS = {
+    "server": None,
+    "token": None,
+    "tls_ca": None,
+    "tls_cert": None,
+    "tls_key": None,
+    "timeout": 10.0,
+}
+
+
+def _server_args(p: argparse.ArgumentParser, *, suppress: bool = False) -> None:
+    """The control plane connection options. `suppress`: set nothing when absent (the
+    top-level copy, so a value given before the subcommand survives its defaults)."""
     from goleash.control import DEFAULT_SERVER
+
+    def default(key: str) -> Any:
+        return argparse.SUPPRESS if suppress else SERVER_DEFAULTS[key]
 
     g = p.add_argument_group("control plane connection")
     g.add_argument(
         "--server",
+        default=default("server"),
         help=f"control plane address (default $GOLEASH_SERVER or {DEFAULT_SERVER})",
     )
-    g.add_argument("--token", help="bearer token for changes (default $GOLEASH_TOKEN)")
-    g.add_argument("--tls-ca", help="CA bundle to verify the server with (turns TLS on)")
-    g.add_argument("--tls-cert", help="client certificate for mTLS")
-    g.add_argument("--tls-key", help="client key for mTLS")
-    g.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
+    g.add_argument(
+        "--token",
+        default=default("token"),
+        help="bearer token for changes (default $GOLEASH_TOKEN)",
+    )
+    g.add_argument(
+        "--tls-ca",
+        default=default("tls_ca"),
+        help="CA bundle to verify the server with (turns TLS on)",
+    )
+    g.add_argument("--tls-cert", default=default("tls_cert"), help="client certificate for mTLS")
+    g.add_argument("--tls-key", default=default("tls_key"), help="client key for mTLS")
+    g.add_argument(
+        "--timeout", type=float, default=default("timeout"), help="seconds per call (default 10)"
+    )
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_args(p: argparse.ArgumentParser) -> None:
+    """--log-level/--log-format, on the top-level parser and every subcommand (never a
+    default here: main() picks one per command)."""
+    g = p.add_argument_group("logging")
+    g.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=argparse.SUPPRESS,
+        help="least severe message logged (default: info for agent, control-plane and "
+        "run; warning for the rest)",
+    )
+    g.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=argparse.SUPPRESS,
+        help="text (timestamped lines) or json (one object a line: time, level, logger, "
+        "message), on stderr",
+    )
 
 
 def _add_control_commands(sub: Any) -> None:
@@ -503,7 +573,8 @@ def _add_control_commands(sub: Any) -> None:
         help="live table of processes and goroutine creation sites, like top",
         description=(
             "Refresh a table of the busiest processes and creation sites every interval "
-            "(Ctrl-C quits). --once prints one frame; --json prints one snapshot."
+            "(Ctrl-C quits). --once prints one frame; --json prints one snapshot. Into a "
+            "pipe or file it writes plain snapshots, no screen control."
         ),
         epilog="examples:\n  goleash top\n  goleash top --once --service shop",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -512,6 +583,15 @@ def _add_control_commands(sub: Any) -> None:
     p.add_argument("--interval", type=float, default=2.0, help="seconds between frames")
     p.add_argument("--window", type=float, default=60.0, help="seconds for rates and growth")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument(
+        "-n",
+        "--iterations",
+        type=int,
+        default=0,
+        metavar="N",
+        help="stop after N frames (default: until Ctrl-C); not on a terminal, frames are "
+        "plain snapshots one after another, as `top -b` writes them",
+    )
     p.add_argument(
         "--limit",
         type=int,
@@ -1128,12 +1208,121 @@ def build_parser() -> argparse.ArgumentParser:
     _add_agent_commands(sub)
     _add_policy_commands(sub)
 
+    _log_args(parser)
+    _server_args(parser, suppress=True)
+    for command in sub.choices.values():
+        _log_args(command)
+    parser.set_defaults(commands=sub.choices)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _globals_parser() -> argparse.ArgumentParser:
+    """The options that may come before the subcommand (and after it, on its own)."""
+    p = argparse.ArgumentParser(prog="goleash", add_help=False)
+    _log_args(p)
+    _server_args(p, suppress=True)
+    return p
+
+
+GLOBAL_VALUE_OPTIONS = frozenset(
+    ("--log-level", "--log-format", "--server", "--token", "--tls-ca", "--tls-cert")
+    + ("--tls-key", "--timeout")
+)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Global options, the subcommand, then its options and positionals in any order.
+
+    argparse alone would let a subcommand's defaults overwrite a global option given
+    before it, report a subcommand's bad option with the top-level usage, and refuse
+    an option between two positionals (`policy set --dry-run FILE`); so the line is
+    split at the subcommand and its part parsed intermixed by its own parser."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    _autocomplete(parser)
+    commands: dict[str, argparse.ArgumentParser] = parser.get_default("commands")
+    i = 0
+    while i < len(argv) and argv[i] not in commands:
+        name, eq, _ = argv[i].partition("=")
+        if name not in GLOBAL_VALUE_OPTIONS:
+            return parser.parse_args(argv)  # --help, --version or an error: top-level's
+        i += 1 if eq else 2
+    if i >= len(argv):
+        return parser.parse_args(argv)  # no subcommand: argparse says which are known
+    ns = _globals_parser().parse_args(argv[:i])
+    args = commands[argv[i]].parse_intermixed_args(argv[i + 1 :], namespace=ns)
+    args.command = argv[i]
+    for key, value in SERVER_DEFAULTS.items():
+        if not hasattr(args, key):
+            setattr(args, key, value)
+    return args
+
+
+def _autocomplete(parser: argparse.ArgumentParser) -> None:
+    """Shell completion when the shell asks (`eval "$(register-python-argcomplete
+    goleash)"`); argcomplete is optional: without it there is simply none."""
+    try:
+        import argcomplete
+    except ImportError:
+        return
+    argcomplete.autocomplete(parser)
+
+
+DAEMONS = frozenset(("agent", "control-plane", "run"))
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object a line: time (RFC 3339, UTC), level, logger, message."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__()
+        self.command = command
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "time": _rfc3339(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "command": self.command,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def _rfc3339(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+class TextLogFormatter(logging.Formatter):
+    def __init__(self, command: str) -> None:
+        super().__init__(f"%(asctime)s %(levelname)s goleash {command}: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        return _rfc3339(record.created)
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    """Root logging on stderr, as --log-level/--log-format say (the daemons' own
+    basicConfig calls then find it set and change nothing)."""
+    level = getattr(args, "log_level", None) or ("info" if args.command in DAEMONS else "warning")
+    fmt = getattr(args, "log_format", None) or "text"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonLogFormatter(args.command) if fmt == "json" else TextLogFormatter(args.command)
+    )
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        if getattr(old, "goleash_cli", False):
+            root.removeHandler(old)
+    handler.goleash_cli = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    setup_logging(args)
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -27,7 +27,6 @@ import ipaddress
 import logging
 import signal
 import sqlite3
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -641,14 +640,13 @@ async def _serve(config: ControlPlaneConfig) -> None:
     cp = ControlPlane(config)
     address = await cp.start()
     tls = "mTLS" if config.tls_ca else ("TLS" if config.tls_cert else "no TLS")
-    print(
-        f"goleash control-plane: listening on {address} ({tls}, token "
+    # a log line (timestamped, JSON with --log-format json) that scripts wait for
+    log.info(
+        f"listening on {address} ({tls}, token "
         f"{'required for changes' if config.token else 'off'}, events in {cp.db_path}"
         + (f", health on {cp.health_address}" if cp.health_address else "")
         + (f", metrics on {cp.metrics_address}" if cp.metrics_address else "")
-        + ")",
-        file=sys.stderr,
-        flush=True,
+        + ")"
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
