@@ -271,6 +271,8 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
             policy_file=args.policy,
             health_listen=args.health_listen,
             metrics_listen=args.metrics_listen,
+            evidence_listen=args.evidence_listen,
+            external_url=args.external_url or "",
         )
     )
 
@@ -552,6 +554,18 @@ def _add_control_commands(sub: Any) -> None:
         "ready), for probes that cannot speak TLS",
     )
     p.add_argument("--metrics-listen", help="serve Prometheus /metrics on HOST:PORT")
+    p.add_argument(
+        "--evidence-listen",
+        metavar="HOST:PORT",
+        help="serve the policy engine's evidence (flame graph SVG, folded stacks, pprof) "
+        "over HTTP at /evidence/NAME, for alerts to link to",
+    )
+    p.add_argument(
+        "--external-url",
+        metavar="URL",
+        help="the URL users reach the evidence server at, for alerts' links and "
+        "Alertmanager's generatorURL (default http://EVIDENCE-LISTEN)",
+    )
     p.set_defaults(handler=cmd_control_plane)
 
     p = sub.add_parser(

@@ -972,6 +972,8 @@ class PolicyEngine:
             ev["latency"], text = self._latency(svc, now)
             if text:
                 ev["latency_histogram_text"] = text
+            if self.external_url:
+                ev["links"] = {"control_plane": self.external_url}
             if direction == DEGRADE and self.report_dir is not None:
                 svg = self._flamegraph(svc, summary, now, rule)
                 if svg:
@@ -984,7 +986,7 @@ class PolicyEngine:
                     ev.update(files)
                     if self.external_url:  # where the control plane serves report_dir
                         base = self.external_url.rstrip("/") + "/evidence/"
-                        ev["links"] = {k: base + Path(v).name for k, v in files.items()}
+                        ev["links"].update({k: base + Path(v).name for k, v in files.items()})
         except ControlError as exc:  # the service vanished between reading and deciding
             ev["error"] = str(exc)
         return ev

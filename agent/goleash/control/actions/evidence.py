@@ -4,7 +4,7 @@ The policy engine writes, per degrade decision, a flame graph of the offending
 goroutines' creation stacks as SVG, the same stacks folded and as a pprof profile
 (evidence keys `flamegraph_svg`, `flamegraph_folded`, `goroutines_pprof`: paths on
 the control plane's host), and, when the control plane has an external URL, the
-URLs it serves them at (`links`).
+URLs it serves them at (`links`, with `control_plane`: its external URL).
 """
 
 from __future__ import annotations
@@ -27,5 +27,7 @@ def evidence_links(evidence: Mapping[str, Any]) -> dict[str, str]:
 
 
 def generator_url(evidence: Mapping[str, Any]) -> str:
-    """Alertmanager's generatorURL: the flame graph when it is served, else ""."""
-    return str((evidence.get("links") or {}).get("flamegraph_svg", ""))
+    """Alertmanager's generatorURL: the flame graph as the control plane serves it,
+    else the control plane's external URL, else "" (none configured)."""
+    links = evidence.get("links") or {}
+    return str(links.get("flamegraph_svg") or links.get("control_plane") or "")
