@@ -60,6 +60,7 @@ def site_dict(s: q.SiteStats) -> dict[str, Any]:
         "exited": s.exited,
         "growth_per_min": round(s.growth_per_minute, 2),
         "oldest_age_s": round(s.age.max_seconds, 3),
+        "oldest_age_is_lower_bound": s.age.max_is_lower_bound,
         "wait_reasons": {w.reason: w.count for w in s.wait_reasons},
         "orphans": s.orphans,
         "processes": s.processes,
@@ -72,6 +73,7 @@ def orphan_dict(g: q.OrphanGroup) -> dict[str, Any]:
         "go_statement": g.go_statement,
         "count": g.count,
         "oldest_age_s": round(g.oldest_age_seconds, 3),
+        "oldest_age_is_lower_bound": g.oldest_age_is_lower_bound,
         "reason": g.reason,
         "service": g.service,
         "creator_function": g.creator_function,
@@ -133,7 +135,11 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def _age(seconds: float) -> str:
+def _age(seconds: float, lower_bound: bool = False) -> str:
+    """1.5h, 3.2m, 42s; ">= " first when the age counts from when goleash first saw
+    the goroutine (it existed before tracing), so is only a lower bound."""
+    if lower_bound:
+        return ">= " + _age(seconds)
     if seconds >= 3600:
         return f"{seconds / 3600:.1f}h"
     if seconds >= 60:
@@ -181,7 +187,14 @@ def orphans_text(resp: q.ListOrphansResponse) -> str:
     if not resp.groups:
         return "no orphaned goroutines\n"
     rows = [
-        (g.service, g.count, _age(g.oldest_age_seconds), g.reason, g.function, g.go_statement)
+        (
+            g.service,
+            g.count,
+            _age(g.oldest_age_seconds, g.oldest_age_is_lower_bound),
+            g.reason,
+            g.function,
+            g.go_statement,
+        )
         for g in resp.groups
     ]
     return table(rows, ("SERVICE", "COUNT", "OLDEST", "REASON", "FUNCTION", "GO STATEMENT"))
@@ -271,7 +284,7 @@ def top_frame(
             s.created,
             s.exited,
             s.orphans,
-            _age(s.age.max_seconds),
+            _age(s.age.max_seconds, s.age.max_is_lower_bound),
             s.wait_reasons[0].reason if s.wait_reasons else "",
             s.function,
             s.go_statement.rsplit("/", 1)[-1],
@@ -378,7 +391,7 @@ def goroutine_dict(r: q.GoroutineRecord) -> dict[str, Any]:
         wait_reason=g.wait_reason,
         blocked_seconds=g.blocked_for_seconds if g.blocked_for_seconds > 0 else None,
         age_seconds=g.age_seconds if g.age_seconds > 0 else None,
-        age_is_lower_bound=False,
+        age_is_lower_bound=g.age_is_lower_bound,
         start_function=g.function,
         created_by=g.created_by,
         go_statement=g.go_statement,
