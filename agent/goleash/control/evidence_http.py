@@ -96,8 +96,7 @@ class EvidenceServer:
                 f"cannot listen on --evidence-listen {listen}: {exc}"
             ) from exc
         self._server.daemon_threads = True
-        bound_host, bound_port = self._server.server_address[:2]
-        self.address = f"{bound_host}:{bound_port}"
+        self.address = f"{host or '127.0.0.1'}:{self._server.server_port}"
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="goleash-evidence", daemon=True
         )
