@@ -599,6 +599,13 @@ class ControlPlane:
 
             self._evidence = EvidenceServer(cfg.evidence_listen, self.engine.engine.report_dir)
             self.evidence_address = self._evidence.address
+            if not is_loopback(cfg.evidence_listen):
+                log.warning(
+                    "evidence on %s is plain HTTP without authentication: anyone who can "
+                    "reach it can read the flame graphs (function names, file paths); put it "
+                    "behind an authenticating proxy",
+                    self.evidence_address,
+                )
         external = cfg.external_url or (
             f"http://{self.evidence_address}" if self.evidence_address else ""
         )
