@@ -446,45 +446,34 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
-SERVER_DEFAULTS = {
-    "server": None,
-    "token": None,
-    "tls_ca": None,
-    "tls_cert": None,
-    "tls_key": None,
-    "timeout": 10.0,
-}
-
-
-def _server_args(p: argparse.ArgumentParser, *, suppress: bool = False) -> None:
-    """The control plane connection options. `suppress`: set nothing when absent (the
-    top-level copy, so a value given before the subcommand survives its defaults)."""
+def _server_args(p: argparse.ArgumentParser) -> None:
     from goleash.control import DEFAULT_SERVER
-
-    def default(key: str) -> Any:
-        return argparse.SUPPRESS if suppress else SERVER_DEFAULTS[key]
 
     g = p.add_argument_group("control plane connection")
     g.add_argument(
         "--server",
-        default=default("server"),
         help=f"control plane address (default $GOLEASH_SERVER or {DEFAULT_SERVER})",
     )
-    g.add_argument(
-        "--token",
-        default=default("token"),
-        help="bearer token for changes (default $GOLEASH_TOKEN)",
-    )
-    g.add_argument(
-        "--tls-ca",
-        default=default("tls_ca"),
-        help="CA bundle to verify the server with (turns TLS on)",
-    )
-    g.add_argument("--tls-cert", default=default("tls_cert"), help="client certificate for mTLS")
-    g.add_argument("--tls-key", default=default("tls_key"), help="client key for mTLS")
-    g.add_argument(
-        "--timeout", type=float, default=default("timeout"), help="seconds per call (default 10)"
-    )
+    g.add_argument("--token", help="bearer token for changes (default $GOLEASH_TOKEN)")
+    g.add_argument("--tls-ca", help="CA bundle to verify the server with (turns TLS on)")
+    g.add_argument("--tls-cert", help="client certificate for mTLS")
+    g.add_argument("--tls-key", help="client key for mTLS")
+    g.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
+
+
+def _global_args(p: argparse.ArgumentParser) -> dict[str, Any]:
+    """The options that may also come before the subcommand: logging and the control
+    plane connection. Added with no default (a value given before the subcommand must
+    survive the subcommand's defaults); returns the defaults they would have had."""
+    first = len(p._actions)
+    _log_args(p)
+    _server_args(p)
+    defaults = {}
+    for action in p._actions[first:]:
+        if action.default is not argparse.SUPPRESS:
+            defaults[action.dest] = action.default
+        action.default = argparse.SUPPRESS
+    return defaults
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -1222,26 +1211,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_agent_commands(sub)
     _add_policy_commands(sub)
 
-    _log_args(parser)
-    _server_args(parser, suppress=True)
+    _global_args(parser)  # for --help; parse_args() parses them with _globals_parser()
     for command in sub.choices.values():
         _log_args(command)
     parser.set_defaults(commands=sub.choices)
     return parser
 
 
-def _globals_parser() -> argparse.ArgumentParser:
-    """The options that may come before the subcommand (and after it, on its own)."""
+def _globals_parser() -> tuple[argparse.ArgumentParser, dict[str, Any], frozenset[str]]:
+    """The global options alone: a parser, their defaults, and those taking a value."""
     p = argparse.ArgumentParser(prog="goleash", add_help=False)
-    _log_args(p)
-    _server_args(p, suppress=True)
-    return p
-
-
-GLOBAL_VALUE_OPTIONS = frozenset(
-    ("--log-level", "--log-format", "--server", "--token", "--tls-ca", "--tls-cert")
-    + ("--tls-key", "--timeout")
-)
+    defaults = _global_args(p)
+    valued = frozenset(s for a in p._actions if a.nargs != 0 for s in a.option_strings)
+    return p, defaults, valued
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -1254,18 +1236,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = build_parser()
     _autocomplete(parser)
     commands: dict[str, argparse.ArgumentParser] = parser.get_default("commands")
+    globals_parser, defaults, valued = _globals_parser()
     i = 0
     while i < len(argv) and argv[i] not in commands:
         name, eq, _ = argv[i].partition("=")
-        if name not in GLOBAL_VALUE_OPTIONS:
+        if name not in valued:
             return parser.parse_args(argv)  # --help, --version or an error: top-level's
         i += 1 if eq else 2
     if i >= len(argv):
         return parser.parse_args(argv)  # no subcommand: argparse says which are known
-    ns = _globals_parser().parse_args(argv[:i])
+    ns = globals_parser.parse_args(argv[:i])
     args = commands[argv[i]].parse_intermixed_args(argv[i + 1 :], namespace=ns)
     args.command = argv[i]
-    for key, value in SERVER_DEFAULTS.items():
+    for key, value in defaults.items():  # commands without connection options
         if not hasattr(args, key):
             setattr(args, key, value)
     return args
