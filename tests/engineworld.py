@@ -21,7 +21,9 @@ T0 = 1_000_000.0
 class World:
     """A control plane's Store, event log and policy store, fed by a fake agent."""
 
-    def __init__(self, db: str = ":memory:", report_dir: str | None = None) -> None:
+    def __init__(
+        self, db: str = ":memory:", report_dir: str | None = None, external_url: str = ""
+    ) -> None:
         self.now = T0
         conn = open_db(db)
         self.events = EventLog(conn, clock=lambda: self.now)
@@ -38,6 +40,7 @@ class World:
             self.policies,
             runner=InlineRunner(self.sleeps.append),  # retries record their backoff, no wait
             report_dir=report_dir,
+            external_url=external_url,
         )
 
     def policy(self, text: str) -> None:

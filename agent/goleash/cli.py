@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK
 """The one `goleash` command.
 
 Each subcommand is a small function taking parsed args and returning an exit code;
@@ -5,13 +6,20 @@ the work itself lives in the packages (gobin, probes, node, control). Exit codes
 0 success, 1 the check a command makes failed (e.g. leaks found where asked to
 fail on them), 2 bad input or an environment goleash cannot work in (message on
 stderr, never a traceback), 130 interrupted.
+
+Options go anywhere in the line, as in kubectl: the global ones (logging, the
+control plane connection) before or after the subcommand, a subcommand's options
+before or after its positional arguments (`policy set --dry-run pol.yaml`). A bad
+option prints that subcommand's usage.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -119,18 +127,57 @@ def _remote(args: argparse.Namespace) -> bool:
     return bool(args.server or args.service) or args.pid is None
 
 
+DUMP_FORMATS = ("text", "json", "pprof", "folded")
+
+
+def _dump_format(args: argparse.Namespace) -> str:
+    fmt = args.format or ("json" if args.json else "text")
+    if args.json and fmt != "json":
+        raise GoleashError(f"--json and --format {fmt} disagree: give one")
+    return fmt
+
+
+def _write_profile(args: argparse.Namespace, fmt: str, samples: Any, **meta: Any) -> None:
+    """pprof (gzipped protobuf) or folded stacks, to --output or stdout."""
+    import time
+
+    from goleash import profiles
+
+    if fmt == "pprof":
+        data = profiles.pprof_goroutine_profile(samples, time_ns=time.time_ns(), **meta)
+    else:
+        data = profiles.folded_text(samples).encode()
+    if args.output and args.output != "-":
+        try:
+            with open(args.output, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            raise GoleashError(f"cannot write {args.output}: {exc.strerror}") from exc
+        return
+    if fmt == "pprof" and sys.stdout.isatty():
+        raise GoleashError("a pprof profile is binary: give -o FILE or redirect stdout")
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
 def cmd_dump(args: argparse.Namespace) -> int:
+    fmt = _dump_format(args)
     if _remote(args):
-        return _dump_from_server(args)
-    from goleash.probes.dump import build_dump, dump_to_dict, render_text
+        return _dump_from_server(args, fmt)
+    from goleash.probes.dump import build_dump, dump_samples, dump_to_dict, render_text
     from goleash.probes.target import GoProcess
 
     with GoProcess.attach(args.pid) as proc:
         dump = build_dump(proc, system=args.system)
-    if args.json:
+    if fmt == "json":
         print_json(dump_to_dict(dump))
         return 0
-    sys.stdout.write(render_text(dump, system=args.system))
+    if fmt in ("pprof", "folded"):
+        comment = f"goleash dump: PID {dump.pid} ({dump.exe}, {dump.go_version}), read from memory"
+        _write_profile(args, fmt, dump_samples(dump), comments=[comment], mapping_file=dump.exe)
+    else:
+        sys.stdout.write(render_text(dump, system=args.system))
     hidden = f", {dump.hidden_system} runtime goroutines hidden" if dump.hidden_system else ""
     torn = f", {dump.torn} changed while read and skipped" if dump.torn else ""
     print(
@@ -141,10 +188,8 @@ def cmd_dump(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dump_from_server(args: argparse.Namespace) -> int:
+def _dump_from_server(args: argparse.Namespace, fmt: str) -> int:
     """The goroutines the agents kept (orphans first, with stacks), as a dump."""
-    from google.protobuf.json_format import MessageToDict
-
     from goleash.api.goleash.v1 import goleash_service_pb2 as q
     from goleash.control import views
 
@@ -161,8 +206,12 @@ def _dump_from_server(args: argparse.Namespace) -> int:
                 break
             req.page_token = resp.next_page_token
     records = records[: args.limit]
-    if args.json:
-        print_json([MessageToDict(r, preserving_proto_field_name=True) for r in records])
+    if fmt == "json":
+        print_json(views.dump_json(records))
+    elif fmt in ("pprof", "folded"):
+        what = args.service or (f"PID {args.pid}" if args.pid else "all services")
+        comment = f"goleash dump: goroutines the agents kept ({what})"
+        _write_profile(args, fmt, views.record_samples(records), comments=[comment])
     else:
         sys.stdout.write(views.dump_text(records))
     return 0
@@ -225,6 +274,8 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
             policy_file=args.policy,
             health_listen=args.health_listen,
             metrics_listen=args.metrics_listen,
+            evidence_listen=args.evidence_listen,
+            external_url=args.external_url or "",
         )
     )
 
@@ -300,12 +351,25 @@ def cmd_top(args: argparse.Namespace) -> int:
             text = views.top_frame(c.opts.server, *frame(args.limit), max_rows=2 * args.limit + 8)
             sys.stdout.write(text)
             return 0
+        # Into a pipe or file: plain snapshots one after another, as `top -b` writes
+        # them; screen-clearing escapes only for a terminal.
+        terminal = sys.stdout.isatty()
+        shown = 0
         try:
             while True:
-                rows = shutil.get_terminal_size((120, 40)).lines
-                text = views.top_frame(c.opts.server, *frame(rows // 2), max_rows=rows - 1)
-                sys.stdout.write("\x1b[H\x1b[2J" + text)  # home + clear, like top
+                if terminal:
+                    rows = shutil.get_terminal_size((120, 40)).lines
+                    text = views.top_frame(c.opts.server, *frame(rows // 2), max_rows=rows - 1)
+                    sys.stdout.write("\x1b[H\x1b[2J" + text)  # home + clear, like top
+                else:
+                    text = views.top_frame(
+                        c.opts.server, *frame(args.limit), max_rows=2 * args.limit + 8
+                    )
+                    sys.stdout.write(("\n" if shown else "") + text)
                 sys.stdout.flush()
+                shown += 1
+                if args.iterations and shown >= args.iterations:
+                    return 0
                 time.sleep(args.interval)
         except KeyboardInterrupt:
             return 0
@@ -437,6 +501,44 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
 
 
+def _global_args(p: argparse.ArgumentParser) -> dict[str, Any]:
+    """The options that may also come before the subcommand: logging and the control
+    plane connection. Added with no default (a value given before the subcommand must
+    survive the subcommand's defaults); returns the defaults they would have had."""
+    first = len(p._actions)
+    _log_args(p)
+    _server_args(p)
+    defaults = {}
+    for action in p._actions[first:]:
+        if action.default is not argparse.SUPPRESS:
+            defaults[action.dest] = action.default
+        action.default = argparse.SUPPRESS
+    return defaults
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_args(p: argparse.ArgumentParser) -> None:
+    """--log-level/--log-format, on the top-level parser and every subcommand (never a
+    default here: main() picks one per command)."""
+    g = p.add_argument_group("logging")
+    g.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=argparse.SUPPRESS,
+        help="least severe message logged (default: info for agent, control-plane and "
+        "run; warning for the rest)",
+    )
+    g.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=argparse.SUPPRESS,
+        help="text (timestamped lines) or json (one object a line: time, level, logger, "
+        "message), on stderr",
+    )
+
+
 def _add_control_commands(sub: Any) -> None:
     from goleash.control import DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES
 
@@ -481,6 +583,18 @@ def _add_control_commands(sub: Any) -> None:
         "ready), for probes that cannot speak TLS",
     )
     p.add_argument("--metrics-listen", help="serve Prometheus /metrics on HOST:PORT")
+    p.add_argument(
+        "--evidence-listen",
+        metavar="HOST:PORT",
+        help="serve the policy engine's evidence (flame graph SVG, folded stacks, pprof) "
+        "over HTTP at /evidence/NAME, for alerts to link to",
+    )
+    p.add_argument(
+        "--external-url",
+        metavar="URL",
+        help="the URL users reach the evidence server at, for alerts' links and "
+        "Alertmanager's generatorURL (default http://EVIDENCE-LISTEN)",
+    )
     p.set_defaults(handler=cmd_control_plane)
 
     p = sub.add_parser(
@@ -502,7 +616,8 @@ def _add_control_commands(sub: Any) -> None:
         help="live table of processes and goroutine creation sites, like top",
         description=(
             "Refresh a table of the busiest processes and creation sites every interval "
-            "(Ctrl-C quits). --once prints one frame; --json prints one snapshot."
+            "(Ctrl-C quits). --once prints one frame; --json prints one snapshot. Into a "
+            "pipe or file it writes plain snapshots, no screen control."
         ),
         epilog="examples:\n  goleash top\n  goleash top --once --service shop",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -511,6 +626,15 @@ def _add_control_commands(sub: Any) -> None:
     p.add_argument("--interval", type=float, default=2.0, help="seconds between frames")
     p.add_argument("--window", type=float, default=60.0, help="seconds for rates and growth")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument(
+        "-n",
+        "--iterations",
+        type=int,
+        default=0,
+        metavar="N",
+        help="stop after N frames (default: until Ctrl-C); not on a terminal, frames are "
+        "plain snapshots one after another, as `top -b` writes them",
+    )
     p.add_argument(
         "--limit",
         type=int,
@@ -995,6 +1119,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "examples:\n  goleash dump --pid 4242\n  goleash dump --pid 4242 --json | jq .\n"
+            "  goleash dump --pid 4242 --format pprof -o goroutines.pb.gz && "
+            "go tool pprof -top goroutines.pb.gz\n"
+            "  goleash dump --pid 4242 --format folded | flamegraph.pl > goroutines.svg\n"
             "  goleash dump --server cp:7070 --service shop/frontend   "
             "(what the agents kept: orphans first)"
         ),
@@ -1003,7 +1130,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pid", type=int, help="process to read (on this host, unless --server/--service)"
     )
-    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument(
+        "--format",
+        choices=DUMP_FORMATS,
+        help="text (runtime.Stack style, the default), json, pprof (gzipped protobuf "
+        "goroutine profile for `go tool pprof`), folded (collapsed stacks for "
+        "flamegraph.pl, inferno, speedscope)",
+    )
+    p.add_argument("--json", action="store_true", help="same as --format json")
+    p.add_argument(
+        "-o", "--output", metavar="FILE", help="write pprof/folded output to FILE (- is stdout)"
+    )
     p.add_argument("--service", help="from the control plane: goroutines of this service")
     p.add_argument(
         "--limit", type=int, default=1000, help="from the control plane: at most N goroutines"
@@ -1118,12 +1255,115 @@ def build_parser() -> argparse.ArgumentParser:
     _add_agent_commands(sub)
     _add_policy_commands(sub)
 
+    _global_args(parser)  # for --help; parse_args() parses them with _globals_parser()
+    for command in sub.choices.values():
+        _log_args(command)
+    parser.set_defaults(commands=sub.choices)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _globals_parser() -> tuple[argparse.ArgumentParser, dict[str, Any], frozenset[str]]:
+    """The global options alone: a parser, their defaults, and those taking a value."""
+    p = argparse.ArgumentParser(prog="goleash", add_help=False)
+    defaults = _global_args(p)
+    valued = frozenset(s for a in p._actions if a.nargs != 0 for s in a.option_strings)
+    return p, defaults, valued
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Global options, the subcommand, then its options and positionals in any order.
+
+    argparse alone would let a subcommand's defaults overwrite a global option given
+    before it, report a subcommand's bad option with the top-level usage, and refuse
+    an option between two positionals (`policy set --dry-run FILE`); so the line is
+    split at the subcommand and its part parsed intermixed by its own parser."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    _autocomplete(parser)
+    commands: dict[str, argparse.ArgumentParser] = parser.get_default("commands")
+    globals_parser, defaults, valued = _globals_parser()
+    i = 0
+    while i < len(argv) and argv[i] not in commands:
+        name, eq, _ = argv[i].partition("=")
+        if name not in valued:
+            return parser.parse_args(argv)  # --help, --version or an error: top-level's
+        i += 1 if eq else 2
+    if i >= len(argv):
+        return parser.parse_args(argv)  # no subcommand: argparse says which are known
+    ns = globals_parser.parse_args(argv[:i])
+    args = commands[argv[i]].parse_intermixed_args(argv[i + 1 :], namespace=ns)
+    args.command = argv[i]
+    for key, value in defaults.items():  # commands without connection options
+        if not hasattr(args, key):
+            setattr(args, key, value)
+    return args
+
+
+def _autocomplete(parser: argparse.ArgumentParser) -> None:
+    """Shell completion when the shell asks (`eval "$(register-python-argcomplete
+    goleash)"`); argcomplete is optional: without it there is simply none."""
+    try:
+        import argcomplete
+    except ImportError:
+        return
+    argcomplete.autocomplete(parser)
+
+
+DAEMONS = frozenset(("agent", "control-plane", "run"))
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object a line: time (RFC 3339, UTC), level, logger, message."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__()
+        self.command = command
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "time": _rfc3339(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "command": self.command,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def _rfc3339(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+class TextLogFormatter(logging.Formatter):
+    def __init__(self, command: str) -> None:
+        super().__init__(f"%(asctime)s %(levelname)s goleash {command}: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        return _rfc3339(record.created)
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    """Root logging on stderr, as --log-level/--log-format say (the daemons' own
+    basicConfig calls then find it set and change nothing)."""
+    level = getattr(args, "log_level", None) or ("info" if args.command in DAEMONS else "warning")
+    fmt = getattr(args, "log_format", None) or "text"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonLogFormatter(args.command) if fmt == "json" else TextLogFormatter(args.command)
+    )
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        if getattr(old, "goleash_cli", False):
+            root.removeHandler(old)
+    handler.goleash_cli = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    setup_logging(args)
     handler: Handler = args.handler
     try:
         return handler(args)

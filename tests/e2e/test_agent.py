@@ -197,6 +197,32 @@ def cli_text(*args: str) -> str:
     return r.stdout
 
 
+def check_one_dump_schema(server: str, pid: int) -> None:
+    """`dump --json` read from the process and from the control plane: one schema
+    (same keys, same types, lowercase states, integer goids), the same orphans."""
+    local = cli_json("dump", "--pid", str(pid))
+    remote = cli_json("dump", "--server", server, "--pid", str(pid))
+    assert local["schema"] == remote["schema"] == "goleash.dump/v1"
+    assert (local["source"], remote["source"]) == ("process", "control-plane")
+
+    def orphans(doc: Any) -> dict[int, dict[str, Any]]:
+        return {g["goid"]: g for g in doc["goroutines"] if g["start_function"] == "main.orphan"}
+
+    mine, kept = orphans(local), orphans(remote)
+    assert set(mine) == set(kept) and len(mine) == COUNTS["orphan"]
+    for goid, g in kept.items():
+        ours = mine[goid]
+        assert list(g) == list(ours)  # the same keys in the same order
+        for k, v in g.items():
+            # a value one side cannot know is null; the types never differ
+            assert v is None or ours[k] is None or type(v) is type(ours[k]), (k, v, ours[k])
+        same = ("goid", "parent_goid", "state", "wait_reason", "start_function", "created_by")
+        assert {k: g[k] for k in same} == {k: ours[k] for k in same}
+        assert (g["state"], g["wait_reason"], g["pid"]) == ("waiting", "chan receive", pid)
+        assert g["go_statement"].endswith(stmt("orphan"))
+        assert "main.orphan" in [f["function"] for f in g["frames"]]
+
+
 def api(address: str) -> q_grpc.GoleashServiceStub:
     return q_grpc.GoleashServiceStub(grpc.insecure_channel(address))
 
@@ -293,6 +319,7 @@ def test_processes_appear_with_their_populations_and_vanish(tmp_path: Path) -> N
                 "[chan receive" in b and "created by main.creator in goroutine" in b
                 for b in orphan_blocks
             )
+            check_one_dump_schema(cp.address, pop.pid)
 
             # Goroutines born and gone between two snapshots: counted by the probes.
             pop.churn(500)

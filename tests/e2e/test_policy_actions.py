@@ -369,8 +369,14 @@ def test_webhook_posts_alertmanager_v4_with_flame_graph_and_histogram(tmp_path: 
     assert alert["labels"]["service"] == "client" and alert["labels"]["alertname"]
     assert alert["endsAt"] == "0001-01-01T00:00:00Z"
     ann = alert["annotations"]
-    assert ann["flamegraph_svg"].startswith("<svg") and "main.leak" in ann["flamegraph_svg"]
-    assert "/src/main.go:42" in ann["flamegraph_svg"]  # rooted at the go statement
+    # the flame graph is linked (a path here: no external URL), never embedded
+    svg = Path(ann["flamegraph_svg"]).read_text()
+    assert svg.startswith("<svg") and "main.leak" in svg
+    assert "/src/main.go:42" in svg  # rooted at the go statement
+    folded = Path(ann["flamegraph_folded"]).read_text()
+    assert "main.leak" in folded and folded.splitlines()[0].rsplit(" ", 1)[1].isdigit()
+    assert Path(ann["goroutines_pprof"]).read_bytes()[:2] == b"\x1f\x8b"
+    assert alert["generatorURL"] == ""
     assert "main.read" in ann["latency_histogram"] and "#" in ann["latency_histogram"]
     assert json.loads(ann["evidence"])["measured"] > 0.1
     assert resolved["status"] == "resolved"

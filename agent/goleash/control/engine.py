@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from goleash import profiles
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.control import flamegraph
@@ -217,12 +218,14 @@ class PolicyEngine:
         runner: InlineRunner | ThreadRunner | None = None,
         report_dir: str | Path | None = None,
         post: Callable[[Callable[[], Any]], Any] | None = None,
+        external_url: str = "",
     ) -> None:
         self.store = store
         self.events = events
         self.policies = policies
         self.runner = runner or InlineRunner()
         self.report_dir = Path(report_dir) if report_dir else None
+        self.external_url = external_url
         # How worker threads hand event-log writes to the thread that owns the Store
         # and the watchers (the event loop); direct calls when there is no loop.
         self._post = post or (lambda fn: fn())
@@ -969,10 +972,21 @@ class PolicyEngine:
             ev["latency"], text = self._latency(svc, now)
             if text:
                 ev["latency_histogram_text"] = text
+            if self.external_url:
+                ev["links"] = {"control_plane": self.external_url}
             if direction == DEGRADE and self.report_dir is not None:
                 svg = self._flamegraph(svc, summary, now, rule)
                 if svg:
-                    ev["flamegraph_svg"] = svg
+                    # the files, not their contents: alerts link to them
+                    files = {
+                        "flamegraph_svg": svg,
+                        "flamegraph_folded": str(Path(svg).with_suffix(".folded")),
+                        "goroutines_pprof": str(Path(svg).with_suffix(".pb.gz")),
+                    }
+                    ev.update(files)
+                    if self.external_url:  # where the control plane serves report_dir
+                        base = self.external_url.rstrip("/") + "/evidence/"
+                        ev["links"].update({k: base + Path(v).name for k, v in files.items()})
         except ControlError as exc:  # the service vanished between reading and deciding
             ev["error"] = str(exc)
         return ev
@@ -1030,6 +1044,11 @@ class PolicyEngine:
             folded = path.with_suffix(".folded")
             folded.write_text(
                 "".join(flamegraph.folded_line(f, n) + "\n" for f, n in stacks.items())
+            )
+            path.with_suffix(".pb.gz").write_bytes(
+                profiles.pprof_goroutine_profile(
+                    profiles.samples_from_folded(stacks), time_ns=int(now * 1e9), comments=[title]
+                )
             )
         except OSError as exc:
             log.warning("cannot write the flame graph %s: %s", path, exc)
@@ -1094,6 +1113,7 @@ class EngineLoop:
         clock: Callable[[], float] = time.time,
         policy_file: str | None = None,
         report_dir: str | Path | None = None,
+        external_url: str = "",
     ) -> None:
         self.clock = clock
         self.policy_file = Path(policy_file) if policy_file else None
@@ -1103,7 +1123,13 @@ class EngineLoop:
         self._loop_thread = 0
         self.runner = ThreadRunner()
         self.engine = PolicyEngine(
-            store, events, policies, runner=self.runner, report_dir=report_dir, post=self._post
+            store,
+            events,
+            policies,
+            runner=self.runner,
+            report_dir=report_dir,
+            post=self._post,
+            external_url=external_url,
         )
 
     def _post(self, fn: Callable[[], Any]) -> None:

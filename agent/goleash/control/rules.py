@@ -55,7 +55,8 @@ SIGNAL_KINDS = ("goroutines", "orphans", "leak_suspects", "function_latency", "p
 SCOPES = ("service", "process", "site")
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p95": 0.95, "p99": 0.99, "p999": 0.999}
 DEFAULT_GOROUTINE_LEVELS = (("L1", 3000.0), ("L2", 5000.0), ("L3", 8000.0))
-NOTIFY_ONLY = frozenset({"event", "webhook"})  # actions that change nothing in the service
+# actions that change nothing in the service
+NOTIFY_ONLY = frozenset({"event", "webhook", "alertmanager"})
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|s|m|h)")
 _DURATIONS = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|us|µs|s|m|h))+")
 _UNITS = {"ms": 1e-3, "us": 1e-6, "µs": 1e-6, "s": 1.0, "m": 60.0, "h": 3600.0}

@@ -31,7 +31,6 @@ import logging
 import os
 import signal
 import sqlite3
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -112,6 +111,11 @@ class ControlPlaneConfig:
     # plaintext grpc.health.v1 only (the kubelet's gRPC probes cannot speak TLS)
     health_listen: str | None = None
     metrics_listen: str | None = None  # Prometheus /metrics over HTTP
+    # the policy engine's evidence files over HTTP (/evidence/NAME), for alerts' links
+    evidence_listen: str | None = None
+    # how users reach this control plane's evidence server (alerts' generatorURL);
+    # default: http://<evidence_listen address>
+    external_url: str = ""
 
 
 def is_loopback(listen: str) -> bool:
@@ -567,7 +571,8 @@ class ControlPlane:
         self._upkeep: asyncio.Task[None] | None = None
         self._health_server: grpc.aio.Server | None = None
         self._metrics: Any = None
-        self.health_address = self.metrics_address = ""
+        self.health_address = self.metrics_address = self.evidence_address = ""
+        self._evidence: Any = None
         report_dir = config.report_dir
         if report_dir is None and self.db_path != ":memory:":
             report_dir = str(Path(self.db_path).parent / "reports")
@@ -693,6 +698,22 @@ class ControlPlane:
                 lambda: view(self.store, self.events.last_id(), self.clock()),
             )
             self.metrics_address = self._metrics.address
+        if cfg.evidence_listen and self.engine.engine.report_dir is not None:
+            from goleash.control.evidence_http import EvidenceServer
+
+            self._evidence = EvidenceServer(cfg.evidence_listen, self.engine.engine.report_dir)
+            self.evidence_address = self._evidence.address
+            if not is_loopback(cfg.evidence_listen):
+                log.warning(
+                    "evidence on %s is plain HTTP without authentication: anyone who can "
+                    "reach it can read the flame graphs (function names, file paths); put it "
+                    "behind an authenticating proxy",
+                    self.evidence_address,
+                )
+        external = cfg.external_url or (
+            f"http://{self.evidence_address}" if self.evidence_address else ""
+        )
+        self.engine.engine.external_url = external.rstrip("/")
         for name in ("", GOLEASH_SERVICE, INGEST_SERVICE, READY_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if cfg.full_gc_seconds > 0:
@@ -734,6 +755,8 @@ class ControlPlane:
         await self.health.enter_graceful_shutdown()
         if self._metrics is not None:
             self._metrics.stop()
+        if self._evidence is not None:
+            self._evidence.stop()
         if self._server is not None:
             await self._server.stop(grace)
         if self._health_server is not None:
@@ -763,13 +786,13 @@ async def _serve(config: ControlPlaneConfig) -> None:
             if config.credentials.insecure
             else ("authentication off: loopback only")
         )
-    print(
-        f"goleash control-plane: listening on {address} ({tls}, {access}, events in {cp.db_path}"
+    # a log line (timestamped, JSON with --log-format json) that scripts wait for
+    log.info(
+        f"listening on {address} ({tls}, {access}, events in {cp.db_path}"
         + (f", health on {cp.health_address}" if cp.health_address else "")
         + (f", metrics on {cp.metrics_address}" if cp.metrics_address else "")
-        + ")",
-        file=sys.stderr,
-        flush=True,
+        + (f", evidence on {cp.evidence_address}" if cp.evidence_address else "")
+        + ")"
     )
     await stop.wait()
     await cp.stop()

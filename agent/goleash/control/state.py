@@ -158,6 +158,7 @@ class _SiteNow:
     orphans: int = 0
     processes: int = 0
     age: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    age_lower_bound: bool = False  # the oldest's age counts from first sight
     wait: Counter[str] = field(default_factory=Counter)
 
     def add(self, s: SiteState) -> None:
@@ -171,6 +172,7 @@ class _SiteNow:
         a = ss.age
         if a.max_seconds > self.age[3]:
             self.age = (a.p50_seconds, a.p90_seconds, a.p99_seconds, a.max_seconds)
+            self.age_lower_bound = a.max_is_lower_bound
         for w in ss.wait_reasons:
             self.wait[w.reason] += w.count
 
@@ -218,9 +220,13 @@ def _ns(seconds: float) -> int:
     return max(int(seconds * 1e9), 0)
 
 
-def _age_msg(age: tuple[float, float, float, float]) -> t.AgeQuantiles:
+def _age_msg(age: tuple[float, float, float, float], lower_bound: bool = False) -> t.AgeQuantiles:
     return t.AgeQuantiles(
-        p50_seconds=age[0], p90_seconds=age[1], p99_seconds=age[2], max_seconds=age[3]
+        p50_seconds=age[0],
+        p90_seconds=age[1],
+        p99_seconds=age[2],
+        max_seconds=age[3],
+        max_is_lower_bound=lower_bound,
     )
 
 
@@ -779,7 +785,7 @@ class Store:
                 created=int(created),
                 exited=int(exited),
                 growth_per_minute=growth,
-                age=_age_msg(acc.age),
+                age=_age_msg(acc.age, acc.age_lower_bound),
                 wait_reasons=_waits(acc.wait),
                 orphans=acc.orphans,
                 processes=acc.processes,
@@ -864,13 +870,16 @@ class Store:
                         "creator": s.creator,
                         "count": 0,
                         "oldest": 0.0,
+                        "oldest_lower_bound": False,
                         "blocked": 0.0,
                         "reasons": Counter(),
                         "procs": [],
                     }
                 o = s.summary.orphans
                 g["count"] += s.orphans
-                g["oldest"] = max(g["oldest"], o.oldest_age_seconds)
+                if o.oldest_age_seconds > g["oldest"]:
+                    g["oldest"] = o.oldest_age_seconds
+                    g["oldest_lower_bound"] = o.oldest_age_is_lower_bound
                 g["blocked"] = max(g["blocked"], o.longest_blocked_seconds)
                 g["reasons"][o.dominant_wait_reason] += s.orphans
                 g["procs"].append(p)
@@ -887,6 +896,7 @@ class Store:
                 creator_function=g["creator"],
                 count=g["count"],
                 oldest_age_seconds=g["oldest"],
+                oldest_age_is_lower_bound=g["oldest_lower_bound"],
                 reason=g["reasons"].most_common(1)[0][0],
                 longest_blocked_seconds=g["blocked"],
                 processes=len(g["procs"]),
@@ -935,7 +945,7 @@ class Store:
                 steady_fraction=v.steady_fraction,
                 oldest_age_start_seconds=v.oldest_age_start,
                 oldest_age_seconds=v.oldest_age,
-                age=_age_msg(acc.age),
+                age=_age_msg(acc.age, acc.age_lower_bound),
                 wait_reasons=_waits(acc.wait),
                 processes=acc.processes,
                 example=self._example(by_site[(service, fn, stmt)], (fn, stmt), orphan=False),

@@ -10,6 +10,7 @@ from google.protobuf import json_format
 
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import types_pb2 as t
+from goleash.profiles import DUMP_SCHEMA, ProfileFrame, StackSample, goroutine_json
 
 
 def _enum(name: str, prefix: str) -> str:
@@ -59,6 +60,7 @@ def site_dict(s: q.SiteStats) -> dict[str, Any]:
         "exited": s.exited,
         "growth_per_min": round(s.growth_per_minute, 2),
         "oldest_age_s": round(s.age.max_seconds, 3),
+        "oldest_age_is_lower_bound": s.age.max_is_lower_bound,
         "wait_reasons": {w.reason: w.count for w in s.wait_reasons},
         "orphans": s.orphans,
         "processes": s.processes,
@@ -71,6 +73,7 @@ def orphan_dict(g: q.OrphanGroup) -> dict[str, Any]:
         "go_statement": g.go_statement,
         "count": g.count,
         "oldest_age_s": round(g.oldest_age_seconds, 3),
+        "oldest_age_is_lower_bound": g.oldest_age_is_lower_bound,
         "reason": g.reason,
         "service": g.service,
         "creator_function": g.creator_function,
@@ -132,7 +135,11 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def _age(seconds: float) -> str:
+def _age(seconds: float, lower_bound: bool = False) -> str:
+    """1.5h, 3.2m, 42s; ">= " first when the age counts from when goleash first saw
+    the goroutine (it existed before tracing), so is only a lower bound."""
+    if lower_bound:
+        return ">= " + _age(seconds)
     if seconds >= 3600:
         return f"{seconds / 3600:.1f}h"
     if seconds >= 60:
@@ -180,7 +187,14 @@ def orphans_text(resp: q.ListOrphansResponse) -> str:
     if not resp.groups:
         return "no orphaned goroutines\n"
     rows = [
-        (g.service, g.count, _age(g.oldest_age_seconds), g.reason, g.function, g.go_statement)
+        (
+            g.service,
+            g.count,
+            _age(g.oldest_age_seconds, g.oldest_age_is_lower_bound),
+            g.reason,
+            g.function,
+            g.go_statement,
+        )
         for g in resp.groups
     ]
     return table(rows, ("SERVICE", "COUNT", "OLDEST", "REASON", "FUNCTION", "GO STATEMENT"))
@@ -270,7 +284,7 @@ def top_frame(
             s.created,
             s.exited,
             s.orphans,
-            _age(s.age.max_seconds),
+            _age(s.age.max_seconds, s.age.max_is_lower_bound),
             s.wait_reasons[0].reason if s.wait_reasons else "",
             s.function,
             s.go_statement.rsplit("/", 1)[-1],
@@ -356,6 +370,60 @@ def dump_text(records: Sequence[q.GoroutineRecord]) -> str:
             lines.append(f"\t{g.go_statement}")
         out.append("\n".join(lines))
     return "\n\n".join(out) + ("\n" if out else "")
+
+
+def _state(g: t.Goroutine) -> str:
+    name = _enum(t.GoroutineState.Name(g.state), "GOROUTINE_STATE_")
+    return _STATE_TEXT.get(name.upper(), name)
+
+
+def _record_frames(g: t.Goroutine) -> list[ProfileFrame]:
+    return [ProfileFrame(f.function, f.file, f.line, f.pc) for f in g.stack]
+
+
+def goroutine_dict(r: q.GoroutineRecord) -> dict[str, Any]:
+    """A goroutine the agents kept, in `dump --json`'s one schema."""
+    g = r.goroutine
+    return goroutine_json(
+        goid=g.goid,
+        parent_goid=g.parent_goid,
+        state=_state(g),
+        wait_reason=g.wait_reason,
+        blocked_seconds=g.blocked_for_seconds if g.blocked_for_seconds > 0 else None,
+        age_seconds=g.age_seconds if g.age_seconds > 0 else None,
+        age_is_lower_bound=g.age_is_lower_bound,
+        start_function=g.function,
+        created_by=g.created_by,
+        go_statement=g.go_statement,
+        orphan=g.orphan,
+        system=None,
+        frames=_record_frames(g),
+        # agents keep at most a bounded number of frames and do not say whether
+        # they cut: unknown
+        stack_complete=None,
+        stack_note=None,
+        service=r.service,
+        pid=r.pid,
+        agent_id=r.agent_id,
+    )
+
+
+def dump_json(records: Sequence[q.GoroutineRecord]) -> dict[str, Any]:
+    return {
+        "schema": DUMP_SCHEMA,
+        "source": "control-plane",
+        "goroutines": [goroutine_dict(r) for r in records],
+    }
+
+
+def record_samples(records: Sequence[q.GoroutineRecord]) -> list[StackSample]:
+    """Kept goroutines as profile samples (as probes.dump.dump_samples)."""
+    out = []
+    for r in records:
+        g = r.goroutine
+        frames = tuple(_record_frames(g)) or (ProfileFrame(g.function or "?"),)
+        out.append(StackSample(frames, 1, (("state", g.wait_reason or _state(g)),)))
+    return out
 
 
 def latency_dict(resp: q.GetFunctionLatencyResponse) -> dict[str, Any]:

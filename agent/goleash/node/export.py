@@ -213,12 +213,17 @@ class SnapshotExporter:
             p50, p90, p99, mx = _quantiles(ages)
             s.age.p50_seconds, s.age.p90_seconds = p50, p90
             s.age.p99_seconds, s.age.max_seconds = p99, mx
+            if gs:
+                eldest = max(gs, key=lambda g: snap.ages_s.get(g.goid, 0.0))
+                s.age.max_is_lower_bound = eldest.goid in snap.ages_lower_bound
             for reason, n in Counter(g.wait_reason for g in gs if g.wait_reason).most_common(3):
                 s.wait_reasons.add(reason=reason, count=n)
             orphans = [g for g in gs if g.goid in snap.orphan_goids]
             if orphans:
                 s.orphans.count = len(orphans)
-                s.orphans.oldest_age_seconds = max(snap.ages_s.get(g.goid, 0.0) for g in orphans)
+                eldest = max(orphans, key=lambda g: snap.ages_s.get(g.goid, 0.0))
+                s.orphans.oldest_age_seconds = snap.ages_s.get(eldest.goid, 0.0)
+                s.orphans.oldest_age_is_lower_bound = eldest.goid in snap.ages_lower_bound
                 reasons = Counter(g.wait_reason or "" for g in orphans)
                 s.orphans.dominant_wait_reason = reasons.most_common(1)[0][0]
                 s.orphans.longest_blocked_seconds = max(self._blocked(snap, g) for g in orphans)
@@ -282,6 +287,7 @@ class SnapshotExporter:
                 state=STATES.get(g.status, t.GOROUTINE_STATE_UNSPECIFIED),
                 wait_reason=g.wait_reason or "",
                 age_seconds=ages.get(g.goid, 0.0),
+                age_is_lower_bound=g.goid in snap.ages_lower_bound,
                 blocked_for_seconds=self._blocked(snap, g),
                 orphan=g.goid in snap.orphan_goids,
                 created_by=site_at(self.proc, g.gopc, g.startpc).created_by,

@@ -44,7 +44,9 @@ def render(snap: ProcessSnapshot, elapsed_s: float, *, limit: int = 25) -> str:
         f"{'BLOCKED ON':<22} FUNCTION  (GO STATEMENT)"
     )
     for s in snap.sites[:limit]:
-        ages = "/".join(_fmt_age(a) for a in (s.age_p50_s, s.age_p99_s, s.age_max_s))
+        # ">=": the oldest was there before tracing saw it born (age since first seen)
+        oldest = (">=" if s.age_max_lower_bound else "") + _fmt_age(s.age_max_s)
+        ages = "/".join(_fmt_age(a) for a in (s.age_p50_s, s.age_p99_s)) + "/" + oldest
         reason = next(iter(s.wait_reasons), "-")
         lines.append(
             f"{s.live:>7} {s.created:>8} {s.exited + s.exited_unseen:>8} {ages:>20} "

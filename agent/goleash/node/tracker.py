@@ -69,6 +69,8 @@ class SiteSummary:
     gopc: int = 0
     startpc: int = 0
     creator_stack: list[str] = field(default_factory=list)  # with --stacks: "func file:line"
+    # the oldest was there before the probes saw it born: age_max_s is a lower bound
+    age_max_lower_bound: bool = False
 
 
 @dataclass
@@ -92,13 +94,15 @@ class ProcessSnapshot:
     # age (from the probes' birth time, else first sight: a lower bound), the creator's
     # goid when known, and whether it counted as an orphan.
     ages_s: dict[int, float] = field(default_factory=dict, repr=False)
+    # goids whose age counts from when they were first seen, not from their birth
+    ages_lower_bound: frozenset[int] = field(default_factory=frozenset, repr=False)
     parents: dict[int, int] = field(default_factory=dict, repr=False)
     orphan_goids: frozenset[int] = field(default_factory=frozenset, repr=False)
     read_ns: int = 0  # CLOCK_MONOTONIC of the inventory read (Goroutine.wait_since_ns's clock)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("goroutines", "ages_s", "parents", "orphan_goids"):
+        for k in ("goroutines", "ages_s", "ages_lower_bound", "parents", "orphan_goids"):
             d.pop(k)
         return d
 
@@ -292,6 +296,8 @@ class ProcessTracker:
                 if sid is not None:
                     stack = self.creator_stack(key[0], reading.creator_stacks[sid])
             exited = counts.exited if counts else 0
+            oldest = max(range(len(members)), key=member_ages.__getitem__, default=None)
+            oldest_unborn = oldest is not None and members[oldest].goid not in born
             sites.append(
                 SiteSummary(
                     function=fn,
@@ -311,6 +317,7 @@ class ProcessTracker:
                     gopc=key[0],
                     startpc=key[1],
                     creator_stack=stack,
+                    age_max_lower_bound=oldest_unborn,
                 )
             )
         sites.sort(key=lambda s: (-s.live, -s.created, s.function))
@@ -341,6 +348,7 @@ class ProcessTracker:
             torn_reads=inv.torn,
             goroutines=inv.goroutines,
             ages_s=ages_s,
+            ages_lower_bound=frozenset(g.goid for g in inv.goroutines if g.goid not in born),
             parents={g.goid: p for g in inv.goroutines if (p := self._parent(g, born))},
             orphan_goids=frozenset(orphan_goids),
             read_ns=inv.read_ns,

@@ -32,6 +32,12 @@ from goleash.probes.inventory import (
 )
 from goleash.probes.stacks import Frame, Stack, walk_stacks
 from goleash.probes.target import GoProcess
+from goleash.profiles import (
+    DUMP_SCHEMA,
+    ProfileFrame,
+    StackSample,
+    goroutine_json,
+)
 
 _NS_PER_MIN = 60_000_000_000
 
@@ -161,19 +167,30 @@ def render_text(dump: Dump, *, system: bool = False) -> str:
     )
 
 
-def _frame_dict(fr: Frame) -> dict[str, Any]:
-    return {
-        "function": fr.function,
-        "file": fr.file,
-        "line": fr.line,
-        "pc": fr.pc,
-        "offset": fr.offset,
-        "inlined": fr.inlined,
-    }
+def _profile_frames(e: DumpEntry) -> tuple[ProfileFrame, ...]:
+    frames = tuple(
+        ProfileFrame(fr.function, fr.file, fr.line, fr.pc, fr.inlined) for fr in e.stack.frames
+    )
+    # A running goroutine's stack cannot be read from outside: count it under the
+    # function it started in rather than drop it from the profile.
+    return frames or (ProfileFrame(e.start_function or "?"),)
+
+
+def dump_samples(dump: Dump) -> list[StackSample]:
+    """The dump as profile samples (one per goroutine, every frame kept, as Go's own
+    goroutine profile keeps runtime frames), labelled with the goroutine's state."""
+    return [
+        StackSample(_profile_frames(e), 1, (("state", e.g.wait_reason or e.g.status),))
+        for e in dump.entries
+    ]
 
 
 def dump_to_dict(dump: Dump) -> dict[str, Any]:
+    """`dump --json` (schema in profiles.goroutine_json), plus what only a read of
+    the process's memory knows: the executable, Go version and read cost."""
     return {
+        "schema": DUMP_SCHEMA,
+        "source": "process",
         "pid": dump.pid,
         "exe": dump.exe,
         "go_version": dump.go_version,
@@ -182,21 +199,34 @@ def dump_to_dict(dump: Dump) -> dict[str, Any]:
         "torn": dump.torn,
         "hidden_system": dump.hidden_system,
         "goroutines": [
-            {
-                "goid": e.g.goid,
-                "parent_goid": e.g.parent_goid,
-                "status": e.g.status,
-                "wait_reason": e.g.wait_reason,
-                "wait_since_ns": e.g.wait_since_ns,
-                "wait_minutes": e.wait_minutes,
-                "start_function": e.start_function,
-                "created_by": e.created_by or None,
-                "go_statement": e.created_at or None,
-                "system": e.system,
-                "frames": [_frame_dict(fr) for fr in e.stack.frames],
-                "stack_complete": e.stack.complete,
-                "stack_note": e.stack.note,
-            }
+            goroutine_json(
+                goid=e.g.goid,
+                parent_goid=e.g.parent_goid,
+                state=e.g.status,
+                wait_reason=e.g.wait_reason,
+                blocked_seconds=(
+                    max(0, dump.read_ns - e.g.wait_since_ns) / 1e9
+                    if e.g.status in ("waiting", "syscall") and e.g.wait_since_ns
+                    else None
+                ),
+                # no probe saw it born: its age is not known from memory alone
+                age_seconds=None,
+                age_is_lower_bound=False,
+                start_function=e.start_function,
+                created_by=e.created_by,
+                go_statement=e.created_at,
+                orphan=None,
+                system=e.system,
+                frames=[
+                    ProfileFrame(fr.function, fr.file, fr.line, fr.pc, fr.inlined)
+                    for fr in e.stack.frames
+                ],
+                stack_complete=e.stack.complete,
+                stack_note=e.stack.note,
+                service=None,
+                pid=dump.pid,
+                agent_id=None,
+            )
             for e in dump.entries
         ],
     }

@@ -7,9 +7,11 @@ runner retries a failed attempt with exponential backoff and reports every attem
 to the event log.
 
 Types: `kubernetes` (patch the workload's env: a rolling restart), `exec` (a command
-with the decision in its environment and as JSON on stdin), `webhook` (an
-Alertmanager v4 POST), `file` (a flag file a service or proxy watches), `event`
-(nothing but the decision itself, which `WatchEvents` subscribers receive).
+with the decision in its environment and as JSON on stdin), `alertmanager` (alerts
+posted to Alertmanager's API: routing, grouping and silences apply), `webhook` (an
+Alertmanager v4 notification POSTed straight to a receiver), `file` (a flag file a
+service or proxy watches), `event` (nothing but the decision itself, which
+`WatchEvents` subscribers receive).
 """
 
 from __future__ import annotations
@@ -207,12 +209,14 @@ def run_action(
 
 
 def action_types() -> dict[str, type[Action]]:
+    from goleash.control.actions.alertmanager import AlertmanagerAction
     from goleash.control.actions.command import ExecAction
     from goleash.control.actions.flagfile import FileAction
     from goleash.control.actions.kubernetes import KubernetesAction
     from goleash.control.actions.webhook import WebhookAction
 
     return {
+        "alertmanager": AlertmanagerAction,
         "event": EventAction,
         "exec": ExecAction,
         "file": FileAction,

@@ -3,8 +3,11 @@
 Anything that receives Alertmanager notifications (chat bridges, incident tools,
 a receiver of your own) can take it: `status` is "firing" on degrade and
 "resolved" on recovery, with the same fingerprint, so receivers pair them. The
-evidence rides in annotations: a summary, the evidence as JSON, the SVG flame graph
-of the offending goroutines' creation stacks and the latency histogram as text.
+evidence rides in annotations: a summary, the evidence as JSON, the latency
+histogram as text, and links (URLs when the control plane has an external URL,
+else paths on its host) to the flame graph of the offending goroutines' creation
+stacks as SVG, folded stacks and a pprof profile. Prefer the `alertmanager` action,
+which goes through Alertmanager's routing, grouping and silences.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 from goleash import __version__
 from goleash.control.actions import DEGRADE, Action, ActionContext, ActionError, ActionSpecError
+from goleash.control.actions.evidence import evidence_links, generator_url
 
 DEFAULT_TIMEOUT = 10.0
 ZERO_TIME = "0001-01-01T00:00:00Z"  # Alertmanager's "not ended"
@@ -43,14 +47,7 @@ def alertmanager_payload(ctx: ActionContext, receiver: str = "goleash") -> dict[
     labels = alert_labels(ctx)
     fingerprint = hashlib.sha256(json.dumps(sorted(labels.items())).encode()).hexdigest()[:16]
     ev = ctx.evidence
-    svg_path = ev.get("flamegraph_svg", "")
-    svg = ""
-    if svg_path:
-        try:
-            with open(svg_path) as f:
-                svg = f.read()
-        except OSError:
-            svg = ""
+    links = evidence_links(ev)
     annotations = {
         "summary": (
             f"{ctx.service}: {ctx.direction} {ctx.from_level or 'normal'} -> "
@@ -58,10 +55,11 @@ def alertmanager_payload(ctx: ActionContext, receiver: str = "goleash") -> dict[
         ),
         "description": ctx.reason,
         "decision_id": str(ctx.decision_id),
-        "evidence": json.dumps(ev, default=str),
-        "flamegraph_svg": svg,
-        "flamegraph_path": str(svg_path),
+        "evidence": json.dumps(
+            {k: v for k, v in ev.items() if k != "latency_histogram_text"}, default=str
+        ),
         "latency_histogram": str(ev.get("latency_histogram_text", "")),
+        **links,
     }
     alert = {
         "status": "firing" if firing else "resolved",
@@ -69,7 +67,7 @@ def alertmanager_payload(ctx: ActionContext, receiver: str = "goleash") -> dict[
         "annotations": annotations,
         "startsAt": _rfc3339(ctx.time if firing else ctx.degraded_since),
         "endsAt": ZERO_TIME if firing else _rfc3339(ctx.time),
-        "generatorURL": "",
+        "generatorURL": generator_url(ev),
         "fingerprint": fingerprint,
     }
     group = {"alertname": labels["alertname"], "service": ctx.service}

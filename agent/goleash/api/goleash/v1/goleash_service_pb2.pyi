@@ -278,7 +278,7 @@ class ListOrphansResponse(_message.Message):
     def __init__(self, groups: _Optional[_Iterable[_Union[OrphanGroup, _Mapping]]] = ...) -> None: ...
 
 class OrphanGroup(_message.Message):
-    __slots__ = ("service", "function", "go_statement", "creator_function", "count", "oldest_age_seconds", "reason", "longest_blocked_seconds", "processes", "example")
+    __slots__ = ("service", "function", "go_statement", "creator_function", "count", "oldest_age_seconds", "reason", "longest_blocked_seconds", "processes", "example", "oldest_age_is_lower_bound")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_FIELD_NUMBER: _ClassVar[int]
     GO_STATEMENT_FIELD_NUMBER: _ClassVar[int]
@@ -289,6 +289,7 @@ class OrphanGroup(_message.Message):
     LONGEST_BLOCKED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
     EXAMPLE_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_AGE_IS_LOWER_BOUND_FIELD_NUMBER: _ClassVar[int]
     service: str
     function: str
     go_statement: str
@@ -299,7 +300,8 @@ class OrphanGroup(_message.Message):
     longest_blocked_seconds: float
     processes: int
     example: GoroutineRecord
-    def __init__(self, service: _Optional[str] = ..., function: _Optional[str] = ..., go_statement: _Optional[str] = ..., creator_function: _Optional[str] = ..., count: _Optional[int] = ..., oldest_age_seconds: _Optional[float] = ..., reason: _Optional[str] = ..., longest_blocked_seconds: _Optional[float] = ..., processes: _Optional[int] = ..., example: _Optional[_Union[GoroutineRecord, _Mapping]] = ...) -> None: ...
+    oldest_age_is_lower_bound: bool
+    def __init__(self, service: _Optional[str] = ..., function: _Optional[str] = ..., go_statement: _Optional[str] = ..., creator_function: _Optional[str] = ..., count: _Optional[int] = ..., oldest_age_seconds: _Optional[float] = ..., reason: _Optional[str] = ..., longest_blocked_seconds: _Optional[float] = ..., processes: _Optional[int] = ..., example: _Optional[_Union[GoroutineRecord, _Mapping]] = ..., oldest_age_is_lower_bound: _Optional[bool] = ...) -> None: ...
 
 class ListLeakSuspectsRequest(_message.Message):
     __slots__ = ("selector", "window_seconds")

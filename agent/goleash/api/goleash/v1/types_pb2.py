@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16goleash/v1/types.proto\x12\ngoleash.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x81\x01\n\rKubernetesRef\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x0f\n\x07pod_uid\x18\x03 \x01(\t\x12\x11\n\tcontainer\x18\x04 \x01(\t\x12\x15\n\rworkload_kind\x18\x05 \x01(\t\x12\x15\n\rworkload_name\x18\x06 \x01(\t\"\x8e\x02\n\x0bProcessInfo\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x1c\n\x14start_time_unix_nano\x18\x02 \x01(\x06\x12\x0b\n\x03\x65xe\x18\x03 \x01(\t\x12\x0f\n\x07service\x18\x04 \x01(\t\x12\x12\n\ngo_version\x18\x05 \x01(\t\x12/\n\rtracking_mode\x18\x06 \x01(\x0e\x32\x18.goleash.v1.TrackingMode\x12\x17\n\x0ftracking_reason\x18\x07 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x08 \x01(\t\x12-\n\nkubernetes\x18\t \x01(\x0b\x32\x19.goleash.v1.KubernetesRef\x12\x13\n\x0bmodule_path\x18\n \x01(\t\"F\n\nStackFrame\x12\x10\n\x08\x66unction\x18\x01 \x01(\t\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\x12\x0c\n\x04line\x18\x03 \x01(\r\x12\n\n\x02pc\x18\x04 \x01(\x04\"b\n\x0c\x41geQuantiles\x12\x13\n\x0bp50_seconds\x18\x01 \x01(\x01\x12\x13\n\x0bp90_seconds\x18\x02 \x01(\x01\x12\x13\n\x0bp99_seconds\x18\x03 \x01(\x01\x12\x13\n\x0bmax_seconds\x18\x04 \x01(\x01\"0\n\x0fWaitReasonCount\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"w\n\x0bOrphanStats\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x1a\n\x12oldest_age_seconds\x18\x02 \x01(\x01\x12\x1c\n\x14\x64ominant_wait_reason\x18\x03 \x01(\t\x12\x1f\n\x17longest_blocked_seconds\x18\x04 \x01(\x01\"\xaa\x02\n\tGoroutine\x12\x0c\n\x04goid\x18\x01 \x01(\x04\x12\x13\n\x0bparent_goid\x18\x02 \x01(\x04\x12\x15\n\rparent_exited\x18\x03 \x01(\x08\x12\x10\n\x08\x66unction\x18\x04 \x01(\t\x12\x14\n\x0cgo_statement\x18\x05 \x01(\t\x12)\n\x05state\x18\x06 \x01(\x0e\x32\x1a.goleash.v1.GoroutineState\x12\x13\n\x0bwait_reason\x18\x07 \x01(\t\x12\x13\n\x0b\x61ge_seconds\x18\x08 \x01(\x01\x12\x1b\n\x13\x62locked_for_seconds\x18\t \x01(\x01\x12%\n\x05stack\x18\n \x03(\x0b\x32\x16.goleash.v1.StackFrame\x12\x0e\n\x06orphan\x18\x0b \x01(\x08\x12\x12\n\ncreated_by\x18\x0c \x01(\t\"\x7f\n\x12LogLinearHistogram\x12\x17\n\x0fsub_bucket_bits\x18\x01 \x01(\r\x12,\n\x07\x62uckets\x18\x02 \x03(\x0b\x32\x1b.goleash.v1.HistogramBucket\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\x12\x13\n\x0bsum_seconds\x18\x04 \x01(\x01\"/\n\x0fHistogramBucket\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"\xbb\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x16\n\x0etime_unix_nano\x18\x02 \x01(\x06\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.goleash.v1.EventKind\x12\x0f\n\x07service\x18\x04 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\r\x12\x0f\n\x07message\x18\x07 \x01(\t\x12(\n\x07\x64\x65tails\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\"Z\n\rAgentIdentity\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x11\n\tnode_name\x18\x02 \x01(\t\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\"\x80\x01\n\tHeartbeat\x12\x18\n\x10interval_seconds\x18\x01 \x01(\x01\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x01\x12\x19\n\x11tracked_processes\x18\x03 \x01(\r\x12\x13\n\x0b\x63pu_seconds\x18\x04 \x01(\x01\x12\x11\n\trss_bytes\x18\x05 \x01(\x04\"*\n\tDropCount\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04*i\n\x0cTrackingMode\x12\x1d\n\x19TRACKING_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14TRACKING_MODE_PROBES\x10\x01\x12 \n\x1cTRACKING_MODE_INVENTORY_ONLY\x10\x02*\x98\x02\n\x0eGoroutineState\x12\x1f\n\x1bGOROUTINE_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14GOROUTINE_STATE_IDLE\x10\x01\x12\x1c\n\x18GOROUTINE_STATE_RUNNABLE\x10\x02\x12\x1b\n\x17GOROUTINE_STATE_RUNNING\x10\x03\x12\x1b\n\x17GOROUTINE_STATE_SYSCALL\x10\x04\x12\x1b\n\x17GOROUTINE_STATE_WAITING\x10\x05\x12\x18\n\x14GOROUTINE_STATE_DEAD\x10\x06\x12\x1d\n\x19GOROUTINE_STATE_COPYSTACK\x10\x07\x12\x1d\n\x19GOROUTINE_STATE_PREEMPTED\x10\x08*\xec\x03\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45VENT_KIND_AGENT_CONNECTED\x10\x01\x12!\n\x1d\x45VENT_KIND_AGENT_DISCONNECTED\x10\x02\x12!\n\x1d\x45VENT_KIND_AGENT_SEQUENCE_GAP\x10\x03\x12\x1f\n\x1b\x45VENT_KIND_PROCESS_APPEARED\x10\x04\x12\x1b\n\x17\x45VENT_KIND_PROCESS_GONE\x10\x05\x12\'\n#EVENT_KIND_PROCESS_TRACKING_CHANGED\x10\x06\x12\x1f\n\x1b\x45VENT_KIND_ORPHANS_APPEARED\x10\x07\x12\x1d\n\x19\x45VENT_KIND_LEAK_SUSPECTED\x10\x08\x12\x1b\n\x17\x45VENT_KIND_LEAK_CLEARED\x10\t\x12\x15\n\x11\x45VENT_KIND_PANICS\x10\n\x12\x19\n\x15\x45VENT_KIND_POLICY_SET\x10\x0b\x12\x1e\n\x1a\x45VENT_KIND_POLICY_REJECTED\x10\x0c\x12\x17\n\x13\x45VENT_KIND_DECISION\x10\r\x12\x15\n\x11\x45VENT_KIND_ACTION\x10\x0e\x12\x17\n\x13\x45VENT_KIND_OVERRIDE\x10\x0f\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16goleash/v1/types.proto\x12\ngoleash.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x81\x01\n\rKubernetesRef\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x0f\n\x07pod_uid\x18\x03 \x01(\t\x12\x11\n\tcontainer\x18\x04 \x01(\t\x12\x15\n\rworkload_kind\x18\x05 \x01(\t\x12\x15\n\rworkload_name\x18\x06 \x01(\t\"\x8e\x02\n\x0bProcessInfo\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x1c\n\x14start_time_unix_nano\x18\x02 \x01(\x06\x12\x0b\n\x03\x65xe\x18\x03 \x01(\t\x12\x0f\n\x07service\x18\x04 \x01(\t\x12\x12\n\ngo_version\x18\x05 \x01(\t\x12/\n\rtracking_mode\x18\x06 \x01(\x0e\x32\x18.goleash.v1.TrackingMode\x12\x17\n\x0ftracking_reason\x18\x07 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x08 \x01(\t\x12-\n\nkubernetes\x18\t \x01(\x0b\x32\x19.goleash.v1.KubernetesRef\x12\x13\n\x0bmodule_path\x18\n \x01(\t\"F\n\nStackFrame\x12\x10\n\x08\x66unction\x18\x01 \x01(\t\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\x12\x0c\n\x04line\x18\x03 \x01(\r\x12\n\n\x02pc\x18\x04 \x01(\x04\"~\n\x0c\x41geQuantiles\x12\x13\n\x0bp50_seconds\x18\x01 \x01(\x01\x12\x13\n\x0bp90_seconds\x18\x02 \x01(\x01\x12\x13\n\x0bp99_seconds\x18\x03 \x01(\x01\x12\x13\n\x0bmax_seconds\x18\x04 \x01(\x01\x12\x1a\n\x12max_is_lower_bound\x18\x05 \x01(\x08\"0\n\x0fWaitReasonCount\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x9a\x01\n\x0bOrphanStats\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x1a\n\x12oldest_age_seconds\x18\x02 \x01(\x01\x12\x1c\n\x14\x64ominant_wait_reason\x18\x03 \x01(\t\x12\x1f\n\x17longest_blocked_seconds\x18\x04 \x01(\x01\x12!\n\x19oldest_age_is_lower_bound\x18\x05 \x01(\x08\"\xc6\x02\n\tGoroutine\x12\x0c\n\x04goid\x18\x01 \x01(\x04\x12\x13\n\x0bparent_goid\x18\x02 \x01(\x04\x12\x15\n\rparent_exited\x18\x03 \x01(\x08\x12\x10\n\x08\x66unction\x18\x04 \x01(\t\x12\x14\n\x0cgo_statement\x18\x05 \x01(\t\x12)\n\x05state\x18\x06 \x01(\x0e\x32\x1a.goleash.v1.GoroutineState\x12\x13\n\x0bwait_reason\x18\x07 \x01(\t\x12\x13\n\x0b\x61ge_seconds\x18\x08 \x01(\x01\x12\x1b\n\x13\x62locked_for_seconds\x18\t \x01(\x01\x12%\n\x05stack\x18\n \x03(\x0b\x32\x16.goleash.v1.StackFrame\x12\x0e\n\x06orphan\x18\x0b \x01(\x08\x12\x12\n\ncreated_by\x18\x0c \x01(\t\x12\x1a\n\x12\x61ge_is_lower_bound\x18\r \x01(\x08\"\x7f\n\x12LogLinearHistogram\x12\x17\n\x0fsub_bucket_bits\x18\x01 \x01(\r\x12,\n\x07\x62uckets\x18\x02 \x03(\x0b\x32\x1b.goleash.v1.HistogramBucket\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\x12\x13\n\x0bsum_seconds\x18\x04 \x01(\x01\"/\n\x0fHistogramBucket\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"\xbb\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x16\n\x0etime_unix_nano\x18\x02 \x01(\x06\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.goleash.v1.EventKind\x12\x0f\n\x07service\x18\x04 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\r\x12\x0f\n\x07message\x18\x07 \x01(\t\x12(\n\x07\x64\x65tails\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\"Z\n\rAgentIdentity\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x11\n\tnode_name\x18\x02 \x01(\t\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\"\x80\x01\n\tHeartbeat\x12\x18\n\x10interval_seconds\x18\x01 \x01(\x01\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x01\x12\x19\n\x11tracked_processes\x18\x03 \x01(\r\x12\x13\n\x0b\x63pu_seconds\x18\x04 \x01(\x01\x12\x11\n\trss_bytes\x18\x05 \x01(\x04\"*\n\tDropCount\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04*i\n\x0cTrackingMode\x12\x1d\n\x19TRACKING_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14TRACKING_MODE_PROBES\x10\x01\x12 \n\x1cTRACKING_MODE_INVENTORY_ONLY\x10\x02*\x98\x02\n\x0eGoroutineState\x12\x1f\n\x1bGOROUTINE_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14GOROUTINE_STATE_IDLE\x10\x01\x12\x1c\n\x18GOROUTINE_STATE_RUNNABLE\x10\x02\x12\x1b\n\x17GOROUTINE_STATE_RUNNING\x10\x03\x12\x1b\n\x17GOROUTINE_STATE_SYSCALL\x10\x04\x12\x1b\n\x17GOROUTINE_STATE_WAITING\x10\x05\x12\x18\n\x14GOROUTINE_STATE_DEAD\x10\x06\x12\x1d\n\x19GOROUTINE_STATE_COPYSTACK\x10\x07\x12\x1d\n\x19GOROUTINE_STATE_PREEMPTED\x10\x08*\xec\x03\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45VENT_KIND_AGENT_CONNECTED\x10\x01\x12!\n\x1d\x45VENT_KIND_AGENT_DISCONNECTED\x10\x02\x12!\n\x1d\x45VENT_KIND_AGENT_SEQUENCE_GAP\x10\x03\x12\x1f\n\x1b\x45VENT_KIND_PROCESS_APPEARED\x10\x04\x12\x1b\n\x17\x45VENT_KIND_PROCESS_GONE\x10\x05\x12\'\n#EVENT_KIND_PROCESS_TRACKING_CHANGED\x10\x06\x12\x1f\n\x1b\x45VENT_KIND_ORPHANS_APPEARED\x10\x07\x12\x1d\n\x19\x45VENT_KIND_LEAK_SUSPECTED\x10\x08\x12\x1b\n\x17\x45VENT_KIND_LEAK_CLEARED\x10\t\x12\x15\n\x11\x45VENT_KIND_PANICS\x10\n\x12\x19\n\x15\x45VENT_KIND_POLICY_SET\x10\x0b\x12\x1e\n\x1a\x45VENT_KIND_POLICY_REJECTED\x10\x0c\x12\x17\n\x13\x45VENT_KIND_DECISION\x10\r\x12\x15\n\x11\x45VENT_KIND_ACTION\x10\x0e\x12\x17\n\x13\x45VENT_KIND_OVERRIDE\x10\x0f\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'goleash.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRACKINGMODE']._serialized_start=1752
-  _globals['_TRACKINGMODE']._serialized_end=1857
-  _globals['_GOROUTINESTATE']._serialized_start=1860
-  _globals['_GOROUTINESTATE']._serialized_end=2140
-  _globals['_EVENTKIND']._serialized_start=2143
-  _globals['_EVENTKIND']._serialized_end=2635
+  _globals['_TRACKINGMODE']._serialized_start=1844
+  _globals['_TRACKINGMODE']._serialized_end=1949
+  _globals['_GOROUTINESTATE']._serialized_start=1952
+  _globals['_GOROUTINESTATE']._serialized_end=2232
+  _globals['_EVENTKIND']._serialized_start=2235
+  _globals['_EVENTKIND']._serialized_end=2727
   _globals['_KUBERNETESREF']._serialized_start=69
   _globals['_KUBERNETESREF']._serialized_end=198
   _globals['_PROCESSINFO']._serialized_start=201
@@ -45,23 +45,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STACKFRAME']._serialized_start=473
   _globals['_STACKFRAME']._serialized_end=543
   _globals['_AGEQUANTILES']._serialized_start=545
-  _globals['_AGEQUANTILES']._serialized_end=643
-  _globals['_WAITREASONCOUNT']._serialized_start=645
-  _globals['_WAITREASONCOUNT']._serialized_end=693
-  _globals['_ORPHANSTATS']._serialized_start=695
-  _globals['_ORPHANSTATS']._serialized_end=814
-  _globals['_GOROUTINE']._serialized_start=817
-  _globals['_GOROUTINE']._serialized_end=1115
-  _globals['_LOGLINEARHISTOGRAM']._serialized_start=1117
-  _globals['_LOGLINEARHISTOGRAM']._serialized_end=1244
-  _globals['_HISTOGRAMBUCKET']._serialized_start=1246
-  _globals['_HISTOGRAMBUCKET']._serialized_end=1293
-  _globals['_EVENT']._serialized_start=1296
-  _globals['_EVENT']._serialized_end=1483
-  _globals['_AGENTIDENTITY']._serialized_start=1485
-  _globals['_AGENTIDENTITY']._serialized_end=1575
-  _globals['_HEARTBEAT']._serialized_start=1578
-  _globals['_HEARTBEAT']._serialized_end=1706
-  _globals['_DROPCOUNT']._serialized_start=1708
-  _globals['_DROPCOUNT']._serialized_end=1750
+  _globals['_AGEQUANTILES']._serialized_end=671
+  _globals['_WAITREASONCOUNT']._serialized_start=673
+  _globals['_WAITREASONCOUNT']._serialized_end=721
+  _globals['_ORPHANSTATS']._serialized_start=724
+  _globals['_ORPHANSTATS']._serialized_end=878
+  _globals['_GOROUTINE']._serialized_start=881
+  _globals['_GOROUTINE']._serialized_end=1207
+  _globals['_LOGLINEARHISTOGRAM']._serialized_start=1209
+  _globals['_LOGLINEARHISTOGRAM']._serialized_end=1336
+  _globals['_HISTOGRAMBUCKET']._serialized_start=1338
+  _globals['_HISTOGRAMBUCKET']._serialized_end=1385
+  _globals['_EVENT']._serialized_start=1388
+  _globals['_EVENT']._serialized_end=1575
+  _globals['_AGENTIDENTITY']._serialized_start=1577
+  _globals['_AGENTIDENTITY']._serialized_end=1667
+  _globals['_HEARTBEAT']._serialized_start=1670
+  _globals['_HEARTBEAT']._serialized_end=1798
+  _globals['_DROPCOUNT']._serialized_start=1800
+  _globals['_DROPCOUNT']._serialized_end=1842
 # @@protoc_insertion_point(module_scope)

@@ -126,16 +126,18 @@ class StackFrame(_message.Message):
     def __init__(self, function: _Optional[str] = ..., file: _Optional[str] = ..., line: _Optional[int] = ..., pc: _Optional[int] = ...) -> None: ...
 
 class AgeQuantiles(_message.Message):
-    __slots__ = ("p50_seconds", "p90_seconds", "p99_seconds", "max_seconds")
+    __slots__ = ("p50_seconds", "p90_seconds", "p99_seconds", "max_seconds", "max_is_lower_bound")
     P50_SECONDS_FIELD_NUMBER: _ClassVar[int]
     P90_SECONDS_FIELD_NUMBER: _ClassVar[int]
     P99_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_IS_LOWER_BOUND_FIELD_NUMBER: _ClassVar[int]
     p50_seconds: float
     p90_seconds: float
     p99_seconds: float
     max_seconds: float
-    def __init__(self, p50_seconds: _Optional[float] = ..., p90_seconds: _Optional[float] = ..., p99_seconds: _Optional[float] = ..., max_seconds: _Optional[float] = ...) -> None: ...
+    max_is_lower_bound: bool
+    def __init__(self, p50_seconds: _Optional[float] = ..., p90_seconds: _Optional[float] = ..., p99_seconds: _Optional[float] = ..., max_seconds: _Optional[float] = ..., max_is_lower_bound: _Optional[bool] = ...) -> None: ...
 
 class WaitReasonCount(_message.Message):
     __slots__ = ("reason", "count")
@@ -146,19 +148,21 @@ class WaitReasonCount(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
 
 class OrphanStats(_message.Message):
-    __slots__ = ("count", "oldest_age_seconds", "dominant_wait_reason", "longest_blocked_seconds")
+    __slots__ = ("count", "oldest_age_seconds", "dominant_wait_reason", "longest_blocked_seconds", "oldest_age_is_lower_bound")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     OLDEST_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DOMINANT_WAIT_REASON_FIELD_NUMBER: _ClassVar[int]
     LONGEST_BLOCKED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_AGE_IS_LOWER_BOUND_FIELD_NUMBER: _ClassVar[int]
     count: int
     oldest_age_seconds: float
     dominant_wait_reason: str
     longest_blocked_seconds: float
-    def __init__(self, count: _Optional[int] = ..., oldest_age_seconds: _Optional[float] = ..., dominant_wait_reason: _Optional[str] = ..., longest_blocked_seconds: _Optional[float] = ...) -> None: ...
+    oldest_age_is_lower_bound: bool
+    def __init__(self, count: _Optional[int] = ..., oldest_age_seconds: _Optional[float] = ..., dominant_wait_reason: _Optional[str] = ..., longest_blocked_seconds: _Optional[float] = ..., oldest_age_is_lower_bound: _Optional[bool] = ...) -> None: ...
 
 class Goroutine(_message.Message):
-    __slots__ = ("goid", "parent_goid", "parent_exited", "function", "go_statement", "state", "wait_reason", "age_seconds", "blocked_for_seconds", "stack", "orphan", "created_by")
+    __slots__ = ("goid", "parent_goid", "parent_exited", "function", "go_statement", "state", "wait_reason", "age_seconds", "blocked_for_seconds", "stack", "orphan", "created_by", "age_is_lower_bound")
     GOID_FIELD_NUMBER: _ClassVar[int]
     PARENT_GOID_FIELD_NUMBER: _ClassVar[int]
     PARENT_EXITED_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +175,7 @@ class Goroutine(_message.Message):
     STACK_FIELD_NUMBER: _ClassVar[int]
     ORPHAN_FIELD_NUMBER: _ClassVar[int]
     CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    AGE_IS_LOWER_BOUND_FIELD_NUMBER: _ClassVar[int]
     goid: int
     parent_goid: int
     parent_exited: bool
@@ -183,7 +188,8 @@ class Goroutine(_message.Message):
     stack: _containers.RepeatedCompositeFieldContainer[StackFrame]
     orphan: bool
     created_by: str
-    def __init__(self, goid: _Optional[int] = ..., parent_goid: _Optional[int] = ..., parent_exited: _Optional[bool] = ..., function: _Optional[str] = ..., go_statement: _Optional[str] = ..., state: _Optional[_Union[GoroutineState, str]] = ..., wait_reason: _Optional[str] = ..., age_seconds: _Optional[float] = ..., blocked_for_seconds: _Optional[float] = ..., stack: _Optional[_Iterable[_Union[StackFrame, _Mapping]]] = ..., orphan: _Optional[bool] = ..., created_by: _Optional[str] = ...) -> None: ...
+    age_is_lower_bound: bool
+    def __init__(self, goid: _Optional[int] = ..., parent_goid: _Optional[int] = ..., parent_exited: _Optional[bool] = ..., function: _Optional[str] = ..., go_statement: _Optional[str] = ..., state: _Optional[_Union[GoroutineState, str]] = ..., wait_reason: _Optional[str] = ..., age_seconds: _Optional[float] = ..., blocked_for_seconds: _Optional[float] = ..., stack: _Optional[_Iterable[_Union[StackFrame, _Mapping]]] = ..., orphan: _Optional[bool] = ..., created_by: _Optional[str] = ..., age_is_lower_bound: _Optional[bool] = ...) -> None: ...
 
 class LogLinearHistogram(_message.Message):
     __slots__ = ("sub_bucket_bits", "buckets", "count", "sum_seconds")
