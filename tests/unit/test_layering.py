@@ -17,8 +17,11 @@ PACKAGE = Path(__file__).resolve().parents[2] / "agent" / "goleash"
 
 # Which parts of goleash each part may import (itself always allowed). A "part" is a
 # subpackage (gobin, probes, ...) or a top-level module (cli, embedded, ...).
-# `errors` is the shared exception base and `goleash` the package face (__version__).
-COMMON = {"errors", "goleash"}
+# Leaves are modules every part may use because they use nothing of goleash but
+# errors: the exception base, the profile encoders (pprof/folded), and `goleash`,
+# the package face (__version__).
+LEAVES = {"errors", "profiles"}
+COMMON = LEAVES | {"goleash"}
 MAY_IMPORT: dict[str, set[str]] = {
     "gobin": COMMON,
     "probes": COMMON | {"gobin", "api"},
@@ -30,8 +33,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "bench": COMMON | {"node", "probes", "gobin", "control", "api", "fixtures"},
     "demo": COMMON | {"node", "control", "api", "fixtures", "embedded"},
     "fixtures": COMMON,
-    "errors": set(),
     "goleash": set(),
+    **{leaf: {"errors"} for leaf in LEAVES},
 }
 # Only probes talks to BCC: everything else stays importable without it.
 MAY_IMPORT_BCC = {"probes"}
