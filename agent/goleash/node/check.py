@@ -38,7 +38,7 @@ from goleash.errors import GoleashError
 from goleash.gobin.binary import GoBinary
 from goleash.gobin.buildinfo import BuildInfo, check_supported, read_build_info
 from goleash.gobin.disasm import (
-    GoroutineProbeSites,
+    disassemble,
     emulated_entry_site,
     entry_site,
     goroutine_probe_sites,
@@ -49,17 +49,17 @@ from goleash.gobin.pclntab import Pclntab
 from goleash.gobin.symbols import symbol_table
 from goleash.probes.inventory import read_goroutines, site_at
 from goleash.probes.procmem import MemoryFault, ProcessMemory, load_bias, start_time
+from goleash.probes.stacks import _frames as logical_frames
 from goleash.probes.stacks import walk_stacks
 from goleash.probes.target import GoProcess
 from goleash.probes.testleaks import (
     FOLLOW_EXEC,
     FOLLOW_EXIT,
+    PROCESS_EXIT,
     CheckProbeError,
+    CheckProbes,
     CheckSites,
-    ProcessFollower,
-    TestLeakProbes,
     TestRun,
-    program_key,
 )
 
 BLOCKED = ("waiting", "leaked", "syscall")
@@ -90,6 +90,7 @@ class Leak:
     blocked_s: float | None  # longest known wait (runtime's lazy g.waitsince)
     after_test_s: float | None  # how long after its test ended it was still there
     stack: list[str]  # one goroutine's frames, "function file:line"
+    age_s: float | None = None  # oldest of them, since its creation
     known: bool = False  # in the --baseline report: does not fail the check
 
     @property
@@ -104,12 +105,19 @@ class Leak:
             Path(self.go_statement.split(":")[0]).name + ":" + self.go_statement.rsplit(":", 1)[-1]
         )
         text = f"{who} {n} created at {site} ({_short(self.function)})"
-        if self.wait_reason:
+        if self.wait_reason == "never ran":
+            text += ", never scheduled before the process exited"
+        elif self.wait_reason:
             text += f", blocked in {self.wait_reason}"
             if self.blocked_s is not None:
                 text += f" for {self.blocked_s:.1f} s"
+        details = []
+        if self.age_s is not None:
+            details.append(f"alive {self.age_s:.2f} s")
         if self.after_test_s is not None:
-            text += f" ({self.after_test_s:.2f} s after the test ended)"
+            details.append(f"{self.after_test_s:.2f} s after its test ended")
+        if details:
+            text += f" ({', '.join(details)})"
         return text
 
 
@@ -289,78 +297,38 @@ def _judge(path: str) -> _Judged:
 class _Tracked:
     proc: GoProcess
     judged: _Judged
-    probes: TestLeakProbes
     record: FollowedProcess
 
 
 class _Checker:
-    def __init__(self, command: list[str], ignore: IgnoreList, baseline: set[Any]) -> None:
+    def __init__(
+        self, probes: CheckProbes, command: list[str], ignore: IgnoreList, baseline: set[Any]
+    ) -> None:
+        self.probes = probes
         self.command = command
         self.ignore = ignore
         self.baseline = baseline
-        self.programs: dict[tuple[object, ...], TestLeakProbes] = {}
         self.judged: dict[tuple[int, int, int, int], _Judged] = {}
         self.tracked: dict[int, _Tracked] = {}
         self.processes: list[FollowedProcess] = []
         self.leaks: list[Leak] = []
         self.notes: list[str] = []
         self.execs = 0
-        self._detach_q: queue.Queue[tuple[TestLeakProbes, int] | None] = queue.Queue()
+        self._detach_q: queue.Queue[int | None] = queue.Queue()
         self._detacher = threading.Thread(target=self._detach_loop, daemon=True)
-        self._compiling: dict[tuple[object, ...], threading.Thread] = {}
-        self._compile_errors: dict[tuple[object, ...], Exception] = {}
+        self._detacher.start()
 
     # Detaching a uprobe waits for the kernel (~120 ms each); never on the event loop.
     def _detach_loop(self) -> None:
-        while (item := self._detach_q.get()) is not None:
-            probes, pid = item
-            probes.detach(pid)
-            probes.forget(pid)
-
-    def _program(self, offsets: RuntimeOffsets, sites: GoroutineProbeSites) -> TestLeakProbes:
-        key = program_key(offsets, sites)
-        t = self._compiling.pop(key, None)
-        if t is not None:
-            t.join()
-        if key in self._compile_errors:
-            raise self._compile_errors[key]
-        if key not in self.programs:
-            self.programs[key] = TestLeakProbes(offsets, sites)
-        return self.programs[key]
-
-    def precompile(self, exe: str) -> None:
-        """Compile the program for CMD's own Go release while CMD builds (`go test`
-        builds test binaries with the same release as itself)."""
-        j = _judge(exe)
-        if j.info is None or j.sites is None or j.offsets is None:
-            if j.info is None or not j.skip.startswith("Go toolchain"):
-                return
-            with contextlib.suppress(GoleashError, BinaryError):
-                offsets = table_offsets(j.info.go_version)
-                binary = GoBinary(exe)
-                gsites = goroutine_probe_sites(binary, symbol_table(binary).lookup)
-                self._start_compile(offsets, gsites)
-            return
-        self._start_compile(j.offsets, j.sites.goroutines)
-
-    def _start_compile(self, offsets: RuntimeOffsets, gsites: GoroutineProbeSites) -> None:
-        key = program_key(offsets, gsites)
-
-        def work() -> None:
-            try:
-                self.programs[key] = TestLeakProbes(offsets, gsites)
-            except Exception as exc:  # re-raised where the program is needed
-                self._compile_errors[key] = exc
-
-        t = threading.Thread(target=work, daemon=True)
-        self._compiling[key] = t
-        t.start()
+        while (pid := self._detach_q.get()) is not None:
+            self.probes.detach(pid)
+            self.probes.forget(pid)
 
     def on_exec(self, pid: int) -> None:
         self.execs += 1
         old = self.tracked.pop(pid, None)
         if old is not None:  # exec'd again: the old image's probes are gone with it
-            self._detach_q.put((old.probes, pid))
+            self._detach_q.put(pid)
         try:
             exe = f"/proc/{pid}/exe"
             st = os.stat(exe)
@@ -390,14 +358,13 @@ class _Checker:
                 memory=ProcessMemory(pid),
                 start_time=started or 0,
             )
-            probes = self._program(j.offsets, j.sites.goroutines)
-            probes.attach(pid, exe, j.sites)
+            self.probes.attach(pid, exe, j.offsets, j.sites)
         except (GoleashError, BinaryError, OSError) as exc:
             record.note = f"not traced: {exc}"
             self.processes.append(record)
             return
         self.processes.append(record)
-        self.tracked[pid] = _Tracked(proc, j, probes, record)
+        self.tracked[pid] = _Tracked(proc, j, record)
 
     def on_process_exit(self, pid: int) -> None:
         """runtime.exit stopped PID: read what is left, then let it go."""
@@ -418,12 +385,12 @@ class _Checker:
         t = self.tracked.pop(pid, None)
         if t is not None:
             t.proc.close()
-            self._detach_q.put((t.probes, pid))
+            self._detach_q.put(pid)
 
     def _collect(self, t: _Tracked) -> None:
         proc, rec = t.proc, t.record
         inv = read_goroutines(proc)
-        att = t.probes.read(proc.pid)
+        att = self.probes.read(proc.pid)
         rec.captured_at_exit = True
         rec.goroutines_at_exit = len(inv.goroutines)
         names = _test_names(att.tests, proc.pclntab)
@@ -431,7 +398,11 @@ class _Checker:
         rec.package = next((n[0] for n in names.values()), "")
         candidates = []
         for g in inv.goroutines:
-            if g.status not in BLOCKED:
+            # Blocked, or created and never run: a goroutine its test is done with.
+            # One that runs (or is runnable after running) may be on its way out, as
+            # a worker stopped in t.Cleanup is right after it signalled "done".
+            never_ran = g.status == "runnable" and g.sched_pc == g.startpc and not g.sched_bp
+            if g.status not in BLOCKED and not never_ran:
                 continue
             site = site_at(proc, g.gopc, g.startpc)
             if _internal(site.function, site.created_by):
@@ -446,7 +417,7 @@ class _Checker:
                 if run.end_ns == 0:
                     continue  # its test is still running (os.Exit inside a test)
                 test = names[owner[0]]
-            elif g.status == "syscall":
+            elif g.status == "syscall" or never_ran:
                 continue
             candidates.append((g, site, test, run))
             if len(candidates) >= MAX_LEAKS_PER_PROCESS:
@@ -455,19 +426,23 @@ class _Checker:
         groups: dict[tuple[str, str, str, str], Leak] = {}
         reasons: dict[tuple[str, str, str, str], Counter[str]] = {}
         for g, site, (pkg, test), run in candidates:
-            frames = [f"{fr.function} {fr.file}:{fr.line}" for fr in stacks[g.goid].frames]
-            if self.ignore.matches(site.function, site.go_statement, frames):
+            stack = stacks[g.goid]
+            frames = [f"{fr.function} {fr.file}:{fr.line}" for fr in stack.frames]
+            function = _started(proc, site.function, [fr.function for fr in stack.frames])
+            if self.ignore.matches(function, site.go_statement, frames):
                 continue
-            key = (pkg, test, site.function, site.go_statement)
+            key = (pkg, test, function, site.go_statement)
             blocked = (inv.read_ns - g.wait_since_ns) / 1e9 if g.wait_since_ns else None
             after = (inv.read_ns - run.end_ns) / 1e9 if run is not None else None
+            owner = att.goroutines.get(g.goid)
+            age = (inv.read_ns - owner[1]) / 1e9 if owner and owner[1] else None
             lk = groups.get(key)
             if lk is None:
                 lk = groups[key] = Leak(
                     package=pkg,
                     test=test,
                     binary=rec.binary,
-                    function=site.function,
+                    function=function,
                     go_statement=site.go_statement,
                     created_by=site.created_by,
                     count=0,
@@ -475,12 +450,17 @@ class _Checker:
                     blocked_s=None,
                     after_test_s=after,
                     stack=frames,
+                    age_s=age,
                 )
                 reasons[key] = Counter()
             lk.count += 1
-            reasons[key][g.wait_reason or g.status] += 1
+            reasons[key][
+                g.wait_reason or ("never ran" if g.status == "runnable" else g.status)
+            ] += 1
             if blocked is not None and (lk.blocked_s is None or blocked > lk.blocked_s):
                 lk.blocked_s = blocked
+            if age is not None and (lk.age_s is None or age > lk.age_s):
+                lk.age_s = age
         for key, lk in groups.items():
             lk.wait_reason = reasons[key].most_common(1)[0][0]
             lk.known = lk.key in self.baseline
@@ -495,12 +475,39 @@ class _Checker:
         for pid in list(self.tracked):
             self.on_gone(pid)
         self._detach_q.put(None)
-        if self._detacher.is_alive():
-            self._detacher.join()
-        for t in list(self._compiling.values()):
-            t.join()
-        for p in self.programs.values():
-            p.close()
+        self._detacher.join()
+
+
+def _started(proc: GoProcess, function: str, frames: list[str]) -> str:
+    """The user's function behind a `go f(x)` wrapper (Go 1.21+ `caller.gowrapN`) when
+    the compiler inlined f into the wrapper: from the stack, or, for a goroutine that
+    never ran, from the wrapper's inline tree."""
+    if ".gowrap" not in function:
+        return function
+    if function in frames:
+        i = frames.index(function)
+        if i > 0 and not frames[i - 1].startswith("runtime."):
+            return frames[i - 1]
+    return _inlined_callee(proc, function) or function
+
+
+_callees: dict[tuple[int, str], str | None] = {}
+
+
+def _inlined_callee(proc: GoProcess, function: str) -> str | None:
+    key = (id(proc.binary), function)
+    if key not in _callees:
+        found = None
+        f = proc.pclntab.func_by_name(function)
+        if f is not None:
+            for ins in disassemble(proc.binary, f.entry, min(f.end - f.entry, 4096)):
+                inl = [fr for fr in logical_frames(proc, ins.address, True) if fr.inlined]
+                names = [fr.function for fr in inl if not fr.function.startswith("runtime.")]
+                if names:
+                    found = names[-1]  # the outermost inlined call: f itself
+                    break
+        _callees[key] = found
+    return _callees[key]
 
 
 def _internal(function: str, created_by: str) -> bool:
@@ -587,16 +594,12 @@ def run_check(
 ) -> CheckReport:
     if not command:
         raise CheckUsageError("nothing to run: give the command after `--`")
-    checker = _Checker(command, ignore or IgnoreList(), baseline or set())
     started = time.monotonic()
-    exe = shutil.which(command[0])
-    if exe:
-        threading.Thread(target=checker.precompile, args=(exe,), daemon=True).start()
     try:
-        follower = ProcessFollower()
+        probes = CheckProbes()
     except CheckProbeError as exc:
         raise GoleashError(f"{exc} (goleash check needs root and BPF)") from None
-    checker._detacher.start()
+    checker = _Checker(probes, command, ignore or IgnoreList(), baseline or set())
     pid, release = _spawn_held(command)
     exit_code: int | None = None
     forwarded = {}
@@ -608,23 +611,25 @@ def run_check(
     for s in (signal.SIGINT, signal.SIGTERM):
         forwarded[s] = signal.signal(s, forward)
     try:
-        follower.follow(pid)
+        probes.follow(pid)
         os.write(release, b"x")
         os.close(release)
         done_at: float | None = None
         while True:
-            for kind, p in follower.poll(poll_ms):
-                if kind == FOLLOW_EXEC:
-                    try:
+            for kind, p in probes.poll(poll_ms):
+                try:
+                    if kind == FOLLOW_EXEC:
                         checker.on_exec(p)
-                    finally:
+                    elif kind == PROCESS_EXIT:
+                        checker.on_process_exit(p)
+                    elif kind == FOLLOW_EXIT:
+                        checker.on_gone(p)
+                except Exception as exc:  # one process's failure never stops the check
+                    checker.notes.append(f"PID {p}: {type(exc).__name__}: {exc}")
+                finally:
+                    if kind in (FOLLOW_EXEC, PROCESS_EXIT):
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(p, signal.SIGCONT)
-                elif kind == FOLLOW_EXIT:
-                    checker.on_gone(p)
-            for prog in list(checker.programs.values()):
-                for p in prog.poll_exits():
-                    checker.on_process_exit(p)
             if exit_code is None:
                 wpid, status = os.waitpid(pid, os.WNOHANG)
                 if wpid == pid:
@@ -634,15 +639,14 @@ def run_check(
                     done_at = time.monotonic()
             elif done_at is not None and time.monotonic() - done_at > 0.1:
                 break  # events of the last exits drained
-        if follower.table_full:
-            checker.notes.append(
-                f"{follower.table_full} processes were not followed (follow table full)"
-            )
+        full = probes.counters()["follow_table_full"]
+        if full:
+            checker.notes.append(f"{full} processes were not followed (follow table full)")
     finally:
         for s, h in forwarded.items():
             signal.signal(s, h)
-        follower.close()
         checker.close()
+        probes.close()
     report = checker.report(exit_code, time.monotonic() - started)
     if not any(p.test_binary for p in report.processes) and not report.processes:
         report.notes.append(

@@ -1,12 +1,13 @@
-"""BCC side of `goleash check`: follow a command's process tree (follow.bpf.c) and
-attribute goroutines to the tests that created them (testleaks.bpf.c).
+"""BCC side of `goleash check` (bpf/check.bpf.c): follow a command's process tree
+and attribute goroutines to the tests that created them.
 
-One testleaks program serves every followed process built by the same Go release
-(its maps are keyed by pid), so BCC compiles it once per release, not once per test
-binary. Both programs stop a process (SIGSTOP from BPF) at the moments user space
-must act before the process runs on: right after exec (to attach probes before the
-first Go instruction) and at runtime.exit (to read the goroutines still blocked
-before they vanish). The caller always sends the SIGCONT.
+One program serves every followed process of every Go release: the runtime offsets
+of each process are a map entry, so BCC compiles once per run (a compile costs
+seconds on a busy machine; a test binary lives for milliseconds). The program stops
+a process (SIGSTOP from BPF) at the moments user space must act before it runs on:
+right after exec (to attach probes before the first Go instruction) and at
+runtime.exit (to read the goroutines still blocked before they vanish). The caller
+always sends the SIGCONT.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ BPF_DIR = Path(__file__).resolve().parents[3] / "bpf"
 MAX_FOLLOWED = 65536
 MAX_LIVE = 65536
 MAX_TESTS = 16384
-MAX_SPAN = 256
-FOLLOW_EXEC, FOLLOW_EXIT = 1, 2
+MAX_PROCS = 4096
+FOLLOW_EXEC, FOLLOW_EXIT, PROCESS_EXIT = 1, 2, 3
 TL_COUNTERS = (
     "create_hits",
     "exit_hits",
@@ -35,6 +36,7 @@ TL_COUNTERS = (
     "live_table_full",
     "tests_table_full",
     "read_faults",
+    "follow_table_full",
 )
 
 
@@ -76,72 +78,18 @@ def _compile(src: str, cflags: list[str]) -> object:
     try:
         return BPF(text=src.encode(), cflags=cflags)
     except Exception as exc:  # BCC raises bare Exception on compile errors
-        raise CheckProbeError(f"compiling a goleash check BPF program failed: {exc}") from exc
+        raise CheckProbeError(f"compiling check.bpf.c failed: {exc}") from exc
 
 
-class ProcessFollower:
-    """Follows one process tree: every fork of a followed process is followed, every
-    exec of one stops it and is reported to `on_event(kind, pid)`."""
-
-    def __init__(self) -> None:
-        src = (BPF_DIR / "follow.bpf.c").read_text()
-        self._bpf = _compile(src, [f"-DMAX_FOLLOWED={MAX_FOLLOWED}"])
-        self._events: list[tuple[int, int]] = []
-
-        def on_raw(_cpu: int, data: int, _size: int) -> None:
-            ev = ctypes.cast(data, ctypes.POINTER(_Event)).contents
-            self._events.append((int(ev.kind), int(ev.pid)))
-
-        self._bpf["follow_events"].open_perf_buffer(on_raw, page_cnt=64)  # type: ignore[index]
-
-    def follow(self, pid: int) -> None:
-        self._bpf["followed"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)  # type: ignore[index]
-
-    def poll(self, timeout_ms: int) -> list[tuple[int, int]]:
-        self._bpf.perf_buffer_poll(timeout=timeout_ms)  # type: ignore[attr-defined]
-        out, self._events = self._events, []
-        return out
-
-    @property
-    def table_full(self) -> int:
-        return int(self._bpf["follow_full"][0].value)  # type: ignore[index]
-
-    def close(self) -> None:
-        self._bpf.cleanup()  # type: ignore[attr-defined]
-
-
-def program_key(offsets: RuntimeOffsets, sites: GoroutineProbeSites) -> tuple[object, ...]:
-    """Processes with equal keys share one compiled testleaks program."""
-    return (
-        offsets.g_goid,
-        offsets.g_parent_goid,
-        offsets.g_m,
-        offsets.m_curg,
-        sites.new_g_register,
-    )
-
-
-def _cflags(offsets: RuntimeOffsets, sites: GoroutineProbeSites) -> list[str]:
-    flags = [
-        f"-I{BPF_DIR}",
-        f"-DG_GOID={offsets.g_goid}",
-        f"-DG_M={offsets.g_m}",
-        f"-DM_CURG={offsets.m_curg}",
-        f"-DMAX_LIVE={MAX_LIVE}",
-        f"-DMAX_TESTS={MAX_TESTS}",
-        "-DCREATE_REG=" + ("bx" if sites.new_g_register == "rbx" else "ax"),
+class _Proc(ctypes.Structure):
+    _fields_ = [
+        ("g_goid", ctypes.c_uint32),
+        ("g_parent_goid", ctypes.c_uint32),
+        ("g_m", ctypes.c_uint32),
+        ("m_curg", ctypes.c_uint32),
+        ("_pad0", ctypes.c_uint32),
+        ("_pad1", ctypes.c_uint32),
     ]
-    span = [offsets.g_goid]
-    if offsets.g_parent_goid is not None:
-        flags.append(f"-DG_PARENT_GOID={offsets.g_parent_goid}")
-        span.append(offsets.g_parent_goid)
-    lo, hi = min(span), max(span) + 8
-    if hi - lo > MAX_SPAN:
-        raise CheckProbeError(
-            f"runtime.g fields goid/parentGoid span {hi - lo} bytes: this Go release's "
-            "layout needs a probe update"
-        )
-    return [*flags, f"-DSPAN_START={lo}", f"-DSPAN_WORDS={(hi - lo) // 8}"]
 
 
 @dataclass(frozen=True)
@@ -153,24 +101,53 @@ class CheckSites:
     process_exit: ProbeSite
 
 
-class TestLeakProbes:
-    """testleaks.bpf.c for one Go release, attached to any number of processes."""
+class CheckProbes:
+    """check.bpf.c: follows one process tree and attributes goroutines to tests in every
+    Go process of it that is attached. `poll()` returns (kind, pid) events: FOLLOW_EXEC
+    (the process is stopped), FOLLOW_EXIT, PROCESS_EXIT (stopped at runtime.exit)."""
 
-    def __init__(self, offsets: RuntimeOffsets, sites: GoroutineProbeSites) -> None:
-        src = (BPF_DIR / "testleaks.bpf.c").read_text()
-        self._bpf = _compile(src, _cflags(offsets, sites))
+    def __init__(self) -> None:
+        src = (BPF_DIR / "check.bpf.c").read_text()
+        self._bpf = _compile(
+            src,
+            [
+                f"-I{BPF_DIR}",
+                f"-DMAX_FOLLOWED={MAX_FOLLOWED}",
+                f"-DMAX_PROCS={MAX_PROCS}",
+                f"-DMAX_LIVE={MAX_LIVE}",
+                f"-DMAX_TESTS={MAX_TESTS}",
+            ],
+        )
+        self._events: list[tuple[int, int]] = []
         self._attached: dict[int, list[str]] = {}
-        self._exits: list[int] = []
         self._lock = threading.Lock()
 
         def on_raw(_cpu: int, data: int, _size: int) -> None:
             ev = ctypes.cast(data, ctypes.POINTER(_Event)).contents
-            self._exits.append(int(ev.pid))
+            self._events.append((int(ev.kind), int(ev.pid)))
 
-        self._bpf["tl_exits"].open_perf_buffer(on_raw, page_cnt=16)  # type: ignore[index]
+        self._bpf["chk_events"].open_perf_buffer(on_raw, page_cnt=64)  # type: ignore[index]
 
-    def attach(self, pid: int, exe: str, sites: CheckSites) -> None:
-        plan = [(s, "on_create") for s in sites.goroutines.create_sites]
+    def follow(self, pid: int) -> None:
+        self._bpf["followed"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)  # type: ignore[index]
+
+    def poll(self, timeout_ms: int) -> list[tuple[int, int]]:
+        self._bpf.perf_buffer_poll(timeout=timeout_ms)  # type: ignore[attr-defined]
+        out, self._events = self._events, []
+        return out
+
+    def attach(self, pid: int, exe: str, offsets: RuntimeOffsets, sites: CheckSites) -> None:
+        cfg = _Proc(
+            offsets.g_goid,
+            offsets.g_parent_goid or 0,
+            offsets.g_m,
+            offsets.m_curg,
+            0,
+            0,
+        )
+        self._bpf["tl_procs"][ctypes.c_uint32(pid)] = cfg  # type: ignore[index]
+        on_create = "on_create_ax" if sites.goroutines.new_g_register == "rax" else "on_create_bx"
+        plan = [(s, on_create) for s in sites.goroutines.create_sites]
         plan.append((sites.goroutines.exit, "on_exit"))
         plan.append((sites.process_exit, "on_pexit"))
         if sites.trunner is not None:
@@ -194,11 +171,6 @@ class TestLeakProbes:
             for ev in events:
                 detach(self._bpf, ev)
 
-    def poll_exits(self) -> list[int]:
-        self._bpf.perf_buffer_poll(timeout=0)  # type: ignore[attr-defined]
-        out, self._exits = self._exits, []
-        return out
-
     def read(self, pid: int) -> Attribution:
         goroutines: dict[int, tuple[int, int]] = {}
         for k, v in self._bpf["tl_goroutines"].items():  # type: ignore[index]
@@ -210,11 +182,14 @@ class TestLeakProbes:
                 tests[int(k.goid)] = TestRun(
                     int(k.goid), int(v.fn_pc), int(v.parent_test), int(v.start_ns), int(v.end_ns)
                 )
+        return Attribution(goroutines, tests, self.counters())
+
+    def counters(self) -> dict[str, int]:
         counters = dict.fromkeys(TL_COUNTERS, 0)
         for idx, per_cpu in self._bpf["tl_counters"].items():  # type: ignore[index]
             if idx.value < len(TL_COUNTERS):
                 counters[TL_COUNTERS[idx.value]] = sum(int(v) for v in per_cpu)
-        return Attribution(goroutines, tests, counters)
+        return counters
 
     def forget(self, pid: int) -> None:
         """Drop what the maps hold for a process that is gone (bounded maps)."""
@@ -227,5 +202,3 @@ class TestLeakProbes:
     def close(self) -> None:
         with self._lock:
             self._bpf.cleanup()  # type: ignore[attr-defined]
-
-
