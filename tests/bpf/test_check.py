@@ -15,8 +15,9 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import gobuild
 import pytest
+
+import gobuild
 
 pytestmark = pytest.mark.root
 

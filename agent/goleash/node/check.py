@@ -59,7 +59,7 @@ from goleash.probes.testleaks import (
     CheckProbeError,
     CheckProbes,
     CheckSites,
-    TestRun,
+    RunnerRecord,
 )
 
 BLOCKED = ("waiting", "leaked", "syscall")
@@ -409,7 +409,7 @@ class _Checker:
                 continue
             owner = att.goroutines.get(g.goid)
             test: tuple[str, str] = ("", "")
-            run: TestRun | None = None
+            run: RunnerRecord | None = None
             if owner is not None:
                 run = att.tests.get(owner[0])
                 if run is None or owner[0] not in names:
@@ -519,12 +519,12 @@ def _internal(function: str, created_by: str) -> bool:
     )
 
 
-def _test_names(tests: dict[int, TestRun], tab: Pclntab) -> dict[int, tuple[str, str]]:
+def _test_names(tests: dict[int, RunnerRecord], tab: Pclntab) -> dict[int, tuple[str, str]]:
     """runner goid -> (package, "TestFoo" or "TestFoo/func1"), harness runners left out."""
     out: dict[int, tuple[str, str]] = {}
     for goid, run in tests.items():
         chain: list[str] = []
-        cur: TestRun | None = run
+        cur: RunnerRecord | None = run
         seen = 0
         while cur is not None and seen < 64:
             f = tab.func_for_pc(cur.fn_pc)

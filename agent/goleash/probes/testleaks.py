@@ -53,7 +53,7 @@ class _Event(ctypes.Structure):
 
 
 @dataclass(frozen=True)
-class TestRun:
+class RunnerRecord:
     """One run of a test function (a tRunner goroutine), as the kernel recorded it."""
 
     goid: int
@@ -68,7 +68,7 @@ class Attribution:
     """What testleaks.bpf.c knows about one process."""
 
     goroutines: dict[int, tuple[int, int]]  # goid -> (test goid, created_ns)
-    tests: dict[int, TestRun]  # runner goid -> test run
+    tests: dict[int, RunnerRecord]  # runner goid -> test run
     counters: dict[str, int]
 
 
@@ -176,10 +176,10 @@ class CheckProbes:
         for k, v in self._bpf["tl_goroutines"].items():  # type: ignore[index]
             if k.pid == pid:
                 goroutines[int(k.goid)] = (int(v.test_goid), int(v.created_ns))
-        tests: dict[int, TestRun] = {}
+        tests: dict[int, RunnerRecord] = {}
         for k, v in self._bpf["tl_tests"].items():  # type: ignore[index]
             if k.pid == pid:
-                tests[int(k.goid)] = TestRun(
+                tests[int(k.goid)] = RunnerRecord(
                     int(k.goid), int(v.fn_pc), int(v.parent_test), int(v.start_ns), int(v.end_ns)
                 )
         return Attribution(goroutines, tests, self.counters())
