@@ -976,6 +976,104 @@ def _add_check_commands(sub: Any) -> None:
     p.set_defaults(handler=cmd_check)
 
 
+# --- record and diff: what an upgrade changed ------------------------------------------
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from goleash.node.record import record, write_record
+
+    rec = record(
+        args.pid,
+        duration=args.duration,
+        interval=args.interval,
+        funcs=args.func,
+        budget_fraction=args.budget,
+    )
+    write_record(rec, args.output)
+    print(
+        f"goleash record: PID {args.pid} ({rec['build']['go_version']}) for "
+        f"{rec['duration_s']:.0f}s: {len(rec['sites'])} creation sites, "
+        f"{len(rec['functions'])} functions -> {args.output}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _load_record(path: str) -> Any:
+    from goleash.control.recdiff import DiffError
+
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as exc:
+        raise DiffError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError:
+        raise DiffError(f"{path}: not JSON (expected a `goleash record` report)") from None
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from goleash.control.recdiff import diff, render_html, render_text
+
+    before, after = _load_record(args.before), _load_record(args.after)
+    d = diff(before, after, fail_on=args.fail_on, names=(args.before, args.after))
+    if args.html:
+        try:
+            with open(args.html, "w") as f:
+                f.write(render_html(d))
+        except OSError as exc:
+            raise GoleashError(f"cannot write {args.html}: {exc.strerror}") from None
+    if args.json:
+        print_json(d.to_dict())
+    else:
+        sys.stdout.write(render_text(d, all_rows=args.all))
+    return 1 if d.failed else 0
+
+
+def _add_record_commands(sub: Any) -> None:
+    p = sub.add_parser(
+        "record",
+        help="record a process's goroutine sites and function latency to a file",
+        description=(
+            "Record build info, per creation site the goroutines created, live count over "
+            "time, growth per minute, ages and wait reasons, and the latency of --func "
+            "functions, for `goleash diff`. Needs root."
+        ),
+    )
+    p.add_argument("--pid", type=int, required=True)
+    p.add_argument("--duration", type=float, default=60.0, help="seconds (default 60)")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
+    p.add_argument(
+        "--func", action="append", default=[], metavar="PATTERN", help="time this function"
+    )
+    p.add_argument("--budget", type=float, default=0.05, help="max fraction of a core for probes")
+    p.add_argument("-o", "--output", required=True, metavar="FILE")
+    p.set_defaults(handler=cmd_record)
+
+    p = sub.add_parser(
+        "diff",
+        help="compare two recordings: build, goroutine sites, latency (exit 1 on --fail-on)",
+        description=(
+            "Compare two `goleash record` reports: build changes, creation sites new, gone "
+            "or growing (matched by function and creator, tolerant to line shifts), "
+            "functions whose p50/p99 moved beyond noise."
+        ),
+    )
+    p.add_argument("before")
+    p.add_argument("after")
+    p.add_argument(
+        "--fail-on",
+        action="append",
+        default=[],
+        metavar="RULE",
+        help="exit 1 when a rule matches: growth, new-site, live, module, go-version, "
+        "build, p50:+N%%, p99:+N%% (repeatable or comma-separated)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
+    p.add_argument("--all", action="store_true", help="show unchanged rows too")
+    p.set_defaults(handler=cmd_diff)
+
+
 # --- the parser ----------------------------------------------------------------
 
 
@@ -1153,6 +1251,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_agent_commands(sub)
     _add_policy_commands(sub)
     _add_check_commands(sub)
+    _add_record_commands(sub)
 
     return parser
 

@@ -428,7 +428,7 @@ class _Checker:
         for g, site, (pkg, test), run in candidates:
             stack = stacks[g.goid]
             frames = [f"{fr.function} {fr.file}:{fr.line}" for fr in stack.frames]
-            function = _started(proc, site.function, [fr.function for fr in stack.frames])
+            function = started_function(proc, site.function, [fr.function for fr in stack.frames])
             if self.ignore.matches(function, site.go_statement, frames):
                 continue
             key = (pkg, test, function, site.go_statement)
@@ -478,7 +478,7 @@ class _Checker:
         self._detacher.join()
 
 
-def _started(proc: GoProcess, function: str, frames: list[str]) -> str:
+def started_function(proc: GoProcess, function: str, frames: list[str]) -> str:
     """The user's function behind a `go f(x)` wrapper (Go 1.21+ `caller.gowrapN`) when
     the compiler inlined f into the wrapper: from the stack, or, for a goroutine that
     never ran, from the wrapper's inline tree."""
