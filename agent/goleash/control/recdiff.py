@@ -127,7 +127,7 @@ def _build_rows(b: dict[str, Any], a: dict[str, Any]) -> list[Row]:
                     verdict,
                     str(x or "-"),
                     str(y or "-"),
-                    f"{x} -> {y}",
+                    _change(x, y),
                     True,
                     [tag],
                 )
@@ -143,6 +143,15 @@ def _build_rows(b: dict[str, Any], a: dict[str, Any]) -> list[Row]:
     for key in sorted(set(bs) | set(as_)):
         add(f"setting {key}", bs.get(key), as_.get(key), "build")
     return rows
+
+
+def _change(x: Any, y: Any) -> str:
+    """ "a -> b"; for k=v lists (DefaultGODEBUG, -tags) only the items that differ."""
+    if isinstance(x, str) and isinstance(y, str) and "," in x + y:
+        xs, ys = set(x.split(",")), set(y.split(","))
+        parts = [f"-{i}" for i in sorted(xs - ys)] + [f"+{i}" for i in sorted(ys - xs)]
+        return " ".join(parts)
+    return f"{x} -> {y}"
 
 
 # --- goroutine sites --------------------------------------------------------------------

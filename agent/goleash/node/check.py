@@ -38,12 +38,17 @@ from goleash.errors import GoleashError
 from goleash.gobin.binary import GoBinary
 from goleash.gobin.buildinfo import BuildInfo, check_supported, read_build_info
 from goleash.gobin.disasm import (
+    CreateKind,
+    GoroutineProbeSites,
+    ProbeSite,
+    SymbolLookup,
+    call_sites,
     disassemble,
     emulated_entry_site,
     entry_site,
-    goroutine_probe_sites,
+    return_sites,
 )
-from goleash.gobin.errors import BinaryError, ProcessError
+from goleash.gobin.errors import BinaryError, ProcessError, SymbolNotFoundError
 from goleash.gobin.offsets import RuntimeOffsets, table_offsets
 from goleash.gobin.pclntab import Pclntab
 from goleash.gobin.symbols import symbol_table
@@ -273,21 +278,49 @@ def _judge(path: str) -> _Judged:
         check_supported(info)
         offsets = table_offsets(info.go_version)
         tab = Pclntab.from_binary(binary)
-        syms = symbol_table(binary)
-        gsites = goroutine_probe_sites(binary, syms.lookup)
-        ex = tab.func_by_name("runtime.exit")
-        if ex is None:
-            return _Judged(f"{info.go_version}: no runtime.exit")
-        exit_site = entry_site(binary, ex.name, ex.entry, ex.end - ex.entry)
-        tr = tab.func_by_name("testing.tRunner")
-        trunner = (
-            emulated_entry_site(binary, tr.name, tr.entry, tr.end - tr.entry, keep=("r14", "rbx"))
-            if tr is not None
-            else None
-        )
+        lookup = symbol_table(binary).lookup
+        sites = _check_sites(binary, lookup)
     except (BinaryError, GoleashError) as exc:
         return _Judged(f"cannot trace: {exc}")
-    return _Judged("", binary, info, offsets, tab, CheckSites(gsites, trunner, exit_site))
+    return _Judged("", binary, info, offsets, tab, sites)
+
+
+def _check_sites(binary: GoBinary, lookup: SymbolLookup) -> CheckSites:
+    """The four sites check.bpf.c needs, and only those: a test binary is analysed
+    while it waits stopped at its first instruction, so every millisecond counts."""
+
+    def need(name: str) -> tuple[int, int]:
+        found = lookup(name)
+        if found is None:
+            raise SymbolNotFoundError(f"{binary.path}: no {name}")
+        return found
+
+    create: list[ProbeSite] = []
+    closure, runqput = lookup("runtime.newproc.func1"), lookup("runtime.runqput")
+    if closure is not None and runqput is not None:
+        calls = call_sites(binary, "runtime.newproc.func1", *closure, target=runqput[0])
+        if len(calls) == 1:
+            create = calls
+    kind: CreateKind = "runqput_call" if create else "newproc1_ret"
+    rets: list[ProbeSite] = []
+    if not create:
+        rets = return_sites(binary, "runtime.newproc1", *need("runtime.newproc1"))
+    exit_site = emulated_entry_site(binary, "runtime.goexit1", *need("runtime.goexit1"))
+    gsites = GoroutineProbeSites(
+        create_kind=kind,
+        create=create[0] if create else None,
+        create_rets=rets,
+        exit=exit_site,
+        newproc_entry=exit_site,  # not used by check.bpf.c
+        gopark=exit_site,  # not used
+        gopanic=exit_site,  # not used
+    )
+    tr = lookup("testing.tRunner")
+    trunner = (
+        emulated_entry_site(binary, "testing.tRunner", *tr, keep=("r14", "rbx")) if tr else None
+    )
+    pexit = entry_site(binary, "runtime.exit", *need("runtime.exit"))
+    return CheckSites(gsites, trunner, pexit)
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -473,7 +506,7 @@ class _Checker:
 
     def close(self) -> None:
         for pid in list(self.tracked):
-            self.on_gone(pid)
+            self.tracked.pop(pid).proc.close()  # their probes go with the program
         self._detach_q.put(None)
         self._detacher.join()
 

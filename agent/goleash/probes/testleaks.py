@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,12 +165,20 @@ class CheckProbes:
         self._attached[pid] = events
 
     def detach(self, pid: int) -> None:
-        """Remove the uprobes of one process. Slow (~120 ms per perf-event uprobe on
-        recent kernels): callers run it off the event loop."""
+        """Remove the uprobes of one process. Each waits for the kernel (~120 ms per
+        perf-event uprobe on recent kernels), so they go in parallel (the waits
+        overlap) and callers run this off the event loop."""
         events = self._attached.pop(pid, [])
         with self._lock:
+            self._detach_all(events)
+
+    def _detach_all(self, events: list[str]) -> None:
+        if len(events) <= 1:
             for ev in events:
                 detach(self._bpf, ev)
+            return
+        with ThreadPoolExecutor(max_workers=min(8, len(events))) as pool:
+            list(pool.map(lambda ev: detach(self._bpf, ev), events))
 
     def read(self, pid: int) -> Attribution:
         goroutines: dict[int, tuple[int, int]] = {}
@@ -201,4 +210,7 @@ class CheckProbes:
 
     def close(self) -> None:
         with self._lock:
+            left = [ev for evs in self._attached.values() for ev in evs]
+            self._attached.clear()
+            self._detach_all(left)
             self._bpf.cleanup()  # type: ignore[attr-defined]
