@@ -979,19 +979,33 @@ def _add_check_commands(sub: Any) -> None:
 # --- record and diff: what an upgrade changed ------------------------------------------
 
 
-def cmd_record(args: argparse.Namespace) -> int:
-    from goleash.node.record import record, write_record
+def _service_record(args: argparse.Namespace, service: str) -> Any:
+    from goleash.control.servicerecord import record_service
 
-    rec = record(
-        args.pid,
-        duration=args.duration,
-        interval=args.interval,
-        funcs=args.func,
-        budget_fraction=args.budget,
-    )
+    with _client(args) as c:
+        return record_service(c, service, window_s=args.window, funcs=args.func)
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from goleash.node.record import RecordError, record, write_record
+
+    if (args.pid is None) == (args.service is None):
+        raise RecordError("give either --pid PID or --service NS/NAME")
+    if args.service is not None:
+        rec = _service_record(args, args.service)
+        who = f"service {args.service}"
+    else:
+        rec = record(
+            args.pid,
+            duration=args.duration,
+            interval=args.interval,
+            funcs=args.func,
+            budget_fraction=args.budget,
+        )
+        who = f"PID {args.pid}"
     write_record(rec, args.output)
     print(
-        f"goleash record: PID {args.pid} ({rec['build']['go_version']}) for "
+        f"goleash record: {who} ({rec['build']['go_version']}) over "
         f"{rec['duration_s']:.0f}s: {len(rec['sites'])} creation sites, "
         f"{len(rec['functions'])} functions -> {args.output}",
         file=sys.stderr,
@@ -1012,10 +1026,20 @@ def _load_record(path: str) -> Any:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from goleash.control.recdiff import diff, render_html, render_text
+    from goleash.control.recdiff import DiffError, diff, render_html, render_text
 
-    before, after = _load_record(args.before), _load_record(args.after)
-    d = diff(before, after, fail_on=args.fail_on, names=(args.before, args.after))
+    if args.service or args.against:
+        if not (args.service and args.against) or args.before or args.after:
+            raise DiffError("give BEFORE.json AFTER.json, or --service A --against B")
+        before = _service_record(args, args.against)
+        after = _service_record(args, args.service)
+        names = (args.against, args.service)
+    else:
+        if not (args.before and args.after):
+            raise DiffError("give BEFORE.json AFTER.json, or --service A --against B")
+        before, after = _load_record(args.before), _load_record(args.after)
+        names = (args.before, args.after)
+    d = diff(before, after, fail_on=args.fail_on, names=names)
     if args.html:
         try:
             with open(args.html, "w") as f:
@@ -1039,7 +1063,11 @@ def _add_record_commands(sub: Any) -> None:
             "functions, for `goleash diff`. Needs root."
         ),
     )
-    p.add_argument("--pid", type=int, required=True)
+    p.add_argument("--pid", type=int, help="record this process (probes, needs root)")
+    p.add_argument("--service", metavar="NS/NAME", help="record a service from the control plane")
+    p.add_argument(
+        "--window", type=float, default=300.0, help="with --service: seconds back (default 300)"
+    )
     p.add_argument("--duration", type=float, default=60.0, help="seconds (default 60)")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
     p.add_argument(
@@ -1047,6 +1075,7 @@ def _add_record_commands(sub: Any) -> None:
     )
     p.add_argument("--budget", type=float, default=0.05, help="max fraction of a core for probes")
     p.add_argument("-o", "--output", required=True, metavar="FILE")
+    _server_args(p)
     p.set_defaults(handler=cmd_record)
 
     p = sub.add_parser(
@@ -1058,8 +1087,14 @@ def _add_record_commands(sub: Any) -> None:
             "functions whose p50/p99 moved beyond noise."
         ),
     )
-    p.add_argument("before")
-    p.add_argument("after")
+    p.add_argument("before", nargs="?", help="a `goleash record` report")
+    p.add_argument("after", nargs="?", help="the report to compare with it")
+    p.add_argument("--service", metavar="NS/NAME", help="the new service (control plane)")
+    p.add_argument("--against", metavar="NS/NAME", help="the service it is compared with")
+    p.add_argument("--window", type=float, default=300.0, help="seconds back (default 300)")
+    p.add_argument(
+        "--func", action="append", default=[], metavar="SYMBOL", help="compare its latency"
+    )
     p.add_argument(
         "--fail-on",
         action="append",
@@ -1071,6 +1106,7 @@ def _add_record_commands(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
     p.add_argument("--all", action="store_true", help="show unchanged rows too")
+    _server_args(p)
     p.set_defaults(handler=cmd_diff)
 
 
