@@ -136,3 +136,22 @@ def test_check_returns_the_command_exit_code() -> None:
     )  # fmt: skip
     assert res.returncode == 3, res.stderr
     assert "exited 3" in res.stdout
+
+
+def test_check_captures_goroutines_blocked_at_exit_of_a_program() -> None:
+    toolchain = EDGE_TOOLCHAINS[-1]
+    env = gobuild.go_env(toolchain)
+    env["PYTHONPATH"] = str(AGENT)
+    res = subprocess.run(
+        [sys.executable, "-m", "goleash.cli", "check", "--json", "--", "go", "run",
+         "./cmd/exitleak"],
+        cwd=MODULE, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert res.returncode == 1, res.stderr
+    rep = json.loads(res.stdout)
+    (leak,) = rep["leaks"]
+    assert leak["test"] == "" and leak["function"] == "main.wait"
+    assert leak["wait_reason"] == "chan receive"
+    assert leak["go_statement"].endswith(_site("cmd/exitleak", "exitleak"))
+    (proc,) = rep["processes"]
+    assert proc["test_binary"] is False and proc["captured_at_exit"]

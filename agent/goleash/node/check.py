@@ -441,7 +441,7 @@ class _Checker:
             if _internal(site.function, site.created_by):
                 continue
             owner = att.goroutines.get(g.goid)
-            test: tuple[str, str] = ("", "")
+            pkg_test: tuple[str, str] = ("", "")
             run: RunnerRecord | None = None
             if owner is not None:
                 run = att.tests.get(owner[0])
@@ -449,10 +449,10 @@ class _Checker:
                     continue  # the harness's own runner
                 if run.end_ns == 0:
                     continue  # its test is still running (os.Exit inside a test)
-                test = names[owner[0]]
+                pkg_test = names[owner[0]]
             elif g.status == "syscall" or never_ran:
                 continue
-            candidates.append((g, site, test, run))
+            candidates.append((g, site, pkg_test, run))
             if len(candidates) >= MAX_LEAKS_PER_PROCESS:
                 break
         stacks = walk_stacks(proc, [c[0] for c in candidates], MAX_STACK_FRAMES)
