@@ -56,7 +56,7 @@ def _rec(**kw: Any) -> dict:
                 created_by="net/http.(*Server).Serve",
             ),
         ],  # fmt: skip
-        "functions": [{"symbol": "main.handle", "count": 200, "p50_ns": 2e6, "p99_ns": 5e6}],
+        "functions": [{"symbol": "main.handle", "count": 600, "p50_ns": 2e6, "p99_ns": 5e6}],
     }
     rec.update(kw)
     return rec
@@ -98,7 +98,7 @@ def test_upgrade_findings_and_fail_on() -> None:
             ),
             _site("main.audit", "/src/main.go:70", 0, 40, 300.0),
         ],  # fmt: skip
-        functions=[{"symbol": "main.handle", "count": 200, "p50_ns": 20e6, "p99_ns": 30e6}],
+        functions=[{"symbol": "main.handle", "count": 600, "p50_ns": 20e6, "p99_ns": 30e6}],
     )
     d = diff(before, after, fail_on=["growth", "p99:+20%", "p50:+2000%"])
     assert d.failed == ["growth", "p99:+20%"]  # p50 rose 900 %, not 2000 %
@@ -129,7 +129,7 @@ def test_two_go_statements_of_one_creator_pair_in_line_order() -> None:
 
 def test_latency_noise_and_too_few_calls_are_not_findings() -> None:
     after = _rec(
-        functions=[{"symbol": "main.handle", "count": 200, "p50_ns": 2.1e6, "p99_ns": 5.5e6}]
+        functions=[{"symbol": "main.handle", "count": 600, "p50_ns": 2.1e6, "p99_ns": 5.5e6}]
     )
     assert not diff(_rec(), after).functions[0].flagged
     few = _rec(functions=[{"symbol": "main.handle", "count": 3, "p50_ns": 90e6, "p99_ns": 90e6}])
@@ -147,3 +147,10 @@ def test_not_a_recording() -> None:
         diff({"kind": "other"}, _rec())
     with pytest.raises(DiffError):
         diff(_rec(), {**_rec(), "version": 99})
+
+
+def test_p99_needs_enough_calls_to_be_judged() -> None:
+    before = _rec(functions=[{"symbol": "f", "count": 130, "p50_ns": 2e6, "p99_ns": 2.5e6}])
+    after = _rec(functions=[{"symbol": "f", "count": 130, "p50_ns": 2e6, "p99_ns": 25e6}])
+    (row,) = diff(before, after, fail_on=["p99:+20%"]).functions
+    assert not row.flagged and "p99 not judged" in row.evidence

@@ -34,6 +34,9 @@ LIVE_CHANGE_MIN = 10  # ... and at least this many goroutines apart
 LATENCY_CHANGE = 0.20  # +-20 % ...
 LATENCY_MIN_NS = 200_000  # ... and at least 0.2 ms apart
 LATENCY_MIN_CALLS = 20
+# A p99 is judged only with enough calls past it: with 130 calls it is the second
+# slowest one, and one scheduling hiccup on a busy machine moves it 10x.
+P99_MIN_CALLS = 500
 
 
 class DiffError(GoleashError):
@@ -281,9 +284,13 @@ def _function_rows(before: list[dict[str, Any]], after: list[dict[str, Any]]) ->
         verdicts: list[str] = []
         tags: list[str] = []
         evidence: list[str] = []
+        calls = min(int(b.get("count") or 0), int(a.get("count") or 0))
         for q in ("p50", "p99"):
             x, y = b.get(f"{q}_ns"), a.get(f"{q}_ns")
             if not x or y is None:
+                continue
+            if q == "p99" and calls < P99_MIN_CALLS:
+                evidence.append(f"p99 not judged (< {P99_MIN_CALLS} calls)")
                 continue
             change = y / x - 1
             evidence.append(f"{q} {_ms(x)} -> {_ms(y)} ({change:+.0%})")
