@@ -920,7 +920,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     ignore.sites.update(args.ignore_site)
     ignore.functions.update(args.ignore_function)
     baseline = load_baseline(args.baseline) if args.baseline else set()
-    rep = run_check(command, ignore=ignore, baseline=baseline)
+    rep = run_check(command, ignore=ignore, baseline=baseline, stdout_to_stderr=args.json)
     print_report(rep, as_json=args.json)
     if args.junit:
         write_junit(rep, args.junit)
@@ -939,7 +939,11 @@ def _add_check_commands(sub: Any) -> None:
             "bad usage or environment; a non-zero exit of CMD is returned as is. Needs root."
         ),
     )
-    p.add_argument("--json", action="store_true", help="the report as JSON on stdout")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="the report as JSON on stdout (the command's own stdout goes to stderr)",
+    )
     p.add_argument("--junit", metavar="FILE", help="also write a JUnit XML file")
     p.add_argument(
         "--ignore-top",

@@ -599,8 +599,10 @@ def _exe_name(pid: int) -> str:
         return f"/proc/{pid}/exe"
 
 
-def _spawn_held(command: list[str]) -> tuple[int, int]:
-    """Fork CMD held before exec until the follower knows its pid: (pid, release fd)."""
+def _spawn_held(command: list[str], *, stdout_to_stderr: bool) -> tuple[int, int]:
+    """Fork CMD held before exec until the follower knows its pid: (pid, release fd).
+    With `stdout_to_stderr` CMD writes to goleash's stderr, leaving stdout to the
+    report (--json stays parseable)."""
     if shutil.which(command[0]) is None:
         raise CheckUsageError(f"command not found: {command[0]}")
     r, w = os.pipe()
@@ -608,6 +610,8 @@ def _spawn_held(command: list[str]) -> tuple[int, int]:
     if pid == 0:  # child
         try:
             os.close(w)
+            if stdout_to_stderr:
+                os.dup2(2, 1)
             os.read(r, 1)
             os.close(r)
             os.execvp(command[0], command)
@@ -624,6 +628,7 @@ def run_check(
     ignore: IgnoreList | None = None,
     baseline: set[Any] | None = None,
     poll_ms: int = 20,
+    stdout_to_stderr: bool = False,
 ) -> CheckReport:
     if not command:
         raise CheckUsageError("nothing to run: give the command after `--`")
@@ -633,7 +638,7 @@ def run_check(
     except CheckProbeError as exc:
         raise GoleashError(f"{exc} (goleash check needs root and BPF)") from None
     checker = _Checker(probes, command, ignore or IgnoreList(), baseline or set())
-    pid, release = _spawn_held(command)
+    pid, release = _spawn_held(command, stdout_to_stderr=stdout_to_stderr)
     exit_code: int | None = None
     forwarded = {}
 
@@ -676,12 +681,20 @@ def run_check(
         if full:
             checker.notes.append(f"{full} processes were not followed (follow table full)")
     finally:
+        # Processes that exec'd or exited after the command did (daemons it left) may
+        # be stopped with their events unread: stop following, then resume them.
+        with contextlib.suppress(Exception):
+            probes.unfollow_all()
+            for kind, p in probes.poll(0):
+                if kind in (FOLLOW_EXEC, PROCESS_EXIT):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p, signal.SIGCONT)
         for s, h in forwarded.items():
             signal.signal(s, h)
         checker.close()
         probes.close()
     report = checker.report(exit_code, time.monotonic() - started)
-    if not any(p.test_binary for p in report.processes) and not report.processes:
+    if not report.processes:
         report.notes.append(
             "no Go program ran under the command (test results cached? add -count=1)"
         )

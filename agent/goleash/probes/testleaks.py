@@ -132,6 +132,11 @@ class CheckProbes:
     def follow(self, pid: int) -> None:
         self._bpf["followed"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)  # type: ignore[index]
 
+    def unfollow_all(self) -> None:
+        """Stop following anything: no process is stopped from now on."""
+        self._bpf["followed"].clear()  # type: ignore[index]
+        self._bpf["tl_procs"].clear()  # type: ignore[index]
+
     def poll(self, timeout_ms: int) -> list[tuple[int, int]]:
         self._bpf.perf_buffer_poll(timeout=timeout_ms)  # type: ignore[attr-defined]
         out, self._events = self._events, []
