@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.constants import P_FLAGS
@@ -143,9 +145,29 @@ class GoBinary:
         s = self.elf.get_section_by_name(".symtab")
         if s is None:
             return out
+        if self.elf.elfclass == 64 and self.elf.little_endian:
+            return self._symbols64(s)
         for sym in s.iter_symbols():  # type: ignore[attr-defined]
             if sym.name and sym["st_value"]:
                 out[sym.name] = (sym["st_value"], sym["st_size"])
+        return out
+
+    def _symbols64(self, symtab: Any) -> dict[str, tuple[int, int]]:
+        """.symtab of an ELF64 little-endian file read with struct: pyelftools takes
+        ~1.2 s for a test binary's 10k symbols, this ~20 ms (`goleash check` analyses
+        every test binary `go test` starts)."""
+        out: dict[str, tuple[int, int]] = {}
+        strtab = self.elf.get_section(symtab["sh_link"])
+        str_off, str_size = strtab["sh_offset"], strtab["sh_size"]
+        strings = bytes(self.data[str_off : str_off + str_size])
+        off, size = symtab["sh_offset"], symtab["sh_size"]
+        raw = bytes(self.data[off : off + size - size % 24])
+        for name_off, _info, _other, _shndx, value, sym_size in struct.iter_unpack("<IBBHQQ", raw):
+            if not name_off or not value or name_off >= len(strings):
+                continue
+            end = strings.find(b"\0", name_off)
+            name = strings[name_off : end if end >= 0 else len(strings)]
+            out[name.decode("utf-8", "replace")] = (value, sym_size)
         return out
 
     def close(self) -> None:

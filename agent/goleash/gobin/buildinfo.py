@@ -46,6 +46,9 @@ class BuildInfo:
     # Go < 1.20 never records -buildmode; read_build_info then infers it from the ELF
     # type (ET_DYN -> "pie") and keeps it here.
     inferred_buildmode: str = "exe"
+    main_package: str | None = None  # the `path` line: "cmd/compile", "example.com/x.test"
+    # `dep` lines (after `=>` replacements): module path -> version
+    deps: dict[str, str] = field(default_factory=dict)
 
     @property
     def buildmode(self) -> str:
@@ -105,12 +108,15 @@ def read_build_info(binary: GoBinary) -> BuildInfo:
     # Sentinels (cmd/go's infoStart/infoEnd) frame the module info: 16 bytes each side.
     mod = mod[16:-16] if len(mod) >= 33 and mod[-17] == "\n" else ""
     main_module, settings = _parse_modinfo(mod)
+    main_package, deps = _parse_packages(mod)
     return BuildInfo(
         vers,
         parse_go_version(vers),
         main_module,
         settings,
         inferred_buildmode="pie" if binary.is_pie else "exe",
+        main_package=main_package,
+        deps=deps,
     )
 
 
@@ -171,6 +177,23 @@ def _parse_modinfo(mod: str) -> tuple[str | None, dict[str, str]]:
             if key:
                 settings[key] = value
     return main_module, settings
+
+
+def _parse_packages(mod: str) -> tuple[str | None, dict[str, str]]:
+    """The `path` line and the dependencies (`dep`, replaced by a following `=>`)."""
+    path: str | None = None
+    deps: dict[str, str] = {}
+    last: str | None = None
+    for line in mod.split("\n"):
+        parts = line.split("\t")
+        if parts[0] == "path" and len(parts) > 1:
+            path = parts[1] or None
+        elif parts[0] == "dep" and len(parts) > 2:
+            last = parts[1]
+            deps[last] = parts[2]
+        elif parts[0] == "=>" and len(parts) > 2 and last is not None:
+            deps[last] = f"{parts[1]} {parts[2]}" if parts[1] != last else parts[2]
+    return path, deps
 
 
 def _split_setting(kv: str) -> tuple[str, str]:

@@ -1,0 +1,221 @@
+"""BCC side of `goleash check` (bpf/check.bpf.c): follow a command's process tree
+and attribute goroutines to the tests that created them.
+
+One program serves every followed process of every Go release: the runtime offsets
+of each process are a map entry, so BCC compiles once per run (a compile costs
+seconds on a busy machine; a test binary lives for milliseconds). The program stops
+a process (SIGSTOP from BPF) at the moments user space must act before it runs on:
+right after exec (to attach probes before the first Go instruction) and at
+runtime.exit (to read the goroutines still blocked before they vanish). The caller
+always sends the SIGCONT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from goleash.errors import GoleashError
+from goleash.gobin.disasm import GoroutineProbeSites, ProbeSite
+from goleash.gobin.offsets import RuntimeOffsets
+from goleash.probes.uprobe import attach_at, detach
+
+BPF_DIR = Path(__file__).resolve().parents[3] / "bpf"
+MAX_FOLLOWED = 65536
+MAX_LIVE = 65536
+MAX_TESTS = 16384
+MAX_PROCS = 4096
+FOLLOW_EXEC, FOLLOW_EXIT, PROCESS_EXIT = 1, 2, 3
+TL_COUNTERS = (
+    "create_hits",
+    "exit_hits",
+    "trunner_hits",
+    "live_table_full",
+    "tests_table_full",
+    "read_faults",
+    "follow_table_full",
+)
+
+
+class CheckProbeError(GoleashError):
+    """The BPF programs of `goleash check` could not be compiled or attached."""
+
+
+class _Key(ctypes.Structure):
+    _fields_ = [("pid", ctypes.c_uint32), ("_pad", ctypes.c_uint32), ("goid", ctypes.c_uint64)]
+
+
+class _Event(ctypes.Structure):
+    _fields_ = [("pid", ctypes.c_uint32), ("kind", ctypes.c_uint32)]
+
+
+@dataclass(frozen=True)
+class RunnerRecord:
+    """One run of a test function (a tRunner goroutine), as the kernel recorded it."""
+
+    goid: int
+    fn_pc: int  # link-time
+    parent_test: int  # goid of the parent test's runner, 0 for none
+    start_ns: int
+    end_ns: int  # 0: still running
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """What testleaks.bpf.c knows about one process."""
+
+    goroutines: dict[int, tuple[int, int]]  # goid -> (test goid, created_ns)
+    tests: dict[int, RunnerRecord]  # runner goid -> test run
+    counters: dict[str, int]
+
+
+def _compile(src: str, cflags: list[str]) -> object:
+    from bcc import BPF  # the only package that imports bcc
+
+    try:
+        return BPF(text=src.encode(), cflags=cflags)
+    except Exception as exc:  # BCC raises bare Exception on compile errors
+        raise CheckProbeError(f"compiling check.bpf.c failed: {exc}") from exc
+
+
+class _Proc(ctypes.Structure):
+    _fields_ = [
+        ("g_goid", ctypes.c_uint32),
+        ("g_parent_goid", ctypes.c_uint32),
+        ("g_m", ctypes.c_uint32),
+        ("m_curg", ctypes.c_uint32),
+        ("_pad0", ctypes.c_uint32),
+        ("_pad1", ctypes.c_uint32),
+    ]
+
+
+@dataclass(frozen=True)
+class CheckSites:
+    """Where testleaks.bpf.c attaches in one executable."""
+
+    goroutines: GoroutineProbeSites
+    trunner: ProbeSite | None  # None: not a test binary
+    process_exit: ProbeSite
+
+
+class CheckProbes:
+    """check.bpf.c: follows one process tree and attributes goroutines to tests in every
+    Go process of it that is attached. `poll()` returns (kind, pid) events: FOLLOW_EXEC
+    (the process is stopped), FOLLOW_EXIT, PROCESS_EXIT (stopped at runtime.exit)."""
+
+    def __init__(self) -> None:
+        src = (BPF_DIR / "check.bpf.c").read_text()
+        self._bpf = _compile(
+            src,
+            [
+                f"-I{BPF_DIR}",
+                f"-DMAX_FOLLOWED={MAX_FOLLOWED}",
+                f"-DMAX_PROCS={MAX_PROCS}",
+                f"-DMAX_LIVE={MAX_LIVE}",
+                f"-DMAX_TESTS={MAX_TESTS}",
+            ],
+        )
+        self._events: list[tuple[int, int]] = []
+        self._attached: dict[int, list[str]] = {}
+        self._lock = threading.Lock()
+
+        def on_raw(_cpu: int, data: int, _size: int) -> None:
+            ev = ctypes.cast(data, ctypes.POINTER(_Event)).contents
+            self._events.append((int(ev.kind), int(ev.pid)))
+
+        self._bpf["chk_events"].open_perf_buffer(on_raw, page_cnt=64)  # type: ignore[index]
+
+    def follow(self, pid: int) -> None:
+        self._bpf["followed"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)  # type: ignore[index]
+
+    def unfollow_all(self) -> None:
+        """Stop following anything: no process is stopped from now on."""
+        self._bpf["followed"].clear()  # type: ignore[index]
+        self._bpf["tl_procs"].clear()  # type: ignore[index]
+
+    def poll(self, timeout_ms: int) -> list[tuple[int, int]]:
+        self._bpf.perf_buffer_poll(timeout=timeout_ms)  # type: ignore[attr-defined]
+        out, self._events = self._events, []
+        return out
+
+    def attach(self, pid: int, exe: str, offsets: RuntimeOffsets, sites: CheckSites) -> None:
+        cfg = _Proc(
+            offsets.g_goid,
+            offsets.g_parent_goid or 0,
+            offsets.g_m,
+            offsets.m_curg,
+            0,
+            0,
+        )
+        self._bpf["tl_procs"][ctypes.c_uint32(pid)] = cfg  # type: ignore[index]
+        on_create = "on_create_ax" if sites.goroutines.new_g_register == "rax" else "on_create_bx"
+        plan = [(s, on_create) for s in sites.goroutines.create_sites]
+        plan.append((sites.goroutines.exit, "on_exit"))
+        plan.append((sites.process_exit, "on_pexit"))
+        if sites.trunner is not None:
+            plan.append((sites.trunner, "on_trunner"))
+        events: list[str] = []
+        try:
+            for site, fn in plan:
+                events.append(attach_at(self._bpf, exe, site.file_offset, fn, pid))
+        except OSError as exc:
+            with self._lock:
+                for ev in events:
+                    detach(self._bpf, ev)
+            raise CheckProbeError(f"attaching to PID {pid}: {exc}") from exc
+        self._attached[pid] = events
+
+    def detach(self, pid: int) -> None:
+        """Remove the uprobes of one process. Each waits for the kernel (~120 ms per
+        perf-event uprobe on recent kernels), so they go in parallel (the waits
+        overlap) and callers run this off the event loop."""
+        events = self._attached.pop(pid, [])
+        with self._lock:
+            self._detach_all(events)
+
+    def _detach_all(self, events: list[str]) -> None:
+        if len(events) <= 1:
+            for ev in events:
+                detach(self._bpf, ev)
+            return
+        with ThreadPoolExecutor(max_workers=min(8, len(events))) as pool:
+            list(pool.map(lambda ev: detach(self._bpf, ev), events))
+
+    def read(self, pid: int) -> Attribution:
+        goroutines: dict[int, tuple[int, int]] = {}
+        for k, v in self._bpf["tl_goroutines"].items():  # type: ignore[index]
+            if k.pid == pid:
+                goroutines[int(k.goid)] = (int(v.test_goid), int(v.created_ns))
+        tests: dict[int, RunnerRecord] = {}
+        for k, v in self._bpf["tl_tests"].items():  # type: ignore[index]
+            if k.pid == pid:
+                tests[int(k.goid)] = RunnerRecord(
+                    int(k.goid), int(v.fn_pc), int(v.parent_test), int(v.start_ns), int(v.end_ns)
+                )
+        return Attribution(goroutines, tests, self.counters())
+
+    def counters(self) -> dict[str, int]:
+        counters = dict.fromkeys(TL_COUNTERS, 0)
+        for idx, per_cpu in self._bpf["tl_counters"].items():  # type: ignore[index]
+            if idx.value < len(TL_COUNTERS):
+                counters[TL_COUNTERS[idx.value]] = sum(int(v) for v in per_cpu)
+        return counters
+
+    def forget(self, pid: int) -> None:
+        """Drop what the maps hold for a process that is gone (bounded maps)."""
+        for name in ("tl_goroutines", "tl_tests"):
+            table = self._bpf[name]  # type: ignore[index]
+            for k in [k for k in table if k.pid == pid]:
+                with contextlib.suppress(KeyError):
+                    del table[k]
+
+    def close(self) -> None:
+        with self._lock:
+            left = [ev for evs in self._attached.values() for ev in evs]
+            self._attached.clear()
+            self._detach_all(left)
+            self._bpf.cleanup()  # type: ignore[attr-defined]
