@@ -566,6 +566,8 @@ def _agent_config(args: argparse.Namespace) -> Any:
         panics=args.panics,
         health_listen=endpoint(args.health_listen),
         metrics_listen=endpoint(args.metrics_listen),
+        metrics_top_sites=args.metrics_top_sites,
+        metrics_pid_label=args.metrics_pid_label,
         host_root=args.host_root,
         token=getattr(args, "token", None) or os.environ.get("GOLEASH_TOKEN") or None,
         tls_ca=getattr(args, "tls_ca", None),
@@ -596,6 +598,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _agent_args(p: argparse.ArgumentParser, *, metrics_default: str, health_default: str) -> None:
+    from goleash.node.metrics import DEFAULT_TOP_SITES
     from goleash.node.sender import DEFAULT_MAX_BATCHES
     from goleash.node.tracker import DEFAULT_ORPHAN_MIN_AGE_S
 
@@ -673,6 +676,20 @@ def _agent_args(p: argparse.ArgumentParser, *, metrics_default: str, health_defa
         default=metrics_default,
         metavar="HOST:PORT",
         help=f"Prometheus /metrics; 'off' for none (default {metrics_default})",
+    )
+    g.add_argument(
+        "--metrics-top-sites",
+        type=int,
+        default=DEFAULT_TOP_SITES,
+        metavar="N",
+        help=f"per process, series for the N sites with most live goroutines, the rest "
+        f"summed as site 'other' (default {DEFAULT_TOP_SITES})",
+    )
+    g.add_argument(
+        "--metrics-pid-label",
+        action="store_true",
+        help="label series with the pid too (a new series at every restart; without it, "
+        "processes with the same service, namespace, pod and container are summed)",
     )
     g.add_argument(
         "--buffer-batches",

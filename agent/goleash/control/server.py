@@ -586,7 +586,7 @@ class ControlPlane:
             self._metrics = MetricsServer(
                 cfg.metrics_listen,
                 asyncio.get_running_loop(),
-                lambda: view(self.store, self.events.last_id(), self.clock()),
+                lambda: view(self.store, self.events.last_id(), self.clock(), self.engine.engine),
             )
             self.metrics_address = self._metrics.address
         for name in ("", GOLEASH_SERVICE, INGEST_SERVICE, READY_SERVICE):

@@ -56,6 +56,7 @@ from goleash.node.export import (
     trim_kept,
 )
 from goleash.node.metrics import (
+    DEFAULT_TOP_SITES,
     AgentView,
     FunctionView,
     HealthServer,
@@ -98,6 +99,8 @@ class AgentConfig:
     panics: bool = False
     health_listen: str | None = DEFAULT_HEALTH_LISTEN  # None: no health endpoint
     metrics_listen: str | None = DEFAULT_METRICS_LISTEN  # None: no /metrics
+    metrics_top_sites: int = DEFAULT_TOP_SITES  # per process; the rest is one "other"
+    metrics_pid_label: bool = False  # pid as a label: a new series at every restart
     host_root: str = "/"
     token: str | None = None
     tls_ca: str | None = None
@@ -262,7 +265,12 @@ class Agent:
         if self.cfg.health_listen:
             self.health = HealthServer(self.cfg.health_listen)
         if self.cfg.metrics_listen:
-            self.metrics = MetricsServer(self.cfg.metrics_listen, self.view)
+            self.metrics = MetricsServer(
+                self.cfg.metrics_listen,
+                self.view,
+                top_sites=self.cfg.metrics_top_sites,
+                pid_label=self.cfg.metrics_pid_label,
+            )
 
     def _check_bpf(self) -> None:
         from goleash.probes.selfcheck import BPFUnavailableError, check_bpf
@@ -539,6 +547,10 @@ class Agent:
                     dropped=dict(snap.dropped) if snap else {},
                     functions=functions,
                     panics=panics,
+                    namespace=f.info.kubernetes.namespace,
+                    pod=f.info.kubernetes.pod,
+                    container=f.info.kubernetes.container,
+                    module=f.info.module_path,
                 )
             )
         self._procs_view = procs
