@@ -222,8 +222,18 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
             policy_file=args.policy,
             health_listen=args.health_listen,
             metrics_listen=args.metrics_listen,
+            otlp_endpoint=args.otlp_endpoint or _otlp_env(),
+            otlp_interval=args.otlp_interval,
         )
     )
+
+
+def _otlp_env() -> str | None:
+    """The OpenTelemetry SDK's standard variables for the OTLP endpoint."""
+    import os
+
+    env = os.environ
+    return env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -441,6 +451,19 @@ def _add_control_commands(sub: Any) -> None:
         "ready), for probes that cannot speak TLS",
     )
     p.add_argument("--metrics-listen", help="serve Prometheus /metrics on HOST:PORT")
+    p.add_argument(
+        "--otlp-endpoint",
+        metavar="HOST:PORT",
+        help="also push the same metrics over OTLP/gRPC to this collector (needs "
+        "pip install 'goleash[otlp]'; default $OTEL_EXPORTER_OTLP_ENDPOINT)",
+    )
+    p.add_argument(
+        "--otlp-interval",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds between OTLP exports (default 30)",
+    )
     p.set_defaults(handler=cmd_control_plane)
 
     p = sub.add_parser(
@@ -568,6 +591,8 @@ def _agent_config(args: argparse.Namespace) -> Any:
         metrics_listen=endpoint(args.metrics_listen),
         metrics_top_sites=args.metrics_top_sites,
         metrics_pid_label=args.metrics_pid_label,
+        otlp_endpoint=args.otlp_endpoint or _otlp_env(),
+        otlp_interval=args.otlp_interval,
         host_root=args.host_root,
         token=getattr(args, "token", None) or os.environ.get("GOLEASH_TOKEN") or None,
         tls_ca=getattr(args, "tls_ca", None),
@@ -690,6 +715,19 @@ def _agent_args(p: argparse.ArgumentParser, *, metrics_default: str, health_defa
         action="store_true",
         help="label series with the pid too (a new series at every restart; without it, "
         "processes with the same service, namespace, pod and container are summed)",
+    )
+    g.add_argument(
+        "--otlp-endpoint",
+        metavar="HOST:PORT",
+        help="also push the same metrics over OTLP/gRPC to this collector (needs "
+        "pip install 'goleash[otlp]'; default $OTEL_EXPORTER_OTLP_ENDPOINT)",
+    )
+    g.add_argument(
+        "--otlp-interval",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds between OTLP exports (default 30)",
     )
     g.add_argument(
         "--buffer-batches",

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("GOLEASH_CACHE", "/var/cache/goleash"))
 PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
 # Modules that need an optional extra (pip install 'goleash[otlp]').
-OPTIONAL = ("goleash.node.otlp",)
+OPTIONAL = ("goleash.otlp",)
 
 
 def _wheelhouse() -> Path:

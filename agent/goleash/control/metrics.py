@@ -177,6 +177,25 @@ def policy_metrics(v: ControlView) -> Iterator[Metric]:
     yield h
 
 
+def control_registry(
+    loop: asyncio.AbstractEventLoop, snapshot: Callable[[], ControlView]
+) -> CollectorRegistry:
+    """The control plane's metrics and its process metrics, collected from any thread
+    (the numbers are computed on `loop`): what /metrics serves and OTLP sends."""
+
+    async def on_loop() -> ControlView:
+        return snapshot()
+
+    def from_thread() -> ControlView:
+        fut = asyncio.run_coroutine_threadsafe(on_loop(), loop)
+        return fut.result(timeout=SCRAPE_TIMEOUT_S)
+
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    registry.register(ControlCollector(from_thread))
+    return registry
+
+
 class MetricsServer:
     """`/metrics` over HTTP in a thread; the numbers come from `loop`'s thread."""
 
@@ -187,16 +206,7 @@ class MetricsServer:
         if not sep or not port.isdigit():
             raise MetricsListenError(f"--metrics-listen {listen!r}: expected HOST:PORT")
 
-        async def on_loop() -> ControlView:
-            return snapshot()
-
-        def from_thread() -> ControlView:
-            fut = asyncio.run_coroutine_threadsafe(on_loop(), loop)
-            return fut.result(timeout=SCRAPE_TIMEOUT_S)
-
-        self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)
-        self.registry.register(ControlCollector(from_thread))
+        self.registry = control_registry(loop, snapshot)
         try:
             self._server, _ = start_http_server(
                 int(port), host.strip("[]") or "0.0.0.0", registry=self.registry

@@ -94,6 +94,8 @@ class ControlPlaneConfig:
     # plaintext grpc.health.v1 only (the kubelet's gRPC probes cannot speak TLS)
     health_listen: str | None = None
     metrics_listen: str | None = None  # Prometheus /metrics over HTTP
+    otlp_endpoint: str | None = None  # also push the metrics over OTLP/gRPC there
+    otlp_interval: float = 30.0
 
 
 def is_loopback(listen: str) -> bool:
@@ -506,6 +508,7 @@ class ControlPlane:
         self._upkeep: asyncio.Task[None] | None = None
         self._health_server: grpc.aio.Server | None = None
         self._metrics: Any = None
+        self._otlp: Any = None
         self.health_address = self.metrics_address = ""
         report_dir = config.report_dir
         if report_dir is None and self.db_path != ":memory:":
@@ -589,6 +592,20 @@ class ControlPlane:
                 lambda: view(self.store, self.events.last_id(), self.clock(), self.engine.engine),
             )
             self.metrics_address = self._metrics.address
+        if cfg.otlp_endpoint:
+            from goleash.control.metrics import control_registry, view
+            from goleash.otlp import OtlpExporter
+
+            registry = control_registry(
+                asyncio.get_running_loop(),
+                lambda: view(self.store, self.events.last_id(), self.clock(), self.engine.engine),
+            )
+            self._otlp = OtlpExporter(
+                cfg.otlp_endpoint,
+                registry,
+                service_name="goleash-control-plane",
+                interval=cfg.otlp_interval,
+            ).start()
         for name in ("", GOLEASH_SERVICE, INGEST_SERVICE, READY_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if cfg.full_gc_seconds > 0:
@@ -626,6 +643,8 @@ class ControlPlane:
         await self.health.enter_graceful_shutdown()
         if self._metrics is not None:
             self._metrics.stop()
+        if self._otlp is not None:
+            await asyncio.to_thread(self._otlp.stop)  # its last export reads on this loop
         if self._server is not None:
             await self._server.stop(grace)
         if self._health_server is not None:

@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from goleash import __version__
 from goleash.api.goleash.v1 import ingest_service_pb2 as ing
@@ -101,6 +101,8 @@ class AgentConfig:
     metrics_listen: str | None = DEFAULT_METRICS_LISTEN  # None: no /metrics
     metrics_top_sites: int = DEFAULT_TOP_SITES  # per process; the rest is one "other"
     metrics_pid_label: bool = False  # pid as a label: a new series at every restart
+    otlp_endpoint: str | None = None  # also push the metrics over OTLP/gRPC there
+    otlp_interval: float = 30.0
     host_root: str = "/"
     token: str | None = None
     tls_ca: str | None = None
@@ -243,6 +245,7 @@ class Agent:
         self._procs_view: list[ProcessView] = []
         self.health: HealthServer | None = None
         self.metrics: MetricsServer | None = None
+        self.otlp: Any = None  # goleash.otlp.OtlpExporter (optional extra)
 
     # --- endpoints -----------------------------------------------------------------
 
@@ -271,6 +274,22 @@ class Agent:
                 top_sites=self.cfg.metrics_top_sites,
                 pid_label=self.cfg.metrics_pid_label,
             )
+        if self.cfg.otlp_endpoint:
+            from goleash.node.metrics import agent_registry
+            from goleash.otlp import OtlpExporter
+
+            registry = agent_registry(
+                self.view,
+                top_sites=self.cfg.metrics_top_sites,
+                pid_label=self.cfg.metrics_pid_label,
+            )
+            self.otlp = OtlpExporter(
+                self.cfg.otlp_endpoint,
+                registry,
+                service_name="goleash-agent",
+                interval=self.cfg.otlp_interval,
+                resource={"host.name": self.identity.node_name},
+            ).start()
 
     def _check_bpf(self) -> None:
         from goleash.probes.selfcheck import BPFUnavailableError, check_bpf
@@ -618,6 +637,8 @@ class Agent:
             self.health.stop()
         if self.metrics is not None:
             self.metrics.stop()
+        if self.otlp is not None:
+            self.otlp.stop()
 
 
 def describe(agent: Agent) -> str:

@@ -354,6 +354,17 @@ def split_hostport(listen: str, what: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def agent_registry(
+    view: Callable[[], AgentView], *, top_sites: int = DEFAULT_TOP_SITES, pid_label: bool = False
+) -> CollectorRegistry:
+    """The agent's metrics with its own process metrics (CPU, memory): what /metrics
+    serves and OTLP export sends."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    registry.register(AgentCollector(view, top_sites=top_sites, pid_label=pid_label))
+    return registry
+
+
 class MetricsServer:
     """`/metrics` over HTTP, with the agent's own process metrics (CPU, memory)."""
 
@@ -366,9 +377,7 @@ class MetricsServer:
         pid_label: bool = False,
     ) -> None:
         host, port = split_hostport(listen, "--metrics-listen")
-        self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)
-        self.registry.register(AgentCollector(view, top_sites=top_sites, pid_label=pid_label))
+        self.registry = agent_registry(view, top_sites=top_sites, pid_label=pid_label)
         try:
             self._server, self._thread = start_http_server(port, host, registry=self.registry)
         except OSError as exc:
