@@ -52,6 +52,9 @@ def test_go_statements_lose_the_build_machine_paths() -> None:
     assert trim_go_path("/root/go/pkg/mod/github.com/x/y@v1.2.3/z.go:7", mod) == (
         "github.com/x/y@v1.2.3/z.go:7"
     )
+    assert trim_go_path("/src/repo/cmd/main.go:3", "github.com/o/repo/v2") == (
+        "github.com/o/repo/v2/cmd/main.go:3"
+    )
     assert trim_go_path("example.com/shop/api.go:9", mod) == "example.com/shop/api.go:9"
     assert trim_go_path("/opt/build/weird/file.go:1", "") == "weird/file.go:1"
 

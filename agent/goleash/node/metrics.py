@@ -25,6 +25,7 @@ says the agent can do its job, not that there is work.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -115,10 +116,14 @@ def trim_go_path(where: str, module: str = "") -> str:
         path, line = where, ""
     if not path.startswith("/"):
         return where  # already relative (-trimpath builds, "?")
+    # the main module's directory is usually named after its last path element
+    # (github.com/org/repo/v2 lives in .../repo)
+    parts = [p for p in module.split("/") if p and not re.fullmatch(r"v\d+", p)]
+    root = f"/{parts[-1]}/" if parts else ""
     if "/pkg/mod/" in path:
         out = path.rsplit("/pkg/mod/", 1)[1]
-    elif module and f"/{module.rsplit('/', 1)[-1]}/" in path:
-        out = module + "/" + path.rsplit(f"/{module.rsplit('/', 1)[-1]}/", 1)[1]
+    elif root and root in path:
+        out = module + "/" + path.rsplit(root, 1)[1]
     elif "/src/" in path:
         out = path.rsplit("/src/", 1)[1]
     else:
