@@ -70,7 +70,7 @@ def metrics_data(
     for fam in registry.collect():
         if fam.type in ("counter", "gauge"):
             points = [
-                sdk["NumberDataPoint"](dict(s.labels), start_ns, now_ns, s.value)
+                sdk["NumberDataPoint"](dict(s.labels), start_ns, now_ns, float(s.value))
                 for s in fam.samples
                 if s.name in (fam.name, fam.name + "_total") and math.isfinite(s.value)
             ]

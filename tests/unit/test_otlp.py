@@ -154,3 +154,29 @@ def test_control_plane_pushes_its_policy_metrics_over_otlp(
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
+
+
+@pytest.mark.root
+def test_agent_pushes_its_metrics_over_otlp(receiver: tuple[Receiver, str]) -> None:
+    # No control plane and no process to follow: the agent buffers and still reports.
+    rx, endpoint = receiver
+    proc = subprocess.Popen(
+        [*GOLEASH, "agent", "--server", "127.0.0.1:1", "--exe", "*/no-such-goleash-target",
+         "--interval", "0.5", "--health-listen", "off", "--metrics-listen", "off",
+         "--otlp-endpoint", endpoint, "--otlp-interval", "0.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+
+        def scanned() -> dict[str, object] | None:
+            m = rx.metrics(timeout=60)
+            scans = m.get("goleash_agent_scans")
+            return m if scans and scans.sum.data_points[0].as_double >= 1 else None
+
+        got = wait_for(scanned, "an OTLP export after the agent's first scan", 90)
+        (connected,) = got["goleash_agent_connected"].gauge.data_points
+        assert connected.as_double == 0  # nothing listens at the --server address
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
