@@ -5,7 +5,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 export GOLEASH_CACHE ?= /var/cache/goleash
 
-.PHONY: setup demo test test-unit bench proto lint offsets-table
+.PHONY: setup demo test test-unit bench proto lint offsets-table image test-image
 
 setup:
 	@bash scripts/setup.sh
@@ -17,6 +17,16 @@ demo: setup
 ## the whole suite, BPF tests included (root)
 test: setup
 	@$(PY) -m pytest -q tests
+
+## the agent/control-plane image (deploy/Dockerfile) with podman, from a local
+## Debian base made by mmdebstrap: no registry needed
+image:
+	@bash scripts/image.sh
+
+## the image run as the manifests run it: control-plane and agent containers, a Go
+## process on the host, `goleash ps` through the published port (root, podman)
+test-image: setup image
+	@GOLEASH_TEST_IMAGE=1 $(PY) -m pytest -q tests/image
 
 ## pure-Python tests only (no root needed once set up)
 test-unit: setup

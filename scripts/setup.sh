@@ -58,11 +58,11 @@ fi
 
 # --- Python virtualenv -------------------------------------------------------
 # --system-site-packages: BCC's Python module lives in Debian's dist-packages.
-stamp_want=$(cat "$here/requirements.txt" "$here/pyproject.toml" | sha256sum | cut -c1-16)
+stamp_want=$(cat "$here"/requirements*.txt "$here/pyproject.toml" | sha256sum | cut -c1-16)
 if [ "$(cat "$venv/.goleash-stamp" 2>/dev/null)" != "$stamp_want" ]; then
   log "creating virtualenv $venv"
   /usr/bin/python3 -m venv --system-site-packages "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check -r "$here/requirements.txt"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r "$here/requirements-dev.txt"
   "$venv/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation -e "$here"
   echo "$stamp_want" > "$venv/.goleash-stamp"
 fi

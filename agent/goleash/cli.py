@@ -276,8 +276,18 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
             metrics_listen=args.metrics_listen,
             evidence_listen=args.evidence_listen,
             external_url=args.external_url or "",
+            otlp_endpoint=args.otlp_endpoint or _otlp_env(),
+            otlp_interval=args.otlp_interval,
         )
     )
+
+
+def _otlp_env() -> str | None:
+    """The OpenTelemetry SDK's standard variables for the OTLP endpoint."""
+    import os
+
+    env = os.environ
+    return env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -595,6 +605,19 @@ def _add_control_commands(sub: Any) -> None:
         help="the URL users reach the evidence server at, for alerts' links and "
         "Alertmanager's generatorURL (default http://EVIDENCE-LISTEN)",
     )
+    p.add_argument(
+        "--otlp-endpoint",
+        metavar="HOST:PORT",
+        help="also push the same metrics over OTLP/gRPC to this collector (needs "
+        "pip install 'goleash[otlp]'; default $OTEL_EXPORTER_OTLP_ENDPOINT)",
+    )
+    p.add_argument(
+        "--otlp-interval",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds between OTLP exports (default 30)",
+    )
     p.set_defaults(handler=cmd_control_plane)
 
     p = sub.add_parser(
@@ -731,6 +754,10 @@ def _agent_config(args: argparse.Namespace) -> Any:
         panics=args.panics,
         health_listen=endpoint(args.health_listen),
         metrics_listen=endpoint(args.metrics_listen),
+        metrics_top_sites=args.metrics_top_sites,
+        metrics_pid_label=args.metrics_pid_label,
+        otlp_endpoint=args.otlp_endpoint or _otlp_env(),
+        otlp_interval=args.otlp_interval,
         host_root=args.host_root,
         token=client_token(getattr(args, "token", None), getattr(args, "token_file", None))
         if hasattr(args, "token")
@@ -764,6 +791,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _agent_args(p: argparse.ArgumentParser, *, metrics_default: str, health_default: str) -> None:
+    from goleash.node.metrics import DEFAULT_TOP_SITES
     from goleash.node.sender import DEFAULT_MAX_BATCHES
     from goleash.node.tracker import DEFAULT_ORPHAN_MIN_AGE_S
 
@@ -841,6 +869,33 @@ def _agent_args(p: argparse.ArgumentParser, *, metrics_default: str, health_defa
         default=metrics_default,
         metavar="HOST:PORT",
         help=f"Prometheus /metrics; 'off' for none (default {metrics_default})",
+    )
+    g.add_argument(
+        "--metrics-top-sites",
+        type=int,
+        default=DEFAULT_TOP_SITES,
+        metavar="N",
+        help=f"per process, series for the N sites with most live goroutines, the rest "
+        f"summed as site 'other' (default {DEFAULT_TOP_SITES})",
+    )
+    g.add_argument(
+        "--metrics-pid-label",
+        action="store_true",
+        help="label series with the pid too (a new series at every restart; without it, "
+        "processes with the same service, namespace, pod and container are summed)",
+    )
+    g.add_argument(
+        "--otlp-endpoint",
+        metavar="HOST:PORT",
+        help="also push the same metrics over OTLP/gRPC to this collector (needs "
+        "pip install 'goleash[otlp]'; default $OTEL_EXPORTER_OTLP_ENDPOINT)",
+    )
+    g.add_argument(
+        "--otlp-interval",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds between OTLP exports (default 30)",
     )
     g.add_argument(
         "--buffer-batches",
@@ -1186,7 +1241,7 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 
 def _load_record(path: str) -> Any:
-    from goleash.control.recdiff import DiffError
+    from goleash.recdiff import DiffError
 
     try:
         with open(path) as f:
@@ -1198,7 +1253,8 @@ def _load_record(path: str) -> Any:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from goleash.control.recdiff import DiffError, diff, render_html, render_text
+    from goleash.control.flamegraph import render_svg
+    from goleash.recdiff import DiffError, diff, render_html, render_text
 
     if args.service or args.against:
         if not (args.service and args.against) or args.before or args.after:
@@ -1215,7 +1271,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if args.html:
         try:
             with open(args.html, "w") as f:
-                f.write(render_html(d))
+                f.write(render_html(d, render_svg))
         except OSError as exc:
             raise GoleashError(f"cannot write {args.html}: {exc.strerror}") from None
     if args.json:

@@ -31,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 import gobuild
+import goleash
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import goleash_service_pb2_grpc as q_grpc
 from goleash.gobin.disasm import goroutine_probe_sites
@@ -487,16 +488,20 @@ def test_metrics_and_health(tmp_path: Path) -> None:
         try:
             assert agent.health_status("") == health_pb2.HealthCheckResponse.SERVING
             wait_for(lambda: agent.health_status("goleash.ready") == 1, "ready")
-            pid = str(pop.pid)
+            svc = "goleash-e2e-metrics"  # series are named by service, not pid
             wait_for(
-                lambda: agent.metric("goleash_goroutines_live", pid=pid, function="main.orphan"),
+                lambda: agent.metric(
+                    "goleash_goroutines_live", service=svc, function="main.orphan"
+                ),
                 "per-site metrics",
                 APPEAR_S,
             )
             pop.churn(200)
             wait_for(
                 lambda: (
-                    agent.metric("goleash_goroutines_exited_total", pid=pid, function="main.churn")
+                    agent.metric(
+                        "goleash_goroutines_exited_total", service=svc, function="main.churn"
+                    )
                     == 200
                 ),
                 "the churn counted",
@@ -505,33 +510,38 @@ def test_metrics_and_health(tmp_path: Path) -> None:
             by_fn = {
                 s.labels["function"]: s
                 for s in fams["goleash_goroutines_live"]
-                if s.labels["pid"] == pid
+                if s.labels["service"] == svc
             }
             for pop_name, n in COUNTS.items():
                 assert by_fn[FUNCS[pop_name]].value == n
                 assert by_fn[FUNCS[pop_name]].labels["service"] == "goleash-e2e-metrics"
-                assert by_fn[FUNCS[pop_name]].labels["go_statement"].endswith(stmt(pop_name))
+                # module-relative, not the build machine's path
+                where = by_fn[FUNCS[pop_name]].labels["go_statement"]
+                assert where == f"example.com/populations/{stmt(pop_name)}", where
+                assert "pid" not in by_fn[FUNCS[pop_name]].labels
             assert not any(f.startswith("runtime.") and f != "runtime.main" for f in by_fn)
             orphaned = {
                 s.labels["function"]: s.value
                 for s in fams["goleash_goroutines_orphaned"]
-                if s.labels["pid"] == pid and s.value
+                if s.labels["service"] == svc and s.value
             }
             assert orphaned == {"main.orphan": COUNTS["orphan"]}
             created = {
                 s.labels["function"]: s.value
                 for s in fams["goleash_goroutines_created"]
-                if s.name.endswith("_total") and s.labels["pid"] == pid
+                if s.name.endswith("_total") and s.labels["service"] == svc
             }
             assert created["main.churn"] == 200
             hits = {
                 s.labels["probe"]: s.value
                 for s in fams["goleash_probe_hits"]
-                if s.labels["pid"] == pid
+                if s.labels["service"] == svc
             }
             assert hits["create"] >= 200 and hits["exit"] >= 200
             samples = {s.name: s.value for fam in fams.values() for s in fam if not s.labels}
             assert samples["goleash_agent_tracked_processes"] == 1
+            (info,) = fams["goleash_build_info"]
+            assert info.value == 1 and info.labels["version"] == goleash.__version__
             assert samples["goleash_agent_connected"] == 1
             assert samples["goleash_agent_batches_total"] >= 1
             assert samples["process_cpu_seconds_total"] > 0

@@ -18,9 +18,10 @@ PACKAGE = Path(__file__).resolve().parents[2] / "agent" / "goleash"
 # Which parts of goleash each part may import (itself always allowed). A "part" is a
 # subpackage (gobin, probes, ...) or a top-level module (cli, embedded, ...).
 # Leaves are modules every part may use because they use nothing of goleash but
-# errors: the exception base, the profile encoders (pprof/folded), and `goleash`,
-# the package face (__version__).
-LEAVES = {"errors", "profiles"}
+# errors: the exception base, the profile encoders (pprof/folded), the recording
+# format and its diff (written by node, read by control), the OTLP bridge of a
+# Prometheus registry; and `goleash`, the package face (__version__).
+LEAVES = {"errors", "profiles", "recdiff", "otlp"}
 COMMON = LEAVES | {"goleash"}
 MAY_IMPORT: dict[str, set[str]] = {
     "gobin": COMMON,
@@ -30,11 +31,11 @@ MAY_IMPORT: dict[str, set[str]] = {
     "api": set(),
     "embedded": COMMON | {"node", "control", "api"},
     "cli": COMMON | {"node", "probes", "gobin", "control", "api", "embedded"},
-    "bench": COMMON | {"node", "probes", "gobin", "control", "api", "fixtures"},
-    "demo": COMMON | {"node", "control", "api", "fixtures", "embedded"},
-    "fixtures": COMMON,
+    "bench": COMMON | {"node", "probes", "gobin", "control", "api", "gobuild"},
+    "demo": COMMON | {"node", "control", "api", "gobuild", "embedded"},
+    "gobuild": COMMON,
     "goleash": set(),
-    **{leaf: {"errors"} for leaf in LEAVES},
+    **{leaf: {"errors", "goleash"} for leaf in LEAVES},
 }
 # Only probes talks to BCC: everything else stays importable without it.
 MAY_IMPORT_BCC = {"probes"}

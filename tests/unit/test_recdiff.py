@@ -1,4 +1,4 @@
-"""`goleash diff`'s pure comparison of two recordings (goleash.control.recdiff)."""
+"""`goleash diff`'s pure comparison of two recordings (goleash.recdiff)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from goleash.control.recdiff import (
+from goleash.control.flamegraph import render_svg
+from goleash.recdiff import (
     RECORD_KIND,
     RECORD_VERSION,
     DiffError,
@@ -113,7 +114,7 @@ def test_upgrade_findings_and_fail_on() -> None:
     assert builds["module example.com/new"].verdict == "added"
     (fn,) = d.functions
     assert fn.flagged and fn.verdict == "p50 slower, p99 slower"
-    page = render_html(d)
+    page = render_html(d, render_svg)
     assert page.count("<svg") == 3 and "FAIL" in page
 
 

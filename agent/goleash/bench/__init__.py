@@ -46,10 +46,10 @@ class Report:
 
 
 def fixture(name: str, toolchain: str, variant: str = "default") -> Path:
-    """Build a Go fixture of tests/fixtures/go with the tests' builder."""
-    from goleash import fixtures
+    """Build one of the package's Go programs (goleash/goprograms)."""
+    from goleash import gobuild
 
-    return fixtures.build(name, toolchain, variant)
+    return gobuild.build(name, toolchain, variant)
 
 
 @contextmanager

@@ -50,6 +50,7 @@ from goleash.control.actions import (
     Attempt,
     run_action,
 )
+from goleash.control.engine_stats import EngineStats
 from goleash.control.events import EventLog
 from goleash.control.histogram import bucket_bounds
 from goleash.control.policy import PolicyError, PolicyStore, validate_policy
@@ -234,6 +235,7 @@ class PolicyEngine:
         self.policy: CompiledPolicy | None = None
         self._mode = ""
         self._restored = False
+        self.stats = EngineStats()  # for /metrics
 
     # --- policy ----------------------------------------------------------------------
 
@@ -376,6 +378,7 @@ class PolicyEngine:
         pol = self._current(now)
         if pol is None or pol.mode == "off":
             return []
+        started = time.perf_counter()
         decisions: list[Decision] = []
         overrides = self.policies.active_overrides()
         services = self.services()
@@ -387,9 +390,13 @@ class PolicyEngine:
                     d = self._evaluate_one(pol, rule, svc, now, overrides, len(services))
                 except Exception:  # one rule or service must not stop the others
                     log.exception("evaluating %s for %s failed; holding", rule.name, svc)
+                    self.stats.rule_failed()
                     continue
                 if d is not None:
                     decisions.append(d)
+        self.stats.evaluated(
+            time.perf_counter() - started, [(d.rule, d.direction, d.mode) for d in decisions]
+        )
         return decisions
 
     def _evaluate_one(
@@ -734,6 +741,7 @@ class PolicyEngine:
         )
 
     def _report(self, a: Attempt, ctx: ActionContext) -> None:
+        self.stats.attempted(a.action, a.ok, a.outcome)
         ok = "ok" if a.ok else a.outcome
         msg = (
             f"{ctx.service}: {a.action} {a.operation} {a.target} "

@@ -3,8 +3,10 @@
 Collected at scrape time from the Store, on the event loop that owns it (the HTTP
 server runs in a thread; the Store is not thread-safe), so ingest pays nothing for
 metrics. Series: agents and processes by state, per-service live goroutines, orphans
-and leak suspects, batch counters, events written, and the process's own CPU and
-memory (prometheus_client's process collector).
+and leak suspects, batch counters, events written, the policy engine (each rule's
+current level per service, decisions, action attempts and failures by action type,
+evaluation duration), goleash_build_info, and the process's own CPU and memory
+(prometheus_client's process collector).
 """
 
 from __future__ import annotations
@@ -13,12 +15,20 @@ import asyncio
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
+import goleash
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
+from goleash.control.engine_stats import EVAL_BOUNDS_S, EngineCounts
 from goleash.control.state import STALE_INTERVALS, Store
 from goleash.errors import GoleashError
 
@@ -42,10 +52,17 @@ class ControlView:
     duplicates: int = 0
     gaps: int = 0
     events: int = 0
+    # (service, rule) -> current level: 0 normal, N the rule's Nth level (L1 = 1)
+    levels: dict[tuple[str, str], int] = field(default_factory=dict)
+    engine: EngineCounts = field(default_factory=EngineCounts)
 
 
-def view(store: Store, last_event_id: int, now: float) -> ControlView:
+def view(store: Store, last_event_id: int, now: float, engine: Any = None) -> ControlView:
+    """`engine`: the PolicyEngine (its rule states and stats), None without one."""
     v = ControlView(events=last_event_id)
+    if engine is not None:
+        v.levels = {(svc, rule): st.level + 1 for (rule, svc), st in engine.states.items()}
+        v.engine = engine.stats.snapshot()
     for a in store.agents.values():
         if not a.streams:
             v.agents["disconnected"] += 1
@@ -106,6 +123,77 @@ class ControlCollector(Collector):
             ("goleash_control_events", "Events written to the event log.", v.events),
         ):
             yield CounterMetricFamily(name, doc, value=value)
+        yield from policy_metrics(v)
+        info = GaugeMetricFamily(
+            "goleash_build_info", "goleash's version (always 1).", labels=["version"]
+        )
+        info.add_metric([goleash.__version__], 1.0)
+        yield info
+
+
+def policy_metrics(v: ControlView) -> Iterator[Metric]:
+    """The policy engine's families (also what OTLP export sends)."""
+    g = GaugeMetricFamily(
+        "goleash_policy_level",
+        "Current level of a rule for a service: 0 normal, N the rule's Nth level.",
+        labels=["service", "rule"],
+    )
+    for (service, rule), level in sorted(v.levels.items()):
+        g.add_metric([service, rule], level)
+    yield g
+    e = v.engine
+    c = CounterMetricFamily(
+        "goleash_policy_decisions",
+        "Level changes decided (enforced, or recorded only in monitor mode).",
+        labels=["rule", "direction", "mode"],
+    )
+    for (rule, direction, mode), n in sorted(e.decisions.items()):
+        c.add_metric([rule, direction.lower(), mode.lower()], n)
+    yield c
+    for name, doc, counts in (
+        ("goleash_policy_action_attempts", "Action attempts by action type and outcome.",
+         e.attempts),
+        ("goleash_policy_action_failures", "Failed action attempts by action type and outcome.",
+         e.failures),
+    ):  # fmt: skip
+        c = CounterMetricFamily(name, doc, labels=["action", "outcome"])
+        for (action, outcome), n in sorted(counts.items()):
+            c.add_metric([action, outcome], n)
+        yield c
+    yield CounterMetricFamily(
+        "goleash_policy_rule_errors",
+        "Rule evaluations that failed (the rule held its level).",
+        value=e.rule_errors,
+    )
+    h = HistogramMetricFamily(
+        "goleash_policy_evaluation_seconds", "Duration of one policy evaluation round."
+    )
+    running, buckets = 0, []
+    for le, n in zip(EVAL_BOUNDS_S, e.eval_buckets, strict=True):
+        running += n
+        buckets.append((repr(le), float(running)))
+    buckets.append(("+Inf", float(e.evaluations)))
+    h.add_metric([], buckets, sum_value=e.eval_sum_s)
+    yield h
+
+
+def control_registry(
+    loop: asyncio.AbstractEventLoop, snapshot: Callable[[], ControlView]
+) -> CollectorRegistry:
+    """The control plane's metrics and its process metrics, collected from any thread
+    (the numbers are computed on `loop`): what /metrics serves and OTLP sends."""
+
+    async def on_loop() -> ControlView:
+        return snapshot()
+
+    def from_thread() -> ControlView:
+        fut = asyncio.run_coroutine_threadsafe(on_loop(), loop)
+        return fut.result(timeout=SCRAPE_TIMEOUT_S)
+
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    registry.register(ControlCollector(from_thread))
+    return registry
 
 
 class MetricsServer:
@@ -118,16 +206,7 @@ class MetricsServer:
         if not sep or not port.isdigit():
             raise MetricsListenError(f"--metrics-listen {listen!r}: expected HOST:PORT")
 
-        async def on_loop() -> ControlView:
-            return snapshot()
-
-        def from_thread() -> ControlView:
-            fut = asyncio.run_coroutine_threadsafe(on_loop(), loop)
-            return fut.result(timeout=SCRAPE_TIMEOUT_S)
-
-        self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)
-        self.registry.register(ControlCollector(from_thread))
+        self.registry = control_registry(loop, snapshot)
         try:
             self._server, _ = start_http_server(
                 int(port), host.strip("[]") or "0.0.0.0", registry=self.registry

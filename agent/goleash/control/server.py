@@ -116,6 +116,8 @@ class ControlPlaneConfig:
     # how users reach this control plane's evidence server (alerts' generatorURL);
     # default: http://<evidence_listen address>
     external_url: str = ""
+    otlp_endpoint: str | None = None  # also push the metrics over OTLP/gRPC there
+    otlp_interval: float = 30.0
 
 
 def is_loopback(listen: str) -> bool:
@@ -571,6 +573,7 @@ class ControlPlane:
         self._upkeep: asyncio.Task[None] | None = None
         self._health_server: grpc.aio.Server | None = None
         self._metrics: Any = None
+        self._otlp: Any = None
         self.health_address = self.metrics_address = self.evidence_address = ""
         self._evidence: Any = None
         report_dir = config.report_dir
@@ -695,7 +698,7 @@ class ControlPlane:
             self._metrics = MetricsServer(
                 cfg.metrics_listen,
                 asyncio.get_running_loop(),
-                lambda: view(self.store, self.events.last_id(), self.clock()),
+                lambda: view(self.store, self.events.last_id(), self.clock(), self.engine.engine),
             )
             self.metrics_address = self._metrics.address
         if cfg.evidence_listen and self.engine.engine.report_dir is not None:
@@ -714,6 +717,20 @@ class ControlPlane:
             f"http://{self.evidence_address}" if self.evidence_address else ""
         )
         self.engine.engine.external_url = external.rstrip("/")
+        if cfg.otlp_endpoint:
+            from goleash.control.metrics import control_registry, view
+            from goleash.otlp import OtlpExporter
+
+            registry = control_registry(
+                asyncio.get_running_loop(),
+                lambda: view(self.store, self.events.last_id(), self.clock(), self.engine.engine),
+            )
+            self._otlp = OtlpExporter(
+                cfg.otlp_endpoint,
+                registry,
+                service_name="goleash-control-plane",
+                interval=cfg.otlp_interval,
+            ).start()
         for name in ("", GOLEASH_SERVICE, INGEST_SERVICE, READY_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if cfg.full_gc_seconds > 0:
@@ -757,6 +774,8 @@ class ControlPlane:
             self._metrics.stop()
         if self._evidence is not None:
             self._evidence.stop()
+        if self._otlp is not None:
+            await asyncio.to_thread(self._otlp.stop)  # its last export reads on this loop
         if self._server is not None:
             await self._server.stop(grace)
         if self._health_server is not None:

@@ -1,5 +1,5 @@
 """`goleash record --service NS/NAME --window 10m` and `goleash diff --service A
---against B`: a recording (goleash.control.recdiff's format) composed from the
+--against B`: a recording (goleash.recdiff's format) composed from the
 control plane's existing queries, so no agent needs to be reached directly and no
 new RPC is needed:
 
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
-from goleash.control.recdiff import RECORD_KIND, RECORD_VERSION
+from goleash.recdiff import RECORD_KIND, RECORD_VERSION
 
 
 class _Client(Protocol):

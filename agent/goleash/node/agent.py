@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from goleash import __version__
 from goleash.api.goleash.v1 import ingest_service_pb2 as ing
@@ -56,6 +56,7 @@ from goleash.node.export import (
     trim_kept,
 )
 from goleash.node.metrics import (
+    DEFAULT_TOP_SITES,
     AgentView,
     FunctionView,
     HealthServer,
@@ -98,6 +99,10 @@ class AgentConfig:
     panics: bool = False
     health_listen: str | None = DEFAULT_HEALTH_LISTEN  # None: no health endpoint
     metrics_listen: str | None = DEFAULT_METRICS_LISTEN  # None: no /metrics
+    metrics_top_sites: int = DEFAULT_TOP_SITES  # per process; the rest is one "other"
+    metrics_pid_label: bool = False  # pid as a label: a new series at every restart
+    otlp_endpoint: str | None = None  # also push the metrics over OTLP/gRPC there
+    otlp_interval: float = 30.0
     host_root: str = "/"
     token: str | None = None
     tls_ca: str | None = None
@@ -240,6 +245,7 @@ class Agent:
         self._procs_view: list[ProcessView] = []
         self.health: HealthServer | None = None
         self.metrics: MetricsServer | None = None
+        self.otlp: Any = None  # goleash.otlp.OtlpExporter (optional extra)
 
     # --- endpoints -----------------------------------------------------------------
 
@@ -262,7 +268,28 @@ class Agent:
         if self.cfg.health_listen:
             self.health = HealthServer(self.cfg.health_listen)
         if self.cfg.metrics_listen:
-            self.metrics = MetricsServer(self.cfg.metrics_listen, self.view)
+            self.metrics = MetricsServer(
+                self.cfg.metrics_listen,
+                self.view,
+                top_sites=self.cfg.metrics_top_sites,
+                pid_label=self.cfg.metrics_pid_label,
+            )
+        if self.cfg.otlp_endpoint:
+            from goleash.node.metrics import agent_registry
+            from goleash.otlp import OtlpExporter
+
+            registry = agent_registry(
+                self.view,
+                top_sites=self.cfg.metrics_top_sites,
+                pid_label=self.cfg.metrics_pid_label,
+            )
+            self.otlp = OtlpExporter(
+                self.cfg.otlp_endpoint,
+                registry,
+                service_name="goleash-agent",
+                interval=self.cfg.otlp_interval,
+                resource={"host.name": self.identity.node_name},
+            ).start()
 
     def _check_bpf(self) -> None:
         from goleash.probes.selfcheck import BPFUnavailableError, check_bpf
@@ -539,6 +566,10 @@ class Agent:
                     dropped=dict(snap.dropped) if snap else {},
                     functions=functions,
                     panics=panics,
+                    namespace=f.info.kubernetes.namespace,
+                    pod=f.info.kubernetes.pod,
+                    container=f.info.kubernetes.container,
+                    module=f.info.module_path,
                 )
             )
         self._procs_view = procs
@@ -606,6 +637,8 @@ class Agent:
             self.health.stop()
         if self.metrics is not None:
             self.metrics.stop()
+        if self.otlp is not None:
+            self.otlp.stop()
 
 
 def describe(agent: Agent) -> str:

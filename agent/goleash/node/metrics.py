@@ -6,6 +6,15 @@ since attach, which is what a Prometheus counter is (a restarted agent starts ov
 `rate()` handles the reset). Per-site series carry `function` and `go_statement`;
 the runtime's own goroutines are left out, as in the API.
 
+Labels follow Prometheus' rules for exporters: a process is named by `service`,
+`namespace`, `pod`, `container` (stable across restarts), not by its pid (a new
+series at every restart); `--metrics-pid-label` adds `pid` for hosts that run several
+copies of one executable and want them apart (without it, their series are summed).
+`go_statement` is module-relative (`example.com/shop/handler.go:42`, `net/http/
+server.go:3285`), not the build machine's path. Sites are bounded: the top N per
+process by live goroutines (`--metrics-top-sites`), the rest summed into one series
+with function and go_statement "other".
+
 Health (grpc.health.v1): service "" is liveness, SERVING while the agent runs.
 "goleash.ready" is SERVING once (1) a trivial BPF program compiled and loaded on this
 host, (2) the first scan of /proc is done, and (3) every selected process found so
@@ -16,6 +25,7 @@ says the agent can do its job, not that there is work.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,13 +41,17 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+import goleash
 from goleash.errors import GoleashError
 from goleash.probes import hist
 
 READY_SERVICE = "goleash.ready"
-# Prometheus buckets at every other power of two ns (1.024 µs .. 17.2 s): octave
+# Prometheus buckets at every power of two ns (1.024 µs .. 17.2 s), 2x apart: octave
 # boundaries of the log-linear histograms, so each count is exact, not interpolated.
-LATENCY_BOUNDS_NS = tuple(1 << k for k in range(10, 35, 2))
+LATENCY_BOUNDS_NS = tuple(1 << k for k in range(10, 35))
+DEFAULT_TOP_SITES = 20  # per process; the rest is one "other" series
+OTHER = "other"
+PROCESS_LABELS = ("service", "namespace", "pod", "container")
 
 
 class ListenError(GoleashError):
@@ -73,6 +87,10 @@ class ProcessView:
     dropped: dict[str, int]
     functions: list[FunctionView] = field(default_factory=list)
     panics: dict[str, int] = field(default_factory=dict)
+    namespace: str = ""
+    pod: str = ""
+    container: str = ""
+    module: str = ""  # main module path from the build info, for trimming paths
 
 
 @dataclass
@@ -86,6 +104,46 @@ class AgentView:
     connected: bool
     untraceable: dict[str, int]  # processes not traced, by reason kind
     scans: int
+
+
+def trim_go_path(where: str, module: str = "") -> str:
+    """A `go` statement's "file:line" as a path a reader knows, without the build
+    machine's directories: module cache paths from the module (`github.com/x/y@v1/
+    f.go`), the main module's files from its module path, the standard library from
+    GOROOT/src; else the last directory and the file."""
+    path, sep, line = where.rpartition(":")
+    if not sep or not line.isdigit():
+        path, line = where, ""
+    if not path.startswith("/"):
+        return where  # already relative (-trimpath builds, "?")
+    # the main module's directory is usually named after its last path element
+    # (github.com/org/repo/v2 lives in .../repo)
+    parts = [p for p in module.split("/") if p and not re.fullmatch(r"v\d+", p)]
+    root = f"/{parts[-1]}/" if parts else ""
+    if "/pkg/mod/" in path:
+        out = path.rsplit("/pkg/mod/", 1)[1]
+    elif root and root in path:
+        out = module + "/" + path.rsplit(root, 1)[1]
+    elif "/src/" in path:
+        out = path.rsplit("/src/", 1)[1]
+    else:
+        out = "/".join(path.rsplit("/", 2)[-2:])
+    return f"{out}:{line}" if line else out
+
+
+def bounded_sites(sites: list[SiteView], top: int) -> list[SiteView]:
+    """The `top` sites with the most live goroutines (then most created), and one
+    "other" site summing the rest, so a process cannot flood Prometheus with series."""
+    if len(sites) <= top:
+        return sites
+    ranked = sorted(sites, key=lambda s: (-s.live, -s.created, s.function, s.go_statement))
+    rest = SiteView(OTHER, OTHER, 0, 0, 0, 0)
+    for s in ranked[top:]:
+        rest.live += s.live
+        rest.created += s.created
+        rest.exited += s.exited
+        rest.orphans += s.orphans
+    return [*ranked[:top], rest]
 
 
 def cumulative_buckets(counts: list[int]) -> list[tuple[str, float]]:
@@ -106,14 +164,42 @@ def cumulative_buckets(counts: list[int]) -> list[tuple[str, float]]:
     return out
 
 
+class _Sums:
+    """Values of one metric family keyed by label values: processes that share their
+    labels (no pid label) are summed, never emitted twice."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def add(self, labels: tuple[str, ...], value: float) -> None:
+        self.values[labels] = self.values.get(labels, 0.0) + value
+
+    def fill(self, family: GaugeMetricFamily | CounterMetricFamily) -> None:
+        for labels, value in sorted(self.values.items()):
+            family.add_metric(list(labels), value)
+
+
 class AgentCollector(Collector):
-    def __init__(self, view: Callable[[], AgentView]) -> None:
+    def __init__(
+        self,
+        view: Callable[[], AgentView],
+        *,
+        top_sites: int = DEFAULT_TOP_SITES,
+        pid_label: bool = False,
+    ) -> None:
         self._view = view
+        self._top_sites = max(0, top_sites)
+        self._pid_label = pid_label
+
+    def _process_labels(self, p: ProcessView) -> tuple[str, ...]:
+        base = (p.service, p.namespace, p.pod, p.container)
+        return (*base, str(p.pid)) if self._pid_label else base
 
     def collect(self) -> Iterator[Metric]:
         v = self._view()
-        site_labels = ["service", "pid", "function", "go_statement"]
-        proc_labels = ["service", "pid"]
+        proc_labels = [*PROCESS_LABELS, *(["pid"] if self._pid_label else [])]
+        site_labels = [*proc_labels, "function", "go_statement"]
+        yield _build_info()
         live = GaugeMetricFamily(
             "goleash_goroutines_live", "Live goroutines per creation site.", labels=site_labels
         )
@@ -137,7 +223,7 @@ class AgentCollector(Collector):
         )
         probes = GaugeMetricFamily(
             "goleash_process_probes_attached",
-            "1 when uprobes trace the process, 0 when only its memory is read.",
+            "Processes whose goroutines uprobes trace (the others: memory reads only).",
             labels=proc_labels,
         )
         hits = CounterMetricFamily(
@@ -160,26 +246,47 @@ class AgentCollector(Collector):
             "Panics (recovered or not) per function.",
             labels=[*proc_labels, "function"],
         )
+        sums = {name: _Sums() for name in ("live", "created", "exited", "orphans")}
+        sums |= {name: _Sums() for name in ("total", "probes", "hits", "dropped", "panics")}
+        hists: dict[tuple[str, ...], tuple[list[int], int]] = {}
         for p in v.processes:
-            pl = [p.service, str(p.pid)]
-            total.add_metric(pl, p.goroutines)
-            probes.add_metric(pl, 1.0 if p.mode == "probes" else 0.0)
+            pl = self._process_labels(p)
+            sums["total"].add(pl, p.goroutines)
+            sums["probes"].add(pl, 1.0 if p.mode == "probes" else 0.0)
+            trimmed: dict[tuple[str, str], SiteView] = {}
             for s in p.sites:
-                sl = [*pl, s.function, s.go_statement]
-                live.add_metric(sl, s.live)
-                created.add_metric(sl, s.created)
-                exited.add_metric(sl, s.exited)
-                orphans.add_metric(sl, s.orphans)
-            for name, n in sorted(p.probe_hits.items()):
-                hits.add_metric([*pl, name.removesuffix("_hits")], n)
-            for reason, n in sorted(p.dropped.items()):
-                dropped.add_metric([*pl, reason], n)
+                key = (s.function, trim_go_path(s.go_statement, p.module))
+                t = trimmed.setdefault(key, SiteView(*key, 0, 0, 0, 0))
+                t.live, t.created = t.live + s.live, t.created + s.created
+                t.exited, t.orphans = t.exited + s.exited, t.orphans + s.orphans
+            for s in bounded_sites(list(trimmed.values()), self._top_sites):
+                sl = (*pl, s.function, s.go_statement)
+                sums["live"].add(sl, s.live)
+                sums["created"].add(sl, s.created)
+                sums["exited"].add(sl, s.exited)
+                sums["orphans"].add(sl, s.orphans)
+            for name, n in p.probe_hits.items():
+                sums["hits"].add((*pl, name.removesuffix("_hits")), n)
+            for reason, n in p.dropped.items():
+                sums["dropped"].add((*pl, reason), n)
             for f in p.functions:
-                latency.add_metric(
-                    [*pl, f.function], cumulative_buckets(f.buckets), sum_value=f.sum_ns / 1e9
-                )
-            for fn, n in sorted(p.panics.items()):
-                panics.add_metric([*pl, fn], n)
+                key = (*pl, f.function)
+                buckets, sum_ns = hists.get(key, ([0] * len(f.buckets), 0))
+                if len(buckets) < len(f.buckets):
+                    buckets += [0] * (len(f.buckets) - len(buckets))
+                for i, c in enumerate(f.buckets):
+                    buckets[i] += c
+                hists[key] = (buckets, sum_ns + f.sum_ns)
+            for fn, n in p.panics.items():
+                sums["panics"].add((*pl, fn), n)
+        for name, fam in (
+            ("live", live), ("created", created), ("exited", exited), ("orphans", orphans),
+            ("total", total), ("probes", probes), ("hits", hits), ("dropped", dropped),
+            ("panics", panics),
+        ):  # fmt: skip
+            sums[name].fill(fam)
+        for key, (buckets, sum_ns) in sorted(hists.items()):
+            latency.add_metric(list(key), cumulative_buckets(buckets), sum_value=sum_ns / 1e9)
         yield from (live, created, exited, orphans, total, probes, hits, dropped, latency, panics)
 
         yield GaugeMetricFamily(
@@ -231,6 +338,20 @@ class AgentCollector(Collector):
         )
 
 
+def _build_info() -> GaugeMetricFamily:
+    """goleash_build_info{version, python} 1: the exporters' convention, so dashboards
+    can show and join on what runs."""
+    import platform
+
+    info = GaugeMetricFamily(
+        "goleash_build_info",
+        "goleash's version and the Python it runs on (always 1).",
+        labels=["version", "python"],
+    )
+    info.add_metric([goleash.__version__, platform.python_version()], 1.0)
+    return info
+
+
 def split_hostport(listen: str, what: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
@@ -238,14 +359,30 @@ def split_hostport(listen: str, what: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def agent_registry(
+    view: Callable[[], AgentView], *, top_sites: int = DEFAULT_TOP_SITES, pid_label: bool = False
+) -> CollectorRegistry:
+    """The agent's metrics with its own process metrics (CPU, memory): what /metrics
+    serves and OTLP export sends."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    registry.register(AgentCollector(view, top_sites=top_sites, pid_label=pid_label))
+    return registry
+
+
 class MetricsServer:
     """`/metrics` over HTTP, with the agent's own process metrics (CPU, memory)."""
 
-    def __init__(self, listen: str, view: Callable[[], AgentView]) -> None:
+    def __init__(
+        self,
+        listen: str,
+        view: Callable[[], AgentView],
+        *,
+        top_sites: int = DEFAULT_TOP_SITES,
+        pid_label: bool = False,
+    ) -> None:
         host, port = split_hostport(listen, "--metrics-listen")
-        self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)
-        self.registry.register(AgentCollector(view))
+        self.registry = agent_registry(view, top_sites=top_sites, pid_label=pid_label)
         try:
             self._server, self._thread = start_http_server(port, host, registry=self.registry)
         except OSError as exc:

@@ -5,7 +5,7 @@ A recording holds the build (Go version, main module, every dependency's version
 per creation site the goroutines created, live count over time, growth per minute,
 age distribution, dominant wait reason and a few stacks, and the latency histogram
 of each function asked for with --func. The format is plain JSON
-(`goleash.control.recdiff` reads it; see RECORD_KIND).
+(`goleash.recdiff` reads it; see RECORD_KIND).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from goleash.control.recdiff import RECORD_KIND, RECORD_VERSION, growth_per_minute
 from goleash.errors import GoleashError
 from goleash.gobin.errors import ProcessError
 from goleash.node.check import started_function
@@ -27,6 +26,7 @@ from goleash.probes.funclat import FuncLatencyProbes, FunctionLatency
 from goleash.probes.inventory import site_at
 from goleash.probes.stacks import walk_stacks
 from goleash.probes.target import GoProcess
+from goleash.recdiff import RECORD_KIND, RECORD_VERSION, growth_per_minute
 
 MAX_SITES = 500  # sites written, most live first
 STACKS_PER_SITE = 5

@@ -24,18 +24,18 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from goleash.errors import GoleashError
 from goleash.gobin.disasm import ProbeSite, disassemble, emulated_entry_site, function_probes
 from goleash.probes import hist
+from goleash.probes.bpfsrc import bpf_dir
 from goleash.probes.budget import OverheadBudget
 from goleash.probes.funcs import TracedFunction
 from goleash.probes.hist import Histogram
 from goleash.probes.target import GoProcess
 
-BPF_DIR = Path(__file__).resolve().parents[3] / "bpf"
+BPF_DIR = bpf_dir()
 STAT_FIELDS = (
     "count",
     "sum_ns",

@@ -14,14 +14,14 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from goleash.errors import GoleashError
 from goleash.gobin.disasm import GoroutineProbeSites, ProbeSite, goroutine_probe_sites
+from goleash.probes.bpfsrc import bpf_dir
 from goleash.probes.target import GoProcess
 from goleash.probes.uprobe import attach_at, detach
 
-BPF_DIR = Path(__file__).resolve().parents[3] / "bpf"
+BPF_DIR = bpf_dir()
 LIFETIME_SLOTS = 48
 COUNTER_NAMES = (
     "create_hits",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import html
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -407,10 +408,12 @@ def render_text(d: Diff, *, all_rows: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_html(d: Diff) -> str:
-    """One self-contained page: the tables, and a flame graph of each flagged site."""
-    from goleash.control.flamegraph import render_svg
+def render_html(d: Diff, render_svg: Callable[[dict[tuple[str, ...], int], str], str]) -> str:
+    """One self-contained page: the tables, and a flame graph of each flagged site.
 
+    `render_svg` draws one flame graph (control.flamegraph's): passed in, so this
+    module stays a leaf that node (which writes recordings) may import too.
+    """
     e = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
