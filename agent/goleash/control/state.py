@@ -26,7 +26,15 @@ from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import ingest_service_pb2 as ing
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.control import detect
-from goleash.control.histogram import MAX_SUB_BUCKET_BITS, Histogram
+from goleash.control import limits as caps
+from goleash.control.histogram import Histogram
+from goleash.control.limits import (
+    DEFAULT_LIMITS,
+    ControlError,
+    InvalidArgument,
+    Limits,
+    ResourceExhausted,
+)
 from goleash.control.windows import (
     DEFAULT_TIERS,
     HistogramWindows,
@@ -36,7 +44,6 @@ from goleash.control.windows import (
     covered,
     retention,
 )
-from goleash.errors import GoleashError
 
 SiteKey = tuple[str, str]  # (function, go statement)
 ProcKey = tuple[str, int]  # (agent id, pid)
@@ -56,14 +63,9 @@ UNANNOUNCED = "snapshot_of_unannounced_process"
 Emit = Callable[..., Any]  # EventLog.append's signature
 
 
-class ControlError(GoleashError):
-    """A request the control plane refuses; `status` names the gRPC status code."""
-
-    status = "INTERNAL"
-
-
-class InvalidArgument(ControlError):
-    status = "INVALID_ARGUMENT"
+__all__ = ["ControlError", "InvalidArgument", "ResourceExhausted", "NotFound", "Store"]
+# A list response stays under this many bytes (clients accept 4 MiB by default).
+MAX_RESPONSE_BYTES = 3 * 1024 * 1024
 
 
 class NotFound(ControlError):
@@ -179,7 +181,11 @@ class _SiteNow:
 
 
 def service_of(info: t.ProcessInfo) -> str:
-    return info.service or os.path.basename(info.exe) or f"pid-{info.pid}"
+    if info.service:
+        return info.service  # checked by limits.check_service
+    # an executable's name is whatever the host had: keep it printable and bounded
+    base = os.path.basename(info.exe)[: caps.ID_CHARS]
+    return caps._CONTROL.sub("?", base) or f"pid-{info.pid}"
 
 
 def encode_page_token(kind: str, position: int) -> str:
@@ -245,8 +251,10 @@ class Store:
         tiers: Sequence[Tier] = DEFAULT_TIERS,
         leak: detect.LeakParams = detect.DEFAULT_LEAK_PARAMS,
         known_processes: Iterable[tuple[str, int, int]] = (),
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self._emit = emit
+        self.limits = limits
         self.tiers = tuple(tiers)
         # Per-process latency keeps only the coarsest tier: histograms are the bulk of
         # the memory (a dict per slot), and the finer windows matter per service.
@@ -293,15 +301,62 @@ class Store:
             a.identity.CopyFrom(identity)
         return a
 
-    @staticmethod
-    def check_batch(b: ing.AgentBatch) -> None:
-        if not b.agent.agent_id:
-            raise InvalidArgument("batch.agent.agent_id is empty: every batch names its agent")
-        if b.sequence == 0:
-            raise InvalidArgument("batch.sequence is 0: sequence numbers start at 1")
+    def check_batch(self, b: ing.AgentBatch) -> None:
+        """Everything that can be judged before the Store changes (ControlError)."""
+        lim = self.limits
+        caps.check_batch(b, lim)
+        a = self.agents.get(b.agent.agent_id)
+        if a is None:
+            if len(self.agents) >= lim.agents:
+                raise ResourceExhausted(
+                    f"this control plane follows {len(self.agents)} agents, its cap; "
+                    "disconnected agents are forgotten after "
+                    f"{lim.agent_ttl_seconds:g}s"
+                )
+            last, procs = 0, set()
+        else:
+            same = b.agent.instance_id == a.instance_id
+            last, procs = (a.last_sequence if same else 0), a.procs
+        if last and b.sequence > last + lim.sequence_jump:
+            raise InvalidArgument(
+                f"batch.sequence {b.sequence} jumps {b.sequence - last} past the last one "
+                f"({last}); at most {lim.sequence_jump} batches can go missing"
+            )
+        agent_id = b.agent.agent_id
+        new = {(agent_id, i.pid) for i in b.processes_appeared} - procs
+        caps._count(
+            f"agent {agent_id[:80]}: processes", len(procs) + len(new), lim.processes_per_agent
+        )
+        # sites and traced functions the agent would hold after this batch
+        snap = {(agent_id, s.pid): s for s in b.snapshots}
+        sites = fns = 0
+        for key in procs:
+            p = self.procs.get(key)
+            s = snap.get(key)
+            if p is None:
+                continue
+            if s is None:
+                sites += len(p.sites)
+                fns += len(p.latency)
+            else:
+                sites += len(s.sites)
+                fns += len(p.latency.keys() | {lat.function for lat in s.latency})
+        for key in new:
+            s = snap.get(key)
+            if s is not None:
+                sites += len(s.sites)
+                fns += len({lat.function for lat in s.latency})
+        caps._count(f"agent {agent_id[:80]}: sites", sites, lim.sites_per_agent)
+        caps._count(f"agent {agent_id[:80]}: traced functions", fns, lim.functions_per_agent)
+        for key, s in snap.items():
+            p = self.procs.get(key)
+            if p is not None and p.gone_at is None:
+                n = len(p.latency.keys() | {lat.function for lat in s.latency})
+                caps._count(f"pid {s.pid}: traced functions", n, lim.functions_per_process)
 
     def ingest(self, b: ing.AgentBatch, now: float) -> bool:
-        """Apply one batch; False when it was a duplicate (already applied)."""
+        """Apply one batch; False when it was a duplicate (already applied). A batch
+        that fails `check_batch` raises and changes nothing."""
         self.check_batch(b)
         a = self._agent(b.agent, now)
         a.last_seen = now
@@ -325,7 +380,7 @@ class Store:
         a.identity.CopyFrom(b.agent)
         a.heartbeat = b.heartbeat
         for d in b.drops:
-            a.drops[d.reason] += d.count
+            caps.add_drop(a.drops, d.reason, d.count, self.limits.drop_reasons)
         for info in b.processes_appeared:
             self._appeared(a, info, now)
         for snap in b.snapshots:
@@ -424,8 +479,10 @@ class Store:
     def _snapshot(self, a: AgentState, s: ing.ProcessSnapshot, now: float) -> None:
         p = self.procs.get((a.identity.agent_id, s.pid))
         if p is None or p.gone_at is not None:
-            a.drops[UNANNOUNCED] += 1
+            caps.add_drop(a.drops, UNANNOUNCED, 1, self.limits.drop_reasons)
             return
+        for reason, n in caps.truncate(s, self.limits).items():
+            caps.add_drop(p.drops, reason, n, self.limits.drop_reasons)
         svc = self._service(p.service)
         p.last_seen = now
         svc.goroutines += s.goroutines - p.goroutines
@@ -489,8 +546,10 @@ class Store:
                 p.orphan_sites.discard(k)
                 site.summary = None
                 site.windows.record(now, (0, 0, 0, 0))
-            elif now - site.touched > self.retention:
-                del p.sites[k]
+            elif (
+                now - site.touched > self.retention or len(p.sites) > self.limits.sites_per_process
+            ):
+                del p.sites[k]  # idle: forgotten after the retention, or at once when over the cap
         p.orphans = orphans
         if orphans:
             self._with_orphans.add(p.key)
@@ -512,9 +571,6 @@ class Store:
         svc.windows.record(now, (created, exited, svc.goroutines, panics))
         for lat in s.latency:
             h = lat.histogram
-            if h.sub_bucket_bits > MAX_SUB_BUCKET_BITS:
-                a.drops["invalid_histogram"] += 1
-                continue
             buckets = [(b.index, b.count) for b in h.buckets]
             for owner, owner_tiers in (
                 (p.latency, self.process_latency_tiers),
@@ -525,7 +581,7 @@ class Store:
                     hw = owner[lat.function] = HistogramWindows(owner_tiers)
                 hw.record(now, h.sub_bucket_bits, buckets, h.count, h.sum_seconds)
         for d in s.drops:
-            p.drops[d.reason] += d.count
+            caps.add_drop(p.drops, d.reason, d.count, self.limits.drop_reasons)
         p.kept = s.goroutines_kept
 
     def _gone(self, a: AgentState, pid: int, start: int, reason: str, now: float) -> None:
@@ -555,7 +611,11 @@ class Store:
     # --- upkeep ----------------------------------------------------------------
 
     def prune(self, now: float) -> None:
-        """Forget what fell out of the retention: gone processes, idle sites, services."""
+        """Forget what fell out of the retention: gone processes, idle sites, services,
+        and agents disconnected for longer than the agent TTL (with their processes)."""
+        ttl = now - self.limits.agent_ttl_seconds
+        for agent_id in [i for i, a in self.agents.items() if not a.streams and a.last_seen < ttl]:
+            self._forget_agent(agent_id, now)
         horizon = now - self.retention
         for key in [k for k, p in self.procs.items() if p.gone_at and p.gone_at < horizon]:
             del self.procs[key]
@@ -565,6 +625,21 @@ class Store:
                     del svc.sites[k]
             if not svc.procs and not svc.sites and svc.windows.latest_time() < horizon:
                 del self.services[name]
+
+    def _forget_agent(self, agent_id: str, now: float) -> None:
+        a = self.agents.pop(agent_id)
+        for key in [k for k in self.procs if k[0] == agent_id]:
+            p = self.procs.pop(key)
+            if p.gone_at is None:
+                self._detach(p, now)
+            self._with_orphans.discard(key)
+        self._known = {k for k in self._known if k[0] != agent_id}
+        self._emit(
+            t.EVENT_KIND_AGENT_DISCONNECTED,
+            f"agent {agent_id} forgotten: no batch for {self.limits.agent_ttl_seconds:g}s",
+            agent_id=agent_id,
+            details={"reason": "ttl", "last_sequence": a.last_sequence},
+        )
 
     def detect(self, now: float) -> None:
         """Re-judge leak suspects per service site; log the ones that start or stop."""
@@ -654,6 +729,7 @@ class Store:
 
     def list_agents(self, now: float) -> q.ListAgentsResponse:
         out = q.ListAgentsResponse()
+        size = 0
         for agent_id in sorted(self.agents):
             a = self.agents[agent_id]
             if not a.streams:
@@ -675,6 +751,10 @@ class Store:
                 heartbeat=a.heartbeat,
                 drops=_drops(a.drops),
             )
+            size += out.agents[-1].ByteSize() + 8
+            if size > MAX_RESPONSE_BYTES:  # the first agents, rather than no answer
+                del out.agents[-1]
+                break
         return out
 
     _ORDERS: dict[int, Callable[[ProcState], Any]] = {
@@ -693,6 +773,7 @@ class Store:
         out = q.ListProcessesResponse(
             window_seconds=covered(now, w, self.tiers), total_size=len(procs)
         )
+        size = 0
         for p in procs[: req.limit or None]:
             out.processes.add(
                 info=p.info,
@@ -709,6 +790,10 @@ class Store:
                 drops=_drops(p.drops),
                 gone_reason=p.gone_reason,
             )
+            size += out.processes[-1].ByteSize() + 8
+            if size > MAX_RESPONSE_BYTES:  # total_size tells the client what is missing
+                del out.processes[-1]
+                break
         return out
 
     def goroutine_summary(
