@@ -222,6 +222,8 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
             policy_file=args.policy,
             health_listen=args.health_listen,
             metrics_listen=args.metrics_listen,
+            events_max_age_seconds=args.events_max_age,
+            events_max_bytes=args.events_max_bytes,
         )
     )
 
@@ -441,6 +443,20 @@ def _add_control_commands(sub: Any) -> None:
         "ready), for probes that cannot speak TLS",
     )
     p.add_argument("--metrics-listen", help="serve Prometheus /metrics on HOST:PORT")
+    p.add_argument(
+        "--events-max-age",
+        type=float,
+        default=30 * 86400.0,
+        metavar="SECONDS",
+        help="event log retention: forget events older than this (default 30 days)",
+    )
+    p.add_argument(
+        "--events-max-bytes",
+        type=int,
+        default=256 * 1024 * 1024,
+        metavar="BYTES",
+        help="event log ceiling: drop the oldest events beyond this size (default 256 MiB)",
+    )
     p.set_defaults(handler=cmd_control_plane)
 
     p = sub.add_parser(

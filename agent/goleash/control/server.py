@@ -47,9 +47,18 @@ from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.control import DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES
 from goleash.control.detect import DEFAULT_LEAK_PARAMS, LeakParams
 from goleash.control.engine import EngineLoop
-from goleash.control.events import EventLog, EventQuery, EventRecord, open_db, resolve_db_path
-from goleash.control.policy import PolicyError, PolicyStore
+from goleash.control.events import (
+    DEFAULT_MAX_AGE_SECONDS,
+    DEFAULT_MAX_BYTES,
+    EventLog,
+    EventQuery,
+    EventRecord,
+    open_db,
+    resolve_db_path,
+)
+from goleash.control.policy import PolicyError, PolicyStore, check_override
 from goleash.control.state import (
+    MAX_RESPONSE_BYTES,
     ControlError,
     InvalidArgument,
     NotFound,
@@ -94,6 +103,8 @@ class ControlPlaneConfig:
     # plaintext grpc.health.v1 only (the kubelet's gRPC probes cannot speak TLS)
     health_listen: str | None = None
     metrics_listen: str | None = None  # Prometheus /metrics over HTTP
+    events_max_age_seconds: float = DEFAULT_MAX_AGE_SECONDS  # event log retention
+    events_max_bytes: int = DEFAULT_MAX_BYTES
 
 
 def is_loopback(listen: str) -> bool:
@@ -146,6 +157,19 @@ def event_query(f: q.EventFilter) -> EventQuery:
         if k not in t.EventKind.values() or k == t.EVENT_KIND_UNSPECIFIED:
             raise InvalidArgument(f"filter.kinds: {k} is not an EventKind")
     return EventQuery(frozenset(f.kinds), f.service, f.agent_id, f.pid)
+
+
+def bounded_events(into: Any, found: list[EventRecord]) -> int | None:
+    """Add events to a response while it stays under the client's message limit; the
+    id of the last one added when some were left for the next page, else None."""
+    size = 0
+    for e in found:
+        m = event_message(e)
+        size += m.ByteSize() + 8
+        if size > MAX_RESPONSE_BYTES and len(into):
+            return int(into[-1].id)
+        into.append(m)
+    return None
 
 
 R = TypeVar("R")
@@ -289,9 +313,10 @@ class GoleashServicer(q_grpc.GoleashServiceServicer):
             newest_first=request.newest_first,
             limit=size + 1,
         )
-        out = q.ListEventsResponse(events=[event_message(e) for e in found[:size]])
-        if len(found) > size:
-            out.next_page_token = encode_page_token("events", found[size - 1].id)
+        out = q.ListEventsResponse()
+        last = bounded_events(out.events, found[:size])
+        if last is not None or len(found) > size:
+            out.next_page_token = encode_page_token("events", last or found[size - 1].id)
         return out
 
     async def WatchEvents(
@@ -401,9 +426,10 @@ class GoleashServicer(q_grpc.GoleashServiceServicer):
             frozenset({t.EVENT_KIND_DECISION, t.EVENT_KIND_ACTION}), service=request.service
         )
         found = self._cp.events.query(where, before_id=before, newest_first=True, limit=size + 1)
-        out = q.ListDecisionsResponse(decisions=[event_message(e) for e in found[:size]])
-        if len(found) > size:
-            out.next_page_token = encode_page_token("decisions", found[size - 1].id)
+        out = q.ListDecisionsResponse()
+        last = bounded_events(out.decisions, found[:size])
+        if last is not None or len(found) > size:
+            out.next_page_token = encode_page_token("decisions", last or found[size - 1].id)
         return out
 
     async def OverrideService(
@@ -426,8 +452,7 @@ class GoleashServicer(q_grpc.GoleashServiceServicer):
             )
         if r.service not in self._store.services:
             raise NotFound(f"no service named {r.service!r} has been seen by this control plane")
-        if r.duration_seconds < 0:
-            raise InvalidArgument(f"duration_seconds must be >= 0, got {r.duration_seconds}")
+        check_override(r.rule, r.level, r.reason, r.duration_seconds)
         action = q.OverrideAction.Name(r.action).removeprefix("OVERRIDE_ACTION_")
         out = q.OverrideServiceResponse()
         if r.action == q.OVERRIDE_ACTION_CLEAR:
@@ -496,7 +521,12 @@ class ControlPlane:
         self.clock = clock
         self.db_path = resolve_db_path(config.db)
         self._conn: sqlite3.Connection = open_db(self.db_path)
-        self.events = EventLog(self._conn, clock)
+        self.events = EventLog(
+            self._conn,
+            clock,
+            max_age_seconds=config.events_max_age_seconds,
+            max_bytes=config.events_max_bytes,
+        )
         self.policies = PolicyStore(self._conn, clock)
         self.store = Store(
             self.events.append, leak=config.leak, known_processes=self._open_processes()
@@ -607,6 +637,7 @@ class ControlPlane:
             try:
                 self.store.prune(now)
                 self.store.detect(now)
+                self.events.prune()
             except Exception:  # keep serving; the next round may succeed
                 log.exception("upkeep failed")
             period = self.config.full_gc_seconds
