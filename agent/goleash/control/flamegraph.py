@@ -39,7 +39,14 @@ class _Node:
 
 def folded_line(frames: Sequence[str], count: int) -> str:
     """One line of folded output: frames root first, ';'-joined, then the count."""
-    return ";".join(f.replace(";", ":") for f in frames) + f" {count}"
+    # one stack a line: a newline in an agent-supplied name must not start another
+    return (
+        ";".join(
+            _NOT_XML.sub("?", f.replace(";", ":").replace("\n", "?").replace("\r", "?"))
+            for f in frames
+        )
+        + f" {count}"
+    )
 
 
 def creation_stacks(

@@ -338,8 +338,11 @@ class Store:
             if s is None:
                 sites += len(p.sites)
                 fns += len(p.latency)
-            else:
-                sites += len(s.sites)
+            else:  # sites it had stay until idle for the retention
+                held = p.sites
+                sites += len(held) + sum(
+                    1 for ss in s.sites if (ss.function, ss.go_statement) not in held
+                )
                 fns += len(p.latency.keys() | {lat.function for lat in s.latency})
         for key in new:
             s = snap.get(key)
