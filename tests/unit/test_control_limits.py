@@ -116,6 +116,22 @@ def test_a_sequence_jump_is_refused_but_a_restarted_agent_starts_over() -> None:
     assert store.ingest(a.batch(sequence=1000), T0)
 
 
+def test_the_whole_store_has_a_ceiling_of_sites_and_processes() -> None:
+    store = Store(quiet, limits=replace(DEFAULT_LIMITS, sites_total=10, processes_total=3))
+    for name in ("a", "b"):
+        a = SimAgent(name)
+        store.ingest(a.batch(appeared=[process_info(1, "x")]), T0)
+        six = [site(f"{name}.f{i}", "a.go:1", live=1) for i in range(6 if name == "a" else 5)]
+        if name == "a":
+            store.ingest(a.batch(snapshots=[snapshot(1, six)]), T0)
+        else:
+            with pytest.raises(ResourceExhausted, match="sites of all agents"):
+                store.ingest(a.batch(snapshots=[snapshot(1, six)]), T0)
+    assert store.sites_held == 6
+    with pytest.raises(ResourceExhausted, match="processes of all agents"):
+        store.ingest(SimAgent("c").batch(appeared=[process_info(1, "x"), process_info(2, "x")]), T0)
+
+
 def test_too_many_functions_per_process_are_refused() -> None:
     store = Store(quiet, limits=replace(DEFAULT_LIMITS, functions_per_process=2))
     a = SimAgent("a1")

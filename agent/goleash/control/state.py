@@ -89,6 +89,7 @@ class AgentState:
     heartbeat: t.Heartbeat = field(default_factory=t.Heartbeat)
     drops: Counter[str] = field(default_factory=Counter)
     procs: set[ProcKey] = field(default_factory=set)
+    sites: int = 0  # sites its live processes hold (what the caps count)
 
     @property
     def interval(self) -> float:
@@ -266,6 +267,7 @@ class Store:
         self.services: dict[str, ServiceState] = {}
         self.suspects: dict[tuple[str, SiteKey], detect.LeakVerdict] = {}
         self._with_orphans: set[ProcKey] = set()
+        self.sites_held = 0  # sum of the agents' `sites`
         # (agent, pid, start time) of processes whose PROCESS_APPEARED is already in
         # the log: a re-announcement after a restart of the control plane is no news.
         self._known: set[tuple[str, int, int]] = set(known_processes)
@@ -301,8 +303,9 @@ class Store:
             a.identity.CopyFrom(identity)
         return a
 
-    def check_batch(self, b: ing.AgentBatch) -> None:
-        """Everything that can be judged before the Store changes (ControlError)."""
+    def check_batch(self, b: ing.AgentBatch) -> int:
+        """Everything that can be judged before the Store changes (ControlError);
+        returns the number of sites the agent holds once the batch is applied."""
         lim = self.limits
         caps.check_batch(b, lim)
         a = self.agents.get(b.agent.agent_id)
@@ -313,10 +316,11 @@ class Store:
                     "disconnected agents are forgotten after "
                     f"{lim.agent_ttl_seconds:g}s"
                 )
-            last, procs = 0, set()
+            last, procs, held_before = 0, set(), 0
         else:
             same = b.agent.instance_id == a.instance_id
             last, procs = (a.last_sequence if same else 0), a.procs
+            held_before = a.sites
         if last and b.sequence > last + lim.sequence_jump:
             raise InvalidArgument(
                 f"batch.sequence {b.sequence} jumps {b.sequence - last} past the last one "
@@ -327,6 +331,7 @@ class Store:
         caps._count(
             f"agent {agent_id[:80]}: processes", len(procs) + len(new), lim.processes_per_agent
         )
+        caps._count("processes of all agents", len(self.procs) + len(new), lim.processes_total)
         # sites and traced functions the agent would hold after this batch
         snap = {(agent_id, s.pid): s for s in b.snapshots}
         sites = fns = 0
@@ -350,17 +355,19 @@ class Store:
                 sites += len(s.sites)
                 fns += len({lat.function for lat in s.latency})
         caps._count(f"agent {agent_id[:80]}: sites", sites, lim.sites_per_agent)
+        caps._count("sites of all agents", self.sites_held - held_before + sites, lim.sites_total)
         caps._count(f"agent {agent_id[:80]}: traced functions", fns, lim.functions_per_agent)
         for key, s in snap.items():
             p = self.procs.get(key)
             if p is not None and p.gone_at is None:
                 n = len(p.latency.keys() | {lat.function for lat in s.latency})
                 caps._count(f"pid {s.pid}: traced functions", n, lim.functions_per_process)
+        return sites
 
     def ingest(self, b: ing.AgentBatch, now: float) -> bool:
         """Apply one batch; False when it was a duplicate (already applied). A batch
         that fails `check_batch` raises and changes nothing."""
-        self.check_batch(b)
+        sites = self.check_batch(b)
         a = self._agent(b.agent, now)
         a.last_seen = now
         if b.agent.instance_id != a.instance_id:
@@ -380,6 +387,8 @@ class Store:
             )
         a.last_sequence = b.sequence
         a.batches += 1
+        self.sites_held += sites - a.sites
+        a.sites = sites
         a.identity.CopyFrom(b.agent)
         a.heartbeat = b.heartbeat
         for d in b.drops:
@@ -631,6 +640,7 @@ class Store:
 
     def _forget_agent(self, agent_id: str, now: float) -> None:
         a = self.agents.pop(agent_id)
+        self.sites_held -= a.sites
         for key in [k for k in self.procs if k[0] == agent_id]:
             p = self.procs.pop(key)
             if p.gone_at is None:
