@@ -312,10 +312,11 @@ def test_300k_sites_in_one_batch_are_refused_cheaply(plane: Plane) -> None:
     batch = a.batch(appeared=[process_info(7, "flood")], snapshots=[snap])
     assert batch.ByteSize() > 6_000_000
     rss_before = rss_kb(plane.cp.proc.pid)
-    err = rejected(plane, send(plane, batch), grpc.StatusCode.RESOURCE_EXHAUSTED)
-    assert "sites" in (err.details() or "")
+    for _ in range(5):  # each refused batch used to stay in memory (45 MB) until a full GC
+        err = rejected(plane, send(plane, batch), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert "sites" in (err.details() or "")
     # a generous ceiling: parsing the message is all it costs (no windows per site)
-    assert rss_kb(plane.cp.proc.pid) - rss_before < 200 * 1024
+    assert rss_kb(plane.cp.proc.pid) - rss_before < 120 * 1024
 
 
 def test_a_sequence_of_2_64_cannot_jam_an_agent(plane: Plane) -> None:
