@@ -380,3 +380,38 @@ def test_terminal_output_escapes_control_characters() -> None:
     assert views.printable(EVIL) == "main.evil\\x1b[2J\\x00\\x07\\x0a"
     text = views.table([(EVIL, 1)], ("NAME", "N"))
     assert "\x1b" not in text and text.count("\n") == 2
+
+
+# --- one service's failure holds only itself ------------------------------------------------
+
+
+def test_a_failure_gathering_one_services_evidence_holds_no_other_decision(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from engineworld import World
+
+    w = World()
+    w.policy(
+        """
+        mode: monitor
+        rules:
+          - name: g
+            signal: {kind: goroutines, above: 100}
+        """
+    )
+    real = w.engine.evidence
+
+    def poisoned(rule: Any, svc: str, *a: Any, **kw: Any) -> dict[str, Any]:
+        if svc == "poison":
+            raise OverflowError("int too large to convert to float")
+        return real(rule, svc, *a, **kw)
+
+    w.engine.evidence = poisoned  # type: ignore[method-assign]
+    with caplog.at_level("ERROR"):
+        w.step({"poison": 500, "calm": 500})
+    # both decided; the poisoned one says why its evidence is missing
+    decided = {d["service"]: d for d in w.decisions()}
+    assert set(decided) == {"calm", "poison"}
+    assert "OverflowError" in decided["poison"]["evidence"]["error"]
+    assert "error" not in decided["calm"]["evidence"]
+    assert any("poison" in r.getMessage() for r in caplog.records)

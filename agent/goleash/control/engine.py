@@ -675,7 +675,11 @@ class PolicyEngine:
                         holders.discard((rule.name, lv.name))
                     if not holders - {(rule.name, lv.name)}:
                         jobs.append((a, lv.name))
-        evidence = self.evidence(rule, svc, now, reading, direction)
+        try:
+            evidence = self.evidence(rule, svc, now, reading, direction)
+        except Exception as exc:  # evidence explains a decision; it must not hold it
+            log.exception("gathering evidence for %s (%s) failed", svc, rule.name)
+            evidence = {"signal": rule.signal.describe(), "error": f"{type(exc).__name__}: {exc}"}
         k8s = self._kubernetes_ref(svc)
         ctx0 = ActionContext(
             decision_id=0,

@@ -221,6 +221,21 @@ def _non_negative(name: str, v: float) -> float:
     return v
 
 
+class _Budget:
+    """Bytes of a response so far: the item just added is dropped (and the answer
+    ends) once the client's message limit would be passed."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def full(self, items: Any) -> bool:
+        self.size += items[-1].ByteSize() + 8
+        if self.size > MAX_RESPONSE_BYTES:
+            del items[-1]
+            return True
+        return False
+
+
 def _ns(seconds: float) -> int:
     return max(int(seconds * 1e9), 0)
 
@@ -853,6 +868,7 @@ class Store:
             ((key, row) for key, row in rows.items() if row[0] or row[1] or row[2]),
             key=lambda kr: (-kr[1][0], -kr[1][1], kr[0]),
         )
+        budget = _Budget()
         for (service, fn, stmt), (live, created, exited, where) in ranked[: req.limit or None]:
             k = (fn, stmt)
             acc = _SiteNow()
@@ -882,6 +898,8 @@ class Store:
                 orphans=acc.orphans,
                 processes=acc.processes,
             )
+            if budget.full(out.sites):
+                break
         return out
 
     @staticmethod
@@ -974,6 +992,7 @@ class Store:
                 g["procs"].append(p)
         out = q.ListOrphansResponse()
         ordered = sorted(groups.items(), key=lambda kv: (-kv[1]["count"], kv[0]))
+        budget = _Budget()
         for (service, fn, stmt), g in ordered:
             if g["oldest"] < min_age:
                 continue
@@ -990,6 +1009,8 @@ class Store:
                 processes=len(g["procs"]),
                 example=example,
             )
+            if budget.full(out.groups):
+                break
         return out
 
     def leak_suspects(
@@ -1018,6 +1039,7 @@ class Store:
                     found.append((v, key))
         found.sort(key=lambda r: -r[0].growth_per_minute)
         out = q.ListLeakSuspectsResponse(window_seconds=covered(now, w, self.tiers))
+        budget = _Budget()
         for v, (service, fn, stmt) in found:
             acc = _SiteNow()
             for p in by_site[(service, fn, stmt)]:
@@ -1038,6 +1060,8 @@ class Store:
                 processes=acc.processes,
                 example=self._example(by_site[(service, fn, stmt)], (fn, stmt), orphan=False),
             )
+            if budget.full(out.suspects):
+                break
         return out
 
     def function_latency(
