@@ -96,6 +96,11 @@ class Plane:
                 reason="maintenance",
             )
         )
+        # the engine's first round after the policy notes the pause: before any test looks
+        wait_for(
+            lambda: any("paused by an override" in e.message for e in self.events_after(0)),
+            "the engine's first evaluation",
+        )
 
     def world(self) -> dict[str, Any]:
         """What a user can see: agents, processes, sites, policy, overrides, last event."""
@@ -226,13 +231,8 @@ def hostile_batches() -> dict[str, tuple[ing.AgentBatch, grpc.StatusCode]]:
         inv,
     )
     a = new("long-svc")
-    out["service name of 300 characters"] = (a.batch(appeared=[process_info(7, "s" * 300)]), inv)
-    a = new("fn")
-    out["function name of 100k characters"] = (
-        a.batch(
-            appeared=[process_info(7, "x")],
-            snapshots=[snapshot(7, [site("f" * 100_000, "a.go:1", live=1)])],
-        ),
+    out["namespace/workload of 300 characters"] = (
+        a.batch(appeared=[process_info(7, "shop/" + "s" * 300)]),
         inv,
     )
     a = new("mode")
@@ -329,6 +329,36 @@ def test_a_sequence_of_2_64_cannot_jam_an_agent(plane: Plane) -> None:
     rejected(plane, send(plane, jump), grpc.StatusCode.INVALID_ARGUMENT)
     resp = stream(plane.ch, [plane.good.batch()])
     assert resp.accepted == 1 and resp.duplicates == 0
+
+
+def test_names_too_long_are_cut_and_counted_not_stored_whole(plane: Plane) -> None:
+    """An executable's name or a symbol is whatever the host had: cut, so the batch's
+    other processes are not lost with it."""
+    a = SimAgent("long-names")
+    resp = stream(
+        plane.ch,
+        [
+            a.batch(
+                appeared=[process_info(7, "x" * 300), process_info(8, "ok")],
+                snapshots=[snapshot(7, [site("f" * 100_000, "a.go:1", live=1)])],
+            )
+        ],
+    )
+    assert resp.accepted == 1
+    procs = plane.api.ListProcesses(
+        q.ListProcessesRequest(selector=q.ProcessSelector(agent_id="long-names"))
+    ).processes
+    assert sorted(len(p.info.service) for p in procs) == [2, 253]
+    sites = plane.api.GetGoroutineSummary(
+        q.GetGoroutineSummaryRequest(selector=q.ProcessSelector(service="x" * 253))
+    ).sites
+    assert [len(s.function) for s in sites] == [1024]
+    (agent,) = [
+        x
+        for x in plane.api.ListAgents(q.ListAgentsRequest()).agents
+        if x.identity.agent_id == "long-names"
+    ]
+    assert {d.reason: d.count for d in agent.drops} == {"strings_over_length": 2}
 
 
 def test_deep_stacks_and_too_many_kept_goroutines_are_truncated_and_counted(plane: Plane) -> None:
@@ -461,6 +491,14 @@ def test_control_characters_in_names_stay_out_of_terminals_and_keep_the_svg_vali
 ) -> None:
     p = Plane(tmp_path)
     try:
+        # a decision on the evil service draws a flame graph of its names: valid XML
+        p.api.SetPolicy(
+            q.SetPolicyRequest(
+                policy_yaml="mode: monitor\nevaluation_interval: 200ms\nrules:\n"
+                "  - name: many\n    services: ['evil*']\n"
+                "    signal: {kind: goroutines, above: 100}\n"
+            )
+        )
         a = SimAgent("evil-agent")
         g = goroutine(1, EVIL, "/src/\x1b[31m.go:1", age=100, orphan=True)
         for i in range(3000):  # and a stack deeper than Python's recursion limit
@@ -490,6 +528,13 @@ def test_control_characters_in_names_stay_out_of_terminals_and_keep_the_svg_vali
             ],
         )
         assert resp.accepted == 2
+        reports = tmp_path / "reports"
+        svg = wait_for(
+            lambda: sorted(reports.glob("*.svg")) if reports.exists() else None, "a flame graph"
+        )[0]
+        root = ET.parse(svg).getroot()
+        assert root.tag.endswith("svg")
+        assert "main.evil" in svg.read_text()
         svc = p.api.GetGoroutineSummary(q.GetGoroutineSummaryRequest()).sites
         evil_service = next(s.service for s in svc if s.function == EVIL)
         assert "\x1b" not in evil_service  # derived from the executable's name: made printable
@@ -509,20 +554,6 @@ def test_control_characters_in_names_stay_out_of_terminals_and_keep_the_svg_vali
             assert (
                 b"\x1b" not in r.stdout and b"\x00" not in r.stdout and b"\x07" not in r.stdout
             ), args
-        # a decision on that service draws a flame graph of those names: valid XML
-        p.api.SetPolicy(
-            q.SetPolicyRequest(
-                policy_yaml="mode: monitor\nevaluation_interval: 200ms\nrules:\n"
-                "  - name: many\n    signal: {kind: goroutines, above: 100}\n"
-            )
-        )
-        reports = tmp_path / "reports"
-        svg = wait_for(
-            lambda: sorted(reports.glob("*.svg")) if reports.exists() else None, "a flame graph"
-        )[0]
-        root = ET.parse(svg).getroot()
-        assert root.tag.endswith("svg")
-        assert "main.evil" in svg.read_text()
     finally:
         p.close()
 

@@ -415,3 +415,16 @@ def test_a_failure_gathering_one_services_evidence_holds_no_other_decision(
     assert "OverflowError" in decided["poison"]["evidence"]["error"]
     assert "error" not in decided["calm"]["evidence"]
     assert any("poison" in r.getMessage() for r in caplog.records)
+
+
+def test_plain_service_names_and_long_text_are_cut_but_kubernetes_names_are_checked() -> None:
+    store = Store(quiet)
+    a = SimAgent("a1")
+    odd = process_info(1, "evil\x1b[31m" + "n" * 300, reason="r" * 5000)
+    store.ingest(a.batch(appeared=[odd, process_info(2, "fine")]), T0)
+    p = store.procs[("a1", 1)]
+    assert p.service.startswith("evil?[31m") and len(p.service) == 253
+    assert len(p.info.tracking_reason) == 1024 and ("a1", 2) in store.procs
+    assert store.agents["a1"].drops["strings_over_length"] == 2
+    with pytest.raises(InvalidArgument, match="Kubernetes"):
+        store.ingest(a.batch(appeared=[process_info(3, "Shop/x")]), T0)

@@ -4,9 +4,11 @@ An agent is untrusted: everything it sends is checked here, before the Store cha
 so a rejected batch changes nothing. Counts beyond a cap are RESOURCE_EXHAUSTED
 (too much), malformed values INVALID_ARGUMENT (wrong); only the parts an agent
 already trims by its own rules (kept goroutines, stack frames) are truncated here and
-counted as drops. Strings have length limits (service names follow Kubernetes'
-naming rules), numbers must be finite and non-negative, histogram buckets must be
-inside the 64-bit nanosecond range.
+counted as drops, and so are names and text over their length (an executable's
+name, a long symbol: refusing would lose the batch's other processes). Identities
+are refused instead: agent ids, and "namespace/workload" service names, which must
+follow Kubernetes' naming rules. Numbers must be finite and non-negative, histogram
+buckets inside the 64-bit nanosecond range.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 from goleash.api.goleash.v1 import ingest_service_pb2 as ing
 from goleash.api.goleash.v1 import types_pb2 as t
@@ -78,6 +81,7 @@ MAX_INTERVAL_SECONDS = 3600.0
 TRUNCATED_KEPT = "kept_goroutines_over_cap"
 TRUNCATED_STACK = "stack_frames_over_cap"
 OTHER_REASONS = "other_reasons"
+TRUNCATED_TEXT = "strings_over_length"
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
@@ -138,14 +142,31 @@ def check_identity(a: t.AgentIdentity) -> None:
     _name("agent.version", a.version, SHORT_CHARS)
 
 
-def _process(info: t.ProcessInfo) -> None:
-    if info.service:
-        check_service(info.service)
-    _text("process.exe", info.exe, PATH_CHARS)
-    _text("process.go_version", info.go_version, SHORT_CHARS)
-    _text("process.tracking_reason", info.tracking_reason, TEXT_CHARS)
-    _text("process.container_id", info.container_id, SHORT_CHARS)
-    _text("process.module_path", info.module_path, TEXT_CHARS)
+def _clip(m: Any, field: str, limit: int) -> int:
+    """Free text and names an agent read from a host (a 300-character executable name,
+    a long generic symbol) are cut, not refused: refusing the batch would lose the
+    other processes in it. Returns 1 when it cut."""
+    v = getattr(m, field)
+    if len(v) <= limit:
+        return 0
+    setattr(m, field, v[:limit])
+    return 1
+
+
+def _process(info: t.ProcessInfo) -> int:
+    cut = 0
+    if "/" in info.service:
+        check_service(info.service)  # Kubernetes names come from the API: refused if wrong
+    elif info.service:
+        # an executable's base name: whatever the host had, made printable and bounded
+        clean = _CONTROL.sub("?", info.service[:ID_CHARS])
+        if clean != info.service:
+            info.service, cut = clean, 1
+    cut += _clip(info, "exe", PATH_CHARS)
+    cut += _clip(info, "go_version", SHORT_CHARS)
+    cut += _clip(info, "tracking_reason", TEXT_CHARS)
+    cut += _clip(info, "container_id", SHORT_CHARS)
+    cut += _clip(info, "module_path", TEXT_CHARS)
     if info.tracking_mode not in t.TrackingMode.values():
         raise InvalidArgument(f"process.tracking_mode {info.tracking_mode} is not a TrackingMode")
     k = info.kubernetes
@@ -167,13 +188,12 @@ def _process(info: t.ProcessInfo) -> None:
         raise InvalidArgument(
             f"process.kubernetes.workload_name {k.workload_name[:80]!r} is not a DNS subdomain"
         )
+    return cut
 
 
-def _drops(what: str, drops: object, cap: int) -> None:
-    items = list(drops)  # type: ignore[call-overload]
-    _count(f"{what} drop reasons", len(items), cap)
-    for d in items:
-        _text(f"{what} drop reason", d.reason, SHORT_CHARS)
+def _drops(what: str, drops: Any, cap: int) -> int:
+    _count(f"{what} drop reasons", len(drops), cap)
+    return sum(_clip(d, "reason", SHORT_CHARS) for d in drops)
 
 
 def _histogram(fn: str, h: t.LogLinearHistogram) -> None:
@@ -193,21 +213,21 @@ def _histogram(fn: str, h: t.LogLinearHistogram) -> None:
     _finite(f"latency of {fn[:80]!r}: sum_seconds", h.sum_seconds)
 
 
-def _goroutine(g: t.Goroutine) -> None:
-    _text("goroutine.function", g.function, FUNCTION_CHARS)
-    _text("goroutine.go_statement", g.go_statement, PATH_CHARS)
-    _text("goroutine.created_by", g.created_by, FUNCTION_CHARS)
-    _text("goroutine.wait_reason", g.wait_reason, SHORT_CHARS)
+def _goroutine(g: t.Goroutine, limits: Limits) -> int:
+    cut = _clip(g, "function", FUNCTION_CHARS)
+    cut += _clip(g, "go_statement", PATH_CHARS)
+    cut += _clip(g, "created_by", FUNCTION_CHARS)
+    cut += _clip(g, "wait_reason", SHORT_CHARS)
     _finite("goroutine.age_seconds", g.age_seconds)
     _finite("goroutine.blocked_for_seconds", g.blocked_for_seconds)
     if g.state not in t.GoroutineState.values():
         raise InvalidArgument(f"goroutine.state {g.state} is not a GoroutineState")
-    for f in g.stack:
-        _text("stack frame function", f.function, FUNCTION_CHARS)
-        _text("stack frame file", f.file, PATH_CHARS)
+    for f in g.stack[: limits.stack_depth]:  # deeper frames are cut by `truncate`
+        cut += _clip(f, "function", FUNCTION_CHARS) + _clip(f, "file", PATH_CHARS)
+    return cut
 
 
-def _site(s: ing.SiteSummary, limits: Limits) -> None:
+def _site(s: ing.SiteSummary, limits: Limits) -> int:
     a, o = s.age, s.orphans
     # the common case in one expression (this runs for every site of every batch);
     # NaN fails every comparison, so `0 <= v < inf` also rejects it
@@ -224,11 +244,7 @@ def _site(s: ing.SiteSummary, limits: Limits) -> None:
         and len(o.dominant_wait_reason) <= SHORT_CHARS
         and not s.wait_reasons
     ):
-        return
-    _text("site.function", s.function, FUNCTION_CHARS)
-    _text("site.go_statement", s.go_statement, PATH_CHARS)
-    _text("site.creator_function", s.creator_function, FUNCTION_CHARS)
-    a = s.age
+        return 0
     for what, v in (
         ("p50", a.p50_seconds),
         ("p90", a.p90_seconds),
@@ -236,36 +252,41 @@ def _site(s: ing.SiteSummary, limits: Limits) -> None:
         ("max", a.max_seconds),
     ):
         _finite(f"site.age.{what}_seconds", v)
-    _count("site.wait_reasons", len(s.wait_reasons), limits.wait_reasons)
-    for w in s.wait_reasons:
-        _text("site wait reason", w.reason, SHORT_CHARS)
-    o = s.orphans
     _finite("site.orphans.oldest_age_seconds", o.oldest_age_seconds)
     _finite("site.orphans.longest_blocked_seconds", o.longest_blocked_seconds)
-    _text("site.orphans.dominant_wait_reason", o.dominant_wait_reason, SHORT_CHARS)
+    _count("site.wait_reasons", len(s.wait_reasons), limits.wait_reasons)
+    cut = _clip(s, "function", FUNCTION_CHARS)
+    cut += _clip(s, "go_statement", PATH_CHARS)
+    cut += _clip(s, "creator_function", FUNCTION_CHARS)
+    cut += _clip(o, "dominant_wait_reason", SHORT_CHARS)
+    for w in s.wait_reasons:
+        cut += _clip(w, "reason", SHORT_CHARS)
+    return cut
 
 
-def _snapshot(s: ing.ProcessSnapshot, limits: Limits) -> None:
+def _snapshot(s: ing.ProcessSnapshot, limits: Limits) -> int:
     # counts first: a 300k-site batch is refused before any of its sites is read
     _count(f"pid {s.pid}: sites in one snapshot", len(s.sites), limits.sites_per_process)
     _count(f"pid {s.pid}: traced functions", len(s.latency), limits.functions_per_process)
     _count(f"pid {s.pid}: panic functions", len(s.panics), limits.panic_functions)
-    _drops(f"pid {s.pid}", s.drops, limits.drop_reasons)
+    cut = _drops(f"pid {s.pid}", s.drops, limits.drop_reasons)
     for site in s.sites:
-        _site(site, limits)
+        cut += _site(site, limits)
     for lat in s.latency:
         if not lat.function:
             raise InvalidArgument(f"pid {s.pid}: a latency histogram without its function")
-        _text("latency function", lat.function, FUNCTION_CHARS)
+        cut += _clip(lat, "function", FUNCTION_CHARS)
         _histogram(lat.function, lat.histogram)
     for pc in s.panics:
-        _text("panic function", pc.function, FUNCTION_CHARS)
+        cut += _clip(pc, "function", FUNCTION_CHARS)
     for g in s.goroutines_kept[: limits.kept_goroutines]:
-        _goroutine(g)
+        cut += _goroutine(g, limits)
+    return cut
 
 
-def check_batch(b: ing.AgentBatch, limits: Limits = DEFAULT_LIMITS) -> None:
-    """Everything about a batch that needs no state; raises ControlError."""
+def check_batch(b: ing.AgentBatch, limits: Limits = DEFAULT_LIMITS) -> int:
+    """Everything about a batch that needs no state; raises ControlError. Over-long
+    names and text are cut in place: returns how many were."""
     check_identity(b.agent)
     if b.sequence == 0:
         raise InvalidArgument("batch.sequence is 0: sequence numbers start at 1")
@@ -282,13 +303,14 @@ def check_batch(b: ing.AgentBatch, limits: Limits = DEFAULT_LIMITS) -> None:
     _count("processes_appeared in one batch", len(b.processes_appeared), cap)
     _count("processes_gone in one batch", len(b.processes_gone), cap)
     _count("snapshots in one batch", len(b.snapshots), cap)
-    _drops("agent", b.drops, limits.drop_reasons)
+    cut = _drops("agent", b.drops, limits.drop_reasons)
     for info in b.processes_appeared:
-        _process(info)
+        cut += _process(info)
     for gone in b.processes_gone:
-        _text("process_gone.reason", gone.reason, TEXT_CHARS)
+        cut += _clip(gone, "reason", TEXT_CHARS)
     for s in b.snapshots:
-        _snapshot(s, limits)
+        cut += _snapshot(s, limits)
+    return cut
 
 
 def truncate(s: ing.ProcessSnapshot, limits: Limits) -> Counter[str]:

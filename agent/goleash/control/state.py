@@ -283,6 +283,7 @@ class Store:
         self.suspects: dict[tuple[str, SiteKey], detect.LeakVerdict] = {}
         self._with_orphans: set[ProcKey] = set()
         self.sites_held = 0  # sum of the agents' `sites`
+        self._checked: tuple[ing.AgentBatch, tuple[int, int]] | None = None
         # (agent, pid, start time) of processes whose PROCESS_APPEARED is already in
         # the log: a re-announcement after a restart of the control plane is no news.
         self._known: set[tuple[str, int, int]] = set(known_processes)
@@ -318,11 +319,12 @@ class Store:
             a.identity.CopyFrom(identity)
         return a
 
-    def check_batch(self, b: ing.AgentBatch) -> int:
+    def check_batch(self, b: ing.AgentBatch) -> tuple[int, int]:
         """Everything that can be judged before the Store changes (ControlError);
-        returns the number of sites the agent holds once the batch is applied."""
+        returns the sites the agent holds once the batch is applied, and how many
+        over-long strings were cut."""
         lim = self.limits
-        caps.check_batch(b, lim)
+        cut = caps.check_batch(b, lim)
         a = self.agents.get(b.agent.agent_id)
         if a is None:
             if len(self.agents) >= lim.agents:
@@ -377,12 +379,17 @@ class Store:
             if p is not None and p.gone_at is None:
                 n = len(p.latency.keys() | {lat.function for lat in s.latency})
                 caps._count(f"pid {s.pid}: traced functions", n, lim.functions_per_process)
-        return sites
+        self._checked = (b, (sites, cut))
+        return sites, cut
 
     def ingest(self, b: ing.AgentBatch, now: float) -> bool:
         """Apply one batch; False when it was a duplicate (already applied). A batch
         that fails `check_batch` raises and changes nothing."""
-        sites = self.check_batch(b)
+        # the server checks a stream's first batch before opening it: its strings are
+        # cut already, so reuse that answer (and its count) when nothing came between
+        last, self._checked = self._checked, None
+        sites, cut = last[1] if last is not None and last[0] is b else self.check_batch(b)
+        self._checked = None
         a = self._agent(b.agent, now)
         a.last_seen = now
         if b.agent.instance_id != a.instance_id:
@@ -408,6 +415,8 @@ class Store:
         a.heartbeat = b.heartbeat
         for d in b.drops:
             caps.add_drop(a.drops, d.reason, d.count, self.limits.drop_reasons)
+        if cut:
+            caps.add_drop(a.drops, caps.TRUNCATED_TEXT, cut, self.limits.drop_reasons)
         for info in b.processes_appeared:
             self._appeared(a, info, now)
         for snap in b.snapshots:
