@@ -72,9 +72,9 @@ DEFAULT_LIMITS = Limits()
 
 # string lengths (bytes of UTF-8 are at most 4x these; protobuf strings are UTF-8)
 ID_CHARS = 253  # agent ids, node names: a DNS subdomain's length
-FUNCTION_CHARS = 1024  # Go symbols (generic instantiations get long)
+FUNCTION_CHARS = 1024  # Go symbols (generic instantiations get long), wait reasons
 PATH_CHARS = 4096  # PATH_MAX: go statements (file:line), executables, stack files
-SHORT_CHARS = 128  # wait reasons, drop reasons, versions, instance and container ids
+SHORT_CHARS = 128  # drop reasons, versions, instance and container ids
 TEXT_CHARS = 1024  # free text: tracking reasons, module paths
 MAX_INTERVAL_SECONDS = 3600.0
 
@@ -93,6 +93,7 @@ def _max_bucket_index(bits: int) -> int:
 
 
 MAX_BUCKET_INDEX = {b: _max_bucket_index(b) for b in range(MAX_SUB_BUCKET_BITS + 1)}
+_GOROUTINE_STATES = frozenset(t.GoroutineState.values())
 
 
 def _text(what: str, value: str, limit: int) -> None:
@@ -214,10 +215,23 @@ def _histogram(fn: str, h: t.LogLinearHistogram) -> None:
 
 
 def _goroutine(g: t.Goroutine, limits: Limits) -> int:
+    if (  # the common case in one expression, as for sites
+        g.ByteSize() <= FUNCTION_CHARS
+        or len(g.function) <= FUNCTION_CHARS
+        and len(g.go_statement) <= PATH_CHARS
+        and len(g.created_by) <= FUNCTION_CHARS
+        and len(g.wait_reason) <= FUNCTION_CHARS
+        and all(len(f.function) <= FUNCTION_CHARS and len(f.file) <= PATH_CHARS for f in g.stack)
+    ) and (
+        0 <= g.age_seconds < math.inf
+        and 0 <= g.blocked_for_seconds < math.inf
+        and g.state in _GOROUTINE_STATES
+    ):
+        return 0
     cut = _clip(g, "function", FUNCTION_CHARS)
     cut += _clip(g, "go_statement", PATH_CHARS)
     cut += _clip(g, "created_by", FUNCTION_CHARS)
-    cut += _clip(g, "wait_reason", SHORT_CHARS)
+    cut += _clip(g, "wait_reason", FUNCTION_CHARS)
     _finite("goroutine.age_seconds", g.age_seconds)
     _finite("goroutine.blocked_for_seconds", g.blocked_for_seconds)
     if g.state not in t.GoroutineState.values():
@@ -231,18 +245,22 @@ def _site(s: ing.SiteSummary, limits: Limits) -> int:
     a, o = s.age, s.orphans
     # the common case in one expression (this runs for every site of every batch);
     # NaN fails every comparison, so `0 <= v < inf` also rejects it
+    # (a message of at most 1024 bytes holds no string over its limit)
     if (
-        len(s.function) <= FUNCTION_CHARS
+        s.ByteSize() <= FUNCTION_CHARS
+        or len(s.function) <= FUNCTION_CHARS
         and len(s.go_statement) <= PATH_CHARS
         and len(s.creator_function) <= FUNCTION_CHARS
-        and 0 <= a.p50_seconds < math.inf
+        and len(o.dominant_wait_reason) <= FUNCTION_CHARS
+        and all(len(w.reason) <= FUNCTION_CHARS for w in s.wait_reasons)
+    ) and (
+        0 <= a.p50_seconds < math.inf
         and 0 <= a.p90_seconds < math.inf
         and 0 <= a.p99_seconds < math.inf
         and 0 <= a.max_seconds < math.inf
         and 0 <= o.oldest_age_seconds < math.inf
         and 0 <= o.longest_blocked_seconds < math.inf
-        and len(o.dominant_wait_reason) <= SHORT_CHARS
-        and not s.wait_reasons
+        and len(s.wait_reasons) <= limits.wait_reasons
     ):
         return 0
     for what, v in (
@@ -258,9 +276,9 @@ def _site(s: ing.SiteSummary, limits: Limits) -> int:
     cut = _clip(s, "function", FUNCTION_CHARS)
     cut += _clip(s, "go_statement", PATH_CHARS)
     cut += _clip(s, "creator_function", FUNCTION_CHARS)
-    cut += _clip(o, "dominant_wait_reason", SHORT_CHARS)
+    cut += _clip(o, "dominant_wait_reason", FUNCTION_CHARS)
     for w in s.wait_reasons:
-        cut += _clip(w, "reason", SHORT_CHARS)
+        cut += _clip(w, "reason", FUNCTION_CHARS)
     return cut
 
 
