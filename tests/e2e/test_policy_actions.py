@@ -306,7 +306,9 @@ def test_the_engine_patches_the_workload_the_agents_saw(
         rules:
           - name: g
             signal: {{kind: goroutines, above: 100}}
-            levels: [{{level: L3, actions: [{{type: kubernetes, namespaces: [shop], kubeconfig: "{kubeconfig}"}}]}}]
+            levels:
+              - level: L3
+                actions: [{{type: kubernetes, namespaces: [shop], kubeconfig: "{kubeconfig}"}}]
             cooldown: {{initial: 1s}}
         """
     )
