@@ -278,6 +278,8 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
             external_url=args.external_url or "",
             otlp_endpoint=args.otlp_endpoint or _otlp_env(),
             otlp_interval=args.otlp_interval,
+            events_max_age_seconds=args.events_max_age,
+            events_max_bytes=args.events_max_bytes,
         )
     )
 
@@ -617,6 +619,20 @@ def _add_control_commands(sub: Any) -> None:
         default=30.0,
         metavar="S",
         help="seconds between OTLP exports (default 30)",
+    )
+    p.add_argument(
+        "--events-max-age",
+        type=float,
+        default=30 * 86400.0,
+        metavar="SECONDS",
+        help="event log retention: forget events older than this (default 30 days)",
+    )
+    p.add_argument(
+        "--events-max-bytes",
+        type=int,
+        default=256 * 1024 * 1024,
+        metavar="BYTES",
+        help="event log ceiling: drop the oldest events beyond this size (default 256 MiB)",
     )
     p.set_defaults(handler=cmd_control_plane)
 

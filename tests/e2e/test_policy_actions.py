@@ -244,7 +244,9 @@ def test_kubernetes_sets_godebug_restores_it_and_is_idempotent(
     fake.deployment(
         "shop", "checkout", {"app": {"GODEBUG": "madvdontneed=1", "X": "1"}, "sidecar": {}}
     )
-    act = KubernetesAction({"type": "kubernetes", "kubeconfig": str(kubeconfig)})
+    act = KubernetesAction(
+        {"type": "kubernetes", "kubeconfig": str(kubeconfig), "namespaces": ["shop", "locked"]}
+    )
     (a,) = run(act, ctx(DEGRADE))
     assert a.ok and "rolling restart" in a.outcome and a.target == "Deployment shop/checkout"
     # the user's own GODEBUG setting is kept, ours added; every container gets it
@@ -274,7 +276,9 @@ def test_kubernetes_conflict_is_retried_and_forbidden_is_not(
     fake, kubeconfig = kube
     fake.deployment("shop", "checkout", {"app": {}})
     fake.conflicts_to_inject = 1
-    act = KubernetesAction({"type": "kubernetes", "kubeconfig": str(kubeconfig)})
+    act = KubernetesAction(
+        {"type": "kubernetes", "kubeconfig": str(kubeconfig), "namespaces": ["shop", "locked"]}
+    )
     first, second = run(act, ctx(DEGRADE))
     assert not first.ok and "409" in first.error and first.outcome == "will retry"
     assert second.ok and fake.env("shop", "checkout", "app") == {"GODEBUG": HTTP2_OFF}
@@ -302,7 +306,9 @@ def test_the_engine_patches_the_workload_the_agents_saw(
         rules:
           - name: g
             signal: {{kind: goroutines, above: 100}}
-            levels: [{{level: L3, actions: [{{type: kubernetes, kubeconfig: "{kubeconfig}"}}]}}]
+            levels:
+              - level: L3
+                actions: [{{type: kubernetes, namespaces: [shop], kubeconfig: "{kubeconfig}"}}]
             cooldown: {{initial: 1s}}
         """
     )

@@ -113,14 +113,16 @@ def test_levels_up_and_back_down_on_a_steered_go_service(
         for n, want in ((200, "L1"), (400, "L2"), (800, "L3")):
             steer(n)
             wait_for(lambda want=want: level() == want, f"{want} at {n} goroutines")
-            assert (flags / want).exists()
+            # the decision is logged first, its action runs on a worker right after
+            wait_for(lambda want=want: (flags / want).exists(), f"{want}'s flag file")
         # between L3's clear threshold (500) and its threshold (600): hysteresis holds L3
         steer(550)
         time.sleep(4)
         assert level() == "L3" and goroutines() >= 550
         steer(450)  # under L3's clear, above L2's threshold: down to L2 after the hold
         wait_for(lambda: level() == "L2", "L3 -> L2")
-        assert not (flags / "L3").exists() and (flags / "L2").exists()
+        wait_for(lambda: not (flags / "L3").exists(), "L3's flag file removed")
+        assert (flags / "L2").exists()
         steer(10)
         wait_for(lambda: level() == "normal", "back to normal")
         assert sorted(p.name for p in flags.iterdir()) == []

@@ -141,42 +141,59 @@ class InlineRunner:
         pass
 
 
-class ThreadRunner:
-    """One worker thread per service: a service's actions run in decision order (a
-    recovery never overtakes the degrade it undoes); services do not wait for each
-    other (a webhook retrying for a minute holds up only its own service)."""
+Job = tuple[Action, ActionContext, Report]
+DEFAULT_ACTION_WORKERS = 8
 
-    def __init__(self) -> None:
-        self._queues: dict[str, queue.Queue[tuple[Action, ActionContext, Report] | None]] = {}
+
+class ThreadRunner:
+    """A bounded pool of worker threads; one service's actions run one at a time, in
+    decision order (a recovery never overtakes the degrade it undoes). Services take
+    turns: a worker runs one job of a service and puts the service back in line, so a
+    webhook retrying for a minute holds one worker, not the others' decisions. The
+    pool never grows past `workers`, however many services there are."""
+
+    def __init__(self, workers: int = DEFAULT_ACTION_WORKERS) -> None:
+        self.workers = workers
+        self._jobs: dict[str, deque[Job]] = {}  # services with work queued or running
+        self._ready: queue.Queue[str | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._pending = 0
         self._lock = threading.Condition()
 
     def submit(self, action: Action, ctx: ActionContext, report: Report) -> None:
-        qu = self._queues.get(ctx.service)
-        if qu is None:
-            qu = self._queues[ctx.service] = queue.Queue()
-            th = threading.Thread(
-                target=self._work, args=(qu,), name=f"goleash-actions-{ctx.service}", daemon=True
-            )
-            th.start()
-            self._threads.append(th)
         with self._lock:
             self._pending += 1
-        qu.put((action, ctx, report))
+            jobs = self._jobs.get(ctx.service)
+            if jobs is None:
+                self._jobs[ctx.service] = deque([(action, ctx, report)])
+                self._ready.put(ctx.service)
+            else:
+                jobs.append((action, ctx, report))
+            if len(self._threads) < min(self.workers, len(self._jobs)):
+                th = threading.Thread(
+                    target=self._work, name=f"goleash-actions-{len(self._threads)}", daemon=True
+                )
+                th.start()
+                self._threads.append(th)
 
-    def _work(self, qu: queue.Queue[tuple[Action, ActionContext, Report] | None]) -> None:
+    def _work(self) -> None:
         while True:
-            job = qu.get()
-            if job is None:
+            service = self._ready.get()
+            if service is None:
                 return
+            with self._lock:
+                action, ctx, report = self._jobs[service].popleft()
             try:
-                run_action(*job)
+                run_action(action, ctx, report)
             except Exception:  # an action bug must not kill the worker
-                log.exception("action %s failed unexpectedly", job[0].type)
+                log.exception("action %s for %s failed unexpectedly", action.type, service)
             finally:
                 with self._lock:
                     self._pending -= 1
+                    if self._jobs[service]:
+                        self._ready.put(service)  # its next job, after the others' turns
+                    else:
+                        del self._jobs[service]
                     self._lock.notify_all()
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
@@ -190,8 +207,8 @@ class ThreadRunner:
         return True
 
     def close(self) -> None:
-        for qu in self._queues.values():
-            qu.put(None)
+        for _ in self._threads:
+            self._ready.put(None)
         for th in self._threads:
             th.join(timeout=5.0)
 
@@ -668,7 +685,11 @@ class PolicyEngine:
                         holders.discard((rule.name, lv.name))
                     if not holders - {(rule.name, lv.name)}:
                         jobs.append((a, lv.name))
-        evidence = self.evidence(rule, svc, now, reading, direction)
+        try:
+            evidence = self.evidence(rule, svc, now, reading, direction)
+        except Exception as exc:  # evidence explains a decision; it must not hold it
+            log.exception("gathering evidence for %s (%s) failed", svc, rule.name)
+            evidence = {"signal": rule.signal.describe(), "error": f"{type(exc).__name__}: {exc}"}
         k8s = self._kubernetes_ref(svc)
         ctx0 = ActionContext(
             decision_id=0,

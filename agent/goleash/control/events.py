@@ -9,6 +9,7 @@ from an id first, so a client that reconnects with the last id it saw misses not
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import time
@@ -21,6 +22,13 @@ from goleash.errors import GoleashError
 
 DEFAULT_DIR = Path("/var/lib/goleash")
 DEFAULT_DB = DEFAULT_DIR / "goleash.db"
+# Retention: the log is a ring, not an archive. Events older than the age go, and the
+# oldest go first while the data pages outgrow the size, so the database (and the
+# volume under it) has a ceiling whatever the agents send.
+DEFAULT_MAX_AGE_SECONDS = 30 * 86400.0
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+MAX_MESSAGE_CHARS = 4096
+MAX_DETAILS_BYTES = 64 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -107,12 +115,37 @@ def open_db(path: str) -> sqlite3.Connection:
     return conn
 
 
+def _finite(v: Any) -> Any:
+    """`v` with NaN and infinities as None (details are shallow: built here)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_finite(x) for x in v]
+    return v
+
+
 class EventLog:
     """Append-only event log over an open database connection."""
 
-    def __init__(self, conn: sqlite3.Connection, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        clock: Callable[[], float] = time.time,
+        *,
+        max_age_seconds: float = DEFAULT_MAX_AGE_SECONDS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        if not (math.isfinite(max_age_seconds) and max_age_seconds > 0 and max_bytes > 0):
+            raise EventLogError(
+                "event retention needs a finite age > 0 and a size > 0 "
+                "(--events-max-age, --events-max-bytes)"
+            )
         self._conn = conn
         self._clock = clock
+        self.max_age_seconds = max_age_seconds
+        self.max_bytes = max_bytes
         self._subscribers: list[Callable[[EventRecord], None]] = []
 
     def append(
@@ -127,11 +160,21 @@ class EventLog:
     ) -> EventRecord:
         now = self._clock()
         body = details or {}
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+        # NaN and infinity are not JSON (other readers of the log would choke on them)
+        try:
+            text = json.dumps(body, default=str, allow_nan=False)
+        except ValueError:
+            text = json.dumps(_finite(body), default=str)
+        if len(text) > MAX_DETAILS_BYTES:
+            body = {"truncated": True, "bytes": len(text)}
+            text = json.dumps(body)
         try:
             cur = self._conn.execute(
                 "INSERT INTO events (time_unix_nano, kind, service, agent_id, pid, message, "
                 "details) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (int(now * 1e9), kind, service, agent_id, pid, message, json.dumps(body)),
+                (int(now * 1e9), kind, service, agent_id, pid, message, text),
             )
         except sqlite3.Error as exc:
             raise EventLogError(f"cannot write the event log: {exc}") from exc
@@ -139,6 +182,42 @@ class EventLog:
         for notify in list(self._subscribers):
             notify(rec)
         return rec
+
+    def used_bytes(self) -> int:
+        """Bytes of the database's pages in use (free pages are reused before it grows)."""
+        pages = self._conn.execute("PRAGMA page_count").fetchone()[0]
+        free = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
+        size = self._conn.execute("PRAGMA page_size").fetchone()[0]
+        return int((pages - free) * size)
+
+    def prune(self) -> int:
+        """Apply the retention: drop events older than the age, then the oldest while
+        the database is over its size. Returns how many were dropped."""
+        cutoff = int((self._clock() - self.max_age_seconds) * 1e9)
+        dropped = 0
+        try:
+            # ids grow with time: the first young event bounds the old ones (a scan of
+            # only what is dropped, no index on time needed)
+            row = self._conn.execute(
+                "SELECT id FROM events WHERE time_unix_nano >= ? ORDER BY id LIMIT 1", (cutoff,)
+            ).fetchone()
+            bound = row[0] if row else self.last_id() + 1
+            dropped += self._conn.execute("DELETE FROM events WHERE id < ?", (bound,)).rowcount
+            for _ in range(20):  # each round drops a tenth (at least 100 events)
+                used = self.used_bytes()
+                if used <= self.max_bytes:
+                    break
+                n = self._conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+                if not n:
+                    break
+                cut = max(n // 10, min(n, 100))
+                dropped += self._conn.execute(
+                    "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?)",
+                    (cut,),
+                ).rowcount
+        except sqlite3.Error as exc:
+            raise EventLogError(f"cannot apply the event retention: {exc}") from exc
+        return dropped
 
     def subscribe(self, callback: Callable[[EventRecord], None]) -> Callable[[], None]:
         """Call `callback` for every new event (in the appending thread); returns the

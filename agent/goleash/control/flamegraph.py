@@ -9,9 +9,10 @@ frames joined by ';', root first, with a count.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from xml.sax.saxutils import escape
+from xml.sax.saxutils import escape as _xml_escape
 
 from goleash.api.goleash.v1 import types_pb2 as t
 
@@ -19,6 +20,14 @@ WIDTH = 1200
 ROW = 17
 PAD = 10
 CHAR_PX = 6.6  # average glyph width of 11px monospace, to decide what text fits
+# Characters XML 1.0 cannot carry at all (not even as references); names come from
+# agents, so one of these would make the whole report unreadable.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffe\uffff]")
+
+
+def escape(text: str) -> str:
+    """Text for an SVG element: XML-escaped, control characters shown as \\xNN."""
+    return _xml_escape(_NOT_XML.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
 
 
 @dataclass
@@ -30,7 +39,14 @@ class _Node:
 
 def folded_line(frames: Sequence[str], count: int) -> str:
     """One line of folded output: frames root first, ';'-joined, then the count."""
-    return ";".join(f.replace(";", ":") for f in frames) + f" {count}"
+    # one stack a line: a newline in an agent-supplied name must not start another
+    return (
+        ";".join(
+            _NOT_XML.sub("?", f.replace(";", ":").replace("\n", "?").replace("\r", "?"))
+            for f in frames
+        )
+        + f" {count}"
+    )
 
 
 def creation_stacks(
@@ -103,7 +119,10 @@ def render_svg(stacks: Mapping[tuple[str, ...], int], title: str) -> str:
         out.append(f'<text x="{PAD}" y="{PAD + 40}">no goroutines to draw</text></svg>')
         return "\n".join(out)
 
-    def draw(node: _Node, x: float, level: int) -> None:
+    # depth-first without recursion: a 3000-frame stack must not raise RecursionError
+    todo: list[tuple[_Node, float, int]] = [(root, PAD, 0)]
+    while todo:
+        node, x, level = todo.pop()
         w = node.count * scale
         y = height - PAD - (level + 1) * ROW
         pct = 100.0 * node.count / root.count
@@ -118,10 +137,10 @@ def render_svg(stacks: Mapping[tuple[str, ...], int], title: str) -> str:
             out.append(f'<text x="{x + 3:.1f}" y="{y + ROW - 5}">{escape(text)}</text>')
         out.append("</g>")
         cx = x
+        children = []
         for child in sorted(node.children.values(), key=lambda c: c.name):
-            draw(child, cx, level + 1)
+            children.append((child, cx, level + 1))
             cx += child.count * scale
-
-    draw(root, PAD, 0)
+        todo.extend(reversed(children))  # drawn in name order, as before
     out.append("</svg>")
     return "\n".join(out)

@@ -10,6 +10,7 @@ gate every policy text passes, from the API or a file.
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from goleash.control.limits import InvalidArgument
 from goleash.errors import GoleashError
 
 MODES = ("enforce", "monitor", "off")
@@ -77,6 +79,29 @@ def _line(node: yaml.Node) -> int:
     return node.start_mark.line + 1
 
 
+def _no_duplicate_keys(root: yaml.Node) -> None:
+    """YAML lets a later key silently replace an earlier one; a policy must not (the
+    reader sees one threshold, the engine runs the other). Walked without recursion:
+    nesting depth is the author's."""
+    todo = [root]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.value != "<<":
+                    if k.value in seen:
+                        raise PolicyError(
+                            _line(k),
+                            f"key {k.value!r} appears twice in one mapping "
+                            f"(first on line {seen[k.value]})",
+                        )
+                    seen[k.value] = _line(k)
+                todo.append(v)
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend(node.value)
+
+
 def validate_policy(text: str) -> PolicyDocument:
     """Parse and check a policy; raise PolicyError(line, reason) on the first problem."""
     if not text.strip():
@@ -88,6 +113,10 @@ def validate_policy(text: str) -> PolicyDocument:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 0
         raise PolicyError(line, f"not valid YAML: {exc.problem or exc.context}") from exc
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise PolicyError(0, f"not valid YAML: {type(exc).__name__}") from exc
+    if root is not None:
+        _no_duplicate_keys(root)
     if not isinstance(root, yaml.MappingNode) or not isinstance(raw, dict):
         raise PolicyError(1, "a policy is a mapping (keys like mode:, rules:)")
     keys = {k.value: (k, v) for k, v in root.value}
@@ -148,6 +177,22 @@ class Override:
     expires: float  # 0: until cleared
 
 
+MAX_OVERRIDE_SECONDS = 30 * 86400.0
+
+
+def check_override(rule: str, level: str, reason: str, duration: float) -> None:
+    """Everything about an override that can go wrong, checked before any state
+    changes (InvalidArgument): a NaN duration would be permanent, infinity overflows."""
+    if not math.isfinite(duration) or not 0 <= duration <= MAX_OVERRIDE_SECONDS:
+        raise InvalidArgument(
+            f"duration_seconds must be a finite number from 0 (until cleared) to "
+            f"{MAX_OVERRIDE_SECONDS:g} (30 days), got {duration}"
+        )
+    for what, value, limit in (("rule", rule, 253), ("level", level, 64), ("reason", reason, 1024)):
+        if len(value) > limit:
+            raise InvalidArgument(f"{what} is {len(value)} characters long; at most {limit}")
+
+
 class PolicyStore:
     """Running policy and overrides, persisted in the control plane's database."""
 
@@ -188,6 +233,7 @@ class PolicyStore:
     def add_override(
         self, service: str, action: int, rule: str, level: str, reason: str, duration: float
     ) -> Override:
+        check_override(rule, level, reason, duration)
         now = self._clock()
         expires = now + duration if duration > 0 else 0.0
         cur = self._conn.execute(

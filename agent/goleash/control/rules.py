@@ -41,6 +41,7 @@ rule that silently never fires). The grammar, with defaults:
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -60,6 +61,11 @@ NOTIFY_ONLY = frozenset({"event", "webhook", "alertmanager"})
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|s|m|h)")
 _DURATIONS = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|us|µs|s|m|h))+")
 _UNITS = {"ms": 1e-3, "us": 1e-6, "µs": 1e-6, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Upper bounds: a value beyond them is a typo, and an infinite one stops the engine
+# (an evaluation interval of .inf sleeps forever).
+MAX_DURATION = 30 * 86400.0  # holds, cooldowns, windows: 30 days
+MAX_INTERVAL = 3600.0  # evaluation_interval
+MAX_BACKOFF = 100.0
 
 
 @dataclass(frozen=True)
@@ -228,8 +234,12 @@ def parse_duration(y: _Y, what: str) -> float:
         secs = sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(text))
     else:
         y.fail(f"{what} must be a duration like 30s, 2m or 300ms, got {v!r}")
+    if not math.isfinite(secs):
+        y.fail(f"{what} must be a finite duration, got {v!r}")
     if secs < 0:
         y.fail(f"{what} must not be negative")
+    if secs > MAX_DURATION:
+        y.fail(f"{what} must be at most 30 days, got {secs:g}s")
     return secs
 
 
@@ -239,6 +249,8 @@ def _number(y: _Y, what: str, *, duration: bool = False, minimum: float | None =
         return parse_duration(y, what)
     if isinstance(v, bool) or not isinstance(v, int | float):
         y.fail(f"{what} must be a number" + (" or a duration like 300ms" if duration else ""))
+    if not math.isfinite(v):
+        y.fail(f"{what} must be a finite number, got {v!r}")
     if minimum is not None and v < minimum:
         y.fail(f"{what} must be >= {minimum:g}")
     return float(v)
@@ -414,6 +426,8 @@ def _cooldown(y: _Y | None, default: CooldownSpec) -> CooldownSpec:
     i_y, b_y, m_y = y.get("initial"), y.get("backoff"), y.get("max")
     initial = parse_duration(i_y, "initial") if i_y is not None else default.initial
     backoff = _number(b_y, "backoff", minimum=1.0) if b_y is not None else default.backoff
+    if backoff > MAX_BACKOFF:
+        (b_y or y).fail(f"backoff must be at most {MAX_BACKOFF:g}")
     mx = parse_duration(m_y, "max") if m_y is not None else max(default.max, initial)
     if mx < initial:
         y.fail(f"cooldown max ({mx:g}s) is shorter than initial ({initial:g}s)")
@@ -441,8 +455,12 @@ def _rule(y: _Y, named: Mapping[str, Any], levels_default: _Y | None, cd: Cooldo
         if c_y is not None and w_y is not None:
             s_y.fail("sustain takes consecutive: or window:, not both")
         if c_y is not None:
-            if isinstance(c_y.value, bool) or not isinstance(c_y.value, int) or c_y.value < 1:
-                c_y.fail("consecutive must be a whole number >= 1")
+            if (
+                isinstance(c_y.value, bool)
+                or not isinstance(c_y.value, int)
+                or not 1 <= c_y.value <= 10_000
+            ):
+                c_y.fail("consecutive must be a whole number from 1 to 10000")
             consecutive = c_y.value
         if w_y is not None:
             window = parse_duration(w_y, "sustain window")
@@ -483,8 +501,8 @@ def compile_document(doc: PolicyDocument, version: int = 0) -> CompiledPolicy:
     i_y = root.get("evaluation_interval")
     if i_y is not None:
         interval = parse_duration(i_y, "evaluation_interval")
-        if interval < 0.1:
-            i_y.fail("evaluation_interval must be at least 100ms")
+        if not 0.1 <= interval <= MAX_INTERVAL:
+            i_y.fail("evaluation_interval must be between 100ms and 1h")
     d_y = root.get("defaults")
     if d_y is not None:
         d_y.mapping("defaults", ("on_no_data",))

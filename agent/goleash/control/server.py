@@ -50,9 +50,18 @@ from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.control import DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES, auth
 from goleash.control.detect import DEFAULT_LEAK_PARAMS, LeakParams
 from goleash.control.engine import EngineLoop
-from goleash.control.events import EventLog, EventQuery, EventRecord, open_db, resolve_db_path
-from goleash.control.policy import PolicyError, PolicyStore
+from goleash.control.events import (
+    DEFAULT_MAX_AGE_SECONDS,
+    DEFAULT_MAX_BYTES,
+    EventLog,
+    EventQuery,
+    EventRecord,
+    open_db,
+    resolve_db_path,
+)
+from goleash.control.policy import PolicyError, PolicyStore, check_override
 from goleash.control.state import (
+    MAX_RESPONSE_BYTES,
     ControlError,
     InvalidArgument,
     NotFound,
@@ -118,6 +127,8 @@ class ControlPlaneConfig:
     external_url: str = ""
     otlp_endpoint: str | None = None  # also push the metrics over OTLP/gRPC there
     otlp_interval: float = 30.0
+    events_max_age_seconds: float = DEFAULT_MAX_AGE_SECONDS  # event log retention
+    events_max_bytes: int = DEFAULT_MAX_BYTES
 
 
 def is_loopback(listen: str) -> bool:
@@ -213,6 +224,19 @@ def event_query(f: q.EventFilter) -> EventQuery:
     return EventQuery(frozenset(f.kinds), f.service, f.agent_id, f.pid)
 
 
+def bounded_events(into: Any, found: list[EventRecord]) -> int | None:
+    """Add events to a response while it stays under the client's message limit; the
+    id of the last one added when some were left for the next page, else None."""
+    size = 0
+    for e in found:
+        m = event_message(e)
+        size += m.ByteSize() + 8
+        if size > MAX_RESPONSE_BYTES and len(into):
+            return int(into[-1].id)
+        into.append(m)
+    return None
+
+
 R = TypeVar("R")
 
 
@@ -243,13 +267,17 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
         agent_id = ""
         out = ing.StreamBatchesResponse()
         why = "stream closed by the agent"
+        refused: ControlError | None = None
+        messages = aiter(request_iterator)
         try:
-            async for req in request_iterator:
+            async for req in messages:
                 b = req.batch
                 try:
                     if not agent_id:
-                        store.check_batch(b)
+                        # who may write this agent id first: strangers learn nothing
+                        # about what the store would accept
                         self._cp.check_owner(b.agent.agent_id, auth.current())
+                        store.check_batch(b)
                         agent_id = b.agent.agent_id
                         store.stream_opened(b.agent, clock())
                         self._cp.agent_owners[agent_id] = auth.current().name
@@ -266,8 +294,23 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
                     out.gaps += a.gaps - gaps
                     out.last_sequence = a.last_sequence
                 except ControlError as exc:
-                    why = f"rejected: {exc}"
-                    await context.abort(grpc.StatusCode[exc.status], str(exc))
+                    refused = exc
+                    break
+            if refused is not None:
+                # Abort outside the loop, with no reference left to the refused batch:
+                # the abort's traceback keeps this frame (and the request iterator) in
+                # cycles only a full collection frees, and a 300k-site batch is 45 MB.
+                # grpc's receiving generator and its receiver form a cycle holding the
+                # last message until closed: close it (a finished stream closes itself).
+                why = f"rejected: {refused}"
+                refused.__traceback__ = None
+                req = b = request_iterator = None  # type: ignore[assignment]
+                aclose = getattr(messages, "aclose", None)
+                if aclose is not None:
+                    with contextlib.suppress(Exception):
+                        await aclose()
+                messages = None  # type: ignore[assignment]
+                await context.abort(grpc.StatusCode[refused.status], str(refused))
         except asyncio.CancelledError:
             why = "connection lost"
             raise
@@ -341,9 +384,10 @@ class GoleashServicer(q_grpc.GoleashServiceServicer):
             newest_first=request.newest_first,
             limit=size + 1,
         )
-        out = q.ListEventsResponse(events=[event_message(e) for e in found[:size]])
-        if len(found) > size:
-            out.next_page_token = encode_page_token("events", found[size - 1].id)
+        out = q.ListEventsResponse()
+        last = bounded_events(out.events, found[:size])
+        if last is not None or len(found) > size:
+            out.next_page_token = encode_page_token("events", last or found[size - 1].id)
         return out
 
     async def WatchEvents(
@@ -464,9 +508,10 @@ class GoleashServicer(q_grpc.GoleashServiceServicer):
             frozenset({t.EVENT_KIND_DECISION, t.EVENT_KIND_ACTION}), service=request.service
         )
         found = self._cp.events.query(where, before_id=before, newest_first=True, limit=size + 1)
-        out = q.ListDecisionsResponse(decisions=[event_message(e) for e in found[:size]])
-        if len(found) > size:
-            out.next_page_token = encode_page_token("decisions", found[size - 1].id)
+        out = q.ListDecisionsResponse()
+        last = bounded_events(out.decisions, found[:size])
+        if last is not None or len(found) > size:
+            out.next_page_token = encode_page_token("decisions", last or found[size - 1].id)
         return out
 
     async def OverrideService(
@@ -488,8 +533,7 @@ class GoleashServicer(q_grpc.GoleashServiceServicer):
             )
         if r.service not in self._store.services:
             raise NotFound(f"no service named {r.service!r} has been seen by this control plane")
-        if r.duration_seconds < 0:
-            raise InvalidArgument(f"duration_seconds must be >= 0, got {r.duration_seconds}")
+        check_override(r.rule, r.level, r.reason, r.duration_seconds)
         action = q.OverrideAction.Name(r.action).removeprefix("OVERRIDE_ACTION_")
         out = q.OverrideServiceResponse()
         if r.action == q.OVERRIDE_ACTION_CLEAR:
@@ -560,7 +604,12 @@ class ControlPlane:
         self.clock = clock
         self.db_path = resolve_db_path(config.db)
         self._conn: sqlite3.Connection = open_db(self.db_path)
-        self.events = ScrubbedEventLog(self._conn, clock)
+        self.events = ScrubbedEventLog(
+            self._conn,
+            clock,
+            max_age_seconds=config.events_max_age_seconds,
+            max_bytes=config.events_max_bytes,
+        )
         self.policies = PolicyStore(self._conn, clock)
         self.store = Store(
             self.events.append, leak=config.leak, known_processes=self._open_processes()
@@ -753,6 +802,7 @@ class ControlPlane:
                     del self.agent_owners[agent_id]
                 self.authenticator = auth.reloaded(self.authenticator, self.config.credentials)
                 self._interceptor.authn = self.authenticator
+                self.events.prune()
             except Exception:  # keep serving; the next round may succeed
                 log.exception("upkeep failed")
             period = self.config.full_gc_seconds

@@ -26,7 +26,15 @@ from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import ingest_service_pb2 as ing
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.control import detect
-from goleash.control.histogram import MAX_SUB_BUCKET_BITS, Histogram
+from goleash.control import limits as caps
+from goleash.control.histogram import Histogram
+from goleash.control.limits import (
+    DEFAULT_LIMITS,
+    ControlError,
+    InvalidArgument,
+    Limits,
+    ResourceExhausted,
+)
 from goleash.control.windows import (
     DEFAULT_TIERS,
     HistogramWindows,
@@ -36,7 +44,6 @@ from goleash.control.windows import (
     covered,
     retention,
 )
-from goleash.errors import GoleashError
 
 SiteKey = tuple[str, str]  # (function, go statement)
 ProcKey = tuple[str, int]  # (agent id, pid)
@@ -56,14 +63,9 @@ UNANNOUNCED = "snapshot_of_unannounced_process"
 Emit = Callable[..., Any]  # EventLog.append's signature
 
 
-class ControlError(GoleashError):
-    """A request the control plane refuses; `status` names the gRPC status code."""
-
-    status = "INTERNAL"
-
-
-class InvalidArgument(ControlError):
-    status = "INVALID_ARGUMENT"
+__all__ = ["ControlError", "InvalidArgument", "ResourceExhausted", "NotFound", "Store"]
+# A list response stays under this many bytes (clients accept 4 MiB by default).
+MAX_RESPONSE_BYTES = 3 * 1024 * 1024
 
 
 class NotFound(ControlError):
@@ -87,6 +89,7 @@ class AgentState:
     heartbeat: t.Heartbeat = field(default_factory=t.Heartbeat)
     drops: Counter[str] = field(default_factory=Counter)
     procs: set[ProcKey] = field(default_factory=set)
+    sites: int = 0  # sites its live processes hold (what the caps count)
 
     @property
     def interval(self) -> float:
@@ -181,7 +184,11 @@ class _SiteNow:
 
 
 def service_of(info: t.ProcessInfo) -> str:
-    return info.service or os.path.basename(info.exe) or f"pid-{info.pid}"
+    if info.service:
+        return info.service  # checked by limits.check_service
+    # an executable's name is whatever the host had: keep it printable and bounded
+    base = os.path.basename(info.exe)[: caps.ID_CHARS]
+    return caps._CONTROL.sub("?", base) or f"pid-{info.pid}"
 
 
 def encode_page_token(kind: str, position: int) -> str:
@@ -214,6 +221,21 @@ def _non_negative(name: str, v: float) -> float:
     if math.isnan(v) or v < 0:
         raise InvalidArgument(f"{name} must be a number >= 0, got {v}")
     return v
+
+
+class _Budget:
+    """Bytes of a response so far: the item just added is dropped (and the answer
+    ends) once the client's message limit would be passed."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def full(self, items: Any) -> bool:
+        self.size += items[-1].ByteSize() + 8
+        if self.size > MAX_RESPONSE_BYTES:
+            del items[-1]
+            return True
+        return False
 
 
 def _ns(seconds: float) -> int:
@@ -251,8 +273,10 @@ class Store:
         tiers: Sequence[Tier] = DEFAULT_TIERS,
         leak: detect.LeakParams = detect.DEFAULT_LEAK_PARAMS,
         known_processes: Iterable[tuple[str, int, int]] = (),
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self._emit = emit
+        self.limits = limits
         self.tiers = tuple(tiers)
         # Per-process latency keeps only the coarsest tier: histograms are the bulk of
         # the memory (a dict per slot), and the finer windows matter per service.
@@ -264,6 +288,8 @@ class Store:
         self.services: dict[str, ServiceState] = {}
         self.suspects: dict[tuple[str, SiteKey], detect.LeakVerdict] = {}
         self._with_orphans: set[ProcKey] = set()
+        self.sites_held = 0  # sum of the agents' `sites`
+        self._checked: tuple[ing.AgentBatch, tuple[int, int]] | None = None
         # (agent, pid, start time) of processes whose PROCESS_APPEARED is already in
         # the log: a re-announcement after a restart of the control plane is no news.
         self._known: set[tuple[str, int, int]] = set(known_processes)
@@ -299,16 +325,77 @@ class Store:
             a.identity.CopyFrom(identity)
         return a
 
-    @staticmethod
-    def check_batch(b: ing.AgentBatch) -> None:
-        if not b.agent.agent_id:
-            raise InvalidArgument("batch.agent.agent_id is empty: every batch names its agent")
-        if b.sequence == 0:
-            raise InvalidArgument("batch.sequence is 0: sequence numbers start at 1")
+    def check_batch(self, b: ing.AgentBatch) -> tuple[int, int]:
+        """Everything that can be judged before the Store changes (ControlError);
+        returns the sites the agent holds once the batch is applied, and how many
+        over-long strings were cut."""
+        lim = self.limits
+        cut = caps.check_batch(b, lim)
+        a = self.agents.get(b.agent.agent_id)
+        if a is None:
+            if len(self.agents) >= lim.agents:
+                raise ResourceExhausted(
+                    f"this control plane follows {len(self.agents)} agents, its cap; "
+                    "disconnected agents are forgotten after "
+                    f"{lim.agent_ttl_seconds:g}s"
+                )
+            last, procs, held_before = 0, set(), 0
+        else:
+            same = b.agent.instance_id == a.instance_id
+            last, procs = (a.last_sequence if same else 0), a.procs
+            held_before = a.sites
+        if last and b.sequence > last + lim.sequence_jump:
+            raise InvalidArgument(
+                f"batch.sequence {b.sequence} jumps {b.sequence - last} past the last one "
+                f"({last}); at most {lim.sequence_jump} batches can go missing"
+            )
+        agent_id = b.agent.agent_id
+        new = {(agent_id, i.pid) for i in b.processes_appeared} - procs
+        caps._count(
+            f"agent {agent_id[:80]}: processes", len(procs) + len(new), lim.processes_per_agent
+        )
+        caps._count("processes of all agents", len(self.procs) + len(new), lim.processes_total)
+        # sites and traced functions the agent would hold after this batch
+        snap = {(agent_id, s.pid): s for s in b.snapshots}
+        sites = fns = 0
+        for key in procs:
+            p = self.procs.get(key)
+            s = snap.get(key)
+            if p is None:
+                continue
+            if s is None:
+                sites += len(p.sites)
+                fns += len(p.latency)
+            else:  # sites it had stay until idle for the retention
+                held = p.sites
+                sites += len(held) + sum(
+                    1 for ss in s.sites if (ss.function, ss.go_statement) not in held
+                )
+                fns += len(p.latency.keys() | {lat.function for lat in s.latency})
+        for key in new:
+            s = snap.get(key)
+            if s is not None:
+                sites += len(s.sites)
+                fns += len({lat.function for lat in s.latency})
+        caps._count(f"agent {agent_id[:80]}: sites", sites, lim.sites_per_agent)
+        caps._count("sites of all agents", self.sites_held - held_before + sites, lim.sites_total)
+        caps._count(f"agent {agent_id[:80]}: traced functions", fns, lim.functions_per_agent)
+        for key, s in snap.items():
+            p = self.procs.get(key)
+            if p is not None and p.gone_at is None:
+                n = len(p.latency.keys() | {lat.function for lat in s.latency})
+                caps._count(f"pid {s.pid}: traced functions", n, lim.functions_per_process)
+        self._checked = (b, (sites, cut))
+        return sites, cut
 
     def ingest(self, b: ing.AgentBatch, now: float) -> bool:
-        """Apply one batch; False when it was a duplicate (already applied)."""
-        self.check_batch(b)
+        """Apply one batch; False when it was a duplicate (already applied). A batch
+        that fails `check_batch` raises and changes nothing."""
+        # the server checks a stream's first batch before opening it: its strings are
+        # cut already, so reuse that answer (and its count) when nothing came between
+        last, self._checked = self._checked, None
+        sites, cut = last[1] if last is not None and last[0] is b else self.check_batch(b)
+        self._checked = None
         a = self._agent(b.agent, now)
         a.last_seen = now
         if b.agent.instance_id != a.instance_id:
@@ -328,10 +415,14 @@ class Store:
             )
         a.last_sequence = b.sequence
         a.batches += 1
+        self.sites_held += sites - a.sites
+        a.sites = sites
         a.identity.CopyFrom(b.agent)
         a.heartbeat = b.heartbeat
         for d in b.drops:
-            a.drops[d.reason] += d.count
+            caps.add_drop(a.drops, d.reason, d.count, self.limits.drop_reasons)
+        if cut:
+            caps.add_drop(a.drops, caps.TRUNCATED_TEXT, cut, self.limits.drop_reasons)
         for info in b.processes_appeared:
             self._appeared(a, info, now)
         for snap in b.snapshots:
@@ -430,8 +521,10 @@ class Store:
     def _snapshot(self, a: AgentState, s: ing.ProcessSnapshot, now: float) -> None:
         p = self.procs.get((a.identity.agent_id, s.pid))
         if p is None or p.gone_at is not None:
-            a.drops[UNANNOUNCED] += 1
+            caps.add_drop(a.drops, UNANNOUNCED, 1, self.limits.drop_reasons)
             return
+        for reason, n in caps.truncate(s, self.limits).items():
+            caps.add_drop(p.drops, reason, n, self.limits.drop_reasons)
         svc = self._service(p.service)
         p.last_seen = now
         svc.goroutines += s.goroutines - p.goroutines
@@ -495,8 +588,10 @@ class Store:
                 p.orphan_sites.discard(k)
                 site.summary = None
                 site.windows.record(now, (0, 0, 0, 0))
-            elif now - site.touched > self.retention:
-                del p.sites[k]
+            elif (
+                now - site.touched > self.retention or len(p.sites) > self.limits.sites_per_process
+            ):
+                del p.sites[k]  # idle: forgotten after the retention, or at once when over the cap
         p.orphans = orphans
         if orphans:
             self._with_orphans.add(p.key)
@@ -518,9 +613,6 @@ class Store:
         svc.windows.record(now, (created, exited, svc.goroutines, panics))
         for lat in s.latency:
             h = lat.histogram
-            if h.sub_bucket_bits > MAX_SUB_BUCKET_BITS:
-                a.drops["invalid_histogram"] += 1
-                continue
             buckets = [(b.index, b.count) for b in h.buckets]
             for owner, owner_tiers in (
                 (p.latency, self.process_latency_tiers),
@@ -531,7 +623,7 @@ class Store:
                     hw = owner[lat.function] = HistogramWindows(owner_tiers)
                 hw.record(now, h.sub_bucket_bits, buckets, h.count, h.sum_seconds)
         for d in s.drops:
-            p.drops[d.reason] += d.count
+            caps.add_drop(p.drops, d.reason, d.count, self.limits.drop_reasons)
         p.kept = s.goroutines_kept
 
     def _gone(self, a: AgentState, pid: int, start: int, reason: str, now: float) -> None:
@@ -561,7 +653,11 @@ class Store:
     # --- upkeep ----------------------------------------------------------------
 
     def prune(self, now: float) -> None:
-        """Forget what fell out of the retention: gone processes, idle sites, services."""
+        """Forget what fell out of the retention: gone processes, idle sites, services,
+        and agents disconnected for longer than the agent TTL (with their processes)."""
+        ttl = now - self.limits.agent_ttl_seconds
+        for agent_id in [i for i, a in self.agents.items() if not a.streams and a.last_seen < ttl]:
+            self._forget_agent(agent_id, now)
         horizon = now - self.retention
         for key in [k for k, p in self.procs.items() if p.gone_at and p.gone_at < horizon]:
             del self.procs[key]
@@ -571,6 +667,22 @@ class Store:
                     del svc.sites[k]
             if not svc.procs and not svc.sites and svc.windows.latest_time() < horizon:
                 del self.services[name]
+
+    def _forget_agent(self, agent_id: str, now: float) -> None:
+        a = self.agents.pop(agent_id)
+        self.sites_held -= a.sites
+        for key in [k for k in self.procs if k[0] == agent_id]:
+            p = self.procs.pop(key)
+            if p.gone_at is None:
+                self._detach(p, now)
+            self._with_orphans.discard(key)
+        self._known = {k for k in self._known if k[0] != agent_id}
+        self._emit(
+            t.EVENT_KIND_AGENT_DISCONNECTED,
+            f"agent {agent_id} forgotten: no batch for {self.limits.agent_ttl_seconds:g}s",
+            agent_id=agent_id,
+            details={"reason": "ttl", "last_sequence": a.last_sequence},
+        )
 
     def detect(self, now: float) -> None:
         """Re-judge leak suspects per service site; log the ones that start or stop."""
@@ -660,6 +772,7 @@ class Store:
 
     def list_agents(self, now: float) -> q.ListAgentsResponse:
         out = q.ListAgentsResponse()
+        size = 0
         for agent_id in sorted(self.agents):
             a = self.agents[agent_id]
             if not a.streams:
@@ -681,6 +794,10 @@ class Store:
                 heartbeat=a.heartbeat,
                 drops=_drops(a.drops),
             )
+            size += out.agents[-1].ByteSize() + 8
+            if size > MAX_RESPONSE_BYTES:  # the first agents, rather than no answer
+                del out.agents[-1]
+                break
         return out
 
     _ORDERS: dict[int, Callable[[ProcState], Any]] = {
@@ -699,6 +816,7 @@ class Store:
         out = q.ListProcessesResponse(
             window_seconds=covered(now, w, self.tiers), total_size=len(procs)
         )
+        size = 0
         for p in procs[: req.limit or None]:
             out.processes.add(
                 info=p.info,
@@ -715,6 +833,10 @@ class Store:
                 drops=_drops(p.drops),
                 gone_reason=p.gone_reason,
             )
+            size += out.processes[-1].ByteSize() + 8
+            if size > MAX_RESPONSE_BYTES:  # total_size tells the client what is missing
+                del out.processes[-1]
+                break
         return out
 
     def goroutine_summary(
@@ -761,6 +883,7 @@ class Store:
             ((key, row) for key, row in rows.items() if row[0] or row[1] or row[2]),
             key=lambda kr: (-kr[1][0], -kr[1][1], kr[0]),
         )
+        budget = _Budget()
         for (service, fn, stmt), (live, created, exited, where) in ranked[: req.limit or None]:
             k = (fn, stmt)
             acc = _SiteNow()
@@ -790,6 +913,8 @@ class Store:
                 orphans=acc.orphans,
                 processes=acc.processes,
             )
+            if budget.full(out.sites):
+                break
         return out
 
     @staticmethod
@@ -885,6 +1010,7 @@ class Store:
                 g["procs"].append(p)
         out = q.ListOrphansResponse()
         ordered = sorted(groups.items(), key=lambda kv: (-kv[1]["count"], kv[0]))
+        budget = _Budget()
         for (service, fn, stmt), g in ordered:
             if g["oldest"] < min_age:
                 continue
@@ -902,6 +1028,8 @@ class Store:
                 processes=len(g["procs"]),
                 example=example,
             )
+            if budget.full(out.groups):
+                break
         return out
 
     def leak_suspects(
@@ -930,6 +1058,7 @@ class Store:
                     found.append((v, key))
         found.sort(key=lambda r: -r[0].growth_per_minute)
         out = q.ListLeakSuspectsResponse(window_seconds=covered(now, w, self.tiers))
+        budget = _Budget()
         for v, (service, fn, stmt) in found:
             acc = _SiteNow()
             for p in by_site[(service, fn, stmt)]:
@@ -950,6 +1079,8 @@ class Store:
                 processes=acc.processes,
                 example=self._example(by_site[(service, fn, stmt)], (fn, stmt), orphan=False),
             )
+            if budget.full(out.suspects):
+                break
         return out
 
     def function_latency(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -129,10 +130,19 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Agent-supplied names for a terminal: control characters (escape sequences,
+    newlines, NUL) shown as \\xNN instead of being obeyed."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _cell(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.1f}"
-    return str(v)
+    return printable(str(v))
 
 
 def _age(seconds: float, lower_bound: bool = False) -> str:
@@ -227,7 +237,7 @@ def agents_text(resp: q.ListAgentsResponse) -> str:
 def event_line(e: t.Event) -> str:
     when = time.strftime("%H:%M:%S", time.localtime(e.time_unix_nano / 1e9))
     kind = _enum(t.EventKind.Name(e.kind), "EVENT_KIND_")
-    return f"{e.id:>6}  {when}  {kind:<22} {e.message}"
+    return f"{e.id:>6}  {when}  {kind:<22} {printable(e.message)}"
 
 
 def top_frame(
@@ -354,20 +364,21 @@ def dump_text(records: Sequence[q.GoroutineRecord]) -> str:
         minutes = int(g.blocked_for_seconds // 60)
         if minutes >= 1:
             status += f", {minutes} minutes"
+        p = printable
         lines = [
-            f"# {r.service} PID {r.pid} (agent {r.agent_id})",
-            f"goroutine {g.goid} [{status}]:",
+            f"# {p(r.service)} PID {r.pid} (agent {p(r.agent_id)})",
+            f"goroutine {g.goid} [{p(status)}]:",
         ]
         for f in g.stack:
-            lines += [f"{f.function}(...)", f"\t{f.file}:{f.line}"]
+            lines += [f"{p(f.function)}(...)", f"\t{p(f.file)}:{f.line}"]
         if not g.stack:
             lines.append("\t(no stack kept for this goroutine)")
         if g.go_statement:
             by = g.created_by or g.function
             lines.append(
-                f"created by {by}" + (f" in goroutine {g.parent_goid}" if g.parent_goid else "")
+                f"created by {p(by)}" + (f" in goroutine {g.parent_goid}" if g.parent_goid else "")
             )
-            lines.append(f"\t{g.go_statement}")
+            lines.append(f"\t{p(g.go_statement)}")
         out.append("\n".join(lines))
     return "\n\n".join(out) + ("\n" if out else "")
 

@@ -16,6 +16,7 @@ service or proxy watches), `event` (nothing but the decision itself, which
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -168,8 +169,9 @@ def run_action(
     name = "apply" if ctx.direction == DEGRADE else "undo"
     try:
         target = action.describe(ctx)
-    except ActionError as exc:
-        report(Attempt(action.type, name, "?", 1, 1, False, "failed", str(exc)), ctx)
+    except Exception as exc:  # ActionError: a target it must not touch, or cannot find
+        error = str(exc) if isinstance(exc, ActionError) else f"{type(exc).__name__}: {exc}"
+        report(Attempt(action.type, name, "?", 1, 1, False, "failed", error), ctx)
         return False
     n = action.retry.attempts
     for i in range(1, n + 1):
@@ -198,6 +200,23 @@ def run_action(
                 return False
             sleep(wait)
             continue
+        except Exception as exc:  # a bug or a bad value: an event, never past the runner
+            report(
+                Attempt(
+                    action.type,
+                    name,
+                    target,
+                    i,
+                    n,
+                    False,
+                    "failed",
+                    f"{type(exc).__name__}: {exc}",
+                    0.0,
+                    time.monotonic() - start,
+                ),
+                ctx,
+            )
+            return False
         report(
             Attempt(
                 action.type, name, target, i, n, True, outcome, "", 0.0, time.monotonic() - start
@@ -242,17 +261,40 @@ def build_action(spec: Mapping[str, Any]) -> Action:
                 str(k),
                 f"unknown key {k!r} for a {kind} action (known: {', '.join(sorted(allowed))})",
             )
-    for k in ("retries",):
-        if k in spec and (not isinstance(spec[k], int) or spec[k] < 0):
-            raise ActionSpecError(k, f"{k} must be a whole number >= 0")
+    if "retries" in spec and (
+        isinstance(spec["retries"], bool)
+        or not isinstance(spec["retries"], int)
+        or not 0 <= spec["retries"] <= MAX_RETRIES
+    ):
+        raise ActionSpecError("retries", f"retries must be a whole number from 0 to {MAX_RETRIES}")
     for k in ("retry_initial_seconds", "retry_max_seconds"):
-        if k in spec and (not isinstance(spec[k], int | float) or spec[k] < 0):
-            raise ActionSpecError(k, f"{k} must be a number >= 0")
+        seconds(spec, k, 1.0, positive=False)
     action = cls(spec)
     check = getattr(action, "check", None)
     if check is not None:
         check()
     return action
+
+
+MAX_RETRIES = 100
+MAX_SECONDS = 3600.0  # timeouts and retry delays
+
+
+def seconds(spec: Mapping[str, Any], key: str, default: float, *, positive: bool) -> float:
+    """A finite number of seconds, at most an hour (> 0 when `positive`): NaN or
+    infinity would wait forever, or never."""
+    v = spec.get(key, default)
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, int | float)
+        or not math.isfinite(v)
+        or v < 0
+        or (positive and v == 0)
+        or v > MAX_SECONDS
+    ):
+        low = "> 0" if positive else ">= 0"
+        raise ActionSpecError(key, f"{key} must be a finite number of seconds {low}, at most 1h")
+    return float(v)
 
 
 def env_spec(spec: Mapping[str, Any]) -> dict[str, str]:

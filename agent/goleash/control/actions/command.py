@@ -32,6 +32,7 @@ from goleash.control.actions import (
     ActionError,
     ActionSpecError,
     env_spec,
+    seconds,
 )
 
 DEFAULT_TIMEOUT = 30.0
@@ -59,9 +60,7 @@ class ExecAction(Action):
         _argv(self.spec["command"], "command")
         if "recover_command" in self.spec:
             _argv(self.spec["recover_command"], "recover_command")
-        timeout = self.spec.get("timeout_seconds", DEFAULT_TIMEOUT)
-        if not isinstance(timeout, int | float) or timeout <= 0:
-            raise ActionSpecError("timeout_seconds", "timeout_seconds must be a number > 0")
+        seconds(self.spec, "timeout_seconds", DEFAULT_TIMEOUT, positive=True)
         env_spec(self.spec)
 
     def key(self, service: str) -> str:

@@ -12,7 +12,10 @@ instead of being overwritten.
 
 The workload comes from the action (`namespace`, `kind`, `name`, `container`), else
 from what the agents learnt about the service's pods, else from a service named
-"namespace/name". The API server from `kubeconfig:` (and `context:`), else the pod's
+"namespace/name". Agents are not trusted to say where to act: the action names the
+namespaces it may patch (`namespace:` or `namespaces: [...]`, required), and what
+agents report can only pick a workload inside them, never widen them.
+The API server from `kubeconfig:` (and `context:`), else the pod's
 service account, else the default kubeconfig.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from typing import Any
 
 from goleash.control.actions import (
@@ -32,6 +36,7 @@ from goleash.control.actions import (
 )
 
 ANNOTATION = "goleash.io/original-env"
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 KINDS = {"Deployment": "deployment", "StatefulSet": "stateful_set", "DaemonSet": "daemon_set"}
 _MISSING = None  # the variable was not set before
 
@@ -50,7 +55,16 @@ def _escape(key: str) -> str:
 
 class KubernetesAction(Action):
     type = "kubernetes"
-    keys = ("env", "namespace", "kind", "name", "container", "kubeconfig", "context")
+    keys = (
+        "env",
+        "namespace",
+        "namespaces",
+        "kind",
+        "name",
+        "container",
+        "kubeconfig",
+        "context",
+    )
 
     def check(self) -> None:
         env_spec(self.spec)
@@ -60,15 +74,48 @@ class KubernetesAction(Action):
         for k in ("namespace", "name", "container", "kubeconfig", "context"):
             if k in self.spec and (not isinstance(self.spec[k], str) or not self.spec[k]):
                 raise ActionSpecError(k, f"{k} must be a non-empty string")
+        allowed = self.spec.get("namespaces")
+        if allowed is not None and (
+            not isinstance(allowed, list)
+            or not allowed
+            or not all(isinstance(n, str) and _DNS_LABEL.fullmatch(n) for n in allowed)
+        ):
+            raise ActionSpecError("namespaces", "namespaces is a list of namespace names")
+        if not self.allowed_namespaces():
+            raise ActionSpecError(
+                "namespaces",
+                "a kubernetes action needs namespace: or namespaces: [...] (where it may "
+                "act; agents' reports cannot choose the namespace)",
+            )
+        ns = self.spec.get("namespace")
+        if ns is not None and allowed is not None and ns not in allowed:
+            raise ActionSpecError("namespace", f"namespace {ns!r} is not in namespaces:")
+
+    def allowed_namespaces(self) -> frozenset[str]:
+        if self.spec.get("namespace"):
+            return frozenset({self.spec["namespace"]})
+        return frozenset(self.spec.get("namespaces") or ())
 
     def target(self, ctx: ActionContext) -> tuple[str, str, str]:
         """(kind, namespace, name) of the workload to patch."""
+        allowed = self.allowed_namespaces()
         k8s = ctx.kubernetes
-        kind = self.spec.get("kind") or k8s.get("workload_kind") or "Deployment"
-        ns = self.spec.get("namespace") or k8s.get("namespace") or ""
-        name = self.spec.get("name") or k8s.get("workload_name") or ""
-        if not (ns and name) and "/" in ctx.service:
-            ns, name = ns or ctx.service.split("/", 1)[0], name or ctx.service.split("/", 1)[1]
+        svc_ns, _, svc_name = ctx.service.partition("/") if "/" in ctx.service else ("", "", "")
+        # the namespace: the policy's own when it names one; else the agents' (or the
+        # service name's) when the policy allows it
+        ns = self.spec.get("namespace") or k8s.get("namespace") or svc_ns
+        if ns not in allowed:
+            raise ActionError(
+                f"service {ctx.service[:80]!r} is in namespace {ns[:80]!r}, which this "
+                f"action may not touch (namespaces: {', '.join(sorted(allowed))})",
+                retryable=False,
+            )
+        # what agents saw is only about the namespace they saw it in
+        seen = k8s if k8s.get("namespace") == ns else {}
+        kind = self.spec.get("kind") or seen.get("workload_kind") or "Deployment"
+        name = self.spec.get("name") or seen.get("workload_name") or ""
+        if not name and svc_ns == ns:
+            name = svc_name
         if not (ns and name):
             raise ActionError(
                 f"no Kubernetes workload known for service {ctx.service!r}: the agents saw no "
@@ -133,7 +180,8 @@ class KubernetesAction(Action):
         meta = obj.get("metadata", {})
         annotations = meta.get("annotations") or {}
         containers = obj.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
-        only = self.spec.get("container") or ctx.kubernetes.get("container") or ""
+        seen = ctx.kubernetes if ctx.kubernetes.get("namespace") == ns else {}
+        only = self.spec.get("container") or seen.get("container") or ""
         if only and not any(c.get("name") == only for c in containers):
             raise ActionError(f"{kind} {ns}/{name} has no container {only!r}", retryable=False)
         saved: dict[str, dict[str, Any]] = json.loads(annotations.get(ANNOTATION, "{}"))

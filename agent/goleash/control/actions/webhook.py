@@ -20,7 +20,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from goleash import __version__
-from goleash.control.actions import DEGRADE, Action, ActionContext, ActionError, ActionSpecError
+from goleash.control.actions import (
+    DEGRADE,
+    Action,
+    ActionContext,
+    ActionError,
+    ActionSpecError,
+    seconds,
+)
 from goleash.control.actions.evidence import evidence_links, generator_url
 
 DEFAULT_TIMEOUT = 10.0
@@ -93,9 +100,7 @@ class WebhookAction(Action):
         url = self.spec.get("url")
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ActionSpecError("url", "a webhook action needs url: http(s)://...")
-        timeout = self.spec.get("timeout_seconds", DEFAULT_TIMEOUT)
-        if not isinstance(timeout, int | float) or timeout <= 0:
-            raise ActionSpecError("timeout_seconds", "timeout_seconds must be a number > 0")
+        seconds(self.spec, "timeout_seconds", DEFAULT_TIMEOUT, positive=True)
         headers = self.spec.get("headers", {})
         if not isinstance(headers, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
