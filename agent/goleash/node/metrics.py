@@ -16,7 +16,7 @@ says the agent can do its job, not that there is work.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -57,9 +57,12 @@ class SiteView:
 @dataclass
 class FunctionView:
     function: str
-    buckets: list[int]  # log-linear counts since attach (probes/hist.py layout)
-    count: int
-    sum_ns: int
+    # Log-linear counts since attach (probes/hist.py layout), each interval's timed
+    # calls weighted to stand for all its calls when timing was sampled.
+    buckets: list[float]
+    count: float  # every call
+    sum_ns: float
+    timed: int = 0  # calls really timed
 
 
 @dataclass
@@ -88,8 +91,11 @@ class AgentView:
     scans: int
 
 
-def cumulative_buckets(counts: list[int]) -> list[tuple[str, float]]:
-    """Log-linear bucket counts as Prometheus `le` buckets (seconds), +Inf last."""
+def cumulative_buckets(
+    counts: Sequence[float], total: float | None = None
+) -> list[tuple[str, float]]:
+    """Log-linear bucket counts as Prometheus `le` buckets (seconds), +Inf last: `total`
+    (every call, so that `_count` means all calls), else the sum of the counts."""
     acc: list[float] = [0.0] * len(LATENCY_BOUNDS_NS)
     for i, c in enumerate(counts):
         if c:
@@ -102,7 +108,7 @@ def cumulative_buckets(counts: list[int]) -> list[tuple[str, float]]:
     for le, c in zip(LATENCY_BOUNDS_NS, acc, strict=True):
         running += c
         out.append((repr(le / 1e9), running))
-    out.append(("+Inf", float(sum(counts))))
+    out.append(("+Inf", float(sum(counts) if total is None else max(total, running))))
     return out
 
 
@@ -155,6 +161,12 @@ class AgentCollector(Collector):
             "Latency of traced functions (--func).",
             labels=[*proc_labels, "function"],
         )
+        timed = CounterMetricFamily(
+            "goleash_function_timed_calls",
+            "Calls of traced functions actually timed (fewer than the latency histogram's "
+            "_count, which is every call, when timing is sampled to fit the budget).",
+            labels=[*proc_labels, "function"],
+        )
         panics = CounterMetricFamily(
             "goleash_panics",
             "Panics (recovered or not) per function.",
@@ -176,11 +188,16 @@ class AgentCollector(Collector):
                 dropped.add_metric([*pl, reason], n)
             for f in p.functions:
                 latency.add_metric(
-                    [*pl, f.function], cumulative_buckets(f.buckets), sum_value=f.sum_ns / 1e9
+                    [*pl, f.function],
+                    cumulative_buckets(f.buckets, f.count),
+                    sum_value=f.sum_ns / 1e9,
                 )
+                timed.add_metric([*pl, f.function], f.timed)
             for fn, n in sorted(p.panics.items()):
                 panics.add_metric([*pl, fn], n)
-        yield from (live, created, exited, orphans, total, probes, hits, dropped, latency, panics)
+        yield from (
+            live, created, exited, orphans, total, probes, hits, dropped, latency, timed, panics
+        )
 
         yield GaugeMetricFamily(
             "goleash_agent_tracked_processes", "Go processes followed.", value=len(v.processes)
