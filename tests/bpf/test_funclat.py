@@ -304,6 +304,30 @@ def test_hot_function_is_sampled_within_budget(toolchain: str) -> None:
         assert p999 is not None and 0.9 * ns["p99"] <= p999 <= 1.1 * ns["max"]
 
 
+def test_calls_estimated_when_even_counting_is_over_budget(toolchain: str) -> None:
+    """A budget below what the entry probe alone costs at ~2,400 calls/s: the entry is
+    sampled too, and calls become an estimate that says so and bounds its error."""
+    with (
+        funclat(toolchain, "-mode", "mixture", "-goroutines", "10", "-duration", "3s") as (
+            prog,
+            pid,
+        ),
+        traced(pid, ["main.sleepFor"], budget=0.0005) as probes,
+    ):
+        prog.send("go")
+        total = FunctionLatency("main.sleepFor")
+        deadline = time.monotonic() + 30
+        while prog.lines.empty() and time.monotonic() < deadline:
+            total = total + probes.run_interval(0.5).functions[0]
+        res = prog.result()
+        total = total + probes.flush().functions[0]
+        assert not total.calls_exact
+        err = total.calls_error
+        assert err is not None and 0 < err < res["calls"]
+        assert abs(total.calls - res["calls"]) <= err
+        assert 0 < total.timed < res["calls"] / 10
+
+
 # --- panics ----------------------------------------------------------------------------
 
 

@@ -638,10 +638,10 @@ class FuncLatencyProbes:
             if f.sites.ret_nops:
                 self._prog.attach(f"retn:{f.fid}", f.sites.ret_nops, f"fl_retnop_{f.fid}")
             f.rets_on = True
-        self._prog.set_ctl(f.fid, f.epoch, True)
-        f.timing, f.timing_since = True, now
         if not f.entry_on:
             self._entry_on(f, now)
+        self._prog.set_ctl(f.fid, f.epoch, True)
+        f.timing, f.timing_since = True, time.monotonic()
 
     def _timing_off(self, f: _FuncState, now: float) -> None:
         """End a timing slice at once (a map write); the entry probe goes too unless it
@@ -880,12 +880,13 @@ class FuncLatencyProbes:
             )
             if f.entry_on and not f.entry_gap:
                 r.exact_calls = d["entry_hits"]
-            else:  # the entry probe was off for a while: scale up what it counted
-                r.sampled_hits = d["entry_hits"]
+            else:
+                # The entry probe was off for a while: scale up the calls entered while
+                # timing was on. Timing switches at once (a map write) where attaching
+                # and detaching the entry probe take tens of ms, so its time is known.
+                r.sampled_hits = d["opened"] + d["overflow"]
                 r.sampled_window_s = now - t0
-                r.sampled_counted_s = f.counted_s + (
-                    now - max(f.entry_since, t0) if f.entry_on else 0.0
-                )
+                r.sampled_counted_s = timed[f.fid]
             f.counted_s, f.entry_gap = 0.0, not f.entry_on
             readings.append(r)
             f.last = raw
