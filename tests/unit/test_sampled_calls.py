@@ -90,3 +90,16 @@ def test_budget_values(text: str, value: float) -> None:
 def test_budget_refuses(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="is not a budget"):
         budget_arg(text)
+
+
+def test_quantiles_weigh_each_interval_by_its_calls() -> None:
+    """An interval whose calls were timed a tenth of the time counts for all its calls:
+    100 calls of ~1 ms (10 timed) and 100 of ~5 ms (all timed) have a p25 near 1 ms."""
+    fast = reading([1_000_000] * 10, calls=100)
+    fast.sampled, fast.weighted = True, [c * 10.0 for c in fast.hist.counts]
+    slow = reading([5_000_000] * 100, calls=100)
+    both = fast + slow
+    p25, p75 = both.quantile_ns(0.25), both.quantile_ns(0.75)
+    assert p25 is not None and p25 < 1.1e6
+    assert p75 is not None and p75 > 4.5e6
+    assert both.timed == 110 and both.calls == 200

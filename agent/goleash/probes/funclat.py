@@ -187,6 +187,8 @@ def runtime_site(proc: GoProcess, name: str, keep: tuple[str, ...]) -> tuple[Pro
 # Calls estimated from a sampled entry probe carry this many standard deviations of
 # error (Poisson counts: ~95% of intervals land inside), see FunctionLatency.calls_error.
 CALLS_ERROR_SIGMAS = 2.0
+# Two-sided 95% quantiles of Student's t for 1, 2, ... degrees of freedom (then ~2).
+_T95 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.2, 2.18, 2.16, 2.14)
 
 
 @dataclass
@@ -207,6 +209,11 @@ class FunctionLatency:
     sampled_hits: int = 0  # calls counted in intervals it covered only in part ...
     sampled_counted_s: float = 0.0  # ... during this much of them ...
     sampled_window_s: float = 0.0  # ... of this long
+    # Per partly counted interval, its rate (calls/s while counted): n, sum, sum of
+    # squares, for an error bound that also holds when calls come in bursts.
+    rate_n: int = 0
+    rate_sum: float = 0.0
+    rate_sq: float = 0.0
     ret_hits: int = 0  # at RET instructions (single-stepped)
     ret_nop_hits: int = 0  # at NOPs standing in for a RET (emulated)
     unmatched: int = 0  # RETs of calls entered before attach (or not recorded)
@@ -215,6 +222,10 @@ class FunctionLatency:
     overflow: int = 0  # calls not recorded: too deep a nest of traced calls in flight
     cut: int = 0  # calls whose RET probes sampling detached while they ran: not timed
     sampled: bool = False  # over budget: calls were timed only part of the window
+    # Bucket counts with each interval's timed calls weighted by its calls / timed, so
+    # an interval timed for a larger share of its calls does not weigh more in the
+    # quantiles (None: no interval was sampled, the plain counts).
+    weighted: list[float] | None = None
 
     @property
     def timed(self) -> int:
@@ -246,7 +257,18 @@ class FunctionLatency:
         if self.sampled_counted_s <= 0:
             return None
         scale = self.sampled_window_s / self.sampled_counted_s
-        return CALLS_ERROR_SIGMAS * math.sqrt(self.sampled_hits + 1) * scale
+        poisson = math.sqrt(self.sampled_hits + 1) * scale
+        # Calls often come in bursts (more spread than Poisson): the spread of the
+        # rates seen from one interval to the next bounds the estimate too.
+        spread = 0.0
+        n = self.rate_n
+        if n >= 2:
+            mean = self.rate_sum / n
+            var = max(0.0, (self.rate_sq - n * mean * mean) / (n - 1))
+            # Student's t for n - 1 degrees of freedom: few intervals, a wider band.
+            t = _T95[min(n - 1, len(_T95)) - 1]
+            spread = t * math.sqrt(var / n) * self.sampled_window_s
+        return max(CALLS_ERROR_SIGMAS * poisson, spread)
 
     @property
     def attached_fraction(self) -> float:
@@ -256,6 +278,10 @@ class FunctionLatency:
     def __add__(self, other: FunctionLatency) -> FunctionLatency:
         out = FunctionLatency(self.symbol, self.hist + other.hist)
         out.sampled = self.sampled or other.sampled
+        if self.weighted is not None or other.weighted is not None:
+            a = self.weighted if self.weighted is not None else self.hist.counts
+            b = other.weighted if other.weighted is not None else other.hist.counts
+            out.weighted = [x + y for x, y in zip(a, b, strict=True)]
         for name in (
             "window_s",
             "attached_s",
@@ -264,6 +290,9 @@ class FunctionLatency:
             "sampled_hits",
             "sampled_counted_s",
             "sampled_window_s",
+            "rate_n",
+            "rate_sum",
+            "rate_sq",
             "ret_hits",
             "ret_nop_hits",
             "unmatched",
@@ -276,7 +305,8 @@ class FunctionLatency:
         return out
 
     def quantile_ns(self, q: float) -> float | None:
-        v = self.hist.quantile(q)
+        counts = self.weighted if self.weighted is not None else self.hist.counts
+        v = hist.quantile(counts, q, self.hist.max_ns)
         return None if v != v else v  # NaN when no call was timed
 
     def to_dict(self) -> dict[str, Any]:
@@ -347,8 +377,14 @@ class _FuncState:
     entry_gap: bool = False  # the entry probe was off at some time since the last read
     counted_s: float = 0.0  # entry-attached time since the last read, closed stretches
     baseline_inflight: int = 0  # calls in flight when this slice started
-    rate: float | None = None  # timing cost (ns per second timed) when last measured
-    entry_rate: float | None = None  # counting cost (ns per second counted)
+    # Costs when last measured: RET probes per second attached, entries per second
+    # timed when the entry probe is attached only to time, entries per second counted.
+    rate: float | None = None
+    timed_entry_rate: float = 0.0
+    entry_rate: float | None = None
+    rets_since: float = 0.0  # when the RET probes were last attached
+    rets_s: float = 0.0  # RET-attached time since the last read, closed stretches
+    drain_s: float = 0.0  # how long RETs stayed on after a slice, waiting for its calls
     epoch: int = 0  # attachments of its RET probes (fl_ctl.epoch in the kernel)
     last: _Raw | None = None
 
@@ -637,7 +673,7 @@ class FuncLatencyProbes:
                 self._prog.attach(f"rets:{f.fid}", f.sites.rets, f"fl_ret_{f.fid}")
             if f.sites.ret_nops:
                 self._prog.attach(f"retn:{f.fid}", f.sites.ret_nops, f"fl_retnop_{f.fid}")
-            f.rets_on = True
+            f.rets_on, f.rets_since = True, time.monotonic()
         if not f.entry_on:
             self._entry_on(f, now)
         self._prog.set_ctl(f.fid, f.epoch, True)
@@ -668,6 +704,7 @@ class FuncLatencyProbes:
         self._prog.detach(f"rets:{f.fid}")
         self._prog.detach(f"retn:{f.fid}")
         f.rets_on = False
+        f.rets_s += max(0.0, time.monotonic() - max(f.rets_since, self._last_read))
 
     # --- cost --------------------------------------------------------------------------
 
@@ -685,20 +722,26 @@ class FuncLatencyProbes:
 
     def _delta(self, f: _FuncState, st: dict[str, int]) -> dict[str, int]:
         assert f.last is not None
-        return {k: st[k] - f.last.stats[k] for k in ("entry_hits", "ret_hits", "ret_nop_hits")}
+        keys = ("entry_hits", "ret_hits", "ret_nop_hits", "opened", "overflow")
+        d = {k: st[k] - f.last.stats[k] for k in keys}
+        # Entries while timing was on. When the entry probe is attached only to time,
+        # these are what the slice cost: it goes on counting until its detach is done
+        # (tens of ms later), a tail that is not the slice's length.
+        d["timed_entries"] = d["opened"] + d["overflow"]
+        return d
 
     def _timing_spent(self, f: _FuncState, st: dict[str, int]) -> float:
         """What timing cost since the last read: the RETs, and the entries too when the
         entry probe is attached only to time."""
         d = self._delta(f, st)
         spent = self._ret_ns(d["ret_hits"], d["ret_nop_hits"])
-        return spent if f.count_always else spent + self._entry_ns(f, d["entry_hits"])
+        return spent if f.count_always else spent + self._entry_ns(f, d["timed_entries"])
 
     def _need(self, f: _FuncState, interval_s: float) -> float:
         """What watching the function all the time would cost over an interval (ns)."""
         if f.rate is None:
             return float("inf")
-        entry = (f.entry_rate or 0.0) if f.count_always else 0.0
+        entry = (f.entry_rate or 0.0) if f.count_always else f.timed_entry_rate
         return (f.rate + entry) * interval_s
 
     def _shares(self, interval_s: float) -> dict[int, float]:
@@ -747,8 +790,12 @@ class FuncLatencyProbes:
             timing_share[f.fid] = ts
             if f.rate is None:
                 slices[f.fid] = math.inf  # cost unknown: cut once the share is spent
-            elif f.rate * interval_s > ts * 1.0001:
-                slices[f.fid] = ts / f.rate if f.rate > 0 else interval_s
+            elif (f.rate + f.timed_entry_rate) * interval_s > ts * 1.0001:
+                # A slice of S s costs (S + drain) s of RETs plus S s of timed entries.
+                per_s = f.rate + f.timed_entry_rate
+                s_len = (ts - f.drain_s * f.rate) / per_s if per_s > 0 else interval_s
+                # Not even the drain fits: slice as if there were none (a little over).
+                slices[f.fid] = s_len if s_len > 0 else ts / per_s
         started: dict[int, float] = {}
         want_on: list[_FuncState] = []
         start_at: dict[int, float] = {}
@@ -805,11 +852,15 @@ class FuncLatencyProbes:
             counted = f.counted_s + (now - max(f.entry_since, t0) if f.entry_on else 0.0)
             if counted > 0:
                 f.entry_rate = self._entry_ns(f, d["entry_hits"]) / counted
-            if timed[f.fid] > 0:
-                ret_ns = self._ret_ns(d["ret_hits"], d["ret_nop_hits"])
-                if not f.count_always:
-                    ret_ns += self._entry_ns(f, d["entry_hits"])
-                f.rate = ret_ns / timed[f.fid]
+            rets_s = f.rets_s + (now - max(f.rets_since, t0) if f.rets_on else 0.0)
+            if rets_s > 0 and timed[f.fid] > 0:
+                # RETs see every call while attached, timed or not: their cost is per
+                # second attached, which includes the drain after each slice.
+                f.rate = self._ret_ns(d["ret_hits"], d["ret_nop_hits"]) / rets_s
+                f.drain_s = max(0.0, rets_s - timed[f.fid]) if f.fid in slices else 0.0
+                f.timed_entry_rate = (
+                    0.0 if f.count_always else self._entry_ns(f, d["timed_entries"]) / timed[f.fid]
+                )
         readings, delta = self._collect(t0, now, timed, sampled)
         elapsed = now - t0
         exit_ns = delta["exit_hits"] * (
@@ -887,7 +938,13 @@ class FuncLatencyProbes:
                 r.sampled_hits = d["opened"] + d["overflow"]
                 r.sampled_window_s = now - t0
                 r.sampled_counted_s = timed[f.fid]
-            f.counted_s, f.entry_gap = 0.0, not f.entry_on
+                if r.sampled_counted_s > 0:
+                    rate = r.sampled_hits / r.sampled_counted_s
+                    r.rate_n, r.rate_sum, r.rate_sq = 1, rate, rate * rate
+            if r.sampled and r.timed:
+                w = max(1.0, r.calls / r.timed)
+                r.weighted = [c * w for c in r.hist.counts]
+            f.counted_s, f.entry_gap, f.rets_s = 0.0, not f.entry_on, 0.0
             readings.append(r)
             f.last = raw
         counters = self._prog.counters()
