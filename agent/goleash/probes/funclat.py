@@ -808,7 +808,10 @@ class FuncLatencyProbes:
                 # A slice starts at a random point of the interval, not at its start:
                 # the start is when this process reads maps and (re)attaches probes,
                 # and calls timed only then would carry that disturbance.
-                room = interval_s - slices.get(f.fid, math.inf)
+                # It ends early enough for its calls to return inside the interval
+                # too, so each interval's timed calls are its own (weights are per
+                # interval).
+                room = interval_s - slices.get(f.fid, math.inf) - 1.5 * f.drain_s
                 start_at[f.fid] = t0 + (self._rng.uniform(0, room) if room > 0 else 0.0)
             elif f.count_always and not f.entry_on and not prog.busy(f"entry:{f.fid}"):
                 self._entry_on(f, t0)  # counting, no timing slice this interval
