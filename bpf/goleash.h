@@ -53,6 +53,19 @@ struct site_stats {
     u64 lifetime_log2[LIFETIME_SLOTS];
 };
 
+/* A per-CPU direct-mapped cache of creation counts in front of site_stats: a
+ * birth at a cached site is one inlined array access, no hash lookup. An entry
+ * taken by another site first adds its count to site_stats. User space adds
+ * site_stats and every CPU's entries: counts stay exact. */
+#define SITE_CACHE 64 /* entries per CPU, a power of two */
+struct site_cache_entry {
+    u64 gopc;
+    u64 startpc;
+    u32 pid;
+    u32 _pad;
+    u64 created; /* births not yet added to site_stats */
+};
+
 /* Indexes of the per-CPU counters array. */
 enum goroutine_counter {
     GR_CNT_CREATE_HITS = 0,
