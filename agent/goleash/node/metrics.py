@@ -195,9 +195,8 @@ class AgentCollector(Collector):
                 timed.add_metric([*pl, f.function], f.timed)
             for fn, n in sorted(p.panics.items()):
                 panics.add_metric([*pl, fn], n)
-        yield from (
-            live, created, exited, orphans, total, probes, hits, dropped, latency, timed, panics
-        )
+        yield from (live, created, exited, orphans, total, probes, hits, dropped, latency, panics)
+        yield timed
 
         yield GaugeMetricFamily(
             "goleash_agent_tracked_processes", "Go processes followed.", value=len(v.processes)
