@@ -4,7 +4,8 @@
 // (agent/goleash/gobin/disasm.py):
 //   fl_entry_<fid>  the function's entry after its stack-growth check, on an
 //                   emulated instruction (`push %rbp` on Go >= 1.21): fires once per
-//                   call even when the stack grows, R14 = the calling g
+//                   call even when the stack grows, R14 = the calling g. It counts
+//                   every call; it records a frame only while fl_ctl says `timing`
 //   fl_ret_<fid>    every RET of the function (single-stepped; never a uretprobe: Go
 //                   moves goroutine stacks and a rewritten return address crashes it)
 //   fl_retnop_<fid> a NOP right before a RET nothing jumps to, instead of that RET
@@ -38,10 +39,12 @@ struct fl_hist {
 
 BPF_ARRAY(fl_stats, struct fl_stats, FL_NFUNCS);
 BPF_ARRAY(fl_hist, struct fl_hist, FL_NFUNCS);
-// Bumped by user space each time it attaches a function's RET probes: a frame entered
-// under an older epoch may have returned while they were off, so a later RET at the
-// same depth is not necessarily its own.
-BPF_ARRAY(fl_epoch, u32, FL_NFUNCS);
+// Per function, written by user space (struct fl_ctl): whether entries are timed now,
+// and the epoch of its RET probes' attachment.
+BPF_ARRAY(fl_ctl, struct fl_ctl, FL_NFUNCS);
+// Every call that passed the entry probe, per CPU (exact without an atomic): the entry
+// stays attached while timing is sampled, so calls are counted even when not timed.
+BPF_PERCPU_ARRAY(fl_calls, u64, FL_NFUNCS);
 // LRU: goroutines that exit while we are detached from goexit1 cannot pile up.
 BPF_TABLE("lru_hash", struct goroutine_key, struct fl_inflight, fl_inflight, FL_MAX_GOROUTINES);
 BPF_PERCPU_ARRAY(fl_zero, struct fl_inflight, 1); // never written: the insert template
@@ -98,8 +101,8 @@ static __always_inline u32 fl_idx(u32 i)
 
 static __always_inline u32 fl_epoch_of(u32 fid)
 {
-    u32 *e = fl_epoch.lookup(&fid);
-    return e ? *e : 0;
+    struct fl_ctl *c = fl_ctl.lookup(&fid);
+    return c ? c->epoch : 0;
 }
 
 // A frame dropped untimed: expired if its RET probes went away meanwhile (sampling),
@@ -151,10 +154,17 @@ static __always_inline int fl_goroutine(struct pt_regs *ctx, u64 sp, struct goro
 
 static __always_inline int fl_entry(struct pt_regs *ctx, u32 fid, u64 sp_adj)
 {
+    u64 *calls = fl_calls.lookup(&fid);
+    if (calls)
+        *calls += 1;
+    // Untimed (sampling between slices): counting the call was all there is to do.
+    struct fl_ctl *ctl = fl_ctl.lookup(&fid);
+    if (!ctl || !ctl->timing)
+        return 0;
+    u32 epoch = ctl->epoch;
     struct fl_stats *st = fl_stats.lookup(&fid);
     if (!st)
         return 0;
-    __sync_fetch_and_add(&st->entry_hits, 1);
 
     struct goroutine_key key = {};
     u64 depth;
@@ -185,7 +195,7 @@ static __always_inline int fl_entry(struct pt_regs *ctx, u32 fid, u64 sp_adj)
     f->depth = depth;
     f->fid = fid;
     f->tid = (u32)bpf_get_current_pid_tgid();
-    f->epoch = fl_epoch_of(fid);
+    f->epoch = epoch;
     f->start_ns = bpf_ktime_get_ns();
     fl->n = n + 1;
     __sync_fetch_and_add(&st->opened, 1);

@@ -53,6 +53,19 @@ struct site_stats {
     u64 lifetime_log2[LIFETIME_SLOTS];
 };
 
+/* A per-CPU direct-mapped cache of creation counts in front of site_stats: a
+ * birth at a cached site is one inlined array access, no hash lookup. An entry
+ * taken by another site first adds its count to site_stats. User space adds
+ * site_stats and every CPU's entries: counts stay exact. */
+#define SITE_CACHE 64 /* entries per CPU, a power of two */
+struct site_cache_entry {
+    u64 gopc;
+    u64 startpc;
+    u32 pid;
+    u32 _pad;
+    u64 created; /* births not yet added to site_stats */
+};
+
 /* Indexes of the per-CPU counters array. */
 enum goroutine_counter {
     GR_CNT_CREATE_HITS = 0,
@@ -94,7 +107,7 @@ struct fl_stats {
     u64 count;       /* calls timed (entry and RET paired) */
     u64 sum_ns;
     u64 max_ns;
-    u64 entry_hits;  /* probe hits, for the overhead budget */
+    u64 entry_hits;  /* unused: calls are counted per CPU in fl_calls */
     u64 ret_hits;
     u64 unmatched;   /* RET with no entry recorded (attached mid-call, or dropped) */
     u64 stale;       /* entries that never returned (panic unwound them, Goexit) */
@@ -103,6 +116,15 @@ struct fl_stats {
     u64 opened;      /* entries recorded; opened - count - stale - expired = in flight */
     u64 expired;     /* calls whose RET probes were detached meanwhile (sampling): not timed */
     u64 ret_nop_hits; /* hits at NOPs standing in for a RET (emulated; ret_hits: stepped) */
+};
+
+/* Per traced function, set by user space. Timing is sampled (duty-cycled) when its
+ * RET probes would cost more than the budget; the entry probe then stays attached and
+ * only counts. */
+struct fl_ctl {
+    u32 epoch;   /* bumped at each attachment of the function's RET probes: a frame
+                  * entered under an older one may have returned while they were off */
+    u32 timing;  /* 1: entries record a frame to be timed at RET; 0: count only */
 };
 
 /* A panic site: the caller of runtime.gopanic and 3 more frames (frame pointers),

@@ -26,9 +26,11 @@
 BPF_F_TABLE("array", u32, struct live_slot, live_slots, LIVE_SLOTS, BPF_F_MMAPABLE);
 BPF_F_TABLE("hash", struct goroutine_key, struct goroutine_info, live_goroutines, MAX_LIVE,
             BPF_F_NO_PREALLOC);
-/* Per-CPU: the hot path takes no atomics and no cache line moves between CPUs. */
+/* Per-CPU: the hot path takes no atomics and no cache line moves between CPUs.
+ * Births are counted in site_cache first (see count_birth). */
 BPF_PERCPU_HASH(site_stats, struct site_key, struct site_stats, MAX_SITES);
 BPF_PERCPU_ARRAY(counters, u64, GR_CNT_MAX);
+BPF_PERCPU_ARRAY(site_cache, struct site_cache_entry, SITE_CACHE);
 /* A zeroed site_stats to insert from: at 416 bytes it does not fit on the 512-byte
  * BPF stack next to the rest. Never written. */
 BPF_PERCPU_ARRAY(zero_site, struct site_stats, 1);
@@ -111,6 +113,39 @@ static __always_inline struct site_stats *site_for(u32 pid, u64 gopc, u64 startp
     return site_stats.lookup(&sk);
 }
 
+/* One birth at a site: in this CPU's cache entry for it, evicting another site's
+ * pending count into site_stats when the entry was taken. */
+static __always_inline void count_birth(u32 pid, u64 gopc, u64 startpc)
+{
+    u32 idx = (u32)(gopc ^ (gopc >> 9) ^ startpc ^ (startpc >> 5)) & (SITE_CACHE - 1);
+    struct site_cache_entry *e = site_cache.lookup(&idx);
+    if (!e) {
+        struct site_stats *st = site_for(pid, gopc, startpc);
+        if (st)
+            st->created++;
+        return;
+    }
+    if (e->gopc == gopc && e->startpc == startpc && e->pid == pid) {
+        e->created++;
+        return;
+    }
+    /* Take the entry first, then add its old count to site_stats: a reader that
+     * sees site_stats unchanged around its read of the cache then never counts the
+     * old count twice (probes/goroutines.py reads them in that order). */
+    u64 n = e->created, old_gopc = e->gopc, old_startpc = e->startpc;
+    u32 old_pid = e->pid;
+    e->gopc = gopc;
+    e->startpc = startpc;
+    e->pid = pid;
+    e->created = 1;
+    asm volatile("" ::: "memory");
+    if (n) {
+        struct site_stats *old = site_for(old_pid, old_gopc, old_startpc);
+        if (old)
+            old->created += n;
+    }
+}
+
 #ifdef WITH_STACKS
 int on_newproc(struct pt_regs *ctx)
 {
@@ -159,9 +194,7 @@ int on_create(struct pt_regs *ctx)
     if (!put_in_slot(&key, &info) && live_goroutines.update(&key, &info) != 0)
         count(GR_CNT_LIVE_FULL);
 
-    struct site_stats *st = site_for(pid, info.gopc, info.startpc);
-    if (st)
-        st->created++;
+    count_birth(pid, info.gopc, info.startpc);
     return 0;
 }
 

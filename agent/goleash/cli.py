@@ -34,6 +34,27 @@ def print_json(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
+BUDGET_HELP = (
+    "max share of one core the probes may cost {who} (default 0.01 = 1%%; 'none' for no "
+    "limit; 0 allows no probe at all)"
+)
+
+
+def budget_arg(text: str) -> float:
+    """--budget: a share of one core >= 0, or 'none' (no limit)."""
+    if text.strip().lower() in ("none", "unlimited", "inf"):
+        return float("inf")
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0 <= v < float("inf"):  # NaN fails too
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a budget: give a share of one core such as 0.01, or 'none'"
+        )
+    return v
+
+
 def _target_args(p: argparse.ArgumentParser, *, path: bool) -> None:
     """PATH or --pid PID: the binary on disk, or the one a running process executes."""
     if path:
@@ -858,9 +879,9 @@ def _agent_args(p: argparse.ArgumentParser, *, metrics_default: str, health_defa
     )
     g.add_argument(
         "--budget",
-        type=float,
+        type=budget_arg,
         default=0.01,
-        help="max share of one core the probes may cost each process (default 0.01 = 1%%)",
+        help=BUDGET_HELP.format(who="each process"),
     )
     g.add_argument(
         "--stacks", action="store_true", help="record each creation site's creator stack"
@@ -1465,9 +1486,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--budget",
-        type=float,
+        type=budget_arg,
         default=0.01,
-        help="max share of one core the probes may cost the process (default 0.01 = 1%%)",
+        help=BUDGET_HELP.format(who="the process"),
     )
     p.add_argument(
         "--max-live",
@@ -1481,17 +1502,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "latency",
-        help="latency of chosen functions in a running process (count, quantiles, histogram)",
+        help="latency of chosen functions in a running process (calls, quantiles, histogram)",
         description=(
-            "Time every call of the chosen functions in a running Go process with BPF "
-            "uprobes at their entry (after the stack-growth check) and at every RET, paired "
-            "per goroutine. Prints per function: count, p50/p90/p99/p999, max and a log2 "
-            "histogram. A pattern is an exact symbol, a glob (* and ?), or an alias such as "
-            "http2.ReadFrame that finds the function in whichever package this Go release "
-            "put it; goleash says what each pattern resolved to. Inlined functions have no "
-            "code of their own and cannot be traced. A function whose calls would cost more "
-            "than the --budget is sampled (probes attached for part of each interval), and "
-            "the output says so. Needs root."
+            "Time every call of the chosen functions in a running Go process with BPF uprobes"
+            " at their entry (after the stack-growth check) and at every RET, paired per "
+            "goroutine. Prints per function: calls (all of them), timed (the calls the "
+            "quantiles come from), p50/p90/p99/p999, max and a log2 histogram (--json: the "
+            "log-linear buckets). A pattern is an exact symbol, a glob (* and ?), or an alias"
+            " such as http2.ReadFrame that finds the function in whichever package this Go "
+            "release put it; goleash says what each pattern resolved to. Inlined functions "
+            "have no code of their own and cannot be traced. A function whose calls would "
+            "cost more than the --budget is sampled: its entry probe (cheap) still counts "
+            "every call, its calls are timed for part of each interval, and the output says "
+            "so (calls are estimated, with an error bound, only when even counting is over "
+            "budget). Needs root."
         ),
         epilog=(
             "examples:\n  goleash latency --pid 4242 --func http2.ReadFrame --duration 10\n"
@@ -1517,9 +1541,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=1.0, help="seconds per sampling interval")
     p.add_argument(
         "--budget",
-        type=float,
+        type=budget_arg,
         default=0.01,
-        help="max share of one core the probes may cost the process (default 0.01 = 1%%)",
+        help=BUDGET_HELP.format(who="the process"),
     )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(handler=cmd_latency)

@@ -274,10 +274,11 @@ def test_full_goroutine_table_evicts_and_counts() -> None:
 
 
 def test_hot_function_is_sampled_within_budget(toolchain: str) -> None:
-    """Over the default 1% budget: probes attached for part of each interval, the
-    output says so, and the sampled calls still give the right quantiles."""
+    """~2,400 calls/s, over the default 1% budget: calls are timed for part of each
+    interval and the output says so, the timed calls still give the right quantiles,
+    and every call is still counted (the entry probe is cheap and stays attached)."""
     with (
-        funclat(toolchain, "-mode", "mixture", "-goroutines", "8", "-duration", "3s") as (
+        funclat(toolchain, "-mode", "mixture", "-goroutines", "10", "-duration", "3s") as (
             prog,
             pid,
         ),
@@ -289,15 +290,42 @@ def test_hot_function_is_sampled_within_budget(toolchain: str) -> None:
         while prog.lines.empty() and time.monotonic() < deadline:
             total = total + probes.run_interval(0.5).functions[0]
         res = prog.result()
+        total = total + probes.flush().functions[0]
         assert total.sampled
         assert 0 < total.attached_fraction < 0.5
-        assert 200 <= total.count < res["calls"] / 2
+        assert 200 <= total.timed < res["calls"] / 2
+        assert total.calls_exact and total.calls_error == 0
+        assert total.calls == res["calls"]
         ns = res["ns"]
         assert_quantiles_close(total, ns, names=("p50", "p90", "p99"))
         # A p999 from a third of the calls rests on a handful of them, and a loaded
         # machine adds rare outliers to the population: it must be a tail value.
         p999 = total.quantile_ns(0.999)
         assert p999 is not None and 0.9 * ns["p99"] <= p999 <= 1.1 * ns["max"]
+
+
+def test_calls_estimated_when_even_counting_is_over_budget(toolchain: str) -> None:
+    """A budget below what the entry probe alone costs at ~2,400 calls/s: the entry is
+    sampled too, and calls become an estimate that says so and bounds its error."""
+    with (
+        funclat(toolchain, "-mode", "mixture", "-goroutines", "10", "-duration", "3s") as (
+            prog,
+            pid,
+        ),
+        traced(pid, ["main.sleepFor"], budget=0.0005) as probes,
+    ):
+        prog.send("go")
+        total = FunctionLatency("main.sleepFor")
+        deadline = time.monotonic() + 30
+        while prog.lines.empty() and time.monotonic() < deadline:
+            total = total + probes.run_interval(0.5).functions[0]
+        res = prog.result()
+        total = total + probes.flush().functions[0]
+        assert not total.calls_exact
+        err = total.calls_error
+        assert err is not None and 0 < err < res["calls"]
+        assert abs(total.calls - res["calls"]) <= err
+        assert 0 < total.timed < res["calls"] / 10
 
 
 # --- panics ----------------------------------------------------------------------------
@@ -442,7 +470,9 @@ def test_cli_latency_and_panics_json() -> None:
         prog,
         pid,
     ):
-        lat = Cli("latency", "--pid", str(pid), "--func", "main.mayP*", "--budget", "1", "--json")
+        lat = Cli(
+            "latency", "--pid", str(pid), "--func", "main.mayP*", "--budget", "none", "--json"
+        )
         pan = Cli("panics", "--pid", str(pid), "--json")
         lat.wait_for("goleash: tracing 1 function(s)")
         pan.wait_for("goleash: counting panics")
@@ -455,7 +485,12 @@ def test_cli_latency_and_panics_json() -> None:
     assert "main.mayP* -> main.mayPanic (glob)" in lat_err
     (f,) = json.loads(lat_out)["functions"]
     assert f["symbol"] == "main.mayPanic"
-    assert f["count"] == res["calls"] - res["extra"]["recovered"]
+    # Every call is counted; the ones a panic unwound never returned, so are not timed.
+    assert f["calls"] == res["calls"] and f["calls_exact"]
+    assert f["timed"] == res["calls"] - res["extra"]["recovered"]
+    buckets = f["histogram"]["buckets"]
+    assert sum(c for _i, _lo, _hi, c in buckets) == f["timed"]
+    assert all(lo <= f["max_ns"] for _i, lo, _hi, _c in buckets)
     for key in ("p50_ns", "p90_ns", "p99_ns", "p999_ns", "max_ns"):
         assert isinstance(f[key], int) and f[key] > 0
     panics = json.loads(pan_out)
@@ -474,6 +509,15 @@ def test_cli_refuses_bad_input() -> None:
         r = goleash("latency", "--pid", str(pid), "--func", "main.tiny")
         assert r.returncode == 2
         assert "main.tiny: inlined into every caller" in r.stderr
+        # 0 means no probe cost at all: nothing could be measured, so it is refused
+        r = goleash("latency", "--pid", str(pid), "--func", "main.sleepFor", "--budget", "0")
+        assert r.returncode == 2
+        assert "--budget 0 allows the probes no cost at all" in r.stderr
+        assert "'none' for no limit" in r.stderr
+        for bad in ("-0.5", "nan", "lots"):
+            r = goleash("latency", "--pid", str(pid), "--func", "main.sleepFor", "--budget", bad)
+            assert r.returncode == 2
+            assert f"{bad!r} is not a budget" in r.stderr
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         r = goleash("latency", "--pid", str(sleeper.pid), "--func", "main.main")

@@ -681,7 +681,11 @@ def test_function_latency_and_panics_reach_the_control_plane(tmp_path: Path) -> 
             (lat,) = cli_json(
                 "latency", "--server", cp.address, "--func", "main.safeCall", "--window", "300"
             )["functions"]
-            assert lat["symbol"] == "main.safeCall" and lat["count"] == n
+            assert (
+                lat["symbol"] == "main.safeCall"
+                and lat["calls"] == lat["timed"] == n
+                and lat["calls_exact"]
+            )
             assert 0 < lat["p50_ns"] <= lat["p99_ns"]
         finally:
             assert agent.stop() == 0, agent.log

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from goleash.bench import Report
 
-SECTIONS = ["goroutines", "funclat", "ingest", "check", "hostile"]
+SECTIONS = ["goroutines", "funclat", "service", "ingest", "check", "hostile"]
 
 
 def main() -> int:

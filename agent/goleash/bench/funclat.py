@@ -9,6 +9,8 @@
 2. Throughput of a std-lib HTTP/2 client+server (benchload -mode http2, one process)
    untraced and with HTTP/2 ReadFrame and net/http.(*conn).serve timed, at the default
    1% budget (hot functions sampled) and with no budget (every call timed).
+3. Calls counted while timing is sampled: funclat's mixture at ~2,400 calls/s under the
+   default budget, calls and quantiles against the program's own figures.
 
 Runs are interleaved (a, b, c, a, b, c, ...) and the median taken, so drift on the
 machine hits every variant alike.
@@ -85,7 +87,9 @@ def _groups(pid: int, symbol: str, which: tuple[str, ...]) -> Iterator[None]:
     try:
         if "rets" in which:
             prog.attach("rets", sites.rets, "fl_ret_0")
-        if "entry" in which:
+        if "entry" in which or "entry_timed" in which:
+            # Count-only unless told to time (what it does between timing slices).
+            prog.set_ctl(0, 1, "entry_timed" in which)
             prog.attach("entry", [sites.entry], "fl_entry_0")
         yield
     finally:
@@ -128,6 +132,7 @@ def run(report: Report) -> None:
         {
             "untraced": None,
             "entry": lambda pid: _groups(pid, sym, ("entry",)),
+            "entry_timed": lambda pid: _groups(pid, sym, ("entry_timed",)),
             "rets": lambda pid: _groups(pid, sym, ("rets",)),
             "timed": lambda pid: _goleash(pid, [sym], math.inf),
             "bpftrace": lambda pid: bpftrace(binary, pid, {sym: "calls"}),
@@ -137,7 +142,12 @@ def run(report: Report) -> None:
     entry, ret = calls["entry"] - base, calls["rets"] - base
     timed, bpft = calls["timed"] - base, calls["bpftrace"] - base
     report.line("Go call main.work, untraced", base, "ns/call")
-    report.line("goleash entry probe hit (emulated push rbp)", entry, "ns/hit")
+    report.line("goleash entry probe hit, counting (emulated push rbp)", entry, "ns/hit")
+    report.line(
+        "goleash entry probe hit, timing (frame recorded)",
+        calls["entry_timed"] - base,
+        "ns/hit",
+    )
     report.line("goleash RET probe hit (single-stepped ret)", ret, "ns/hit")
     report.line("RET hit / entry hit", ret / entry, "x", "only a NOP before a RET is cheaper")
     report.line("goleash timed call: overhead", timed, "ns/call", "entry + RET + pairing")
@@ -169,3 +179,85 @@ def run(report: Report) -> None:
         rps["every call"] / rps["untraced"],
         "ratio",
     )
+
+    # --- 3. calls counted while timing is sampled ------------------------------------------
+    _sampled_accuracy(report)
+
+
+def _sampled_accuracy(report: Report) -> None:
+    """funclat's mixture (1/4/30 ms sleeps from 10 goroutines, ~2,400 calls/s here) for
+    3 s under the default 1% budget: calls against the program's own count, quantiles
+    of the timed calls against the program's own measurement of every call."""
+    binary = fixture("funclat", TOOLCHAIN)
+    rows: list[dict[str, float]] = []
+    for _ in range(REPEATS):
+        p = subprocess.Popen(
+            [str(binary), "-mode", "mixture", "-goroutines", "10", "-duration", "3s"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "GOMAXPROCS": "8"},
+        )
+        assert p.stdin is not None and p.stdout is not None
+        try:
+            pid = int(p.stdout.readline().split()[1])
+            proc = GoProcess.attach(pid)
+            index = FunctionIndex(proc.binary, proc.pclntab, proc.symbols)
+            sel = resolve(index, ["main.sleepFor"])
+            probes = FuncLatencyProbes(proc, sel.functions, budget=OverheadBudget())
+            probes.attach()
+            try:
+                got: list[Any] = []
+                out: list[str] = []
+
+                def wait(stdout: Any = p.stdout, out: list[str] = out) -> None:
+                    out.append(stdout.readline())
+
+                p.stdin.write("go\n")
+                p.stdin.flush()
+                reader = threading.Thread(target=wait, daemon=True)
+                reader.start()
+                while reader.is_alive():
+                    got.append(probes.run_interval(0.5).functions[0])
+                got.append(probes.flush().functions[0])
+            finally:
+                probes.close()
+            res = json.loads(out[0])
+        finally:
+            p.kill()
+            p.wait()
+        total = got[0]
+        for r in got[1:]:
+            total = total + r
+        row = {
+            "rate": res["calls"] / 3.0,
+            "calls": total.calls / res["calls"],
+            "timed": total.timed / res["calls"],
+            "exact": float(total.calls_exact),
+        }
+        for q, name in ((0.5, "p50"), (0.9, "p90"), (0.99, "p99")):
+            row[name] = (total.quantile_ns(q) or math.nan) / res["ns"][name]
+        rows.append(row)
+
+    def med(key: str) -> float:
+        v = sorted(r[key] for r in rows)
+        return v[len(v) // 2]
+
+    def worst(key: str) -> float:
+        return max((r[key] for r in rows), key=lambda x: abs(x - 1))
+
+    report.line("sampled timing: calls/s of main.sleepFor (program's count)", med("rate"), "1/s")
+    report.line("sampled timing: share of calls timed (1% budget)", med("timed"), "ratio")
+    report.line(
+        "sampled timing: calls reported / program's count, worst run",
+        worst("calls"),
+        "ratio",
+        f"exact in {sum(int(r['exact']) for r in rows)}/{len(rows)} runs",
+    )
+    for name in ("p50", "p90", "p99"):
+        report.line(
+            f"sampled timing: {name} timed / program's {name}, median (worst)",
+            med(name),
+            "ratio",
+            f"worst {worst(name):.3f}",
+        )

@@ -621,7 +621,15 @@ class Store:
                 hw = owner.get(lat.function)
                 if hw is None:
                     hw = owner[lat.function] = HistogramWindows(owner_tiers)
-                hw.record(now, h.sub_bucket_bits, buckets, h.count, h.sum_seconds)
+                hw.record(
+                    now,
+                    h.sub_bucket_bits,
+                    buckets,
+                    h.count,
+                    h.sum_seconds,
+                    calls=lat.calls if lat.HasField("calls") else None,
+                    calls_error=lat.calls_error,
+                )
         for d in s.drops:
             caps.add_drop(p.drops, d.reason, d.count, self.limits.drop_reasons)
         p.kept = s.goroutines_kept
@@ -1111,10 +1119,14 @@ class Store:
                 + (f" (traced: {listed})" if traced else " (no function is traced there)")
             )
         merged: Histogram | None = None
+        calls, calls_err2 = 0, 0.0
         for hw in sources:
             merged = hw.merged(now, w, merged)
+            n, err = hw.calls(now, w)
+            calls, calls_err2 = calls + n, calls_err2 + err * err
         span = covered(now, w, span_tiers)
         out = q.GetFunctionLatencyResponse(function=fn, window_seconds=span)
+        out.calls, out.calls_error = calls, calls_err2**0.5
         out.processes = sum(
             1 for p in procs if fn in p.latency and p.latency[fn].last_record > now - span
         )

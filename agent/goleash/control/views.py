@@ -439,7 +439,13 @@ def record_samples(records: Sequence[q.GoroutineRecord]) -> list[StackSample]:
 
 def latency_dict(resp: q.GetFunctionLatencyResponse) -> dict[str, Any]:
     """The shape `goleash latency --json` prints for a traced process, from a window."""
-    row: dict[str, Any] = {"symbol": resp.function, "count": resp.count}
+    row: dict[str, Any] = {
+        "symbol": resp.function,
+        "calls": resp.calls,
+        "calls_exact": resp.calls_error == 0,
+        "calls_error": round(resp.calls_error, 1),
+        "timed": resp.count,
+    }
     for qv in resp.quantiles:
         key = {0.5: "p50_ns", 0.9: "p90_ns", 0.99: "p99_ns", 0.999: "p999_ns"}.get(
             round(qv.quantile, 4), f"q{qv.quantile:g}_ns"
@@ -459,7 +465,8 @@ def latency_text(rows: Sequence[dict[str, Any]]) -> str:
         [
             (
                 r["symbol"],
-                r["count"],
+                r["calls"] if r["calls_exact"] else f"~{r['calls']}±{r['calls_error']:.0f}",
+                r["timed"],
                 ms(r.get("p50_ns")),
                 ms(r.get("p90_ns")),
                 ms(r.get("p99_ns")),
@@ -468,5 +475,5 @@ def latency_text(rows: Sequence[dict[str, Any]]) -> str:
             )
             for r in rows
         ],
-        ("FUNCTION", "CALLS", "p50 ms", "p90 ms", "p99 ms", "p999 ms", "PROCESSES"),
+        ("FUNCTION", "CALLS", "TIMED", "p50 ms", "p90 ms", "p99 ms", "p999 ms", "PROCESSES"),
     )

@@ -158,7 +158,17 @@ class HistogramWindows:
     track those), its count and sum sit in arrays. All slots share one layout
     (`bits`): a histogram with fewer sub-bucket bits coarsens the whole structure."""
 
-    __slots__ = ("_count", "_layout", "_slots", "_stamp", "_sum", "bits", "last_record")
+    __slots__ = (
+        "_calls",
+        "_calls_err2",
+        "_count",
+        "_layout",
+        "_slots",
+        "_stamp",
+        "_sum",
+        "bits",
+        "last_record",
+    )
 
     def __init__(self, tiers: Sequence[Tier] = DEFAULT_TIERS) -> None:
         self._layout = lay = layout((Kind.SUM,), tuple(tiers))
@@ -167,6 +177,10 @@ class HistogramWindows:
         self._stamp = array("q", [-1]) * lay.slots
         self._count = array("q", [0]) * lay.slots
         self._sum = array("d", [0.0]) * lay.slots
+        # Every call (timed or not; timing may be sampled), and the squared +- bounds
+        # of the estimated ones (independent estimates: bounds add in quadrature).
+        self._calls = array("q", [0]) * lay.slots
+        self._calls_err2 = array("d", [0.0]) * lay.slots
         self._slots: list[dict[int, int] | None] = [None] * lay.slots
 
     def _coarsen(self, bits: int) -> None:
@@ -178,8 +192,16 @@ class HistogramWindows:
         self.bits = bits
 
     def record(
-        self, t: float, bits: int, buckets: Sequence[tuple[int, int]], count: int, sum_s: float
+        self,
+        t: float,
+        bits: int,
+        buckets: Sequence[tuple[int, int]],
+        count: int,
+        sum_s: float,
+        calls: int | None = None,
+        calls_error: float = 0.0,
     ) -> None:
+        """`count` calls timed; `calls` all calls (None: only the timed are known)."""
         if self.bits < 0:
             self.bits = bits
         elif bits < self.bits:
@@ -199,10 +221,23 @@ class HistogramWindows:
                 d = slots[pos] = {}
                 self._count[pos] = 0
                 self._sum[pos] = 0.0
+                self._calls[pos] = 0
+                self._calls_err2[pos] = 0.0
             for idx, c in buckets:
                 d[idx] = d.get(idx, 0) + c
             self._count[pos] += count
             self._sum[pos] += sum_s
+            self._calls[pos] += count if calls is None else max(calls, count)
+            self._calls_err2[pos] += calls_error * calls_error
+
+    def calls(self, now: float, window: float) -> tuple[int, float]:
+        """Every call in the window's slots, and the +- bound of that (0: exact)."""
+        n, err2 = 0, 0.0
+        for s, pos, _ in self._layout.positions(now, window):
+            if self._stamp[pos] == s and self._slots[pos] is not None:
+                n += self._calls[pos]
+                err2 += self._calls_err2[pos]
+        return n, err2**0.5
 
     def merged(self, now: float, window: float, into: Histogram | None = None) -> Histogram | None:
         """Merge the window's slots into `into` (or a new histogram); None when no data."""

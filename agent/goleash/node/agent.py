@@ -551,7 +551,7 @@ class Agent:
             panics: dict[str, int] = {}
             if f.funcs is not None:
                 functions = [
-                    FunctionView(fn, tot.buckets, tot.count, tot.sum_ns)
+                    FunctionView(fn, tot.buckets, tot.count, tot.sum_ns, tot.timed)
                     for fn, tot in f.funcs.totals_copy().items()
                 ]
                 panics = dict(f.funcs.panic_totals)

@@ -122,8 +122,10 @@ class LatencyDelta:
     function: str
     sub_bucket_bits: int
     buckets: dict[int, int]
-    count: int
+    count: int  # calls timed
     sum_ns: int
+    calls: int | None = None  # every call, timed or not
+    calls_error: float = 0.0  # +- bound when `calls` is an estimate
 
 
 def _quantiles(sorted_vals: Sequence[float]) -> tuple[float, float, float, float]:
@@ -234,6 +236,8 @@ class SnapshotExporter:
             lat = out.latency.add(function=d.function)
             h = lat.histogram
             h.sub_bucket_bits, h.count, h.sum_seconds = d.sub_bucket_bits, d.count, d.sum_ns / 1e9
+            if d.calls is not None:
+                lat.calls, lat.calls_error = d.calls, d.calls_error
             for idx in sorted(d.buckets):
                 h.buckets.add(index=idx, count=d.buckets[idx])
         for fn, n in sorted((panics or {}).items()):

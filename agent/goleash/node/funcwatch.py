@@ -30,11 +30,28 @@ log = logging.getLogger("goleash.agent")
 
 @dataclass
 class FuncTotals:
-    """Since attach, per function: for Prometheus (cumulative histograms)."""
+    """Since attach, per function: for Prometheus (cumulative histograms).
 
-    buckets: list[int] = field(default_factory=lambda: [0] * hist.N_BUCKETS)
-    count: int = 0
-    sum_ns: int = 0
+    `count` is every call. When timing was sampled, each interval's timed calls stand
+    for all of that interval's calls: their buckets and sum are weighted by
+    calls / timed, so the buckets estimate the distribution of all calls and the +Inf
+    bucket equals the count. `timed` is how many calls were really timed."""
+
+    buckets: list[float] = field(default_factory=lambda: [0.0] * hist.N_BUCKETS)
+    count: float = 0.0
+    sum_ns: float = 0.0
+    timed: int = 0
+
+    def add(self, r: FunctionLatency) -> None:
+        calls = r.calls
+        self.count += calls
+        self.timed += r.timed
+        if r.timed:
+            w = calls / r.timed if calls >= r.timed else 1.0
+            for i, c in enumerate(r.hist.counts):
+                if c:
+                    self.buckets[i] += c * w
+            self.sum_ns += r.hist.sum_ns * w
 
 
 def resolve_each(
@@ -119,17 +136,13 @@ class FunctionWatch:
                 for r in reading.functions:
                     old = self._pending.get(r.symbol)
                     self._pending[r.symbol] = r if old is None else old + r
-                    tot = self.totals.setdefault(r.symbol, FuncTotals())
-                    for i, c in enumerate(r.hist.counts):
-                        if c:
-                            tot.buckets[i] += c
-                    tot.count += r.hist.count
-                    tot.sum_ns += r.hist.sum_ns
+                    self.totals.setdefault(r.symbol, FuncTotals()).add(r)
 
     def totals_copy(self) -> dict[str, FuncTotals]:
         with self._lock:
             return {
-                fn: FuncTotals(list(t.buckets), t.count, t.sum_ns) for fn, t in self.totals.items()
+                fn: FuncTotals(list(t.buckets), t.count, t.sum_ns, t.timed)
+                for fn, t in self.totals.items()
             }
 
     def take(self) -> tuple[list[LatencyDelta], dict[str, int], dict[str, int]]:
@@ -142,10 +155,21 @@ class FunctionWatch:
         for f in pending.values():
             not_timed["latency_calls_never_returned"] += f.stale
             not_timed["latency_nest_overflow"] += f.overflow
-            if f.count:
+            if f.timed or f.calls:
                 buckets = {i: c for i, c in enumerate(f.hist.counts) if c}
+                err = f.calls_error
                 deltas.append(
-                    LatencyDelta(f.symbol, hist.SUB_BITS, buckets, f.count, f.hist.sum_ns)
+                    LatencyDelta(
+                        f.symbol,
+                        hist.SUB_BITS,
+                        buckets,
+                        f.timed,
+                        f.hist.sum_ns,
+                        # Not counted at all (the entry probe never got a slice):
+                        # unknown, which the API says by leaving `calls` out.
+                        calls=f.calls if err is not None else None,
+                        calls_error=err or 0.0,
+                    )
                 )
         panics: dict[str, int] = {}
         if self.panic_probes is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import time
@@ -24,14 +25,26 @@ def fmt_ns(v: float | None) -> str:
     return f"{v:.0f}ns"
 
 
+def fmt_budget(budget: float) -> str:
+    return "no" if math.isinf(budget) else f"the {budget:.0%}"
+
+
+def render_calls(f: FunctionLatency) -> str:
+    """All calls, and how sure that number is."""
+    if f.calls_exact:
+        return f"calls {f.calls}"
+    err = f.calls_error
+    return f"calls ~{f.calls}" + (f" (±{err:.0f})" if err is not None else " (not counted)")
+
+
 def render_function(f: FunctionLatency, budget: float, width: int = 40) -> str:
     """One function's figures and a log2 histogram in µs, as BCC's funclatency draws it."""
     q = {p: f.quantile_ns(p) for p in (0.5, 0.9, 0.99, 0.999)}
     lines = [
         f.symbol,
-        f"  count {f.count}   p50 {fmt_ns(q[0.5])}   p90 {fmt_ns(q[0.9])}   "
-        f"p99 {fmt_ns(q[0.99])}   p999 {fmt_ns(q[0.999])}   "
-        f"max {fmt_ns(f.hist.max_ns if f.count else None)}",
+        f"  {render_calls(f)}   timed {f.timed}   p50 {fmt_ns(q[0.5])}   "
+        f"p90 {fmt_ns(q[0.9])}   p99 {fmt_ns(q[0.99])}   p999 {fmt_ns(q[0.999])}   "
+        f"max {fmt_ns(f.hist.max_ns if f.timed else None)}",
     ]
     rows = f.hist.log2_rows()
     if rows:
@@ -42,10 +55,14 @@ def render_function(f: FunctionLatency, budget: float, width: int = 40) -> str:
             lines.append(f"{lo:>10} -> {hi:<10} : {c:<8} |{stars:<{width}}|")
     if f.sampled:
         lines.append(
-            f"  sampled: over the {budget:.0%} CPU budget, probes were attached "
-            f"{f.attached_fraction:.1%} of the time; quantiles from the {f.count} sampled "
-            "calls"
-            + (f"; {f.cut} calls still running when sampling stopped, not timed" if f.cut else "")
+            f"  sampled: over {fmt_budget(budget)} CPU budget, calls were timed "
+            f"{f.attached_fraction:.1%} of the time; quantiles from the {f.timed} timed calls"
+            + (f"; {f.cut} calls still running when timing stopped, not timed" if f.cut else "")
+        )
+    if not f.calls_exact:
+        lines.append(
+            "  calls estimated: even counting calls costs more than the budget, so the "
+            "entry probe was attached only part of the time"
         )
     if f.stale:
         lines.append(f"  not timed: {f.stale} calls that never returned (panic, Goexit)")
@@ -92,6 +109,11 @@ def run_latency(
 ) -> int:
     if interval <= 0:
         raise GoleashError("--interval must be positive")
+    if budget_fraction <= 0:
+        raise GoleashError(
+            "--budget 0 allows the probes no cost at all, so nothing can be counted or "
+            "timed; give a share of a core (e.g. 0.01) or 'none' for no limit"
+        )
     proc = GoProcess.attach(pid)
     selection = _select(proc, patterns)
     budget = OverheadBudget(cpu_fraction=budget_fraction)
@@ -145,7 +167,7 @@ def run_latency(
             "pid": pid,
             "go_version": proc.go_version,
             "duration_s": round(elapsed, 3),
-            "budget": budget_fraction,
+            "budget": None if math.isinf(budget_fraction) else budget_fraction,
             "process_exited": exited,
             "resolved": [
                 {"pattern": r.pattern, "how": r.how, "symbols": list(r.symbols)}

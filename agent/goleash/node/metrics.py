@@ -26,7 +26,7 @@ says the agent can do its job, not that there is work.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -71,9 +71,12 @@ class SiteView:
 @dataclass
 class FunctionView:
     function: str
-    buckets: list[int]  # log-linear counts since attach (probes/hist.py layout)
-    count: int
-    sum_ns: int
+    # Log-linear counts since attach (probes/hist.py layout), each interval's timed
+    # calls weighted to stand for all its calls when timing was sampled.
+    buckets: list[float]
+    count: float  # every call
+    sum_ns: float
+    timed: int = 0  # calls really timed
 
 
 @dataclass
@@ -146,8 +149,11 @@ def bounded_sites(sites: list[SiteView], top: int) -> list[SiteView]:
     return [*ranked[:top], rest]
 
 
-def cumulative_buckets(counts: list[int]) -> list[tuple[str, float]]:
-    """Log-linear bucket counts as Prometheus `le` buckets (seconds), +Inf last."""
+def cumulative_buckets(
+    counts: Sequence[float], total: float | None = None
+) -> list[tuple[str, float]]:
+    """Log-linear bucket counts as Prometheus `le` buckets (seconds), +Inf last: `total`
+    (every call, so that `_count` means all calls), else the sum of the counts."""
     acc: list[float] = [0.0] * len(LATENCY_BOUNDS_NS)
     for i, c in enumerate(counts):
         if c:
@@ -160,7 +166,7 @@ def cumulative_buckets(counts: list[int]) -> list[tuple[str, float]]:
     for le, c in zip(LATENCY_BOUNDS_NS, acc, strict=True):
         running += c
         out.append((repr(le / 1e9), running))
-    out.append(("+Inf", float(sum(counts))))
+    out.append(("+Inf", float(sum(counts) if total is None else max(total, running))))
     return out
 
 
@@ -241,6 +247,12 @@ class AgentCollector(Collector):
             "Latency of traced functions (--func).",
             labels=[*proc_labels, "function"],
         )
+        timed = CounterMetricFamily(
+            "goleash_function_timed_calls",
+            "Calls of traced functions actually timed (fewer than the latency histogram's "
+            "_count, which is every call, when timing is sampled to fit the budget).",
+            labels=[*proc_labels, "function"],
+        )
         panics = CounterMetricFamily(
             "goleash_panics",
             "Panics (recovered or not) per function.",
@@ -248,7 +260,7 @@ class AgentCollector(Collector):
         )
         sums = {name: _Sums() for name in ("live", "created", "exited", "orphans")}
         sums |= {name: _Sums() for name in ("total", "probes", "hits", "dropped", "panics")}
-        hists: dict[tuple[str, ...], tuple[list[int], int]] = {}
+        hists: dict[tuple[str, ...], tuple[list[float], float, float, float]] = {}
         for p in v.processes:
             pl = self._process_labels(p)
             sums["total"].add(pl, p.goroutines)
@@ -271,12 +283,12 @@ class AgentCollector(Collector):
                 sums["dropped"].add((*pl, reason), n)
             for f in p.functions:
                 key = (*pl, f.function)
-                buckets, sum_ns = hists.get(key, ([0] * len(f.buckets), 0))
+                buckets, sum_ns, calls, n_timed = hists.get(key, ([0.0] * len(f.buckets), 0, 0, 0))
                 if len(buckets) < len(f.buckets):
-                    buckets += [0] * (len(f.buckets) - len(buckets))
+                    buckets += [0.0] * (len(f.buckets) - len(buckets))
                 for i, c in enumerate(f.buckets):
                     buckets[i] += c
-                hists[key] = (buckets, sum_ns + f.sum_ns)
+                hists[key] = (buckets, sum_ns + f.sum_ns, calls + f.count, n_timed + f.timed)
             for fn, n in p.panics.items():
                 sums["panics"].add((*pl, fn), n)
         for name, fam in (
@@ -285,9 +297,13 @@ class AgentCollector(Collector):
             ("panics", panics),
         ):  # fmt: skip
             sums[name].fill(fam)
-        for key, (buckets, sum_ns) in sorted(hists.items()):
-            latency.add_metric(list(key), cumulative_buckets(buckets), sum_value=sum_ns / 1e9)
+        for key, (buckets, sum_ns, calls, n_timed) in sorted(hists.items()):
+            latency.add_metric(
+                list(key), cumulative_buckets(buckets, calls), sum_value=sum_ns / 1e9
+            )
+            timed.add_metric(list(key), n_timed)
         yield from (live, created, exited, orphans, total, probes, hits, dropped, latency, panics)
+        yield timed
 
         yield GaugeMetricFamily(
             "goleash_agent_tracked_processes", "Go processes followed.", value=len(v.processes)

@@ -32,7 +32,9 @@ def render(snap: ProcessSnapshot, elapsed_s: float, *, limit: int = 25) -> str:
     t = snap.totals
     lines = [
         f"PID {snap.pid} {snap.exe} ({snap.go_version})  {elapsed_s:.0f}s  mode: {snap.mode}"
-        f"  overhead {snap.overhead_fraction:.2%} of a core (budget {snap.overhead_cap:.0%})",
+        f"  overhead {snap.overhead_fraction:.2%} of a core (budget "
+        + ("none" if snap.overhead_cap is None else f"{snap.overhead_cap:.0%}")
+        + ")",
         f"live {t['live']}  created {t['created']}  exited {t['exited']}  "
         f"orphans {t['orphans']}  dropped "
         + (", ".join(f"{k}={v}" for k, v in snap.dropped.items() if v) or "none"),

@@ -11,6 +11,7 @@ creation rate (read from goid growth) fits the budget again.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -86,7 +87,7 @@ class ProcessSnapshot:
     dropped: dict[str, int]
     probe_hits: dict[str, int]
     overhead_fraction: float
-    overhead_cap: float
+    overhead_cap: float | None  # None: no limit (--budget none)
     inventory_ms: float
     torn_reads: int
     goroutines: list[Goroutine] = field(default_factory=list, repr=False)
@@ -343,7 +344,9 @@ class ProcessTracker:
             },
             probe_hits={k: v for k, v in counters.items() if k.endswith("_hits")},
             overhead_fraction=self.budget.last_fraction,
-            overhead_cap=self.budget.cpu_fraction,
+            overhead_cap=(
+                self.budget.cpu_fraction if math.isfinite(self.budget.cpu_fraction) else None
+            ),
             inventory_ms=inv.read_ms if hasattr(inv, "read_ms") else 0.0,
             torn_reads=inv.torn,
             goroutines=inv.goroutines,

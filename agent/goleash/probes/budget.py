@@ -6,6 +6,13 @@ single-steps everything else (a debug trap; on VMs a VM exit). We know each
 probe's hit count per interval from its own BPF counter, so the cost we impose is
 hits x cost-per-hit, as a fraction of one CPU core over the interval.
 
+The budget is a share of one core, per traced process: 0.01 (the default) lets the
+probes cost the process at most 1% of a core over each interval. Infinity (`--budget
+none`) sets no limit: every call is timed, every probe stays attached. 0 allows no
+probe cost at all: function latency refuses it (nothing could be counted or timed);
+the goroutine tracker detaches its probes at the first interval they cost anything
+and counts from memory only.
+
 Default costs are this project's measurements on its CI VMs (`make bench` reports
 them); set GOLEASH_HIT_COST_NS="emulated,stepped" to use a host's own figures.
 """

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import itertools
 import mmap
 import os
@@ -34,6 +35,7 @@ COUNTER_NAMES = (
 )
 DEFAULT_MAX_LIVE = 131072
 DEFAULT_MAX_SITES = 4096
+SITE_READ_TRIES = 3  # site_stats re-reads while births move out of site_cache
 MAX_SPAN = 256  # bytes of runtime.g read per hit (168 on go1.19, the widest so far)
 
 
@@ -266,14 +268,8 @@ class GoroutineProbes:
         # one reading at most; the copy is one memcpy, so that window is tiny.
         return [(g, pid, *info) for g, pid, _pad, *info in out]
 
-    def read(self, *, with_live: bool = True) -> TrackerReading:
+    def _read_site_table(self, bias: int) -> dict[tuple[int, int], SiteCounts]:
         assert self._bpf is not None
-        bias = self.proc.load_bias
-        counters = {name: 0 for name in COUNTER_NAMES}
-        for idx, per_cpu in self._bpf["counters"].items():
-            if idx.value < len(COUNTER_NAMES):
-                counters[COUNTER_NAMES[idx.value]] = sum(int(v) for v in per_cpu)
-
         sites: dict[tuple[int, int], SiteCounts] = {}
         for k, per_cpu in self._bpf["site_stats"].items():
             key = (k.gopc - bias, k.startpc - bias)
@@ -288,6 +284,50 @@ class GoroutineProbes:
                     sum(v.lifetime_log2[i] for v in per_cpu) for i in range(LIFETIME_SLOTS)
                 ),
             )
+        return sites
+
+    def _read_sites(self, bias: int) -> dict[tuple[int, int], SiteCounts]:
+        """site_stats plus the births still pending in each CPU's site_cache. A birth
+        moves from the cache to site_stats when its entry is taken (cache first, then
+        the table): reading the table before and after the cache, and again if it
+        changed meanwhile, counts each birth once."""
+        assert self._bpf is not None
+        before = self._read_site_table(bias)
+        for _ in range(SITE_READ_TRIES):
+            pending: dict[tuple[int, int], int] = {}
+            for _idx, per_cpu in self._bpf["site_cache"].items():
+                for e in per_cpu:
+                    if e.created and e.pid == self.proc.pid:
+                        key = (e.gopc - bias, e.startpc - bias)
+                        pending[key] = pending.get(key, 0) + int(e.created)
+            after = self._read_site_table(bias)
+            stable = {k: v.created for k, v in after.items()} == {
+                k: v.created for k, v in before.items()
+            }
+            before = after
+            if stable:
+                break
+        # Still moving after the tries: a birth may be missed for this one reading
+        # (never counted twice); the next reading finds it in site_stats.
+        sites = dict(before)
+        for key, n in pending.items():
+            old = sites.get(key)
+            sites[key] = (
+                SiteCounts(key[0], key[1], n, 0, 0, 0, (0,) * LIFETIME_SLOTS)
+                if old is None
+                else dataclasses.replace(old, created=old.created + n)
+            )
+        return sites
+
+    def read(self, *, with_live: bool = True) -> TrackerReading:
+        assert self._bpf is not None
+        bias = self.proc.load_bias
+        counters = {name: 0 for name in COUNTER_NAMES}
+        for idx, per_cpu in self._bpf["counters"].items():
+            if idx.value < len(COUNTER_NAMES):
+                counters[COUNTER_NAMES[idx.value]] = sum(int(v) for v in per_cpu)
+
+        sites = self._read_sites(bias)
 
         live: dict[int, LiveGoroutine] = {}
         if with_live:

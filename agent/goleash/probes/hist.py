@@ -126,7 +126,7 @@ class Histogram:
         return rows
 
 
-def quantile(counts: Sequence[int], q: float, max_ns: int = 0) -> float:
+def quantile(counts: Sequence[float], q: float, max_ns: int = 0) -> float:
     """The q-quantile (nearest rank) of the values behind `counts`, interpolated linearly
     inside its bucket; NaN when empty. Capped by max_ns when known."""
     total = sum(counts)

@@ -364,7 +364,7 @@ class GetFunctionLatencyRequest(_message.Message):
     def __init__(self, function: _Optional[str] = ..., selector: _Optional[_Union[ProcessSelector, _Mapping]] = ..., window_seconds: _Optional[float] = ..., quantiles: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GetFunctionLatencyResponse(_message.Message):
-    __slots__ = ("function", "window_seconds", "count", "mean_seconds", "quantiles", "histogram", "processes")
+    __slots__ = ("function", "window_seconds", "count", "mean_seconds", "quantiles", "histogram", "processes", "calls", "calls_error")
     FUNCTION_FIELD_NUMBER: _ClassVar[int]
     WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -372,6 +372,8 @@ class GetFunctionLatencyResponse(_message.Message):
     QUANTILES_FIELD_NUMBER: _ClassVar[int]
     HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    CALLS_ERROR_FIELD_NUMBER: _ClassVar[int]
     function: str
     window_seconds: float
     count: int
@@ -379,7 +381,9 @@ class GetFunctionLatencyResponse(_message.Message):
     quantiles: _containers.RepeatedCompositeFieldContainer[QuantileValue]
     histogram: _types_pb2.LogLinearHistogram
     processes: int
-    def __init__(self, function: _Optional[str] = ..., window_seconds: _Optional[float] = ..., count: _Optional[int] = ..., mean_seconds: _Optional[float] = ..., quantiles: _Optional[_Iterable[_Union[QuantileValue, _Mapping]]] = ..., histogram: _Optional[_Union[_types_pb2.LogLinearHistogram, _Mapping]] = ..., processes: _Optional[int] = ...) -> None: ...
+    calls: int
+    calls_error: float
+    def __init__(self, function: _Optional[str] = ..., window_seconds: _Optional[float] = ..., count: _Optional[int] = ..., mean_seconds: _Optional[float] = ..., quantiles: _Optional[_Iterable[_Union[QuantileValue, _Mapping]]] = ..., histogram: _Optional[_Union[_types_pb2.LogLinearHistogram, _Mapping]] = ..., processes: _Optional[int] = ..., calls: _Optional[int] = ..., calls_error: _Optional[float] = ...) -> None: ...
 
 class QuantileValue(_message.Message):
     __slots__ = ("quantile", "value_seconds")

@@ -98,12 +98,16 @@ class SiteSummary(_message.Message):
     def __init__(self, function: _Optional[str] = ..., go_statement: _Optional[str] = ..., creator_function: _Optional[str] = ..., live: _Optional[int] = ..., created: _Optional[int] = ..., exited: _Optional[int] = ..., age: _Optional[_Union[_types_pb2.AgeQuantiles, _Mapping]] = ..., wait_reasons: _Optional[_Iterable[_Union[_types_pb2.WaitReasonCount, _Mapping]]] = ..., orphans: _Optional[_Union[_types_pb2.OrphanStats, _Mapping]] = ...) -> None: ...
 
 class LatencyHistogramDelta(_message.Message):
-    __slots__ = ("function", "histogram")
+    __slots__ = ("function", "histogram", "calls", "calls_error")
     FUNCTION_FIELD_NUMBER: _ClassVar[int]
     HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    CALLS_ERROR_FIELD_NUMBER: _ClassVar[int]
     function: str
     histogram: _types_pb2.LogLinearHistogram
-    def __init__(self, function: _Optional[str] = ..., histogram: _Optional[_Union[_types_pb2.LogLinearHistogram, _Mapping]] = ...) -> None: ...
+    calls: int
+    calls_error: float
+    def __init__(self, function: _Optional[str] = ..., histogram: _Optional[_Union[_types_pb2.LogLinearHistogram, _Mapping]] = ..., calls: _Optional[int] = ..., calls_error: _Optional[float] = ...) -> None: ...
 
 class PanicCount(_message.Message):
     __slots__ = ("function", "count")
