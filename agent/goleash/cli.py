@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from goleash import __version__
+from goleash import __version__, cliargs
 from goleash.errors import GoleashError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -30,7 +31,7 @@ def _target_args(p: argparse.ArgumentParser, *, path: bool) -> None:
     """PATH or --pid PID: the binary on disk, or the one a running process executes."""
     if path:
         p.add_argument("path", nargs="?", help="Go executable to read")
-    p.add_argument("--pid", type=int, help="read the executable of this running process")
+    p.add_argument("--pid", type=cliargs.pid, help="read the executable of this running process")
 
 
 # --- inspect -----------------------------------------------------------------
@@ -57,7 +58,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_symbolize(args: argparse.Namespace) -> int:
     from goleash.gobin.report import symbolize
 
-    rows = symbolize(args.path, [int(pc, 0) for pc in args.pcs])
+    rows = symbolize(args.path, args.pcs)
     if args.json:
         print_json([r.to_dict() for r in rows])
     else:
@@ -394,7 +395,9 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-ca", help="CA bundle to verify the server with (turns TLS on)")
     g.add_argument("--tls-cert", help="client certificate for mTLS")
     g.add_argument("--tls-key", help="client key for mTLS")
-    g.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
+    g.add_argument(
+        "--timeout", type=cliargs.seconds, default=10.0, help="seconds per call (default 10)"
+    )
 
 
 def _add_control_commands(sub: Any) -> None:
@@ -452,7 +455,9 @@ def _add_control_commands(sub: Any) -> None:
     )
     p.add_argument("--service", help="only this service")
     p.add_argument("--all", action="store_true", help="also processes that exited recently")
-    p.add_argument("--window", type=float, default=60.0, help="seconds for created/exited")
+    p.add_argument(
+        "--window", type=cliargs.seconds, default=60.0, help="seconds for created/exited"
+    )
     p.add_argument("--json", action="store_true", help="a JSON list on stdout")
     _server_args(p)
     p.set_defaults(handler=cmd_ps)
@@ -468,8 +473,10 @@ def _add_control_commands(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--service", help="only this service")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between frames")
-    p.add_argument("--window", type=float, default=60.0, help="seconds for rates and growth")
+    p.add_argument("--interval", type=cliargs.seconds, default=2.0, help="seconds between frames")
+    p.add_argument(
+        "--window", type=cliargs.seconds, default=60.0, help="seconds for rates and growth"
+    )
     p.add_argument("--once", action="store_true", help="print one frame and exit")
     p.add_argument(
         "--limit",
@@ -493,8 +500,10 @@ def _add_control_commands(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--service", help="only this service")
-    p.add_argument("--pid", type=int, help="only this process")
-    p.add_argument("--min-age", type=float, default=0.0, help="only groups at least S old")
+    p.add_argument("--pid", type=cliargs.pid, help="only this process")
+    p.add_argument(
+        "--min-age", type=cliargs.seconds_or_zero, default=0.0, help="only groups at least S old"
+    )
     p.add_argument("--fail-if-any", action="store_true", help="exit 1 when there are orphans")
     p.add_argument(
         "--json",
@@ -520,7 +529,7 @@ def _add_control_commands(sub: Any) -> None:
     p.add_argument("--follow", "-f", action="store_true", help="stream new events until Ctrl-C")
     p.add_argument("--kind", action="append", help="only this kind, e.g. process_appeared")
     p.add_argument("--service", help="only this service")
-    p.add_argument("--pid", type=int, help="only this process")
+    p.add_argument("--pid", type=cliargs.pid, help="only this process")
     p.add_argument("--limit", type=int, default=50, help="how many of the latest (default 50)")
     p.add_argument("--after-id", type=int, default=0, help="events after this id (resume)")
     p.add_argument("--json", action="store_true", help="JSON (a list; one object a line with -f)")
@@ -602,7 +611,9 @@ def _agent_args(p: argparse.ArgumentParser, *, metrics_default: str, health_defa
     g = p.add_argument_group(
         "which processes (every criterion given must hold; default: every Go process)"
     )
-    g.add_argument("--pid", type=int, nargs="+", action="extend", metavar="PID", help="these PIDs")
+    g.add_argument(
+        "--pid", type=cliargs.pid, nargs="+", action="extend", metavar="PID", help="these PIDs"
+    )
     g.add_argument(
         "--exe",
         nargs="+",
@@ -625,7 +636,9 @@ def _agent_args(p: argparse.ArgumentParser, *, metrics_default: str, health_defa
         help="processes of these Kubernetes pods (UID from the kubepods cgroup path)",
     )
     g = p.add_argument_group("what to measure")
-    g.add_argument("--interval", type=float, default=5.0, help="seconds between snapshots (5)")
+    g.add_argument(
+        "--interval", type=cliargs.seconds, default=5.0, help="seconds between snapshots (5)"
+    )
     g.add_argument(
         "--func",
         nargs="+",
@@ -639,14 +652,14 @@ def _agent_args(p: argparse.ArgumentParser, *, metrics_default: str, health_defa
     )
     g.add_argument(
         "--orphan-min-age",
-        type=float,
+        type=cliargs.seconds_or_zero,
         default=DEFAULT_ORPHAN_MIN_AGE_S,
         metavar="S",
         help=f"an orphan is at least S seconds old (default {DEFAULT_ORPHAN_MIN_AGE_S:g})",
     )
     g.add_argument(
         "--budget",
-        type=float,
+        type=cliargs.budget,
         default=0.01,
         help="max share of one core the probes may cost each process (default 0.01 = 1%%)",
     )
@@ -782,6 +795,9 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 
 def _read_policy(path: str) -> str:
+    if path == "-" and sys.stdin.isatty():
+        # Reading a terminal would wait for a policy typed by hand: say what is missing.
+        raise GoleashError("give a policy YAML file (or - with the policy piped on stdin)")
     try:
         return sys.stdin.read() if path == "-" else open(path).read()
     except OSError as exc:
@@ -878,7 +894,12 @@ def _add_policy_commands(sub: Any) -> None:
     p.add_argument("action", choices=("pause", "degrade", "recover", "clear"))
     p.add_argument("--rule", help="the rule (pause; degrade/recover: only this rule)")
     p.add_argument("--level", help="degrade: the level, e.g. L2 (default the highest)")
-    p.add_argument("--duration", type=float, default=0.0, help="seconds (default: until cleared)")
+    p.add_argument(
+        "--duration",
+        type=cliargs.seconds_or_zero,
+        default=0.0,
+        help="seconds (default: until cleared)",
+    )
     p.add_argument("--reason", help="why, for the event log")
     _server_args(p)
     p.set_defaults(handler=cmd_override)
@@ -901,7 +922,7 @@ def _add_policy_commands(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cliargs.OneLineParser(
         prog="goleash",
         description=(
             "Watch Go services from the outside: goroutine lifetimes, leaks and function "
@@ -934,7 +955,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Symbolize program counters (link-time addresses) with the binary's pclntab.",
     )
     p.add_argument("path", help="Go executable")
-    p.add_argument("pcs", nargs="+", metavar="PC", help="addresses, e.g. 0x4a1b2c")
+    p.add_argument(
+        "pcs", nargs="+", type=cliargs.address, metavar="PC", help="addresses, e.g. 0x4a1b2c"
+    )
     p.add_argument("--json", action="store_true", help="a JSON list on stdout")
     p.set_defaults(handler=cmd_symbolize)
 
@@ -957,7 +980,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--pid", type=int, help="process to read (on this host, unless --server/--service)"
+        "--pid", type=cliargs.pid, help="process to read (on this host, unless --server/--service)"
     )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--service", help="from the control plane: goroutines of this service")
@@ -987,15 +1010,19 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--pid", type=int, required=True, help="process to trace")
-    p.add_argument("--duration", type=float, help="stop after S seconds (default: until Ctrl-C)")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between summaries")
+    p.add_argument("--pid", type=cliargs.pid, required=True, help="process to trace")
+    p.add_argument(
+        "--duration", type=cliargs.seconds, help="stop after S seconds (default: until Ctrl-C)"
+    )
+    p.add_argument(
+        "--interval", type=cliargs.seconds, default=2.0, help="seconds between summaries"
+    )
     p.add_argument(
         "--stacks", action="store_true", help="also record each creator's stack (one more hit)"
     )
     p.add_argument(
         "--budget",
-        type=float,
+        type=cliargs.budget,
         default=0.01,
         help="max share of one core the probes may cost the process (default 0.01 = 1%%)",
     )
@@ -1030,7 +1057,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--pid", type=int, help="process to trace (without it: ask the control plane)")
+    p.add_argument(
+        "--pid", type=cliargs.pid, help="process to trace (without it: ask the control plane)"
+    )
     p.add_argument(
         "--func",
         nargs="+",
@@ -1040,14 +1069,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--service", help="from the control plane: this service only")
     p.add_argument(
-        "--window", type=float, default=60.0, help="from the control plane: seconds (default 60)"
+        "--window",
+        type=cliargs.seconds,
+        default=60.0,
+        help="from the control plane: seconds (default 60)",
     )
     _server_args(p)
-    p.add_argument("--duration", type=float, help="stop after S seconds (default: until Ctrl-C)")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds per sampling interval")
+    p.add_argument(
+        "--duration", type=cliargs.seconds, help="stop after S seconds (default: until Ctrl-C)"
+    )
+    p.add_argument(
+        "--interval", type=cliargs.seconds, default=1.0, help="seconds per sampling interval"
+    )
     p.add_argument(
         "--budget",
-        type=float,
+        type=cliargs.budget,
         default=0.01,
         help="max share of one core the probes may cost the process (default 0.01 = 1%%)",
     )
@@ -1065,8 +1101,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  goleash panics --pid 4242 --duration 60 --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--pid", type=int, required=True, help="process to watch")
-    p.add_argument("--duration", type=float, help="stop after S seconds (default: until Ctrl-C)")
+    p.add_argument("--pid", type=cliargs.pid, required=True, help="process to watch")
+    p.add_argument(
+        "--duration", type=cliargs.seconds, help="stop after S seconds (default: until Ctrl-C)"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(handler=cmd_panics)
 
@@ -1077,6 +1115,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_ONE_TARGET_COMMANDS = frozenset({"inspect", "symbolize", "trace", "latency", "panics", "dump"})
+
+
+def _printable(text: str) -> str:
+    """A message for a terminal: control characters that can come from a binary's or
+    a process's strings (escape sequences, carriage returns) shown escaped."""
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1084,12 +1131,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except GoleashError as exc:
-        print(f"goleash {args.command}: {exc}", file=sys.stderr)
+        print(f"goleash {args.command}: {_printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as exc:
+        # Commands that read one process or one file meet whatever it holds: a failure
+        # there is a message and exit 2, not a traceback (GOLEASH_DEBUG=1 shows it).
+        if args.command not in _ONE_TARGET_COMMANDS or os.environ.get("GOLEASH_DEBUG"):
+            raise
+        print(
+            f"goleash {args.command}: failed: {type(exc).__name__}: {_printable(str(exc))} "
+            "(set GOLEASH_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

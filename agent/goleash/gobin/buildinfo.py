@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 
 from goleash.gobin.binary import GoBinary
-from goleash.gobin.errors import BinaryError, NotGoError, UnsupportedGoVersionError
+from goleash.gobin.errors import BinaryError, NotGoError, UnsupportedGoVersionError, parse_guard
 
 MAGIC = b"\xff Go buildinf:"
 _ALIGN = 16
@@ -83,6 +83,7 @@ def check_supported(info: BuildInfo) -> None:
         )
 
 
+@parse_guard
 def read_build_info(binary: GoBinary) -> BuildInfo:
     """Build info of a Go binary; NotGoError when it has none."""
     addr = _find_blob(binary)
