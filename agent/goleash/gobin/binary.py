@@ -102,7 +102,19 @@ class GoBinary:
         # (e_shoff past the end, absurd counts) must not surface elsewhere.
         if self.elf.num_sections() > 4096 or self.elf.num_segments() > 1024:
             raise NotELFError(f"{self.path}: damaged ELF file (implausible header counts)")
-        _ = self.sections, self.segments
+        size = len(self.data)  # type: ignore[arg-type]
+        for s in self.elf.iter_sections():
+            if s["sh_type"] != "SHT_NOBITS" and s["sh_offset"] + s["sh_size"] > size:
+                raise NotELFError(
+                    f"{self.path}: truncated or damaged ELF file (section {s.name or '?'} "
+                    f"ends at {s['sh_offset'] + s['sh_size']}, past the file's {size} bytes)"
+                )
+        for seg in self.segments:
+            if seg.offset + seg.filesz > size:
+                raise NotELFError(
+                    f"{self.path}: truncated or damaged ELF file (a segment ends at "
+                    f"{seg.offset + seg.filesz}, past the file's {size} bytes)"
+                )
 
     @property
     def held_path(self) -> str:
