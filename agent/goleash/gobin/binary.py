@@ -17,7 +17,13 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.constants import P_FLAGS
 from elftools.elf.elffile import ELFFile
 
-from goleash.gobin.errors import BinaryError, NotELFError, NotGoError, parse_guard
+from goleash.gobin.errors import (
+    BinaryError,
+    DamagedBinaryError,
+    NotELFError,
+    NotGoError,
+    parse_guard,
+)
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,7 @@ class GoBinary:
         try:
             self.elf = ELFFile(self.data)  # type: ignore[arg-type]
         except ELFError as exc:
-            raise NotELFError(f"{self.path}: damaged ELF file ({exc})") from None
+            raise DamagedBinaryError(f"{self.path}: damaged ELF file ({exc})") from None
         if self.elf.get_machine_arch() != "x64":
             raise BinaryError(
                 f"{self.path}: {self.elf.get_machine_arch()} binary; goleash supports x86-64 only"
@@ -101,17 +107,17 @@ class GoBinary:
         # Read every header now, inside the guard: later reads of a damaged table
         # (e_shoff past the end, absurd counts) must not surface elsewhere.
         if self.elf.num_sections() > 4096 or self.elf.num_segments() > 1024:
-            raise NotELFError(f"{self.path}: damaged ELF file (implausible header counts)")
+            raise DamagedBinaryError(f"{self.path}: damaged ELF file (implausible header counts)")
         size = len(self.data)  # type: ignore[arg-type]
         for s in self.elf.iter_sections():
             if s["sh_type"] != "SHT_NOBITS" and s["sh_offset"] + s["sh_size"] > size:
-                raise NotELFError(
+                raise DamagedBinaryError(
                     f"{self.path}: truncated or damaged ELF file (section {s.name or '?'} "
                     f"ends at {s['sh_offset'] + s['sh_size']}, past the file's {size} bytes)"
                 )
         for seg in self.segments:
             if seg.offset + seg.filesz > size:
-                raise NotELFError(
+                raise DamagedBinaryError(
                     f"{self.path}: truncated or damaged ELF file (a segment ends at "
                     f"{seg.offset + seg.filesz}, past the file's {size} bytes)"
                 )

@@ -22,6 +22,11 @@ class NotGoError(BinaryError):
     """An ELF file without Go's build info or pclntab."""
 
 
+class DamagedBinaryError(NotGoError):
+    """An ELF file whose structures contradict themselves or the file's size: the
+    kernel may still run it (it reads only the program headers), goleash does not."""
+
+
 class UnsupportedGoVersionError(BinaryError):
     """Go older than the register ABI (1.17), or not understood."""
 
@@ -53,7 +58,9 @@ def damaged(where: object, exc: BaseException) -> BinaryError:
     detail = str(exc) or type(exc).__name__
     if len(detail) > 200:
         detail = detail[:200] + "..."
-    return NotGoError(f"{where}: damaged or unreadable binary ({type(exc).__name__}: {detail})")
+    return DamagedBinaryError(
+        f"{where}: damaged or unreadable binary ({type(exc).__name__}: {detail})"
+    )
 
 
 def parse_guard(fn: Callable[_P, _R]) -> Callable[_P, _R]:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from goleash.gobin.binary import GoBinary
 from goleash.gobin.buildinfo import read_build_info
-from goleash.gobin.errors import BinaryError
+from goleash.gobin.errors import BinaryError, DamagedBinaryError
 
 # --- Kubernetes placement ---------------------------------------------------------
 
@@ -357,6 +357,12 @@ class Discovery:
             return found, key
         try:
             binary = GoBinary(f"{self.proc_root}/{pid}/exe")
+        except DamagedBinaryError as exc:
+            # The kernel runs files goleash refuses (a section table past the end):
+            # counted once per file version, never parsed again.
+            self._report("judge", pid, exc)
+            self._remember(key, GoCheck(None))
+            return GoCheck(None), key
         except BinaryError:
             return GoCheck(None), key  # gone, or not a regular ELF file: judged again later
         try:
@@ -366,11 +372,11 @@ class Discovery:
                 try:
                     info = read_build_info(binary)
                     found = GoCheck(info.go_version, info.main_module)
-                except BinaryError:
+                except BinaryError as exc:
                     found = GoCheck(None)
-                if len(self._verdicts) >= MAX_VERDICTS:
-                    self._verdicts.pop(next(iter(self._verdicts)))  # oldest first
-                self._verdicts[key] = found
+                    if isinstance(exc, DamagedBinaryError):
+                        self._report("judge", pid, exc)  # once per file version
+                self._remember(key, found)
         finally:
             binary.close()
         return found, key
@@ -475,19 +481,28 @@ class Discovery:
             appeared.append(c)
         return ScanResult(appeared, vanished)
 
+    def _remember(self, key: tuple[int, int, int, int], verdict: GoCheck) -> None:
+        if len(self._verdicts) >= MAX_VERDICTS:
+            self._verdicts.pop(next(iter(self._verdicts)))  # oldest first
+        self._verdicts[key] = verdict
+
+    def _report(self, stage: str, pid: int, exc: BaseException) -> None:
+        if self.on_error is None:
+            return
+        try:
+            exe = os.readlink(f"{self.proc_root}/{pid}/exe")
+        except OSError:
+            exe = "?"
+        st = _stat_fields(pid, self.proc_root)
+        self.on_error(pid, exe, exc, (pid, st[1] if st else 0))
+
     def _judge_failed(self, pid: int, exc: BaseException) -> None:
         """Judged again at the next scans, up to JUDGE_ATTEMPTS times; then not until
         its executable changes (_seen keeps the version that failed)."""
         n = self._judge_failures[pid] = self._judge_failures.get(pid, 0) + 1
         if n < JUDGE_ATTEMPTS:
             self._seen.pop(pid, None)
-        if self.on_error is not None:
-            try:
-                exe = os.readlink(f"{self.proc_root}/{pid}/exe")
-            except OSError:
-                exe = "?"
-            st = _stat_fields(pid, self.proc_root)
-            self.on_error(pid, exe, exc, (pid, st[1] if st else 0))
+        self._report("judge", pid, exc)
 
     def forget(self, pid: int, *, retry: bool = False) -> None:
         """Stop following PID. With retry, the next scan judges it afresh (a transient
