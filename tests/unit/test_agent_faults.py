@@ -280,3 +280,13 @@ def test_one_process_commands_on_a_non_go_pid_exit_2_without_traceback(
     assert main([*command, "--pid", str(SELF)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"goleash {command[0]}: PID {SELF}") and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("server", ["not an address", "127.0.0.1:99999", "host:port:x", ":7070"])
+def test_an_impossible_control_plane_address_stops_the_agent_at_start(
+    server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = main(["agent", "--server", server, "--pid", "999999", "--health-listen", "off"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("goleash agent: --server") and err.count("\n") == 1, err

@@ -171,6 +171,19 @@ def _own_usage() -> tuple[float, int]:
     return ru.ru_utime + ru.ru_stime, rss_pages * os.sysconf("SC_PAGE_SIZE")
 
 
+def check_server_address(server: str) -> None:
+    """A whole-agent fault, refused at start (exit 2): a control-plane address that
+    can never work. gRPC target schemes (dns:///, unix:) are left to gRPC."""
+    if "://" in server or server.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
+        return
+    host, sep, port = server.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or any(c.isspace() for c in server) or not port.isdigit():
+        raise GoleashError(f"--server {server!r}: not HOST:PORT (e.g. goleash:7070)")
+    if not 0 < int(port) < 65536:
+        raise GoleashError(f"--server {server!r}: port {port} is not in 1-65535")
+
+
 # --- one followed process ----------------------------------------------------------------
 
 
@@ -232,8 +245,9 @@ def _runs_still(f: Followed) -> bool:
 
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
-        if config.interval <= 0:
-            raise GoleashError("--interval must be positive")
+        if not (0 < config.interval < float("inf")):
+            raise GoleashError("--interval must be a positive number of seconds")
+        check_server_address(config.server)
         self.cfg = config
         self.identity = agent_identity(config)
         self.discovery = Discovery(
