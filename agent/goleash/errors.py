@@ -23,4 +23,6 @@ class StageFailure(Exception):
 def printable(text: str) -> str:
     """Text from another process or a binary, safe for a terminal or a log line:
     control characters (escape sequences, carriage returns, newlines) escaped."""
+    if text.isprintable():
+        return text  # the common case, without a loop in Python
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

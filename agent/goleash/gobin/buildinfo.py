@@ -23,6 +23,7 @@ import ast
 import re
 from dataclasses import dataclass, field
 
+from goleash.errors import printable
 from goleash.gobin.binary import GoBinary
 from goleash.gobin.errors import BinaryError, NotGoError, UnsupportedGoVersionError, parse_guard
 
@@ -107,7 +108,7 @@ def read_build_info(binary: GoBinary) -> BuildInfo:
     mod = mod[16:-16] if len(mod) >= 33 and mod[-17] == "\n" else ""
     main_module, settings = _parse_modinfo(mod)
     return BuildInfo(
-        vers,
+        printable(vers[:200]),
         parse_go_version(vers),
         main_module,
         settings,
@@ -166,11 +167,11 @@ def _parse_modinfo(mod: str) -> tuple[str | None, dict[str, str]]:
     settings: dict[str, str] = {}
     for line in mod.split("\n"):
         if line.startswith("mod\t"):
-            main_module = line.split("\t")[1] or None
+            main_module = printable(line.split("\t")[1]) or None
         elif line.startswith("build\t"):
             key, value = _split_setting(line[len("build\t") :])
-            if key:
-                settings[key] = value
+            if key:  # shown to people: no control characters
+                settings[printable(key)] = printable(value)
     return main_module, settings
 
 

@@ -31,6 +31,7 @@ import weakref
 from dataclasses import dataclass
 from functools import cached_property
 
+from goleash.errors import printable
 from goleash.gobin.binary import GoBinary
 from goleash.gobin.errors import BinaryError, NotGoError, UnsupportedGoVersionError, parse_guard
 
@@ -247,7 +248,8 @@ class Pclntab:
 
     def _cstring(self, off: int) -> str:
         end = self._buf.index(b"\0", off)
-        return self._buf[off:end].decode("utf-8", "replace")
+        # Names end up on terminals, in logs and label values: no control characters.
+        return printable(self._buf[off:end].decode("utf-8", "replace"))
 
     def _pcvalue(self, off: int, entry: int, target: int) -> int:
         # A pc-value table is a sequence of (value delta zig-zag varint, pc delta

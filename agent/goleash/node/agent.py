@@ -389,7 +389,7 @@ class Agent:
     def _untraceable(self, c: Candidate, exc: BaseException) -> None:
         kind = _untraceable_kind(exc)
         if c.key not in self.untraceable:
-            log.warning("not tracing PID %d (%s): %s", c.pid, c.exe, exc)
+            log.warning("not tracing PID %d (%s): %s", c.pid, printable(c.exe), exc)
         self.untraceable[c.key] = kind
         self._failures.pop(c.key, None)
         self._untraceable_counts = dict(Counter(self.untraceable.values()))
@@ -500,7 +500,7 @@ class Agent:
         log.info(
             "following PID %d %s (%s, service %s): %s",
             c.pid,
-            c.exe,
+            printable(c.exe),
             c.go_version,
             service,
             tracker.mode if tracker.mode == "probes" else tracker.mode_reason,

@@ -28,6 +28,7 @@ import time
 import weakref
 from dataclasses import dataclass
 
+from goleash.errors import printable
 from goleash.gobin.binary import GoBinary
 from goleash.gobin.disasm import Instruction, disassemble
 from goleash.gobin.errors import BinaryError, ProcessError, SymbolNotFoundError
@@ -248,7 +249,7 @@ def _read_go_string(binary: GoBinary, header: bytes) -> str | None:
     if ptr == 0 or n > 256:
         return None
     try:
-        return binary.read(ptr, n).decode("utf-8")
+        return printable(binary.read(ptr, n).decode("utf-8"))
     except (BinaryError, UnicodeDecodeError):
         return None
 

@@ -44,7 +44,7 @@ class GoProcess:
         check_pid(pid)
         exe = exe_path(pid)
         try:
-            exe_name = os.readlink(exe)
+            exe_name = printable(os.readlink(exe))  # shown to people: no control characters
         except OSError:
             exe_name = exe
         started = start_time(pid)
