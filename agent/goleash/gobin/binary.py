@@ -6,6 +6,7 @@ disassembler all ask it for bytes at a virtual address or for a section.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import stat
@@ -221,6 +222,12 @@ class GoBinary:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def __del__(self) -> None:
+        # A binary dropped without close() must not keep its descriptor open for good.
+        if getattr(self, "fd", -1) >= 0:
+            with contextlib.suppress(Exception):
+                self.close()
 
     def __enter__(self) -> GoBinary:
         return self

@@ -441,6 +441,9 @@ class Agent:
             for r in w.resolutions:
                 log.info("PID %d (%s): timing %s", f.proc.pid, f.service, r.describe())
             w.start()
+            if not f.proc.same_executable():  # exec'd or gone: no probe may stay
+                w.close()
+                return
         except GoleashError as exc:
             log.warning("PID %d (%s): no function latency/panics: %s", f.proc.pid, f.service, exc)
             return
