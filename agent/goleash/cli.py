@@ -11,15 +11,98 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
-from goleash import __version__, cliargs
+from goleash import __version__
 from goleash.errors import GoleashError
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+# --- argument types ------------------------------------------------------------
+# Every subcommand shares these: nonsense is refused while the command line is parsed
+# (one line, exit 2), before any work. float("nan"), float("inf") and "1e400" all
+# parse as floats; a duration, interval or budget that is not a finite positive number
+# would only fail later, and less clearly (a loop that never sleeps, a wait that never
+# ends).
+
+MAX_SECONDS = 366 * 24 * 3600.0  # a year: longer is a typo, and overflows some waits
+MAX_PID = 1 << 22  # Linux's PID_MAX_LIMIT
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def arg_seconds(text: str) -> float:
+    """A duration or interval: a finite number of seconds, more than zero."""
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 seconds")
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text!r}: more than a year of seconds")
+    return value
+
+
+def arg_seconds_or_zero(text: str) -> float:
+    """Seconds where 0 has a meaning of its own (e.g. "no minimum", "until cleared")."""
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must not be negative")
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text!r}: more than a year of seconds")
+    return value
+
+
+def arg_budget(text: str) -> float:
+    """A share of one CPU core: more than 0, at most 1 (0.01 is 1%)."""
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a share of one core, more than 0 and at most 1 (0.01 = 1%)"
+        )
+    return value
+
+
+def arg_pid(text: str) -> int:
+    """A process id: a positive integer within Linux's range."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a process id") from None
+    if not 0 < value <= MAX_PID:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a process id")
+    return value
+
+
+def arg_address(text: str) -> int:
+    """A code address: hex with 0x, or decimal; 64 bits at most."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an address (e.g. 0x4a1b2c)") from None
+    if not 0 <= value < 1 << 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a 64-bit address")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Refuses a bad command line with one line on stderr (and exit 2), not the usage
+    block: the line names the argument and why; --help shows the rest."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
 
 
 def print_json(obj: Any) -> None:
@@ -31,7 +114,7 @@ def _target_args(p: argparse.ArgumentParser, *, path: bool) -> None:
     """PATH or --pid PID: the binary on disk, or the one a running process executes."""
     if path:
         p.add_argument("path", nargs="?", help="Go executable to read")
-    p.add_argument("--pid", type=cliargs.pid, help="read the executable of this running process")
+    p.add_argument("--pid", type=arg_pid, help="read the executable of this running process")
 
 
 # --- inspect -----------------------------------------------------------------
@@ -396,7 +479,7 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-cert", help="client certificate for mTLS")
     g.add_argument("--tls-key", help="client key for mTLS")
     g.add_argument(
-        "--timeout", type=cliargs.seconds, default=10.0, help="seconds per call (default 10)"
+        "--timeout", type=arg_seconds, default=10.0, help="seconds per call (default 10)"
     )
 
 
@@ -455,9 +538,7 @@ def _add_control_commands(sub: Any) -> None:
     )
     p.add_argument("--service", help="only this service")
     p.add_argument("--all", action="store_true", help="also processes that exited recently")
-    p.add_argument(
-        "--window", type=cliargs.seconds, default=60.0, help="seconds for created/exited"
-    )
+    p.add_argument("--window", type=arg_seconds, default=60.0, help="seconds for created/exited")
     p.add_argument("--json", action="store_true", help="a JSON list on stdout")
     _server_args(p)
     p.set_defaults(handler=cmd_ps)
@@ -473,10 +554,8 @@ def _add_control_commands(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--service", help="only this service")
-    p.add_argument("--interval", type=cliargs.seconds, default=2.0, help="seconds between frames")
-    p.add_argument(
-        "--window", type=cliargs.seconds, default=60.0, help="seconds for rates and growth"
-    )
+    p.add_argument("--interval", type=arg_seconds, default=2.0, help="seconds between frames")
+    p.add_argument("--window", type=arg_seconds, default=60.0, help="seconds for rates and growth")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
     p.add_argument(
         "--limit",
@@ -500,9 +579,9 @@ def _add_control_commands(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--service", help="only this service")
-    p.add_argument("--pid", type=cliargs.pid, help="only this process")
+    p.add_argument("--pid", type=arg_pid, help="only this process")
     p.add_argument(
-        "--min-age", type=cliargs.seconds_or_zero, default=0.0, help="only groups at least S old"
+        "--min-age", type=arg_seconds_or_zero, default=0.0, help="only groups at least S old"
     )
     p.add_argument("--fail-if-any", action="store_true", help="exit 1 when there are orphans")
     p.add_argument(
@@ -529,7 +608,7 @@ def _add_control_commands(sub: Any) -> None:
     p.add_argument("--follow", "-f", action="store_true", help="stream new events until Ctrl-C")
     p.add_argument("--kind", action="append", help="only this kind, e.g. process_appeared")
     p.add_argument("--service", help="only this service")
-    p.add_argument("--pid", type=cliargs.pid, help="only this process")
+    p.add_argument("--pid", type=arg_pid, help="only this process")
     p.add_argument("--limit", type=int, default=50, help="how many of the latest (default 50)")
     p.add_argument("--after-id", type=int, default=0, help="events after this id (resume)")
     p.add_argument("--json", action="store_true", help="JSON (a list; one object a line with -f)")
@@ -612,7 +691,7 @@ def _agent_args(p: argparse.ArgumentParser, *, metrics_default: str, health_defa
         "which processes (every criterion given must hold; default: every Go process)"
     )
     g.add_argument(
-        "--pid", type=cliargs.pid, nargs="+", action="extend", metavar="PID", help="these PIDs"
+        "--pid", type=arg_pid, nargs="+", action="extend", metavar="PID", help="these PIDs"
     )
     g.add_argument(
         "--exe",
@@ -637,7 +716,7 @@ def _agent_args(p: argparse.ArgumentParser, *, metrics_default: str, health_defa
     )
     g = p.add_argument_group("what to measure")
     g.add_argument(
-        "--interval", type=cliargs.seconds, default=5.0, help="seconds between snapshots (5)"
+        "--interval", type=arg_seconds, default=5.0, help="seconds between snapshots (5)"
     )
     g.add_argument(
         "--func",
@@ -652,14 +731,14 @@ def _agent_args(p: argparse.ArgumentParser, *, metrics_default: str, health_defa
     )
     g.add_argument(
         "--orphan-min-age",
-        type=cliargs.seconds_or_zero,
+        type=arg_seconds_or_zero,
         default=DEFAULT_ORPHAN_MIN_AGE_S,
         metavar="S",
         help=f"an orphan is at least S seconds old (default {DEFAULT_ORPHAN_MIN_AGE_S:g})",
     )
     g.add_argument(
         "--budget",
-        type=cliargs.budget,
+        type=arg_budget,
         default=0.01,
         help="max share of one core the probes may cost each process (default 0.01 = 1%%)",
     )
@@ -896,7 +975,7 @@ def _add_policy_commands(sub: Any) -> None:
     p.add_argument("--level", help="degrade: the level, e.g. L2 (default the highest)")
     p.add_argument(
         "--duration",
-        type=cliargs.seconds_or_zero,
+        type=arg_seconds_or_zero,
         default=0.0,
         help="seconds (default: until cleared)",
     )
@@ -922,7 +1001,7 @@ def _add_policy_commands(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cliargs.OneLineParser(
+    parser = OneLineParser(
         prog="goleash",
         description=(
             "Watch Go services from the outside: goroutine lifetimes, leaks and function "
@@ -956,7 +1035,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("path", help="Go executable")
     p.add_argument(
-        "pcs", nargs="+", type=cliargs.address, metavar="PC", help="addresses, e.g. 0x4a1b2c"
+        "pcs", nargs="+", type=arg_address, metavar="PC", help="addresses, e.g. 0x4a1b2c"
     )
     p.add_argument("--json", action="store_true", help="a JSON list on stdout")
     p.set_defaults(handler=cmd_symbolize)
@@ -980,7 +1059,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--pid", type=cliargs.pid, help="process to read (on this host, unless --server/--service)"
+        "--pid", type=arg_pid, help="process to read (on this host, unless --server/--service)"
     )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--service", help="from the control plane: goroutines of this service")
@@ -1010,19 +1089,17 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--pid", type=cliargs.pid, required=True, help="process to trace")
+    p.add_argument("--pid", type=arg_pid, required=True, help="process to trace")
     p.add_argument(
-        "--duration", type=cliargs.seconds, help="stop after S seconds (default: until Ctrl-C)"
+        "--duration", type=arg_seconds, help="stop after S seconds (default: until Ctrl-C)"
     )
-    p.add_argument(
-        "--interval", type=cliargs.seconds, default=2.0, help="seconds between summaries"
-    )
+    p.add_argument("--interval", type=arg_seconds, default=2.0, help="seconds between summaries")
     p.add_argument(
         "--stacks", action="store_true", help="also record each creator's stack (one more hit)"
     )
     p.add_argument(
         "--budget",
-        type=cliargs.budget,
+        type=arg_budget,
         default=0.01,
         help="max share of one core the probes may cost the process (default 0.01 = 1%%)",
     )
@@ -1058,7 +1135,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--pid", type=cliargs.pid, help="process to trace (without it: ask the control plane)"
+        "--pid", type=arg_pid, help="process to trace (without it: ask the control plane)"
     )
     p.add_argument(
         "--func",
@@ -1070,20 +1147,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service", help="from the control plane: this service only")
     p.add_argument(
         "--window",
-        type=cliargs.seconds,
+        type=arg_seconds,
         default=60.0,
         help="from the control plane: seconds (default 60)",
     )
     _server_args(p)
     p.add_argument(
-        "--duration", type=cliargs.seconds, help="stop after S seconds (default: until Ctrl-C)"
+        "--duration", type=arg_seconds, help="stop after S seconds (default: until Ctrl-C)"
     )
     p.add_argument(
-        "--interval", type=cliargs.seconds, default=1.0, help="seconds per sampling interval"
+        "--interval", type=arg_seconds, default=1.0, help="seconds per sampling interval"
     )
     p.add_argument(
         "--budget",
-        type=cliargs.budget,
+        type=arg_budget,
         default=0.01,
         help="max share of one core the probes may cost the process (default 0.01 = 1%%)",
     )
@@ -1101,9 +1178,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  goleash panics --pid 4242 --duration 60 --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--pid", type=cliargs.pid, required=True, help="process to watch")
+    p.add_argument("--pid", type=arg_pid, required=True, help="process to watch")
     p.add_argument(
-        "--duration", type=cliargs.seconds, help="stop after S seconds (default: until Ctrl-C)"
+        "--duration", type=arg_seconds, help="stop after S seconds (default: until Ctrl-C)"
     )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(handler=cmd_panics)
