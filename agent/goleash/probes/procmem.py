@@ -100,10 +100,10 @@ class ProcessMemory:
     def __init__(self, pid: int, *, use_process_vm_readv: bool = True) -> None:
         """use_process_vm_readv=False reads through /proc/PID/mem only (the fallback,
         chosen by itself when the system call is filtered)."""
+        self._mem_fd: int | None = None  # first: close() and __del__ run after any failure
         check_pid(pid)
         self.pid = pid
         self._use_readv = use_process_vm_readv and _process_vm_readv is not None
-        self._mem_fd: int | None = None
         # Fail now, not at the first read, when we may not read this process at all.
         self._check_permission()
 
