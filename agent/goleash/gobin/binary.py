@@ -52,8 +52,8 @@ class GoBinary:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         """Open `path` once: everything after (the cache key, every byte parsed) comes
         from that one open file, so an exec or a replaced file between two reads can
-        never mix two executables. The descriptor stays open until close(): probes
-        can be placed in exactly this inode (`held_path`)."""
+        never mix two executables. `key` names that inode: a process is checked against
+        it after its probes are placed (GoProcess.same_executable)."""
         self.path = Path(path)
         try:
             # O_NONBLOCK: a FIFO named like an executable must not hang the caller.
@@ -122,11 +122,6 @@ class GoBinary:
                     f"{self.path}: truncated or damaged ELF file (a segment ends at "
                     f"{seg.offset + seg.filesz}, past the file's {size} bytes)"
                 )
-
-    @property
-    def held_path(self) -> str:
-        """A path to the very inode this object read (while it is open)."""
-        return f"/proc/self/fd/{self.fd}"
 
     # --- layout ---------------------------------------------------------------
 
