@@ -417,6 +417,10 @@ class Agent:
                 if tracker is not None:
                     tracker.close()
                 why = f"uprobes could not be placed: {exc}"
+            except BaseException:
+                if tracker is not None:
+                    tracker.close()  # a compiled BPF program must not outlive a failure
+                raise
         else:
             why = f"BPF unavailable on this host: {self.bpf_problem}"
         tracker = ProcessTracker(proc, use_probes=False, **kw)  # type: ignore[arg-type]
