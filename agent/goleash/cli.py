@@ -18,15 +18,89 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from goleash import __version__
 from goleash.errors import GoleashError
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+# --- argument types ------------------------------------------------------------
+# Every subcommand shares these: nonsense is refused while the command line is parsed
+# (one line, exit 2), before any work. float("nan"), float("inf") and "1e400" all
+# parse as floats; a duration, interval or budget that is not a finite positive number
+# would only fail later, and less clearly (a loop that never sleeps, a wait that never
+# ends).
+
+MAX_SECONDS = 366 * 24 * 3600.0  # a year: longer is a typo, and overflows some waits
+MAX_PID = 1 << 22  # Linux's PID_MAX_LIMIT
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def arg_seconds(text: str) -> float:
+    """A duration or interval: a finite number of seconds, more than zero."""
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 seconds")
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text!r}: more than a year of seconds")
+    return value
+
+
+def arg_seconds_or_zero(text: str) -> float:
+    """Seconds where 0 has a meaning of its own (e.g. "no minimum", "until cleared")."""
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must not be negative")
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text!r}: more than a year of seconds")
+    return value
+
+
+def arg_pid(text: str) -> int:
+    """A process id: a positive integer within Linux's range."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a process id") from None
+    if not 0 < value <= MAX_PID:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a process id")
+    return value
+
+
+def arg_address(text: str) -> int:
+    """A code address: hex with 0x, or decimal; 64 bits at most."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an address (e.g. 0x4a1b2c)") from None
+    if not 0 <= value < 1 << 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a 64-bit address")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Refuses a bad command line with one line on stderr (and exit 2), not the usage
+    block: the line names the argument and why; --help shows the rest."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
 
 
 def print_json(obj: Any) -> None:
@@ -42,7 +116,7 @@ BUDGET_HELP = (
 
 def budget_arg(text: str) -> float:
     """--budget: a share of one core >= 0, or 'none' (no limit)."""
-    if text.strip().lower() in ("none", "unlimited", "inf"):
+    if text.strip().lower() == "none":
         return float("inf")
     try:
         v = float(text)
@@ -59,7 +133,7 @@ def _target_args(p: argparse.ArgumentParser, *, path: bool) -> None:
     """PATH or --pid PID: the binary on disk, or the one a running process executes."""
     if path:
         p.add_argument("path", nargs="?", help="Go executable to read")
-    p.add_argument("--pid", type=int, help="read the executable of this running process")
+    p.add_argument("--pid", type=arg_pid, help="read the executable of this running process")
 
 
 # --- inspect -----------------------------------------------------------------
@@ -86,7 +160,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_symbolize(args: argparse.Namespace) -> int:
     from goleash.gobin.report import symbolize
 
-    rows = symbolize(args.path, [int(pc, 0) for pc in args.pcs])
+    rows = symbolize(args.path, args.pcs)
     if args.json:
         print_json([r.to_dict() for r in rows])
     else:
@@ -531,7 +605,9 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-ca", help="CA bundle to verify the server with (turns TLS on)")
     g.add_argument("--tls-cert", help="client certificate for mTLS")
     g.add_argument("--tls-key", help="client key for mTLS")
-    g.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
+    g.add_argument(
+        "--timeout", type=arg_seconds, default=10.0, help="seconds per call (default 10)"
+    )
 
 
 def _global_args(p: argparse.ArgumentParser) -> dict[str, Any]:
@@ -666,7 +742,7 @@ def _add_control_commands(sub: Any) -> None:
     )
     p.add_argument("--service", help="only this service")
     p.add_argument("--all", action="store_true", help="also processes that exited recently")
-    p.add_argument("--window", type=float, default=60.0, help="seconds for created/exited")
+    p.add_argument("--window", type=arg_seconds, default=60.0, help="seconds for created/exited")
     p.add_argument("--json", action="store_true", help="a JSON list on stdout")
     _server_args(p)
     p.set_defaults(handler=cmd_ps)
@@ -683,8 +759,8 @@ def _add_control_commands(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--service", help="only this service")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between frames")
-    p.add_argument("--window", type=float, default=60.0, help="seconds for rates and growth")
+    p.add_argument("--interval", type=arg_seconds, default=2.0, help="seconds between frames")
+    p.add_argument("--window", type=arg_seconds, default=60.0, help="seconds for rates and growth")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
     p.add_argument(
         "-n",
@@ -717,8 +793,10 @@ def _add_control_commands(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--service", help="only this service")
-    p.add_argument("--pid", type=int, help="only this process")
-    p.add_argument("--min-age", type=float, default=0.0, help="only groups at least S old")
+    p.add_argument("--pid", type=arg_pid, help="only this process")
+    p.add_argument(
+        "--min-age", type=arg_seconds_or_zero, default=0.0, help="only groups at least S old"
+    )
     p.add_argument("--fail-if-any", action="store_true", help="exit 1 when there are orphans")
     p.add_argument(
         "--json",
@@ -744,7 +822,7 @@ def _add_control_commands(sub: Any) -> None:
     p.add_argument("--follow", "-f", action="store_true", help="stream new events until Ctrl-C")
     p.add_argument("--kind", action="append", help="only this kind, e.g. process_appeared")
     p.add_argument("--service", help="only this service")
-    p.add_argument("--pid", type=int, help="only this process")
+    p.add_argument("--pid", type=arg_pid, help="only this process")
     p.add_argument("--limit", type=int, default=50, help="how many of the latest (default 50)")
     p.add_argument("--after-id", type=int, default=0, help="events after this id (resume)")
     p.add_argument("--json", action="store_true", help="JSON (a list; one object a line with -f)")
@@ -835,7 +913,9 @@ def _agent_args(p: argparse.ArgumentParser, *, metrics_default: str, health_defa
     g = p.add_argument_group(
         "which processes (every criterion given must hold; default: every Go process)"
     )
-    g.add_argument("--pid", type=int, nargs="+", action="extend", metavar="PID", help="these PIDs")
+    g.add_argument(
+        "--pid", type=arg_pid, nargs="+", action="extend", metavar="PID", help="these PIDs"
+    )
     g.add_argument(
         "--exe",
         nargs="+",
@@ -858,7 +938,9 @@ def _agent_args(p: argparse.ArgumentParser, *, metrics_default: str, health_defa
         help="processes of these Kubernetes pods (UID from the kubepods cgroup path)",
     )
     g = p.add_argument_group("what to measure")
-    g.add_argument("--interval", type=float, default=5.0, help="seconds between snapshots (5)")
+    g.add_argument(
+        "--interval", type=arg_seconds, default=5.0, help="seconds between snapshots (5)"
+    )
     g.add_argument(
         "--func",
         nargs="+",
@@ -872,7 +954,7 @@ def _agent_args(p: argparse.ArgumentParser, *, metrics_default: str, health_defa
     )
     g.add_argument(
         "--orphan-min-age",
-        type=float,
+        type=arg_seconds_or_zero,
         default=DEFAULT_ORPHAN_MIN_AGE_S,
         metavar="S",
         help=f"an orphan is at least S seconds old (default {DEFAULT_ORPHAN_MIN_AGE_S:g})",
@@ -1042,6 +1124,9 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 
 def _read_policy(path: str) -> str:
+    if path == "-" and sys.stdin.isatty():
+        # Reading a terminal would wait for a policy typed by hand: say what is missing.
+        raise GoleashError("give a policy YAML file (or - with the policy piped on stdin)")
     try:
         return sys.stdin.read() if path == "-" else open(path).read()
     except OSError as exc:
@@ -1138,7 +1223,12 @@ def _add_policy_commands(sub: Any) -> None:
     p.add_argument("action", choices=("pause", "degrade", "recover", "clear"))
     p.add_argument("--rule", help="the rule (pause; degrade/recover: only this rule)")
     p.add_argument("--level", help="degrade: the level, e.g. L2 (default the highest)")
-    p.add_argument("--duration", type=float, default=0.0, help="seconds (default: until cleared)")
+    p.add_argument(
+        "--duration",
+        type=arg_seconds_or_zero,
+        default=0.0,
+        help="seconds (default: until cleared)",
+    )
     p.add_argument("--reason", help="why, for the event log")
     _server_args(p)
     p.set_defaults(handler=cmd_override)
@@ -1379,7 +1469,7 @@ def _add_record_commands(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="goleash",
         description=(
             "Watch Go services from the outside: goroutine lifetimes, leaks and function "
@@ -1412,7 +1502,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Symbolize program counters (link-time addresses) with the binary's pclntab.",
     )
     p.add_argument("path", help="Go executable")
-    p.add_argument("pcs", nargs="+", metavar="PC", help="addresses, e.g. 0x4a1b2c")
+    p.add_argument(
+        "pcs", nargs="+", type=arg_address, metavar="PC", help="addresses, e.g. 0x4a1b2c"
+    )
     p.add_argument("--json", action="store_true", help="a JSON list on stdout")
     p.set_defaults(handler=cmd_symbolize)
 
@@ -1438,7 +1530,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--pid", type=int, help="process to read (on this host, unless --server/--service)"
+        "--pid", type=arg_pid, help="process to read (on this host, unless --server/--service)"
     )
     p.add_argument(
         "--format",
@@ -1478,9 +1570,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--pid", type=int, required=True, help="process to trace")
-    p.add_argument("--duration", type=float, help="stop after S seconds (default: until Ctrl-C)")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between summaries")
+    p.add_argument("--pid", type=arg_pid, required=True, help="process to trace")
+    p.add_argument(
+        "--duration", type=arg_seconds, help="stop after S seconds (default: until Ctrl-C)"
+    )
+    p.add_argument("--interval", type=arg_seconds, default=2.0, help="seconds between summaries")
     p.add_argument(
         "--stacks", action="store_true", help="also record each creator's stack (one more hit)"
     )
@@ -1524,7 +1618,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--pid", type=int, help="process to trace (without it: ask the control plane)")
+    p.add_argument(
+        "--pid", type=arg_pid, help="process to trace (without it: ask the control plane)"
+    )
     p.add_argument(
         "--func",
         nargs="+",
@@ -1534,11 +1630,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--service", help="from the control plane: this service only")
     p.add_argument(
-        "--window", type=float, default=60.0, help="from the control plane: seconds (default 60)"
+        "--window",
+        type=arg_seconds,
+        default=60.0,
+        help="from the control plane: seconds (default 60)",
     )
     _server_args(p)
-    p.add_argument("--duration", type=float, help="stop after S seconds (default: until Ctrl-C)")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds per sampling interval")
+    p.add_argument(
+        "--duration", type=arg_seconds, help="stop after S seconds (default: until Ctrl-C)"
+    )
+    p.add_argument(
+        "--interval", type=arg_seconds, default=1.0, help="seconds per sampling interval"
+    )
     p.add_argument(
         "--budget",
         type=budget_arg,
@@ -1559,8 +1662,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  goleash panics --pid 4242 --duration 60 --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--pid", type=int, required=True, help="process to watch")
-    p.add_argument("--duration", type=float, help="stop after S seconds (default: until Ctrl-C)")
+    p.add_argument("--pid", type=arg_pid, required=True, help="process to watch")
+    p.add_argument(
+        "--duration", type=arg_seconds, help="stop after S seconds (default: until Ctrl-C)"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(handler=cmd_panics)
 
@@ -1575,6 +1680,15 @@ def build_parser() -> argparse.ArgumentParser:
         _log_args(command)
     parser.set_defaults(commands=sub.choices)
     return parser
+
+
+_ONE_TARGET_COMMANDS = frozenset({"inspect", "symbolize", "trace", "latency", "panics", "dump"})
+
+
+def _printable(text: str) -> str:
+    """A message for a terminal: control characters that can come from a binary's or
+    a process's strings (escape sequences, carriage returns) shown escaped."""
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
 
 
 def _globals_parser() -> tuple[argparse.ArgumentParser, dict[str, Any], frozenset[str]]:
@@ -1683,12 +1797,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except GoleashError as exc:
-        print(f"goleash {args.command}: {exc}", file=sys.stderr)
+        print(f"goleash {args.command}: {_printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as exc:
+        # Commands that read one process or one file meet whatever it holds: a failure
+        # there is a message and exit 2, not a traceback (GOLEASH_DEBUG=1 shows it).
+        if args.command not in _ONE_TARGET_COMMANDS or os.environ.get("GOLEASH_DEBUG"):
+            raise
+        print(
+            f"goleash {args.command}: failed: {type(exc).__name__}: {_printable(str(exc))} "
+            "(set GOLEASH_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ disassembler all ask it for bytes at a virtual address or for a section.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,7 +20,13 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.constants import P_FLAGS
 from elftools.elf.elffile import ELFFile
 
-from goleash.gobin.errors import BinaryError, NotELFError
+from goleash.gobin.errors import (
+    BinaryError,
+    DamagedBinaryError,
+    NotELFError,
+    NotGoError,
+    parse_guard,
+)
 
 
 @dataclass(frozen=True)
@@ -44,40 +52,88 @@ class GoBinary:
     """A Go executable on disk (or behind /proc/PID/exe), read without running it."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        """Open `path` once: everything after (the cache key, every byte parsed) comes
+        from that one open file, so an exec or a replaced file between two reads can
+        never mix two executables. `key` names that inode: a process is checked against
+        it after its probes are placed (GoProcess.same_executable)."""
         self.path = Path(path)
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            # O_NONBLOCK: a FIFO named like an executable must not hang the caller.
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise BinaryError(f"{self.path}: no such file") from None
         except PermissionError:
             raise BinaryError(f"{self.path}: permission denied (run as root?)") from None
         except IsADirectoryError:
             raise BinaryError(f"{self.path}: is a directory, not an executable") from None
+        except OSError as exc:
+            raise BinaryError(f"{self.path}: cannot open ({exc.strerror})") from None
+        self.fd = fd
+        self.data: mmap.mmap | None = None
         try:
-            size = os.fstat(fd).st_size
-            if size < 64:
-                raise NotELFError(f"{self.path}: not an ELF file (only {size} bytes)")
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise BinaryError(f"{self.path}: is a directory, not an executable")
+            if not stat.S_ISREG(st.st_mode):
+                raise NotELFError(f"{self.path}: not a regular file")
+            # (device, inode, size, mtime): one version of one file, the cache key.
+            self.key: tuple[int, int, int, int] = (
+                st.st_dev,
+                st.st_ino,
+                st.st_size,
+                st.st_mtime_ns,
+            )
+            if st.st_size < 64:
+                raise NotELFError(f"{self.path}: not an ELF file (only {st.st_size} bytes)")
             self.data = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
-        if self.data[:4] != b"\x7fELF":
-            raise NotELFError(f"{self.path}: not an ELF file; goleash reads Go executables")
+            if self.data[:4] != b"\x7fELF":
+                raise NotELFError(f"{self.path}: not an ELF file; goleash reads Go executables")
+            if self.data[4] != 2:  # EI_CLASS: ELFCLASS64
+                raise NotELFError(
+                    f"{self.path}: a 32-bit ELF file; goleash reads x86-64 Go executables"
+                )
+            self._open_elf()
+        except BaseException:
+            self.close()
+            raise
+
+    @parse_guard
+    def _open_elf(self) -> None:
         try:
             self.elf = ELFFile(self.data)  # type: ignore[arg-type]
         except ELFError as exc:
-            raise NotELFError(f"{self.path}: damaged ELF file ({exc})") from None
+            raise DamagedBinaryError(f"{self.path}: damaged ELF file ({exc})") from None
         if self.elf.get_machine_arch() != "x64":
             raise BinaryError(
                 f"{self.path}: {self.elf.get_machine_arch()} binary; goleash supports x86-64 only"
             )
+        # Read every header now, inside the guard: later reads of a damaged table
+        # (e_shoff past the end, absurd counts) must not surface elsewhere.
+        if self.elf.num_sections() > 4096 or self.elf.num_segments() > 1024:
+            raise DamagedBinaryError(f"{self.path}: damaged ELF file (implausible header counts)")
+        size = len(self.data)  # type: ignore[arg-type]
+        for s in self.elf.iter_sections():
+            if s["sh_type"] != "SHT_NOBITS" and s["sh_offset"] + s["sh_size"] > size:
+                raise DamagedBinaryError(
+                    f"{self.path}: truncated or damaged ELF file (section {s.name or '?'} "
+                    f"ends at {s['sh_offset'] + s['sh_size']}, past the file's {size} bytes)"
+                )
+        for seg in self.segments:
+            if seg.offset + seg.filesz > size:
+                raise DamagedBinaryError(
+                    f"{self.path}: truncated or damaged ELF file (a segment ends at "
+                    f"{seg.offset + seg.filesz}, past the file's {size} bytes)"
+                )
 
     # --- layout ---------------------------------------------------------------
 
     @cached_property
+    @parse_guard
     def is_pie(self) -> bool:
         return bool(self.elf.header["e_type"] == "ET_DYN")
 
     @cached_property
+    @parse_guard
     def sections(self) -> dict[str, Section]:
         out: dict[str, Section] = {}
         for s in self.elf.iter_sections():
@@ -88,11 +144,13 @@ class GoBinary:
     def section(self, name: str) -> Section | None:
         return self.sections.get(name)
 
+    @parse_guard
     def section_data(self, name: str) -> bytes | None:
         s = self.elf.get_section_by_name(name)
         return None if s is None else s.data()
 
     @cached_property
+    @parse_guard
     def segments(self) -> list[Segment]:
         return [
             Segment(
@@ -115,6 +173,8 @@ class GoBinary:
 
     def read(self, vaddr: int, size: int) -> bytes:
         """Bytes at a virtual address, as the loader maps them (zero past filesz)."""
+        if not 0 <= size <= len(self.data) + (1 << 24):
+            raise NotGoError(f"{self.path}: implausible read of {size} bytes at {vaddr:#x}")
         for seg in self.segments:
             if seg.vaddr <= vaddr < seg.vaddr + seg.memsz:
                 start = vaddr - seg.vaddr
@@ -130,6 +190,7 @@ class GoBinary:
     # --- what is in it ----------------------------------------------------------
 
     @cached_property
+    @parse_guard
     def has_symtab(self) -> bool:
         s = self.elf.get_section_by_name(".symtab")
         return s is not None and s.num_symbols() > 1  # type: ignore[attr-defined]
@@ -139,6 +200,7 @@ class GoBinary:
         return any(n in self.sections for n in (".debug_info", ".zdebug_info"))
 
     @cached_property
+    @parse_guard
     def elf_symbols(self) -> dict[str, tuple[int, int]]:
         """name -> (address, size) from .symtab; empty when stripped."""
         out: dict[str, tuple[int, int]] = {}
@@ -171,7 +233,18 @@ class GoBinary:
         return out
 
     def close(self) -> None:
-        self.data.close()
+        if self.data is not None:
+            self.data.close()
+            self.data = None  # type: ignore[assignment]
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        # A binary dropped without close() must not keep its descriptor open for good.
+        if getattr(self, "fd", -1) >= 0:
+            with contextlib.suppress(Exception):
+                self.close()
 
     def __enter__(self) -> GoBinary:
         return self

@@ -23,8 +23,9 @@ import ast
 import re
 from dataclasses import dataclass, field
 
+from goleash.errors import printable
 from goleash.gobin.binary import GoBinary
-from goleash.gobin.errors import BinaryError, NotGoError, UnsupportedGoVersionError
+from goleash.gobin.errors import BinaryError, NotGoError, UnsupportedGoVersionError, parse_guard
 
 MAGIC = b"\xff Go buildinf:"
 _ALIGN = 16
@@ -86,6 +87,7 @@ def check_supported(info: BuildInfo) -> None:
         )
 
 
+@parse_guard
 def read_build_info(binary: GoBinary) -> BuildInfo:
     """Build info of a Go binary; NotGoError when it has none."""
     addr = _find_blob(binary)
@@ -110,7 +112,7 @@ def read_build_info(binary: GoBinary) -> BuildInfo:
     main_module, settings = _parse_modinfo(mod)
     main_package, deps = _parse_packages(mod)
     return BuildInfo(
-        vers,
+        printable(vers[:200]),
         parse_go_version(vers),
         main_module,
         settings,
@@ -171,11 +173,11 @@ def _parse_modinfo(mod: str) -> tuple[str | None, dict[str, str]]:
     settings: dict[str, str] = {}
     for line in mod.split("\n"):
         if line.startswith("mod\t"):
-            main_module = line.split("\t")[1] or None
+            main_module = printable(line.split("\t")[1]) or None
         elif line.startswith("build\t"):
             key, value = _split_setting(line[len("build\t") :])
-            if key:
-                settings[key] = value
+            if key:  # shown to people: no control characters
+                settings[printable(key)] = printable(value)
     return main_module, settings
 
 

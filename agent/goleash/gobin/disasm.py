@@ -32,7 +32,7 @@ from capstone import CS_ARCH_X86, CS_GRP_CALL, CS_GRP_JUMP, CS_MODE_64, Cs
 from capstone.x86 import X86_OP_IMM
 
 from goleash.gobin.binary import GoBinary
-from goleash.gobin.errors import ProbeSiteError, SymbolNotFoundError
+from goleash.gobin.errors import ProbeSiteError, SymbolNotFoundError, parse_guard
 
 SymbolLookup = Callable[[str], "tuple[int, int] | None"]
 """name -> (address, size), e.g. `binary.elf_symbols.get` or a pclntab lookup."""
@@ -186,6 +186,7 @@ def _decode(raw: bytes, address: int) -> list[Instruction]:
     return out
 
 
+@parse_guard
 def disassemble(binary: GoBinary, addr: int, size: int) -> list[Instruction]:
     """Linear sweep of [addr, addr+size). Undecodable bytes become 1-byte "(bad)" entries
     and decoding resumes after them, so the list always covers the whole range."""
@@ -321,6 +322,7 @@ def _entry(fn: _Function) -> ProbeSite:
     return fn.site(fn.insns[fn.body])
 
 
+@parse_guard
 def entry_site(binary: GoBinary, symbol: str, addr: int, size: int) -> ProbeSite:
     """The first instruction after the stack-growth check (the function's first one when
     it has none). Fires once per call. `push rbp` on Go >= 1.21, `sub rsp` on 1.19."""
@@ -341,6 +343,7 @@ def _emulated_entry(fn: _Function, keep: Collection[str]) -> ProbeSite:
     return _entry(fn)
 
 
+@parse_guard
 def emulated_entry_site(
     binary: GoBinary, symbol: str, addr: int, size: int, keep: Collection[str] = ("r14",)
 ) -> ProbeSite:
@@ -352,6 +355,7 @@ def emulated_entry_site(
     return _emulated_entry(_Function(binary, symbol, addr, size), keep)
 
 
+@parse_guard
 def return_sites(binary: GoBinary, symbol: str, addr: int, size: int) -> list[ProbeSite]:
     """Every RET of the function. The morestack tail and the int3 padding have none."""
     fn = _Function(binary, symbol, addr, size)
@@ -369,11 +373,13 @@ def _tail_calls(fn: _Function) -> list[ProbeSite]:
     ]
 
 
+@parse_guard
 def tail_call_sites(binary: GoBinary, symbol: str, addr: int, size: int) -> list[ProbeSite]:
     """Direct `jmp`s leaving the function: exits that no RET probe sees."""
     return _tail_calls(_Function(binary, symbol, addr, size))
 
 
+@parse_guard
 def call_sites(binary: GoBinary, symbol: str, addr: int, size: int, target: int) -> list[ProbeSite]:
     """Every direct `call target` in the function (emulated: the callee's arguments are
     in their registers there)."""
@@ -381,6 +387,7 @@ def call_sites(binary: GoBinary, symbol: str, addr: int, size: int, target: int)
     return [fn.site(i) for i in fn.insns if i.is_call and i.target == target]
 
 
+@parse_guard
 def function_probes(binary: GoBinary, symbol: str, addr: int, size: int) -> FunctionProbes:
     fn = _Function(binary, symbol, addr, size)
     return FunctionProbes(
@@ -438,6 +445,7 @@ def _need(lookup: SymbolLookup, name: str, binary: GoBinary) -> tuple[int, int]:
     return found
 
 
+@parse_guard
 def goroutine_probe_sites(binary: GoBinary, lookup: SymbolLookup) -> GoroutineProbeSites:
     create_kind: CreateKind = "runqput_call"
     create: ProbeSite | None = None

@@ -21,7 +21,7 @@ from elftools.dwarf.die import DIE
 from elftools.dwarf.dwarfinfo import DWARFInfo
 
 from goleash.gobin.binary import GoBinary
-from goleash.gobin.errors import OffsetsUnavailableError
+from goleash.gobin.errors import OffsetsUnavailableError, parse_guard
 
 TABLE_PATH = Path(__file__).with_name("offsets_table.json")
 
@@ -94,6 +94,7 @@ def go_release(go_version: str) -> str | None:
     return f"go{m.group(1)}.{m.group(2)}" if m else None
 
 
+@parse_guard
 def runtime_offsets(binary: GoBinary, go_version: str) -> RuntimeOffsets:
     """Offsets from the binary's DWARF, else from the committed table for its release."""
     if binary.has_dwarf and binary.elf.has_dwarf_info():

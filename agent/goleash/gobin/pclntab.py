@@ -31,8 +31,9 @@ import weakref
 from dataclasses import dataclass
 from functools import cached_property
 
+from goleash.errors import printable
 from goleash.gobin.binary import GoBinary
-from goleash.gobin.errors import BinaryError, NotGoError, UnsupportedGoVersionError
+from goleash.gobin.errors import BinaryError, NotGoError, UnsupportedGoVersionError, parse_guard
 
 MAGIC_GO116 = 0xFFFFFFFA
 MAGIC_GO118 = 0xFFFFFFF0
@@ -89,6 +90,7 @@ _cache: weakref.WeakKeyDictionary[GoBinary, Pclntab] = weakref.WeakKeyDictionary
 class Pclntab:
     """The function table and line tables of one Go binary."""
 
+    @parse_guard
     def __init__(self, binary: GoBinary) -> None:
         # Keeps no reference to `binary`: the cache below is keyed weakly by it.
         self.path = binary.path
@@ -141,6 +143,7 @@ class Pclntab:
         return entries, funcoffs  # entries has one extra: the end of the last function
 
     @cached_property
+    @parse_guard
     def functions(self) -> list[Func]:
         """Every function, sorted by entry; ABI wrappers included (see Func)."""
         e = self._entries
@@ -166,6 +169,7 @@ class Pclntab:
                 out.setdefault(f.name, f)
         return out
 
+    @parse_guard
     def func_by_name(self, name: str) -> Func | None:
         """The function itself, never its ABI wrapper."""
         f = self._by_name.get(name)
@@ -173,6 +177,7 @@ class Pclntab:
             f = self._by_name.get(_elide_brackets(name))
         return f
 
+    @parse_guard
     def funcs_matching(self, pattern: str) -> list[Func]:
         """Functions whose name matches a shell glob, e.g. "net/http.(*conn).*"."""
         return [f for f in self.functions if not f.wrapper and fnmatch.fnmatchcase(f.name, pattern)]
@@ -183,12 +188,14 @@ class Pclntab:
             return None
         return i
 
+    @parse_guard
     def func_for_pc(self, pc: int) -> Func | None:
         i = self._index_for_pc(pc)
         return None if i is None else self.functions[i]
 
     # --- lines -------------------------------------------------------------------
 
+    @parse_guard
     def source_line(self, pc: int) -> SourceLine | None:
         """Function and file:line of the instruction at `pc`.
 
@@ -212,6 +219,7 @@ class Pclntab:
             return None
         return SourceLine(self._func_name(i), self._cstring(self._filetab + file_off), line)
 
+    @parse_guard
     def call_site(self, return_pc: int) -> SourceLine | None:
         """The line of the CALL whose return address is `return_pc`.
 
@@ -240,7 +248,8 @@ class Pclntab:
 
     def _cstring(self, off: int) -> str:
         end = self._buf.index(b"\0", off)
-        return self._buf[off:end].decode("utf-8", "replace")
+        # Names end up on terminals, in logs and label values: no control characters.
+        return printable(self._buf[off:end].decode("utf-8", "replace"))
 
     def _pcvalue(self, off: int, entry: int, target: int) -> int:
         # A pc-value table is a sequence of (value delta zig-zag varint, pc delta

@@ -14,6 +14,7 @@ from typing import Any
 from goleash.gobin.binary import GoBinary
 from goleash.gobin.buildinfo import BuildInfo, check_supported, read_build_info
 from goleash.gobin.disasm import ProbeSite, function_probes, goroutine_probe_sites
+from goleash.gobin.errors import parse_guard
 from goleash.gobin.offsets import RuntimeOffsets, runtime_offsets
 from goleash.gobin.pclntab import Pclntab
 from goleash.gobin.symbols import SymbolTable, symbol_table
@@ -82,6 +83,7 @@ def _offsets_dict(off: RuntimeOffsets) -> dict[str, int | None]:
     return {k: v for k, v in asdict(off).items() if k not in ("source", "go_version")}
 
 
+@parse_guard
 def analyze(binary: GoBinary) -> tuple[BuildInfo, SymbolTable, RuntimeOffsets, Pclntab]:
     """The checks every tracer runs first; raises the user-facing errors."""
     info = read_build_info(binary)
@@ -91,6 +93,7 @@ def analyze(binary: GoBinary) -> tuple[BuildInfo, SymbolTable, RuntimeOffsets, P
     return info, syms, offsets, Pclntab.from_binary(binary)
 
 
+@parse_guard
 def inspect_binary(binary: GoBinary) -> InspectReport:
     info, syms, offsets, _ = analyze(binary)
     sites = goroutine_probe_sites(binary, syms.lookup)
@@ -156,6 +159,7 @@ class SymbolizedPC:
         return asdict(self)
 
 
+@parse_guard
 def symbolize(path: str, pcs: list[int]) -> list[SymbolizedPC]:
     with GoBinary(path) as binary:
         read_build_info(binary)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from goleash.gobin.binary import GoBinary
-from goleash.gobin.errors import SymbolNotFoundError
+from goleash.gobin.errors import SymbolNotFoundError, parse_guard
 from goleash.gobin.pclntab import Pclntab
 
 _ABI0 = ".abi0"
@@ -58,6 +58,7 @@ class SymbolTable:
         )
 
 
+@parse_guard
 def symbol_table(binary: GoBinary) -> SymbolTable:
     """Symbols from .symtab when present, else functions from pclntab."""
     if binary.has_symtab:

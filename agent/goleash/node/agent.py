@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from goleash import __version__
 from goleash.api.goleash.v1 import ingest_service_pb2 as ing
 from goleash.api.goleash.v1 import types_pb2 as t
-from goleash.errors import GoleashError
+from goleash.errors import GoleashError, StageFailure, printable
 from goleash.gobin.errors import (
     BinaryError,
     NotELFError,
@@ -72,7 +72,7 @@ from goleash.node.sender import (
 )
 from goleash.node.tracker import DEFAULT_ORPHAN_MIN_AGE_S, ProcessSnapshot, ProcessTracker
 from goleash.probes.budget import OverheadBudget
-from goleash.probes.procmem import start_time
+from goleash.probes.procmem import process_state, start_time
 from goleash.probes.target import GoProcess
 
 if TYPE_CHECKING:
@@ -84,6 +84,15 @@ DEFAULT_SERVER = "127.0.0.1:7070"  # the control plane's default (goleash.contro
 DEFAULT_HEALTH_LISTEN = "127.0.0.1:7071"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
 ATTACH_ATTEMPTS = 3  # a process that keeps failing transiently is given up after these
+# A process whose handling fails unexpectedly this many times (any stage) is left
+# alone until its executable changes; before that, attaching is retried with backoff.
+MAX_PROCESS_FAILURES = 3
+RETRY_BACKOFF_S = 2.0  # doubled after each failure
+# The main loop failing this many times in a row is a fault of the agent, not of one
+# process: it stops with a message (exit 2) instead of spinning.
+MAX_LOOP_FAILURES = 10
+STAGES = ("judge", "attach", "snapshot", "inventory", "stacks", "latency", "export", "detach")
+_MAX_LOGGED = 10_000  # (process, stage) pairs whose first failure was logged
 
 
 @dataclass
@@ -167,6 +176,19 @@ def _own_usage() -> tuple[float, int]:
     return ru.ru_utime + ru.ru_stime, rss_pages * os.sysconf("SC_PAGE_SIZE")
 
 
+def check_server_address(server: str) -> None:
+    """A whole-agent fault, refused at start (exit 2): a control-plane address that
+    can never work. gRPC target schemes (dns:///, unix:) are left to gRPC."""
+    if "://" in server or server.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
+        return
+    host, sep, port = server.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or any(c.isspace() for c in server) or not port.isdigit():
+        raise GoleashError(f"--server {server!r}: not HOST:PORT (e.g. goleash:7070)")
+    if not 0 < int(port) < 65536:
+        raise GoleashError(f"--server {server!r}: port {port} is not in 1-65535")
+
+
 # --- one followed process ----------------------------------------------------------------
 
 
@@ -202,7 +224,25 @@ def _untraceable_kind(exc: BaseException) -> str:
         return "offsets_unknown"
     if isinstance(exc, ProcessError):
         return "unreadable"
+    if not isinstance(exc, GoleashError):
+        return "errors"
     return "other"
+
+
+_ERROR_DROP_PREFIX = "process_errors_"
+
+
+def _alive(pid: int, start_ticks: int) -> bool:
+    """The process (pid, start) still runs: not exited, reaped, reused or a zombie."""
+    return start_time(pid) == start_ticks and process_state(pid) not in (None, "Z", "X")
+
+
+def _runs_still(f: Followed) -> bool:
+    """A followed process is still there running the executable it was attached to."""
+    try:
+        return _alive(f.cand.pid, f.proc.start_time) and f.proc.same_executable()
+    except Exception:
+        return False
 
 
 # --- the agent ----------------------------------------------------------------------------
@@ -210,11 +250,14 @@ def _untraceable_kind(exc: BaseException) -> str:
 
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
-        if config.interval <= 0:
-            raise GoleashError("--interval must be positive")
+        if not (0 < config.interval < float("inf")):
+            raise GoleashError("--interval must be a positive number of seconds")
+        check_server_address(config.server)
         self.cfg = config
         self.identity = agent_identity(config)
-        self.discovery = Discovery(config.selector, host_root=config.host_root)
+        self.discovery = Discovery(
+            config.selector, host_root=config.host_root, on_error=self._judge_failed
+        )
         self.buffer = BatchBuffer(max_batches=config.buffer_batches)
         self.sender = IngestSender(
             SenderOptions(
@@ -238,6 +281,12 @@ class Agent:
         self.untraceable: dict[tuple[int, int], str] = {}  # (pid, start) -> kind
         self._untraceable_counts: dict[str, int] = {}
         self._attempts: Counter[tuple[int, int]] = Counter()
+        # Fault isolation: failures by stage (for /metrics and the control plane),
+        # by process (to give up on one), and when a failed process may be tried again.
+        self.process_errors: Counter[str] = Counter()
+        self._failures: Counter[tuple[int, int]] = Counter()
+        self._retry_at: dict[tuple[int, int], float] = {}
+        self._logged: set[tuple[tuple[int, int], str]] = set()
         self._reported_pids: set[int] = set()
         self._pending_appeared: list[t.ProcessInfo] = []
         self._pending_gone: list[ing.ProcessGone] = []
@@ -257,11 +306,16 @@ class Agent:
             batches=self.sequence,
             batches_sent=s.batches_sent,
             buffered=len(self.buffer),
-            batch_drops=self.buffer.drop_counts(),
+            batch_drops={
+                k: v
+                for k, v in self.buffer.drop_counts().items()
+                if not k.startswith(_ERROR_DROP_PREFIX)
+            },
             reconnects=s.reconnects,
             connected=s.connected,
             untraceable=self._untraceable_counts,
             scans=self.discovery.scans,
+            process_errors=dict(self.process_errors),
         )
 
     def open_endpoints(self) -> None:
@@ -308,11 +362,63 @@ class Agent:
 
     # --- following ------------------------------------------------------------------
 
+    def _fault(
+        self, stage: str, pid: int, exe: str, exc: BaseException, key: tuple[int, int]
+    ) -> None:
+        """Count one failure of one process's handling, and log the first per stage."""
+        if isinstance(exc, StageFailure):
+            stage, exc = exc.stage, exc.cause
+        self.process_errors[stage] += 1
+        # Reaches the control plane in the next batch's agent-level drops.
+        self.buffer.count_drop(f"{_ERROR_DROP_PREFIX}{stage}")
+        if (key, stage) in self._logged:
+            log.debug("PID %d: %s failed again: %r", pid, stage, exc)
+            return
+        if len(self._logged) >= _MAX_LOGGED:
+            self._logged.clear()
+        self._logged.add((key, stage))
+        log.warning(
+            "PID %d (%s): %s failed: %s: %s (this process only; counted in "
+            "goleash_agent_process_errors_total)",
+            pid,
+            printable(exe),
+            stage,
+            type(exc).__name__,
+            printable(str(exc))[:300],
+            exc_info=exc if log.isEnabledFor(logging.DEBUG) else None,
+        )
+
+    def _judge_failed(self, pid: int, exe: str, exc: BaseException, key: tuple[int, int]) -> None:
+        self._fault("judge", pid, exe, exc, key)
+
+    def _failed(self, c: Candidate, stage: str, exc: BaseException) -> None:
+        """An unexpected failure while attaching to C: retried later with backoff,
+        given up after MAX_PROCESS_FAILURES, forgotten quietly if C is gone."""
+        self._fault(stage, c.pid, c.exe, exc, c.key)
+        if not _alive(c.pid, c.start_ticks):
+            self._forget_key(c.key)
+            self.discovery.forget(c.pid)
+            return
+        self._failures[c.key] += 1
+        n = self._failures[c.key]
+        if n >= MAX_PROCESS_FAILURES:
+            self._retry_at.pop(c.key, None)
+            self._untraceable(c, exc)
+        else:
+            self._retry_at[c.key] = time.monotonic() + RETRY_BACKOFF_S * 2 ** (n - 1)
+            self.discovery.forget(c.pid, retry=True)
+
+    def _forget_key(self, key: tuple[int, int]) -> None:
+        self._attempts.pop(key, None)
+        self._failures.pop(key, None)
+        self._retry_at.pop(key, None)
+
     def _untraceable(self, c: Candidate, exc: BaseException) -> None:
         kind = _untraceable_kind(exc)
         if c.key not in self.untraceable:
-            log.warning("not tracing PID %d (%s): %s", c.pid, c.exe, exc)
+            log.warning("not tracing PID %d (%s): %s", c.pid, printable(c.exe), exc)
         self.untraceable[c.key] = kind
+        self._failures.pop(c.key, None)
         self._untraceable_counts = dict(Counter(self.untraceable.values()))
         self._attempts.pop(c.key, None)
         self.discovery.forget(c.pid)
@@ -338,6 +444,10 @@ class Agent:
                 if tracker is not None:
                     tracker.close()
                 why = f"uprobes could not be placed: {exc}"
+            except BaseException:
+                if tracker is not None:
+                    tracker.close()  # a compiled BPF program must not outlive a failure
+                raise
         else:
             why = f"BPF unavailable on this host: {self.bpf_problem}"
         tracker = ProcessTracker(proc, use_probes=False, **kw)  # type: ignore[arg-type]
@@ -362,6 +472,9 @@ class Agent:
             for r in w.resolutions:
                 log.info("PID %d (%s): timing %s", f.proc.pid, f.service, r.describe())
             w.start()
+            if not f.proc.same_executable():  # exec'd or gone: no probe may stay
+                w.close()
+                return
         except GoleashError as exc:
             log.warning("PID %d (%s): no function latency/panics: %s", f.proc.pid, f.service, exc)
             return
@@ -371,7 +484,19 @@ class Agent:
         f.funcs = w
 
     def follow(self, c: Candidate) -> Followed | None:
-        """Attach to a new candidate; None when it cannot be (reported) or not yet."""
+        """Attach to a new candidate; None when it cannot be (reported) or not yet.
+        Never raises: whatever goes wrong is this process's failure alone."""
+        retry_at = self._retry_at.get(c.key)
+        if retry_at is not None and time.monotonic() < retry_at:
+            self.discovery.forget(c.pid, retry=True)  # backing off: judged again later
+            return None
+        try:
+            return self._follow(c)
+        except Exception as exc:  # a bug or hostile input: this process only
+            self._failed(c, "attach", exc)
+            return None
+
+    def _follow(self, c: Candidate) -> Followed | None:
         try:
             proc = GoProcess.attach(c.pid)
         except ProcessError as exc:
@@ -390,12 +515,11 @@ class Agent:
             proc.close()
             self._untraceable(c, exc)
             return None
-        except Exception as exc:  # a bug here must not take the other processes down
+        except BaseException:
             proc.close()
-            log.exception("PID %d: unexpected error while attaching", c.pid)
-            self._untraceable(c, exc)
-            return None
+            raise
         self._attempts.pop(c.key, None)
+        self._retry_at.pop(c.key, None)
         service = service_name(c)
         f = Followed(
             c,
@@ -410,7 +534,7 @@ class Agent:
         log.info(
             "following PID %d %s (%s, service %s): %s",
             c.pid,
-            c.exe,
+            printable(c.exe),
             c.go_version,
             service,
             tracker.mode if tracker.mode == "probes" else tracker.mode_reason,
@@ -419,8 +543,7 @@ class Agent:
 
     def _retry_or_give_up(self, c: Candidate, exc: ProcessError) -> None:
         self._attempts[c.key] += 1
-        alive = os.path.exists(f"/proc/{c.pid}")
-        if not alive:
+        if not _alive(c.pid, c.start_ticks):
             self._attempts.pop(c.key, None)
             self.discovery.forget(c.pid)
         elif self._attempts[c.key] >= ATTACH_ATTEMPTS:
@@ -431,8 +554,9 @@ class Agent:
     def _forget_vanished(self) -> None:
         """Processes that could not be traced (or were waiting for a retry) and exited."""
         gone = [k for k in (*self.untraceable, *self._attempts) if start_time(k[0]) != k[1]]
+        gone += [k for k in (*self._failures, *self._retry_at) if start_time(k[0]) != k[1]]
         for k in gone:
-            self._attempts.pop(k, None)
+            self._forget_key(k)
             if self.untraceable.pop(k, None) is not None:
                 self._untraceable_counts = dict(Counter(self.untraceable.values()))
 
@@ -444,15 +568,26 @@ class Agent:
     # --- snapshots -------------------------------------------------------------------
 
     def _snapshot(self, f: Followed) -> ing.ProcessSnapshot | None:
-        """This interval's message for one process; None if it exited (finished)."""
+        """This interval's message for one process; None if it exited (finished) or
+        failed (counted; after MAX_PROCESS_FAILURES it is no longer followed)."""
         try:
-            snap = f.tracker.snapshot()
-        except ProcessError:
-            if f.proc.alive():
-                self.buffer.count_drop("snapshot_failed")
-                return None
-            self.finish(f.cand.pid, "exited")
+            return self._snapshot_unguarded(f)
+        except Exception as exc:
+            if not _runs_still(f):
+                self.finish(f.cand.pid, "exited")  # gone mid-read: quietly
+            elif isinstance(exc, ProcessError):
+                self.buffer.count_drop("snapshot_failed")  # a torn read; next interval
+            else:
+                self._fault("snapshot", f.cand.pid, f.cand.exe, exc, f.cand.key)
+                self._failures[f.cand.key] += 1
+                if self._failures[f.cand.key] >= MAX_PROCESS_FAILURES:
+                    self.finish(f.cand.pid, "untraceable: repeated errors")
+                    self.untraceable[f.cand.key] = "errors"
+                    self._untraceable_counts = dict(Counter(self.untraceable.values()))
             return None
+
+    def _snapshot_unguarded(self, f: Followed) -> ing.ProcessSnapshot | None:
+        snap = f.tracker.snapshot()
         f.last = snap
         info = self._info(f.cand, f.service, f.tracker)
         if info.tracking_mode != f.info.tracking_mode:  # e.g. the overhead governor
@@ -465,7 +600,10 @@ class Agent:
         panics: dict[str, int] = {}
         not_timed: dict[str, int] = {}
         if f.funcs is not None:
-            latency, panics, not_timed = f.funcs.take()
+            try:
+                latency, panics, not_timed = f.funcs.take()
+            except Exception as exc:  # the goroutine numbers still go out
+                self._fault("latency", f.cand.pid, f.cand.exe, exc, f.cand.key)
         try:
             return f.exporter.message(
                 snap, latency=latency, panics=panics, extra_drops=not_timed, keep=keep
@@ -473,6 +611,10 @@ class Agent:
         except ProcessError:
             # its memory vanished while stacks were read: send the numbers without them
             return f.exporter.message(snap, latency=latency, panics=panics, keep=False)
+        except StageFailure:
+            raise
+        except Exception as exc:
+            raise StageFailure("export", exc) from exc
 
     def finish(self, pid: int, reason: str) -> None:
         """A followed process exited (or is no longer selected): last numbers, gone."""
@@ -480,14 +622,18 @@ class Agent:
         if f is None:
             return
         self.discovery.forget(pid)
+        self._forget_key(f.cand.key)
         try:
             if f.last is not None:
                 final = f.tracker.final_snapshot()
                 self._pending_snaps.append(self._message(f, final, keep=False))
-        except Exception:
-            log.exception("PID %d: final snapshot failed", pid)
+        except Exception as exc:
+            self._fault("snapshot", pid, f.cand.exe, exc, f.cand.key)
         finally:
-            f.close()
+            try:
+                f.close()
+            except Exception as exc:
+                self._fault("detach", pid, f.cand.exe, exc, f.cand.key)
         self._pending_gone.append(
             ing.ProcessGone(
                 pid=pid, start_time_unix_nano=f.info.start_time_unix_nano, reason=reason
@@ -507,6 +653,8 @@ class Agent:
                 GoProcess.attach(pid).close()
             except GoleashError as exc:
                 log.warning("--pid %d: %s", pid, exc)
+            except Exception as exc:
+                log.warning("--pid %d: cannot be read: %s: %s", pid, type(exc).__name__, exc)
             else:
                 log.warning("--pid %d: not followed: it does not match the other criteria", pid)
 
@@ -536,43 +684,47 @@ class Agent:
     def _update_view(self) -> None:
         procs = []
         for f in self.followed.values():
-            snap = f.last
-            sites: dict[tuple[str, str], SiteView] = {}
-            for s in snap.sites if snap is not None else ():
-                if is_system_function(s.function):
-                    continue
-                k = site_name(s)
-                v = sites.setdefault(k, SiteView(k[0], k[1], 0, 0, 0, 0))
-                v.live += s.live
-                v.created += s.created
-                v.exited += s.exited + s.exited_unseen
-                v.orphans += s.orphans
-            functions: list[FunctionView] = []
-            panics: dict[str, int] = {}
-            if f.funcs is not None:
-                functions = [
-                    FunctionView(fn, tot.buckets, tot.count, tot.sum_ns, tot.timed)
-                    for fn, tot in f.funcs.totals_copy().items()
-                ]
-                panics = dict(f.funcs.panic_totals)
-            procs.append(
-                ProcessView(
-                    pid=f.cand.pid,
-                    service=f.service,
-                    mode=f.tracker.mode,
-                    goroutines=sum(v.live for v in sites.values()),
-                    sites=list(sites.values()),
-                    probe_hits=dict(snap.probe_hits) if snap else {},
-                    dropped=dict(snap.dropped) if snap else {},
-                    functions=functions,
-                    panics=panics,
-                    namespace=f.info.kubernetes.namespace,
-                    pod=f.info.kubernetes.pod,
-                    container=f.info.kubernetes.container,
-                    module=f.info.module_path,
-                )
-            )
+            try:
+                procs.append(self._process_view(f))
+            except Exception as exc:
+                self._fault("export", f.cand.pid, f.cand.exe, exc, f.cand.key)
         self._procs_view = procs
+
+    def _process_view(self, f: Followed) -> ProcessView:
+        snap = f.last
+        sites: dict[tuple[str, str], SiteView] = {}
+        for s in snap.sites if snap is not None else ():
+            if is_system_function(s.function):
+                continue
+            k = site_name(s)
+            v = sites.setdefault(k, SiteView(k[0], k[1], 0, 0, 0, 0))
+            v.live += s.live
+            v.created += s.created
+            v.exited += s.exited + s.exited_unseen
+            v.orphans += s.orphans
+        functions: list[FunctionView] = []
+        panics: dict[str, int] = {}
+        if f.funcs is not None:
+            functions = [
+                FunctionView(fn, tot.buckets, tot.count, tot.sum_ns, tot.timed)
+                for fn, tot in f.funcs.totals_copy().items()
+            ]
+            panics = dict(f.funcs.panic_totals)
+        return ProcessView(
+            pid=f.cand.pid,
+            service=f.service,
+            mode=f.tracker.mode,
+            goroutines=sum(v.live for v in sites.values()),
+            sites=list(sites.values()),
+            probe_hits=dict(snap.probe_hits) if snap else {},
+            dropped=dict(snap.dropped) if snap else {},
+            functions=functions,
+            panics=panics,
+            namespace=f.info.kubernetes.namespace,
+            pod=f.info.kubernetes.pod,
+            container=f.info.kubernetes.container,
+            module=f.info.module_path,
+        )
 
     def step(self, *, periodic: bool) -> None:
         """One scan; one batch when something appeared or went, or when `periodic`."""
@@ -609,6 +761,7 @@ class Agent:
         if on_started is not None:
             on_started()
         next_batch = time.monotonic()
+        failed_in_a_row = 0
         try:
             while not stop.is_set():
                 now = time.monotonic()
@@ -616,7 +769,20 @@ class Agent:
                 if periodic:
                     # the next one an interval later; after a stall, no burst to catch up
                     next_batch = max(next_batch + self.cfg.interval, now)
-                self.step(periodic=periodic)
+                try:
+                    self.step(periodic=periodic)
+                    failed_in_a_row = 0
+                except GoleashError:
+                    raise  # a fault of the whole agent (configuration, environment)
+                except Exception as exc:
+                    failed_in_a_row += 1
+                    self.process_errors["agent"] += 1
+                    log.exception("agent loop failed (%d in a row)", failed_in_a_row)
+                    if failed_in_a_row >= MAX_LOOP_FAILURES:
+                        raise GoleashError(
+                            f"the agent's main loop failed {failed_in_a_row} times in a row "
+                            f"(last: {type(exc).__name__}: {exc}); stopping"
+                        ) from exc
                 wait = min(next_batch, time.monotonic() + self.cfg.scan_interval)
                 stop.wait(max(0.0, wait - time.monotonic()))
         finally:

@@ -28,13 +28,13 @@ import fnmatch
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from goleash.gobin.binary import GoBinary
 from goleash.gobin.buildinfo import read_build_info
-from goleash.gobin.errors import BinaryError
+from goleash.gobin.errors import BinaryError, DamagedBinaryError
 
 # --- Kubernetes placement ---------------------------------------------------------
 
@@ -228,25 +228,34 @@ class Selector:
         return not (self.pids or self.exe_globs or self.cgroup_globs or self.pod_uids)
 
     def matches(self, c: Candidate) -> bool:
-        if self.pids and c.pid not in self.pids:
+        return self.matches_cheap(c.pid, c.exe, c.cgroups, c.kube.pod_uid if c.kube else "")
+
+    def matches_cheap(self, pid: int, exe: str, cgroups: Iterable[str], pod_uid: str) -> bool:
+        """Every criterion on what /proc tells without reading the executable: applied
+        before any ELF is read, so a selective agent never parses other programs."""
+        if self.pids and pid not in self.pids:
             return False
         if self.exe_globs and not any(
-            fnmatch.fnmatchcase(c.exe, g) or fnmatch.fnmatchcase(os.path.basename(c.exe), g)
+            fnmatch.fnmatchcase(exe, g) or fnmatch.fnmatchcase(os.path.basename(exe), g)
             for g in self.exe_globs
         ):
             return False
         if self.cgroup_globs and not any(
-            fnmatch.fnmatchcase(path, g) for path in c.cgroups for g in self.cgroup_globs
+            fnmatch.fnmatchcase(path, g) for path in cgroups for g in self.cgroup_globs
         ):
             return False
-        if self.pod_uids:
-            uid = c.kube.pod_uid if c.kube else ""
-            if uid not in self.pod_uids and uid.replace("-", "_") not in self.pod_uids:
-                return False
-        return True
+        return (
+            not self.pod_uids
+            or pod_uid in self.pod_uids
+            or pod_uid.replace("-", "_") in self.pod_uids
+        )
 
 
 # --- processes ---------------------------------------------------------------------
+
+
+JUDGE_ATTEMPTS = 3  # unexpected failures judging one process before it is left alone
+MAX_VERDICTS = 4096  # file versions remembered; a busy host's binaries, with room
 
 
 @dataclass(frozen=True)
@@ -310,7 +319,10 @@ class Discovery:
         host_root: str | os.PathLike[str] = "/",
         proc_root: str = "/proc",
         self_pid: int | None = None,
+        on_error: Callable[[int, str, BaseException, tuple[int, int]], None] | None = None,
     ) -> None:
+        """on_error(pid, exe, exception, (pid, start)) hears of a process that could
+        not be judged (the scan goes on with the others)."""
         self.selector = selector
         self.host_root = Path(host_root)
         self.proc_root = proc_root
@@ -319,6 +331,8 @@ class Discovery:
         self._no_exe: set[int] = set()  # kernel threads (and zombies until reaped)
         self._seen: dict[int, tuple[int, int, int, int]] = {}  # pid -> exe key judged
         self.followed: dict[int, Candidate] = {}  # pid -> selected candidate
+        self.on_error = on_error
+        self._judge_failures: dict[int, int] = {}  # pid -> unexpected failures judging it
         self.scans = 0
 
     # --- one process -------------------------------------------------------------
@@ -330,23 +344,42 @@ class Discovery:
             return None
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
-    def _check(self, pid: int, key: tuple[int, int, int, int]) -> GoCheck:
+    def _check(
+        self, pid: int, key: tuple[int, int, int, int]
+    ) -> tuple[GoCheck, tuple[int, int, int, int]]:
+        """The verdict on PID's executable and the key of the file it is about.
+
+        `key` (from a stat) only finds a verdict already made. A new one is made from
+        one open file: its key comes from fstat on that descriptor and every byte
+        parsed from it, so an exec between two reads cannot mix two executables."""
         found = self._verdicts.get(key)
-        if found is None:
-            try:
-                binary = GoBinary(f"{self.proc_root}/{pid}/exe")
-            except BinaryError:
-                found = GoCheck(None)
-            else:
+        if found is not None:
+            return found, key
+        try:
+            binary = GoBinary(f"{self.proc_root}/{pid}/exe")
+        except DamagedBinaryError as exc:
+            # The kernel runs files goleash refuses (a section table past the end):
+            # counted once per file version, never parsed again.
+            self._report("judge", pid, exc)
+            self._remember(key, GoCheck(None))
+            return GoCheck(None), key
+        except BinaryError:
+            return GoCheck(None), key  # gone, or not a regular ELF file: judged again later
+        try:
+            key = binary.key
+            found = self._verdicts.get(key)
+            if found is None:
                 try:
                     info = read_build_info(binary)
                     found = GoCheck(info.go_version, info.main_module)
-                except BinaryError:
+                except BinaryError as exc:
                     found = GoCheck(None)
-                finally:
-                    binary.close()
-            self._verdicts[key] = found
-        return found
+                    if isinstance(exc, DamagedBinaryError):
+                        self._report("judge", pid, exc)  # once per file version
+                self._remember(key, found)
+        finally:
+            binary.close()
+        return found, key
 
     def _descends_from_self(self, pid: int) -> bool:
         seen = 0
@@ -360,28 +393,35 @@ class Discovery:
         return False
 
     def candidate(self, pid: int) -> Candidate | None:
-        """The Go process PID as a candidate, or None (not Go, gone, kernel thread)."""
-        key = self._exe_key(pid)
-        if key is None:
-            return None
-        check = self._check(pid, key)
-        if check.go_version is None:
+        """The Go process PID as a candidate, or None (not Go, not selected, gone,
+        kernel thread). The selector's cheap criteria come first: no ELF is read for
+        a process they rule out."""
+        stat_key = self._exe_key(pid)
+        if stat_key is None:
             return None
         st = _stat_fields(pid, self.proc_root)
         if st is None:
             return None
         try:
-            exe = os.readlink(f"{self.proc_root}/{pid}/exe")
+            exe = os.readlink(f"{self.proc_root}/{pid}/exe").removesuffix(" (deleted)")
         except OSError:
             return None
         cgroup_text = _read_text(Path(f"{self.proc_root}/{pid}/cgroup"))
         cgroups = tuple(
             line.split(":", 2)[2] for line in cgroup_text.splitlines() if line.count(":") >= 2
         )
+        if not self.selector.matches_cheap(pid, exe, cgroups, pod_uid_from_cgroup(cgroup_text)):
+            return None
+        check, key = self._check(pid, stat_key)
+        if check.go_version is None:
+            return None
+        st_after = _stat_fields(pid, self.proc_root)
+        if st_after is None or st_after[1] != st[1]:
+            return None  # exited (or the PID was reused) while judged
         return Candidate(
             pid=pid,
             start_ticks=st[1],
-            exe=exe.removesuffix(" (deleted)"),
+            exe=exe,
             exe_key=key,
             go_version=check.go_version,
             main_module=check.main_module,
@@ -406,6 +446,8 @@ class Discovery:
         self._no_exe &= pids
         for pid in [p for p in self._seen if p not in pids]:
             del self._seen[pid]
+        for pid in [p for p in self._judge_failures if p not in pids]:
+            del self._judge_failures[pid]
         vanished: list[tuple[int, int]] = []
         for pid, c in list(self.followed.items()):
             st = _stat_fields(pid, self.proc_root) if pid in pids else None
@@ -426,7 +468,11 @@ class Discovery:
             if self._seen.get(pid) == key:
                 continue  # judged already, nothing changed
             self._seen[pid] = key
-            c = self.candidate(pid)
+            try:
+                c = self.candidate(pid)
+            except Exception as exc:  # hostile or racing input: this process only
+                self._judge_failed(pid, exc)
+                continue
             if c is None or not self.selector.matches(c):
                 continue
             if self.selector.everything and self._descends_from_self(pid):
@@ -434,6 +480,29 @@ class Discovery:
             self.followed[pid] = c
             appeared.append(c)
         return ScanResult(appeared, vanished)
+
+    def _remember(self, key: tuple[int, int, int, int], verdict: GoCheck) -> None:
+        if len(self._verdicts) >= MAX_VERDICTS:
+            self._verdicts.pop(next(iter(self._verdicts)))  # oldest first
+        self._verdicts[key] = verdict
+
+    def _report(self, stage: str, pid: int, exc: BaseException) -> None:
+        if self.on_error is None:
+            return
+        try:
+            exe = os.readlink(f"{self.proc_root}/{pid}/exe")
+        except OSError:
+            exe = "?"
+        st = _stat_fields(pid, self.proc_root)
+        self.on_error(pid, exe, exc, (pid, st[1] if st else 0))
+
+    def _judge_failed(self, pid: int, exc: BaseException) -> None:
+        """Judged again at the next scans, up to JUDGE_ATTEMPTS times; then not until
+        its executable changes (_seen keeps the version that failed)."""
+        n = self._judge_failures[pid] = self._judge_failures.get(pid, 0) + 1
+        if n < JUDGE_ATTEMPTS:
+            self._seen.pop(pid, None)
+        self._report("judge", pid, exc)
 
     def forget(self, pid: int, *, retry: bool = False) -> None:
         """Stop following PID. With retry, the next scan judges it afresh (a transient

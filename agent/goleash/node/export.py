@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from goleash.api.goleash.v1 import ingest_service_pb2 as ing
 from goleash.api.goleash.v1 import types_pb2 as t
+from goleash.errors import GoleashError, StageFailure
 from goleash.node.discovery import Candidate
 from goleash.node.tracker import ProcessSnapshot, SiteSummary
 from goleash.probes.inventory import SYSTEM_KEEP, Goroutine, site_at
@@ -25,6 +26,8 @@ from goleash.probes.target import GoProcess
 
 DEFAULT_MAX_KEPT = 200  # individual goroutines per process and snapshot
 KEPT_FRAMES = 32
+_U32 = (1 << 32) - 1
+_U64 = (1 << 64) - 1
 
 STATES = {
     "idle": t.GOROUTINE_STATE_IDLE,
@@ -276,12 +279,19 @@ class SnapshotExporter:
         chosen = parked[: self.max_kept]
         if not chosen:
             return []
-        stacks = walk_stacks(self.proc, chosen, KEPT_FRAMES)
+        try:
+            stacks = walk_stacks(self.proc, chosen, KEPT_FRAMES)
+        except GoleashError:
+            raise
+        except Exception as exc:
+            raise StageFailure("stacks", exc) from exc
         live = {g.goid for g in snap.goroutines}
         out = []
         for g in chosen:
             fn, stmt = names[(g.gopc, g.startpc)]
             parent = snap.parents.get(g.goid, 0)
+            if not (0 <= g.goid <= _U64 and 0 <= parent <= _U64):
+                continue  # torn: goids are non-negative 64-bit counters
             m = t.Goroutine(
                 goid=g.goid,
                 parent_goid=parent,
@@ -298,7 +308,13 @@ class SnapshotExporter:
             )
             stack = stacks.get(g.goid)
             for f in stack.frames if stack is not None else ():
-                m.stack.add(function=f.function, file=f.file, line=f.line, pc=f.pc)
+                # Read from another process: only in-range numbers reach protobuf.
+                m.stack.add(
+                    function=f.function,
+                    file=f.file,
+                    line=f.line if 0 <= f.line <= _U32 else 0,
+                    pc=f.pc if 0 <= f.pc <= _U64 else 0,
+                )
             out.append(m)
         return out
 

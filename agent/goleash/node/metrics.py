@@ -107,6 +107,7 @@ class AgentView:
     connected: bool
     untraceable: dict[str, int]  # processes not traced, by reason kind
     scans: int
+    process_errors: dict[str, int] = field(default_factory=dict)  # by stage, since start
 
 
 def trim_go_path(where: str, module: str = "") -> str:
@@ -316,6 +317,14 @@ class AgentCollector(Collector):
         for reason, n in sorted(v.untraceable.items()):
             untraceable.add_metric([reason], n)
         yield untraceable
+        errors = CounterMetricFamily(
+            "goleash_agent_process_errors",
+            "Failures while handling one process (logged; that process only), by stage.",
+            labels=["stage"],
+        )
+        for stage, n in sorted(v.process_errors.items()):
+            errors.add_metric([stage], n)
+        yield errors
         yield CounterMetricFamily(
             "goleash_agent_scans", "Scans of /proc for Go processes.", value=v.scans
         )

@@ -17,6 +17,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from goleash.errors import GoleashError, StageFailure
+from goleash.gobin.errors import ProcessError
 from goleash.probes.budget import OverheadBudget
 from goleash.probes.goroutines import GoroutineProbes, TrackerReading
 from goleash.probes.inventory import Goroutine, Inventory, read_goroutines, site_at
@@ -42,6 +44,17 @@ STUCK_WAIT_REASONS = frozenset(
 )
 DEFAULT_ORPHAN_MIN_AGE_S = 30.0
 BUDGET_MIN_WINDOW_S = 1.0
+
+
+def _read_inventory(proc: GoProcess) -> Inventory:
+    """The live goroutines; a failure other than the process's own (gone, unreadable)
+    is named as the inventory stage's, for the agent to count."""
+    try:
+        return read_goroutines(proc)
+    except GoleashError:
+        raise
+    except Exception as exc:
+        raise StageFailure("inventory", exc) from exc
 
 
 def _quantile(sorted_vals: list[float], q: float) -> float | None:
@@ -140,11 +153,17 @@ class ProcessTracker:
 
     def start(self) -> None:
         """Inventory first (the whole picture at attach), then the probes."""
-        inv = read_goroutines(self.proc)
+        inv = _read_inventory(self.proc)
         self._last_inventory = inv
         self._remember(inv.goroutines, inv.read_ns)
         if self.probes is not None:
             self.probes.attach()
+            # The probes went to /proc/PID/exe at offsets computed from the file that
+            # was analysed: if PID exec'd (or was reused) meanwhile, they sit in another
+            # program. Take them out again before that program runs into them.
+            if not self.proc.same_executable():
+                self.probes.close()
+                raise ProcessError(f"PID {self.proc.pid}: exited or exec'd while attaching")
         else:
             self.mode_reason = "probes off (inventory only)"
         self._last_poll = time.monotonic()
@@ -250,7 +269,7 @@ class ProcessTracker:
         # milliseconds (two snapshots close together) is judged over one second.
         dt = max(BUDGET_MIN_WINDOW_S, now - self._last_poll)
         self._last_poll = now
-        inv = inventory or read_goroutines(self.proc)
+        inv = inventory or _read_inventory(self.proc)
         self._last_inventory = inv
         self._remember(inv.goroutines, inv.read_ns)
         reading = self.probes.read() if self.probes is not None and self.probes.compiled else None

@@ -28,6 +28,7 @@ import time
 import weakref
 from dataclasses import dataclass
 
+from goleash.errors import printable
 from goleash.gobin.binary import GoBinary
 from goleash.gobin.disasm import Instruction, disassemble
 from goleash.gobin.errors import BinaryError, ProcessError, SymbolNotFoundError
@@ -56,7 +57,9 @@ _G_SCAN = 0x1000
 # Not goroutines a program has: never started (idle: newproc1 turns it dead at once),
 # finished (dead), or a g kept for a cgo callback on an extra M (Go 1.26+).
 _NOT_LIVE = {_G_IDLE, _G_DEAD, _G_DEADEXTRA}
-_MAX_ALLGS = 1 << 26  # a sanity bound: 64M gs would be ~25 GiB of g structs
+# A sanity bound on what another process's memory can make us read: 4M gs (~1.6 GiB
+# of g structs in the target) is 32 MiB of pointers here per snapshot.
+_MAX_ALLGS = 1 << 22
 
 _RIP_REL = re.compile(r"\[rip ([+-]) (0x[0-9a-f]+|\d+)\]")
 
@@ -246,7 +249,7 @@ def _read_go_string(binary: GoBinary, header: bytes) -> str | None:
     if ptr == 0 or n > 256:
         return None
     try:
-        return binary.read(ptr, n).decode("utf-8")
+        return printable(binary.read(ptr, n).decode("utf-8"))
     except (BinaryError, UnicodeDecodeError):
         return None
 
@@ -344,6 +347,8 @@ def read_goroutines(proc: GoProcess) -> Inventory:
     unpack = d.unpack
     reasons = lay.wait_reasons
     bias = proc.load_bias
+    entries = proc.pclntab._entries
+    text_lo, text_hi = (entries[0], entries[-1]) if entries else (0, 0)
     out: list[Goroutine] = []
     torn = 0
     for p, raw in zip(pointers, raws, strict=True):
@@ -360,13 +365,18 @@ def read_goroutines(proc: GoProcess) -> Inventory:
         if name is None or code & ~(_G_SCAN | 0xFF) or goid == 0 or not lo < hi or not startpc:
             torn += 1  # mid-reuse (newproc1 fills a dead g in several steps) or garbage
             continue
+        gopc, spc = v[i_gopc], v[i_pc]
+        if not text_lo <= startpc - bias < text_hi or (
+            gopc and not text_lo <= gopc - bias <= text_hi
+        ):
+            torn += 1  # code addresses outside the program: not a g we can trust
+            continue
         wait_reason = None
         if base in (_G_WAITING, _G_LEAKED):
             r = v[i_reason]
             if r:
                 wait_reason = reasons[r] if r < len(reasons) else "unknown wait reason"
         since = v[i_since] if base in (_G_WAITING, _G_SYSCALL) else 0
-        gopc, spc = v[i_gopc], v[i_pc]
         out.append(
             Goroutine(
                 goid=goid,

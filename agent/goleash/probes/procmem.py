@@ -73,7 +73,10 @@ def start_time(pid: int) -> int | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat.rpartition(")")[2].split()[19])
+    try:
+        return int(stat.rpartition(")")[2].split()[19])
+    except (IndexError, ValueError):
+        return None
 
 
 def _gone(pid: int) -> bool:
@@ -97,10 +100,10 @@ class ProcessMemory:
     def __init__(self, pid: int, *, use_process_vm_readv: bool = True) -> None:
         """use_process_vm_readv=False reads through /proc/PID/mem only (the fallback,
         chosen by itself when the system call is filtered)."""
+        self._mem_fd: int | None = None  # first: close() and __del__ run after any failure
         check_pid(pid)
         self.pid = pid
         self._use_readv = use_process_vm_readv and _process_vm_readv is not None
-        self._mem_fd: int | None = None
         # Fail now, not at the first read, when we may not read this process at all.
         self._check_permission()
 
@@ -268,7 +271,8 @@ def load_bias(pid: int, binary: GoBinary) -> int:
     if not binary.is_pie:
         return 0
     try:
-        ino = os.stat(f"/proc/{pid}/exe").st_ino
+        # The inode analysed (held open by `binary`), not whatever PID runs now.
+        ino = binary.key[1]
         exe = os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
         maps = Path(f"/proc/{pid}/maps").read_text()
     except FileNotFoundError:

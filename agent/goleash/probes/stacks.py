@@ -217,7 +217,14 @@ def walk_stack(
     pc, bp = g.sched_pc, g.sched_bp
     old_syscall = g.status == "syscall" and proc.build_info.version < (1, 23, 0)
     exact, physical = False, 0
+    tab = proc.pclntab
+    text = (tab._entries[0], tab._entries[-1]) if tab._entries else (0, 0)
     while True:
+        if not text[0] <= pc < text[1]:
+            # A torn or damaged read (a zero or stale PC rebased below the binary):
+            # the frame is unknown and nothing after it can be trusted.
+            frames.append(Frame(max(0, pc) if pc < 1 << 64 else 0, "?", "?", 0, 0))
+            return Stack(frames, False, "PC outside the program's code (changed while read?)")
         logical = _frames(proc, pc, exact)
         fr = logical[-1]  # the physical function; inlined calls come before it
         if fr.function == _GOEXIT:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from goleash.errors import GoleashError, printable
 from goleash.gobin.binary import GoBinary
 from goleash.gobin.buildinfo import BuildInfo
 from goleash.gobin.errors import BinaryError, ProcessError
@@ -43,23 +44,32 @@ class GoProcess:
         check_pid(pid)
         exe = exe_path(pid)
         try:
-            exe_name = os.readlink(exe)
+            exe_name = printable(os.readlink(exe))  # shown to people: no control characters
         except OSError:
             exe_name = exe
         started = start_time(pid)
         try:
             binary = GoBinary(exe)
-            info, symbols, offsets, pclntab = analyze(binary)
         except BinaryError as exc:
-            if start_time(pid) != started:
-                raise ProcessError(f"PID {pid}: the process exited while attaching") from None
-            # Name the process, not /proc/PID/exe, in what the user reads.
-            msg = str(exc).replace(f"{exe}: ", "", 1)
-            raise type(exc)(f"PID {pid} ({exe_name}): {msg}") from None
-        memory = ProcessMemory(pid)
-        bias = load_bias(pid, binary)
-        if started is None or start_time(pid) != started:
-            raise ProcessError(f"PID {pid}: the process exited while attaching")
+            raise _named(exc, pid, exe, exe_name, started) from None
+        try:
+            try:
+                info, symbols, offsets, pclntab = analyze(binary)
+            except BinaryError as exc:
+                raise _named(exc, pid, exe, exe_name, started) from None
+        except BaseException:
+            binary.close()
+            raise
+        try:
+            memory = ProcessMemory(pid)
+            bias = load_bias(pid, binary)
+            if started is None or start_time(pid) != started:
+                raise ProcessError(f"PID {pid}: the process exited while attaching")
+            if not _runs(pid, binary):
+                raise ProcessError(f"PID {pid}: it exec'd another program while attaching")
+        except BaseException:
+            binary.close()
+            raise
         return cls(
             pid=pid,
             exe=exe,
@@ -73,6 +83,11 @@ class GoProcess:
             memory=memory,
             start_time=started,
         )
+
+    def same_executable(self) -> bool:
+        """The same process still runs the very file that was analysed: checked after
+        probes are placed, which are removed again when not (an exec, a reused PID)."""
+        return self.alive() and _runs(self.pid, self.binary)
 
     @property
     def go_version(self) -> str:
@@ -89,13 +104,36 @@ class GoProcess:
         return runtime_addr - self.load_bias
 
     def close(self) -> None:
-        self.memory.close()
+        try:
+            self.memory.close()
+        finally:
+            self.binary.close()
 
     def __enter__(self) -> GoProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _runs(pid: int, binary: GoBinary) -> bool:
+    """PID's executable is the inode `binary` was read from."""
+    try:
+        st = os.stat(f"/proc/{pid}/exe")
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == binary.key[:2]
+
+
+def _named(
+    exc: BinaryError, pid: int, exe: str, exe_name: str, started: int | None
+) -> GoleashError:
+    """The error for a user: the process named (not /proc/PID/exe), or, when it
+    exited or exec'd meanwhile, a ProcessError (transient) instead of a verdict."""
+    if start_time(pid) != started:
+        return ProcessError(f"PID {pid}: the process exited while attaching")
+    msg = printable(str(exc).replace(f"{exe}: ", "", 1))
+    return type(exc)(f"PID {pid} ({printable(exe_name)}): {msg}")
 
 
 def inspect_process(pid: int) -> InspectReport:
