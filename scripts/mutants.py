@@ -192,7 +192,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "            return None\n"
         "        if not cleared:\n",
         "        if not cleared and rreading is not None:\n",
-        (POLICY_AGENT, "-k", "blast_radius"),
+        ("tests/unit/test_policy_engine.py", "-k", "no_data"),
         "a degraded service whose data stops is recovered on a guess",
     ),
 )
