@@ -11,7 +11,7 @@ from pathlib import Path
 
 from goleash.bench import Report
 
-SECTIONS = ["goroutines", "funclat", "ingest"]
+SECTIONS = ["goroutines", "funclat", "ingest", "gobin"]
 
 
 def main() -> int:

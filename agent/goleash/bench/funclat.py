@@ -169,3 +169,44 @@ def run(report: Report) -> None:
         rps["every call"] / rps["untraced"],
         "ratio",
     )
+
+    # --- 3. sampling at the default budget (moved here from the tests) -------------------
+    _sampling(report)
+
+
+def _sampling(report: Report) -> None:
+    """A hot function (funclat -mode mixture: 8 goroutines sleeping 1-30 ms in a loop)
+    at the default 1% budget: what share of each interval its probes stay attached and
+    what share of its calls that times. The tests check that sampling happens and keeps
+    the median right; how much it samples depends on the machine, so it is a figure."""
+    from goleash.probes.funclat import FunctionLatency
+
+    p = subprocess.Popen(
+        [str(fixture("funclat", TOOLCHAIN)), "-mode", "mixture", "-goroutines", "8",
+         "-duration", "3s"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "GOMAXPROCS": "8"},
+    )  # fmt: skip
+    assert p.stdin is not None and p.stdout is not None
+    try:
+        pid = int(p.stdout.readline().split()[1])  # "ready PID"
+        proc = GoProcess.attach(pid)
+        sel = resolve(FunctionIndex(proc.binary, proc.pclntab, proc.symbols), ["main.sleepFor"])
+        total = FunctionLatency("main.sleepFor")
+        with FuncLatencyProbes(
+            proc, sel.functions, budget=OverheadBudget(cpu_fraction=0.01)
+        ) as probes:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+            answer: list[str] = []
+            reader = threading.Thread(target=lambda: answer.append(p.stdout.readline()))  # type: ignore[union-attr]
+            reader.start()
+            while reader.is_alive():
+                total = total + probes.run_interval(0.5).functions[0]
+        calls = json.loads(answer[0])["calls"]
+    finally:
+        p.kill()
+        p.wait()
+    report.line("hot function at 1% budget: probes attached", total.attached_fraction, "share")
+    report.line("hot function at 1% budget: calls timed", total.count / calls, "share",
+                f"{total.count} of {calls}")  # fmt: skip
