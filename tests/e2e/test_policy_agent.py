@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,30 +40,49 @@ rules:
       - {{level: L3, above: 600, clear_below: 500, actions: [{{type: file, path: "{d}/L3"}}]}}
     recovery: {{hold: 2s}}
     cooldown: {{initial: 0.5s, backoff: 1}}
-  # A witness on the same signal: its decisions prove the engine evaluated the values
-  # the test steered to, so "levels did not move" is never a vacuous pass.
+  # A witness on the same signal, judged in the same rounds but at once (no sustain):
+  # its decisions prove the engine evaluated the values the test steered to, so "levels
+  # did not move" is never a vacuous pass, and they time the rounds levels must wait.
   - name: witness
     services: [steered]
     signal: {{kind: goroutines, scope: service}}
-    sustain: {{consecutive: 2}}
     levels:
       - {{level: W1, above: 15, clear_below: 12, actions: [{{type: event}}]}}
-      - {{level: W2, above: 700, clear_below: 560, actions: [{{type: event}}]}}
+      - {{level: W2, above: 100, clear_below: 12, actions: [{{type: event}}]}}
+      - {{level: W3, above: 700, clear_below: 560, actions: [{{type: event}}]}}
     recovery: {{hold: 2s}}
-    cooldown: {{initial: 0.5s, backoff: 1}}
+    cooldown: {{initial: 0.1s, backoff: 1}}
 """
 
 
-def decisions(api: ControlClient, service: str, rule: str) -> list[tuple[str, str]]:
-    """(from, to) of each level change `rule` made for `service`, oldest first."""
+def _level_changes(api: ControlClient, service: str, rule: str) -> list[tuple[str, str, float]]:
+    """(from, to, when in epoch seconds) of each level change `rule` made for `service`,
+    oldest first."""
     resp = api.call("ListDecisions", q.ListDecisionsRequest(service=service))
     return [
-        (e.details["from_level"] or "normal", e.details["to_level"] or "normal")
+        (
+            e.details["from_level"] or "normal",
+            e.details["to_level"] or "normal",
+            e.time_unix_nano / 1e9,
+        )
         for e in reversed(resp.decisions)  # newest first
         if e.kind == t.EVENT_KIND_DECISION
         and e.details["rule"] == rule
         and e.details["decision"] != "hold"
     ]
+
+
+def decisions(api: ControlClient, service: str, rule: str) -> list[tuple[str, str]]:
+    """(from, to) of each level change `rule` made for `service`, oldest first."""
+    return [(a, b) for a, b, _ in _level_changes(api, service, rule)]
+
+
+def decision_times(api: ControlClient, service: str, rule: str) -> dict[tuple[str, str], float]:
+    """(from, to) -> when `rule` first made that level change for `service`."""
+    out: dict[tuple[str, str], float] = {}
+    for a, b, when in _level_changes(api, service, rule):
+        out.setdefault((a, b), when)
+    return out
 
 
 @pytest.fixture
@@ -128,8 +148,8 @@ def test_levels_up_and_back_down_on_a_steered_go_service(
         baseline = wait_for(lambda: (n := goroutines()) >= 0 and n + 1, "the agent to follow") - 1
         assert baseline < 12, "the witness's W1 must start clear"
         steer(20)
-        # The witness reached W1: the engine evaluated 20 goroutines twice (levels'
-        # sustain), and the levels rule, over 100 only, stayed normal.
+        # The witness reached W1: the engine evaluated 20 goroutines, and the levels
+        # rule (over 100 only) stayed normal.
         wait_for(lambda: ("normal", "W1") in decisions(api, "steered", "witness"), "W1 at 20")
         assert level() == "normal"
         for n, want in ((200, "L1"), (400, "L2"), (800, "L3")):
@@ -137,15 +157,23 @@ def test_levels_up_and_back_down_on_a_steered_go_service(
             wait_for(lambda want=want: level() == want, f"{want} at {n} goroutines")
             # actions run after the decision is logged, on the action runner
             wait_for(lambda want=want: (flags / want).exists(), f"the {want} flag file")
-        wait_for(lambda: ("W1", "W2") in decisions(api, "steered", "witness"), "W2 at 800")
+        # Sustain: L1 came at least one round (0.5 s) after the first round that saw 200
+        # goroutines, the one where the witness went to W2.
+        witness, levels = (decision_times(api, "steered", r) for r in ("witness", "levels"))
+        assert levels[("normal", "L1")] - witness[("W1", "W2")] >= 0.25
+        wait_for(lambda: ("W2", "W3") in decisions(api, "steered", "witness"), "W3 at 800")
         # Between L3's clear threshold (500) and its threshold (600): hysteresis holds
         # L3. The witness clears under 560 with the same hold: once it stepped down, the
         # engine has judged 550 for as long as L3 would need to recover.
         steer(550)
-        wait_for(lambda: ("W2", "W1") in decisions(api, "steered", "witness"), "W2 -> W1 at 550")
+        wait_for(lambda: ("W3", "W2") in decisions(api, "steered", "witness"), "W3 -> W2 at 550")
         assert level() == "L3" and (flags / "L3").exists()
         steer(450)  # under L3's clear, above L2's threshold: down to L2 after the hold
+        steered_at = time.time()
         wait_for(lambda: level() == "L2", "L3 -> L2")
+        # Hold: not before 2 s under the clear threshold, counted from when it was.
+        held_for = decision_times(api, "steered", "levels")[("L3", "L2")] - steered_at
+        assert held_for >= 2.0, f"L3 -> L2 {held_for:.2f}s after the count went under 500"
         wait_for(lambda: not (flags / "L3").exists(), "the L3 flag file removed")
         assert (flags / "L2").exists()
         steer(10)
