@@ -155,10 +155,11 @@ def test_sleep_mixture_quantiles_from_many_goroutines(toolchain: str) -> None:
 
 
 def assert_distinct_quantiles(ns: dict[str, float]) -> None:
-    """The program's own quantiles of a QUANTILE_RUN: each at least 1.5x the previous,
-    so a test comparing against them tells any two apart."""
+    """The program's own quantiles of a QUANTILE_RUN: each at least 1.25x the previous
+    (2.2x by design; a loaded machine stretches short sleeps most), so two swapped are
+    at least 20% off, twice the 10% the comparisons allow."""
     vals = [ns[name] for name in QS]
-    assert all(b >= 1.5 * a for a, b in zip(vals, vals[1:], strict=False)), ns
+    assert all(b >= 1.25 * a for a, b in zip(vals, vals[1:], strict=False)), ns
 
 
 @pytest.mark.parametrize("variant", ["stripped", "pie"])
