@@ -513,7 +513,7 @@ def test_cli_latency_json_prints_each_quantile_under_its_name(toolchain: str) ->
         assert isinstance(got, int) and abs(got - want) <= 0.10 * want, (
             f"{name}_ns: goleash {got / 1e6:.3f} ms, program {want / 1e6:.3f} ms"
         )
-    assert abs(f["max_ns"] - ns["max"]) <= 0.10 * ns["max"]
+    assert f["p999_ns"] <= f["max_ns"] <= ns["max"] * 1.10
 
 
 def test_cli_panics_json() -> None:
