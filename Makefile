@@ -5,7 +5,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 export GOLEASH_CACHE ?= /var/cache/goleash
 
-.PHONY: setup demo test test-unit bench proto lint offsets-table image test-image
+.PHONY: setup demo test test-unit bench mutants proto lint offsets-table image test-image
 
 setup:
 	@bash scripts/setup.sh
@@ -14,8 +14,15 @@ setup:
 demo: setup
 	@$(PY) -m goleash.demo
 
-## the whole suite, BPF tests included (root)
-test: setup
+## the whole suite, BPF tests included (root: without it the probe tests cannot run,
+## and a run that skipped them would say nothing about them)
+test:
+	@if [ "$$(id -u)" != 0 ]; then \
+		echo "make test: needs root to attach BPF probes (run \`sudo make test\`);" \
+			"\`make test-unit\` runs the tests that need no root" >&2; \
+		exit 2; \
+	fi
+	@$(MAKE) --no-print-directory setup
 	@$(PY) -m pytest -q tests
 
 ## the agent/control-plane image (deploy/Dockerfile) with podman, from a local
@@ -34,6 +41,11 @@ test-unit: setup
 
 bench: setup
 	@$(PY) -m goleash.bench
+
+## plant known bugs (scripts/mutants.py) in a copy of the tree and check that the tests
+## meant to catch each one fail (root; ~10 min; not part of `make test`)
+mutants: setup
+	@$(PY) scripts/mutants.py
 
 ## regenerate agent/goleash/gobin/offsets_table.json from every toolchain's DWARF
 offsets-table: setup

@@ -19,6 +19,7 @@ from goleash.probes.budget import OverheadBudget
 from goleash.probes.target import GoProcess
 from polling import wait_for
 from populations import running_populations
+from probe_evidence import goroutine_probe_bytes, int3_count, uprobe_fds
 
 pytestmark = pytest.mark.root
 
@@ -37,8 +38,13 @@ def site(snapshot_sites: list[SiteSummary], marker: str) -> SiteSummary:
     return found[0]
 
 
-@pytest.mark.parametrize("variant", ["default", "stripped", "pie"])
-def test_counts_exact(toolchain: str, variant: str) -> None:
+def has_parent_goid(toolchain: str) -> bool:
+    """Go 1.21 added g.parentGoid: before it a parent is known only for goroutines the
+    probes saw born (from g0.m.curg), never for those born before attach."""
+    return tuple(int(x) for x in toolchain.split(".")[:2]) >= (1, 21)
+
+
+def check_counts(toolchain: str, variant: str) -> None:
     with populations(toolchain, variant) as pop:
         proc = GoProcess.attach(pop.pid)
         tracker = ProcessTracker(proc, orphan_min_age_s=0)
@@ -47,6 +53,18 @@ def test_counts_exact(toolchain: str, variant: str) -> None:
             assert tracker.mode == "probes"
             n = 2000
             assert pop.command(f"churn {n}") == {"churned": n}
+            # Born while attached: 5 orphans whose creator exits (parents from the
+            # probes on every Go version).
+            late = pop.command("orphans 5")
+            # A GC first, so that the runtime's mark workers (born at the first GC and
+            # appended to allgs) are not born after the family. The family comes last:
+            # a live parent with more children than there are dead gs to reuse (at most
+            # n + a few), so the newest allgs entries are its children and a read that
+            # misses the end of allgs shows in their count.
+            assert pop.command("gc") == {"gc": True}
+            fam_n = n + 200
+            fam = pop.command(f"family {fam_n}")
+            assert fam["family"] == fam_n
 
             def churn_done():
                 snap = tracker.snapshot()
@@ -60,9 +78,18 @@ def test_counts_exact(toolchain: str, variant: str) -> None:
             assert churn.function == "main.churn"
             assert churn.lifetime_mean_s is not None and churn.lifetime_mean_s < 5
 
+            # The family: every child counted, all stuck, none an orphan (parent alive).
+            family = site(snap.sites, "family")
+            assert (family.live, family.created, family.exited) == (fam_n, fam_n, 0)
+            assert family.function == "main.familyChild"
+            assert family.wait_reasons == {"chan receive": fam_n}
+            assert family.orphans == 0, "children of a live parent are no orphans"
+            members = _goids(snap, family)
+            assert {snap.parents.get(g) for g in members} == {fam["parent_goid"]}
+            assert site(snap.sites, "family-parent").live == 1
+
             # Populations born before attach: the inventory's live counts are exact.
             for marker, count, reason in (
-                ("orphan", COUNTS["orphan"], "chan receive"),
                 ("nilselect", COUNTS["nilselect"], "select"),
                 ("condwait", COUNTS["condwait"], "sync.Cond.Wait"),
                 ("sleeper", COUNTS["sleeper"], "sleep"),
@@ -75,14 +102,18 @@ def test_counts_exact(toolchain: str, variant: str) -> None:
             workers = site(snap.sites, "worker")
             assert workers.live == COUNTS["worker"]
 
-            # Orphans: the creators exited; 1.21+ says so from g.parentGoid.
+            # Orphans: every creator exited. The 30 born before attach have a known
+            # parent from g.parentGoid on 1.21+ only; the 5 born while attached have
+            # theirs from the probes on every version.
             orphans = site(snap.sites, "orphan")
-            if proc.offsets.g_parent_goid is not None:
-                assert orphans.orphans == COUNTS["orphan"]
-                parents = {
-                    g.parent_goid for g in snap.goroutines if g.goid in _goids(snap, orphans)
-                }
-                assert parents == set(pop.ready["populations"]["orphan"]["creator_goids"])
+            early = COUNTS["orphan"]
+            assert (orphans.live, orphans.created) == (early + 5, 5)
+            assert orphans.wait_reasons == {"chan receive": early + 5}
+            known = early if has_parent_goid(toolchain) else 0
+            assert orphans.orphans == known + 5
+            parents = {snap.parents.get(g) for g in _goids(snap, orphans)}
+            creators = set(pop.creator_goids) if known else {None}
+            assert parents == creators | {late["creator_goid"]}
             # Healthy long-lived goroutines are never orphans.
             for marker in ("worker", "sleeper"):
                 assert site(snap.sites, marker).orphans == 0
@@ -92,10 +123,26 @@ def test_counts_exact(toolchain: str, variant: str) -> None:
                 "read_faults": 0,
                 "stack_faults": 0,
             }
+            # Two hits per goroutine lifetime, each counted at its site. (The runtime
+            # may start goroutines of its own meanwhile, e.g. GC mark workers.)
             hits = snap.probe_hits
-            assert hits["create_hits"] == n and hits["exit_hits"] == n, "two hits per goroutine"
+            assert hits["create_hits"] == sum(s.created for s in snap.sites) >= n + fam_n + 7
+            assert hits["exit_hits"] == sum(s.exited for s in snap.sites) >= n + 1
         finally:
             tracker.close()
+
+
+@pytest.mark.parametrize("variant", ["default", "stripped", "pie"])
+def test_counts_exact(toolchain: str, variant: str) -> None:
+    check_counts(toolchain, variant)
+
+
+@pytest.mark.parametrize("variant", ["trimpath", "cgo"])
+@pytest.mark.parametrize("toolchain", [gobuild.TOOLCHAINS[0], gobuild.TOOLCHAINS[-1]])
+def test_counts_exact_trimpath_and_cgo(toolchain: str, variant: str) -> None:
+    """Paths rewritten by -trimpath; a cgo binary (runtime/cgo, libc, threads made by
+    pthread_create): the same probes, the same exact counts."""
+    check_counts(toolchain, variant)
 
 
 def _goids(snap, s: SiteSummary) -> set[int]:
@@ -122,17 +169,14 @@ def test_parents_from_probes(toolchain: str) -> None:
                 f"{fname}:{line}"
             )
 
-            # Once the creator has exited, all its children are orphans.
-            def all_orphaned():
-                s = site(tracker.snapshot().sites, "orphan")
-                return (
-                    s
-                    if s.orphans == COUNTS["orphan"] + 6
-                    or (proc.offsets.g_parent_goid is None and s.orphans == 6)
-                    else None
-                )
-
-            wait_for(all_orphaned, "the late creator's children to count as orphans")
+            # Once the creator has exited, all its children are orphans (and on 1.21+
+            # the populations born before attach too, from g.parentGoid).
+            early = COUNTS["orphan"] if has_parent_goid(toolchain) else 0
+            s = wait_for(
+                lambda: (s := site(tracker.snapshot().sites, "orphan")).orphans >= early + 6 and s,
+                "the late creator's children to count as orphans",
+            )
+            assert s.orphans == early + 6
         finally:
             tracker.close()
 
@@ -322,10 +366,21 @@ def test_sigterm_detaches_and_prints_summary() -> None:
         assert tr.stderr is not None and tr.stdout is not None
         wait_for(lambda: "tracing PID" in tr.stderr.readline(), "trace to attach")
         wait_for(lambda: "main.orphan" in tr.stdout.readline(), "a summary naming main.orphan")
+        # Attached: int3 at the probe sites, held by uprobe fds of the tracer (perf
+        # events or BPF links, which tracefs's uprobe_events does not list).
+        assert int3_count(pop.pid) >= 2, "the create and exit probes at least"
+        assert uprobe_fds(tr.pid)
         tr.terminate()
         out, err = tr.communicate(timeout=30)
         assert tr.returncode == 0, err
         assert "Traceback" not in err
+        assert "main.orphan" in out  # the summary printed on the way out
+        # Detached: every probed byte is the file's byte again. (Seen under heavy CPU
+        # load: int3 still there 5 s after the tracer exited 0, gone later; the
+        # tracer detaches in a `finally`, so the kernel finishes the removal late.)
+        wait_for(
+            lambda: (b := goroutine_probe_bytes(pop.pid))[0] == b[1], "the int3 bytes restored", 30
+        )
         # The traced program goes on, unchanged.
         pop.churn(100)
         assert pop.proc.poll() is None

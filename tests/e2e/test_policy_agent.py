@@ -40,7 +40,49 @@ rules:
       - {{level: L3, above: 600, clear_below: 500, actions: [{{type: file, path: "{d}/L3"}}]}}
     recovery: {{hold: 2s}}
     cooldown: {{initial: 0.5s, backoff: 1}}
+  # A witness on the same signal, judged in the same rounds but at once (no sustain):
+  # its decisions prove the engine evaluated the values the test steered to, so "levels
+  # did not move" is never a vacuous pass, and they time the rounds levels must wait.
+  - name: witness
+    services: [steered]
+    signal: {{kind: goroutines, scope: service}}
+    levels:
+      - {{level: W1, above: 15, clear_below: 12, actions: [{{type: event}}]}}
+      - {{level: W2, above: 100, clear_below: 12, actions: [{{type: event}}]}}
+      - {{level: W3, above: 700, clear_below: 560, actions: [{{type: event}}]}}
+    recovery: {{hold: 2s}}
+    cooldown: {{initial: 0.1s, backoff: 1}}
 """
+
+
+def _level_changes(api: ControlClient, service: str, rule: str) -> list[tuple[str, str, float]]:
+    """(from, to, when in epoch seconds) of each level change `rule` made for `service`,
+    oldest first."""
+    resp = api.call("ListDecisions", q.ListDecisionsRequest(service=service))
+    return [
+        (
+            e.details["from_level"] or "normal",
+            e.details["to_level"] or "normal",
+            e.time_unix_nano / 1e9,
+        )
+        for e in reversed(resp.decisions)  # newest first
+        if e.kind == t.EVENT_KIND_DECISION
+        and e.details["rule"] == rule
+        and e.details["decision"] != "hold"
+    ]
+
+
+def decisions(api: ControlClient, service: str, rule: str) -> list[tuple[str, str]]:
+    """(from, to) of each level change `rule` made for `service`, oldest first."""
+    return [(a, b) for a, b, _ in _level_changes(api, service, rule)]
+
+
+def decision_times(api: ControlClient, service: str, rule: str) -> dict[tuple[str, str], float]:
+    """(from, to) -> when `rule` first made that level change for `service`."""
+    out: dict[tuple[str, str], float] = {}
+    for a, b, when in _level_changes(api, service, rule):
+        out.setdefault((a, b), when)
+    return out
 
 
 @pytest.fixture
@@ -96,53 +138,59 @@ def test_levels_up_and_back_down_on_a_steered_go_service(
             assert go.stdout.readline().strip() == f"ok {n}"  # type: ignore[union-attr]
 
         def level() -> str:
-            resp = api.call("ListDecisions", q.ListDecisionsRequest(service="steered"))
-            for e in resp.decisions:  # newest first
-                if e.kind == t.EVENT_KIND_DECISION and e.details["decision"] != "hold":
-                    return str(e.details["to_level"]) or "normal"
-            return "normal"
+            path = decisions(api, "steered", "levels")
+            return path[-1][1] if path else "normal"
 
         def goroutines() -> int:
             procs = api.call("ListProcesses", q.ListProcessesRequest()).processes
             return next((p.goroutines for p in procs if p.info.service == "steered"), -1)
 
-        wait_for(lambda: goroutines() >= 0, "the agent to follow the fixture")
+        baseline = wait_for(lambda: (n := goroutines()) >= 0 and n + 1, "the agent to follow") - 1
+        assert baseline < 12, "the witness's W1 must start clear"
         steer(20)
-        time.sleep(2)
+        # The witness reached W1: the engine evaluated 20 goroutines, and the levels
+        # rule (over 100 only) stayed normal.
+        wait_for(lambda: ("normal", "W1") in decisions(api, "steered", "witness"), "W1 at 20")
         assert level() == "normal"
         for n, want in ((200, "L1"), (400, "L2"), (800, "L3")):
             steer(n)
             wait_for(lambda want=want: level() == want, f"{want} at {n} goroutines")
-            # the decision is logged first, its action runs on a worker right after
-            wait_for(lambda want=want: (flags / want).exists(), f"{want}'s flag file")
-        # between L3's clear threshold (500) and its threshold (600): hysteresis holds L3
+            # actions run after the decision is logged, on the action runner
+            wait_for(lambda want=want: (flags / want).exists(), f"the {want} flag file")
+        # Sustain: L1 came at least one round (0.5 s) after the first round that saw 200
+        # goroutines, the one where the witness went to W2.
+        witness, levels = (decision_times(api, "steered", r) for r in ("witness", "levels"))
+        assert levels[("normal", "L1")] - witness[("W1", "W2")] >= 0.25
+        wait_for(lambda: ("W2", "W3") in decisions(api, "steered", "witness"), "W3 at 800")
+        # Between L3's clear threshold (500) and its threshold (600): hysteresis holds
+        # L3. The witness clears under 560 with the same hold: once it stepped down, the
+        # engine has judged 550 for as long as L3 would need to recover.
         steer(550)
-        time.sleep(4)
-        assert level() == "L3" and goroutines() >= 550
+        wait_for(lambda: ("W3", "W2") in decisions(api, "steered", "witness"), "W3 -> W2 at 550")
+        assert level() == "L3" and (flags / "L3").exists()
         steer(450)  # under L3's clear, above L2's threshold: down to L2 after the hold
+        steered_at = time.time()
         wait_for(lambda: level() == "L2", "L3 -> L2")
-        wait_for(lambda: not (flags / "L3").exists(), "L3's flag file removed")
+        # Hold: not before 2 s under the clear threshold, counted from when it was.
+        held_for = decision_times(api, "steered", "levels")[("L3", "L2")] - steered_at
+        assert held_for >= 2.0, f"L3 -> L2 {held_for:.2f}s after the count went under 500"
+        wait_for(lambda: not (flags / "L3").exists(), "the L3 flag file removed")
         assert (flags / "L2").exists()
         steer(10)
         wait_for(lambda: level() == "normal", "back to normal")
-        assert sorted(p.name for p in flags.iterdir()) == []
-        decided = api.call("ListDecisions", q.ListDecisionsRequest(service="steered")).decisions
-        path = [
-            (e.details["from_level"] or "normal", e.details["to_level"] or "normal")
-            for e in reversed(decided)
-            if e.kind == t.EVENT_KIND_DECISION and e.details["decision"] != "hold"
-        ]
-        assert path == [
+        wait_for(lambda: not any(flags.iterdir()), "every flag file removed")
+        assert decisions(api, "steered", "levels") == [
             ("normal", "L1"),
             ("L1", "L2"),
             ("L2", "L3"),
             ("L3", "L2"),
             ("L2", "normal"),
         ]
+        decided = api.call("ListDecisions", q.ListDecisionsRequest(service="steered")).decisions
         actions = [
             (e.details["operation"], Path(e.details["target"]).name, e.details["ok"])
             for e in reversed(decided)
-            if e.kind == t.EVENT_KIND_ACTION
+            if e.kind == t.EVENT_KIND_ACTION and e.details["rule"] == "levels"
         ]
         assert actions == [
             ("apply", "L1", True),
@@ -167,6 +215,13 @@ rules:
     signal: {{kind: goroutines, above: 300}}
     levels: [{{level: L3, actions: [{{type: file, path: "{d}/{{service}}"}}]}}]
     cooldown: {{initial: 0.5s}}
+  # A witness: notify-only, so the blast radius does not count it. Its decision proves
+  # the engine went on evaluating for four rounds at the value the test steered to.
+  - name: witness
+    services: ["steered-*"]
+    signal: {{kind: goroutines, above: 700}}
+    sustain: {{consecutive: 4}}
+    levels: [{{level: W, actions: [{{type: event}}]}}]
 """
 
 
@@ -192,26 +247,38 @@ def test_blast_radius_and_no_data_with_several_real_services(
             return {p.info.service for p in ps if p.state == q.PROCESS_STATE_RUNNING}
 
         wait_for(lambda: set(procs) <= running(), "the agent to follow all three", 60)
-        for name in sorted(procs):  # a, then b, then c cross the threshold
-            procs[name].stdin.write("500\n")  # type: ignore[union-attr]
-            procs[name].stdout.readline()  # type: ignore[union-attr]
-            time.sleep(1.5)
-        wait_for(lambda: flags.exists() and len(list(flags.iterdir())) == 2, "two degraded")
 
         def held() -> list[str]:
             resp = api.call("ListDecisions", q.ListDecisionsRequest(service="steered-c"))
             return [e.message for e in resp.decisions if "blast radius" in e.message]
 
-        wait_for(held, "steered-c held by the blast radius")
-        time.sleep(2)
-        assert sorted(p.name for p in flags.iterdir()) == ["steered-a", "steered-b"]
+        def flagged() -> list[str]:
+            return sorted(p.name for p in flags.iterdir()) if flags.exists() else []
+
+        # a, then b, then c cross the threshold, each once the previous one was judged
+        for name in sorted(procs):
+            procs[name].stdin.write("500\n")  # type: ignore[union-attr]
+            procs[name].stdout.readline()  # type: ignore[union-attr]
+            if name == "steered-c":
+                # the engine judged steered-c over its threshold and held it at the cap
+                wait_for(held, "steered-c held by the blast radius")
+            else:
+                wait_for(lambda name=name: name in flagged(), f"{name} degraded")
+        assert flagged() == ["steered-a", "steered-b"]
         # steered-a's process dies: no data for it, so it holds (degraded), never recovers
         # on a guess, and the cap still counts it
         procs["steered-a"].kill()
         procs["steered-a"].wait()
         wait_for(lambda: "steered-a" not in running(), "steered-a gone")
-        time.sleep(3)
-        assert sorted(p.name for p in flags.iterdir()) == ["steered-a", "steered-b"]
+        # Four more rounds of evaluation, all after steered-a died: steered-b over the
+        # witness's threshold (and still over too-many's) until the witness fires.
+        procs["steered-b"].stdin.write("800\n")  # type: ignore[union-attr]
+        procs["steered-b"].stdout.readline()  # type: ignore[union-attr]
+        wait_for(
+            lambda: ("normal", "W") in decisions(api, "steered-b", "witness"),
+            "four evaluations of steered-b at 800",
+        )
+        assert flagged() == ["steered-a", "steered-b"]
         # steered-b recovers: now steered-c may degrade
         procs["steered-b"].stdin.write("10\n")  # type: ignore[union-attr]
         wait_for(

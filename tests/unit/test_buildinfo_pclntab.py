@@ -6,7 +6,6 @@ import functools
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import capstone
@@ -267,14 +266,13 @@ def test_no_section_headers(toolchain: str, variant: str, tmp_path: Path) -> Non
         assert table.lookup("main.worker") == (worker.entry, worker.end - worker.entry)
 
 
-def test_function_list_is_fast() -> None:
+def test_function_list_of_a_stripped_binary() -> None:
+    """Every function, from pclntab alone (how long that takes: `make bench`, gobin)."""
     path = gobuild.build(FIXTURE, gobuild.TOOLCHAINS[-1], "stripped")
     with GoBinary(path) as b:
-        start = time.perf_counter()
-        n = len(Pclntab.from_binary(b).functions)
-        elapsed = time.perf_counter() - start
-    assert n > 1000
-    assert elapsed < 1.0, f"{n} functions took {elapsed:.2f}s"
+        names = {f.name for f in Pclntab.from_binary(b).functions}
+    assert len(names) > 1000
+    assert {"main.main", "runtime.goexit1", "runtime.newproc1"} <= names
 
 
 # --- symbols ------------------------------------------------------------------------------

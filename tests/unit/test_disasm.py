@@ -7,9 +7,7 @@ where goleash relies on that.
 
 from __future__ import annotations
 
-import importlib.util
 from functools import cache
-from typing import Any
 
 import pytest
 
@@ -30,8 +28,7 @@ from goleash.gobin.disasm import (
     tail_call_sites,
 )
 from goleash.gobin.errors import SymbolNotFoundError
-
-HAVE_PCLNTAB = importlib.util.find_spec("goleash.gobin.pclntab") is not None
+from goleash.gobin.pclntab import Pclntab
 
 # what each runtime entry site must still carry in registers (see GoroutineProbeSites)
 ENTRY_KEEPS = {
@@ -51,11 +48,7 @@ def open_binary(toolchain: str, variant: str, fixture: str = "spawner") -> GoBin
     return GoBinary(gobuild.build(fixture, toolchain, variant))
 
 
-def _pclntab(binary: GoBinary) -> Any:
-    if not HAVE_PCLNTAB:
-        pytest.skip("stripped binary: function bounds need goleash.gobin.pclntab (not landed yet)")
-    from goleash.gobin.pclntab import Pclntab
-
+def _pclntab(binary: GoBinary) -> Pclntab:
     return Pclntab.from_binary(binary)
 
 

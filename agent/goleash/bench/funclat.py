@@ -234,6 +234,7 @@ def _sampled_accuracy(report: Report) -> None:
             "calls": total.calls / res["calls"],
             "timed": total.timed / res["calls"],
             "exact": float(total.calls_exact),
+            "attached": total.attached_fraction,
         }
         for q, name in ((0.5, "p50"), (0.9, "p90"), (0.99, "p99")):
             row[name] = (total.quantile_ns(q) or math.nan) / res["ns"][name]
@@ -248,6 +249,7 @@ def _sampled_accuracy(report: Report) -> None:
 
     report.line("sampled timing: calls/s of main.sleepFor (program's count)", med("rate"), "1/s")
     report.line("sampled timing: share of calls timed (1% budget)", med("timed"), "ratio")
+    report.line("sampled timing: share of time probes attached", med("attached"), "ratio")
     report.line(
         "sampled timing: calls reported / program's count, worst run",
         worst("calls"),
