@@ -15,7 +15,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_control_plane import (  # noqa: E402
     LEAK,
-    TOKEN,
     ControlPlaneProcess,
     cli,
     feed_shop,
@@ -24,7 +23,7 @@ from test_control_plane import (  # noqa: E402
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[str]:
-    cp = ControlPlaneProcess(tmp_path / "goleash.db", "--token", TOKEN)
+    cp = ControlPlaneProcess(tmp_path / "goleash.db")
     try:
         with grpc.insecure_channel(cp.address) as ch:
             grpc.channel_ready_future(ch).result(timeout=10)
