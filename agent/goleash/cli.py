@@ -1719,7 +1719,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if i >= len(argv):
         return parser.parse_args(argv)  # no subcommand: argparse says which are known
     ns = globals_parser.parse_args(argv[:i])
-    args = commands[argv[i]].parse_intermixed_args(argv[i + 1 :], namespace=ns)
+    command = commands[argv[i]]
+    # A command that runs another command line (`check -- CMD ARGS`) keeps that line
+    # whole: argparse cannot intermix options with a REMAINDER positional.
+    takes_command_line = any(a.nargs == argparse.REMAINDER for a in command._actions)
+    parse = command.parse_args if takes_command_line else command.parse_intermixed_args
+    args = parse(argv[i + 1 :], namespace=ns)
     args.command = argv[i]
     for key, value in defaults.items():  # commands without connection options
         if not hasattr(args, key):
