@@ -53,8 +53,8 @@ from goleash.control.actions import (
 from goleash.control.engine_stats import EngineStats
 from goleash.control.events import EventLog
 from goleash.control.histogram import bucket_bounds
-from goleash.control.policy import PolicyError, PolicyStore, validate_policy
-from goleash.control.rules import CompiledPolicy, RuleSpec, SignalSpec, compile_document
+from goleash.control.policy import PolicyError, PolicyStore, accept_policy, compile_policy
+from goleash.control.rules import CompiledPolicy, RuleSpec, SignalSpec
 from goleash.control.state import ControlError, Store
 
 log = logging.getLogger("goleash.control.engine")
@@ -262,28 +262,10 @@ class PolicyEngine:
         cur = self.policies.current
         if cur is not None and cur.document.text == text:
             return True
-        running = cur.version if cur else 0
         try:
-            accepted = self.policies.set(text, source)
-        except PolicyError as exc:
-            self.events.append(
-                t.EVENT_KIND_POLICY_REJECTED,
-                f"policy from {source} rejected ({exc}); version {running} keeps running",
-                details={
-                    "line": exc.line,
-                    "reason": exc.reason,
-                    "source": source,
-                    "running_version": running,
-                },
-            )
+            accept_policy(self.policies, self.events, text, source)
+        except PolicyError:
             return False
-        doc = accepted.document
-        self.events.append(
-            t.EVENT_KIND_POLICY_SET,
-            f"policy version {accepted.version} from {source} running "
-            f"({doc.mode}, {len(doc.rules)} rule(s))",
-            details={"version": accepted.version, "mode": doc.mode, "source": source},
-        )
         return True
 
     def _current(self, now: float) -> CompiledPolicy | None:
@@ -291,15 +273,7 @@ class PolicyEngine:
         if cur is None:
             return None
         if self.policy is None or self.policy.version != cur.version:
-            try:
-                compiled = compile_document(cur.document, cur.version)
-            except PolicyError as exc:
-                # accepted by an older validator: keep what ran before
-                log.warning("policy version %d cannot run: %s", cur.version, exc)
-                if self.policy is None:
-                    return None
-                return self.policy
-            self._switch(compiled, now)
+            self._switch(cur.compiled, now)  # compiled once, when the text was accepted
         return self.policy
 
     def _switch(self, new: CompiledPolicy, now: float) -> None:
@@ -1212,4 +1186,4 @@ class EngineLoop:
 
 def check_policy_text(text: str) -> CompiledPolicy:
     """Validate a policy the way the control plane will (for `goleash policy check`)."""
-    return compile_document(validate_policy(text))
+    return compile_policy(text)[1]
