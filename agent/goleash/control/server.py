@@ -49,7 +49,7 @@ from goleash.api.goleash.v1 import ingest_service_pb2_grpc as ing_grpc
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.control import DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES, auth
 from goleash.control.detect import DEFAULT_LEAK_PARAMS, LeakParams
-from goleash.control.engine import EngineLoop
+from goleash.control.engine_loop import EngineLoop
 from goleash.control.events import (
     DEFAULT_MAX_AGE_SECONDS,
     DEFAULT_MAX_BYTES,
