@@ -15,10 +15,11 @@ from typing import Any
 from goleash import profiles
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import types_pb2 as t
-from goleash.control import flamegraph
+from goleash.control import flamegraph, queries
 from goleash.control.actions import DEGRADE
 from goleash.control.engine_signals import Reading, selector
 from goleash.control.histogram import bucket_bounds
+from goleash.control.queries import Selection
 from goleash.control.rules import RuleSpec
 from goleash.control.state import ControlError, Store
 
@@ -53,7 +54,7 @@ def gather(
             ev["note"] = reading.note
     sel = selector(svc)
     try:
-        _processes(store, sel, now, ev)
+        _processes(store, svc, now, ev)
         summary = store.goroutine_summary(
             q.GetGoroutineSummaryRequest(selector=sel, limit=EVIDENCE_SITES), now
         )
@@ -71,8 +72,8 @@ def gather(
     return ev
 
 
-def _processes(store: Store, sel: q.ProcessSelector, now: float, ev: dict[str, Any]) -> None:
-    procs = store.list_processes(q.ListProcessesRequest(selector=sel), now)
+def _processes(store: Store, svc: str, now: float, ev: dict[str, Any]) -> None:
+    procs = list(queries.processes(store, Selection(service=svc), now).rows)
     ev["processes"] = [
         {
             "pid": p.info.pid,
@@ -81,9 +82,9 @@ def _processes(store: Store, sel: q.ProcessSelector, now: float, ev: dict[str, A
             "orphans": p.orphans,
             "go_version": p.info.go_version,
         }
-        for p in procs.processes
+        for p in procs
     ]
-    ev["goroutines"] = sum(p.goroutines for p in procs.processes)
+    ev["goroutines"] = sum(p.goroutines for p in procs)
 
 
 def _site(s: Any) -> dict[str, Any]:
@@ -158,18 +159,14 @@ def latency(store: Store, svc: str, now: float) -> tuple[list[dict[str, Any]], s
     out, lines = [], []
     for fn in sorted(s.latency) if s else ():
         try:
-            lat = store.function_latency(
-                q.GetFunctionLatencyRequest(function=fn, selector=selector(svc)), now
-            )
+            lat = queries.function_latency(store, fn, Selection(service=svc), now)
         except ControlError:
             continue
-        if not lat.count:
+        h = lat.histogram
+        if h is None or not h.count:
             continue
-        rows = [
-            (bucket_bounds(b.index, lat.histogram.sub_bucket_bits), b.count)
-            for b in sorted(lat.histogram.buckets, key=lambda b: b.index)
-        ]
-        qs = {f"p{str(x.quantile)[2:].ljust(2, '0')}": x.value_seconds for x in lat.quantiles}
+        rows = [(bucket_bounds(i, h.bits), h.buckets[i]) for i in sorted(h.buckets)]
+        qs = {f"p{str(x)[2:].ljust(2, '0')}": v for x, v in lat.quantiles}
         out.append(
             {
                 "function": fn,

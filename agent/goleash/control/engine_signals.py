@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
+from goleash.control import queries
+from goleash.control.queries import ProcessRow, Selection
 from goleash.control.rules import SignalSpec
 from goleash.control.state import ControlError, Store
 
@@ -37,16 +39,14 @@ def site_is(s: Any, site: str) -> bool:
     return s.function == site or s.go_statement == site or s.go_statement.endswith("/" + site)
 
 
-def running(store: Store, svc: str, window: float, now: float) -> list[q.ProcessStatus] | None:
+def running(store: Store, svc: str, window: float, now: float) -> list[ProcessRow] | None:
     """The service's processes, or None when any of them is stale (hold)."""
     try:
-        resp = store.list_processes(
-            q.ListProcessesRequest(selector=selector(svc), window_seconds=window), now
-        )
+        found = queries.processes(store, Selection(service=svc), now, window_seconds=window)
+        procs = list(found.rows)
     except ControlError:
         return None
-    procs = list(resp.processes)
-    if not procs or any(p.state != q.PROCESS_STATE_RUNNING for p in procs):
+    if not procs or any(not p.running for p in procs):
         return None
     return procs
 
@@ -85,7 +85,7 @@ def _orphans(
     sig: SignalSpec,
     svc: str,
     now: float,
-    procs: list[q.ProcessStatus],
+    procs: list[ProcessRow],
     history: History | None,
 ) -> Reading | None:
     n = len(procs)
@@ -119,20 +119,19 @@ def _function_latency(
     if fn is None:
         return None
     try:
-        lat = store.function_latency(
-            q.GetFunctionLatencyRequest(
-                function=fn,
-                selector=selector(svc),
-                window_seconds=window,
-                quantiles=[sig.quantile],
-            ),
+        lat = queries.function_latency(
+            store,
+            fn,
+            Selection(service=svc),
             now,
+            window_seconds=window,
+            quantiles=[sig.quantile],
         )
     except ControlError:
         return None
     if not lat.count:
         return None
-    v = lat.quantiles[0].value_seconds
+    v = lat.quantiles[0][1]
     if sig.over_baseline is None:
         return Reading(v, v, processes=n, note=f"{lat.count} calls")
     # baseline: the median of this signal while it was not firing, so a sustained

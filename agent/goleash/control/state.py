@@ -20,14 +20,13 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import ingest_service_pb2 as ing
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.control import detect
 from goleash.control import limits as caps
-from goleash.control.histogram import Histogram
 from goleash.control.limits import (
     DEFAULT_LIMITS,
     ControlError,
@@ -44,6 +43,12 @@ from goleash.control.windows import (
     covered,
     retention,
 )
+
+if TYPE_CHECKING:
+    from goleash.control.queries import Selection
+
+# the API's selector, or the read model's plain one (same fields)
+Selector = Union[q.ProcessSelector, "Selection"]
 
 SiteKey = tuple[str, str]  # (function, go statement)
 ProcKey = tuple[str, int]  # (agent id, pid)
@@ -732,7 +737,7 @@ class Store:
             )
         return w
 
-    def _check_selector(self, sel: q.ProcessSelector) -> None:
+    def _check_selector(self, sel: Selector) -> None:
         if sel.service and sel.service not in self.services:
             known = ", ".join(sorted(self.services)[:10]) or "none yet"
             raise NotFound(f"no service named {sel.service!r} (known: {known})")
@@ -743,14 +748,14 @@ class Store:
             raise NotFound(f"no followed process with pid {sel.pid}")
 
     @staticmethod
-    def _matches(p: ProcState, sel: q.ProcessSelector) -> bool:
+    def _matches(p: ProcState, sel: Selector) -> bool:
         return (
             (not sel.service or p.service == sel.service)
             and (not sel.agent_id or p.key[0] == sel.agent_id)
             and (not sel.pid or p.key[1] == sel.pid)
         )
 
-    def select(self, sel: q.ProcessSelector, *, include_gone: bool = False) -> list[ProcState]:
+    def select(self, sel: Selector, *, include_gone: bool = False) -> list[ProcState]:
         self._check_selector(sel)
         if sel.service and not include_gone:
             keys: Iterable[ProcKey] = self.services[sel.service].procs
@@ -800,44 +805,20 @@ class Store:
                 break
         return out
 
-    _ORDERS: dict[int, Callable[[ProcState], Any]] = {
-        q.PROCESS_ORDER_UNSPECIFIED: lambda p: (p.service, p.key),
-        q.PROCESS_ORDER_GOROUTINES: lambda p: (-p.goroutines, p.service, p.key),
-        q.PROCESS_ORDER_ORPHANS: lambda p: (-p.orphans, -p.goroutines, p.service, p.key),
-    }
-
     def list_processes(self, req: q.ListProcessesRequest, now: float) -> q.ListProcessesResponse:
-        w = self.window(req.window_seconds)
-        order = self._ORDERS.get(req.order_by)
-        if order is None:
-            raise InvalidArgument(f"order_by {req.order_by} is not a ProcessOrder")
-        procs = self.select(req.selector, include_gone=req.include_gone)
-        procs.sort(key=order)
-        out = q.ListProcessesResponse(
-            window_seconds=covered(now, w, self.tiers), total_size=len(procs)
+        """The ListProcesses answer, from the typed read model (`queries`)."""
+        from goleash.control import queries, views  # both read the Store: imported at use
+
+        found = queries.processes(
+            self,
+            queries.Selection.of(req.selector),
+            now,
+            window_seconds=req.window_seconds,
+            include_gone=req.include_gone,
+            order_by=req.order_by,
+            limit=req.limit,
         )
-        size = 0
-        for p in procs[: req.limit or None]:
-            out.processes.add(
-                info=p.info,
-                agent_id=p.key[0],
-                node_name=self.agents[p.key[0]].identity.node_name,
-                state=self.process_state(p, now),
-                first_seen_unix_nano=_ns(p.first_seen),
-                last_seen_unix_nano=_ns(p.last_seen),
-                goroutines=p.goroutines,
-                created=int(p.windows.total(now, w, CREATED)),
-                exited=int(p.windows.total(now, w, EXITED)),
-                orphans=p.orphans,
-                panics=int(p.windows.total(now, w, PANICS)),
-                drops=_drops(p.drops),
-                gone_reason=p.gone_reason,
-            )
-            size += out.processes[-1].ByteSize() + 8
-            if size > MAX_RESPONSE_BYTES:  # total_size tells the client what is missing
-                del out.processes[-1]
-                break
-        return out
+        return views.list_processes_response(found, MAX_RESPONSE_BYTES)
 
     def goroutine_summary(
         self, req: q.GetGoroutineSummaryRequest, now: float
@@ -1086,49 +1067,15 @@ class Store:
     def function_latency(
         self, req: q.GetFunctionLatencyRequest, now: float
     ) -> q.GetFunctionLatencyResponse:
-        if not req.function:
-            raise InvalidArgument("function is required (a symbol, e.g. main.handle)")
-        qs = list(req.quantiles) or list(DEFAULT_QUANTILES)
-        for x in qs:
-            if not 0 < x < 1:
-                raise InvalidArgument(f"quantiles must be in (0, 1), got {x}")
-        w = self.window(req.window_seconds)
-        sel = req.selector
-        procs = self.select(sel)
-        fn = req.function
-        span_tiers = self.tiers
-        if sel.agent_id or sel.pid:
-            sources = [p.latency[fn] for p in procs if fn in p.latency]
-            span_tiers = self.process_latency_tiers
-        else:
-            services = [self.services[sel.service]] if sel.service else self.services.values()
-            sources = [svc.latency[fn] for svc in services if fn in svc.latency]
-        if not sources:
-            traced = sorted({f for p in procs for f in p.latency})
-            listed = ", ".join(traced[:10]) + (" ..." if len(traced) > 10 else "")
-            raise NotFound(
-                f"no latency data for {fn!r} in the selection"
-                + (f" (traced: {listed})" if traced else " (no function is traced there)")
-            )
-        merged: Histogram | None = None
-        for hw in sources:
-            merged = hw.merged(now, w, merged)
-        span = covered(now, w, span_tiers)
-        out = q.GetFunctionLatencyResponse(function=fn, window_seconds=span)
-        out.processes = sum(
-            1 for p in procs if fn in p.latency and p.latency[fn].last_record > now - span
+        """The GetFunctionLatency answer, from the typed read model (`queries`)."""
+        from goleash.control import queries, views  # both read the Store: imported at use
+
+        found = queries.function_latency(
+            self,
+            req.function,
+            queries.Selection.of(req.selector),
+            now,
+            window_seconds=req.window_seconds,
+            quantiles=req.quantiles,
         )
-        if merged is not None and merged.count:
-            out.count = merged.count
-            out.mean_seconds = merged.sum_seconds / merged.count
-            out.histogram.sub_bucket_bits = merged.bits
-            out.histogram.count = merged.count
-            out.histogram.sum_seconds = merged.sum_seconds
-            for idx in sorted(merged.buckets):
-                out.histogram.buckets.add(index=idx, count=merged.buckets[idx])
-            values = merged.quantiles(qs)
-        else:
-            values = [0.0] * len(qs)
-        for x, v in zip(qs, values, strict=True):
-            out.quantiles.add(quantile=x, value_seconds=v)
-        return out
+        return views.function_latency_response(found)
