@@ -5,6 +5,7 @@ folded text, pprof) written to the report directory."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
@@ -13,19 +14,19 @@ from pathlib import Path
 from typing import Any
 
 from goleash import profiles
-from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.control import flamegraph, queries
 from goleash.control.actions import DEGRADE
-from goleash.control.engine_signals import Reading, selector
+from goleash.control.engine_signals import Reading
 from goleash.control.histogram import bucket_bounds
-from goleash.control.queries import Selection
+from goleash.control.queries import Selection, SiteRow
 from goleash.control.rules import RuleSpec
 from goleash.control.state import ControlError, Store
 
 log = logging.getLogger("goleash.control.engine")
 
 EVIDENCE_SITES = 10
+KEPT_EXAMPLES = 1000  # the oldest kept goroutines a flame graph looks at for stacks
 
 
 @dataclass(frozen=True)
@@ -52,13 +53,11 @@ def gather(
             ev["baseline"] = reading.baseline
         if reading.note:
             ev["note"] = reading.note
-    sel = selector(svc)
+    sel = Selection(service=svc)
     try:
         _processes(store, svc, now, ev)
-        summary = store.goroutine_summary(
-            q.GetGoroutineSummaryRequest(selector=sel, limit=EVIDENCE_SITES), now
-        )
-        ev["sites"] = [_site(s) for s in summary.sites]
+        summary = list(queries.sites(store, sel, now, limit=EVIDENCE_SITES).rows)
+        ev["sites"] = [_site(s) for s in summary]
         _orphans_and_suspects(store, sel, now, ev)
         ev["latency"], text = latency(store, svc, now)
         if text:
@@ -87,35 +86,33 @@ def _processes(store: Store, svc: str, now: float, ev: dict[str, Any]) -> None:
     ev["goroutines"] = sum(p.goroutines for p in procs)
 
 
-def _site(s: Any) -> dict[str, Any]:
+def _site(s: SiteRow) -> dict[str, Any]:
     return {
         "function": s.function,
         "go_statement": s.go_statement,
-        "creator": s.creator_function,
+        "creator": s.creator,
         "live": s.live,
         "growth_per_minute": round(s.growth_per_minute, 1),
-        "oldest_age_seconds": round(s.age.max_seconds, 1),
+        "oldest_age_seconds": round(s.age.max, 1),
         "orphans": s.orphans,
-        "wait_reason": s.wait_reasons[0].reason if s.wait_reasons else "",
+        "wait_reason": s.wait_reasons[0][0] if s.wait_reasons else "",
     }
 
 
-def _orphans_and_suspects(
-    store: Store, sel: q.ProcessSelector, now: float, ev: dict[str, Any]
-) -> None:
-    orphans = store.list_orphans(q.ListOrphansRequest(selector=sel), now)
+def _orphans_and_suspects(store: Store, sel: Selection, now: float, ev: dict[str, Any]) -> None:
+    orphans = queries.orphans(store, sel, now)
     ev["orphans"] = [
         {
             "function": g.function,
             "go_statement": g.go_statement,
-            "creator": g.creator_function,
+            "creator": g.creator,
             "count": g.count,
             "oldest_age_seconds": round(g.oldest_age_seconds, 1),
             "reason": g.reason,
         }
-        for g in orphans.groups[:EVIDENCE_SITES]
+        for g in itertools.islice(orphans, EVIDENCE_SITES)
     ]
-    suspects = store.leak_suspects(q.ListLeakSuspectsRequest(selector=sel), now)
+    suspects = queries.leak_suspects(store, sel, now)
     ev["leak_suspects"] = [
         {
             "function": s.function,
@@ -124,7 +121,7 @@ def _orphans_and_suspects(
             "growth_per_minute": round(s.growth_per_minute, 1),
             "oldest_age_seconds": round(s.oldest_age_seconds, 1),
         }
-        for s in suspects.suspects[:EVIDENCE_SITES]
+        for s in itertools.islice(suspects.rows, EVIDENCE_SITES)
     ]
 
 
@@ -132,7 +129,7 @@ def _flamegraph_files(
     store: Store,
     settings: EvidenceSettings,
     svc: str,
-    summary: q.GetGoroutineSummaryResponse,
+    summary: list[SiteRow],
     now: float,
     rule: RuleSpec,
     ev: dict[str, Any],
@@ -189,18 +186,16 @@ def flamegraph_file(
     store: Store,
     report_dir: Path,
     svc: str,
-    summary: q.GetGoroutineSummaryResponse,
+    summary: list[SiteRow],
     now: float,
     rule: RuleSpec,
 ) -> str:
     """Write the creation stacks as SVG, folded text and pprof; the SVG's path ("" when
     there is nothing to draw or the files cannot be written)."""
-    sites = [(s.creator_function, s.go_statement, s.function, s.live) for s in summary.sites]
-    kept = store.list_goroutines(
-        q.ListGoroutinesRequest(selector=selector(svc), page_size=1000), now
-    )
+    sites = [(s.creator, s.go_statement, s.function, s.live) for s in summary]
+    kept = queries.kept_goroutines(store, Selection(service=svc))[:KEPT_EXAMPLES]
     examples: dict[tuple[str, str], t.Goroutine] = {}
-    for r in kept.goroutines:  # oldest first: keep the oldest of each site
+    for r in kept:  # oldest first: keep the oldest of each site
         examples.setdefault((r.goroutine.function, r.goroutine.go_statement), r.goroutine)
     stacks = flamegraph.creation_stacks(sites, examples)
     if not stacks:

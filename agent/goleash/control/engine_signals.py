@@ -7,11 +7,9 @@ import re
 import statistics
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
 
-from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.control import queries
-from goleash.control.queries import ProcessRow, Selection
+from goleash.control.queries import ProcessRow, Selection, site_is
 from goleash.control.rules import SignalSpec
 from goleash.control.state import ControlError, Store
 
@@ -29,14 +27,6 @@ class Reading:
     baseline: float | None = None
     processes: int = 0
     note: str = ""
-
-
-def selector(service: str) -> q.ProcessSelector:
-    return q.ProcessSelector(service=service)
-
-
-def site_is(s: Any, site: str) -> bool:
-    return s.function == site or s.go_statement == site or s.go_statement.endswith("/" + site)
 
 
 def running(store: Store, svc: str, window: float, now: float) -> list[ProcessRow] | None:
@@ -71,8 +61,8 @@ def read(
     if sig.kind == "orphans":
         return _orphans(store, sig, svc, now, procs, history)
     if sig.kind == "leak_suspects":
-        resp = store.leak_suspects(q.ListLeakSuspectsRequest(selector=selector(svc)), now)
-        v = float(len(resp.suspects))
+        found = queries.leak_suspects(store, Selection(service=svc), now)
+        v = float(sum(1 for _ in found.rows))
         return Reading(v, v, processes=n)
     if sig.kind == "panics":
         v = float(sum(p.panics for p in procs)) / window * 60.0
@@ -170,14 +160,14 @@ def function(store: Store, svc: str, pattern: str) -> str | None:
 
 
 def site_live(store: Store, svc: str, site: str, now: float) -> int:
-    resp = store.goroutine_summary(q.GetGoroutineSummaryRequest(selector=selector(svc)), now)
-    vals = [s.live for s in resp.sites if not site or site_is(s, site)]
+    found = queries.sites(store, Selection(service=svc), now)
+    vals = [s.live for s in found.rows if not site or site_is(s, site)]
     return max(vals, default=0)
 
 
 def site_orphans(store: Store, svc: str, site: str, now: float) -> int:
-    resp = store.list_orphans(q.ListOrphansRequest(selector=selector(svc)), now)
-    vals = [g.count for g in resp.groups if not site or site_is(g, site)]
+    found = queries.orphans(store, Selection(service=svc), now)
+    vals = [g.count for g in found if not site or site_is(g, site)]
     return max(vals, default=0)
 
 

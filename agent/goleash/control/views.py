@@ -11,7 +11,6 @@ from google.protobuf import json_format
 
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import types_pb2 as t
-from goleash.control.queries import LatencyWindow, ProcessList
 from goleash.profiles import DUMP_SCHEMA, ProfileFrame, StackSample, goroutine_json
 
 
@@ -471,53 +470,3 @@ def latency_text(rows: Sequence[dict[str, Any]]) -> str:
         ],
         ("FUNCTION", "CALLS", "p50 ms", "p90 ms", "p99 ms", "p999 ms", "PROCESSES"),
     )
-
-
-# --- the read model as API messages (the servicer boundary) -----------------------------
-
-
-def list_processes_response(found: ProcessList, max_bytes: int) -> q.ListProcessesResponse:
-    out = q.ListProcessesResponse(window_seconds=found.window_seconds, total_size=found.total)
-    size = 0
-    for p in found.rows:
-        out.processes.add(
-            info=p.info,
-            agent_id=p.agent_id,
-            node_name=p.node_name,
-            state=p.state,
-            first_seen_unix_nano=_unix_ns(p.first_seen),
-            last_seen_unix_nano=_unix_ns(p.last_seen),
-            goroutines=p.goroutines,
-            created=p.created,
-            exited=p.exited,
-            orphans=p.orphans,
-            panics=p.panics,
-            drops=[t.DropCount(reason=r, count=n) for r, n in sorted(p.drops.items())],
-            gone_reason=p.gone_reason,
-        )
-        size += out.processes[-1].ByteSize() + 8
-        if size > max_bytes:  # total_size tells the client what is missing
-            del out.processes[-1]
-            break
-    return out
-
-
-def function_latency_response(found: LatencyWindow) -> q.GetFunctionLatencyResponse:
-    out = q.GetFunctionLatencyResponse(function=found.function, window_seconds=found.window_seconds)
-    out.processes = found.processes
-    merged = found.histogram
-    if merged is not None and merged.count:
-        out.count = merged.count
-        out.mean_seconds = found.mean_seconds
-        out.histogram.sub_bucket_bits = merged.bits
-        out.histogram.count = merged.count
-        out.histogram.sum_seconds = merged.sum_seconds
-        for idx in sorted(merged.buckets):
-            out.histogram.buckets.add(index=idx, count=merged.buckets[idx])
-    for x, value in found.quantiles:
-        out.quantiles.add(quantile=x, value_seconds=value)
-    return out
-
-
-def _unix_ns(seconds: float) -> int:
-    return max(int(seconds * 1e9), 0)
