@@ -3,9 +3,12 @@
 This module owns what SetPolicy/GetPolicy/OverrideService need: YAML validated
 before it replaces the running policy (a rejection names the line and the reason),
 versions kept in the control plane's database so a restart resumes the last
-accepted policy, and overrides with expiry. The policy engine that evaluates rules
-and fires actions builds on `PolicyDocument` (issue 6); `validate_policy` is the one
-gate every policy text passes, from the API or a file.
+accepted policy, and overrides with expiry.
+
+`accept_policy` is the one way a policy text becomes the running one, from the API
+or a file: it is parsed and compiled once (`compile_policy`), the compiled form is
+kept with its version (`PolicyVersion.compiled`, what the engine runs), and one
+event records the outcome.
 """
 
 from __future__ import annotations
@@ -14,26 +17,35 @@ import math
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
+from goleash.api.goleash.v1 import types_pb2 as t
+from goleash.control.events import EventLog
 from goleash.control.limits import InvalidArgument
-from goleash.errors import GoleashError
-
-MODES = ("enforce", "monitor", "off")
-# Top-level keys a policy may have; the engine reads the ones it knows.
-TOP_LEVEL_KEYS = (
-    "mode",
-    "rules",
-    "levels",
-    "defaults",
-    "actions",
-    "cooldown",
-    "blast_radius",
-    "evaluation_interval",
+from goleash.control.policytext import (
+    MODES,
+    TOP_LEVEL_KEYS,
+    PolicyDocument,
+    PolicyError,
+    parse_policy,
 )
+from goleash.control.rules import CompiledPolicy, compile_document
+
+# The names callers imported from here before `policytext` existed.
+__all__ = [
+    "MODES",
+    "TOP_LEVEL_KEYS",
+    "Override",
+    "PolicyDocument",
+    "PolicyError",
+    "PolicyStore",
+    "PolicyVersion",
+    "accept_policy",
+    "check_override",
+    "compile_policy",
+    "validate_policy",
+]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS policies (
@@ -56,103 +68,16 @@ CREATE TABLE IF NOT EXISTS overrides (
 """
 
 
-class PolicyError(GoleashError):
-    """A policy text that cannot run; `line` is 1-based (0 when not tied to a line)."""
-
-    def __init__(self, line: int, reason: str) -> None:
-        self.line = line
-        self.reason = reason
-        super().__init__(f"line {line}: {reason}" if line else reason)
-
-
-@dataclass(frozen=True)
-class PolicyDocument:
-    """A validated policy."""
-
-    text: str
-    mode: str
-    rules: tuple[dict[str, Any], ...]
-    raw: dict[str, Any] = field(default_factory=dict)
-
-
-def _line(node: yaml.Node) -> int:
-    return node.start_mark.line + 1
-
-
-def _no_duplicate_keys(root: yaml.Node) -> None:
-    """YAML lets a later key silently replace an earlier one; a policy must not (the
-    reader sees one threshold, the engine runs the other). Walked without recursion:
-    nesting depth is the author's."""
-    todo = [root]
-    while todo:
-        node = todo.pop()
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[str, int] = {}
-            for k, v in node.value:
-                if isinstance(k, yaml.ScalarNode) and k.value != "<<":
-                    if k.value in seen:
-                        raise PolicyError(
-                            _line(k),
-                            f"key {k.value!r} appears twice in one mapping "
-                            f"(first on line {seen[k.value]})",
-                        )
-                    seen[k.value] = _line(k)
-                todo.append(v)
-        elif isinstance(node, yaml.SequenceNode):
-            todo.extend(node.value)
+def compile_policy(text: str, version: int = 0) -> tuple[PolicyDocument, CompiledPolicy]:
+    """Parse and compile a policy once; PolicyError(line, reason) on the first problem."""
+    doc = parse_policy(text)
+    # the engine's own checks (signals, thresholds, levels, actions), each with its line
+    return doc, compile_document(doc, version)
 
 
 def validate_policy(text: str) -> PolicyDocument:
-    """Parse and check a policy; raise PolicyError(line, reason) on the first problem."""
-    if not text.strip():
-        raise PolicyError(0, "the policy is empty")
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 0
-        raise PolicyError(line, f"not valid YAML: {exc.problem or exc.context}") from exc
-    except (yaml.YAMLError, RecursionError) as exc:
-        raise PolicyError(0, f"not valid YAML: {type(exc).__name__}") from exc
-    if root is not None:
-        _no_duplicate_keys(root)
-    if not isinstance(root, yaml.MappingNode) or not isinstance(raw, dict):
-        raise PolicyError(1, "a policy is a mapping (keys like mode:, rules:)")
-    keys = {k.value: (k, v) for k, v in root.value}
-    for name, (knode, _) in keys.items():
-        if name not in TOP_LEVEL_KEYS:
-            raise PolicyError(
-                _line(knode), f"unknown key {name!r} (known: {', '.join(TOP_LEVEL_KEYS)})"
-            )
-    mode = raw.get("mode", "monitor")
-    if mode is False:  # YAML 1.1 reads a bare `mode: off` as false
-        mode = "off"
-    if mode not in MODES:
-        raise PolicyError(_line(keys["mode"][1]), f"mode must be one of {', '.join(MODES)}")
-    rules_node = keys.get("rules", (None, None))[1]
-    rules = raw.get("rules") or []
-    if rules_node is not None and not isinstance(rules, list):
-        raise PolicyError(_line(rules_node), "rules must be a list")
-    seen: set[str] = set()
-    for i, rule in enumerate(rules):
-        node = rules_node.value[i] if isinstance(rules_node, yaml.SequenceNode) else root
-        if not isinstance(rule, dict):
-            raise PolicyError(_line(node), "each rule is a mapping with at least name: and signal:")
-        name = rule.get("name")
-        if not isinstance(name, str) or not name:
-            raise PolicyError(_line(node), "a rule needs a name: (a non-empty string)")
-        if name in seen:
-            raise PolicyError(_line(node), f"rule name {name!r} is used twice")
-        seen.add(name)
-        if "signal" not in rule:
-            raise PolicyError(_line(node), f"rule {name!r} needs a signal:")
-    doc = PolicyDocument(text=text, mode=mode, rules=tuple(rules), raw=raw)
-    # the engine's own checks (signals, thresholds, levels, actions), each with its line
-    from goleash.control.rules import compile_document
-
-    compile_document(doc)
-    return doc
+    """Check a policy the way `compile_policy` does, keeping only the document."""
+    return compile_policy(text)[0]
 
 
 @dataclass(frozen=True)
@@ -161,6 +86,7 @@ class PolicyVersion:
     document: PolicyDocument
     source: str
     set_at: float
+    compiled: CompiledPolicy  # what the engine runs, compiled when the text was accepted
 
 
 @dataclass(frozen=True)
@@ -209,10 +135,11 @@ class PolicyStore:
             # It passed validation when accepted; a rule change in the validator must
             # not stop the control plane from starting, so keep it even if it fails now.
             try:
-                doc = validate_policy(row[1])
+                doc, compiled = compile_policy(row[1], row[0])
             except PolicyError:
                 doc = PolicyDocument(text=row[1], mode="monitor", rules=())
-            self._current = PolicyVersion(row[0], doc, row[2], row[3] / 1e9)
+                compiled = CompiledPolicy(version=row[0], mode="monitor", interval=10.0, rules=())
+            self._current = PolicyVersion(row[0], doc, row[2], row[3] / 1e9, compiled)
 
     @property
     def current(self) -> PolicyVersion | None:
@@ -220,14 +147,14 @@ class PolicyStore:
 
     def set(self, text: str, source: str) -> PolicyVersion:
         """Validate and make `text` the running policy (PolicyError leaves it unchanged)."""
-        doc = validate_policy(text)
         version = (self._current.version if self._current else 0) + 1
+        doc, compiled = compile_policy(text, version)
         now = self._clock()
         self._conn.execute(
             "INSERT INTO policies (version, yaml, source, set_unix_nano) VALUES (?, ?, ?, ?)",
             (version, text, source, int(now * 1e9)),
         )
-        self._current = PolicyVersion(version, doc, source, now)
+        self._current = PolicyVersion(version, doc, source, now, compiled)
         return self._current
 
     def add_override(
@@ -273,3 +200,57 @@ class PolicyStore:
             Override(r[0], r[1], r[2], r[3], r[4], r[5], r[6] / 1e9, r[7] / 1e9)
             for r in self._conn.execute(sql + " ORDER BY id", args)
         ]
+
+
+def accept_policy(
+    policies: PolicyStore, events: EventLog, text: str, source: str, *, identity: str = ""
+) -> PolicyVersion:
+    """Make `text` the running policy and write the one event that says so; on a
+    rejection write POLICY_REJECTED and re-raise the PolicyError (the running policy
+    stays).
+
+    `identity` is who set it through the API (empty for a policy file). An API
+    rejection keeps the reason out of the event log: it may quote a value of the
+    rejected text (a header, a token), and the caller got it in the status. A policy
+    file is the operator's own, so its rejection carries the reason to the log, the
+    only place the operator can read it.
+    """
+    running = policies.current.version if policies.current else 0
+    try:
+        accepted = policies.set(text, source)
+    except PolicyError as exc:
+        if identity:
+            message = (
+                f"policy from {identity} rejected (line {exc.line}); version {running} keeps "
+                "running"
+            )
+            details: dict[str, Any] = {
+                "line": exc.line,
+                "running_version": running,
+                "identity": identity,
+            }
+        else:
+            message = f"policy from {source} rejected ({exc}); version {running} keeps running"
+            details = {
+                "line": exc.line,
+                "reason": exc.reason,
+                "source": source,
+                "running_version": running,
+            }
+        events.append(t.EVENT_KIND_POLICY_REJECTED, message, details=details)
+        raise
+    doc = accepted.document
+    summary = f"({doc.mode}, {len(doc.rules)} rule(s))"
+    if identity:
+        message = f"policy version {accepted.version} running {summary}, set by {identity}"
+        details = {
+            "version": accepted.version,
+            "mode": doc.mode,
+            "rules": len(doc.rules),
+            "identity": identity,
+        }
+    else:
+        message = f"policy version {accepted.version} from {source} running {summary}"
+        details = {"version": accepted.version, "mode": doc.mode, "source": source}
+    events.append(t.EVENT_KIND_POLICY_SET, message, details=details)
+    return accepted

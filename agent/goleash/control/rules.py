@@ -1,6 +1,6 @@
 """A policy's rules, compiled: what the engine evaluates, checked key by key.
 
-`compile_document` turns a policy that passed `policy.validate_policy`'s top-level
+`compile_document` turns a policy that passed `policytext.parse_policy`'s top-level
 checks into typed rules, and rejects anything the engine could not run with the line
 of the offending YAML node and the reason (a typo in a threshold must not become a
 rule that silently never fires). The grammar, with defaults:
@@ -50,7 +50,7 @@ from typing import Any, NoReturn
 import yaml
 
 from goleash.control.actions import Action, ActionSpecError, build_action
-from goleash.control.policy import PolicyDocument, PolicyError
+from goleash.control.policytext import PolicyDocument, PolicyError
 
 SIGNAL_KINDS = ("goroutines", "orphans", "leak_suspects", "function_latency", "panics")
 SCOPES = ("service", "process", "site")
@@ -441,7 +441,7 @@ def _rule(y: _Y, named: Mapping[str, Any], levels_default: _Y | None, cd: Cooldo
     )
     name = str(y.value["name"])
     sig_y = y.get("signal")
-    assert sig_y is not None  # validate_policy checked it
+    assert sig_y is not None  # parse_policy checked it
     signal = _signal(sig_y, recovery=False)
     lv_y = y.get("levels")
     if lv_y is None and signal.kind == "goroutines" and signal.threshold is None:

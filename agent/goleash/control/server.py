@@ -49,7 +49,7 @@ from goleash.api.goleash.v1 import ingest_service_pb2_grpc as ing_grpc
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.control import DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES, auth
 from goleash.control.detect import DEFAULT_LEAK_PARAMS, LeakParams
-from goleash.control.engine import EngineLoop
+from goleash.control.engine_loop import EngineLoop
 from goleash.control.events import (
     DEFAULT_MAX_AGE_SECONDS,
     DEFAULT_MAX_BYTES,
@@ -59,7 +59,13 @@ from goleash.control.events import (
     open_db,
     resolve_db_path,
 )
-from goleash.control.policy import PolicyError, PolicyStore, check_override
+from goleash.control.policy import (
+    PolicyError,
+    PolicyStore,
+    accept_policy,
+    check_override,
+    compile_policy,
+)
 from goleash.control.state import (
     MAX_RESPONSE_BYTES,
     ControlError,
@@ -456,23 +462,12 @@ class GoleashServicer(q_grpc.GoleashServiceServicer):
         running = policies.current.version if policies.current else 0
         try:
             if request.validate_only:
-                from goleash.control.policy import validate_policy
-
-                doc = validate_policy(request.policy_yaml)
+                doc, _ = compile_policy(request.policy_yaml)
                 return q.SetPolicyResponse(
                     version=running, mode=_mode(doc.mode), rules=len(doc.rules)
                 )
-            accepted = policies.set(request.policy_yaml, "api")
+            accepted = accept_policy(policies, events, request.policy_yaml, "api", identity=who)
         except PolicyError as exc:
-            if not request.validate_only:
-                events.append(
-                    t.EVENT_KIND_POLICY_REJECTED,
-                    f"policy from {who} rejected (line {exc.line}); version {running} keeps "
-                    "running",
-                    # The reason stays out of the event log: it may quote a value of the
-                    # rejected text (a header, a token); the caller got it in the status.
-                    details={"line": exc.line, "running_version": running, "identity": who},
-                )
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"policy rejected: {exc} (the running policy, version {running}, is unchanged)",
@@ -483,17 +478,6 @@ class GoleashServicer(q_grpc.GoleashServiceServicer):
             )
             raise  # unreachable
         doc = accepted.document
-        events.append(
-            t.EVENT_KIND_POLICY_SET,
-            f"policy version {accepted.version} running ({doc.mode}, {len(doc.rules)} "
-            f"rule(s)), set by {who}",
-            details={
-                "version": accepted.version,
-                "mode": doc.mode,
-                "rules": len(doc.rules),
-                "identity": who,
-            },
-        )
         return q.SetPolicyResponse(
             version=accepted.version, mode=_mode(doc.mode), rules=len(doc.rules)
         )

@@ -1,9 +1,10 @@
 """What the control plane knows: agents, processes and services, with time windows.
 
 `Store.ingest` applies agent batches; the query methods answer the GoleashService
-RPCs with API messages. No gRPC and no I/O here: events go out through the `emit`
-callback (the server wires it to the SQLite log) and time is passed in, so all of it
-runs in unit tests on plain data.
+RPCs with API messages, built from the typed read model (`queries`, which readers
+inside the control plane use directly) by `messages`. No gRPC and no I/O here:
+events go out through the `emit` callback (the server wires it to the SQLite log) and
+time is passed in, so all of it runs in unit tests on plain data.
 
 Service = ProcessInfo.service (Kubernetes workload when the agent knows it, else the
 executable's name). Windows are kept per process and per service; point-in-time
@@ -20,14 +21,13 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import ingest_service_pb2 as ing
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.control import detect
 from goleash.control import limits as caps
-from goleash.control.histogram import Histogram
 from goleash.control.limits import (
     DEFAULT_LIMITS,
     ControlError,
@@ -41,9 +41,14 @@ from goleash.control.windows import (
     Kind,
     Tier,
     Windows,
-    covered,
     retention,
 )
+
+if TYPE_CHECKING:
+    from goleash.control.queries import Selection
+
+# the API's selector, or the read model's plain one (same fields)
+Selector = Union[q.ProcessSelector, "Selection"]
 
 SiteKey = tuple[str, str]  # (function, go statement)
 ProcKey = tuple[str, int]  # (agent id, pid)
@@ -152,34 +157,6 @@ class ServiceState:
     latency: dict[str, HistogramWindows] = field(default_factory=dict)
 
 
-@dataclass
-class _SiteNow:
-    """Point-in-time numbers of one site summed over processes."""
-
-    creator: str = ""
-    live: int = 0
-    orphans: int = 0
-    processes: int = 0
-    age: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
-    age_lower_bound: bool = False  # the oldest's age counts from first sight
-    wait: Counter[str] = field(default_factory=Counter)
-
-    def add(self, s: SiteState) -> None:
-        self.creator = self.creator or s.creator
-        self.live += s.live
-        self.orphans += s.orphans
-        self.processes += 1 if s.live else 0
-        ss = s.summary
-        if ss is None:
-            return
-        a = ss.age
-        if a.max_seconds > self.age[3]:
-            self.age = (a.p50_seconds, a.p90_seconds, a.p99_seconds, a.max_seconds)
-            self.age_lower_bound = a.max_is_lower_bound
-        for w in ss.wait_reasons:
-            self.wait[w.reason] += w.count
-
-
 # --- helpers -----------------------------------------------------------------
 
 
@@ -217,43 +194,14 @@ def page_size(n: int) -> int:
     return min(n or DEFAULT_PAGE, MAX_PAGE)
 
 
-def _non_negative(name: str, v: float) -> float:
+def non_negative(name: str, v: float) -> float:
     if math.isnan(v) or v < 0:
         raise InvalidArgument(f"{name} must be a number >= 0, got {v}")
     return v
 
 
-class _Budget:
-    """Bytes of a response so far: the item just added is dropped (and the answer
-    ends) once the client's message limit would be passed."""
-
-    def __init__(self) -> None:
-        self.size = 0
-
-    def full(self, items: Any) -> bool:
-        self.size += items[-1].ByteSize() + 8
-        if self.size > MAX_RESPONSE_BYTES:
-            del items[-1]
-            return True
-        return False
-
-
 def _ns(seconds: float) -> int:
     return max(int(seconds * 1e9), 0)
-
-
-def _age_msg(age: tuple[float, float, float, float], lower_bound: bool = False) -> t.AgeQuantiles:
-    return t.AgeQuantiles(
-        p50_seconds=age[0],
-        p90_seconds=age[1],
-        p99_seconds=age[2],
-        max_seconds=age[3],
-        max_is_lower_bound=lower_bound,
-    )
-
-
-def _waits(c: Counter[str], n: int = 5) -> list[t.WaitReasonCount]:
-    return [t.WaitReasonCount(reason=r, count=k) for r, k in c.most_common(n)]
 
 
 def _drops(c: Counter[str]) -> list[t.DropCount]:
@@ -697,7 +645,7 @@ class Store:
         found: dict[tuple[str, SiteKey], detect.LeakVerdict] = {}
         for svc in self.services.values():
             for k, site in svc.sites.items():
-                v = self._judge(site.windows, now, self.leak.window_seconds)
+                v = self.judge(site.windows, now, self.leak.window_seconds)
                 if v is not None:
                     found[(svc.name, k)] = v
         for (service, (fn, stmt)), v in found.items():
@@ -720,7 +668,7 @@ class Store:
                 )
         self.suspects = found
 
-    def _judge(self, w: Windows, now: float, window: float) -> detect.LeakVerdict | None:
+    def judge(self, w: Windows, now: float, window: float) -> detect.LeakVerdict | None:
         live = w.series(now, window, LIVE)
         oldest = w.series(now, window, OLDEST)
         points = [detect.SitePoint(t0, v, o) for (t0, v), (_, o) in zip(live, oldest, strict=True)]
@@ -740,7 +688,7 @@ class Store:
             )
         return w
 
-    def _check_selector(self, sel: q.ProcessSelector) -> None:
+    def check_selector(self, sel: Selector) -> None:
         if sel.service and sel.service not in self.services:
             known = ", ".join(sorted(self.services)[:10]) or "none yet"
             raise NotFound(f"no service named {sel.service!r} (known: {known})")
@@ -751,21 +699,21 @@ class Store:
             raise NotFound(f"no followed process with pid {sel.pid}")
 
     @staticmethod
-    def _matches(p: ProcState, sel: q.ProcessSelector) -> bool:
+    def matches(p: ProcState, sel: Selector) -> bool:
         return (
             (not sel.service or p.service == sel.service)
             and (not sel.agent_id or p.key[0] == sel.agent_id)
             and (not sel.pid or p.key[1] == sel.pid)
         )
 
-    def select(self, sel: q.ProcessSelector, *, include_gone: bool = False) -> list[ProcState]:
-        self._check_selector(sel)
+    def select(self, sel: Selector, *, include_gone: bool = False) -> list[ProcState]:
+        self.check_selector(sel)
         if sel.service and not include_gone:
             keys: Iterable[ProcKey] = self.services[sel.service].procs
             procs = [self.procs[k] for k in keys]
         else:
             procs = list(self.procs.values())
-        return [p for p in procs if (include_gone or p.gone_at is None) and self._matches(p, sel)]
+        return [p for p in procs if (include_gone or p.gone_at is None) and self.matches(p, sel)]
 
     def process_state(self, p: ProcState, now: float) -> int:
         if p.gone_at is not None:
@@ -808,339 +756,95 @@ class Store:
                 break
         return out
 
-    _ORDERS: dict[int, Callable[[ProcState], Any]] = {
-        q.PROCESS_ORDER_UNSPECIFIED: lambda p: (p.service, p.key),
-        q.PROCESS_ORDER_GOROUTINES: lambda p: (-p.goroutines, p.service, p.key),
-        q.PROCESS_ORDER_ORPHANS: lambda p: (-p.orphans, -p.goroutines, p.service, p.key),
-    }
-
     def list_processes(self, req: q.ListProcessesRequest, now: float) -> q.ListProcessesResponse:
-        w = self.window(req.window_seconds)
-        order = self._ORDERS.get(req.order_by)
-        if order is None:
-            raise InvalidArgument(f"order_by {req.order_by} is not a ProcessOrder")
-        procs = self.select(req.selector, include_gone=req.include_gone)
-        procs.sort(key=order)
-        out = q.ListProcessesResponse(
-            window_seconds=covered(now, w, self.tiers), total_size=len(procs)
+        """The ListProcesses answer, from the typed read model (`queries`)."""
+        from goleash.control import messages, queries  # both read the Store: imported at use
+
+        found = queries.processes(
+            self,
+            queries.Selection.of(req.selector),
+            now,
+            window_seconds=req.window_seconds,
+            include_gone=req.include_gone,
+            order_by=req.order_by,
+            limit=req.limit,
         )
-        size = 0
-        for p in procs[: req.limit or None]:
-            out.processes.add(
-                info=p.info,
-                agent_id=p.key[0],
-                node_name=self.agents[p.key[0]].identity.node_name,
-                state=self.process_state(p, now),
-                first_seen_unix_nano=_ns(p.first_seen),
-                last_seen_unix_nano=_ns(p.last_seen),
-                goroutines=p.goroutines,
-                created=int(p.windows.total(now, w, CREATED)),
-                exited=int(p.windows.total(now, w, EXITED)),
-                orphans=p.orphans,
-                panics=int(p.windows.total(now, w, PANICS)),
-                drops=_drops(p.drops),
-                gone_reason=p.gone_reason,
-            )
-            size += out.processes[-1].ByteSize() + 8
-            if size > MAX_RESPONSE_BYTES:  # total_size tells the client what is missing
-                del out.processes[-1]
-                break
-        return out
+        return messages.list_processes_response(found, MAX_RESPONSE_BYTES)
 
     def goroutine_summary(
         self, req: q.GetGoroutineSummaryRequest, now: float
     ) -> q.GetGoroutineSummaryResponse:
-        """Sites of the selection, most live first. Whole services are answered from
-        their service-level windows; only the sites returned are looked up in each
-        process (ages, wait reasons), so `limit` keeps a 20k-process summary cheap."""
-        w = self.window(req.window_seconds)
-        sel = req.selector
-        procs = self.select(sel)
-        out = q.GetGoroutineSummaryResponse(
-            window_seconds=covered(now, w, self.tiers), processes=len(procs)
-        )
-        # (service, function, go statement) -> live, created, exited, where to look
-        rows: dict[tuple[str, str, str], list[Any]] = {}
-        if sel.agent_id or sel.pid:
-            for p in procs:
-                out.goroutines += p.goroutines
-                out.created += int(p.windows.total(now, w, CREATED))
-                out.exited += int(p.windows.total(now, w, EXITED))
-                out.orphans += p.orphans
-                for k, s in p.sites.items():
-                    row = rows.setdefault((p.service, *k), [0, 0.0, 0.0, []])
-                    row[0] += s.live
-                    row[1] += s.windows.total(now, w, CREATED)
-                    row[2] += s.windows.total(now, w, EXITED)
-                    row[3].append(p)
-        else:
-            services = [self.services[sel.service]] if sel.service else self.services.values()
-            for svc in services:
-                out.goroutines += svc.goroutines
-                out.created += int(svc.windows.total(now, w, CREATED))
-                out.exited += int(svc.windows.total(now, w, EXITED))
-                for k, ss in svc.sites.items():
-                    rows[(svc.name, *k)] = [
-                        ss.live,
-                        ss.windows.total(now, w, CREATED),
-                        ss.windows.total(now, w, EXITED),
-                        svc,
-                    ]
-            out.orphans = sum(p.orphans for p in procs)
-        ranked = sorted(
-            ((key, row) for key, row in rows.items() if row[0] or row[1] or row[2]),
-            key=lambda kr: (-kr[1][0], -kr[1][1], kr[0]),
-        )
-        budget = _Budget()
-        for (service, fn, stmt), (live, created, exited, where) in ranked[: req.limit or None]:
-            k = (fn, stmt)
-            acc = _SiteNow()
-            if isinstance(where, ServiceState):
-                acc.creator = where.sites[k].creator
-                growth = detect.growth_per_minute(where.sites[k].windows.series(now, w, LIVE))
-                for key in where.procs:
-                    s = self.procs[key].sites.get(k)
-                    if s is not None:
-                        acc.add(s)
-            else:
-                growth = 0.0
-                for p in where:
-                    acc.add(p.sites[k])
-                    growth += detect.growth_per_minute(p.sites[k].windows.series(now, w, LIVE))
-            out.sites.add(
-                service=service,
-                function=fn,
-                go_statement=stmt,
-                creator_function=acc.creator,
-                live=live,
-                created=int(created),
-                exited=int(exited),
-                growth_per_minute=growth,
-                age=_age_msg(acc.age, acc.age_lower_bound),
-                wait_reasons=_waits(acc.wait),
-                orphans=acc.orphans,
-                processes=acc.processes,
-            )
-            if budget.full(out.sites):
-                break
-        return out
+        """The GetGoroutineSummary answer, from the typed read model (`queries`)."""
+        from goleash.control import messages, queries  # both read the Store: imported at use
 
-    @staticmethod
-    def _site_matches(g: t.Goroutine, site: str) -> bool:
-        return g.function == site or g.go_statement == site or g.go_statement.endswith("/" + site)
+        found = queries.sites(
+            self,
+            queries.Selection.of(req.selector),
+            now,
+            window_seconds=req.window_seconds,
+            limit=req.limit,
+        )
+        return messages.goroutine_summary_response(found, MAX_RESPONSE_BYTES)
 
     def list_goroutines(self, req: q.ListGoroutinesRequest, now: float) -> q.ListGoroutinesResponse:
-        min_age = _non_negative("min_age_seconds", req.min_age_seconds)
-        min_blocked = _non_negative("min_blocked_for_seconds", req.min_blocked_for_seconds)
-        if req.state not in t.GoroutineState.values():
-            raise InvalidArgument(
-                f"state {req.state} is not a GoroutineState "
-                f"(one of {', '.join(t.GoroutineState.keys())})"
-            )
+        """The ListGoroutines answer (a page), from the typed read model (`queries`)."""
+        from goleash.control import messages, queries  # both read the Store: imported at use
+
+        where = queries.GoroutineFilter(
+            min_age_seconds=req.min_age_seconds,
+            min_blocked_for_seconds=req.min_blocked_for_seconds,
+            state=req.state,
+            orphans_only=req.orphans_only,
+            site=req.site,
+        )
+        where.check()
         size = page_size(req.page_size)
         start = decode_page_token("goroutines", req.page_token)
-        found: list[tuple[float, ProcKey, int, ProcState, t.Goroutine]] = []
-        for p in self.select(req.selector):
-            for g in p.kept:
-                if (
-                    g.age_seconds >= min_age
-                    and g.blocked_for_seconds >= min_blocked
-                    and (not req.state or g.state == req.state)
-                    and (not req.orphans_only or g.orphan)
-                    and (not req.site or self._site_matches(g, req.site))
-                ):
-                    found.append((-g.age_seconds, p.key, g.goid, p, g))
-        found.sort(key=lambda r: r[:3])
-        page = found[start : start + size]
+        found = queries.kept_goroutines(self, queries.Selection.of(req.selector), where)
         out = q.ListGoroutinesResponse(total_size=len(found))
-        for _, _, _, p, g in page:
-            out.goroutines.append(self._record(p, g))
+        for g in found[start : start + size]:
+            out.goroutines.append(messages.goroutine_record(g))
         if start + size < len(found):
             out.next_page_token = encode_page_token("goroutines", start + size)
         return out
 
-    @staticmethod
-    def _record(p: ProcState, g: t.Goroutine) -> q.GoroutineRecord:
-        return q.GoroutineRecord(
-            service=p.service,
-            agent_id=p.key[0],
-            pid=p.key[1],
-            goroutine=g,
-            observed_unix_nano=_ns(p.last_seen),
-        )
-
-    def _example(
-        self, procs: Iterable[ProcState], key: SiteKey, *, orphan: bool
-    ) -> q.GoroutineRecord | None:
-        best: tuple[float, ProcState, t.Goroutine] | None = None
-        for p in procs:
-            for g in p.kept:
-                if (
-                    (g.function, g.go_statement) == key
-                    and (g.orphan or not orphan)
-                    and (best is None or g.age_seconds > best[0])
-                ):
-                    best = (g.age_seconds, p, g)
-        return self._record(best[1], best[2]) if best else None
-
     def list_orphans(self, req: q.ListOrphansRequest, now: float) -> q.ListOrphansResponse:
-        min_age = _non_negative("min_age_seconds", req.min_age_seconds)
-        sel = req.selector
-        self._check_selector(sel)
-        groups: dict[tuple[str, str, str], dict[str, Any]] = {}
-        for key in self._with_orphans:
-            p = self.procs[key]
-            if not self._matches(p, sel):
-                continue
-            for fn, stmt in p.orphan_sites:
-                s = p.sites[(fn, stmt)]
-                if s.summary is None:
-                    continue
-                gk = (p.service, fn, stmt)
-                g = groups.get(gk)
-                if g is None:
-                    g = groups[gk] = {
-                        "creator": s.creator,
-                        "count": 0,
-                        "oldest": 0.0,
-                        "oldest_lower_bound": False,
-                        "blocked": 0.0,
-                        "reasons": Counter(),
-                        "procs": [],
-                    }
-                o = s.summary.orphans
-                g["count"] += s.orphans
-                if o.oldest_age_seconds > g["oldest"]:
-                    g["oldest"] = o.oldest_age_seconds
-                    g["oldest_lower_bound"] = o.oldest_age_is_lower_bound
-                g["blocked"] = max(g["blocked"], o.longest_blocked_seconds)
-                g["reasons"][o.dominant_wait_reason] += s.orphans
-                g["procs"].append(p)
-        out = q.ListOrphansResponse()
-        ordered = sorted(groups.items(), key=lambda kv: (-kv[1]["count"], kv[0]))
-        budget = _Budget()
-        for (service, fn, stmt), g in ordered:
-            if g["oldest"] < min_age:
-                continue
-            example = self._example(g["procs"], (fn, stmt), orphan=True)
-            out.groups.add(
-                service=service,
-                function=fn,
-                go_statement=stmt,
-                creator_function=g["creator"],
-                count=g["count"],
-                oldest_age_seconds=g["oldest"],
-                oldest_age_is_lower_bound=g["oldest_lower_bound"],
-                reason=g["reasons"].most_common(1)[0][0],
-                longest_blocked_seconds=g["blocked"],
-                processes=len(g["procs"]),
-                example=example,
-            )
-            if budget.full(out.groups):
-                break
-        return out
+        """The ListOrphans answer, from the typed read model (`queries`)."""
+        from goleash.control import messages, queries  # both read the Store: imported at use
+
+        found = queries.orphans(
+            self, queries.Selection.of(req.selector), now, min_age_seconds=req.min_age_seconds
+        )
+        return messages.list_orphans_response(found, MAX_RESPONSE_BYTES)
 
     def leak_suspects(
         self, req: q.ListLeakSuspectsRequest, now: float
     ) -> q.ListLeakSuspectsResponse:
-        w = self.window(req.window_seconds, self.leak.window_seconds)
-        sel = req.selector
-        procs = self.select(sel)
-        by_site: dict[tuple[str, str, str], list[ProcState]] = {}
-        for p in procs:
-            for k in p.sites:
-                by_site.setdefault((p.service, *k), []).append(p)
-        found: list[tuple[detect.LeakVerdict, tuple[str, str, str]]] = []
-        if sel.agent_id or sel.pid:
-            # judge each selected process's site on its own series
-            for key, ps in by_site.items():
-                for p in ps:
-                    v = self._judge(p.sites[key[1:]].windows, now, w)
-                    if v is not None:
-                        found.append((v, key))
-        else:
-            for key in by_site:
-                ssite = self.services[key[0]].sites.get(key[1:])
-                v = self._judge(ssite.windows, now, w) if ssite else None
-                if v is not None:
-                    found.append((v, key))
-        found.sort(key=lambda r: -r[0].growth_per_minute)
-        out = q.ListLeakSuspectsResponse(window_seconds=covered(now, w, self.tiers))
-        budget = _Budget()
-        for v, (service, fn, stmt) in found:
-            acc = _SiteNow()
-            for p in by_site[(service, fn, stmt)]:
-                acc.add(p.sites[(fn, stmt)])
-            out.suspects.add(
-                service=service,
-                function=fn,
-                go_statement=stmt,
-                creator_function=acc.creator,
-                live=int(v.live),
-                live_at_start=int(v.live_at_start),
-                growth_per_minute=v.growth_per_minute,
-                steady_fraction=v.steady_fraction,
-                oldest_age_start_seconds=v.oldest_age_start,
-                oldest_age_seconds=v.oldest_age,
-                age=_age_msg(acc.age, acc.age_lower_bound),
-                wait_reasons=_waits(acc.wait),
-                processes=acc.processes,
-                example=self._example(by_site[(service, fn, stmt)], (fn, stmt), orphan=False),
-            )
-            if budget.full(out.suspects):
-                break
-        return out
+        """The ListLeakSuspects answer, from the typed read model (`queries`)."""
+        from goleash.control import messages, queries  # both read the Store: imported at use
+
+        found = queries.leak_suspects(
+            self, queries.Selection.of(req.selector), now, window_seconds=req.window_seconds
+        )
+        return messages.leak_suspects_response(found, MAX_RESPONSE_BYTES)
+
+    @property
+    def with_orphans(self) -> set[ProcKey]:
+        """Processes with orphans now (what an orphan query walks)."""
+        return self._with_orphans
 
     def function_latency(
         self, req: q.GetFunctionLatencyRequest, now: float
     ) -> q.GetFunctionLatencyResponse:
-        if not req.function:
-            raise InvalidArgument("function is required (a symbol, e.g. main.handle)")
-        qs = list(req.quantiles) or list(DEFAULT_QUANTILES)
-        for x in qs:
-            if not 0 < x < 1:
-                raise InvalidArgument(f"quantiles must be in (0, 1), got {x}")
-        w = self.window(req.window_seconds)
-        sel = req.selector
-        procs = self.select(sel)
-        fn = req.function
-        span_tiers = self.tiers
-        if sel.agent_id or sel.pid:
-            sources = [p.latency[fn] for p in procs if fn in p.latency]
-            span_tiers = self.process_latency_tiers
-        else:
-            services = [self.services[sel.service]] if sel.service else self.services.values()
-            sources = [svc.latency[fn] for svc in services if fn in svc.latency]
-        if not sources:
-            traced = sorted({f for p in procs for f in p.latency})
-            listed = ", ".join(traced[:10]) + (" ..." if len(traced) > 10 else "")
-            raise NotFound(
-                f"no latency data for {fn!r} in the selection"
-                + (f" (traced: {listed})" if traced else " (no function is traced there)")
-            )
-        merged: Histogram | None = None
-        calls, calls_err2 = 0, 0.0
-        for hw in sources:
-            merged = hw.merged(now, w, merged)
-            n, err = hw.calls(now, w)
-            calls, calls_err2 = calls + n, calls_err2 + err * err
-        span = covered(now, w, span_tiers)
-        out = q.GetFunctionLatencyResponse(function=fn, window_seconds=span)
-        out.calls, out.calls_error = calls, calls_err2**0.5
-        out.processes = sum(
-            1 for p in procs if fn in p.latency and p.latency[fn].last_record > now - span
+        """The GetFunctionLatency answer, from the typed read model (`queries`)."""
+        from goleash.control import messages, queries  # both read the Store: imported at use
+
+        found = queries.function_latency(
+            self,
+            req.function,
+            queries.Selection.of(req.selector),
+            now,
+            window_seconds=req.window_seconds,
+            quantiles=req.quantiles,
         )
-        if merged is not None and merged.count:
-            out.count = merged.count
-            out.mean_seconds = merged.sum_seconds / merged.count
-            out.histogram.sub_bucket_bits = merged.bits
-            out.histogram.count = merged.count
-            out.histogram.sum_seconds = merged.sum_seconds
-            for idx in sorted(merged.buckets):
-                out.histogram.buckets.add(index=idx, count=merged.buckets[idx])
-            values = merged.quantiles(qs)
-        else:
-            values = [0.0] * len(qs)
-        for x, v in zip(qs, values, strict=True):
-            out.quantiles.add(quantile=x, value_seconds=v)
-        return out
+        return messages.function_latency_response(found)
