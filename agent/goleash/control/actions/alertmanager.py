@@ -23,17 +23,14 @@ recovery resolves them all.
 
 from __future__ import annotations
 
-import json
 import re
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from goleash import __version__
-from goleash.control.actions import DEGRADE, Action, ActionContext, ActionError, ActionSpecError
+from goleash.control.actions import DEGRADE, Action, ActionContext, ActionSpecError
 from goleash.control.actions.evidence import evidence_links, generator_url
+from goleash.control.actions.webhook import post_json
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_HOLD = 86_400.0
@@ -158,27 +155,9 @@ class AlertmanagerAction(Action):
         return out
 
     def _post(self, ctx: ActionContext) -> str:
-        url = self.endpoint
-        req = urllib.request.Request(url, data=json.dumps(self.alerts(ctx)).encode(), method="POST")
-        req.add_header("Content-Type", "application/json")
-        req.add_header("User-Agent", f"goleash/{__version__}")
-        for k, v in _str_map(self.spec, "headers", label_names=False).items():
-            req.add_header(k, v)
+        headers = _str_map(self.spec, "headers", label_names=False)
         timeout = float(self.spec.get("timeout_seconds", DEFAULT_TIMEOUT))
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return f"{url} answered {resp.status}"
-        except urllib.error.HTTPError as exc:
-            # Alertmanager answers 400 to a body it rejects: sending it again won't help
-            retry = exc.code >= 500 or exc.code in (408, 429)
-            detail = exc.read(300).decode("utf-8", "replace").strip()
-            raise ActionError(
-                f"{url} answered {exc.code} {exc.reason}" + (f": {detail}" if detail else ""),
-                retryable=retry,
-            ) from exc
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ActionError(f"{url}: {reason}") from exc
+        return post_json(self.endpoint, self.alerts(ctx), headers, timeout)
 
     def apply(self, ctx: ActionContext) -> str:
         return self._post(ctx)

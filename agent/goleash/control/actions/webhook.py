@@ -115,26 +115,38 @@ class WebhookAction(Action):
 
     def _post(self, ctx: ActionContext) -> str:
         url = str(self.spec["url"])
-        body = json.dumps(alertmanager_payload(ctx, str(self.spec.get("receiver", "goleash"))))
-        req = urllib.request.Request(url, data=body.encode(), method="POST")
-        req.add_header("Content-Type", "application/json")
-        req.add_header("User-Agent", f"goleash/{__version__}")
-        for k, v in dict(self.spec.get("headers", {})).items():
-            req.add_header(k, v)
-        timeout = float(self.spec.get("timeout_seconds", DEFAULT_TIMEOUT))
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return f"{url} answered {resp.status}"
-        except urllib.error.HTTPError as exc:
-            # 4xx other than 408/429 will not change on retry; 5xx may
-            retry = exc.code >= 500 or exc.code in (408, 429)
-            raise ActionError(f"{url} answered {exc.code} {exc.reason}", retryable=retry) from exc
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ActionError(f"{url}: {reason}") from exc
+        body = alertmanager_payload(ctx, str(self.spec.get("receiver", "goleash")))
+        headers = dict(self.spec.get("headers", {}))
+        return post_json(
+            url, body, headers, float(self.spec.get("timeout_seconds", DEFAULT_TIMEOUT))
+        )
 
     def apply(self, ctx: ActionContext) -> str:
         return self._post(ctx)
 
     def undo(self, ctx: ActionContext) -> str:
         return self._post(ctx)
+
+
+def post_json(url: str, body: Any, headers: dict[str, str], timeout: float) -> str:
+    """POST `body` as JSON; what the receiver answered, or an ActionError saying whether
+    a retry may help (4xx other than 408/429 will not change on retry; 5xx may)."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    req.add_header("Content-Type", "application/json")
+    req.add_header("User-Agent", f"goleash/{__version__}")
+    for k, v in headers.items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return f"{url} answered {resp.status}"
+    except urllib.error.HTTPError as exc:
+        retry = exc.code >= 500 or exc.code in (408, 429)
+        # the receiver's reason (Alertmanager says why it rejects a body), cut short
+        detail = exc.read(300).decode("utf-8", "replace").strip()
+        raise ActionError(
+            f"{url} answered {exc.code} {exc.reason}" + (f": {detail}" if detail else ""),
+            retryable=retry,
+        ) from exc
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ActionError(f"{url}: {reason}") from exc
