@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from goleash import fixtures
+from goleash import gobuild
 from goleash.bench import Report
 
 RUNS = 3
@@ -29,10 +29,13 @@ def _time(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
 
 
 def run(report: Report) -> None:
-    gb = fixtures.gobuild()
-    toolchain = fixtures.newest_toolchain()
-    module = gb.FIXTURES / "leakcheck"
-    env = gb.go_env(toolchain)
+    toolchain = gobuild.newest_toolchain()
+    # A Go module with tests, shared with tests/bpf/test_check.py: this section runs
+    # from a checkout (`make bench`), never from an installed wheel.
+    module = Path(__file__).resolve().parents[3] / "tests" / "fixtures" / "go" / "leakcheck"
+    if not module.is_dir():
+        raise FileNotFoundError(f"{module} is missing: run `make bench` from a goleash checkout")
+    env = gobuild.go_env(toolchain)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     go_test = ["go", "test", "-count=1", "./..."]
     check = [sys.executable, "-m", "goleash.cli", "check", "--", *go_test]
