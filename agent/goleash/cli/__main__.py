@@ -3,6 +3,6 @@
 
 import sys
 
-from goleash.cli import main
+from goleash.cli.parser import main
 
 sys.exit(main())
