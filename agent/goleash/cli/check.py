@@ -1,0 +1,88 @@
+"""The leak gate: check."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+# --- check: the leak gate ------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from goleash.node.check import (
+        CheckUsageError,
+        IgnoreList,
+        load_baseline,
+        print_report,
+        run_check,
+        write_junit,
+    )
+
+    command = list(args.cmd)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise CheckUsageError("nothing to run: goleash check [OPTIONS] -- CMD [ARGS...]")
+    ignore = IgnoreList.load(args.ignore_file) if args.ignore_file else IgnoreList()
+    ignore.top.update(args.ignore_top)
+    ignore.sites.update(args.ignore_site)
+    ignore.functions.update(args.ignore_function)
+    baseline = load_baseline(args.baseline) if args.baseline else set()
+    rep = run_check(command, ignore=ignore, baseline=baseline, stdout_to_stderr=args.json)
+    print_report(rep, as_json=args.json)
+    if args.junit:
+        write_junit(rep, args.junit)
+    return rep.exit_status()
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser(
+        "check",
+        help="run a command; fail when Go programs it starts leak goroutines (CI gate)",
+        description=(
+            "Run CMD (e.g. `go test ./...`) and follow every Go program it starts, "
+            "transitively (the Go toolchain itself is skipped). Goroutines are attributed "
+            "to the test that created them; one still blocked after its test ended, or "
+            "blocked when its process exits, is a leak. Exit 1 on leaks, 0 clean, 2 on "
+            "bad usage or environment; a non-zero exit of CMD is returned as is. Needs root."
+        ),
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="the report as JSON on stdout (the command's own stdout goes to stderr)",
+    )
+    p.add_argument("--junit", metavar="FILE", help="also write a JUnit XML file")
+    p.add_argument(
+        "--ignore-top",
+        action="append",
+        default=[],
+        metavar="FUNC",
+        help="not a leak when FUNC is the topmost non-runtime frame (repeatable)",
+    )
+    p.add_argument(
+        "--ignore-site",
+        action="append",
+        default=[],
+        metavar="FILE:LINE",
+        help="not a leak when created by the go statement at FILE:LINE (repeatable)",
+    )
+    p.add_argument(
+        "--ignore-function",
+        action="append",
+        default=[],
+        metavar="FUNC",
+        help="not a leak when the goroutine started with FUNC (repeatable)",
+    )
+    p.add_argument(
+        "--ignore-file",
+        metavar="YAML",
+        help="ignore list: `ignore: [{top: FUNC}, {site: FILE:LINE}, {function: FUNC}]`",
+    )
+    p.add_argument(
+        "--baseline",
+        metavar="REPORT.json",
+        help="a stored --json report: fail only on leaks not in it",
+    )
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    p.set_defaults(handler=cmd_check)
