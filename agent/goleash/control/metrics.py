@@ -73,7 +73,7 @@ def view(store: Store, last_event_id: int, now: float, engine: Any = None) -> Co
         v.batches += a.batches
         v.duplicates += a.duplicates
         v.gaps += a.gaps
-    names = {
+    names: dict[int, str] = {
         q.PROCESS_STATE_RUNNING: "running",
         q.PROCESS_STATE_STALE: "stale",
         q.PROCESS_STATE_GONE: "gone",

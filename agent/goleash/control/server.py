@@ -35,7 +35,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf import struct_pb2
@@ -214,7 +214,7 @@ def event_message(e: EventRecord) -> t.Event:
     return t.Event(
         id=e.id,
         time_unix_nano=int(e.time * 1e9),
-        kind=e.kind,
+        kind=cast(t.EventKind, e.kind),
         service=e.service,
         agent_id=e.agent_id,
         pid=e.pid,
@@ -424,16 +424,16 @@ class GoleashServicer(q_grpc.GoleashServiceServicer):
                     if len(page) < 500:
                         break
             while True:
-                e = await queue.get()
-                if e is None:
+                followed = await queue.get()
+                if followed is None:
                     await context.abort(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"watcher fell {WATCH_QUEUE} events behind; resume with after_id={last}",
                     )
                     return
-                if e.id > last:
-                    last = e.id
-                    yield q.WatchEventsResponse(event=event_message(e))
+                if followed.id > last:
+                    last = followed.id
+                    yield q.WatchEventsResponse(event=event_message(followed))
         finally:
             unsubscribe()
 
@@ -563,8 +563,8 @@ class GoleashServicer(q_grpc.GoleashServiceServicer):
         return out
 
 
-def _mode(mode: str) -> int:
-    return q.PolicyMode.Value("POLICY_MODE_" + mode.upper())
+def _mode(mode: str) -> q.PolicyMode:
+    return cast(q.PolicyMode, q.PolicyMode.Value("POLICY_MODE_" + mode.upper()))
 
 
 def override_message(o: Any) -> q.Override:

@@ -28,6 +28,7 @@ from goleash.api.goleash.v1 import ingest_service_pb2 as ing
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.control import detect
 from goleash.control import limits as caps
+from goleash.control.detect import LeakVerdict
 from goleash.control.limits import (
     DEFAULT_LIMITS,
     ControlError,
@@ -234,7 +235,7 @@ class Store:
         self.agents: dict[str, AgentState] = {}
         self.procs: dict[ProcKey, ProcState] = {}
         self.services: dict[str, ServiceState] = {}
-        self.suspects: dict[tuple[str, SiteKey], detect.LeakVerdict] = {}
+        self.suspects: dict[tuple[str, SiteKey], LeakVerdict] = {}
         self._with_orphans: set[ProcKey] = set()
         self.sites_held = 0  # sum of the agents' `sites`
         self._checked: tuple[ing.AgentBatch, tuple[int, int]] | None = None
@@ -642,7 +643,7 @@ class Store:
 
     def detect(self, now: float) -> None:
         """Re-judge leak suspects per service site; log the ones that start or stop."""
-        found: dict[tuple[str, SiteKey], detect.LeakVerdict] = {}
+        found: dict[tuple[str, SiteKey], LeakVerdict] = {}
         for svc in self.services.values():
             for k, site in svc.sites.items():
                 v = self.judge(site.windows, now, self.leak.window_seconds)
@@ -668,7 +669,7 @@ class Store:
                 )
         self.suspects = found
 
-    def judge(self, w: Windows, now: float, window: float) -> detect.LeakVerdict | None:
+    def judge(self, w: Windows, now: float, window: float) -> LeakVerdict | None:
         live = w.series(now, window, LIVE)
         oldest = w.series(now, window, OLDEST)
         points = [detect.SitePoint(t0, v, o) for (t0, v), (_, o) in zip(live, oldest, strict=True)]

@@ -69,7 +69,7 @@ class GoBinary:
         except OSError as exc:
             raise BinaryError(f"{self.path}: cannot open ({exc.strerror})") from None
         self.fd = fd
-        self.data: mmap.mmap | None = None
+        self._data: mmap.mmap | None = None
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
@@ -85,7 +85,7 @@ class GoBinary:
             )
             if st.st_size < 64:
                 raise NotELFError(f"{self.path}: not an ELF file (only {st.st_size} bytes)")
-            self.data = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+            self._data = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
             if self.data[:4] != b"\x7fELF":
                 raise NotELFError(f"{self.path}: not an ELF file; goleash reads Go executables")
             if self.data[4] != 2:  # EI_CLASS: ELFCLASS64
@@ -96,6 +96,13 @@ class GoBinary:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def data(self) -> mmap.mmap:
+        """The file's bytes (one mapping of the fd judged), while the binary is open."""
+        if self._data is None:
+            raise BinaryError(f"{self.path}: read after close")
+        return self._data
 
     @parse_guard
     def _open_elf(self) -> None:
@@ -111,7 +118,7 @@ class GoBinary:
         # (e_shoff past the end, absurd counts) must not surface elsewhere.
         if self.elf.num_sections() > 4096 or self.elf.num_segments() > 1024:
             raise DamagedBinaryError(f"{self.path}: damaged ELF file (implausible header counts)")
-        size = len(self.data)  # type: ignore[arg-type]
+        size = len(self.data)
         for s in self.elf.iter_sections():
             if s["sh_type"] != "SHT_NOBITS" and s["sh_offset"] + s["sh_size"] > size:
                 raise DamagedBinaryError(
@@ -233,9 +240,9 @@ class GoBinary:
         return out
 
     def close(self) -> None:
-        if self.data is not None:
-            self.data.close()
-            self.data = None  # type: ignore[assignment]
+        if self._data is not None:
+            self._data.close()
+            self._data = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -469,16 +469,16 @@ class Discovery:
                 continue  # judged already, nothing changed
             self._seen[pid] = key
             try:
-                c = self.candidate(pid)
+                found = self.candidate(pid)
             except Exception as exc:  # hostile or racing input: this process only
                 self._judge_failed(pid, exc)
                 continue
-            if c is None or not self.selector.matches(c):
+            if found is None or not self.selector.matches(found):
                 continue
             if self.selector.everything and self._descends_from_self(pid):
                 continue
-            self.followed[pid] = c
-            appeared.append(c)
+            self.followed[pid] = found
+            appeared.append(found)
         return ScanResult(appeared, vanished)
 
     def _remember(self, key: tuple[int, int, int, int], verdict: GoCheck) -> None:

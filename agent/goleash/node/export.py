@@ -189,9 +189,9 @@ class SnapshotExporter:
             creators.setdefault(k, self.creator(s.gopc))
         members: dict[tuple[str, str], list[Goroutine]] = {}
         for g in snap.goroutines:
-            k = names.get((g.gopc, g.startpc))
-            if k is not None and not is_system_function(k[0]):
-                members.setdefault(k, []).append(g)
+            site = names.get((g.gopc, g.startpc))
+            if site is not None and not is_system_function(site[0]):
+                members.setdefault(site, []).append(g)
 
         out = ing.ProcessSnapshot(pid=snap.pid, time_unix_nano=int(snap.taken_at * 1e9))
         total = 0

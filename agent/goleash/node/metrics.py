@@ -283,13 +283,13 @@ class AgentCollector(Collector):
             for reason, n in p.dropped.items():
                 sums["dropped"].add((*pl, reason), n)
             for f in p.functions:
-                key = (*pl, f.function)
-                buckets, sum_ns, calls, n_timed = hists.get(key, ([0.0] * len(f.buckets), 0, 0, 0))
+                fkey = (*pl, f.function)
+                buckets, sum_ns, calls, n_timed = hists.get(fkey, ([0.0] * len(f.buckets), 0, 0, 0))
                 if len(buckets) < len(f.buckets):
                     buckets += [0.0] * (len(f.buckets) - len(buckets))
                 for i, c in enumerate(f.buckets):
                     buckets[i] += c
-                hists[key] = (buckets, sum_ns + f.sum_ns, calls + f.count, n_timed + f.timed)
+                hists[fkey] = (buckets, sum_ns + f.sum_ns, calls + f.count, n_timed + f.timed)
             for fn, n in p.panics.items():
                 sums["panics"].add((*pl, fn), n)
         for name, fam in (
@@ -298,11 +298,11 @@ class AgentCollector(Collector):
             ("panics", panics),
         ):  # fmt: skip
             sums[name].fill(fam)
-        for key, (buckets, sum_ns, calls, n_timed) in sorted(hists.items()):
+        for fkey, (buckets, sum_ns, calls, n_timed) in sorted(hists.items()):
             latency.add_metric(
-                list(key), cumulative_buckets(buckets, calls), sum_value=sum_ns / 1e9
+                list(fkey), cumulative_buckets(buckets, calls), sum_value=sum_ns / 1e9
             )
-            timed.add_metric(list(key), n_timed)
+            timed.add_metric(list(fkey), n_timed)
         yield from (live, created, exited, orphans, total, probes, hits, dropped, latency, panics)
         yield timed
 

@@ -133,7 +133,7 @@ def quantile(counts: Sequence[float], q: float, max_ns: int = 0) -> float:
     if total == 0:
         return math.nan
     rank = max(1, math.ceil(q * total))  # the rank-th smallest value
-    seen = 0
+    seen = 0.0  # counts may be weighted (sampled timing), so not whole numbers
     for i, c in enumerate(counts):
         if c and seen + c >= rank:
             lo, hi = bucket_bounds(i)

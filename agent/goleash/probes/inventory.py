@@ -226,16 +226,17 @@ def _find_allgs(proc: GoProcess) -> tuple[int, int | None, int | None]:
         ptr, n = struct.unpack("<2Q", proc.memory.read(proc.runtime_addr(base), 16))
         rest = sorted(targets - {base, base + 8, base + 16})
         words = proc.memory.read_many([(proc.runtime_addr(t), 8) for t in rest])
-        glen = gptr = None
+        len_at: int | None = None
+        ptr_at: int | None = None
         for t, w in zip(rest, words, strict=True):
             v = None if w is None else int.from_bytes(w, "little")
-            if v == n and glen is None:
-                glen = t
-            elif v == ptr and gptr is None:
-                gptr = t
-        if glen is None or gptr is None:
-            glen = gptr = None  # the slice header alone is still right
-        return base, glen, gptr
+            if v == n and len_at is None:
+                len_at = t
+            elif v == ptr and ptr_at is None:
+                ptr_at = t
+        if len_at is None or ptr_at is None:
+            len_at = ptr_at = None  # the slice header alone is still right
+        return base, len_at, ptr_at
     raise SymbolNotFoundError(
         f"PID {proc.pid}: cannot locate runtime.allgs: the binary is stripped and the code "
         f"of runtime.allgadd ({proc.go_version}) references no slice that holds goroutine 1"
