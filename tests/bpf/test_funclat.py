@@ -208,10 +208,15 @@ def test_recursion_pairs_each_level_and_bounds_depth(toolchain: str) -> None:
         assert f.overflow == calls * (depth - kept)
         assert f.unmatched == calls * (depth - kept)  # the RETs of the unrecorded calls
         assert f.stale == 0
-        # Every level encloses the 2 ms sleep at the bottom, so each lasts about what
-        # the program measured around the whole recursion.
+        # Every level encloses the 2 ms sleep at the bottom and lies inside what the
+        # program measured around the whole recursion, which also holds every level's
+        # probe hits (tens of us each on a loaded VM): so between the two, not equal
+        # to the outer figure.
         assert f.hist.quantile(0.0) >= 2e6 * 0.95
-        assert_quantiles_close(f, res["ns"], names=("p50",))
+        p50 = f.quantile_ns(0.5)
+        assert p50 is not None and 2e6 * 0.95 <= p50 <= res["ns"]["p50"] * 1.10, (
+            f"p50 {p50 / 1e6:.3f} ms, sleep 2 ms, program {res['ns']['p50'] / 1e6:.3f} ms"
+        )
         assert probes.inflight_goroutines() == 0
 
 
