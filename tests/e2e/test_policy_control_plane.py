@@ -117,7 +117,11 @@ def test_policy_file_decisions_on_watch_events_and_a_bad_reload_keeps_the_old_po
         assert stub.GetPolicy(q.GetPolicyRequest()).version == 1
         # ... and acting: the load goes over 100
         wait_for(lambda: (agent.send(500), flag.exists())[1], "the degrade")
-        degrade = next(e for e in seen if e.kind == t.EVENT_KIND_DECISION)
+        # the stream delivers the decision on its own thread: the flag can come first
+        degrade = wait_for(
+            lambda: [e for e in seen if e.kind == t.EVENT_KIND_DECISION],
+            "the degrade decision on the stream",
+        )[0]
         # what a service that switches live reads from the stream
         assert degrade.service == "shop" and degrade.details["decision"] == "degrade"
         assert degrade.details["http2"] == "off" and degrade.details["to_level"] == "L3"
