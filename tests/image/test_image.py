@@ -33,7 +33,12 @@ IMAGE = os.environ.get("GOLEASH_IMAGE", "localhost/goleash:0.1.0")
 PODMAN = [str(REPO / "scripts" / "podman.sh")]
 # root on this kind of VM lacks CAP_SYS_RESOURCE: podman's default raise fails
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
-TOKEN = "image-test-" + uuid.uuid4().hex[:8]
+# One token per role, as the manifests' Secret holds them: the control plane listens
+# beyond loopback, so it refuses to start without credentials.
+TOKENS = {
+    role: f"image-test-{role}-{uuid.uuid4().hex[:8]}" for role in ("agent", "viewer", "admin")
+}
+CONTROL_PLANE_ENV = {f"GOLEASH_{role.upper()}_TOKEN": tok for role, tok in TOKENS.items()}
 BIN = Path(sys.executable).parent / "goleash"
 GOLEASH = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "goleash.cli"]
 # The DaemonSet's volumeMounts (deploy/kubernetes/agent.yaml), host path -> container.
@@ -62,8 +67,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def container(name: str, *args: str) -> Iterator[str]:
-    podman("run", "-d", "--name", name, *ULIMITS, "-e", f"GOLEASH_TOKEN={TOKEN}", *args)
+def container(name: str, *args: str, env: dict[str, str]) -> Iterator[str]:
+    env_args = [arg for k, v in env.items() for arg in ("-e", f"{k}={v}")]
+    podman("run", "-d", "--name", name, *ULIMITS, *env_args, *args)
     try:
         yield name
     finally:
@@ -78,7 +84,7 @@ def ps(port: int) -> list[dict]:
         capture_output=True,
         text=True,
         timeout=30,
-        env={**os.environ, "GOLEASH_TOKEN": TOKEN},
+        env={**os.environ, "GOLEASH_TOKEN": TOKENS["viewer"]},
     )
     return list(json.loads(res.stdout)) if res.returncode == 0 else []
 
@@ -135,6 +141,7 @@ def test_agent_container_follows_a_host_go_process_and_ps_reaches_the_control_pl
         "0.0.0.0:9464",
         "--db",
         "/var/lib/goleash/events.db",
+        env=CONTROL_PLANE_ENV,
     ) as cp:
         # ps answers (an empty list) once the control plane serves
         wait_for(
@@ -142,7 +149,7 @@ def test_agent_container_follows_a_host_go_process_and_ps_reaches_the_control_pl
                 subprocess.run(
                     [*GOLEASH, "ps", "--server", f"127.0.0.1:{port}", "--timeout", "2"],
                     capture_output=True,
-                    env={**os.environ, "GOLEASH_TOKEN": TOKEN},
+                    env={**os.environ, "GOLEASH_TOKEN": TOKENS["viewer"]},
                 ).returncode
                 == 0
             ),
@@ -179,6 +186,7 @@ def test_agent_container_follows_a_host_go_process_and_ps_reaches_the_control_pl
                 "0.0.0.0:9464",
                 "--exe",
                 "*/populations",
+                env={"GOLEASH_TOKEN": TOKENS["agent"]},
             ):
 
                 def followed() -> dict | None:
