@@ -397,7 +397,11 @@ def test_calls_estimated_when_even_counting_is_over_budget(toolchain: str) -> No
         assert not total.calls_exact
         err = total.calls_error
         assert err is not None and 0 < err < res["calls"]
-        assert abs(total.calls - res["calls"]) <= err
+        # `calls_error` is a ~95% band: asserting it exactly would fail one run in
+        # twenty per toolchain by design (CI saw 1485 off for a band of 1304, the last
+        # interval half idle). 1.5 bands is ~3 sigma (1 run in ~400), and still fails
+        # for an estimate that is not scaled up or a band that is too narrow.
+        assert abs(total.calls - res["calls"]) <= 1.5 * err
         assert 0 < total.timed < res["calls"] / 10
 
 
