@@ -174,24 +174,9 @@ def runtime_blocks(stacks: str) -> dict[int, str]:
     return dump_blocks("\n".join(lines))
 
 
-# Since the populations fixture links C in its cgo variant (a real cgo binary,
-# linked externally), the dump gives an inlined-into frame the line of the call it
-# inlined (sync.runtime_notifyListWait at proc.go instead of sema.go): a bug in the
-# dump's line lookup for externally linked binaries, open; strict, so a fix shows.
-DUMP_VARIANTS = [
-    pytest.param(
-        v,
-        marks=pytest.mark.xfail(
-            strict=True, reason="dump line of an inlined-into frame, externally linked (cgo)"
-        ),
-    )
-    if v == "cgo"
-    else v
-    for v in VARIANTS
-]
-
-
-@pytest.mark.parametrize("variant", DUMP_VARIANTS)
+# The cgo variant links C externally: moduledata.rodata is then not .rodata's
+# start, and the inline tree must still be found (inlined-into frames' lines).
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_dump_matches_the_runtimes_own(toolchain: str, variant: str) -> None:
     """Every parked goroutine's block equals what runtime.Stack(all) prints for it in
     the same process: header, frames (inlined calls included), file:line +offset,

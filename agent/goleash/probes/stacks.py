@@ -29,6 +29,7 @@ import weakref
 from dataclasses import dataclass
 
 from goleash.gobin.binary import GoBinary
+from goleash.gobin.buildinfo import UnsupportedGoVersionError, parse_go_version
 from goleash.gobin.pclntab import MAGIC_GO116, MAGIC_GO120
 from goleash.probes.inventory import Goroutine
 from goleash.probes.target import GoProcess
@@ -94,8 +95,13 @@ class _Symbolizer:
             words = struct.unpack("<64Q", binary.read(tab.moduledata, 64 * 8))
         except Exception:
             return None
-        at = [i for i in range(24, 63) if words[i] == rodata.vaddr]
-        return words[at[-1] + 1] if at else None
+        # moduledata.rodata by its place in the struct (runtime/symtab.go): an external
+        # linker (cgo) puts C's read-only data first, so it is not .rodata's start.
+        at = _rodata_word(self.proc.build_info.go_version)
+        if at is not None and 0 < words[at] <= words[at + 1]:
+            return words[at + 1]
+        found = [i for i in range(24, 63) if words[i] == rodata.vaddr]
+        return words[found[-1] + 1] if found else None
 
     def frames(self, pc: int, exact: bool) -> tuple[Frame, ...]:
         key = (pc, exact)
@@ -161,6 +167,19 @@ class _Symbolizer:
             out.append((tab._cstring(tab._funcnametab + name_off), pc))
             pc = entry + parent_pc
         return none
+
+
+def _rodata_word(go_version: str) -> int | None:
+    """The index of moduledata.rodata in 8-byte words (gofunc is the next word):
+    covctrs/ecovctrs came in Go 1.20, typedesclen, itaboffset and itabsize in 1.27.
+    None for a release whose layout is not known here."""
+    try:
+        major, minor, _ = parse_go_version(go_version)
+    except UnsupportedGoVersionError:
+        return None
+    if major != 1 or not 18 <= minor <= 27:
+        return None
+    return 37 if minor < 20 else 39 if minor < 27 else 42
 
 
 _symbolizers: weakref.WeakKeyDictionary[GoBinary, _Symbolizer] = weakref.WeakKeyDictionary()
