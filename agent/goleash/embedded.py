@@ -19,13 +19,13 @@ import concurrent.futures
 import dataclasses
 import logging
 import secrets
-import signal
 import threading
 
 from goleash.control.auth import Authenticator, Role
 from goleash.control.server import ControlPlane, ControlPlaneConfig
 from goleash.errors import GoleashError
 from goleash.node.agent import Agent, AgentConfig, describe
+from goleash.signals import stop_on_signals
 
 log = logging.getLogger("goleash.run")
 
@@ -92,23 +92,17 @@ def embedded_agent_token(cp_config: ControlPlaneConfig) -> str | None:
 def serve(cp_config: ControlPlaneConfig, agent_config: AgentConfig) -> int:
     """Run both until SIGTERM/SIGINT. The agent's `server` is set to the control plane."""
     logging.basicConfig(level=logging.INFO, format="goleash run: %(message)s")
-    stop = threading.Event()
-
-    def on_signal(_signum: int, _frame: object) -> None:
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-    agent_config.token = embedded_agent_token(cp_config)
-    cp = EmbeddedControlPlane(cp_config)
-    address = cp.start()
-    try:
-        assert cp.cp is not None
-        log.info("control plane listening on %s (events in %s)", address, cp.cp.db_path)
-        agent_config.server = dial_address(address)
-        agent = Agent(agent_config)
-        agent.open_endpoints()
-        agent.run(stop, on_started=lambda: log.info("%s", describe(agent)))
-    finally:
-        cp.stop()
+    with stop_on_signals() as stop:
+        agent_config.token = embedded_agent_token(cp_config)
+        cp = EmbeddedControlPlane(cp_config)
+        address = cp.start()
+        try:
+            assert cp.cp is not None
+            log.info("control plane listening on %s (events in %s)", address, cp.cp.db_path)
+            agent_config.server = dial_address(address)
+            agent = Agent(agent_config)
+            agent.open_endpoints()
+            agent.run(stop, on_started=lambda: log.info("%s", describe(agent)))
+        finally:
+            cp.stop()
     return 0

@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "agent" / "goleash"
 # errors: the exception base, the profile encoders (pprof/folded), the recording
 # format and its diff (written by node, read by control), the OTLP bridge of a
 # Prometheus registry; and `goleash`, the package face (__version__).
-LEAVES = {"errors", "profiles", "recdiff", "otlp"}
+LEAVES = {"errors", "profiles", "recdiff", "otlp", "signals"}
 COMMON = LEAVES | {"goleash"}
 MAY_IMPORT: dict[str, set[str]] = {
     "gobin": COMMON,

@@ -18,10 +18,14 @@ import os
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from goleash.bench import Report
+
+if TYPE_CHECKING:
+    from goleash.bench.ingest import AgentRun
 
 HOSTILE_S = float(os.environ.get("GOLEASH_BENCH_HOSTILE_S", "60"))
 WARMUP_S = 10.0  # the fleet alone first: its RSS is the baseline
@@ -83,6 +87,7 @@ def _attack(
     import grpc
 
     from goleash.api.goleash.v1 import ingest_service_pb2 as ing
+    from goleash.bench.ingest import AGENT_TOKEN
 
     fill_id = b"filler"
     refused: dict[str, int] = {}
@@ -93,6 +98,7 @@ def _attack(
             request_serializer=None,
             response_deserializer=ing.StreamBatchesResponse.FromString,
         )
+        auth = (("authorization", f"Bearer {AGENT_TOKEN}"),)
         k = 0
         while time.time() < until:
             k += 1
@@ -104,7 +110,9 @@ def _attack(
                 )
             for name, body in batch:
                 try:
-                    call(iter([body]), timeout=30)
+                    # a hostile agent holds the agents' token: what it sends passes
+                    # authentication and meets the caps
+                    call(iter([body]), timeout=30, metadata=auth)
                     accepted += 1
                 except grpc.RpcError as exc:
                     key = f"{name.split(' agent ')[0]}: {exc.code().name}"
@@ -115,11 +123,19 @@ def _attack(
     out["accepted"] = accepted
 
 
-def run(report: Report) -> None:
-    import grpc
+@dataclass
+class _Watch:
+    """What a viewer saw of the control plane while the attack ran."""
 
-    from goleash.api.goleash.v1 import goleash_service_pb2 as q
-    from goleash.api.goleash.v1 import goleash_service_pb2_grpc as q_grpc
+    fill_from: float  # wall time the attacker moves from refused batches to filling caps
+    base: float = 0.0  # RSS MiB before the attack
+    rss: list[tuple[float, float]] = field(default_factory=list)  # (wall time, MiB)
+    slowest: list[float] = field(default_factory=lambda: [0.0, 0.0])  # refused, filling
+    result: dict[str, Any] = field(default_factory=dict)  # the attacker's counts
+    applied: int = 0  # fleet batches applied during the attack
+
+
+def run(report: Report) -> None:
     from goleash.bench import ingest
     from goleash.control.limits import DEFAULT_LIMITS
 
@@ -138,37 +154,7 @@ def run(report: Report) -> None:
                 target=ingest._agents_process, args=(address, t0, send), daemon=True
             )
             fleet.start()
-            attack_from = t0 + WARMUP_S
-            attack_to = attack_from + HOSTILE_S
-            result: dict[str, Any] = {}
-            rss: list[tuple[float, float]] = []
-            slowest = [0.0, 0.0]  # refused-only phase, filling phase
-            with grpc.insecure_channel(address) as ch:
-                api = q_grpc.GoleashServiceStub(ch)
-                while time.time() < attack_from:
-                    time.sleep(0.2)
-                base = ingest._status_kb(cp.pid, "VmRSS") / 1024
-                applied0 = sum(a.batches for a in api.ListAgents(q.ListAgentsRequest()).agents)
-                fill_from = attack_from + HOSTILE_S / 2
-                attacker = threading.Thread(
-                    target=_attack,
-                    args=(address, payloads, filler, fill_from, attack_to, result),
-                    daemon=True,
-                )
-                attacker.start()
-                while time.time() < attack_to:
-                    began, began_wall = time.perf_counter(), time.time()
-                    api.ListOrphans(q.ListOrphansRequest(), timeout=60)
-                    phase = 0 if began_wall < fill_from else 1
-                    slowest[phase] = max(slowest[phase], time.perf_counter() - began)
-                    rss.append((time.time(), ingest._status_kb(cp.pid, "VmRSS") / 1024))
-                    time.sleep(0.25)
-                attacker.join(timeout=60)
-                applied1 = sum(
-                    a.batches
-                    for a in api.ListAgents(q.ListAgentsRequest()).agents
-                    if a.identity.agent_id.startswith("agent-")
-                )
+            w = _watch_attack(address, cp.pid, payloads, filler, attack_from=t0 + WARMUP_S)
             run_ = recv.recv() if recv.poll(120) else None
             fleet.join(timeout=30)
             peak_hwm = ingest._status_kb(cp.pid, "VmHWM") / 1024
@@ -179,25 +165,78 @@ def run(report: Report) -> None:
                 os.environ.pop("GOLEASH_BENCH_INGEST_INTERVALS", None)
             else:
                 os.environ["GOLEASH_BENCH_INGEST_INTERVALS"] = saved
+    _report(report, w, run_, peak_hwm=peak_hwm)
+
+
+def _watch_attack(
+    address: str,
+    cp_pid: int,
+    payloads: list[tuple[str, bytes]],
+    filler: bytes,
+    *,
+    attack_from: float,
+) -> _Watch:
+    """Wait for the attack's start, run the attacker, and meanwhile query and sample
+    the control plane's RSS until it ends."""
+    import grpc
+
+    from goleash.api.goleash.v1 import goleash_service_pb2 as q
+    from goleash.api.goleash.v1 import goleash_service_pb2_grpc as q_grpc
+    from goleash.bench import ingest
+
+    attack_to = attack_from + HOSTILE_S
+    w = _Watch(fill_from=attack_from + HOSTILE_S / 2)
+    with grpc.insecure_channel(address) as plain:
+        api = q_grpc.GoleashServiceStub(grpc.intercept_channel(plain, ingest._Viewer()))
+        while time.time() < attack_from:
+            time.sleep(0.2)
+        w.base = ingest._status_kb(cp_pid, "VmRSS") / 1024
+        applied0 = sum(a.batches for a in api.ListAgents(q.ListAgentsRequest()).agents)
+        attacker = threading.Thread(
+            target=_attack,
+            args=(address, payloads, filler, w.fill_from, attack_to, w.result),
+            daemon=True,
+        )
+        attacker.start()
+        while time.time() < attack_to:
+            began, began_wall = time.perf_counter(), time.time()
+            api.ListOrphans(q.ListOrphansRequest(), timeout=60)
+            phase = 0 if began_wall < w.fill_from else 1
+            w.slowest[phase] = max(w.slowest[phase], time.perf_counter() - began)
+            w.rss.append((time.time(), ingest._status_kb(cp_pid, "VmRSS") / 1024))
+            time.sleep(0.25)
+        attacker.join(timeout=60)
+        applied1 = sum(
+            a.batches
+            for a in api.ListAgents(q.ListAgentsRequest()).agents
+            if a.identity.agent_id.startswith("agent-")
+        )
+    w.applied = applied1 - applied0
+    return w
+
+
+def _report(report: Report, w: _Watch, run_: AgentRun | None, *, peak_hwm: float) -> None:
+    from goleash.bench import ingest
+    from goleash.control.limits import DEFAULT_LIMITS
 
     lim = DEFAULT_LIMITS
     shape = f"{ingest.AGENTS} agents x {ingest.PROCESSES} processes + 1 hostile client"
     report.line("fleet", ingest.AGENTS, "agents", shape)
-    report.line("control plane RSS, fleet only", base, "MiB")
+    report.line("control plane RSS, fleet only", w.base, "MiB")
     report.line(
         "control plane RSS peak under attack (then filling the caps)",
-        max((r for _, r in rss), default=0.0),
+        max((r for _, r in w.rss), default=0.0),
         "MiB",
         f"{HOSTILE_S:g} s of hostile batches; VmHWM {peak_hwm:.0f} MiB",
     )
-    refused_only = [r for at, r in rss if at < fill_from]
+    refused_only = [r for at, r in w.rss if at < w.fill_from]
     report.line(
         "control plane RSS peak, refused requests only",
         max(refused_only, default=0.0),
         "MiB",
         f"first {HOSTILE_S / 2:g} s: oversized batches, all refused",
     )
-    report.line("control plane RSS at the end", rss[-1][1] if rss else 0.0, "MiB")
+    report.line("control plane RSS at the end", w.rss[-1][1] if w.rss else 0.0, "MiB")
     report.line(
         "caps",
         lim.sites_total,
@@ -207,18 +246,18 @@ def run(report: Report) -> None:
         f"functions {lim.functions_per_process}/process; kept {lim.kept_goroutines}; "
         f"stack {lim.stack_depth} frames",
     )
-    refused = result.get("refused", {})
+    refused = w.result.get("refused", {})
     report.line(
         "hostile requests refused",
         sum(refused.values()),
         "requests",
         ", ".join(f"{k} x{n}" for k, n in sorted(refused.items())),
     )
-    report.line("hostile batches within the caps accepted", result.get("accepted", 0), "batches")
-    report.line("slowest ListOrphans, refused requests only", slowest[0] * 1000, "ms")
+    report.line("hostile batches within the caps accepted", w.result.get("accepted", 0), "batches")
+    report.line("slowest ListOrphans, refused requests only", w.slowest[0] * 1000, "ms")
     report.line(
         "slowest ListOrphans while filling the caps",
-        slowest[1] * 1000,
+        w.slowest[1] * 1000,
         "ms",
         f"each filler applies {lim.sites_per_agent} new sites at once",
     )
@@ -227,5 +266,5 @@ def run(report: Report) -> None:
             "fleet batches applied / sent",
             run_.accepted / max(run_.sent, 1),
             "ratio",
-            f"{run_.accepted} of {run_.sent}; {applied1 - applied0} applied during the attack",
+            f"{run_.accepted} of {run_.sent}; {w.applied} applied during the attack",
         )

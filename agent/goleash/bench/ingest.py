@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -264,12 +264,20 @@ class _Viewer(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
         return continuation(details._replace(metadata=md), request)
 
 
+@dataclass
+class _Window:
+    """What the query client saw while the agents ingested at full rate."""
+
+    lat_orphans: list[float] = field(default_factory=list)  # seconds per call
+    lat_service: list[float] = field(default_factory=list)
+    lat_all: list[float] = field(default_factory=list)
+    cpu_s: float = 0.0  # control plane CPU over the window
+    wall_s: float = 0.0
+    applied: int = 0  # batches the control plane applied over the window
+    groups: int = 0  # orphan groups at the end
+
+
 def run(report: Report) -> None:
-    import grpc
-
-    from goleash.api.goleash.v1 import goleash_service_pb2 as q
-    from goleash.api.goleash.v1 import goleash_service_pb2_grpc as q_grpc
-
     with tempfile.TemporaryDirectory(prefix="goleash-bench-ingest-") as tmp:
         cp, address = _start_control_plane(Path(tmp) / "goleash.db")
         try:
@@ -280,43 +288,12 @@ def run(report: Report) -> None:
                 target=_agents_process, args=(address, t0, send), daemon=True
             )
             agents.start()
-            steady_from = t0 + INTERVAL_S  # after every agent announced its processes
-            end = t0 + INTERVALS * INTERVAL_S
-            lat_orphans: list[float] = []
-            lat_service: list[float] = []
-            lat_all: list[float] = []
-            cpu0 = cpu_t0 = 0.0
-            with grpc.insecure_channel(address) as plain:
-                ch = grpc.intercept_channel(plain, _Viewer())
-                api = q_grpc.GoleashServiceStub(ch)
-                while time.time() < steady_from:
-                    time.sleep(0.05)
-                cpu0, cpu_t0 = _cpu_seconds(cp.pid), time.monotonic()
-                applied0 = sum(a.batches for a in api.ListAgents(q.ListAgentsRequest()).agents)
-                k = 0
-                while time.time() < end:
-                    k += 1
-                    one_service = q.ProcessSelector(service=_service(0, k))
-                    for sink, method, request in (
-                        (lat_orphans, api.ListOrphans, q.ListOrphansRequest()),
-                        (
-                            lat_service,
-                            api.GetFunctionLatency,
-                            q.GetFunctionLatencyRequest(function=TRACED[0], selector=one_service),
-                        ),
-                        (
-                            lat_all,
-                            api.GetFunctionLatency,
-                            q.GetFunctionLatencyRequest(function=TRACED[0]),
-                        ),
-                    ):
-                        began = time.perf_counter()
-                        method(request)
-                        sink.append(time.perf_counter() - began)
-                    time.sleep(QUERY_PERIOD_S)
-                cpu1, cpu_t1 = _cpu_seconds(cp.pid), time.monotonic()
-                applied1 = sum(a.batches for a in api.ListAgents(q.ListAgentsRequest()).agents)
-                groups = len(api.ListOrphans(q.ListOrphansRequest()).groups)
+            w = _query_while_ingesting(
+                address,
+                cp.pid,
+                steady_from=t0 + INTERVAL_S,  # after every agent announced its processes
+                end=t0 + INTERVALS * INTERVAL_S,
+            )
             run_ = recv.recv() if recv.poll(120) else None
             agents.join(timeout=30)
             rss = _status_kb(cp.pid, "VmRSS") / 1024
@@ -324,9 +301,52 @@ def run(report: Report) -> None:
         finally:
             cp.terminate()
             cp.wait(timeout=30)
+    _report(report, w, run_, rss=rss, peak=peak)
 
-    wall = cpu_t1 - cpu_t0
-    snapshots = (applied1 - applied0) * PROCESSES
+
+def _query_while_ingesting(address: str, cp_pid: int, *, steady_from: float, end: float) -> _Window:
+    from goleash.api.goleash.v1 import goleash_service_pb2 as q
+    from goleash.api.goleash.v1 import goleash_service_pb2_grpc as q_grpc
+
+    w = _Window()
+    with grpc.insecure_channel(address) as plain:
+        ch = grpc.intercept_channel(plain, _Viewer())
+        api = q_grpc.GoleashServiceStub(ch)
+        while time.time() < steady_from:
+            time.sleep(0.05)
+        cpu0, cpu_t0 = _cpu_seconds(cp_pid), time.monotonic()
+        applied0 = sum(a.batches for a in api.ListAgents(q.ListAgentsRequest()).agents)
+        k = 0
+        while time.time() < end:
+            k += 1
+            one_service = q.ProcessSelector(service=_service(0, k))
+            for sink, method, request in (
+                (w.lat_orphans, api.ListOrphans, q.ListOrphansRequest()),
+                (
+                    w.lat_service,
+                    api.GetFunctionLatency,
+                    q.GetFunctionLatencyRequest(function=TRACED[0], selector=one_service),
+                ),
+                (
+                    w.lat_all,
+                    api.GetFunctionLatency,
+                    q.GetFunctionLatencyRequest(function=TRACED[0]),
+                ),
+            ):
+                began = time.perf_counter()
+                method(request)
+                sink.append(time.perf_counter() - began)
+            time.sleep(QUERY_PERIOD_S)
+        w.cpu_s, w.wall_s = _cpu_seconds(cp_pid) - cpu0, time.monotonic() - cpu_t0
+        applied1 = sum(a.batches for a in api.ListAgents(q.ListAgentsRequest()).agents)
+        w.applied = applied1 - applied0
+        w.groups = len(api.ListOrphans(q.ListOrphansRequest()).groups)
+    return w
+
+
+def _report(report: Report, w: _Window, run_: AgentRun | None, *, rss: float, peak: float) -> None:
+    wall = w.wall_s
+    snapshots = w.applied * PROCESSES
     shape = f"{AGENTS} agents x {PROCESSES} processes, {INTERVAL_S:g} s interval"
     report.line("simulated agents", AGENTS, "agents", shape)
     report.line(
@@ -350,31 +370,32 @@ def run(report: Report) -> None:
             "how late agents could send (backpressure)",
         )
         report.line("batch size", run_.bytes_per_batch / 1024, "KiB", f"{PROCESSES} processes")
-    report.line("control plane CPU while ingesting", (cpu1 - cpu0) / wall * 100, "% of a core")
-    report.line(
-        "control plane CPU per 1000 snapshots", (cpu1 - cpu0) / max(snapshots, 1) * 1e6, "ms"
-    )
+    report.line("control plane CPU while ingesting", w.cpu_s / wall * 100, "% of a core")
+    report.line("control plane CPU per 1000 snapshots", w.cpu_s / max(snapshots, 1) * 1e6, "ms")
     report.line("control plane RSS", rss, "MiB", f"peak {peak:.0f} MiB")
     report.line(
-        "ListOrphans p50 while ingesting", _pct(lat_orphans, 0.5) * 1000, "ms", f"{groups} groups"
+        "ListOrphans p50 while ingesting",
+        _pct(w.lat_orphans, 0.5) * 1000,
+        "ms",
+        f"{w.groups} groups",
     )
     report.line(
         "ListOrphans p99 while ingesting",
-        _pct(lat_orphans, 0.99) * 1000,
+        _pct(w.lat_orphans, 0.99) * 1000,
         "ms",
-        f"{len(lat_orphans)} calls",
+        f"{len(w.lat_orphans)} calls",
     )
     report.line(
         "GetFunctionLatency p99, one service",
-        _pct(lat_service, 0.99) * 1000,
+        _pct(w.lat_service, 0.99) * 1000,
         "ms",
-        f"p50 {_pct(lat_service, 0.5) * 1000:.1f} ms",
+        f"p50 {_pct(w.lat_service, 0.5) * 1000:.1f} ms",
     )
     report.line(
         "GetFunctionLatency p99, all services",
-        _pct(lat_all, 0.99) * 1000,
+        _pct(w.lat_all, 0.99) * 1000,
         "ms",
-        f"p50 {_pct(lat_all, 0.5) * 1000:.1f} ms",
+        f"p50 {_pct(w.lat_all, 0.5) * 1000:.1f} ms",
     )
 
 

@@ -118,10 +118,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _agent_args(p: argparse.ArgumentParser, *, metrics_default: str, health_default: str) -> None:
-    from goleash.node.metrics import DEFAULT_TOP_SITES
-    from goleash.node.sender import DEFAULT_MAX_BATCHES
-    from goleash.node.tracker import DEFAULT_ORPHAN_MIN_AGE_S
+    _selection_args(p)
+    _measure_args(p)
+    _agent_own_args(p, metrics_default=metrics_default, health_default=health_default)
 
+
+def _selection_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "which processes (every criterion given must hold; default: every Go process)"
     )
@@ -149,6 +151,11 @@ def _agent_args(p: argparse.ArgumentParser, *, metrics_default: str, health_defa
         metavar="UID",
         help="processes of these Kubernetes pods (UID from the kubepods cgroup path)",
     )
+
+
+def _measure_args(p: argparse.ArgumentParser) -> None:
+    from goleash.node.tracker import DEFAULT_ORPHAN_MIN_AGE_S
+
     g = p.add_argument_group("what to measure")
     g.add_argument(
         "--interval", type=arg_seconds, default=5.0, help="seconds between snapshots (5)"
@@ -180,6 +187,14 @@ def _agent_args(p: argparse.ArgumentParser, *, metrics_default: str, health_defa
     g.add_argument(
         "--stacks", action="store_true", help="record each creation site's creator stack"
     )
+
+
+def _agent_own_args(
+    p: argparse.ArgumentParser, *, metrics_default: str, health_default: str
+) -> None:
+    from goleash.node.metrics import DEFAULT_TOP_SITES
+    from goleash.node.sender import DEFAULT_MAX_BATCHES
+
     g = p.add_argument_group("agent")
     g.add_argument("--node-name", help="node name (default $NODE_NAME, else the host name)")
     g.add_argument("--agent-id", help="stable agent id (default: node name + boot id)")
@@ -276,6 +291,14 @@ def add_control_plane_command(sub: Any) -> None:
         help=f"largest message accepted (default {DEFAULT_MAX_MESSAGE_BYTES})",
     )
     p.add_argument("--policy", help="policy YAML file, reloaded when it changes (validated first)")
+    _control_plane_endpoint_args(p)
+    _event_log_args(p)
+    p.set_defaults(handler=cmd_control_plane)
+
+
+def _control_plane_endpoint_args(p: argparse.ArgumentParser) -> None:
+    """Health, metrics, evidence and OTLP: what the control plane serves or pushes
+    besides its gRPC API."""
     p.add_argument(
         "--health-listen",
         help='also serve grpc.health.v1 in plaintext on HOST:PORT ("" live, goleash.ready '
@@ -307,6 +330,9 @@ def add_control_plane_command(sub: Any) -> None:
         metavar="S",
         help="seconds between OTLP exports (default 30)",
     )
+
+
+def _event_log_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--events-max-age",
         type=float,
@@ -321,7 +347,6 @@ def add_control_plane_command(sub: Any) -> None:
         metavar="BYTES",
         help="event log ceiling: drop the oldest events beyond this size (default 256 MiB)",
     )
-    p.set_defaults(handler=cmd_control_plane)
 
 
 def add_agent_commands(sub: Any) -> None:

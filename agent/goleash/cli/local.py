@@ -186,6 +186,13 @@ def _latency_from_server(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
+    _add_dump(sub)
+    _add_trace(sub)
+    _add_latency(sub)
+    _add_panics(sub)
+
+
+def _add_dump(sub: Any) -> None:
     p = sub.add_parser(
         "dump",
         help="goroutine dump of a running process, read from its memory",
@@ -233,6 +240,8 @@ def add_commands(sub: Any) -> None:
     )
     p.set_defaults(handler=cmd_dump)
 
+
+def _add_trace(sub: Any) -> None:
     p = sub.add_parser(
         "trace",
         help="live goroutine summary of one process, per creation site",
@@ -272,6 +281,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
     p.set_defaults(handler=cmd_trace)
 
+
+def _add_latency(sub: Any) -> None:
     p = sub.add_parser(
         "latency",
         help="latency of chosen functions in a running process (calls, quantiles, histogram)",
@@ -329,6 +340,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(handler=cmd_latency)
 
+
+def _add_panics(sub: Any) -> None:
     p = sub.add_parser(
         "panics",
         help="count panics of a running process, per function that panicked",

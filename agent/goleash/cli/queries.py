@@ -173,6 +173,14 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
+    _add_ps(sub)
+    _add_top(sub)
+    _add_orphans(sub)
+    _add_events(sub)
+    _add_agents(sub)
+
+
+def _add_ps(sub: Any) -> None:
     p = sub.add_parser(
         "ps",
         help="processes the agents follow, with goroutine counts",
@@ -187,6 +195,8 @@ def add_commands(sub: Any) -> None:
     _server_args(p)
     p.set_defaults(handler=cmd_ps)
 
+
+def _add_top(sub: Any) -> None:
     p = sub.add_parser(
         "top",
         help="live table of processes and goroutine creation sites, like top",
@@ -222,6 +232,8 @@ def add_commands(sub: Any) -> None:
     _server_args(p)
     p.set_defaults(handler=cmd_top)
 
+
+def _add_orphans(sub: Any) -> None:
     p = sub.add_parser(
         "orphans",
         help="goroutines whose creator exited and that wait on something that will not come",
@@ -246,6 +258,8 @@ def add_commands(sub: Any) -> None:
     _server_args(p)
     p.set_defaults(handler=cmd_orphans)
 
+
+def _add_events(sub: Any) -> None:
     p = sub.add_parser(
         "events",
         help="the control plane's event log (--follow to stream new events)",
@@ -269,6 +283,8 @@ def add_commands(sub: Any) -> None:
     _server_args(p)
     p.set_defaults(handler=cmd_events)
 
+
+def _add_agents(sub: Any) -> None:
     p = sub.add_parser(
         "agents",
         help="node agents connected to the control plane",

@@ -10,19 +10,16 @@ it starts is stopped on the way out, Ctrl-C and failures included.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -30,8 +27,10 @@ from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.control.client import ClientOptions, ControlClient, ControlPlaneError
 from goleash.demo.build import build, newest_toolchain
+from goleash.demo.procs import Proc, Processes
 from goleash.demo.proxy import CongestedLink
 from goleash.errors import GoleashError
+from goleash.signals import ignore_stop_signals, stop_signals_handled_by
 
 SERVER, CLIENT = "demo-server", "demo-client"
 READFRAME = "*http2*Framer).ReadFrame"
@@ -57,19 +56,12 @@ class Step:
     detail: str = ""
 
 
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[str]
-    lines: list[tuple[float, str]] = field(default_factory=list)
-
-
 class Demo:
     def __init__(self, workdir: Path, out: TextIO = sys.stdout) -> None:
         self.dir = workdir
         self.out = out
         self.t0 = time.monotonic()
-        self.procs: list[Proc] = []
+        self.procs = Processes(self.now)
         self.link: CongestedLink | None = None
         self.api: ControlClient | None = None
         self.flag = workdir / "demo-client.env"
@@ -106,61 +98,9 @@ class Demo:
             time.sleep(every)
         raise DemoError(f"{what} did not happen within {timeout:.0f}s")
 
-    # --- processes ---------------------------------------------------------------------
-
-    def spawn(
-        self,
-        name: str,
-        argv: list[str],
-        *,
-        env: dict[str, str] | None = None,
-        on_line: Callable[[str], None] | None = None,
-        stderr_to: Path | None = None,
-    ) -> Proc:
-        err = open(stderr_to, "a") if stderr_to else subprocess.DEVNULL  # noqa: SIM115
-        popen = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            env=env,
-            start_new_session=True,  # Ctrl-C reaches the demo, which stops them in order
-        )
-        p = Proc(name, popen)
-        with self._lock:
-            self.procs.append(p)
-
-        def read() -> None:
-            assert popen.stdout is not None
-            for line in popen.stdout:
-                p.lines.append((self.now(), line.rstrip("\n")))
-                if on_line is not None:
-                    with contextlib.suppress(ValueError, KeyError):
-                        on_line(line)
-
-        threading.Thread(target=read, name=f"read-{name}", daemon=True).start()
-        return p
-
-    def terminate(self, p: Proc, timeout: float = 10.0) -> None:
-        if p.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                p.popen.send_signal(signal.SIGTERM)
-            try:
-                p.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    p.popen.kill()
-                p.popen.wait(timeout=5)
-        with self._lock:
-            if p in self.procs:
-                self.procs.remove(p)
-
     def cleanup(self) -> None:
         self._stop.set()
-        with self._lock:
-            procs = list(reversed(self.procs))  # client, server, then goleash
-        for p in procs:
-            self.terminate(p, timeout=20 if p.name == "goleash" else 5)
+        self.procs.stop_all()
         if self.link is not None:
             self.link.stop()
         if self.api is not None:
@@ -182,14 +122,14 @@ class Demo:
             "--health-listen", "off",
             "--metrics-listen", "off",
         ]  # fmt: skip
-        self.spawn("goleash", argv, stderr_to=log)
+        self.procs.spawn("goleash", argv, stderr_to=log)
 
         def address() -> str | None:
             for line in log.read_text(errors="replace").splitlines():
                 m = re.search(r"control plane listening on (\S+)", line)
                 if m:
                     return m.group(1)
-            if self.procs and self.procs[0].popen.poll() is not None:
+            if self.procs.first_exited():
                 raise DemoError(f"`goleash run` exited; its log: {log}")
             return None
 
@@ -213,7 +153,7 @@ class Demo:
             if line.startswith("{"):
                 self.server_stats.append((self.now(), json.loads(line)))
 
-        p = self.spawn(
+        p = self.procs.spawn(
             SERVER,
             [str(binary), "-cert", str(self.dir / "cert.pem"), "-leaks-per-second", "5"],
             on_line=on_line,
@@ -244,7 +184,7 @@ class Demo:
             str(binary), "-addr", f"127.0.0.1:{self.link.port}",
             "-cert", str(self.dir / "cert.pem"), "-c", "8", "-pause", "20ms",
         ]  # fmt: skip
-        self.client = self.spawn(
+        self.client = self.procs.spawn(
             CLIENT, argv, env=env, on_line=on_line, stderr_to=self.dir / "client.log"
         )
         self.client_env = env_text
@@ -262,7 +202,7 @@ class Demo:
                     want = ""
                 if want != self.client_env and self.client is not None:
                     old = self.client
-                    self.terminate(old)
+                    self.procs.terminate(old)
                     if self._stop.is_set():
                         return
                     self._start_client(binary, want)
@@ -617,28 +557,26 @@ def main() -> int:
     def on_term(_sig: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)  # also when started with SIGINT ignored (`cmd &`)
-    code = 1
-    try:
-        code = demo.run()
-    except KeyboardInterrupt:
-        demo.say("interrupted: stopping everything the demo started")
-        code = 130
-    except GoleashError as exc:
-        demo.say(f"✘ {exc}")
+    # SIGINT too when started with it ignored (`cmd &`)
+    with stop_signals_handled_by(on_term):
         code = 1
-    finally:
-        # a second Ctrl-C must not cut the clean-up short
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        demo.cleanup()
-    missing = [k for k in EXPECTED if k not in demo.steps]
-    if code == 0 and missing:
-        demo.say(f"✘ steps not observed: {', '.join(missing)}")
-        code = 1
-    if code != 0:
-        demo.say(f"logs kept in {workdir} (goleash.log, server.log, client.log)")
-    else:
-        demo.say(f"every step observed ({len(EXPECTED)} of {len(EXPECTED)})")
+        try:
+            code = demo.run()
+        except KeyboardInterrupt:
+            demo.say("interrupted: stopping everything the demo started")
+            code = 130
+        except GoleashError as exc:
+            demo.say(f"✘ {exc}")
+            code = 1
+        finally:
+            ignore_stop_signals()  # a second Ctrl-C must not cut the clean-up short
+            demo.cleanup()
+        missing = [k for k in EXPECTED if k not in demo.steps]
+        if code == 0 and missing:
+            demo.say(f"✘ steps not observed: {', '.join(missing)}")
+            code = 1
+        if code != 0:
+            demo.say(f"logs kept in {workdir} (goleash.log, server.log, client.log)")
+        else:
+            demo.say(f"every step observed ({len(EXPECTED)} of {len(EXPECTED)})")
     return code

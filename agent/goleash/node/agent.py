@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import resource
-import signal
 import socket
 import threading
 import time
@@ -74,6 +73,7 @@ from goleash.node.tracker import DEFAULT_ORPHAN_MIN_AGE_S, ProcessSnapshot, Proc
 from goleash.probes.budget import OverheadBudget
 from goleash.probes.procmem import process_state, start_time
 from goleash.probes.target import GoProcess
+from goleash.signals import stop_on_signals
 
 if TYPE_CHECKING:
     from goleash.node.funcwatch import FunctionWatch
@@ -839,13 +839,7 @@ def describe(agent: Agent) -> str:
 def serve(config: AgentConfig) -> int:
     """Run until SIGTERM/SIGINT (what `goleash agent` does)."""
     logging.basicConfig(level=logging.INFO, format="goleash agent: %(message)s")
-    stop = threading.Event()
-
-    def on_signal(_signum: int, _frame: object) -> None:
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-    agent = Agent(config)
-    agent.open_endpoints()
-    return agent.run(stop, on_started=lambda: log.info("%s", describe(agent)))
+    with stop_on_signals() as stop:
+        agent = Agent(config)
+        agent.open_endpoints()
+        return agent.run(stop, on_started=lambda: log.info("%s", describe(agent)))

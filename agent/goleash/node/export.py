@@ -145,6 +145,17 @@ def _quantiles(sorted_vals: Sequence[float]) -> tuple[float, float, float, float
 # --- snapshots ---------------------------------------------------------------------
 
 
+def _add_latency(out: ing.ProcessSnapshot, latency: Iterable[LatencyDelta]) -> None:
+    for d in latency:
+        lat = out.latency.add(function=d.function)
+        h = lat.histogram
+        h.sub_bucket_bits, h.count, h.sum_seconds = d.sub_bucket_bits, d.count, d.sum_ns / 1e9
+        if d.calls is not None:
+            lat.calls, lat.calls_error = d.calls, d.calls_error
+        for idx in sorted(d.buckets):
+            h.buckets.add(index=idx, count=d.buckets[idx])
+
+
 class SnapshotExporter:
     """One process's snapshots as API messages, with counters turned into deltas."""
 
@@ -179,6 +190,30 @@ class SnapshotExporter:
         """keep=False leaves individual goroutines out (the final snapshot of an
         exited process, whose memory can no longer be read for stacks)."""
         names = {(s.gopc, s.startpc): site_name(s) for s in snap.sites}
+        members: dict[tuple[str, str], list[Goroutine]] = {}
+        for g in snap.goroutines:
+            site = names.get((g.gopc, g.startpc))
+            if site is not None and not is_system_function(site[0]):
+                members.setdefault(site, []).append(g)
+        out = ing.ProcessSnapshot(pid=snap.pid, time_unix_nano=int(snap.taken_at * 1e9))
+        out.goroutines = self._add_sites(out, snap, members)
+        if keep:
+            out.goroutines_kept.extend(self._kept(snap, names, members))
+        _add_latency(out, latency)
+        for fn, n in sorted((panics or {}).items()):
+            if n:
+                out.panics.add(function=fn, count=n)
+        self._add_drops(out, snap, extra_drops or {})
+        return out
+
+    def _add_sites(
+        self,
+        out: ing.ProcessSnapshot,
+        snap: ProcessSnapshot,
+        members: Mapping[tuple[str, str], list[Goroutine]],
+    ) -> int:
+        """One entry per site that has live goroutines or created/exited some since the
+        last message; returns the live goroutines counted (system ones left out)."""
         created: Counter[tuple[str, str]] = Counter()
         exited: Counter[tuple[str, str]] = Counter()
         creators: dict[tuple[str, str], str] = {}
@@ -187,13 +222,6 @@ class SnapshotExporter:
             created[k] += s.created
             exited[k] += s.exited + s.exited_unseen
             creators.setdefault(k, self.creator(s.gopc))
-        members: dict[tuple[str, str], list[Goroutine]] = {}
-        for g in snap.goroutines:
-            site = names.get((g.gopc, g.startpc))
-            if site is not None and not is_system_function(site[0]):
-                members.setdefault(site, []).append(g)
-
-        out = ing.ProcessSnapshot(pid=snap.pid, time_unix_nano=int(snap.taken_at * 1e9))
         total = 0
         for k in sorted(set(created) | set(members)):
             if is_system_function(k[0]):
@@ -214,50 +242,46 @@ class SnapshotExporter:
                 created=d_created,
                 exited=d_exited,
             )
-            ages = sorted(snap.ages_s.get(g.goid, 0.0) for g in gs)
-            p50, p90, p99, mx = _quantiles(ages)
-            s.age.p50_seconds, s.age.p90_seconds = p50, p90
-            s.age.p99_seconds, s.age.max_seconds = p99, mx
-            if gs:
-                eldest = max(gs, key=lambda g: snap.ages_s.get(g.goid, 0.0))
-                s.age.max_is_lower_bound = eldest.goid in snap.ages_lower_bound
-            for reason, n in Counter(g.wait_reason for g in gs if g.wait_reason).most_common(3):
-                s.wait_reasons.add(reason=reason, count=n)
-            orphans = [g for g in gs if g.goid in snap.orphan_goids]
-            if orphans:
-                s.orphans.count = len(orphans)
-                eldest = max(orphans, key=lambda g: snap.ages_s.get(g.goid, 0.0))
-                s.orphans.oldest_age_seconds = snap.ages_s.get(eldest.goid, 0.0)
-                s.orphans.oldest_age_is_lower_bound = eldest.goid in snap.ages_lower_bound
-                reasons = Counter(g.wait_reason or "" for g in orphans)
-                s.orphans.dominant_wait_reason = reasons.most_common(1)[0][0]
-                s.orphans.longest_blocked_seconds = max(self._blocked(snap, g) for g in orphans)
-        out.goroutines = total
-        if keep:
-            out.goroutines_kept.extend(self._kept(snap, names, members))
-        for d in latency:
-            lat = out.latency.add(function=d.function)
-            h = lat.histogram
-            h.sub_bucket_bits, h.count, h.sum_seconds = d.sub_bucket_bits, d.count, d.sum_ns / 1e9
-            if d.calls is not None:
-                lat.calls, lat.calls_error = d.calls, d.calls_error
-            for idx in sorted(d.buckets):
-                h.buckets.add(index=idx, count=d.buckets[idx])
-        for fn, n in sorted((panics or {}).items()):
-            if n:
-                out.panics.add(function=fn, count=n)
+            self._describe_members(s, snap, gs)
+        return total
+
+    def _describe_members(
+        self, s: ing.SiteSummary, snap: ProcessSnapshot, gs: list[Goroutine]
+    ) -> None:
+        """A site's ages, wait reasons and orphans, from its live goroutines."""
+        ages = sorted(snap.ages_s.get(g.goid, 0.0) for g in gs)
+        p50, p90, p99, mx = _quantiles(ages)
+        s.age.p50_seconds, s.age.p90_seconds = p50, p90
+        s.age.p99_seconds, s.age.max_seconds = p99, mx
+        if gs:
+            eldest = max(gs, key=lambda g: snap.ages_s.get(g.goid, 0.0))
+            s.age.max_is_lower_bound = eldest.goid in snap.ages_lower_bound
+        for reason, n in Counter(g.wait_reason for g in gs if g.wait_reason).most_common(3):
+            s.wait_reasons.add(reason=reason, count=n)
+        orphans = [g for g in gs if g.goid in snap.orphan_goids]
+        if orphans:
+            s.orphans.count = len(orphans)
+            eldest = max(orphans, key=lambda g: snap.ages_s.get(g.goid, 0.0))
+            s.orphans.oldest_age_seconds = snap.ages_s.get(eldest.goid, 0.0)
+            s.orphans.oldest_age_is_lower_bound = eldest.goid in snap.ages_lower_bound
+            reasons = Counter(g.wait_reason or "" for g in orphans)
+            s.orphans.dominant_wait_reason = reasons.most_common(1)[0][0]
+            s.orphans.longest_blocked_seconds = max(self._blocked(snap, g) for g in orphans)
+
+    def _add_drops(
+        self, out: ing.ProcessSnapshot, snap: ProcessSnapshot, extra: Mapping[str, int]
+    ) -> None:
         drops: Counter[str] = Counter()
         for raw, reason in TRACKER_DROPS.items():
             now = snap.dropped.get(raw, 0)
             drops[reason] += self._delta(now, self._last_drops.get(raw, 0))
             self._last_drops[raw] = now
         drops["inventory_torn_reads"] += snap.torn_reads
-        for reason, n in (extra_drops or {}).items():
+        for reason, n in extra.items():
             drops[reason] += n
         for reason, n in sorted(drops.items()):
             if n:
                 out.drops.add(reason=reason, count=n)
-        return out
 
     @staticmethod
     def _blocked(snap: ProcessSnapshot, g: Goroutine) -> float:

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import math
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from typing import TextIO
 
 from goleash.errors import GoleashError
 from goleash.probes.budget import OverheadBudget
 from goleash.probes.funclat import FuncLatencyProbes, FunctionLatency, PanicProbes, PanicReading
 from goleash.probes.funcs import FunctionIndex, Selection, resolve
 from goleash.probes.target import GoProcess
+from goleash.signals import stop_on_signals
 
 
 def fmt_ns(v: float | None) -> str:
@@ -76,26 +76,6 @@ def _select(proc: GoProcess, patterns: Sequence[str]) -> Selection:
     return resolve(index, patterns)
 
 
-class _Stop:
-    """SIGINT/SIGTERM end the run cleanly (probes detached, summary printed)."""
-
-    def __init__(self) -> None:
-        self.why = ""
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _Stop:
-        for s in (signal.SIGINT, signal.SIGTERM):
-            self._old[s] = signal.signal(s, self._on)
-        return self
-
-    def _on(self, signum: int, _frame: object) -> None:
-        self.why = signal.Signals(signum).name
-
-    def __exit__(self, *exc: object) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
 def run_latency(
     pid: int,
     patterns: Sequence[str],
@@ -107,6 +87,44 @@ def run_latency(
     out: TextIO = sys.stdout,
     emit_json: Callable[[object], None] | None = None,
 ) -> int:
+    _check_latency_args(interval, budget_fraction)
+    proc = GoProcess.attach(pid)
+    selection = _select(proc, patterns)
+    budget = OverheadBudget(cpu_fraction=budget_fraction)
+    probes = FuncLatencyProbes(proc, selection.functions, budget=budget)
+    for line in selection.describe():
+        print(f"goleash: {line}", file=sys.stderr)
+    for note in probes.notes:
+        print(f"goleash: note: {note}", file=sys.stderr)
+    start = time.monotonic()
+    totals, exited = _time_calls(proc, selection, probes, duration=duration, interval=interval)
+    elapsed = time.monotonic() - start
+    if exited:
+        print(f"goleash: PID {pid} exited; figures up to its exit", file=sys.stderr)
+    funcs = list(totals.values())
+    if as_json:
+        obj = {
+            "pid": pid,
+            "go_version": proc.go_version,
+            "duration_s": round(elapsed, 3),
+            "budget": None if math.isinf(budget_fraction) else budget_fraction,
+            "process_exited": exited,
+            "resolved": [
+                {"pattern": r.pattern, "how": r.how, "symbols": list(r.symbols)}
+                for r in selection.resolutions
+            ],
+            "functions": [f.to_dict() for f in funcs],
+        }
+        (emit_json or _print_json)(obj)
+        return 0
+    out.write(f"\nPID {pid} ({proc.go_version}), {elapsed:.1f}s\n\n")
+    for f in funcs:
+        out.write(render_function(f, budget_fraction))
+        out.write("\n")
+    return 0
+
+
+def _check_latency_args(interval: float, budget_fraction: float) -> None:
     if interval <= 0:
         raise GoleashError("--interval must be positive")
     if budget_fraction <= 0:
@@ -114,28 +132,32 @@ def run_latency(
             "--budget 0 allows the probes no cost at all, so nothing can be counted or "
             "timed; give a share of a core (e.g. 0.01) or 'none' for no limit"
         )
-    proc = GoProcess.attach(pid)
-    selection = _select(proc, patterns)
-    budget = OverheadBudget(cpu_fraction=budget_fraction)
-    probes = FuncLatencyProbes(proc, selection.functions, budget=budget)
+
+
+def _time_calls(
+    proc: GoProcess,
+    selection: Selection,
+    probes: FuncLatencyProbes,
+    *,
+    duration: float | None,
+    interval: float,
+) -> tuple[dict[str, FunctionLatency], bool]:
+    """Attach, add up every interval until the duration, a signal or the process's exit,
+    detach. Returns the totals per symbol and whether the process exited."""
     err = sys.stderr
-    for line in selection.describe():
-        print(f"goleash: {line}", file=err)
-    for note in probes.notes:
-        print(f"goleash: note: {note}", file=err)
     totals = {f.symbol: FunctionLatency(f.symbol) for f in selection.functions}
     start = time.monotonic()
     exited = False
-    with _Stop() as stop:
+    with stop_on_signals() as stop:
         try:
             probes.attach()
             print(
-                f"goleash: tracing {len(selection.functions)} function(s) in PID {pid} "
+                f"goleash: tracing {len(selection.functions)} function(s) in PID {proc.pid} "
                 f"({proc.go_version}); "
                 + ("Ctrl-C to stop" if duration is None else f"for {duration:g}s"),
                 file=err,
             )
-            while not stop.why:
+            while not stop.is_set():
                 left = None if duration is None else duration - (time.monotonic() - start)
                 if left is not None and left <= 0.01:
                     break
@@ -158,30 +180,7 @@ def run_latency(
                 )
         finally:
             probes.close()  # detach every uprobe, whatever happened
-    elapsed = time.monotonic() - start
-    if exited:
-        print(f"goleash: PID {pid} exited; figures up to its exit", file=err)
-    funcs = list(totals.values())
-    if as_json:
-        obj = {
-            "pid": pid,
-            "go_version": proc.go_version,
-            "duration_s": round(elapsed, 3),
-            "budget": None if math.isinf(budget_fraction) else budget_fraction,
-            "process_exited": exited,
-            "resolved": [
-                {"pattern": r.pattern, "how": r.how, "symbols": list(r.symbols)}
-                for r in selection.resolutions
-            ],
-            "functions": [f.to_dict() for f in funcs],
-        }
-        (emit_json or _print_json)(obj)
-        return 0
-    out.write(f"\nPID {pid} ({proc.go_version}), {elapsed:.1f}s\n\n")
-    for f in funcs:
-        out.write(render_function(f, budget_fraction))
-        out.write("\n")
-    return 0
+    return totals, exited
 
 
 def render_panics(r: PanicReading) -> str:
@@ -206,7 +205,7 @@ def run_panics(
     probes = PanicProbes(proc)
     start = time.monotonic()
     exited = False
-    with _Stop() as stop:
+    with stop_on_signals() as stop:
         try:
             probes.attach()
             print(
@@ -214,7 +213,7 @@ def run_panics(
                 + ("Ctrl-C to stop" if duration is None else f"for {duration:g}s"),
                 file=sys.stderr,
             )
-            while not stop.why:
+            while not stop.is_set():
                 if duration is not None and time.monotonic() - start >= duration:
                     break
                 if not proc.alive():

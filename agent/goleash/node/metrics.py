@@ -181,7 +181,7 @@ class _Sums:
     def add(self, labels: tuple[str, ...], value: float) -> None:
         self.values[labels] = self.values.get(labels, 0.0) + value
 
-    def fill(self, family: GaugeMetricFamily | CounterMetricFamily) -> None:
+    def fill(self, family: _Summed) -> None:
         for labels, value in sorted(self.values.items()):
             family.add_metric(list(labels), value)
 
@@ -204,163 +204,191 @@ class AgentCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         v = self._view()
-        proc_labels = [*PROCESS_LABELS, *(["pid"] if self._pid_label else [])]
-        site_labels = [*proc_labels, "function", "go_statement"]
         yield _build_info()
-        live = GaugeMetricFamily(
-            "goleash_goroutines_live", "Live goroutines per creation site.", labels=site_labels
-        )
-        created = CounterMetricFamily(
-            "goleash_goroutines_created",
-            "Goroutines created per creation site since the probes attached.",
-            labels=site_labels,
-        )
-        exited = CounterMetricFamily(
-            "goleash_goroutines_exited",
-            "Goroutines that exited per creation site since the probes attached.",
-            labels=site_labels,
-        )
-        orphans = GaugeMetricFamily(
-            "goleash_goroutines_orphaned",
-            "Live goroutines whose creator exited, parked where nothing will wake them.",
-            labels=site_labels,
-        )
-        total = GaugeMetricFamily(
-            "goleash_process_goroutines", "Live goroutines of a process.", labels=proc_labels
-        )
-        probes = GaugeMetricFamily(
-            "goleash_process_probes_attached",
-            "Processes whose goroutines uprobes trace (the others: memory reads only).",
-            labels=proc_labels,
-        )
-        hits = CounterMetricFamily(
-            "goleash_probe_hits",
-            "Uprobe hits in a traced process, by probe.",
-            labels=[*proc_labels, "probe"],
-        )
-        dropped = CounterMetricFamily(
-            "goleash_probe_dropped_events",
-            "Events the kernel side could not record (full tables, read faults).",
-            labels=[*proc_labels, "reason"],
-        )
-        latency = HistogramMetricFamily(
-            "goleash_function_latency_seconds",
-            "Latency of traced functions (--func).",
-            labels=[*proc_labels, "function"],
-        )
-        timed = CounterMetricFamily(
-            "goleash_function_timed_calls",
-            "Calls of traced functions actually timed (fewer than the latency histogram's "
-            "_count, which is every call, when timing is sampled to fit the budget).",
-            labels=[*proc_labels, "function"],
-        )
-        panics = CounterMetricFamily(
-            "goleash_panics",
-            "Panics (recovered or not) per function.",
-            labels=[*proc_labels, "function"],
-        )
-        sums = {name: _Sums() for name in ("live", "created", "exited", "orphans")}
-        sums |= {name: _Sums() for name in ("total", "probes", "hits", "dropped", "panics")}
-        hists: dict[tuple[str, ...], tuple[list[float], float, float, float]] = {}
-        for p in v.processes:
-            pl = self._process_labels(p)
-            sums["total"].add(pl, p.goroutines)
-            sums["probes"].add(pl, 1.0 if p.mode == "probes" else 0.0)
-            trimmed: dict[tuple[str, str], SiteView] = {}
-            for s in p.sites:
-                key = (s.function, trim_go_path(s.go_statement, p.module))
-                t = trimmed.setdefault(key, SiteView(*key, 0, 0, 0, 0))
-                t.live, t.created = t.live + s.live, t.created + s.created
-                t.exited, t.orphans = t.exited + s.exited, t.orphans + s.orphans
-            for s in bounded_sites(list(trimmed.values()), self._top_sites):
-                sl = (*pl, s.function, s.go_statement)
-                sums["live"].add(sl, s.live)
-                sums["created"].add(sl, s.created)
-                sums["exited"].add(sl, s.exited)
-                sums["orphans"].add(sl, s.orphans)
-            for name, n in p.probe_hits.items():
-                sums["hits"].add((*pl, name.removesuffix("_hits")), n)
-            for reason, n in p.dropped.items():
-                sums["dropped"].add((*pl, reason), n)
-            for f in p.functions:
-                fkey = (*pl, f.function)
-                buckets, sum_ns, calls, n_timed = hists.get(fkey, ([0.0] * len(f.buckets), 0, 0, 0))
-                if len(buckets) < len(f.buckets):
-                    buckets += [0.0] * (len(f.buckets) - len(buckets))
-                for i, c in enumerate(f.buckets):
-                    buckets[i] += c
-                hists[fkey] = (buckets, sum_ns + f.sum_ns, calls + f.count, n_timed + f.timed)
-            for fn, n in p.panics.items():
-                sums["panics"].add((*pl, fn), n)
-        for name, fam in (
-            ("live", live), ("created", created), ("exited", exited), ("orphans", orphans),
-            ("total", total), ("probes", probes), ("hits", hits), ("dropped", dropped),
-            ("panics", panics),
-        ):  # fmt: skip
-            sums[name].fill(fam)
+        yield from self._per_process(v.processes)
+        yield from _agent_metrics(v)
+
+    def _per_process(self, processes: Sequence[ProcessView]) -> Iterator[Metric]:
+        """The series labelled by process: goroutines per site, probes, latency, panics."""
+        proc_labels = [*PROCESS_LABELS, *(["pid"] if self._pid_label else [])]
+        summed, latency, timed = _process_families(proc_labels)
+        sums = {name: _Sums() for name in _SUMMED}
+        hists: dict[tuple[str, ...], _Hist] = {}
+        for p in processes:
+            self._add_process(p, sums, hists)
+        for name in _SUMMED:
+            sums[name].fill(summed[name])
         for fkey, (buckets, sum_ns, calls, n_timed) in sorted(hists.items()):
             latency.add_metric(
                 list(fkey), cumulative_buckets(buckets, calls), sum_value=sum_ns / 1e9
             )
             timed.add_metric(list(fkey), n_timed)
-        yield from (live, created, exited, orphans, total, probes, hits, dropped, latency, panics)
-        yield timed
+        yield from (summed[name] for name in _SUMMED if name != "panics")
+        yield from (latency, summed["panics"], timed)
 
-        yield GaugeMetricFamily(
-            "goleash_agent_tracked_processes", "Go processes followed.", value=len(v.processes)
-        )
-        untraceable = GaugeMetricFamily(
-            "goleash_agent_untraceable_processes",
-            "Selected processes goleash cannot trace, by reason.",
-            labels=["reason"],
-        )
-        for reason, n in sorted(v.untraceable.items()):
-            untraceable.add_metric([reason], n)
-        yield untraceable
-        errors = CounterMetricFamily(
-            "goleash_agent_process_errors",
-            "Failures while handling one process (logged; that process only), by stage.",
-            labels=["stage"],
-        )
-        for stage, n in sorted(v.process_errors.items()):
-            errors.add_metric([stage], n)
-        yield errors
-        yield CounterMetricFamily(
-            "goleash_agent_scans", "Scans of /proc for Go processes.", value=v.scans
-        )
-        yield CounterMetricFamily(
-            "goleash_agent_batches",
-            "Batches assembled (one per interval at least).",
-            value=v.batches,
-        )
-        yield CounterMetricFamily(
-            "goleash_agent_batches_sent",
-            "Batches written to the ingest stream, resends included.",
-            value=v.batches_sent,
-        )
-        yield GaugeMetricFamily(
-            "goleash_agent_buffered_batches",
-            "Batches held for the control plane (unsent, or sent too recently to be sure).",
-            value=v.buffered,
-        )
-        drops = CounterMetricFamily(
-            "goleash_agent_batches_dropped",
-            "Batches that never reached the control plane, by reason.",
-            labels=["reason"],
-        )
-        for reason, n in sorted(v.batch_drops.items()):
-            drops.add_metric([reason], n)
-        yield drops
-        yield CounterMetricFamily(
-            "goleash_agent_reconnects",
-            "Ingest streams started again after one failed.",
-            value=v.reconnects,
-        )
-        yield GaugeMetricFamily(
-            "goleash_agent_connected",
-            "1 while the channel to the control plane is up.",
-            value=1.0 if v.connected else 0.0,
-        )
+    def _add_process(
+        self, p: ProcessView, sums: dict[str, _Sums], hists: dict[tuple[str, ...], _Hist]
+    ) -> None:
+        pl = self._process_labels(p)
+        sums["total"].add(pl, p.goroutines)
+        sums["probes"].add(pl, 1.0 if p.mode == "probes" else 0.0)
+        trimmed: dict[tuple[str, str], SiteView] = {}
+        for s in p.sites:
+            key = (s.function, trim_go_path(s.go_statement, p.module))
+            t = trimmed.setdefault(key, SiteView(*key, 0, 0, 0, 0))
+            t.live, t.created = t.live + s.live, t.created + s.created
+            t.exited, t.orphans = t.exited + s.exited, t.orphans + s.orphans
+        for s in bounded_sites(list(trimmed.values()), self._top_sites):
+            sl = (*pl, s.function, s.go_statement)
+            sums["live"].add(sl, s.live)
+            sums["created"].add(sl, s.created)
+            sums["exited"].add(sl, s.exited)
+            sums["orphans"].add(sl, s.orphans)
+        for name, n in p.probe_hits.items():
+            sums["hits"].add((*pl, name.removesuffix("_hits")), n)
+        for reason, n in p.dropped.items():
+            sums["dropped"].add((*pl, reason), n)
+        for f in p.functions:
+            fkey = (*pl, f.function)
+            buckets, sum_ns, calls, n_timed = hists.get(fkey, ([0.0] * len(f.buckets), 0, 0, 0))
+            if len(buckets) < len(f.buckets):
+                buckets += [0.0] * (len(f.buckets) - len(buckets))
+            for i, c in enumerate(f.buckets):
+                buckets[i] += c
+            hists[fkey] = (buckets, sum_ns + f.sum_ns, calls + f.count, n_timed + f.timed)
+        for fn, n in p.panics.items():
+            sums["panics"].add((*pl, fn), n)
+
+
+# (bucket counts, sum ns, calls, timed calls) of one function's histogram
+_Hist = tuple[list[float], float, float, float]
+_Summed = GaugeMetricFamily | CounterMetricFamily
+# families summed over processes that share their labels
+_SUMMED = ("live", "created", "exited", "orphans", "total", "probes", "hits", "dropped", "panics")
+
+
+def _process_families(
+    proc_labels: list[str],
+) -> tuple[dict[str, _Summed], HistogramMetricFamily, CounterMetricFamily]:
+    """The empty families: those summed by label (keyed as in _SUMMED), latency, timed."""
+    site_labels = [*proc_labels, "function", "go_statement"]
+    live = GaugeMetricFamily(
+        "goleash_goroutines_live", "Live goroutines per creation site.", labels=site_labels
+    )
+    created = CounterMetricFamily(
+        "goleash_goroutines_created",
+        "Goroutines created per creation site since the probes attached.",
+        labels=site_labels,
+    )
+    exited = CounterMetricFamily(
+        "goleash_goroutines_exited",
+        "Goroutines that exited per creation site since the probes attached.",
+        labels=site_labels,
+    )
+    orphans = GaugeMetricFamily(
+        "goleash_goroutines_orphaned",
+        "Live goroutines whose creator exited, parked where nothing will wake them.",
+        labels=site_labels,
+    )
+    total = GaugeMetricFamily(
+        "goleash_process_goroutines", "Live goroutines of a process.", labels=proc_labels
+    )
+    probes = GaugeMetricFamily(
+        "goleash_process_probes_attached",
+        "Processes whose goroutines uprobes trace (the others: memory reads only).",
+        labels=proc_labels,
+    )
+    hits = CounterMetricFamily(
+        "goleash_probe_hits",
+        "Uprobe hits in a traced process, by probe.",
+        labels=[*proc_labels, "probe"],
+    )
+    dropped = CounterMetricFamily(
+        "goleash_probe_dropped_events",
+        "Events the kernel side could not record (full tables, read faults).",
+        labels=[*proc_labels, "reason"],
+    )
+    latency = HistogramMetricFamily(
+        "goleash_function_latency_seconds",
+        "Latency of traced functions (--func).",
+        labels=[*proc_labels, "function"],
+    )
+    timed = CounterMetricFamily(
+        "goleash_function_timed_calls",
+        "Calls of traced functions actually timed (fewer than the latency histogram's "
+        "_count, which is every call, when timing is sampled to fit the budget).",
+        labels=[*proc_labels, "function"],
+    )
+    panics = CounterMetricFamily(
+        "goleash_panics",
+        "Panics (recovered or not) per function.",
+        labels=[*proc_labels, "function"],
+    )
+    summed: dict[str, _Summed] = {
+        **{"live": live, "created": created, "exited": exited, "orphans": orphans},
+        **{"total": total, "probes": probes, "hits": hits, "dropped": dropped},
+        "panics": panics,
+    }
+    return summed, latency, timed
+
+
+def _agent_metrics(v: AgentView) -> Iterator[Metric]:
+    """The agent's own series: processes followed, failures, batches, the channel."""
+    yield GaugeMetricFamily(
+        "goleash_agent_tracked_processes", "Go processes followed.", value=len(v.processes)
+    )
+    untraceable = GaugeMetricFamily(
+        "goleash_agent_untraceable_processes",
+        "Selected processes goleash cannot trace, by reason.",
+        labels=["reason"],
+    )
+    for reason, n in sorted(v.untraceable.items()):
+        untraceable.add_metric([reason], n)
+    yield untraceable
+    errors = CounterMetricFamily(
+        "goleash_agent_process_errors",
+        "Failures while handling one process (logged; that process only), by stage.",
+        labels=["stage"],
+    )
+    for stage, n in sorted(v.process_errors.items()):
+        errors.add_metric([stage], n)
+    yield errors
+    yield CounterMetricFamily(
+        "goleash_agent_scans", "Scans of /proc for Go processes.", value=v.scans
+    )
+    yield CounterMetricFamily(
+        "goleash_agent_batches",
+        "Batches assembled (one per interval at least).",
+        value=v.batches,
+    )
+    yield CounterMetricFamily(
+        "goleash_agent_batches_sent",
+        "Batches written to the ingest stream, resends included.",
+        value=v.batches_sent,
+    )
+    yield GaugeMetricFamily(
+        "goleash_agent_buffered_batches",
+        "Batches held for the control plane (unsent, or sent too recently to be sure).",
+        value=v.buffered,
+    )
+    drops = CounterMetricFamily(
+        "goleash_agent_batches_dropped",
+        "Batches that never reached the control plane, by reason.",
+        labels=["reason"],
+    )
+    for reason, n in sorted(v.batch_drops.items()):
+        drops.add_metric([reason], n)
+    yield drops
+    yield CounterMetricFamily(
+        "goleash_agent_reconnects",
+        "Ingest streams started again after one failed.",
+        value=v.reconnects,
+    )
+    yield GaugeMetricFamily(
+        "goleash_agent_connected",
+        "1 while the channel to the control plane is up.",
+        value=1.0 if v.connected else 0.0,
+    )
 
 
 def _build_info() -> GaugeMetricFamily:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from goleash.gobin.errors import ProcessError
 from goleash.node.tracker import ProcessSnapshot, ProcessTracker
 from goleash.probes.budget import OverheadBudget
 from goleash.probes.target import GoProcess
+from goleash.signals import stop_on_signals
 
 
 def _fmt_age(v: float | None) -> str:
@@ -77,49 +77,42 @@ def run_trace(
     tracker = ProcessTracker(
         proc, stacks=stacks, budget=OverheadBudget(cpu_fraction=budget_fraction), max_live=max_live
     )
-    stop = {"why": ""}
-
-    def on_signal(signum: int, _frame: object) -> None:
-        stop["why"] = signal.Signals(signum).name
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     start = time.monotonic()
     last: ProcessSnapshot | None = None
     exit_note = ""
-    try:
-        tracker.start()
-        print(
-            f"goleash: tracing PID {pid} ({proc.build_info.go_version}); "
-            + ("Ctrl-C to stop" if duration is None else f"for {duration:g}s"),
-            file=sys.stderr,
-        )
-        while not stop["why"]:
-            deadline = time.monotonic() + interval
-            if duration is not None:
-                deadline = min(deadline, start + duration)
-            while not stop["why"] and time.monotonic() < deadline:
-                time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
-            try:
-                last = tracker.snapshot()
-            except ProcessError:
-                last = tracker.final_snapshot()
-                exit_note = (
-                    f"PID {pid} exited; final summary: the kernel's counts up to its exit, "
-                    "live goroutines as last read"
-                )
+    with stop_on_signals() as stop:
+        try:
+            tracker.start()
+            print(
+                f"goleash: tracing PID {pid} ({proc.build_info.go_version}); "
+                + ("Ctrl-C to stop" if duration is None else f"for {duration:g}s"),
+                file=sys.stderr,
+            )
+            while not stop.is_set():
+                deadline = time.monotonic() + interval
+                if duration is not None:
+                    deadline = min(deadline, start + duration)
+                while not stop.is_set() and time.monotonic() < deadline:
+                    time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+                try:
+                    last = tracker.snapshot()
+                except ProcessError:
+                    last = tracker.final_snapshot()
+                    exit_note = (
+                        f"PID {pid} exited; final summary: the kernel's counts up to its exit, "
+                        "live goroutines as last read"
+                    )
+                    if not as_json:
+                        out.write(render(last, time.monotonic() - start))
+                    break
                 if not as_json:
                     out.write(render(last, time.monotonic() - start))
-                break
-            if not as_json:
-                out.write(render(last, time.monotonic() - start))
-                out.write("\n")
-                out.flush()
-            if duration is not None and time.monotonic() - start >= duration:
-                break
-    finally:
-        tracker.close()  # detach every uprobe, whatever happened
-        for s, h in old.items():
-            signal.signal(s, h)
+                    out.write("\n")
+                    out.flush()
+                if duration is not None and time.monotonic() - start >= duration:
+                    break
+        finally:
+            tracker.close()  # detach every uprobe, whatever happened
     if exit_note:
         print(f"goleash: {exit_note}", file=sys.stderr)
     if as_json:
