@@ -297,6 +297,8 @@ class EvidenceServer:
                     return
                 if len(line) > MAX_REQUEST_LINE or not line.endswith(b"\n"):
                     return self._fail(414, "request line too long")
+                if len(line.split()) != 3:  # HTTP/0.9 has no headers: no credentials
+                    return self._fail(400, "bad request line: METHOD PATH HTTP/1.x")
                 self.raw_requestline = line
                 self.rfile = _CappedHead(self.rfile, MAX_HEAD_BYTES)
                 try:
@@ -304,9 +306,6 @@ class EvidenceServer:
                         return
                 except (TimeoutError, OSError):
                     return
-                if self.request_version == "HTTP/0.9":  # no headers: no credentials
-                    self.request_version = "HTTP/1.0"
-                    return self._fail(400, "HTTP/1.0 or later, please")
                 self._serve()
 
             def _serve(self) -> None:

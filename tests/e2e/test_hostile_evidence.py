@@ -1,0 +1,365 @@
+"""Hostile clients against the evidence server of a real `goleash control-plane`
+process (`--evidence-listen`): evidence (goroutine stacks, function names, file paths)
+is read with the viewer role only, by token or client certificate, over TLS when the
+control plane has it; traversal, oversized heads and other methods are refused with
+nothing served; a function name carrying markup stays text in the flame graph.
+Each refusal asserts its status and that no evidence byte is in the answer and no
+file changed. No root needed: a simulated agent over real loopback sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import re
+import socket
+import subprocess
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import json_format
+from test_control_plane import GOLEASH, ControlPlaneProcess
+
+from agentsim import SimAgent, goroutine, process_info, site, snapshot, stream
+from goleash.api.goleash.v1 import goleash_service_pb2 as q
+from goleash.api.goleash.v1 import goleash_service_pb2_grpc as q_grpc
+from polling import wait_for
+
+TOKENS = {
+    "admin": "admin-0123456789abcdef0123456789",
+    "viewer": "viewer-0123456789abcdef012345678",
+    "agent": "agent-0123456789abcdef012345678x",
+}
+WRONG = "not-a-token-0123456789abcdef0123"
+SECRET = "main.secretFunction;/srv/app/secret.go"  # what no refused request may see
+MARKUP = "main.<script>alert(1)</script>"
+POLICY = """\
+mode: monitor
+evaluation_interval: 200ms
+rules:
+  - name: too-many
+    services: [shop]
+    signal: {kind: goroutines, above: 10}
+    sustain: {consecutive: 1}
+    levels:
+      - level: L3
+        actions: [{type: file, path: "/nonexistent/flag"}]
+"""
+
+
+def _token_args(d: Path) -> list[str]:
+    out = []
+    for role, token in TOKENS.items():
+        (d / role).write_text(token + "\n")
+        out += [f"--{role}-token-file", str(d / role)]
+    return out
+
+
+def _evidence_address(cp: ControlPlaneProcess) -> str:
+    (address,) = [m[1] for x in cp.stderr if (m := re.search(r"evidence on (\S+),", x))]
+    return address
+
+
+def _files(d: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+
+
+class Plane:
+    def __init__(self, d: Path, *extra: str, listen: str = "127.0.0.1:0") -> None:
+        self.dir = d
+        self.reports = d / "reports"
+        self.reports.mkdir()
+        (self.reports / "known.svg").write_text(f"<svg><text>{SECRET}</text></svg>")
+        (self.reports / "known.folded").write_text(f"{SECRET} 3\n")
+        (d / "outside.svg").write_text(f"<svg>{SECRET}</svg>")
+        (self.reports / "link.svg").symlink_to(d / "outside.svg")
+        (d / "policy.yaml").write_text(POLICY)
+        self.cp = ControlPlaneProcess(
+            d / "goleash.db",
+            *extra,
+            *("--policy", str(d / "policy.yaml")),
+            *("--evidence-listen", listen),
+        )
+        self.evidence = _evidence_address(self.cp)
+        host, port = self.evidence.rsplit(":", 1)
+        self.host = "127.0.0.1" if host == "0.0.0.0" else host
+        self.port = int(port)
+
+
+@pytest.fixture(scope="module")
+def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
+    d = tmp_path_factory.mktemp("evidence-plane")
+    p = Plane(d, *_token_args(d))
+    yield p
+    assert p.cp.stop() == 0
+
+
+def get(
+    p: Plane, path: str, token: str | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection(p.host, p.port, timeout=10)
+    h = dict(headers or {})
+    if token is not None:
+        h["Authorization"] = f"Bearer {token}"
+    conn.request("GET", path, headers=h)
+    r = conn.getresponse()
+    out = (r.status, dict(r.getheaders()), r.read())
+    conn.close()
+    return out
+
+
+def raw(p: Plane, data: bytes) -> bytes:
+    """Send bytes as they are; everything the server answers before it closes."""
+    with socket.create_connection((p.host, p.port), timeout=10) as s:
+        with contextlib.suppress(OSError):  # it may close before reading all: a refusal
+            s.sendall(data)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def assert_nothing_served(body: bytes) -> None:
+    assert SECRET.encode() not in body and b"<svg" not in body
+    assert len(body) < 300  # one line saying why, nothing more
+
+
+# --- credentials ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("who", "headers", "status"),
+    [
+        ("none", {}, 401),
+        ("wrong token", {"Authorization": f"Bearer {WRONG}"}, 401),
+        ("basic", {"Authorization": "Basic YWRtaW46YWRtaW4="}, 401),
+        ("empty bearer", {"Authorization": "Bearer "}, 401),
+        ("agent token", {"Authorization": f"Bearer {TOKENS['agent']}"}, 403),
+    ],
+)
+def test_evidence_without_a_reading_role_is_refused(
+    plane: Plane, who: str, headers: dict[str, str], status: int
+) -> None:
+    before = _files(plane.reports)
+    for path in ("/evidence/known.svg", "/evidence/known.folded", "/evidence/missing.svg"):
+        code, h, body = get(plane, path, headers=headers)
+        # the same answer for a file that exists and one that does not: no oracle
+        assert code == status, (who, path)
+        assert_nothing_served(body)
+        assert h["X-Content-Type-Options"] == "nosniff"
+        if status == 401:
+            assert h["WWW-Authenticate"].startswith("Bearer")
+            assert b"Authorization: Bearer" in body or b"invalid credentials" in body
+    assert _files(plane.reports) == before
+
+
+def test_two_authorization_headers_are_refused(plane: Plane) -> None:
+    request = (
+        "GET /evidence/known.svg HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {TOKENS['viewer']}\r\nAuthorization: Bearer {WRONG}\r\n\r\n"
+    )
+    answer = raw(plane, request.encode())
+    assert answer.startswith(b"HTTP/1.0 401 ")
+    assert_nothing_served(answer.split(b"\r\n\r\n", 1)[1])
+
+
+@pytest.mark.parametrize("role", ["viewer", "admin"])
+def test_a_reading_role_gets_the_evidence_with_safe_headers(plane: Plane, role: str) -> None:
+    code, h, body = get(plane, "/evidence/known.svg", TOKENS[role])
+    assert code == 200 and SECRET.encode() in body
+    assert h["Content-Type"] == "image/svg+xml"
+    assert h["X-Content-Type-Options"] == "nosniff"
+    csp = h["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "sandbox" in csp and "script" not in csp
+    assert h["Cache-Control"] == "no-store"
+    code, h, body = get(plane, "/evidence/known.folded", TOKENS[role])
+    assert code == 200 and body == f"{SECRET} 3\n".encode()
+
+
+# --- traversal and other paths --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/evidence/link.svg",  # a symlink out of the report directory
+        "/evidence/../outside.svg",
+        "/evidence/..%2foutside.svg",
+        "/evidence/%2e%2e%2foutside.svg",
+        "/evidence/%2e%2e/outside.svg",
+        "/evidence//etc/passwd",
+        "/evidence/reports/../../outside.svg",
+        "/evidence/..\\outside.svg",
+        "/evidence/known.svg%00.svg",
+        "/evidence/known.svg/",
+        "/evidence/",
+        "/evidence",
+        "/",
+        "/reports/known.svg",
+        "/evidence/goleash.db",
+        "http://evil/evidence/../outside.svg",
+    ],
+)
+def test_traversal_and_other_paths_serve_nothing(plane: Plane, path: str) -> None:
+    before = _files(plane.reports)
+    code, h, body = get(plane, path, TOKENS["viewer"])
+    assert code == 404, path
+    assert_nothing_served(body)
+    assert _files(plane.reports) == before
+
+
+def test_other_methods_are_refused(plane: Plane) -> None:
+    before = _files(plane.reports)
+    for method in ("POST", "PUT", "DELETE", "HEAD", "OPTIONS"):
+        conn = http.client.HTTPConnection(plane.host, plane.port, timeout=10)
+        conn.request(
+            method,
+            "/evidence/known.svg",
+            body=b"<svg>overwritten</svg>",
+            headers={"Authorization": f"Bearer {TOKENS['admin']}"},
+        )
+        r = conn.getresponse()
+        body = r.read()
+        conn.close()
+        assert r.status == 405, method
+        assert r.getheader("Allow") == "GET"
+        assert_nothing_served(body)
+        # without credentials the method is not even looked at
+        conn = http.client.HTTPConnection(plane.host, plane.port, timeout=10)
+        conn.request(method, "/evidence/known.svg", body=b"x")
+        assert conn.getresponse().status == 401
+        conn.close()
+    assert _files(plane.reports) == before
+
+
+# --- oversized requests ---------------------------------------------------------------
+
+
+def test_oversized_requests_are_refused_and_the_server_keeps_serving(plane: Plane) -> None:
+    token = TOKENS["viewer"]
+    auth = f"Authorization: Bearer {token}\r\n".encode()
+    # a 1 MB header
+    answer = raw(
+        plane,
+        b"GET /evidence/known.svg HTTP/1.1\r\n"
+        + auth
+        + b"X-Big: "
+        + b"a" * 1_000_000
+        + b"\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.0 431 ")
+    assert_nothing_served(answer.split(b"\r\n\r\n", 1)[1])
+    # many small headers summing over the cap
+    many = b"".join(b"X-H%d: %s\r\n" % (i, b"b" * 100) for i in range(500))
+    answer = raw(plane, b"GET /evidence/known.svg HTTP/1.1\r\n" + auth + many + b"\r\n")
+    assert answer.startswith(b"HTTP/1.0 431 ")
+    assert_nothing_served(answer.split(b"\r\n\r\n", 1)[1])
+    # a 100 kB URL
+    answer = raw(plane, b"GET /evidence/" + b"a" * 100_000 + b".svg HTTP/1.1\r\n" + auth + b"\r\n")
+    assert answer.startswith(b"HTTP/1.0 414 ")
+    # HTTP/0.9 carries no header, so no credential
+    answer = raw(plane, b"GET /evidence/known.svg\r\n")
+    assert answer.startswith(b"HTTP/1.0 400 ") and SECRET.encode() not in answer
+    # garbage
+    answer = raw(
+        plane, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 100 + b"\r\n\r\n"
+    )
+    assert SECRET.encode() not in answer
+    # and the next honest reader is served
+    code, _, body = get(plane, "/evidence/known.folded", token)
+    assert code == 200 and body == f"{SECRET} 3\n".encode()
+    assert plane.cp.proc.poll() is None
+
+
+# --- the evidence the engine writes -----------------------------------------------------
+
+
+def test_a_decision_links_evidence_a_viewer_fetches_and_markup_in_names_stays_text(
+    plane: Plane,
+) -> None:
+    agent = SimAgent("node-x")
+    evil_go = "/src/<img src=x onerror=alert(2)>.go:7"
+    kept = [goroutine(100 + i, MARKUP, evil_go, age=60.0 + i) for i in range(3)]
+    with grpc.insecure_channel(plane.cp.address) as ch:
+        stream(
+            ch,
+            [
+                agent.batch(
+                    appeared=[process_info(42, "shop")],
+                    snapshots=[
+                        snapshot(
+                            42,
+                            [site(MARKUP, evil_go, live=50, created=50, creator="main.<b>x</b>")],
+                            kept=kept,
+                        )
+                    ],
+                )
+            ],
+            token=TOKENS["agent"],
+        )
+        viewer = (("authorization", f"Bearer {TOKENS['viewer']}"),)
+        stub = q_grpc.GoleashServiceStub(ch)
+
+        def decision() -> Any:
+            resp = stub.ListDecisions(q.ListDecisionsRequest(service="shop"), metadata=viewer)
+            for e in resp.decisions:
+                d = json_format.MessageToDict(e.details)
+                links = d.get("evidence", {}).get("links", {})
+                if "flamegraph_svg" in links:
+                    return links
+            return None
+
+        links = wait_for(decision, "a degrade decision with evidence links", timeout=30)
+    base = f"http://{plane.evidence}/evidence/"
+    assert links["flamegraph_svg"].startswith(base)
+    path = links["flamegraph_svg"].removeprefix(f"http://{plane.evidence}")
+    # the link as a stranger and as the agent sees it: nothing
+    assert get(plane, path)[0] == 401
+    assert get(plane, path, TOKENS["agent"])[0] == 403
+    code, h, body = get(plane, path, TOKENS["viewer"])
+    assert code == 200 and h["Content-Type"] == "image/svg+xml"
+    svg = ET.fromstring(body)  # well-formed XML
+    tags = {el.tag.rsplit("}", 1)[-1] for el in svg.iter()}
+    assert tags <= {"svg", "rect", "g", "title", "text"}, tags  # no script, img, b
+    texts = "".join(el.text or "" for el in svg.iter())
+    assert MARKUP in texts  # the name is shown, as text
+    assert b"<script" not in body and b"<img" not in body
+    code, _, folded = get(
+        plane, links["flamegraph_folded"].removeprefix(f"http://{plane.evidence}"), TOKENS["viewer"]
+    )
+    assert code == 200 and MARKUP.encode() in folded
+
+
+# --- refusing to start ------------------------------------------------------------------
+
+
+def test_evidence_off_loopback_without_credentials_is_refused(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [*GOLEASH, "control-plane", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "g.db")]
+        + ["--evidence-listen", "0.0.0.0:0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert "refusing to serve evidence on 0.0.0.0:0 without authentication" in r.stderr
+    assert "--insecure" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_evidence_off_loopback_with_insecure_serves_and_says_so(tmp_path: Path) -> None:
+    p = Plane(tmp_path, "--insecure", listen="0.0.0.0:0")
+    try:
+        assert any("INSECURE: serving evidence on 0.0.0.0:0" in x for x in p.cp.stderr)
+        code, _, body = get(p, "/evidence/known.folded")
+        assert code == 200 and body == f"{SECRET} 3\n".encode()
+    finally:
+        p.cp.stop()
+
+
+def test_tokens_on_loopback_are_required_as_on_the_grpc_port(plane: Plane) -> None:
+    # loopback, but credentials are configured: the evidence is not open to local users
+    assert get(plane, "/evidence/known.svg")[0] == 401
