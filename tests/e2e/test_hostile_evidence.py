@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import ipaddress
 import re
 import socket
+import ssl
 import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -118,8 +120,9 @@ def raw(p: Plane, data: bytes) -> bytes:
         with contextlib.suppress(OSError):  # it may close before reading all: a refusal
             s.sendall(data)
         chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
+        with contextlib.suppress(ConnectionResetError):  # a refusal too
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
     return b"".join(chunks)
 
 
@@ -363,3 +366,132 @@ def test_evidence_off_loopback_with_insecure_serves_and_says_so(tmp_path: Path) 
 def test_tokens_on_loopback_are_required_as_on_the_grpc_port(plane: Plane) -> None:
     # loopback, but credentials are configured: the evidence is not open to local users
     assert get(plane, "/evidence/known.svg")[0] == 401
+
+
+# --- TLS --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+    from test_hostile_auth import CA
+
+    d = tmp_path_factory.mktemp("evidence-pki")
+    ca, rogue = CA("evidence test CA"), CA("rogue CA")
+    client = ExtendedKeyUsageOID.CLIENT_AUTH
+    server = ca.issue(
+        "goleash-control-plane",
+        [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+        ExtendedKeyUsageOID.SERVER_AUTH,
+    )
+    out: dict[str, Any] = {"dir": d, "ca": d / "ca.crt"}
+    (d / "ca.crt").write_bytes(ca.pem)
+    (d / "server.crt").write_bytes(server.cert)
+    (d / "server.key").write_bytes(server.key)
+    for who, issuer, uri in (
+        ("viewer", ca, "spiffe://goleash.test/viewer"),
+        ("admin", ca, "spiffe://goleash.test/admin"),
+        ("agent", ca, "spiffe://goleash.test/agent"),
+        ("stranger", ca, "spiffe://goleash.test/stranger"),
+        ("rogue", rogue, "spiffe://goleash.test/admin"),
+    ):
+        issued = issuer.issue(f"goleash-{who}", [x509.UniformResourceIdentifier(uri)], client)
+        (d / f"{who}.crt").write_bytes(issued.cert)
+        (d / f"{who}.key").write_bytes(issued.key)
+    return out
+
+
+def _tls_args(pki: dict[str, Any], *, mtls: bool) -> list[str]:
+    d = pki["dir"]
+    out = ["--tls-cert", str(d / "server.crt"), "--tls-key", str(d / "server.key")]
+    if mtls:
+        out += ["--tls-ca", str(pki["ca"])]
+        for role in ("viewer", "admin", "agent"):
+            out += ["--client-role", f"spiffe://goleash.test/{role}={role}"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def mtls_plane(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Any]) -> Iterator[Plane]:
+    d = tmp_path_factory.mktemp("evidence-mtls")
+    p = Plane(d, *_tls_args(pki, mtls=True), *_token_args(d))
+    yield p
+    assert p.cp.stop() == 0
+
+
+def tls_get(
+    p: Plane, pki: dict[str, Any], cert: str | None, token: str | None = None
+) -> tuple[int, bytes]:
+    ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+    if cert:
+        d = pki["dir"]
+        ctx.load_cert_chain(d / f"{cert}.crt", d / f"{cert}.key")
+    conn = http.client.HTTPSConnection(p.host, p.port, timeout=10, context=ctx)
+    try:
+        conn.request(
+            "GET",
+            "/evidence/known.folded",
+            headers={"Authorization": f"Bearer {token}"} if token else {},
+        )
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("cert", "token", "status"),
+    [
+        ("viewer", None, 200),
+        ("admin", None, 200),
+        ("agent", None, 403),
+        ("stranger", None, 401),  # signed by the CA, mapped to no role
+        ("viewer", WRONG, 401),  # a presented token decides, as on the gRPC port
+        ("agent", TOKENS["viewer"], 200),
+        ("stranger", TOKENS["agent"], 403),
+    ],
+)
+def test_mtls_evidence_by_certificate_and_token(
+    mtls_plane: Plane, pki: dict[str, Any], cert: str, token: str | None, status: int
+) -> None:
+    assert any(re.search(r"evidence on \S+, https,", x) for x in mtls_plane.cp.stderr)
+    code, body = tls_get(mtls_plane, pki, cert, token)
+    assert code == status
+    if status == 200:
+        assert body == f"{SECRET} 3\n".encode()
+    else:
+        assert_nothing_served(body)
+
+
+@pytest.mark.parametrize("cert", [None, "rogue"])
+def test_mtls_evidence_without_a_ca_signed_certificate_gets_no_connection(
+    mtls_plane: Plane, pki: dict[str, Any], cert: str | None
+) -> None:
+    # as on the gRPC port: with --tls-ca every client presents a certificate it signed,
+    # even one that carries a good token
+    with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException, OSError)):
+        tls_get(mtls_plane, pki, cert, TOKENS["viewer"])
+    assert mtls_plane.cp.proc.poll() is None
+
+
+def test_plain_http_to_the_tls_evidence_port_gets_nothing(mtls_plane: Plane) -> None:
+    answer = raw(
+        mtls_plane,
+        f"GET /evidence/known.folded HTTP/1.1\r\nAuthorization: Bearer {TOKENS['viewer']}"
+        "\r\n\r\n".encode(),
+    )
+    assert SECRET.encode() not in answer and b"200 OK" not in answer
+
+
+def test_tls_with_tokens_serves_https_to_a_viewer_token_only(
+    tmp_path: Path, pki: dict[str, Any]
+) -> None:
+    p = Plane(tmp_path, *_tls_args(pki, mtls=False), *_token_args(tmp_path))
+    try:
+        assert tls_get(p, pki, None)[0] == 401
+        assert tls_get(p, pki, None, TOKENS["agent"])[0] == 403
+        code, body = tls_get(p, pki, None, TOKENS["viewer"])
+        assert code == 200 and body == f"{SECRET} 3\n".encode()
+    finally:
+        assert p.cp.stop() == 0
