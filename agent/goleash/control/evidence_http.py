@@ -280,7 +280,10 @@ class EvidenceServer:
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "goleash-evidence"
-            sys_version = ""
+
+            def version_string(self) -> str:  # no Python version for scanners
+                return self.server_version
+
             protocol_version = "HTTP/1.0"  # one request per connection
 
             def log_message(self, fmt: str, *args: Any) -> None:
