@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from goleash.control import auth
 from goleash.errors import GoleashError
@@ -235,8 +235,9 @@ class _Server(ThreadingHTTPServer):
     def finish_request(self, request: Any, client_address: Any) -> None:
         # in the connection's own thread: a stalled handshake holds one slot, not accept()
         request.settimeout(TIMEOUT_SECONDS)
+        handler: Any = self.RequestHandlerClass
         if self.tls is None:
-            self.RequestHandlerClass(request, client_address, self)
+            handler(request, client_address, self)
             return
         try:
             conn = self.tls.context().wrap_socket(request, server_side=True)
@@ -244,7 +245,7 @@ class _Server(ThreadingHTTPServer):
             log.debug("evidence: TLS handshake with %s failed: %s", client_address[0], exc)
             return
         try:
-            self.RequestHandlerClass(conn, client_address, self)
+            handler(conn, client_address, self)
         finally:
             conn.close()
 
@@ -303,7 +304,7 @@ class EvidenceServer:
                 if len(line.split()) != 3:  # HTTP/0.9 has no headers: no credentials
                     return self._fail(400, "bad request line: METHOD PATH HTTP/1.x")
                 self.raw_requestline = line
-                self.rfile = _CappedHead(self.rfile, MAX_HEAD_BYTES)
+                self.rfile = cast(Any, _CappedHead(self.rfile, MAX_HEAD_BYTES))
                 try:
                     if not self.parse_request():
                         return
