@@ -278,6 +278,35 @@ def test_oversized_requests_are_refused_and_the_server_keeps_serving(plane: Plan
     assert plane.cp.proc.poll() is None
 
 
+def test_connections_beyond_the_cap_are_closed_and_slots_come_back(plane: Plane) -> None:
+    from goleash.control.evidence_http import MAX_CONNECTIONS
+
+    idle = [
+        socket.create_connection((plane.host, plane.port), timeout=10)
+        for _ in range(MAX_CONNECTIONS)
+    ]
+    try:
+        # each idle connection holds its thread; the next one is closed at once, unread
+        answer = raw(
+            plane,
+            b"GET /evidence/known.folded HTTP/1.1\r\nAuthorization: Bearer "
+            + TOKENS["viewer"].encode()
+            + b"\r\n\r\n",
+        )
+        assert answer == b""
+    finally:
+        for s in idle:
+            s.close()
+
+    def served() -> bool:
+        try:
+            return get(plane, "/evidence/known.folded", TOKENS["viewer"])[0] == 200
+        except (ConnectionError, http.client.HTTPException):
+            return False
+
+    wait_for(served, "the evidence server to serve again once idle clients left", timeout=15)
+
+
 # --- the evidence the engine writes -----------------------------------------------------
 
 
@@ -366,6 +395,23 @@ def test_evidence_off_loopback_with_insecure_serves_and_says_so(tmp_path: Path) 
 def test_tokens_on_loopback_are_required_as_on_the_grpc_port(plane: Plane) -> None:
     # loopback, but credentials are configured: the evidence is not open to local users
     assert get(plane, "/evidence/known.svg")[0] == 401
+
+
+def test_a_rotated_viewer_token_is_taken_without_a_restart(plane: Plane) -> None:
+    f, old, new = plane.dir / "viewer", TOKENS["viewer"], "viewer-rotated-0123456789abcdef"
+
+    def status(token: str) -> int:
+        return get(plane, "/evidence/known.folded", token)[0]
+
+    try:
+        f.write_text(f"{old}\n{new}\n")
+        wait_for(lambda: status(new) == 200, "the new token to be accepted", timeout=15)
+        assert status(old) == 200
+        f.write_text(f"{new}\n")
+        wait_for(lambda: status(old) == 401, "the old token to be refused", timeout=15)
+    finally:
+        f.write_text(f"{old}\n")
+        wait_for(lambda: status(old) == 200, "the original token back", timeout=15)
 
 
 # --- TLS --------------------------------------------------------------------------------

@@ -206,6 +206,7 @@ def _peer_identities(sock: Any) -> dict[str, list[bytes]]:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 64  # listen backlog: a burst waits for accept(), not a SYN retry
 
     def __init__(
         self, address: tuple[str, int], handler: Any, tls: _TlsFiles | None, slots: int
