@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import http.client
 import ipaddress
+import os
 import re
 import socket
 import ssl
@@ -181,6 +182,29 @@ def test_a_reading_role_gets_the_evidence_with_safe_headers(plane: Plane, role: 
     assert h["Cache-Control"] == "no-store"
     code, h, body = get(plane, "/evidence/known.folded", TOKENS[role])
     assert code == 200 and body == f"{SECRET} 3\n".encode()
+
+
+def test_a_large_profile_comes_whole(plane: Plane) -> None:
+    data = os.urandom(3 << 20)
+    (plane.reports / "big.pb.gz").write_bytes(data)
+    try:
+        code, h, body = get(plane, "/evidence/big.pb.gz", TOKENS["viewer"])
+        assert code == 200 and body == data
+        assert h["Content-Type"] == "application/octet-stream"
+    finally:
+        (plane.reports / "big.pb.gz").unlink()
+
+
+def test_a_credential_of_raw_bytes_is_refused_not_a_crash(plane: Plane) -> None:
+    for value in (b"Bearer \xff\xfe" + b"\x80" * 40, b"Bearer " + b"\x00" * 20, b"\xff" * 100):
+        answer = raw(
+            plane, b"GET /evidence/known.svg HTTP/1.1\r\nAuthorization: " + value + b"\r\n\r\n"
+        )
+        assert answer.startswith(b"HTTP/1.0 401 ") or answer.startswith(b"HTTP/1.0 400 "), answer[
+            :40
+        ]
+        assert SECRET.encode() not in answer
+    assert get(plane, "/evidence/known.folded", TOKENS["viewer"])[0] == 200
 
 
 # --- traversal and other paths --------------------------------------------------------

@@ -52,6 +52,7 @@ TYPES = {
 }
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 MAX_BYTES = 64 << 20  # far above any flame graph the engine writes
+CHUNK_BYTES = 64 << 10
 MAX_REQUEST_LINE = 2048  # "GET /evidence/NAME HTTP/1.1": a name is at most 200 chars
 MAX_HEAD_BYTES = 16 << 10  # every header line together
 MAX_CONNECTIONS = 32  # one thread each; more are closed at once
@@ -332,8 +333,13 @@ class EvidenceServer:
                     st = os.fstat(f.fileno())
                     if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_BYTES:
                         return self._fail(404, "no such evidence")
-                    data = f.read(MAX_BYTES)
-                self._send(200, ctype, data)
+                    # streamed: 32 clients of a large file must not hold it 32 times
+                    self._head(200, ctype, st.st_size)
+                    left = st.st_size
+                    with contextlib.suppress(OSError):  # the client went away
+                        while left > 0 and (chunk := f.read(min(CHUNK_BYTES, left))):
+                            self.wfile.write(chunk)
+                            left -= len(chunk)
 
             def _principal(self) -> auth.Principal | None:
                 """The caller with the viewer role, else None with 401/403 sent."""
@@ -379,14 +385,17 @@ class EvidenceServer:
                 self._send(code, "text/plain; charset=utf-8", (message + "\n").encode(), extra)
 
             def _send(self, code: int, ctype: str, body: bytes, extra: Any = ()) -> None:
+                self._head(code, ctype, len(body), extra)
+                with contextlib.suppress(OSError):  # the client went away
+                    self.wfile.write(body)
+
+            def _head(self, code: int, ctype: str, length: int, extra: Any = ()) -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", str(length))
                 for k, v in (*SECURITY_HEADERS, *extra):
                     self.send_header(k, v)
                 self.end_headers()
-                with contextlib.suppress(OSError):  # the client went away
-                    self.wfile.write(body)
 
         try:
             self._server = _Server(
