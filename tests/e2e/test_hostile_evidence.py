@@ -17,6 +17,7 @@ import re
 import socket
 import ssl
 import subprocess
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -329,6 +330,26 @@ def test_connections_beyond_the_cap_are_closed_and_slots_come_back(plane: Plane)
             return False
 
     wait_for(served, "the evidence server to serve again once idle clients left", timeout=15)
+
+
+def test_a_trickling_client_is_cut_off_at_the_head_deadline(plane: Plane) -> None:
+    from goleash.control.evidence_http import HEAD_SECONDS
+
+    began = time.monotonic()
+    with socket.create_connection((plane.host, plane.port), timeout=10) as s:
+        s.sendall(b"GET /evidence/known.folded HTTP/1.1\r\nX-Slow: ")
+        s.settimeout(0.5)
+        closed = False
+        while not closed and time.monotonic() - began < HEAD_SECONDS + 5:
+            try:
+                s.sendall(b"a")  # a byte well within any per-read timeout
+                closed = s.recv(100) == b""
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = True
+    took = time.monotonic() - began
+    assert closed and HEAD_SECONDS - 0.5 <= took < HEAD_SECONDS + 4, took
 
 
 # --- the evidence the engine writes -----------------------------------------------------

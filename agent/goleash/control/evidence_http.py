@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import http.client
+import io
 import logging
 import os
 import re
@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from goleash.control import auth
 from goleash.errors import GoleashError
@@ -56,7 +56,8 @@ CHUNK_BYTES = 64 << 10
 MAX_REQUEST_LINE = 2048  # "GET /evidence/NAME HTTP/1.1": a name is at most 200 chars
 MAX_HEAD_BYTES = 16 << 10  # every header line together
 MAX_CONNECTIONS = 32  # one thread each; more are closed at once
-TIMEOUT_SECONDS = 10.0  # per connection: a TLS handshake or a request head that stalls
+TIMEOUT_SECONDS = 10.0  # per socket operation: a TLS handshake, a client that stops reading
+HEAD_SECONDS = 5.0  # to send the whole request line and headers
 RELOAD_SECONDS = 1.0  # token files and certificates are looked at no more often
 NEEDED = auth.Role.VIEWER
 # An SVG opened in a browser runs nothing and loads nothing (ours has no script, and a
@@ -165,25 +166,35 @@ class _Tokens:
             return self.current
 
 
-class _CappedHead:
-    """The request's head as the parser reads it, refused past MAX_HEAD_BYTES."""
+class _HeadTooLarge(Exception):
+    def __init__(self, status: int) -> None:
+        self.status = status
 
-    def __init__(self, raw: Any, budget: int) -> None:
-        self.raw = raw
-        self.budget = budget
 
-    def readline(self, limit: int = -1) -> bytes:
-        if self.budget < 0:
-            raise http.client.LineTooLong("request head")
-        n = self.budget + 1 if limit is None or limit < 0 else min(limit, self.budget + 1)
-        line: bytes = self.raw.readline(n)
-        self.budget -= len(line)
-        if self.budget < 0:
-            raise http.client.LineTooLong("request head")
-        return line
-
-    def read(self, size: int = -1) -> bytes:  # a GET has no body: nothing is read
-        return b""
+def _read_head(sock: Any, deadline: float) -> bytes:
+    """The request line and headers, read within `deadline` (time.monotonic) as a
+    whole: a client that trickles a byte now and then (slowloris) is cut off at the
+    deadline, not kept for as long as each byte comes before the socket timeout.
+    Raises _HeadTooLarge (414 for the request line, 431 for the head) past the caps."""
+    buf = bytearray()
+    while b"\r\n\r\n" not in buf and b"\n\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request head not complete in time")
+        sock.settimeout(left)
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+        end = buf.find(b"\n", 0, MAX_REQUEST_LINE)
+        if end < 0:
+            if len(buf) >= MAX_REQUEST_LINE:
+                raise _HeadTooLarge(414)
+        elif len(buf[:end].split()) != 3:
+            break  # not METHOD PATH VERSION (HTTP/0.9 sends no headers): refused as it is
+        elif len(buf) > MAX_REQUEST_LINE + MAX_HEAD_BYTES:
+            raise _HeadTooLarge(431)
+    return bytes(buf)
 
 
 def _peer_identities(sock: Any) -> dict[str, list[bytes]]:
@@ -296,21 +307,20 @@ class EvidenceServer:
                 self.close_connection = True
                 self.requestline, self.request_version, self.command = "", "HTTP/1.0", ""
                 try:
-                    line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+                    head = _read_head(self.connection, time.monotonic() + HEAD_SECONDS)
+                except _HeadTooLarge as exc:
+                    return self.send_error(exc.status)
                 except (TimeoutError, OSError):
                     return
-                if not line:
+                self.connection.settimeout(TIMEOUT_SECONDS)
+                line = head.split(b"\n", 1)[0]
+                if not head:
                     return
-                if len(line) > MAX_REQUEST_LINE or not line.endswith(b"\n"):
-                    return self._fail(414, "request line too long")
                 if len(line.split()) != 3:  # HTTP/0.9 has no headers: no credentials
                     return self._fail(400, "bad request line: METHOD PATH HTTP/1.x")
-                self.raw_requestline = line
-                self.rfile = cast(Any, _CappedHead(self.rfile, MAX_HEAD_BYTES))
-                try:
-                    if not self.parse_request():
-                        return
-                except (TimeoutError, OSError):
+                self.rfile = io.BytesIO(head)  # what parse_request reads the headers from
+                self.raw_requestline = self.rfile.readline()
+                if not self.parse_request():
                     return
                 self._serve()
 
