@@ -575,6 +575,29 @@ def test_plain_http_to_the_tls_evidence_port_gets_nothing(mtls_plane: Plane) -> 
     assert SECRET.encode() not in answer and b"200 OK" not in answer
 
 
+def test_a_trickled_tls_hello_is_cut_off_at_the_head_deadline(mtls_plane: Plane) -> None:
+    from goleash.control.evidence_http import HEAD_SECONDS
+
+    hello = bytes.fromhex("16030100c8010000c40303") + os.urandom(32)  # a hello's start
+    began = time.monotonic()
+    with socket.create_connection((mtls_plane.host, mtls_plane.port), timeout=10) as s:
+        s.settimeout(0.5)
+        closed = False
+        for byte in hello * 10:
+            if closed or time.monotonic() - began > HEAD_SECONDS + 5:
+                break
+            try:
+                s.sendall(bytes([byte]))
+                closed = s.recv(100) == b""
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = True
+    took = time.monotonic() - began
+    assert closed and HEAD_SECONDS - 0.5 <= took < HEAD_SECONDS + 4, took
+    assert mtls_plane.cp.proc.poll() is None
+
+
 def test_tls_with_tokens_serves_https_to_a_viewer_token_only(
     tmp_path: Path, pki: dict[str, Any]
 ) -> None:

@@ -18,8 +18,9 @@ needs credentials or --insecure (logged loudly), the same rule as the gRPC port.
 Errors say why in one line and carry no evidence: 401 without or with a bad
 credential (before the name is even looked at: no oracle for which files exist),
 403 for a role that may not read, 404 for anything that is not a served file.
-Request heads are capped (URL, header bytes), connections time out and are capped
-in number, and every response forbids scripts and content sniffing.
+Request heads are capped (URL, header bytes) and must arrive within a deadline,
+connections are capped in number, files are streamed, and every response forbids
+scripts, content sniffing and shared caching.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import io
 import logging
 import os
 import re
+import socket
 import ssl
 import stat
 import threading
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from goleash.control import auth
+from goleash.control.server import is_loopback  # one loopback rule for both ports
 from goleash.errors import GoleashError
 
 log = logging.getLogger("goleash.control")
@@ -89,18 +92,8 @@ class EvidenceAccess:
         return cls(config.credentials, config.tls_cert, config.tls_key, config.tls_ca)
 
 
-def is_loopback(listen: str) -> bool:
-    from goleash.control.server import is_loopback as grpc_rule  # one rule for both ports
-
-    return grpc_rule(listen)
-
-
 def _content_type(name: str) -> str | None:
     return next((t for suffix, t in TYPES.items() if name.endswith(suffix)), None)
-
-
-def _stamp(paths: tuple[str, ...]) -> tuple[tuple[int, int, int], ...]:
-    return auth.files_stamp(paths)
 
 
 class _TlsFiles:
@@ -110,7 +103,7 @@ class _TlsFiles:
     def __init__(self, cert: str, key: str, ca: str | None) -> None:
         self.cert, self.key, self.ca = cert, key, ca
         self.paths = tuple(p for p in (cert, key, ca) if p)
-        self.stamp = _stamp(self.paths)
+        self.stamp = auth.files_stamp(self.paths)
         self.current = self._build()
         self.checked = time.monotonic()
         self.lock = threading.Lock()
@@ -137,7 +130,7 @@ class _TlsFiles:
             if now - self.checked < RELOAD_SECONDS:
                 return self.current
             self.checked = now
-            stamp = _stamp(self.paths)
+            stamp = auth.files_stamp(self.paths)
             if stamp != self.stamp:
                 self.stamp = stamp
                 try:
@@ -216,6 +209,11 @@ def _peer_identities(sock: Any) -> dict[str, list[bytes]]:
     return out
 
 
+def _cut(sock: Any) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64  # listen backlog: a burst waits for accept(), not a SYN retry
@@ -252,11 +250,23 @@ class _Server(ThreadingHTTPServer):
         if self.tls is None:
             handler(request, client_address, self)
             return
+        # the handshake as a whole has HEAD_SECONDS: each of its reads has a timeout, but
+        # a client trickling its hello byte by byte would renew that for hours
+        twin = request.dup()  # the same connection: wrap_socket detaches `request`
+        cutoff = threading.Timer(HEAD_SECONDS, _cut, (twin,))
+        cutoff.daemon = True
         try:
-            conn = self.tls.context().wrap_socket(request, server_side=True)
+            conn = self.tls.context().wrap_socket(
+                request, server_side=True, do_handshake_on_connect=False
+            )
+            cutoff.start()
+            conn.do_handshake()
         except (ssl.SSLError, OSError) as exc:
             log.debug("evidence: TLS handshake with %s failed: %s", client_address[0], exc)
             return
+        finally:
+            cutoff.cancel()
+            twin.close()
         try:
             handler(conn, client_address, self)
         finally:
