@@ -427,6 +427,17 @@ def test_evidence_off_loopback_without_credentials_is_refused(tmp_path: Path) ->
     assert "--insecure" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_evidence_without_an_event_log_file_is_a_clear_error() -> None:
+    r = subprocess.run(
+        [*GOLEASH, "control-plane", "--listen", "127.0.0.1:0", "--db", ":memory:"]
+        + ["--evidence-listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "give --db a file" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_evidence_off_loopback_with_insecure_serves_and_says_so(tmp_path: Path) -> None:
     p = Plane(tmp_path, "--insecure", listen="0.0.0.0:0")
     try:
