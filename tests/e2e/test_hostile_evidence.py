@@ -88,7 +88,11 @@ class Plane:
             *("--policy", str(d / "policy.yaml")),
             *("--evidence-listen", listen),
         )
-        self.evidence = _evidence_address(self.cp)
+        try:
+            self.evidence = _evidence_address(self.cp)
+        except BaseException:
+            self.cp.stop()  # never leave a control plane behind
+            raise
         host, port = self.evidence.rsplit(":", 1)
         self.host = "127.0.0.1" if host == "0.0.0.0" else host
         self.port = int(port)
