@@ -286,8 +286,11 @@ def test_control_plane_serves_its_reports_at_evidence_listen(tmp_path: Path) -> 
     )
     try:
         assert proc.stderr is not None
-        line = json.loads(proc.stderr.readline())["message"]
-        address = line.split("evidence on ", 1)[1].split(",")[0].strip(" )")
+        lines = []  # up to "listening on": then SIGTERM is handled
+        while not lines or "listening on" not in lines[-1]:
+            lines.append(json.loads(proc.stderr.readline())["message"])
+        (line,) = [x for x in lines if x.startswith("evidence on ")]
+        address = line.split("evidence on ", 1)[1].split(",")[0]
         (tmp_path / "reports").mkdir(exist_ok=True)
         (tmp_path / "reports" / "x.folded").write_text("main.main;main.leak 3\n")
         with urllib.request.urlopen(f"http://{address}/evidence/x.folded", timeout=10) as resp:

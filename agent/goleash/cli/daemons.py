@@ -19,9 +19,11 @@ from goleash.errors import GoleashError
 
 
 def cmd_control_plane(args: argparse.Namespace) -> int:
+    from goleash.control.evidence_http import serving_evidence
     from goleash.control.server import ControlPlaneConfig, serve
 
-    return serve(
+    # evidence is served beside the API, guarded by the API's credentials and TLS files
+    with serving_evidence(
         ControlPlaneConfig(
             listen=args.listen,
             db=args.db,
@@ -33,14 +35,15 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
             policy_file=args.policy,
             health_listen=args.health_listen,
             metrics_listen=args.metrics_listen,
-            evidence_listen=args.evidence_listen,
             external_url=args.external_url or "",
             otlp_endpoint=args.otlp_endpoint or _otlp_env(),
             otlp_interval=args.otlp_interval,
             events_max_age_seconds=args.events_max_age,
             events_max_bytes=args.events_max_bytes,
-        )
-    )
+        ),
+        args.evidence_listen,
+    ) as config:
+        return serve(config)
 
 
 def _otlp_env() -> str | None:
@@ -309,7 +312,9 @@ def _control_plane_endpoint_args(p: argparse.ArgumentParser) -> None:
         "--evidence-listen",
         metavar="HOST:PORT",
         help="serve the policy engine's evidence (flame graph SVG, folded stacks, pprof) "
-        "over HTTP at /evidence/NAME, for alerts to link to",
+        "at /evidence/NAME, for alerts to link to; guarded like the API: a viewer or admin "
+        "token (curl -H 'Authorization: Bearer TOKEN' URL) or client certificate, HTTPS "
+        "with --tls-cert, loopback only without credentials unless --insecure",
     )
     p.add_argument(
         "--external-url",
