@@ -46,7 +46,9 @@ def cmd_top(args: argparse.Namespace) -> int:
     sel = q.ProcessSelector(service=args.service or "")
     with _client(args) as c:
 
-        def frame(n: int) -> tuple[Any, Any, Any]:
+        def frame(
+            n: int,
+        ) -> tuple[q.ListProcessesResponse, q.GetGoroutineSummaryResponse, q.ListAgentsResponse]:
             # the busiest n processes and sites: the server does the ranking, so a
             # frame costs the same with 20 processes or 20,000
             return (
