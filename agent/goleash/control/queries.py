@@ -18,21 +18,18 @@ from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.control import detect
 from goleash.control.histogram import Histogram
-from goleash.control.limits import InvalidArgument
-from goleash.control.state import (
+from goleash.control.limits import InvalidArgument, NotFound
+from goleash.control.records import (
     CREATED,
-    DEFAULT_QUANTILES,
     EXITED,
     LIVE,
     PANICS,
-    NotFound,
     ProcState,
     ServiceState,
     SiteKey,
     SiteState,
-    Store,
-    non_negative,
 )
+from goleash.control.state import DEFAULT_QUANTILES, Store, non_negative
 from goleash.control.windows import covered
 
 
