@@ -1,10 +1,9 @@
 """The typed read model: what the Store knows about a selection of processes, as plain
 dataclasses, for readers inside the control plane (the policy engine) and for the
-gRPC servicer, which turns them into protos (`views`).
+gRPC servicer, whose `answers` turn them into protos (`messages`).
 
 Ingest and state stay in `state.py`; this module only reads them: processes, creation
-sites, orphans, leak suspects and function latency. (Kept goroutines, with paging,
-are still answered by `Store.list_goroutines` as API messages.)
+sites, kept goroutines, orphans, leak suspects and function latency.
 """
 
 from __future__ import annotations

@@ -3,8 +3,11 @@
 One asyncio gRPC server (grpc.aio): a thousand agents each hold a long-lived ingest
 stream, which a thread-per-RPC server could not afford. Everything runs on the event
 loop thread, so the Store needs no locks; handlers are short and synchronous inside.
+This module wires the parts: `config` (what to run), `transport` (TLS and the listen
+check), `ingest_stream` (IngestService), and behind GoleashServicer `answers` (the
+Store's queries), `event_api` (the event log) and `policy_api` (policy, overrides).
 
-Security (control/auth.py): every RPC has a role (agent, viewer, admin) checked by
+Security (auth, transport): every RPC has a role (agent, viewer, admin) checked by
 an interceptor before its handler runs; callers authenticate with bearer tokens per
 role or client certificates mapped to roles. TLS when a certificate and key are
 configured, mTLS when a CA is too (clients must present a certificate it signed).
