@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import Any, cast
 
 from goleash.cli.options import (
     _client,
@@ -134,11 +134,11 @@ def cmd_events(args: argparse.Namespace) -> int:
     from goleash.api.goleash.v1 import types_pb2 as t
     from goleash.control import views
 
-    kinds = []
+    kinds: list[t.EventKind] = []
     for k in args.kind or ():
         name = "EVENT_KIND_" + k.upper().replace("-", "_")
         try:
-            kinds.append(t.EventKind.Value(name))
+            kinds.append(cast(t.EventKind, t.EventKind.Value(name)))
         except ValueError:
             names = t.EventKind.keys()[1:]
             known = ", ".join(n.removeprefix("EVENT_KIND_").lower() for n in names)
