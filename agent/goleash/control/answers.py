@@ -1,5 +1,7 @@
-"""The Store's query RPCs answered: request fields checked, the typed read model
-(`queries`) asked, its answer built into API messages (`messages`) under the size cap."""
+"""The Store's query RPCs answered: the read model's rows built into API messages.
+
+Request fields are checked, the typed read model (`queries`) asked, and its answer
+turned into messages (`messages`) under the response size cap."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""ListEvents, WatchEvents and ListDecisions: the event log through the API, paged,
-bounded in bytes, and scrubbed of credentials on the way out."""
+"""ListEvents, WatchEvents and ListDecisions: the event log through the API.
+
+Paged, bounded in bytes, and scrubbed of credentials on the way out."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""What an agent would make the Store hold once a batch is applied (agents, processes,
-sites, traced functions), counted against the caps before anything changes."""
+"""What an agent would make the Store hold after a batch, checked against the caps.
+
+Agents, processes, sites and traced functions are counted before anything changes,
+so a refused batch changes nothing."""
 
 from __future__ import annotations
 

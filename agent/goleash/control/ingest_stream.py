@@ -1,5 +1,6 @@
-"""IngestService: each agent's long-lived stream of batches, checked and applied to the
-Store, with a refused batch released before the stream is aborted."""
+"""IngestService: each agent's long-lived stream of batches, applied to the Store.
+
+A refused batch is released before the stream is aborted (see StreamBatches)."""
 
 from __future__ import annotations
 

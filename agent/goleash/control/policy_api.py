@@ -1,5 +1,6 @@
-"""GetPolicy, SetPolicy and OverrideService: the policy store through the API; secrets
-redacted for non-admins, and every change an event naming who made it."""
+"""GetPolicy, SetPolicy and OverrideService: the policy store through the API.
+
+Secrets are redacted for non-admins, and every change is an event naming who made it."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The Store's records: what the control plane keeps per agent, process, creation site
-and service, and where each metric sits in their windows' rings."""
+"""The Store's records: what it keeps per agent, process, creation site and service.
+
+Also where each metric sits in their windows' rings."""
 
 from __future__ import annotations
 

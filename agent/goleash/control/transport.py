@@ -1,5 +1,6 @@
-"""How the control plane listens: TLS files re-read when renewed, and no unauthenticated
-port beyond loopback unless --insecure says so (logged loudly)."""
+"""How the control plane listens: TLS files re-read on renewal, and the listen check.
+
+No unauthenticated port beyond loopback unless --insecure says so (logged loudly)."""
 
 from __future__ import annotations
 
