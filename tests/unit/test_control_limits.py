@@ -16,7 +16,7 @@ import pytest
 
 from agentsim import SimAgent, goroutine, process_info, site, snapshot
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
-from goleash.control import flamegraph, views
+from goleash.control import answers, flamegraph, views
 from goleash.control.actions import (
     DEGRADE,
     Action,
@@ -193,15 +193,13 @@ def test_deep_stacks_and_extra_goroutines_are_cut_and_counted() -> None:
 
 
 def test_list_responses_stay_under_the_message_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    import goleash.control.state as state
-
-    monkeypatch.setattr(state, "MAX_RESPONSE_BYTES", 2000)
+    monkeypatch.setattr(answers, "MAX_RESPONSE_BYTES", 2000)
     store = Store(quiet)
     for i in range(100):
         store.ingest(SimAgent(f"agent-{i:03d}").batch(appeared=[process_info(1, "x")]), T0)
-    agents = store.list_agents(T0)
+    agents = answers.list_agents(store, T0)
     assert 0 < len(agents.agents) < 100 and agents.ByteSize() <= 2000
-    procs = store.list_processes(q.ListProcessesRequest(), T0)
+    procs = answers.list_processes(store, q.ListProcessesRequest(), T0)
     assert 0 < len(procs.processes) < 100 and procs.total_size == 100
 
 

@@ -9,6 +9,7 @@ import pytest
 from agentsim import SimAgent, goroutine, process_info, site, snapshot
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import types_pb2 as t
+from goleash.control import answers
 from goleash.control.histogram import bucket_bounds, bucket_index
 from goleash.control.state import InvalidArgument, NotFound, Store
 
@@ -80,27 +81,29 @@ def test_processes_aggregate_into_their_service(store: Store, log: Log) -> None:
         ),
         T0 + 5,
     )
-    resp = store.goroutine_summary(q.GetGoroutineSummaryRequest(), T0 + 6)
+    resp = answers.goroutine_summary(store, q.GetGoroutineSummaryRequest(), T0 + 6)
     assert (resp.processes, resp.goroutines, resp.created, resp.exited) == (3, 50, 53, 3)
     rows = {(s.service, s.function): s for s in resp.sites}
     assert rows[("shop", LEAK[0])].live == 42 and rows[("shop", LEAK[0])].processes == 2
     assert rows[("shop", LEAK[0])].created == 45 and rows[("shop", LEAK[0])].exited == 3
     assert rows[("cart", POOL[0])].live == 8
     # the same numbers through a process selector (per-process windows)
-    one = store.goroutine_summary(
-        q.GetGoroutineSummaryRequest(selector=q.ProcessSelector(agent_id="b", pid=20)), T0 + 6
+    one = answers.goroutine_summary(
+        store,
+        q.GetGoroutineSummaryRequest(selector=q.ProcessSelector(agent_id="b", pid=20)),
+        T0 + 6,
     )
     assert [(s.function, s.live, s.created) for s in one.sites] == [(LEAK[0], 12, 15)]
     # the process goes: the service forgets its goroutines, the event log says so
     store.ingest(
         b.batch(gone=[(20, process_info(20, "shop").start_time_unix_nano, "exited")]), T0 + 10
     )
-    resp = store.goroutine_summary(q.GetGoroutineSummaryRequest(), T0 + 11)
+    resp = answers.goroutine_summary(store, q.GetGoroutineSummaryRequest(), T0 + 11)
     assert {(s.service, s.function): s.live for s in resp.sites}[("shop", LEAK[0])] == 30
     assert store.services["shop"].sites[LEAK].live == 30
     assert log.kinds().count(t.EVENT_KIND_PROCESS_APPEARED) == 3
     assert log.kinds().count(t.EVENT_KIND_PROCESS_GONE) == 1
-    listed = store.list_processes(q.ListProcessesRequest(include_gone=True), T0 + 11)
+    listed = answers.list_processes(store, q.ListProcessesRequest(include_gone=True), T0 + 11)
     assert {(p.info.pid, p.state) for p in listed.processes} == {
         (10, q.PROCESS_STATE_RUNNING),
         (20, q.PROCESS_STATE_GONE),
@@ -114,7 +117,7 @@ def test_a_site_missing_from_a_snapshot_has_no_live_goroutines_left(store: Store
     store.ingest(a.batch(snapshots=[snapshot(10, [site(*POOL, live=8, created=8)])]), T0 + 5)
     store.ingest(a.batch(snapshots=[snapshot(10, [])]), T0 + 10)
     assert store.services["shop"].sites[POOL].live == 0
-    resp = store.goroutine_summary(q.GetGoroutineSummaryRequest(), T0 + 11)
+    resp = answers.goroutine_summary(store, q.GetGoroutineSummaryRequest(), T0 + 11)
     assert [(s.live, s.created) for s in resp.sites] == [(0, 8)]  # still in the window
 
 
@@ -207,30 +210,36 @@ def orphan_setup(store: Store) -> None:
 
 def test_orphans_are_grouped_by_service_and_site(store: Store, log: Log) -> None:
     orphan_setup(store)
-    (g,) = store.list_orphans(q.ListOrphansRequest(), T0 + 6).groups
+    (g,) = answers.list_orphans(store, q.ListOrphansRequest(), T0 + 6).groups
     assert (g.service, g.function, g.go_statement) == ("shop", *LEAK)
     assert g.count == 29 and g.oldest_age_seconds == 200 and g.processes == 2
     assert g.reason == "chan receive"  # 25 of the 29
     assert g.example.goroutine.goid == 7 and g.example.pid == 20  # the oldest kept one
     assert log.kinds().count(t.EVENT_KIND_ORPHANS_APPEARED) == 2
-    assert not store.list_orphans(q.ListOrphansRequest(min_age_seconds=201), T0 + 6).groups
+    assert not answers.list_orphans(store, q.ListOrphansRequest(min_age_seconds=201), T0 + 6).groups
     only_a = q.ListOrphansRequest(selector=q.ProcessSelector(agent_id="a"))
-    assert store.list_orphans(only_a, T0 + 6).groups[0].count == 25
+    assert answers.list_orphans(store, only_a, T0 + 6).groups[0].count == 25
 
 
 def test_list_goroutines_filters_and_pages(store: Store) -> None:
     orphan_setup(store)
-    everything = store.list_goroutines(q.ListGoroutinesRequest(), T0 + 6)
+    everything = answers.list_goroutines(store, q.ListGoroutinesRequest(), T0 + 6)
     assert [r.goroutine.goid for r in everything.goroutines] == [5, 7, 100, 101]  # oldest first
-    orphans = store.list_goroutines(q.ListGoroutinesRequest(orphans_only=True), T0 + 6)
+    orphans = answers.list_goroutines(store, q.ListGoroutinesRequest(orphans_only=True), T0 + 6)
     assert [r.goroutine.goid for r in orphans.goroutines] == [7, 100, 101]
     by_stmt = q.ListGoroutinesRequest(site="main.go:42", min_age_seconds=60)
-    assert [r.goroutine.goid for r in store.list_goroutines(by_stmt, T0 + 6).goroutines] == [7, 100]
+    assert [
+        r.goroutine.goid for r in answers.list_goroutines(store, by_stmt, T0 + 6).goroutines
+    ] == [7, 100]
     blocked = q.ListGoroutinesRequest(min_blocked_for_seconds=100)
-    assert [r.goroutine.goid for r in store.list_goroutines(blocked, T0 + 6).goroutines] == [7]
+    assert [
+        r.goroutine.goid for r in answers.list_goroutines(store, blocked, T0 + 6).goroutines
+    ] == [7]
     seen, token = [], ""
     while True:
-        page = store.list_goroutines(q.ListGoroutinesRequest(page_size=3, page_token=token), T0 + 6)
+        page = answers.list_goroutines(
+            store, q.ListGoroutinesRequest(page_size=3, page_token=token), T0 + 6
+        )
         assert page.total_size == 4
         seen += [r.goroutine.goid for r in page.goroutines]
         token = page.next_page_token
@@ -253,7 +262,7 @@ def test_malformed_goroutine_filters_are_invalid_arguments(
     store: Store, req: q.ListGoroutinesRequest
 ) -> None:
     with pytest.raises(InvalidArgument):
-        store.list_goroutines(req, T0)
+        answers.list_goroutines(store, req, T0)
 
 
 def test_unknown_names_are_not_found(store: Store) -> None:
@@ -264,11 +273,11 @@ def test_unknown_names_are_not_found(store: Store) -> None:
         q.ProcessSelector(pid=4242),
     ):
         with pytest.raises(NotFound):
-            store.list_processes(q.ListProcessesRequest(selector=sel), T0)
+            answers.list_processes(store, q.ListProcessesRequest(selector=sel), T0)
     with pytest.raises(NotFound, match="no latency data"):
-        store.function_latency(q.GetFunctionLatencyRequest(function="main.nope"), T0)
+        answers.function_latency(store, q.GetFunctionLatencyRequest(function="main.nope"), T0)
     with pytest.raises(InvalidArgument, match="retention"):
-        store.list_processes(q.ListProcessesRequest(window_seconds=3600), T0)
+        answers.list_processes(store, q.ListProcessesRequest(window_seconds=3600), T0)
 
 
 def test_function_latency_quantiles_over_a_window(store: Store) -> None:
@@ -278,7 +287,7 @@ def test_function_latency_quantiles_over_a_window(store: Store) -> None:
     slow = [400_000_000] * 10  # 400 ms: the top 1 %
     store.ingest(a.batch(snapshots=[snapshot(10, latency={"main.call": fast + slow})]), T0 + 5)
     req = q.GetFunctionLatencyRequest(function="main.call", quantiles=[0.5, 0.995])
-    resp = store.function_latency(req, T0 + 6)
+    resp = answers.function_latency(store, req, T0 + 6)
     assert resp.count == 1000 and resp.processes == 1
     p50, p995 = (x.value_seconds for x in resp.quantiles)
     lo, hi = bucket_bounds(bucket_index(sorted(fast)[499], 3), 3)
@@ -288,10 +297,10 @@ def test_function_latency_quantiles_over_a_window(store: Store) -> None:
     assert abs(resp.mean_seconds - sum(fast + slow) / 1000 * 1e-9) < 1e-12
     # six minutes later, a 60 s window has none of it (and the 5 min one neither)
     store.ingest(a.batch(snapshots=[snapshot(10, latency={"main.call": [2_000_000]})]), T0 + 365)
-    assert store.function_latency(req, T0 + 366).count == 1
+    assert answers.function_latency(store, req, T0 + 366).count == 1
     with pytest.raises(InvalidArgument):
-        store.function_latency(
-            q.GetFunctionLatencyRequest(function="main.call", quantiles=[1.5]), T0
+        answers.function_latency(
+            store, q.GetFunctionLatencyRequest(function="main.call", quantiles=[1.5]), T0
         )
 
 
@@ -307,18 +316,20 @@ def test_a_growing_site_becomes_a_leak_suspect_and_clears(store: Store, log: Log
         ]
         store.ingest(a.batch(snapshots=[snapshot(10, sites)]), now)
     store.detect(now)
-    (s,) = store.leak_suspects(q.ListLeakSuspectsRequest(), now).suspects
+    (s,) = answers.leak_suspects(store, q.ListLeakSuspectsRequest(), now).suspects
     assert (s.service, s.function, s.go_statement) == ("shop", *LEAK)
     assert 150 <= s.growth_per_minute <= 200  # 15 per 5 s = 180/min, slot-quantised
     assert log.kinds().count(t.EVENT_KIND_LEAK_SUSPECTED) == 1
     per_process = q.ListLeakSuspectsRequest(selector=q.ProcessSelector(agent_id="a", pid=10))
-    assert [x.function for x in store.leak_suspects(per_process, now).suspects] == [LEAK[0]]
+    assert [x.function for x in answers.leak_suspects(store, per_process, now).suspects] == [
+        LEAK[0]
+    ]
     for _ in range(16):  # the leak stops: goroutines end, the count falls back
         now += 5
         sites = [site(*LEAK, live=2, exited=20, oldest=1.0), site(*POOL, live=8, oldest=2000)]
         store.ingest(a.batch(snapshots=[snapshot(10, sites)]), now)
     store.detect(now)
-    assert not store.leak_suspects(q.ListLeakSuspectsRequest(), now).suspects
+    assert not answers.leak_suspects(store, q.ListLeakSuspectsRequest(), now).suspects
     assert log.kinds().count(t.EVENT_KIND_LEAK_CLEARED) == 1
 
 
@@ -336,11 +347,13 @@ def test_gone_processes_and_idle_services_are_pruned_after_the_retention(store: 
 
 def test_processes_ordered_by_goroutines_or_orphans_with_a_limit(store: Store) -> None:
     orphan_setup(store)
-    busiest = store.list_processes(
-        q.ListProcessesRequest(order_by=q.PROCESS_ORDER_GOROUTINES, limit=1), T0 + 6
+    busiest = answers.list_processes(
+        store, q.ListProcessesRequest(order_by=q.PROCESS_ORDER_GOROUTINES, limit=1), T0 + 6
     )
     assert [p.info.pid for p in busiest.processes] == [10] and busiest.total_size == 2
-    by_orphans = store.list_processes(q.ListProcessesRequest(order_by=q.PROCESS_ORDER_ORPHANS), T0)
+    by_orphans = answers.list_processes(
+        store, q.ListProcessesRequest(order_by=q.PROCESS_ORDER_ORPHANS), T0
+    )
     assert [(p.info.pid, p.orphans) for p in by_orphans.processes] == [(10, 25), (20, 4)]
     with pytest.raises(InvalidArgument):
-        store.list_processes(q.ListProcessesRequest(order_by=7), T0)
+        answers.list_processes(store, q.ListProcessesRequest(order_by=7), T0)

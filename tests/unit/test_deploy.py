@@ -746,6 +746,7 @@ def test_control_plane_accepts_the_manifests_credentials_and_refuses_without(
     real server's security gate; the same flags without tokens are refused."""
     from goleash.cli import _auth_config, build_parser
     from goleash.control.server import ControlPlane, ControlPlaneConfig, ServerSetupError
+    from goleash.control.transport import check_security
 
     args = build_parser().parse_args(container_argv(BASE, "Deployment")[1:])
     for role in ("agent", "viewer", "admin"):
@@ -755,14 +756,14 @@ def test_control_plane_accepts_the_manifests_credentials_and_refuses_without(
     args.admin_token_file = [str(tmp_path / "admin")]
     cfg = ControlPlaneConfig(listen=args.listen, db=":memory:", credentials=_auth_config(args))
     cp = ControlPlane(cfg)
-    cp._check_security(None)  # passes: tokens for every role
+    check_security(cfg, cp.authenticator, None)  # passes: tokens for every role
     assert cp.authenticator.enabled and len(cp.authenticator.tokens) == 3
     args.agent_token_file = args.viewer_token_file = args.admin_token_file = None
     bare = ControlPlane(
         ControlPlaneConfig(listen=args.listen, db=":memory:", credentials=_auth_config(args))
     )
     with pytest.raises(ServerSetupError, match="refusing to listen"):
-        bare._check_security(None)
+        check_security(bare.config, bare.authenticator, None)
 
 
 def _labels_match(selector: dict[str, Any], labels: dict[str, str]) -> bool:

@@ -11,6 +11,7 @@ import pytest
 from agentsim import SimAgent, process_info, snapshot
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.cli import budget_arg
+from goleash.control import answers
 from goleash.control.state import Store
 from goleash.node.funcwatch import FuncTotals
 from goleash.node.metrics import cumulative_buckets
@@ -73,7 +74,9 @@ def test_control_plane_answers_calls_beside_timed() -> None:
     old = snapshot(10, latency={"main.call": [1_000_000] * 7})  # an agent without `calls`
     for i, s in enumerate((s1, s2, old)):
         store.ingest(a.batch(snapshots=[s]), T0 + 1 + i)
-    resp = store.function_latency(q.GetFunctionLatencyRequest(function="main.call"), T0 + 4)
+    resp = answers.function_latency(
+        store, q.GetFunctionLatencyRequest(function="main.call"), T0 + 4
+    )
     assert resp.count == 22  # timed
     assert resp.calls == 40 + 300 + 7
     assert resp.calls_error == pytest.approx(30.0)

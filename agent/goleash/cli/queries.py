@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import Any, cast
 
 from goleash.cli.options import (
     _client,
@@ -46,7 +46,9 @@ def cmd_top(args: argparse.Namespace) -> int:
     sel = q.ProcessSelector(service=args.service or "")
     with _client(args) as c:
 
-        def frame(n: int) -> tuple[Any, Any, Any]:
+        def frame(
+            n: int,
+        ) -> tuple[q.ListProcessesResponse, q.GetGoroutineSummaryResponse, q.ListAgentsResponse]:
             # the busiest n processes and sites: the server does the ranking, so a
             # frame costs the same with 20 processes or 20,000
             return (
@@ -132,11 +134,11 @@ def cmd_events(args: argparse.Namespace) -> int:
     from goleash.api.goleash.v1 import types_pb2 as t
     from goleash.control import views
 
-    kinds = []
+    kinds: list[t.EventKind] = []
     for k in args.kind or ():
         name = "EVENT_KIND_" + k.upper().replace("-", "_")
         try:
-            kinds.append(t.EventKind.Value(name))
+            kinds.append(cast(t.EventKind, t.EventKind.Value(name)))
         except ValueError:
             names = t.EventKind.keys()[1:]
             known = ", ".join(n.removeprefix("EVENT_KIND_").lower() for n in names)

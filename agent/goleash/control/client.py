@@ -7,9 +7,10 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import grpc
+from google.protobuf.message import Message
 
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import goleash_service_pb2_grpc as q_grpc
@@ -106,14 +107,66 @@ class ControlClient:
             msg = f"{code.name.lower().replace('_', ' ')}: {details}"
         return ControlPlaneError(msg, code)
 
-    def call(self, method: str, request: Any) -> Any:
+    # One overload per unary RPC: every call site sees its response type, and a name
+    # that is no RPC of the service does not type-check (tests/unit check the list
+    # against the service's descriptor).
+    @overload
+    def call(
+        self, method: Literal["ListAgents"], request: q.ListAgentsRequest
+    ) -> q.ListAgentsResponse: ...
+    @overload
+    def call(
+        self, method: Literal["ListProcesses"], request: q.ListProcessesRequest
+    ) -> q.ListProcessesResponse: ...
+    @overload
+    def call(
+        self, method: Literal["GetGoroutineSummary"], request: q.GetGoroutineSummaryRequest
+    ) -> q.GetGoroutineSummaryResponse: ...
+    @overload
+    def call(
+        self, method: Literal["ListGoroutines"], request: q.ListGoroutinesRequest
+    ) -> q.ListGoroutinesResponse: ...
+    @overload
+    def call(
+        self, method: Literal["ListOrphans"], request: q.ListOrphansRequest
+    ) -> q.ListOrphansResponse: ...
+    @overload
+    def call(
+        self, method: Literal["ListLeakSuspects"], request: q.ListLeakSuspectsRequest
+    ) -> q.ListLeakSuspectsResponse: ...
+    @overload
+    def call(
+        self, method: Literal["GetFunctionLatency"], request: q.GetFunctionLatencyRequest
+    ) -> q.GetFunctionLatencyResponse: ...
+    @overload
+    def call(
+        self, method: Literal["ListEvents"], request: q.ListEventsRequest
+    ) -> q.ListEventsResponse: ...
+    @overload
+    def call(
+        self, method: Literal["GetPolicy"], request: q.GetPolicyRequest
+    ) -> q.GetPolicyResponse: ...
+    @overload
+    def call(
+        self, method: Literal["SetPolicy"], request: q.SetPolicyRequest
+    ) -> q.SetPolicyResponse: ...
+    @overload
+    def call(
+        self, method: Literal["ListDecisions"], request: q.ListDecisionsRequest
+    ) -> q.ListDecisionsResponse: ...
+    @overload
+    def call(
+        self, method: Literal["OverrideService"], request: q.OverrideServiceRequest
+    ) -> q.OverrideServiceResponse: ...
+    def call(self, method: str, request: Message) -> Message:
         """Call a unary GoleashService method by name, e.g. call("ListOrphans", req)."""
         try:
-            return getattr(self.stub, method)(
+            response: Message = getattr(self.stub, method)(
                 request, timeout=self.opts.timeout, metadata=self._metadata()
             )
         except grpc.RpcError as exc:
             raise self._explain(exc) from exc
+        return response
 
     def watch_events(self, request: q.WatchEventsRequest) -> Iterator[t.Event]:
         """Events as they come, until the server ends the stream or the caller stops."""

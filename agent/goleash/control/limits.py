@@ -39,6 +39,10 @@ class ResourceExhausted(ControlError):
     status = "RESOURCE_EXHAUSTED"
 
 
+class NotFound(ControlError):
+    status = "NOT_FOUND"
+
+
 @dataclass(frozen=True)
 class Limits:
     """Caps on what the Store keeps; the defaults fit 1000 agents x 20 processes with

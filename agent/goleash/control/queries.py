@@ -1,10 +1,9 @@
 """The typed read model: what the Store knows about a selection of processes, as plain
 dataclasses, for readers inside the control plane (the policy engine) and for the
-gRPC servicer, which turns them into protos (`views`).
+gRPC servicer, whose `answers` turn them into protos (`messages`).
 
 Ingest and state stay in `state.py`; this module only reads them: processes, creation
-sites, orphans, leak suspects and function latency. (Kept goroutines, with paging,
-are still answered by `Store.list_goroutines` as API messages.)
+sites, kept goroutines, orphans, leak suspects and function latency.
 """
 
 from __future__ import annotations
@@ -18,21 +17,18 @@ from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.control import detect
 from goleash.control.histogram import Histogram
-from goleash.control.limits import InvalidArgument
-from goleash.control.state import (
+from goleash.control.limits import InvalidArgument, NotFound
+from goleash.control.records import (
     CREATED,
-    DEFAULT_QUANTILES,
     EXITED,
     LIVE,
     PANICS,
-    NotFound,
     ProcState,
     ServiceState,
     SiteKey,
     SiteState,
-    Store,
-    non_negative,
 )
+from goleash.control.state import DEFAULT_QUANTILES, Store, non_negative
 from goleash.control.windows import covered
 
 

@@ -256,29 +256,52 @@ def _number(y: _Y, what: str, *, duration: bool = False, minimum: float | None =
     return float(v)
 
 
+_SIGNAL_KEYS = (
+    "kind",
+    "scope",
+    "site",
+    "function",
+    "quantile",
+    "window",
+    "above",
+    "below",
+    "over_baseline",
+    "baseline_window",
+    "growth_per_minute",
+)
+
+
 def _signal(y: _Y, *, recovery: bool) -> SignalSpec:
-    keys = (
-        "kind",
-        "scope",
-        "site",
-        "function",
-        "quantile",
-        "window",
-        "above",
-        "below",
-        "over_baseline",
-        "baseline_window",
-        "growth_per_minute",
-    )
-    y.mapping("signal", keys)
+    """A rule's signal (or recovery signal), checked in steps: its kind, what it
+    watches, each threshold, then how the thresholds combine."""
+    y.mapping("signal", _SIGNAL_KEYS)
+    kind = _signal_kind(y)
+    out: dict[str, Any] = {"kind": kind}
+    _signal_target(y, kind, out)
+    _signal_thresholds(y, kind, out)
+    _check_threshold_combination(y, kind, out, recovery=recovery)
+    spec = SignalSpec(**out)
+    if spec.window > 290 and spec.kind in ("function_latency", "panics"):
+        # the control plane keeps 300 s of windows (30 s slots beyond one minute)
+        (y.get("window") or y).fail(
+            "window can be at most 290s (the control plane keeps five minutes)"
+        )
+    return spec
+
+
+def _signal_kind(y: _Y) -> str:
     kind_y = y.get("kind")
     if kind_y is None:
         y.fail(f"signal needs kind: (one of {', '.join(SIGNAL_KINDS)})")
     kind = kind_y.value
     if kind not in SIGNAL_KINDS:
         kind_y.fail(f"signal kind must be one of {', '.join(SIGNAL_KINDS)}, got {kind!r}")
+    return str(kind)
+
+
+def _signal_target(y: _Y, kind: str, out: dict[str, Any]) -> None:
+    """What the signal watches: scope and site, or a function and its quantile."""
     latency = kind == "function_latency"
-    out: dict[str, Any] = {"kind": kind}
     scope_y = y.get("scope")
     if scope_y is not None:
         if kind not in ("goroutines", "orphans") or scope_y.value not in SCOPES:
@@ -307,6 +330,11 @@ def _signal(y: _Y, *, recovery: bool) -> SignalSpec:
             out["quantile"] = float(qv)
         else:
             q_y.fail(f"quantile is one of {', '.join(QUANTILES)} or a number in (0, 1)")
+
+
+def _signal_thresholds(y: _Y, kind: str, out: dict[str, Any]) -> None:
+    """The window and each threshold, read on its own (combinations come after)."""
+    latency = kind == "function_latency"
     w_y = y.get("window")
     if w_y is not None:
         out["window"] = parse_duration(w_y, "window")
@@ -326,7 +354,11 @@ def _signal(y: _Y, *, recovery: bool) -> SignalSpec:
         if kind != "orphans":
             g_y.fail("growth_per_minute belongs to orphans signals")
         out["growth_per_minute"] = _number(g_y, "growth_per_minute", minimum=None)
-    if "over_baseline" in out and not latency:
+
+
+def _check_threshold_combination(y: _Y, kind: str, out: dict[str, Any], *, recovery: bool) -> None:
+    """One threshold per signal; below: only, and only, in a recovery signal."""
+    if "over_baseline" in out and kind != "function_latency":
         y.fail("over_baseline belongs to function_latency signals")
     set_thresholds = [k for k in ("above", "over_baseline", "growth_per_minute") if k in out]
     if len(set_thresholds) > 1:
@@ -338,11 +370,6 @@ def _signal(y: _Y, *, recovery: bool) -> SignalSpec:
             )
     elif "below" in out:
         raise PolicyError(y.key_line("below"), "below: belongs to a recovery signal")
-    spec = SignalSpec(**out)
-    if spec.window > 290 and spec.kind in ("function_latency", "panics"):
-        # the control plane keeps 300 s of windows (30 s slots beyond one minute)
-        (w_y or y).fail("window can be at most 290s (the control plane keeps five minutes)")
-    return spec
 
 
 def _actions(y: _Y, named: Mapping[str, Any]) -> tuple[Action, ...]:

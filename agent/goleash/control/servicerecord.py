@@ -17,17 +17,16 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.recdiff import RECORD_KIND, RECORD_VERSION
 
+if TYPE_CHECKING:
+    from goleash.control.client import ControlClient
 
-class _Client(Protocol):
-    def call(self, method: str, request: Any) -> Any: ...
 
-
-def _build(processes: Sequence[Any]) -> dict[str, Any]:
+def _build(processes: Sequence[q.ProcessStatus]) -> dict[str, Any]:
     """The most common Go version and module; a mix is named in settings."""
     versions = Counter(p.info.go_version for p in processes if p.info.go_version)
     modules = Counter(p.info.module_path for p in processes if p.info.module_path)
@@ -48,7 +47,7 @@ def _ns(seconds: float | None) -> float | None:
 
 
 def record_service(
-    client: _Client, service: str, *, window_s: float, funcs: Sequence[str] = ()
+    client: ControlClient, service: str, *, window_s: float, funcs: Sequence[str] = ()
 ) -> dict[str, Any]:
     sel = q.ProcessSelector(service=service)
     procs = client.call(

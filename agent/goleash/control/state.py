@@ -1,26 +1,21 @@
 """What the control plane knows: agents, processes and services, with time windows.
 
-`Store.ingest` applies agent batches; the query methods answer the GoleashService
-RPCs with API messages, built from the typed read model (`queries`, which readers
-inside the control plane use directly) by `messages`. No gRPC and no I/O here:
+`Store.ingest` applies agent batches (checked first against the caps: `holdings`);
+the read model (`queries`) reads the Store for readers inside the control plane, and
+`answers` turns that into the GoleashService RPCs' messages. No gRPC and no I/O here:
 events go out through the `emit` callback (the server wires it to the SQLite log) and
 time is passed in, so all of it runs in unit tests on plain data.
 
 Service = ProcessInfo.service (Kubernetes workload when the agent knows it, else the
 executable's name). Windows are kept per process and per service; point-in-time
 numbers (live goroutines, ages, wait reasons, orphans) come from each process's
-latest snapshot.
+latest snapshot. The records themselves are in `records`.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
-import os
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
@@ -29,21 +24,30 @@ from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.control import detect
 from goleash.control import limits as caps
 from goleash.control.detect import LeakVerdict
+from goleash.control.holdings import check_holdings
 from goleash.control.limits import (
     DEFAULT_LIMITS,
     ControlError,
     InvalidArgument,
     Limits,
+    NotFound,
     ResourceExhausted,
 )
-from goleash.control.windows import (
-    DEFAULT_TIERS,
-    HistogramWindows,
-    Kind,
-    Tier,
-    Windows,
-    retention,
+from goleash.control.records import (
+    LIVE,
+    OLDEST,
+    PROC_KINDS,
+    SITE_KINDS,
+    AgentState,
+    ProcKey,
+    ProcState,
+    ServiceSite,
+    ServiceState,
+    SiteKey,
+    SiteState,
+    service_of,
 )
+from goleash.control.windows import DEFAULT_TIERS, HistogramWindows, Tier, Windows, retention
 
 if TYPE_CHECKING:
     from goleash.control.queries import Selection
@@ -51,148 +55,15 @@ if TYPE_CHECKING:
 # the API's selector, or the read model's plain one (same fields)
 Selector = Union[q.ProcessSelector, "Selection"]
 
-SiteKey = tuple[str, str]  # (function, go statement)
-ProcKey = tuple[str, int]  # (agent id, pid)
-
-# metric positions in the rings
-CREATED, EXITED, LIVE, OLDEST = 0, 1, 2, 3  # per site
-GOROUTINES, PANICS = 2, 3  # per process / service (CREATED, EXITED shared)
-SITE_KINDS = (Kind.SUM, Kind.SUM, Kind.LAST, Kind.MAX)
-PROC_KINDS = (Kind.SUM, Kind.SUM, Kind.LAST, Kind.SUM)
-
 DEFAULT_WINDOW = 60.0
 DEFAULT_QUANTILES = (0.5, 0.9, 0.99, 0.999)
-DEFAULT_PAGE, MAX_PAGE = 100, 1000
 STALE_INTERVALS = 3
 UNANNOUNCED = "snapshot_of_unannounced_process"
 
 Emit = Callable[..., Any]  # EventLog.append's signature
 
-
-__all__ = ["ControlError", "InvalidArgument", "ResourceExhausted", "NotFound", "Store"]
-# A list response stays under this many bytes (clients accept 4 MiB by default).
-MAX_RESPONSE_BYTES = 3 * 1024 * 1024
-
-
-class NotFound(ControlError):
-    status = "NOT_FOUND"
-
-
-# --- records -----------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class AgentState:
-    identity: t.AgentIdentity
-    first_seen: float
-    last_seen: float = 0.0
-    instance_id: str = ""
-    last_sequence: int = 0
-    batches: int = 0
-    duplicates: int = 0
-    gaps: int = 0
-    streams: int = 0
-    heartbeat: t.Heartbeat = field(default_factory=t.Heartbeat)
-    drops: Counter[str] = field(default_factory=Counter)
-    procs: set[ProcKey] = field(default_factory=set)
-    sites: int = 0  # sites its live processes hold (what the caps count)
-
-    @property
-    def interval(self) -> float:
-        return self.heartbeat.interval_seconds or 5.0
-
-
-@dataclass(eq=False)
-class SiteState:
-    """One creation site in one process.
-
-    `summary` is the site's part of the latest snapshot, kept as the message itself:
-    copying its fields at ingest cost more than reading them at query time (it keeps
-    the agent's latest batch alive, about one batch per agent)."""
-
-    creator: str
-    windows: Windows
-    touched: float
-    summary: ing.SiteSummary | None = None  # None: no live goroutines left
-    live: int = 0
-    orphans: int = 0
-
-    @property
-    def oldest(self) -> float:
-        return self.summary.age.max_seconds if self.summary is not None else 0.0
-
-
-@dataclass(eq=False)
-class ProcState:
-    key: ProcKey
-    info: t.ProcessInfo
-    service: str
-    first_seen: float
-    windows: Windows
-    last_seen: float = 0.0
-    gone_at: float | None = None
-    gone_reason: str = ""
-    goroutines: int = 0
-    orphans: int = 0
-    sites: dict[SiteKey, SiteState] = field(default_factory=dict)
-    orphan_sites: set[SiteKey] = field(default_factory=set)  # sites with orphans now
-    kept: Sequence[t.Goroutine] = ()
-    latency: dict[str, HistogramWindows] = field(default_factory=dict)
-    drops: Counter[str] = field(default_factory=Counter)
-
-
-@dataclass(eq=False)
-class ServiceSite:
-    creator: str
-    windows: Windows
-    live: int = 0
-
-
-@dataclass(eq=False)
-class ServiceState:
-    name: str
-    windows: Windows
-    goroutines: int = 0
-    procs: set[ProcKey] = field(default_factory=set)
-    sites: dict[SiteKey, ServiceSite] = field(default_factory=dict)
-    latency: dict[str, HistogramWindows] = field(default_factory=dict)
-
-
-# --- helpers -----------------------------------------------------------------
-
-
-def service_of(info: t.ProcessInfo) -> str:
-    if info.service:
-        return info.service  # checked by limits.check_service
-    # an executable's name is whatever the host had: keep it printable and bounded
-    base = os.path.basename(info.exe)[: caps.ID_CHARS]
-    return caps._CONTROL.sub("?", base) or f"pid-{info.pid}"
-
-
-def encode_page_token(kind: str, position: int) -> str:
-    return base64.urlsafe_b64encode(f"{kind}:{position}".encode()).decode().rstrip("=")
-
-
-def decode_page_token(kind: str, token: str) -> int:
-    if not token:
-        return 0
-    try:
-        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        prefix, _, pos = text.partition(":")
-        if prefix == kind and int(pos) >= 0:
-            return int(pos)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        pass
-    raise InvalidArgument(
-        "page_token is not one this server issued for this call; pass the "
-        "next_page_token of the previous response, or nothing for the first page"
-    )
-
-
-def page_size(n: int) -> int:
-    if n < 0:
-        raise InvalidArgument(f"page_size must be >= 0 (0 means {DEFAULT_PAGE}), got {n}")
-    return min(n or DEFAULT_PAGE, MAX_PAGE)
+# the errors a caller of the Store catches, importable from here
+__all__ = ["ControlError", "InvalidArgument", "NotFound", "ResourceExhausted", "Store"]
 
 
 def non_negative(name: str, v: float) -> float:
@@ -201,19 +72,8 @@ def non_negative(name: str, v: float) -> float:
     return v
 
 
-def _ns(seconds: float) -> int:
-    return max(int(seconds * 1e9), 0)
-
-
-def _drops(c: Counter[str]) -> list[t.DropCount]:
-    return [t.DropCount(reason=r, count=n) for r, n in sorted(c.items())]
-
-
-# --- the store -----------------------------------------------------------------
-
-
 class Store:
-    """Everything the agents reported, with windows; answers queries."""
+    """Everything the agents reported, with windows."""
 
     def __init__(
         self,
@@ -278,62 +138,8 @@ class Store:
         """Everything that can be judged before the Store changes (ControlError);
         returns the sites the agent holds once the batch is applied, and how many
         over-long strings were cut."""
-        lim = self.limits
-        cut = caps.check_batch(b, lim)
-        a = self.agents.get(b.agent.agent_id)
-        if a is None:
-            if len(self.agents) >= lim.agents:
-                raise ResourceExhausted(
-                    f"this control plane follows {len(self.agents)} agents, its cap; "
-                    "disconnected agents are forgotten after "
-                    f"{lim.agent_ttl_seconds:g}s"
-                )
-            last, procs, held_before = 0, set(), 0
-        else:
-            same = b.agent.instance_id == a.instance_id
-            last, procs = (a.last_sequence if same else 0), a.procs
-            held_before = a.sites
-        if last and b.sequence > last + lim.sequence_jump:
-            raise InvalidArgument(
-                f"batch.sequence {b.sequence} jumps {b.sequence - last} past the last one "
-                f"({last}); at most {lim.sequence_jump} batches can go missing"
-            )
-        agent_id = b.agent.agent_id
-        new = {(agent_id, i.pid) for i in b.processes_appeared} - procs
-        caps._count(
-            f"agent {agent_id[:80]}: processes", len(procs) + len(new), lim.processes_per_agent
-        )
-        caps._count("processes of all agents", len(self.procs) + len(new), lim.processes_total)
-        # sites and traced functions the agent would hold after this batch
-        snap = {(agent_id, s.pid): s for s in b.snapshots}
-        sites = fns = 0
-        for key in procs:
-            p = self.procs.get(key)
-            s = snap.get(key)
-            if p is None:
-                continue
-            if s is None:
-                sites += len(p.sites)
-                fns += len(p.latency)
-            else:  # sites it had stay until idle for the retention
-                held = p.sites
-                sites += len(held) + sum(
-                    1 for ss in s.sites if (ss.function, ss.go_statement) not in held
-                )
-                fns += len(p.latency.keys() | {lat.function for lat in s.latency})
-        for key in new:
-            s = snap.get(key)
-            if s is not None:
-                sites += len(s.sites)
-                fns += len({lat.function for lat in s.latency})
-        caps._count(f"agent {agent_id[:80]}: sites", sites, lim.sites_per_agent)
-        caps._count("sites of all agents", self.sites_held - held_before + sites, lim.sites_total)
-        caps._count(f"agent {agent_id[:80]}: traced functions", fns, lim.functions_per_agent)
-        for key, s in snap.items():
-            p = self.procs.get(key)
-            if p is not None and p.gone_at is None:
-                n = len(p.latency.keys() | {lat.function for lat in s.latency})
-                caps._count(f"pid {s.pid}: traced functions", n, lim.functions_per_process)
+        cut = caps.check_batch(b, self.limits)
+        sites = check_holdings(self, b)
         self._checked = (b, (sites, cut))
         return sites, cut
 
@@ -478,6 +284,27 @@ class Store:
         p.last_seen = now
         svc.goroutines += s.goroutines - p.goroutines
         p.goroutines = s.goroutines
+        created, exited, orphans, seen = self._record_sites(a, p, svc, s, now)
+        self._release_absent_sites(p, svc, seen, now)
+        p.orphans = orphans
+        if orphans:
+            self._with_orphans.add(p.key)
+        else:
+            self._with_orphans.discard(p.key)
+        panics = self._panics(a, p, s)
+        p.windows.record(now, (created, exited, s.goroutines, panics))
+        svc.windows.record(now, (created, exited, svc.goroutines, panics))
+        self._record_latency(p, svc, s, now)
+        for d in s.drops:
+            caps.add_drop(p.drops, d.reason, d.count, self.limits.drop_reasons)
+        p.kept = s.goroutines_kept
+
+    def _record_sites(
+        self, a: AgentState, p: ProcState, svc: ServiceState, s: ing.ProcessSnapshot, now: float
+    ) -> tuple[int, int, int, set[SiteKey]]:
+        """Each reported site into the process's and the service's windows; returns the
+        goroutines created and exited since the last snapshot, the orphans now, and the
+        sites seen."""
         created = exited = orphans = 0
         seen: set[SiteKey] = set()
         tiers = self.tiers
@@ -497,25 +324,9 @@ class Store:
             site.live = live
             site.summary = ss
             site.touched = now
-            o = ss.orphans
-            n_orphans = o.count
+            n_orphans = ss.orphans.count
             if n_orphans and not site.orphans:
-                self._emit(
-                    t.EVENT_KIND_ORPHANS_APPEARED,
-                    f"{p.service} pid {s.pid}: {o.count} orphaned goroutine(s) of "
-                    f"{ss.function} created at {ss.go_statement}, parked in "
-                    f"{o.dominant_wait_reason or '?'}",
-                    service=p.service,
-                    agent_id=a.identity.agent_id,
-                    pid=s.pid,
-                    details={
-                        "function": ss.function,
-                        "go_statement": ss.go_statement,
-                        "count": o.count,
-                        "oldest_age_s": o.oldest_age_seconds,
-                        "reason": o.dominant_wait_reason,
-                    },
-                )
+                self._orphans_appeared(a, p, ss)
             if n_orphans:
                 p.orphan_sites.add(k)
             elif site.orphans:
@@ -527,6 +338,32 @@ class Store:
             ssite.windows.record(now, (c, e, ssite.live, oldest))
             created += c
             exited += e
+        return created, exited, orphans, seen
+
+    def _orphans_appeared(self, a: AgentState, p: ProcState, ss: ing.SiteSummary) -> None:
+        o = ss.orphans
+        self._emit(
+            t.EVENT_KIND_ORPHANS_APPEARED,
+            f"{p.service} pid {p.key[1]}: {o.count} orphaned goroutine(s) of "
+            f"{ss.function} created at {ss.go_statement}, parked in "
+            f"{o.dominant_wait_reason or '?'}",
+            service=p.service,
+            agent_id=a.identity.agent_id,
+            pid=p.key[1],
+            details={
+                "function": ss.function,
+                "go_statement": ss.go_statement,
+                "count": o.count,
+                "oldest_age_s": o.oldest_age_seconds,
+                "reason": o.dominant_wait_reason,
+            },
+        )
+
+    def _release_absent_sites(
+        self, p: ProcState, svc: ServiceState, seen: set[SiteKey], now: float
+    ) -> None:
+        """Sites the snapshot no longer reports have no live goroutines: zero them, and
+        forget them once idle past the retention (at once when over the cap)."""
         for k in [k for k in p.sites if k not in seen]:
             site = p.sites[k]
             if site.live or site.orphans:
@@ -541,11 +378,9 @@ class Store:
                 now - site.touched > self.retention or len(p.sites) > self.limits.sites_per_process
             ):
                 del p.sites[k]  # idle: forgotten after the retention, or at once when over the cap
-        p.orphans = orphans
-        if orphans:
-            self._with_orphans.add(p.key)
-        else:
-            self._with_orphans.discard(p.key)
+
+    def _panics(self, a: AgentState, p: ProcState, s: ing.ProcessSnapshot) -> int:
+        """Panics since the last snapshot, logged as one event when there were any."""
         panics = 0
         for pc in s.panics:
             panics += pc.count
@@ -558,14 +393,18 @@ class Store:
                 pid=s.pid,
                 details={"by_function": {pc.function or "?": pc.count for pc in s.panics}},
             )
-        p.windows.record(now, (created, exited, s.goroutines, panics))
-        svc.windows.record(now, (created, exited, svc.goroutines, panics))
+        return panics
+
+    def _record_latency(
+        self, p: ProcState, svc: ServiceState, s: ing.ProcessSnapshot, now: float
+    ) -> None:
+        """Each traced function's histogram into the process's and the service's windows."""
         for lat in s.latency:
             h = lat.histogram
             buckets = [(b.index, b.count) for b in h.buckets]
             for owner, owner_tiers in (
                 (p.latency, self.process_latency_tiers),
-                (svc.latency, tiers),
+                (svc.latency, self.tiers),
             ):
                 hw = owner.get(lat.function)
                 if hw is None:
@@ -579,9 +418,6 @@ class Store:
                     calls=lat.calls if lat.HasField("calls") else None,
                     calls_error=lat.calls_error,
                 )
-        for d in s.drops:
-            caps.add_drop(p.drops, d.reason, d.count, self.limits.drop_reasons)
-        p.kept = s.goroutines_kept
 
     def _gone(self, a: AgentState, pid: int, start: int, reason: str, now: float) -> None:
         key = (a.identity.agent_id, pid)
@@ -725,127 +561,7 @@ class Store:
             return q.PROCESS_STATE_STALE
         return q.PROCESS_STATE_RUNNING
 
-    # --- queries -----------------------------------------------------------------
-
-    def list_agents(self, now: float) -> q.ListAgentsResponse:
-        out = q.ListAgentsResponse()
-        size = 0
-        for agent_id in sorted(self.agents):
-            a = self.agents[agent_id]
-            if not a.streams:
-                state = q.AGENT_STATE_DISCONNECTED
-            elif now - a.last_seen > STALE_INTERVALS * a.interval:
-                state = q.AGENT_STATE_STALE
-            else:
-                state = q.AGENT_STATE_CONNECTED
-            out.agents.add(
-                identity=a.identity,
-                state=state,
-                first_seen_unix_nano=_ns(a.first_seen),
-                last_seen_unix_nano=_ns(a.last_seen),
-                last_sequence=a.last_sequence,
-                batches=a.batches,
-                duplicates=a.duplicates,
-                gaps=a.gaps,
-                processes=len(a.procs),
-                heartbeat=a.heartbeat,
-                drops=_drops(a.drops),
-            )
-            size += out.agents[-1].ByteSize() + 8
-            if size > MAX_RESPONSE_BYTES:  # the first agents, rather than no answer
-                del out.agents[-1]
-                break
-        return out
-
-    def list_processes(self, req: q.ListProcessesRequest, now: float) -> q.ListProcessesResponse:
-        """The ListProcesses answer, from the typed read model (`queries`)."""
-        from goleash.control import messages, queries  # both read the Store: imported at use
-
-        found = queries.processes(
-            self,
-            queries.Selection.of(req.selector),
-            now,
-            window_seconds=req.window_seconds,
-            include_gone=req.include_gone,
-            order_by=req.order_by,
-            limit=req.limit,
-        )
-        return messages.list_processes_response(found, MAX_RESPONSE_BYTES)
-
-    def goroutine_summary(
-        self, req: q.GetGoroutineSummaryRequest, now: float
-    ) -> q.GetGoroutineSummaryResponse:
-        """The GetGoroutineSummary answer, from the typed read model (`queries`)."""
-        from goleash.control import messages, queries  # both read the Store: imported at use
-
-        found = queries.sites(
-            self,
-            queries.Selection.of(req.selector),
-            now,
-            window_seconds=req.window_seconds,
-            limit=req.limit,
-        )
-        return messages.goroutine_summary_response(found, MAX_RESPONSE_BYTES)
-
-    def list_goroutines(self, req: q.ListGoroutinesRequest, now: float) -> q.ListGoroutinesResponse:
-        """The ListGoroutines answer (a page), from the typed read model (`queries`)."""
-        from goleash.control import messages, queries  # both read the Store: imported at use
-
-        where = queries.GoroutineFilter(
-            min_age_seconds=req.min_age_seconds,
-            min_blocked_for_seconds=req.min_blocked_for_seconds,
-            state=req.state,
-            orphans_only=req.orphans_only,
-            site=req.site,
-        )
-        where.check()
-        size = page_size(req.page_size)
-        start = decode_page_token("goroutines", req.page_token)
-        found = queries.kept_goroutines(self, queries.Selection.of(req.selector), where)
-        out = q.ListGoroutinesResponse(total_size=len(found))
-        for g in found[start : start + size]:
-            out.goroutines.append(messages.goroutine_record(g))
-        if start + size < len(found):
-            out.next_page_token = encode_page_token("goroutines", start + size)
-        return out
-
-    def list_orphans(self, req: q.ListOrphansRequest, now: float) -> q.ListOrphansResponse:
-        """The ListOrphans answer, from the typed read model (`queries`)."""
-        from goleash.control import messages, queries  # both read the Store: imported at use
-
-        found = queries.orphans(
-            self, queries.Selection.of(req.selector), now, min_age_seconds=req.min_age_seconds
-        )
-        return messages.list_orphans_response(found, MAX_RESPONSE_BYTES)
-
-    def leak_suspects(
-        self, req: q.ListLeakSuspectsRequest, now: float
-    ) -> q.ListLeakSuspectsResponse:
-        """The ListLeakSuspects answer, from the typed read model (`queries`)."""
-        from goleash.control import messages, queries  # both read the Store: imported at use
-
-        found = queries.leak_suspects(
-            self, queries.Selection.of(req.selector), now, window_seconds=req.window_seconds
-        )
-        return messages.leak_suspects_response(found, MAX_RESPONSE_BYTES)
-
     @property
     def with_orphans(self) -> set[ProcKey]:
         """Processes with orphans now (what an orphan query walks)."""
         return self._with_orphans
-
-    def function_latency(
-        self, req: q.GetFunctionLatencyRequest, now: float
-    ) -> q.GetFunctionLatencyResponse:
-        """The GetFunctionLatency answer, from the typed read model (`queries`)."""
-        from goleash.control import messages, queries  # both read the Store: imported at use
-
-        found = queries.function_latency(
-            self,
-            req.function,
-            queries.Selection.of(req.selector),
-            now,
-            window_seconds=req.window_seconds,
-            quantiles=req.quantiles,
-        )
-        return messages.function_latency_response(found)

@@ -171,19 +171,23 @@ class KubernetesAction(Action):
             raise
 
     def _patch(self, ctx: ActionContext, degrade: bool) -> str:
+        """Degrade (or restore) the workload's containers' environment with one JSON
+        patch, conditional on the resourceVersion read; the original values are kept
+        in an annotation so the undo puts back exactly what was there."""
         kind, ns, name = self.target(ctx)
         api = self._api()
         suffix = KINDS[kind]
         read = getattr(api, f"read_namespaced_{suffix}")
         patch = getattr(api, f"patch_namespaced_{suffix}")
-        obj = self._call(f"read {kind} {ns}/{name}", read, name=name, namespace=ns)
+        where = f"{kind} {ns}/{name}"
+        obj = self._call(f"read {where}", read, name=name, namespace=ns)
         meta = obj.get("metadata", {})
         annotations = meta.get("annotations") or {}
         containers = obj.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
         seen = ctx.kubernetes if ctx.kubernetes.get("namespace") == ns else {}
         only = self.spec.get("container") or seen.get("container") or ""
         if only and not any(c.get("name") == only for c in containers):
-            raise ActionError(f"{kind} {ns}/{name} has no container {only!r}", retryable=False)
+            raise ActionError(f"{where} has no container {only!r}", retryable=False)
         saved: dict[str, dict[str, Any]] = json.loads(annotations.get(ANNOTATION, "{}"))
         want = env_spec(self.spec)
         # resourceVersion in a patch is a precondition: the API server answers 409
@@ -195,57 +199,8 @@ class KubernetesAction(Action):
                 "value": meta.get("resourceVersion"),
             }
         ]
-        changed = []
-        new_saved = dict(saved)
-        for i, c in enumerate(containers):
-            cname = c.get("name", "")
-            if only and cname != only:
-                continue
-            env = [dict(e) for e in c.get("env") or []]
-            by_name = {e.get("name"): e for e in env}
-            if degrade:
-                # first degrade: remember what was there (a copy: env is edited below)
-                before = saved.get(cname) or {
-                    k: dict(by_name[k]) if k in by_name else _MISSING for k in want
-                }
-                new_saved[cname] = before
-                for k, v in want.items():
-                    orig = before.get(k)
-                    base = orig.get("value", "") if isinstance(orig, dict) else ""
-                    value = merge_godebug(base, v) if k == "GODEBUG" else v
-                    if k in by_name:
-                        by_name[k].pop("valueFrom", None)
-                        by_name[k]["value"] = value
-                    else:
-                        env.append({"name": k, "value": value})
-            else:
-                if cname not in saved:
-                    continue  # nothing of ours here
-                before = saved[cname]
-                for k, orig in before.items():
-                    env = [e for e in env if e.get("name") != k]
-                    if isinstance(orig, dict):
-                        env.append(orig)
-                new_saved.pop(cname, None)
-            if env != (c.get("env") or []):
-                changed.append(cname)
-                ops.append(
-                    {"op": "add", "path": f"/spec/template/spec/containers/{i}/env", "value": env}
-                )
-        if new_saved != saved:
-            if new_saved:
-                if "annotations" not in meta or meta["annotations"] is None:
-                    ops.append({"op": "add", "path": "/metadata/annotations", "value": {}})
-                ops.append(
-                    {
-                        "op": "add",
-                        "path": f"/metadata/annotations/{_escape(ANNOTATION)}",
-                        "value": json.dumps(new_saved, sort_keys=True),
-                    }
-                )
-            else:
-                ops.append({"op": "remove", "path": f"/metadata/annotations/{_escape(ANNOTATION)}"})
-        where = f"{kind} {ns}/{name}"
+        env_ops, changed, new_saved = _container_env_ops(containers, only, saved, want, degrade)
+        ops += env_ops + _annotation_ops(meta, saved, new_saved)
         if len(ops) == 1:
             return f"{where} already {'degraded' if degrade else 'restored'}"
         self._call(
@@ -271,3 +226,86 @@ class KubernetesAction(Action):
 
     def undo(self, ctx: ActionContext) -> str:
         return self._patch(ctx, degrade=False)
+
+
+def _container_env_ops(
+    containers: list[dict[str, Any]],
+    only: str,
+    saved: dict[str, dict[str, Any]],
+    want: dict[str, str],
+    degrade: bool,
+) -> tuple[list[dict[str, Any]], list[str], dict[str, dict[str, Any]]]:
+    """The patch operations that set (or restore) each container's env; the names of
+    the containers changed; what the annotation should remember afterwards."""
+    ops: list[dict[str, Any]] = []
+    changed = []
+    new_saved = dict(saved)
+    for i, c in enumerate(containers):
+        cname = c.get("name", "")
+        if only and cname != only:
+            continue
+        env = [dict(e) for e in c.get("env") or []]
+        if degrade:
+            # first degrade: remember what was there (a copy: env is edited below)
+            by_name = {e.get("name"): e for e in env}
+            before = saved.get(cname) or {
+                k: dict(by_name[k]) if k in by_name else _MISSING for k in want
+            }
+            new_saved[cname] = before
+            env = _degraded_env(env, by_name, before, want)
+        else:
+            if cname not in saved:
+                continue  # nothing of ours here
+            env = _restored_env(env, saved[cname])
+            new_saved.pop(cname, None)
+        if env != (c.get("env") or []):
+            changed.append(cname)
+            ops.append(
+                {"op": "add", "path": f"/spec/template/spec/containers/{i}/env", "value": env}
+            )
+    return ops, changed, new_saved
+
+
+def _degraded_env(
+    env: list[dict[str, Any]],
+    by_name: dict[Any, dict[str, Any]],
+    before: dict[str, Any],
+    want: dict[str, str],
+) -> list[dict[str, Any]]:
+    """env (edited in place through by_name) with the wanted variables set; GODEBUG is
+    merged into the value it had before the first degrade."""
+    for k, v in want.items():
+        orig = before.get(k)
+        base = orig.get("value", "") if isinstance(orig, dict) else ""
+        value = merge_godebug(base, v) if k == "GODEBUG" else v
+        if k in by_name:
+            by_name[k].pop("valueFrom", None)
+            by_name[k]["value"] = value
+        else:
+            env.append({"name": k, "value": value})
+    return env
+
+
+def _restored_env(env: list[dict[str, Any]], before: dict[str, Any]) -> list[dict[str, Any]]:
+    """env with each variable goleash set put back as it was (or removed if it was not)."""
+    for k, orig in before.items():
+        env = [e for e in env if e.get("name") != k]
+        if isinstance(orig, dict):
+            env.append(orig)
+    return env
+
+
+def _annotation_ops(
+    meta: dict[str, Any], saved: dict[str, dict[str, Any]], new_saved: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The patch operations that keep the annotation of saved originals current."""
+    if new_saved == saved:
+        return []
+    path = f"/metadata/annotations/{_escape(ANNOTATION)}"
+    if not new_saved:
+        return [{"op": "remove", "path": path}]
+    ops: list[dict[str, Any]] = []
+    if "annotations" not in meta or meta["annotations"] is None:
+        ops.append({"op": "add", "path": "/metadata/annotations", "value": {}})
+    ops.append({"op": "add", "path": path, "value": json.dumps(new_saved, sort_keys=True)})
+    return ops
