@@ -1,28 +1,19 @@
-"""Agent ids belong to the identity that first wrote them; those claims live in the
-control plane's memory only. This file pins down what that means across a restart
-(issue "Secure by default", the ownership of agent ids): with per-node credentials,
-another node's agent that reconnects first after a control-plane restart takes a
-victim's agent id, and the victim is then refused for as long as the taker keeps
-writing. Marked as an expected failure until ownership survives a restart (or is
-bound to the credential); strict, so the fix turns it into a failure to remove."""
+"""Agent ids belong to the identity that first wrote them, across control-plane
+restarts (issue "Secure by default", the ownership of agent ids): with per-node
+credentials, another node's agent that reconnects first after a restart must not take
+a victim's agent id (and lock the victim out for as long as it keeps writing)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import grpc
-import pytest
 from test_control_plane import ControlPlaneProcess
 from test_hostile_auth import _stream, _token_files, bearer, state
 
 from agentsim import SimAgent, process_info, snapshot
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent id ownership is kept in memory: a restart lets any agent credential "
-    "claim a known id first",
-)
 def test_a_restart_does_not_hand_an_agent_id_to_another_node(tmp_path: Path) -> None:
     args = _token_files(tmp_path)
     cp = ControlPlaneProcess(tmp_path / "goleash.db", *args)

@@ -28,23 +28,11 @@ MARKER = re.compile(r"#\s*size:\s*\S")
 ALLOWED_TODAY = frozenset(
     {
         "bench/goroutines.py::run",
-        "bench/hostile.py::run",
-        "bench/ingest.py::run",
-        "cli/daemons.py::_agent_args",
-        "cli/daemons.py::add_control_plane_command",
-        "cli/local.py::add_commands",
-        "cli/queries.py::add_commands",
-        "demo/run.py",
         "node/agent.py",
         "node/check.py",
-        "node/export.py::SnapshotExporter.message",
-        "node/latency.py::run_latency",
-        "node/metrics.py::AgentCollector.collect",
-        "node/record.py::record",
         "node/tracker.py::ProcessTracker.snapshot",
         "probes/funclat.py",
         "probes/funclat.py::FuncLatencyProbes.run_interval",
-        "probes/inventory.py::read_goroutines",
     }
 )
 

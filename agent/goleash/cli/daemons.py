@@ -19,11 +19,9 @@ from goleash.errors import GoleashError
 
 
 def cmd_control_plane(args: argparse.Namespace) -> int:
-    from goleash.control.evidence_http import serving_evidence
     from goleash.control.server import ControlPlaneConfig, serve
 
-    # evidence is served beside the API, guarded by the API's credentials and TLS files
-    with serving_evidence(
+    return serve(
         ControlPlaneConfig(
             listen=args.listen,
             db=args.db,
@@ -40,10 +38,9 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
             otlp_interval=args.otlp_interval,
             events_max_age_seconds=args.events_max_age,
             events_max_bytes=args.events_max_bytes,
-        ),
-        args.evidence_listen,
-    ) as config:
-        return serve(config)
+            evidence_listen=args.evidence_listen,
+        )
+    )
 
 
 def _otlp_env() -> str | None:

@@ -26,7 +26,6 @@ scripts, content sniffing and shared caching.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import logging
 import os
@@ -36,14 +35,13 @@ import ssl
 import stat
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from goleash.control import auth
-from goleash.control.server import is_loopback  # one loopback rule for both ports
+from goleash.control.transport import is_loopback  # one loopback rule for both ports
 from goleash.errors import GoleashError
 
 log = logging.getLogger("goleash.control")
@@ -219,12 +217,15 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 64  # listen backlog: a burst waits for accept(), not a SYN retry
 
     def __init__(
-        self, address: tuple[str, int], handler: Any, tls: _TlsFiles | None, slots: int
+        self, address: tuple[str, int], tls: _TlsFiles | None, root: Path, tokens: _Tokens
     ) -> None:
         self.tls = tls
-        self.slots = threading.BoundedSemaphore(slots)
+        self.root = root  # the report directory: the only files served
+        self.tokens = tokens
+        self.denied = auth._DenialLog()
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.refused_connections = 0
-        super().__init__(address, handler)
+        super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self.slots.acquire(blocking=False):
@@ -277,6 +278,121 @@ class _Server(ThreadingHTTPServer):
         log.debug("evidence: connection from %s failed", client_address[0], exc_info=True)
 
 
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    server_version = "goleash-evidence"
+
+    def version_string(self) -> str:  # no Python version for scanners
+        return self.server_version
+
+    protocol_version = "HTTP/1.0"  # one request per connection
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        log.debug("evidence: " + fmt, *args)
+
+    def handle_one_request(self) -> None:
+        self.close_connection = True
+        self.requestline, self.request_version, self.command = "", "HTTP/1.0", ""
+        try:
+            head = _read_head(self.connection, time.monotonic() + HEAD_SECONDS)
+        except _HeadTooLarge as exc:
+            return self.send_error(exc.status)
+        except (TimeoutError, OSError):
+            return
+        self.connection.settimeout(TIMEOUT_SECONDS)
+        line = head.split(b"\n", 1)[0]
+        if not head:
+            return
+        if len(line.split()) != 3:  # HTTP/0.9 has no headers: no credentials
+            return self._fail(400, "bad request line: METHOD PATH HTTP/1.x")
+        self.rfile = io.BytesIO(head)  # what parse_request reads the headers from
+        self.raw_requestline = self.rfile.readline()
+        if not self.parse_request():
+            return
+        self._serve()
+
+    def _serve(self) -> None:
+        who = self._principal()
+        if who is None:
+            return
+        if self.command != "GET":
+            return self._fail(405, "only GET is served", (("Allow", "GET"),))
+        path = self.path.split("?", 1)[0]
+        name = path.removeprefix("/evidence/")
+        ctype = _content_type(name)
+        if name == path or not NAME.fullmatch(name) or ctype is None or ".." in name:
+            return self._fail(404, "no such evidence")
+        try:
+            fd = os.open(self.server.root / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return self._fail(404, "no such evidence")
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_BYTES:
+                return self._fail(404, "no such evidence")
+            # streamed: 32 clients of a large file must not hold it 32 times
+            self._head(200, ctype, st.st_size)
+            left = st.st_size
+            with contextlib.suppress(OSError):  # the client went away
+                while left > 0 and (chunk := f.read(min(CHUNK_BYTES, left))):
+                    self.wfile.write(chunk)
+                    left -= len(chunk)
+
+    def _principal(self) -> auth.Principal | None:
+        """The caller with the viewer role, else None with 401/403 sent."""
+        current = self.server.tokens.get()
+        metadata = [("authorization", v) for v in self.headers.get_all("Authorization", [])]
+        who = current.authenticate(metadata, _peer_identities(self.connection))
+        peer = self.client_address[0]
+        challenge = (("WWW-Authenticate", 'Bearer realm="goleash evidence"'),)
+        if who is None:
+            self.server.denied(f"evidence: refused {peer}: invalid credentials")
+            self._fail(
+                401,
+                "invalid credentials: the bearer token is not one this control plane accepts",
+                challenge,
+            )
+            return None
+        if who is auth.ANONYMOUS:
+            self.server.denied(f"evidence: refused {peer}: no credentials")
+            self._fail(
+                401,
+                f"evidence needs the {NEEDED.value} role: send 'Authorization: Bearer "
+                "TOKEN' (a viewer or admin token) or a client certificate mapped to "
+                "a role",
+                challenge,
+            )
+            return None
+        if not who.may(NEEDED):
+            self.server.denied(f"evidence: refused {peer}: {who.name} is not {NEEDED.value}")
+            self._fail(403, f"evidence needs the {NEEDED.value} role")
+            return None
+        return who
+
+    def send_error(self, code: int, message: str | None = None, explain: Any = None) -> None:
+        # the parser's errors (400, 431, ...) as ours: short, plain, no echo
+        self.close_connection = True
+        reason = {431: "request header too large", 414: "request line too long"}
+        self._fail(code, reason.get(code, "bad request"))
+
+    def _fail(self, code: int, message: str, extra: Any = ()) -> None:
+        self._send(code, "text/plain; charset=utf-8", (message + "\n").encode(), extra)
+
+    def _send(self, code: int, ctype: str, body: bytes, extra: Any = ()) -> None:
+        self._head(code, ctype, len(body), extra)
+        with contextlib.suppress(OSError):  # the client went away
+            self.wfile.write(body)
+
+    def _head(self, code: int, ctype: str, length: int, extra: Any = ()) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(length))
+        for k, v in (*SECURITY_HEADERS, *extra):
+            self.send_header(k, v)
+        self.end_headers()
+
+
 class EvidenceServer:
     """A small threaded HTTP(S) server over `report_dir`; `address` is HOST:PORT.
 
@@ -288,7 +404,6 @@ class EvidenceServer:
     ) -> None:
         access = access if access is not None else EvidenceAccess()
         host, _, port = listen.rpartition(":")
-        root = Path(report_dir)
         tokens = _Tokens(access.credentials)
         authn = tokens.current
         self._check_security(listen, access, authn)
@@ -300,126 +415,9 @@ class EvidenceServer:
                 )
             tls = _TlsFiles(access.tls_cert, access.tls_key, access.tls_ca)
         self.scheme = "https" if tls is not None else "http"
-        denied = auth._DenialLog()
-
-        class Handler(BaseHTTPRequestHandler):
-            server_version = "goleash-evidence"
-
-            def version_string(self) -> str:  # no Python version for scanners
-                return self.server_version
-
-            protocol_version = "HTTP/1.0"  # one request per connection
-
-            def log_message(self, fmt: str, *args: Any) -> None:
-                log.debug("evidence: " + fmt, *args)
-
-            def handle_one_request(self) -> None:
-                self.close_connection = True
-                self.requestline, self.request_version, self.command = "", "HTTP/1.0", ""
-                try:
-                    head = _read_head(self.connection, time.monotonic() + HEAD_SECONDS)
-                except _HeadTooLarge as exc:
-                    return self.send_error(exc.status)
-                except (TimeoutError, OSError):
-                    return
-                self.connection.settimeout(TIMEOUT_SECONDS)
-                line = head.split(b"\n", 1)[0]
-                if not head:
-                    return
-                if len(line.split()) != 3:  # HTTP/0.9 has no headers: no credentials
-                    return self._fail(400, "bad request line: METHOD PATH HTTP/1.x")
-                self.rfile = io.BytesIO(head)  # what parse_request reads the headers from
-                self.raw_requestline = self.rfile.readline()
-                if not self.parse_request():
-                    return
-                self._serve()
-
-            def _serve(self) -> None:
-                who = self._principal()
-                if who is None:
-                    return
-                if self.command != "GET":
-                    return self._fail(405, "only GET is served", (("Allow", "GET"),))
-                path = self.path.split("?", 1)[0]
-                name = path.removeprefix("/evidence/")
-                ctype = _content_type(name)
-                if name == path or not NAME.fullmatch(name) or ctype is None or ".." in name:
-                    return self._fail(404, "no such evidence")
-                try:
-                    fd = os.open(root / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-                except OSError:
-                    return self._fail(404, "no such evidence")
-                with os.fdopen(fd, "rb") as f:
-                    st = os.fstat(f.fileno())
-                    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_BYTES:
-                        return self._fail(404, "no such evidence")
-                    # streamed: 32 clients of a large file must not hold it 32 times
-                    self._head(200, ctype, st.st_size)
-                    left = st.st_size
-                    with contextlib.suppress(OSError):  # the client went away
-                        while left > 0 and (chunk := f.read(min(CHUNK_BYTES, left))):
-                            self.wfile.write(chunk)
-                            left -= len(chunk)
-
-            def _principal(self) -> auth.Principal | None:
-                """The caller with the viewer role, else None with 401/403 sent."""
-                current = tokens.get()
-                metadata = [("authorization", v) for v in self.headers.get_all("Authorization", [])]
-                who = current.authenticate(metadata, _peer_identities(self.connection))
-                peer = self.client_address[0]
-                challenge = (("WWW-Authenticate", 'Bearer realm="goleash evidence"'),)
-                if who is None:
-                    denied(f"evidence: refused {peer}: invalid credentials")
-                    self._fail(
-                        401,
-                        "invalid credentials: the bearer token is not one this control "
-                        "plane accepts",
-                        challenge,
-                    )
-                    return None
-                if who is auth.ANONYMOUS:
-                    denied(f"evidence: refused {peer}: no credentials")
-                    self._fail(
-                        401,
-                        f"evidence needs the {NEEDED.value} role: send 'Authorization: Bearer "
-                        "TOKEN' (a viewer or admin token) or a client certificate mapped to "
-                        "a role",
-                        challenge,
-                    )
-                    return None
-                if not who.may(NEEDED):
-                    denied(f"evidence: refused {peer}: {who.name} is not {NEEDED.value}")
-                    self._fail(403, f"evidence needs the {NEEDED.value} role")
-                    return None
-                return who
-
-            def send_error(
-                self, code: int, message: str | None = None, explain: Any = None
-            ) -> None:
-                # the parser's errors (400, 431, ...) as ours: short, plain, no echo
-                self.close_connection = True
-                reason = {431: "request header too large", 414: "request line too long"}
-                self._fail(code, reason.get(code, "bad request"))
-
-            def _fail(self, code: int, message: str, extra: Any = ()) -> None:
-                self._send(code, "text/plain; charset=utf-8", (message + "\n").encode(), extra)
-
-            def _send(self, code: int, ctype: str, body: bytes, extra: Any = ()) -> None:
-                self._head(code, ctype, len(body), extra)
-                with contextlib.suppress(OSError):  # the client went away
-                    self.wfile.write(body)
-
-            def _head(self, code: int, ctype: str, length: int, extra: Any = ()) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(length))
-                for k, v in (*SECURITY_HEADERS, *extra):
-                    self.send_header(k, v)
-                self.end_headers()
-
         try:
             self._server = _Server(
-                (host.strip("[]") or "127.0.0.1", int(port)), Handler, tls, MAX_CONNECTIONS
+                (host.strip("[]") or "127.0.0.1", int(port)), tls, Path(report_dir), tokens
             )
         except (OSError, ValueError) as exc:
             raise EvidenceListenError(
@@ -438,7 +436,7 @@ class EvidenceServer:
 
     @staticmethod
     def _check_security(listen: str, access: EvidenceAccess, authn: auth.Authenticator) -> None:
-        """The gRPC port's rule (server.ControlPlane._check_security), for this port."""
+        """The gRPC port's rule (transport.check_security), for this port."""
         if authn.rules and not access.tls_ca:
             raise EvidenceListenError(
                 "--client-role maps client certificates to roles, which needs mTLS: "
@@ -478,46 +476,3 @@ class EvidenceServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
-
-
-def default_report_dir(config: Any) -> Path | None:
-    """Where the control plane's engine writes its reports (server.ControlPlane's rule):
-    --report-dir, else reports/ beside the event log; None for an in-memory log."""
-    from goleash.control.events import resolve_db_path
-
-    if config.report_dir is not None:
-        return Path(config.report_dir)
-    db = resolve_db_path(config.db)
-    return None if db == ":memory:" else Path(db).parent / "reports"
-
-
-@contextlib.contextmanager
-def serving_evidence(config: Any, listen: str | None) -> Iterator[Any]:
-    """The ControlPlaneConfig to serve with, while an EvidenceServer guarded by its
-    credentials and TLS files serves its report directory on `listen` (none: the
-    config as given). Alerts' links default to this server's URL."""
-    if not listen:
-        yield config
-        return
-    reports = default_report_dir(config)
-    if reports is None:
-        raise EvidenceListenError(
-            "--evidence-listen serves the reports beside the event log: give --db a file"
-        )
-    server = EvidenceServer(listen, reports, EvidenceAccess.of(config))
-    try:
-        log.info(
-            "evidence on %s, %s (curl -H 'Authorization: Bearer $GOLEASH_TOKEN' "
-            "%s://%s/evidence/NAME)",
-            server.address,
-            server.access_summary,
-            server.scheme,
-            server.address,
-        )
-        yield dataclasses.replace(
-            config,
-            report_dir=str(reports),
-            external_url=config.external_url or f"{server.scheme}://{server.address}",
-        )
-    finally:
-        server.stop()

@@ -42,16 +42,17 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
                     if not agent_id:
                         # who may write this agent id first: strangers learn nothing
                         # about what the store would accept
-                        self._cp.check_owner(b.agent.agent_id, auth.current())
+                        self._cp.owners.check(b.agent.agent_id, auth.current().name)
                         store.check_batch(b)
                         agent_id = b.agent.agent_id
                         store.stream_opened(b.agent, clock())
-                        self._cp.agent_owners[agent_id] = auth.current().name
+                        self._cp.owners.claim(agent_id, auth.current().name, clock())
                     elif b.agent.agent_id != agent_id:
                         raise InvalidArgument(
                             f"one stream carries one agent: {agent_id!r} then {b.agent.agent_id!r}"
                         )
                     a = store.agents[agent_id]
+                    self._cp.owners.touch(agent_id, clock())
                     gaps = a.gaps
                     if store.ingest(b, clock()):
                         out.accepted += 1

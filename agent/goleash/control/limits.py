@@ -43,6 +43,10 @@ class NotFound(ControlError):
     status = "NOT_FOUND"
 
 
+class PermissionDenied(ControlError):
+    status = "PERMISSION_DENIED"
+
+
 @dataclass(frozen=True)
 class Limits:
     """Caps on what the Store keeps; the defaults fit 1000 agents x 20 processes with

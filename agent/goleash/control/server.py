@@ -52,12 +52,12 @@ from goleash.control.engine_loop import EngineLoop
 from goleash.control.events import EventLog, EventRecord, open_db, resolve_db_path
 from goleash.control.ingest_stream import IngestServicer
 from goleash.control.limits import ControlError
+from goleash.control.owners import AgentOwners
 from goleash.control.policy import PolicyStore
 from goleash.control.state import Store
 from goleash.control.transport import (
     ServerSetupError,
     check_security,
-    is_loopback,
     server_credentials,
 )
 
@@ -68,10 +68,6 @@ INGEST_SERVICE = ing.DESCRIPTOR.services_by_name["IngestService"].full_name
 # Health service names: "" is liveness; READY is SERVING once the event log is open,
 # the policy loaded and the API listening (readiness probes, load balancers).
 READY_SERVICE = "goleash.ready"
-
-
-class PermissionDenied(ControlError):
-    status = "PERMISSION_DENIED"
 
 
 class ScrubbedEventLog(EventLog):
@@ -210,8 +206,10 @@ class ControlPlane:
         )
         self.health = health.aio.HealthServicer()
         self.authenticator = auth.Authenticator.from_config(config.credentials)
-        # agent id -> name of the principal that writes it (sequences belong to it)
-        self.agent_owners: dict[str, str] = {}
+        # agent id -> the principal that writes it (sequences belong to it)
+        self.owners = AgentOwners(
+            self._conn, self.store.limits.agent_ttl_seconds, self.store.limits.agents, clock()
+        )
         self._server: grpc.aio.Server | None = None
         self._upkeep: asyncio.Task[None] | None = None
         self._health_server: grpc.aio.Server | None = None
@@ -245,25 +243,14 @@ class ControlPlane:
                 open_.discard(ident)
         return open_
 
-    def check_owner(self, agent_id: str, who: auth.Principal) -> None:
-        """An agent id is written by the principal that first wrote it, no other (so one
-        node cannot jam or poison another's sequence). Claims end when the store
-        forgets the agent."""
-        owner = self.agent_owners.get(agent_id)
-        if owner is not None and owner != who.name:
-            raise PermissionDenied(
-                f"agent id {agent_id[:128]!r} belongs to another identity; {who.name} may "
-                "only write agent ids of its own"
-            )
-
     async def start(self) -> str:
         """Bind and serve; returns the address actually bound ("host:port")."""
         creds = server_credentials(self.config)
         check_security(self.config, self.authenticator, creds)
+        self._start_evidence()  # first: its refusals must not leave a gRPC server behind
         await self._start_api(creds)
         await self._start_health_listener()
         self._start_metrics()
-        self._start_evidence()
         self._start_otlp()
         for name in ("", GOLEASH_SERVICE, INGEST_SERVICE, READY_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -334,22 +321,29 @@ class ControlPlane:
         self.metrics_address = self._metrics.address
 
     def _start_evidence(self) -> None:
-        """The decisions' flame graphs over HTTP, and the URL alerts link them with."""
+        """The decisions' evidence over HTTP(S), guarded by the API's credentials and
+        TLS files, and the URL alerts link it with."""
         cfg = self.config
-        if cfg.evidence_listen and self.engine.engine.report_dir is not None:
-            from goleash.control.evidence_http import EvidenceServer
+        if cfg.evidence_listen:
+            from goleash.control.evidence_http import EvidenceAccess, EvidenceServer
 
-            self._evidence = EvidenceServer(cfg.evidence_listen, self.engine.engine.report_dir)
-            self.evidence_address = self._evidence.address
-            if not is_loopback(cfg.evidence_listen):
-                log.warning(
-                    "evidence on %s is plain HTTP without authentication: anyone who can "
-                    "reach it can read the flame graphs (function names, file paths); put it "
-                    "behind an authenticating proxy",
-                    self.evidence_address,
+            reports = self.engine.engine.report_dir
+            if reports is None:
+                raise ServerSetupError(
+                    "--evidence-listen serves the reports beside the event log: give --db a file"
                 )
+            self._evidence = EvidenceServer(cfg.evidence_listen, reports, EvidenceAccess.of(cfg))
+            self.evidence_address = self._evidence.address
+            log.info(
+                "evidence on %s, %s (curl -H 'Authorization: Bearer $GOLEASH_TOKEN' "
+                "%s://%s/evidence/NAME)",
+                self.evidence_address,
+                self._evidence.access_summary,
+                self._evidence.scheme,
+                self.evidence_address,
+            )
         external = cfg.external_url or (
-            f"http://{self.evidence_address}" if self.evidence_address else ""
+            f"{self._evidence.scheme}://{self.evidence_address}" if self._evidence else ""
         )
         self.engine.engine.external_url = external.rstrip("/")
 
@@ -383,8 +377,9 @@ class ControlPlane:
             try:
                 self.store.prune(now)
                 self.store.detect(now)
-                for agent_id in [a for a in self.agent_owners if a not in self.store.agents]:
-                    del self.agent_owners[agent_id]
+                for agent_id in [i for i, a in self.store.agents.items() if a.streams]:
+                    self.owners.touch(agent_id, now)  # a quiet stream still holds its id
+                self.owners.expire(now)
                 self.authenticator = auth.reloaded(self.authenticator, self.config.credentials)
                 self._interceptor.authn = self.authenticator
                 self.events.prune()
