@@ -29,8 +29,10 @@ from elftools.elf.elffile import ELFFile
 
 import gobuild
 from goleash.probes.budget import OverheadBudget
-from goleash.probes.funclat import FuncLatencyProbes, FunctionLatency, PanicProbes
+from goleash.probes.funclat import FuncLatencyProbes
+from goleash.probes.funcrecord import FunctionLatency
 from goleash.probes.funcs import FunctionIndex, resolve
+from goleash.probes.panics import PanicProbes
 from goleash.probes.target import GoProcess
 
 pytestmark = pytest.mark.root
