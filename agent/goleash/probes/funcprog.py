@@ -51,6 +51,14 @@ COUNTER_NAMES = (
 )
 
 
+class CtlView(ctypes.Structure):
+    """struct fl_ctl in bpf/goleash.h: what user space writes per function. A view of
+    our own (not BCC's Leaf) so a field renamed on one side fails a test instead of
+    becoming a new Python attribute nobody reads."""
+
+    _fields_ = [("epoch", ctypes.c_uint32), ("timing", ctypes.c_uint32)]
+
+
 @dataclass
 class RawReading:
     """One function's cumulative figures since attach, as the maps hold them."""
@@ -148,10 +156,7 @@ class LatencyProgram:
 
     def set_ctl(self, fid: int, epoch: int, timing: bool) -> None:
         """Whether the function's entries are timed now, and its RET probes' epoch."""
-        tab = self.bpf["fl_ctl"]
-        v = tab.Leaf()
-        v.epoch, v.timing = epoch & 0xFFFFFFFF, int(timing)
-        tab[ctypes.c_int(fid)] = v
+        self.bpf["fl_ctl"][ctypes.c_int(fid)] = CtlView(epoch & 0xFFFFFFFF, int(timing))
 
     def stats(self, fid: int) -> dict[str, int]:
         """Cumulative figures; entry_hits is every call the entry probe counted."""
