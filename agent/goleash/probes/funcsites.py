@@ -111,6 +111,8 @@ def _return_sites(
 
 
 def runtime_site(proc: GoProcess, name: str, keep: tuple[str, ...]) -> tuple[ProbeSite, int]:
+    """A runtime function's emulated entry site that still holds the registers in `keep`,
+    and how far SP was lowered before it (else the site right after the stack check)."""
     found = proc.symbols.require(name)
     fp = function_probes(proc.binary, name, *found)
     site = emulated_entry_site(proc.binary, name, *found, keep=keep)
