@@ -12,7 +12,7 @@
 //                   (emulated: ~10x cheaper; Go leaves one before ~3% of its RETs)
 //   fl_goexit       runtime.goexit1 after its check: drops calls that never returned
 //   fl_panic        runtime.gopanic after its check: counts panics per call site
-// The per-function stubs are appended by probes/funclat.py as FL_FUNC(fid, sp_adj).
+// The per-function stubs are appended by probes/funcprog.py as FL_FUNC(fid, sp_adj).
 //
 // Entry and return are paired by goroutine (pid, goid), never by thread: a goroutine
 // blocked in a traced call may resume on another thread. A goroutine's calls in flight
