@@ -77,21 +77,12 @@ BPF_HASH(tl_tests, struct goroutine_key, struct tl_test, MAX_TESTS);
 BPF_PERCPU_ARRAY(tl_counters, u64, TL_CNT_MAX);
 BPF_PERF_OUTPUT(chk_events);
 
-static __always_inline void count(int idx)
+static __always_inline u64 *counter_slot(int idx)
 {
-    u64 *v = tl_counters.lookup(&idx);
-    if (v)
-        (*v)++;
+    return tl_counters.lookup(&idx);
 }
-
-static __always_inline int read_u64(u64 *dst, u64 addr)
-{
-    if (bpf_probe_read_user(dst, sizeof(*dst), (void *)addr) != 0) {
-        count(TL_CNT_READ_FAULTS);
-        return -1;
-    }
-    return 0;
-}
+#define READ_FAULTS_COUNTER TL_CNT_READ_FAULTS
+#include "helpers.bpf.h" /* count(), read_u64() */
 
 /* ---- the process tree ------------------------------------------------------------ */
 

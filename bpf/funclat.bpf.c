@@ -12,7 +12,7 @@
 //                   (emulated: ~10x cheaper; Go leaves one before ~3% of its RETs)
 //   fl_goexit       runtime.goexit1 after its check: drops calls that never returned
 //   fl_panic        runtime.gopanic after its check: counts panics per call site
-// The per-function stubs are appended by probes/funclat.py as FL_FUNC(fid, sp_adj).
+// The per-function stubs are appended by probes/funcprog.py as FL_FUNC(fid, sp_adj).
 //
 // Entry and return are paired by goroutine (pid, goid), never by thread: a goroutine
 // blocked in a traced call may resume on another thread. A goroutine's calls in flight
@@ -51,40 +51,19 @@ BPF_PERCPU_ARRAY(fl_zero, struct fl_inflight, 1); // never written: the insert t
 BPF_HASH(fl_panics, struct fl_panic_key, u64, FL_MAX_PANIC_SITES);
 BPF_PERCPU_ARRAY(fl_counters, u64, FL_CNT_MAX);
 
-static __always_inline void fl_count(int idx, u64 n)
+static __always_inline u64 *counter_slot(int idx)
 {
-    u64 *v = fl_counters.lookup(&idx);
-    if (v)
-        *v += n;
+    return fl_counters.lookup(&idx);
 }
-
-static __always_inline int fl_read(u64 *dst, u64 addr)
-{
-    if (bpf_probe_read_user(dst, sizeof(*dst), (void *)addr) != 0) {
-        fl_count(FL_CNT_READ_FAULTS, 1);
-        return -1;
-    }
-    return 0;
-}
-
-// floor(log2(v)) for v > 0, without loops or clz (BPF has neither).
-static __always_inline u32 fl_log2(u64 v)
-{
-    u32 r = 0, s;
-    s = (v > 0xFFFFFFFFULL) << 5; v >>= s; r |= s;
-    s = (v > 0xFFFF) << 4; v >>= s; r |= s;
-    s = (v > 0xFF) << 3; v >>= s; r |= s;
-    s = (v > 0xF) << 2; v >>= s; r |= s;
-    s = (v > 0x3) << 1; v >>= s; r |= s;
-    return r | (u32)(v >> 1);
-}
+#define READ_FAULTS_COUNTER FL_CNT_READ_FAULTS
+#include "helpers.bpf.h"
 
 // Same index as hist.bucket_of().
 static __always_inline u32 fl_bucket(u64 v)
 {
     if (v < GL_FL_SUB)
         return (u32)v;
-    u32 k = fl_log2(v);
+    u32 k = log2_u64(v);
     if (k >= GL_FL_MAX_EXP)
         return GL_FL_NBUCKETS - 1;
     u32 sub = (u32)(v >> (k - GL_FL_SUB_BITS)) - GL_FL_SUB;
@@ -140,7 +119,7 @@ static __always_inline int fl_goroutine(struct pt_regs *ctx, u64 sp, struct goro
                                         u64 *depth)
 {
     u64 g = ctx->r14, hi = 0;
-    if (fl_read(&key->goid, g + G_GOID) || fl_read(&hi, g + G_STACK_HI))
+    if (read_u64(&key->goid, g + G_GOID) || read_u64(&hi, g + G_STACK_HI))
         return -1;
     u64 pid_tgid = bpf_get_current_pid_tgid();
     key->pid = pid_tgid >> 32;
@@ -177,10 +156,10 @@ static __always_inline int fl_entry(struct pt_regs *ctx, u32 fid, u64 sp_adj)
         if (!z)
             return 0;
         if (fl_inflight.update(&key, z) != 0) {
-            fl_count(FL_CNT_INFLIGHT_FULL, 1);
+            count(FL_CNT_INFLIGHT_FULL);
             return 0;
         }
-        fl_count(FL_CNT_INFLIGHT_NEW, 1);
+        count(FL_CNT_INFLIGHT_NEW);
         fl = fl_inflight.lookup(&key);
         if (!fl)
             return 0;
@@ -252,7 +231,7 @@ static __always_inline int fl_ret(struct pt_regs *ctx, u32 fid, int nop)
     }
     if (fl->n == 0) {
         fl_inflight.delete(&key);
-        fl_count(FL_CNT_INFLIGHT_DEL, 1);
+        count(FL_CNT_INFLIGHT_DEL);
     }
     return 0;
 }
@@ -265,9 +244,9 @@ static __always_inline int fl_ret(struct pt_regs *ctx, u32 fid, int nop)
 // runtime.goexit1 on the exiting goroutine (R14): its calls in flight never return.
 int fl_goexit(struct pt_regs *ctx)
 {
-    fl_count(FL_CNT_EXIT_HITS, 1);
+    count(FL_CNT_EXIT_HITS);
     struct goroutine_key key = {.pid = bpf_get_current_pid_tgid() >> 32};
-    if (fl_read(&key.goid, ctx->r14 + G_GOID))
+    if (read_u64(&key.goid, ctx->r14 + G_GOID))
         return 0;
     struct fl_inflight *fl = fl_inflight.lookup(&key);
     if (!fl)
@@ -278,9 +257,9 @@ int fl_goexit(struct pt_regs *ctx)
         if (i < n)
             fl_drop(&fl->frames[i]);
     }
-    fl_count(FL_CNT_EXIT_CLEANED, n);
+    count_n(FL_CNT_EXIT_CLEANED, n);
     fl_inflight.delete(&key);
-    fl_count(FL_CNT_INFLIGHT_DEL, 1);
+    count(FL_CNT_INFLIGHT_DEL);
     return 0;
 }
 
@@ -289,15 +268,15 @@ int fl_goexit(struct pt_regs *ctx)
 // the first frame outside the runtime using the frame-pointer chain kept here).
 int fl_panic(struct pt_regs *ctx)
 {
-    fl_count(FL_CNT_PANIC_HITS, 1);
+    count(FL_CNT_PANIC_HITS);
     struct fl_panic_key key = {.pid = bpf_get_current_pid_tgid() >> 32};
-    if (fl_read(&key.pcs[0], ctx->sp + FL_PANIC_SP_ADJ))
+    if (read_u64(&key.pcs[0], ctx->sp + FL_PANIC_SP_ADJ))
         return 0;
     u64 bp = ctx->bp;
 #pragma unroll
     for (int i = 1; i < FL_PANIC_FRAMES; i++) {
         u64 next = 0;
-        if (bp == 0 || fl_read(&key.pcs[i], bp + 8) || fl_read(&next, bp))
+        if (bp == 0 || read_u64(&key.pcs[i], bp + 8) || read_u64(&next, bp))
             break;
         bp = next;
     }
@@ -312,7 +291,7 @@ int fl_panic(struct pt_regs *ctx)
         if (v)
             __sync_fetch_and_add(v, 1);
         else
-            fl_count(FL_CNT_PANIC_SITES_FULL, 1);
+            count(FL_CNT_PANIC_SITES_FULL);
     }
     return 0;
 }

@@ -1,6 +1,7 @@
 /* goleash.h: structs shared between the BPF programs in bpf/ and the Python readers
  * in agent/goleash/probes/. One section per program.
- * Keep the Python ctypes views in the same order; every field is naturally aligned.
+ * Keep the Python views in the same order; every field is naturally aligned
+ * (tests/bpf/test_layouts.py compares them with what clang makes of this file).
  */
 #ifndef GOLEASH_H
 #define GOLEASH_H
@@ -80,7 +81,7 @@ enum goroutine_counter {
 
 /* ---- end of goroutines section ---------------------------------------------- */
 
-/* ---- funclat.bpf.c <-> probes/funclat.py (function latency, panics) --------- */
+/* ---- funclat.bpf.c <-> probes/funcprog.py (function latency, panics) -------- */
 
 /* Calls in flight per goroutine (struct goroutine_key), innermost last. A frame is
  * identified by its depth on the goroutine stack, stack.hi - SP at entry (== at its

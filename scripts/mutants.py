@@ -53,7 +53,7 @@ MUTANTS: tuple[Mutant, ...] = (
     # --- latency: what `goleash latency --json` prints --------------------------------
     Mutant(
         "to-dict-p50-p99-swapped",
-        "agent/goleash/probes/funclat.py",
+        "agent/goleash/probes/funcrecord.py",
         '"p50_ns": ns(0.5),\n            "p90_ns": ns(0.9),\n            "p99_ns": ns(0.99),',
         '"p50_ns": ns(0.99),\n            "p90_ns": ns(0.9),\n            "p99_ns": ns(0.5),',
         (FUNCLAT, "-k", "cli_latency"),
@@ -61,7 +61,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "to-dict-p90-p999-swapped",
-        "agent/goleash/probes/funclat.py",
+        "agent/goleash/probes/funcrecord.py",
         '"p90_ns": ns(0.9),\n            "p99_ns": ns(0.99),\n            "p999_ns": ns(0.999),',
         '"p90_ns": ns(0.999),\n            "p99_ns": ns(0.99),\n            "p999_ns": ns(0.9),',
         (FUNCLAT, "-k", "cli_latency"),
@@ -69,7 +69,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "nop-before-ret-off",
-        "agent/goleash/probes/funclat.py",
+        "agent/goleash/probes/funcsites.py",
         'and prev.mnemonic == "nop"',
         'and prev.mnemonic == "nop" and False',
         (FUNCLAT, "-k", "nop_before_ret and (go1.19 or go1.27.3)"),
@@ -77,7 +77,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "entry-sp-adjust-ignored",
-        "agent/goleash/probes/funclat.py",
+        "agent/goleash/probes/funcprog.py",
         'text += "".join(f"FL_FUNC({i}, {s.sp_adj})\\n" for i, s in enumerate(sites))',
         'text += "".join(f"FL_FUNC({i}, 0)\\n" for i, s in enumerate(sites))',
         (FUNCLAT, "-k", "sleep_mixture and go1.19"),

@@ -7,6 +7,7 @@ what the program measured: call counts exactly, quantiles within 10%.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -28,10 +29,14 @@ from capstone.x86 import X86_OP_IMM
 from elftools.elf.elffile import ELFFile
 
 import gobuild
+from goleash.probes import uprobe
 from goleash.probes.budget import OverheadBudget
-from goleash.probes.funclat import FuncLatencyProbes, FunctionLatency, PanicProbes
+from goleash.probes.funclat import FuncLatencyProbes
+from goleash.probes.funcrecord import FunctionLatency
 from goleash.probes.funcs import FunctionIndex, resolve
+from goleash.probes.panics import PanicProbes
 from goleash.probes.target import GoProcess
+from probe_evidence import uprobe_fds
 
 pytestmark = pytest.mark.root
 
@@ -152,6 +157,32 @@ def test_sleep_mixture_quantiles_from_many_goroutines(toolchain: str) -> None:
         # The point of pairing by goroutine: many calls returned on another thread.
         assert f.migrated > 0
         assert probes.inflight_goroutines() == 0
+
+
+def test_perf_event_uprobes_where_the_kernel_has_no_uprobe_multi(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Kernels before 6.6 refuse uprobe_multi links: the same probes then go in as one
+    perf-event uprobe per site, counting and timing alike, and leave with close()."""
+
+    def refused(*_args: object) -> int:
+        raise OSError(errno.EINVAL, "uprobe_multi link: Invalid argument")
+
+    monkeypatch.setattr(uprobe, "attach_multi", refused)
+    with (
+        funclat(gobuild.TOOLCHAINS[-1], "-mode", "mixture", "-goroutines", "8", "-calls", "20")
+        as (prog, pid),
+        traced(pid, ["main.sleepFor"]) as probes,
+    ):  # fmt: skip
+        held = uprobe_fds(os.getpid())
+        assert held and all(h.endswith("perf_event") for h in held), held
+        prog.send("go")
+        res = prog.result()
+        f = by_symbol(probes)["main.sleepFor"]
+        assert f.count == res["calls"] == 8 * 20
+        assert_quantiles_close(f, res["ns"])
+        assert f.unmatched == 0 and f.stale == 0
+    assert uprobe_fds(os.getpid()) == []
 
 
 def assert_distinct_quantiles(ns: dict[str, float]) -> None:

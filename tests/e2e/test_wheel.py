@@ -74,6 +74,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "goleash/bpf/goleash.h",
         "goleash/bpf/goroutines.bpf.c",
         "goleash/bpf/funclat.bpf.c",
+        "goleash/bpf/helpers.bpf.h",
         "goleash/demo/policy.yaml",
         "goleash/gobin/offsets_table.json",
         "goleash/goprograms/demoserver/main.go",

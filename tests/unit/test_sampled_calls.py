@@ -15,7 +15,7 @@ from goleash.control import answers
 from goleash.control.state import Store
 from goleash.node.funcwatch import FuncTotals
 from goleash.node.metrics import cumulative_buckets
-from goleash.probes.funclat import FunctionLatency
+from goleash.probes.funcrecord import FunctionLatency
 from goleash.probes.hist import Histogram
 
 T0 = 1_000_000.0

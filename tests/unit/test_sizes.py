@@ -31,8 +31,6 @@ ALLOWED_TODAY = frozenset(
         "node/agent.py",
         "node/check.py",
         "node/tracker.py::ProcessTracker.snapshot",
-        "probes/funclat.py",
-        "probes/funclat.py::FuncLatencyProbes.run_interval",
     }
 )
 

@@ -30,8 +30,10 @@ from typing import Any
 
 from goleash.bench import Report, bpftrace, fixture
 from goleash.probes.budget import OverheadBudget
-from goleash.probes.funclat import FuncLatencyProbes, LatencyProgram, function_sites
+from goleash.probes.funclat import FuncLatencyProbes
+from goleash.probes.funcprog import LatencyProgram
 from goleash.probes.funcs import FunctionIndex, resolve
+from goleash.probes.funcsites import function_sites
 from goleash.probes.target import GoProcess
 
 TOOLCHAIN = os.environ.get("GOLEASH_BENCH_GO", "1.22.10")

@@ -21,8 +21,10 @@ from goleash.errors import GoleashError
 from goleash.node.export import LatencyDelta
 from goleash.probes import hist
 from goleash.probes.budget import OverheadBudget
-from goleash.probes.funclat import FuncLatencyProbes, FunctionLatency, PanicProbes
+from goleash.probes.funclat import FuncLatencyProbes
+from goleash.probes.funcrecord import FunctionLatency
 from goleash.probes.funcs import FunctionIndex, Resolution, TracedFunction, resolve
+from goleash.probes.panics import PanicProbes
 from goleash.probes.target import GoProcess
 
 log = logging.getLogger("goleash.agent")

@@ -10,8 +10,10 @@ from typing import TextIO
 
 from goleash.errors import GoleashError
 from goleash.probes.budget import OverheadBudget
-from goleash.probes.funclat import FuncLatencyProbes, FunctionLatency, PanicProbes, PanicReading
+from goleash.probes.funclat import FuncLatencyProbes
+from goleash.probes.funcrecord import FunctionLatency
 from goleash.probes.funcs import FunctionIndex, Selection, resolve
+from goleash.probes.panics import PanicProbes, PanicReading
 from goleash.probes.target import GoProcess
 from goleash.signals import stop_on_signals
 

@@ -23,7 +23,8 @@ from goleash.node.check import started_function
 from goleash.node.latency import _select
 from goleash.node.tracker import ProcessSnapshot, ProcessTracker, SiteSummary
 from goleash.probes.budget import OverheadBudget
-from goleash.probes.funclat import FuncLatencyProbes, FunctionLatency
+from goleash.probes.funclat import FuncLatencyProbes
+from goleash.probes.funcrecord import FunctionLatency
 from goleash.probes.inventory import Goroutine, site_at
 from goleash.probes.stacks import walk_stacks
 from goleash.probes.target import GoProcess

@@ -1,6 +1,8 @@
-"""BCC side of function latency and panics: compile bpf/funclat.bpf.c for one process,
-attach at the sites disassembly chose, read the kernel's histograms as per-interval
-deltas, and keep the probes' cost under the process's overhead budget.
+"""Function latency in one process: read the kernel's histograms as per-interval
+deltas and keep the probes' cost under the process's overhead budget (the sampling
+scheduler). Its parts: funcsites.py (where the probes go), funcprog.py (the compiled
+bpf/funclat.bpf.c and its maps), funcrecord.py (what a reading holds); panics.py
+counts panics with the same program.
 
 Cost model (see probes/budget.py): an entry hit on an emulated instruction is cheap, a
 RET hit is single-stepped, so a traced call costs one cheap and one expensive hit. The
@@ -17,349 +19,21 @@ the share is the entry probe sampled too, and `calls` is an estimate with its bo
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import math
-import os
-import queue
 import random
-import struct
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from goleash.errors import GoleashError
-from goleash.gobin.disasm import ProbeSite, disassemble, emulated_entry_site, function_probes
-from goleash.probes import hist
-from goleash.probes.bpfsrc import bpf_dir
 from goleash.probes.budget import OverheadBudget
+from goleash.probes.funcprog import COUNTER_NAMES, STAT_FIELDS, LatencyProgram, RawReading
+from goleash.probes.funcrecord import FunctionLatency, IntervalReading
 from goleash.probes.funcs import TracedFunction
-from goleash.probes.hist import Histogram
+from goleash.probes.funcsites import FuncProbeError, FuncSites, function_sites, runtime_site
 from goleash.probes.target import GoProcess
 
-BPF_DIR = bpf_dir()
-STAT_FIELDS = (
-    "count",
-    "sum_ns",
-    "max_ns",
-    "entry_hits",
-    "ret_hits",
-    "unmatched",
-    "stale",
-    "migrated",
-    "overflow",
-    "opened",
-    "expired",
-    "ret_nop_hits",
-)
-COUNTER_NAMES = (
-    "inflight_new",
-    "inflight_del",
-    "inflight_full",
-    "exit_hits",
-    "exit_cleaned",
-    "panic_hits",
-    "panic_sites_full",
-    "read_faults",
-)
 DEFAULT_MAX_GOROUTINES = 16384
-DEFAULT_MAX_PANIC_SITES = 1024
 POLL_S = 0.05  # how often a sampled function's slice is checked against its share
-
-# bpf(2) for uprobe_multi links (Linux >= 6.6), which BCC 0.26 does not wrap.
-_SYS_BPF = 321  # x86-64
-_BPF_LINK_CREATE = 28
-_BPF_TRACE_UPROBE_MULTI = 48  # enum bpf_attach_type
-_BPF_ATTR_SIZE = 128
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class FuncProbeError(GoleashError):
-    """BCC could not compile or attach the function-latency probes."""
-
-
-# --- where the probes go -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FuncSites:
-    symbol: str
-    entry: ProbeSite
-    sp_adj: int  # bytes the function lowered SP before `entry` (0 at its first instruction)
-    rets: tuple[ProbeSite, ...]  # the RETs themselves (single-stepped)
-    tail_calls: int  # exits by `jmp` that no RET probe sees
-    # Emulated stand-ins for some RETs: a NOP right before a RET that nothing jumps to
-    # (SP is already what the RET sees). Go leaves one before ~3% of its RETs.
-    ret_nops: tuple[ProbeSite, ...] = ()
-
-
-def _sp_lowered(binary: Any, start: ProbeSite, site: ProbeSite) -> int | None:
-    """How far SP moved down between two sites on a straight line, or None if some
-    instruction there changes SP in a way not followed."""
-    if site.vaddr == start.vaddr:
-        return 0
-    delta = 0
-    for ins in disassemble(binary, start.vaddr, site.vaddr - start.vaddr):
-        if "rsp" not in ins.writes:
-            continue
-        ops = ins.op_str.split(", ")
-        if ins.mnemonic == "push":
-            delta += 8
-        elif ins.mnemonic == "pop":
-            delta -= 8
-        elif ins.mnemonic in ("sub", "add") and ops[0] == "rsp" and len(ops) == 2:
-            try:
-                n = int(ops[1], 0)
-            except ValueError:
-                return None
-            delta += n if ins.mnemonic == "sub" else -n
-        else:
-            return None
-    return delta
-
-
-def function_sites(proc: GoProcess, fn: TracedFunction) -> FuncSites:
-    """Entry after the stack check on the cheapest once-per-call instruction that still
-    has R14 (on Go 1.19 that is past `sub rsp`, hence sp_adj), and every RET."""
-    fp = function_probes(proc.binary, fn.symbol, fn.addr, fn.size)
-    entry, adj = fp.entry_probe, _sp_lowered(proc.binary, fp.after_check, fp.entry_probe)
-    if adj is None:
-        entry, adj = fp.after_check, 0
-    if not fp.rets:
-        raise FuncProbeError(
-            f"{fn.symbol} has no RET instruction (it never returns, or leaves only by tail "
-            "calls): there is nothing to time"
-        )
-    rets, nops = _return_sites(proc, fn, fp.rets)
-    return FuncSites(fn.symbol, entry, adj, rets, len(fp.tail_calls), nops)
-
-
-def _return_sites(
-    proc: GoProcess, fn: TracedFunction, rets: Sequence[ProbeSite]
-) -> tuple[tuple[ProbeSite, ...], tuple[ProbeSite, ...]]:
-    """Split the RETs into those probed where they are and emulated NOPs standing in
-    for the others. A NOP stands in only on a straight line: the RET is no jump target,
-    and the function has no indirect jump (a jump table could land on the RET)."""
-    insns = disassemble(proc.binary, fn.addr, fn.size)
-    if any(i.mnemonic == "jmp" and i.target is None for i in insns):
-        return tuple(rets), ()
-    targets = {i.target for i in insns if i.target is not None}
-    before = {b.address: a for a, b in zip(insns, insns[1:], strict=False)}
-    stepped: list[ProbeSite] = []
-    nops: list[ProbeSite] = []
-    for r in rets:
-        prev = before.get(r.vaddr)
-        if (
-            prev is not None
-            and prev.mnemonic == "nop"
-            and prev.is_emulated
-            and r.vaddr not in targets  # a jump to the NOP still passes it: fine
-        ):
-            nops.append(
-                ProbeSite(
-                    r.symbol,
-                    prev.address,
-                    proc.binary.vaddr_to_offset(prev.address),
-                    prev.text,
-                    True,
-                )
-            )
-        else:
-            stepped.append(r)
-    return tuple(stepped), tuple(nops)
-
-
-def runtime_site(proc: GoProcess, name: str, keep: tuple[str, ...]) -> tuple[ProbeSite, int]:
-    found = proc.symbols.require(name)
-    fp = function_probes(proc.binary, name, *found)
-    site = emulated_entry_site(proc.binary, name, *found, keep=keep)
-    adj = _sp_lowered(proc.binary, fp.after_check, site)
-    if adj is None:
-        return fp.after_check, 0
-    return site, adj
-
-
-# --- what a window of time holds -----------------------------------------------------
-
-
-# Calls estimated from a sampled entry probe carry this many standard deviations of
-# error (Poisson counts: ~95% of intervals land inside), see FunctionLatency.calls_error.
-CALLS_ERROR_SIGMAS = 2.0
-# Two-sided 95% quantiles of Student's t for 1, 2, ... degrees of freedom (then ~2).
-_T95 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.2, 2.18, 2.16, 2.14)
-
-
-@dataclass
-class FunctionLatency:
-    """One function over a window: every call counted, the calls timed, how it was watched.
-
-    `calls` is exact while the (cheap, emulated) entry probe stays attached, which it
-    does unless even counting costs more than the budget; then it is an estimate with
-    an error bound. `timed` (the histogram's count) are the calls the quantiles come
-    from: timing is duty-cycled when the single-stepped RET probes are over budget."""
-
-    symbol: str
-    hist: Histogram = field(default_factory=Histogram)
-    window_s: float = 0.0
-    attached_s: float = 0.0  # time its calls were timed in the window
-    entry_hits: int = 0  # calls counted by the entry probe
-    exact_calls: int = 0  # calls in intervals the entry probe covered whole
-    sampled_hits: int = 0  # calls counted in intervals it covered only in part ...
-    sampled_counted_s: float = 0.0  # ... during this much of them ...
-    sampled_window_s: float = 0.0  # ... of this long
-    # Per partly counted interval, its rate (calls/s while counted): n, sum, sum of
-    # squares, for an error bound that also holds when calls come in bursts.
-    rate_n: int = 0
-    rate_sum: float = 0.0
-    rate_sq: float = 0.0
-    ret_hits: int = 0  # at RET instructions (single-stepped)
-    ret_nop_hits: int = 0  # at NOPs standing in for a RET (emulated)
-    unmatched: int = 0  # RETs of calls entered before attach (or not recorded)
-    stale: int = 0  # calls that never returned (panic, Goexit) or were lost
-    migrated: int = 0  # timed calls that returned on another thread
-    overflow: int = 0  # calls not recorded: too deep a nest of traced calls in flight
-    cut: int = 0  # calls whose RET probes sampling detached while they ran: not timed
-    sampled: bool = False  # over budget: calls were timed only part of the window
-    # Bucket counts with each interval's timed calls weighted by its calls / timed, so
-    # an interval timed for a larger share of its calls does not weigh more in the
-    # quantiles (None: no interval was sampled, the plain counts).
-    weighted: list[float] | None = None
-
-    @property
-    def timed(self) -> int:
-        return self.hist.count
-
-    @property
-    def count(self) -> int:
-        """The calls timed (kept for readers of the histogram; `calls` counts all)."""
-        return self.hist.count
-
-    @property
-    def calls_exact(self) -> bool:
-        return self.sampled_window_s == 0
-
-    @property
-    def calls(self) -> int:
-        """Every call in the window: exact, or scaled up from the counted part."""
-        if self.calls_exact or self.sampled_counted_s <= 0:
-            return self.exact_calls + self.sampled_hits
-        scale = self.sampled_window_s / self.sampled_counted_s
-        return self.exact_calls + round(self.sampled_hits * scale)
-
-    @property
-    def calls_error(self) -> float | None:
-        """Half-width of the estimate's ~95% band (calls arriving at a steady rate over
-        the window, Poisson counts); 0 when exact, None when no call could be counted."""
-        if self.calls_exact:
-            return 0.0
-        if self.sampled_counted_s <= 0:
-            return None
-        scale = self.sampled_window_s / self.sampled_counted_s
-        poisson = math.sqrt(self.sampled_hits + 1) * scale
-        # Calls often come in bursts (more spread than Poisson): the spread of the
-        # rates seen from one interval to the next bounds the estimate too.
-        spread = 0.0
-        n = self.rate_n
-        if n >= 2:
-            mean = self.rate_sum / n
-            var = max(0.0, (self.rate_sq - n * mean * mean) / (n - 1))
-            # Student's t for n - 1 degrees of freedom: few intervals, a wider band.
-            t = _T95[min(n - 1, len(_T95)) - 1]
-            spread = t * math.sqrt(var / n) * self.sampled_window_s
-        return max(CALLS_ERROR_SIGMAS * poisson, spread)
-
-    @property
-    def attached_fraction(self) -> float:
-        """Share of the window its calls were timed."""
-        return self.attached_s / self.window_s if self.window_s else 0.0
-
-    def __add__(self, other: FunctionLatency) -> FunctionLatency:
-        out = FunctionLatency(self.symbol, self.hist + other.hist)
-        out.sampled = self.sampled or other.sampled
-        if self.weighted is not None or other.weighted is not None:
-            a = self.weighted if self.weighted is not None else self.hist.counts
-            b = other.weighted if other.weighted is not None else other.hist.counts
-            out.weighted = [x + y for x, y in zip(a, b, strict=True)]
-        for name in (
-            "window_s",
-            "attached_s",
-            "entry_hits",
-            "exact_calls",
-            "sampled_hits",
-            "sampled_counted_s",
-            "sampled_window_s",
-            "rate_n",
-            "rate_sum",
-            "rate_sq",
-            "ret_hits",
-            "ret_nop_hits",
-            "unmatched",
-            "stale",
-            "migrated",
-            "overflow",
-            "cut",
-        ):
-            setattr(out, name, getattr(self, name) + getattr(other, name))
-        return out
-
-    def quantile_ns(self, q: float) -> float | None:
-        counts = self.weighted if self.weighted is not None else self.hist.counts
-        v = hist.quantile(counts, q, self.hist.max_ns)
-        return None if v != v else v  # NaN when no call was timed
-
-    def to_dict(self) -> dict[str, Any]:
-        def ns(q: float) -> int | None:
-            v = self.quantile_ns(q)
-            return None if v is None else round(v)
-
-        err = self.calls_error
-        return {
-            "symbol": self.symbol,
-            "calls": self.calls,
-            "calls_exact": self.calls_exact,
-            "calls_error": None if err is None else round(err, 1),
-            "timed": self.timed,
-            "p50_ns": ns(0.5),
-            "p90_ns": ns(0.9),
-            "p99_ns": ns(0.99),
-            "p999_ns": ns(0.999),
-            "max_ns": self.hist.max_ns if self.timed else None,
-            "mean_ns": round(self.hist.mean_ns) if self.timed else None,
-            "sum_ns": self.hist.sum_ns,
-            "sampled": self.sampled,
-            "timed_fraction": round(self.attached_fraction, 4),
-            "stale": self.stale,
-            "unmatched": self.unmatched,
-            "migrated": self.migrated,
-            "overflow": self.overflow,
-            "cut": self.cut,
-            # The kernel's log-linear buckets (probes/hist.py: sub_bucket_bits), only
-            # the non-empty ones: [index, lo_ns, hi_ns (exclusive), count].
-            "histogram": {
-                "sub_bucket_bits": hist.SUB_BITS,
-                "buckets": [
-                    [i, *hist.bucket_bounds(i), c] for i, c in enumerate(self.hist.counts) if c
-                ],
-            },
-        }
-
-
-@dataclass
-class IntervalReading:
-    start: float  # time.monotonic()
-    end: float
-    functions: list[FunctionLatency]
-    counters: dict[str, int]  # deltas over the interval
-    cost_fraction: float  # of one core, what the probes cost the process
-    cleanup_at_exit: bool  # goexit1 probe attached (else stale calls age out of the LRU)
-
-
-@dataclass
-class _Raw:
-    stats: dict[str, int]
-    hist: Histogram
 
 
 @dataclass
@@ -386,195 +60,23 @@ class _FuncState:
     rets_s: float = 0.0  # RET-attached time since the last read, closed stretches
     drain_s: float = 0.0  # how long RETs stayed on after a slice, waiting for its calls
     epoch: int = 0  # attachments of its RET probes (fl_ctl.epoch in the kernel)
-    last: _Raw | None = None
+    last: RawReading | None = None
 
 
-# --- the probes ----------------------------------------------------------------------
+@dataclass
+class _Interval:
+    """One run_interval's schedule and what it saw, shared by its steps."""
 
-
-class LatencyProgram:
-    """One compiled funclat.bpf.c for one process (functions, goexit1, gopanic).
-
-    Probes are attached in groups (a function's entry, its RETs, goexit1, gopanic),
-    each group as one uprobe_multi BPF link when the kernel has them (Linux >= 6.6):
-    closing a uprobe costs the kernel an RCU grace period (~0.1 s here for each perf-event
-    uprobe, serialized; ~0.04 s for a whole link), though the breakpoints leave the
-    process at once. Older kernels get one perf-event uprobe per site through BCC.
-    Detaching runs on a worker thread so a duty cycle never stalls on it.
-    """
-
-    def __init__(
-        self,
-        proc: GoProcess,
-        sites: Sequence[FuncSites],
-        *,
-        max_goroutines: int,
-        max_panic_sites: int,
-        panic_sp_adj: int,
-    ) -> None:
-        from bcc import BPF  # probes is the only package that imports bcc
-
-        self.proc = proc
-        off = proc.offsets
-        flags = [
-            f"-I{BPF_DIR}",
-            f"-DG_GOID={off.g_goid}",
-            f"-DG_STACK_HI={off.g_stack_hi}",
-            f"-DFL_NFUNCS={max(1, len(sites))}",
-            f"-DFL_MAX_GOROUTINES={max_goroutines}",
-            f"-DFL_MAX_PANIC_SITES={max_panic_sites}",
-            f"-DFL_PANIC_SP_ADJ={panic_sp_adj}",
-            *(f"-D{k}={v}" for k, v in hist.c_defines().items()),
-        ]
-        text = (BPF_DIR / "funclat.bpf.c").read_text()
-        text += "".join(f"FL_FUNC({i}, {s.sp_adj})\n" for i, s in enumerate(sites))
-        try:
-            self.bpf: Any = BPF(text=text, cflags=flags)
-        except Exception as exc:  # BCC raises bare Exception on compile errors
-            raise FuncProbeError(f"compiling funclat.bpf.c failed: {exc}") from exc
-        self.multi: bool | None = None  # uprobe_multi links work here (None: not tried)
-        self._groups: dict[str, Callable[[], None]] = {}  # attached group -> its detach
-        self._pending: dict[str, threading.Event] = {}
-        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        self._worker = threading.Thread(target=self._detach_loop, daemon=True)
-        self._worker.start()
-
-    def attach(self, group: str, sites: Sequence[ProbeSite], fn_name: str) -> None:
-        """Attach BPF function `fn_name` at every site, as one group."""
-        ev = self._pending.get(group)
-        if ev is not None:
-            ev.wait()
-        try:
-            if self.multi is not False:
-                try:
-                    self._groups[group] = self._attach_multi(sites, fn_name)
-                    self.multi = True
-                    return
-                except OSError:
-                    if self.multi:
-                        raise
-                    self.multi = False  # no uprobe_multi here: reload for perf events
-                    fn = self.bpf.funcs.pop(fn_name.encode(), None)
-                    if fn is not None:
-                        os.close(fn.fd)
-            self._groups[group] = self._attach_perf(sites, fn_name)
-        except Exception as exc:
-            if not self.proc.alive():
-                raise FuncProbeError(f"PID {self.proc.pid} exited while attaching") from exc
-            raise FuncProbeError(
-                f"attaching uprobes to {sites[0].symbol} in PID {self.proc.pid}: {exc}"
-            ) from exc
-
-    def _attach_multi(self, sites: Sequence[ProbeSite], fn_name: str) -> Callable[[], None]:
-        from bcc import BPF
-
-        fn = self.bpf.load_func(fn_name, BPF.KPROBE, attach_type=_BPF_TRACE_UPROBE_MULTI)
-        offsets = (ctypes.c_uint64 * len(sites))(*(s.file_offset for s in sites))
-        path = ctypes.create_string_buffer(self.proc.exe.encode())
-        attr = (ctypes.c_uint8 * _BPF_ATTR_SIZE)()
-        # union bpf_attr.link_create: prog_fd, target_fd, attach_type, flags, then
-        # uprobe_multi: path, offsets, ref_ctr_offsets, cookies, cnt, flags, pid.
-        struct.pack_into("<IIII", attr, 0, fn.fd, 0, _BPF_TRACE_UPROBE_MULTI, 0)
-        struct.pack_into(
-            "<QQQQIII",
-            attr,
-            16,
-            ctypes.addressof(path),
-            ctypes.addressof(offsets),
-            0,
-            0,
-            len(sites),
-            0,
-            self.proc.pid,
-        )
-        fd = _libc.syscall(_SYS_BPF, _BPF_LINK_CREATE, attr, _BPF_ATTR_SIZE)
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"uprobe_multi link: {os.strerror(err)}")
-        return lambda: os.close(fd)
-
-    def _attach_perf(self, sites: Sequence[ProbeSite], fn_name: str) -> Callable[[], None]:
-        done: list[ProbeSite] = []
-
-        def detach() -> None:
-            for s in done:
-                # When the process is gone, the kernel dropped the probe with it.
-                with contextlib.suppress(Exception):
-                    self.bpf.detach_uprobe(name=self.proc.exe, addr=s.vaddr, pid=self.proc.pid)
-
-        try:
-            for s in sites:
-                # BCC 0.26 takes `addr` as a link-time virtual address of the ELF file
-                # and turns it into the file offset itself (a file offset fails there).
-                self.bpf.attach_uprobe(
-                    name=self.proc.exe, addr=s.vaddr, fn_name=fn_name, pid=self.proc.pid
-                )
-                done.append(s)
-        except Exception:
-            detach()
-            raise
-        return detach
-
-    def attached(self, group: str) -> bool:
-        return group in self._groups
-
-    def detach(self, group: str) -> None:
-        """Queue the group's removal; returns at once."""
-        undo = self._groups.pop(group, None)
-        if undo is None:
-            return
-        self._pending[group] = ev = threading.Event()
-
-        def run() -> None:
-            try:
-                undo()
-            finally:
-                ev.set()
-
-        self._queue.put(run)
-
-    def busy(self, group: str) -> bool:
-        """The group's previous probes are still being removed."""
-        ev = self._pending.get(group)
-        return ev is not None and not ev.is_set()
-
-    def _detach_loop(self) -> None:
-        while (job := self._queue.get()) is not None:
-            with contextlib.suppress(Exception):
-                job()
-
-    def set_ctl(self, fid: int, epoch: int, timing: bool) -> None:
-        """Whether the function's entries are timed now, and its RET probes' epoch."""
-        tab = self.bpf["fl_ctl"]
-        v = tab.Leaf()
-        v.epoch, v.timing = epoch & 0xFFFFFFFF, int(timing)
-        tab[ctypes.c_int(fid)] = v
-
-    def stats(self, fid: int) -> dict[str, int]:
-        """Cumulative figures; entry_hits is every call the entry probe counted."""
-        v = self.bpf["fl_stats"][ctypes.c_int(fid)]
-        out = {name: int(getattr(v, name)) for name in STAT_FIELDS}
-        out["entry_hits"] = sum(int(x) for x in self.bpf["fl_calls"][ctypes.c_int(fid)])
-        return out
-
-    def raw(self, fid: int) -> _Raw:
-        st = self.stats(fid)
-        counts = [int(x) for x in self.bpf["fl_hist"][ctypes.c_int(fid)].b[: hist.N_BUCKETS]]
-        return _Raw(st, Histogram(counts, st["count"], st["sum_ns"], st["max_ns"]))
-
-    def counters(self) -> dict[str, int]:
-        out = dict.fromkeys(COUNTER_NAMES, 0)
-        for idx, per_cpu in self.bpf["fl_counters"].items():
-            if idx.value < len(COUNTER_NAMES):
-                out[COUNTER_NAMES[idx.value]] = sum(int(x) for x in per_cpu)
-        return out
-
-    def close(self) -> None:
-        for group in list(self._groups):
-            self.detach(group)
-        self._queue.put(None)
-        self._worker.join()
-        self.bpf.cleanup()
+    t0: float  # time.monotonic() at its start
+    end: float
+    length_s: float
+    timed: dict[int, float]  # fid -> seconds its calls were timed
+    sampled: set[int] = field(default_factory=set)  # timing off for part of the interval
+    slices: dict[int, float] = field(default_factory=dict)  # sampled fid -> slice length (s)
+    timing_share: dict[int, float] = field(default_factory=dict)  # fid -> ns timing may cost
+    started: dict[int, float] = field(default_factory=dict)  # fid -> when its slice started
+    want_on: list[_FuncState] = field(default_factory=list)  # waiting for their slice
+    start_at: dict[int, float] = field(default_factory=dict)  # fid -> when it is due
 
 
 class FuncLatencyProbes:
@@ -773,51 +275,67 @@ class FuncLatencyProbes:
         if prog is None:
             raise FuncProbeError("run_interval() before attach()")
         t0 = time.monotonic()
-        end = t0 + interval_s
-        shares = self._shares(interval_s)
-        timed = {f.fid: 0.0 for f in self.funcs}
-        sampled: set[int] = set()  # timing off for part of the interval
-        slices: dict[int, float] = {}  # sampled fid -> length of its timing slice (s)
-        timing_share: dict[int, float] = {}
+        iv = _Interval(t0, t0 + interval_s, interval_s, {f.fid: 0.0 for f in self.funcs})
+        self._plan_slices(iv, self._shares(interval_s))
+        self._place_slices(prog, iv)
+        self._run_slices(prog, iv)
+        now = time.monotonic()
+        iv.sampled.update(f.fid for f in iv.want_on)  # never got its slice this time
+        self._measure_rates(prog, iv, now)
+        readings, delta = self._collect(t0, now, iv.timed, iv.sampled)
+        cost = self._account(prog, readings, delta, now - t0)
+        self._carry_over(prog, iv, now)
+        return IntervalReading(t0, now, readings, delta, cost, self.cleanup_at_exit)
+
+    def _plan_slices(self, iv: _Interval, shares: dict[int, float]) -> None:
+        """Per function: whether the entry probe keeps counting (its cost fits the
+        share), what is left for timing, and the slice timing gets when that is not
+        enough for the whole interval."""
         for f in self.funcs:
             share = shares[f.fid]
-            entry_need = (f.entry_rate or 0.0) * interval_s
+            entry_need = (f.entry_rate or 0.0) * iv.length_s
             count_always = f.sites.entry.emulated and share > 0 and entry_need <= share * 1.0001
             if f.count_always and not count_always and f.entry_on and not f.timing:
-                self._entry_off(f, t0)
+                self._entry_off(f, iv.t0)
             f.count_always = count_always
             ts = max(0.0, share - entry_need) if count_always else share
-            timing_share[f.fid] = ts
+            iv.timing_share[f.fid] = ts
             if f.rate is None:
-                slices[f.fid] = math.inf  # cost unknown: cut once the share is spent
-            elif (f.rate + f.timed_entry_rate) * interval_s > ts * 1.0001:
+                iv.slices[f.fid] = math.inf  # cost unknown: cut once the share is spent
+            elif (f.rate + f.timed_entry_rate) * iv.length_s > ts * 1.0001:
                 # A slice of S s costs (S + drain) s of RETs plus S s of timed entries.
                 per_s = f.rate + f.timed_entry_rate
-                s_len = (ts - f.drain_s * f.rate) / per_s if per_s > 0 else interval_s
+                s_len = (ts - f.drain_s * f.rate) / per_s if per_s > 0 else iv.length_s
                 # Not even the drain fits: slice as if there were none (a little over).
-                slices[f.fid] = s_len if s_len > 0 else ts / per_s
-        started: dict[int, float] = {}
-        want_on: list[_FuncState] = []
-        start_at: dict[int, float] = {}
+                iv.slices[f.fid] = s_len if s_len > 0 else ts / per_s
+
+    def _place_slices(self, prog: LatencyProgram, iv: _Interval) -> None:
+        """When each function's timing starts this interval (now, for those still
+        timed from the last one)."""
         for f in self.funcs:
             if f.timing:
-                started[f.fid] = t0
+                iv.started[f.fid] = iv.t0
                 f.baseline_inflight = _inflight(prog.stats(f.fid))
-            elif slices.get(f.fid, 1.0) > 0:
-                want_on.append(f)
+            elif iv.slices.get(f.fid, 1.0) > 0:
+                iv.want_on.append(f)
                 # A slice starts at a random point of the interval, not at its start:
                 # the start is when this process reads maps and (re)attaches probes,
                 # and calls timed only then would carry that disturbance.
                 # It ends early enough for its calls to return inside the interval
                 # too, so each interval's timed calls are its own (weights are per
                 # interval).
-                room = interval_s - slices.get(f.fid, math.inf) - 1.5 * f.drain_s
-                start_at[f.fid] = t0 + (self._rng.uniform(0, room) if room > 0 else 0.0)
+                room = iv.length_s - iv.slices.get(f.fid, math.inf) - 1.5 * f.drain_s
+                iv.start_at[f.fid] = iv.t0 + (self._rng.uniform(0, room) if room > 0 else 0.0)
             elif f.count_always and not f.entry_on and not prog.busy(f"entry:{f.fid}"):
-                self._entry_on(f, t0)  # counting, no timing slice this interval
+                self._entry_on(f, iv.t0)  # counting, no timing slice this interval
+
+    def _run_slices(self, prog: LatencyProgram, iv: _Interval) -> None:
+        """Until the interval ends: start slices when due, end them when their time or
+        share is spent, and take RETs off once the calls of a slice have returned."""
+        slices, started, want_on, start_at = iv.slices, iv.started, iv.want_on, iv.start_at
         while True:
             now = time.monotonic()
-            if now >= end:
+            if now >= iv.end:
                 break
             for f in list(want_on):  # a slice starts once its old probes are gone
                 if now >= start_at[f.fid] and not any(
@@ -828,10 +346,10 @@ class FuncLatencyProbes:
                     want_on.remove(f)
             active = [f for f in self.funcs if f.fid in slices and (f.timing or f.rets_on)]
             if not active and not want_on:
-                time.sleep(end - now)
+                time.sleep(iv.end - now)
                 continue
             waiting = any(start_at[f.fid] <= now for f in want_on)  # for a detach
-            wake = [end, now + POLL_S] if active or waiting else [end]
+            wake = [iv.end, now + POLL_S] if active or waiting else [iv.end]
             wake += [started[f.fid] + slices[f.fid] for f in active if f.timing]
             wake += [start_at[f.fid] for f in want_on if start_at[f.fid] > now]
             time.sleep(max(0.0, min(wake) - now))
@@ -840,14 +358,17 @@ class FuncLatencyProbes:
                 st = prog.stats(f.fid)
                 spent = self._timing_spent(f, st)
                 if f.timing:
-                    if now >= started[f.fid] + slices[f.fid] or spent >= timing_share[f.fid]:
-                        timed[f.fid] += now - max(f.timing_since, t0)
+                    if now >= started[f.fid] + slices[f.fid] or spent >= iv.timing_share[f.fid]:
+                        iv.timed[f.fid] += now - max(f.timing_since, iv.t0)
                         self._timing_off(f, now)
-                        sampled.add(f.fid)
-                elif _inflight(st) <= f.baseline_inflight or spent >= 2 * timing_share[f.fid]:
+                        iv.sampled.add(f.fid)
+                elif _inflight(st) <= f.baseline_inflight or spent >= 2 * iv.timing_share[f.fid]:
                     self._rets_off(f)
-        now = time.monotonic()
-        sampled.update(f.fid for f in want_on)  # never got its slice this time
+
+    def _measure_rates(self, prog: LatencyProgram, iv: _Interval, now: float) -> None:
+        """What each function's probes cost per second in this interval: the next
+        interval's shares and slices are planned from it."""
+        t0, timed = iv.t0, iv.timed
         for f in self.funcs:
             if f.timing:
                 timed[f.fid] += now - max(f.timing_since, t0)
@@ -860,12 +381,20 @@ class FuncLatencyProbes:
                 # RETs see every call while attached, timed or not: their cost is per
                 # second attached, which includes the drain after each slice.
                 f.rate = self._ret_ns(d["ret_hits"], d["ret_nop_hits"]) / rets_s
-                f.drain_s = max(0.0, rets_s - timed[f.fid]) if f.fid in slices else 0.0
+                f.drain_s = max(0.0, rets_s - timed[f.fid]) if f.fid in iv.slices else 0.0
                 f.timed_entry_rate = (
                     0.0 if f.count_always else self._entry_ns(f, d["timed_entries"]) / timed[f.fid]
                 )
-        readings, delta = self._collect(t0, now, timed, sampled)
-        elapsed = now - t0
+
+    def _account(
+        self,
+        prog: LatencyProgram,
+        readings: list[FunctionLatency],
+        delta: dict[str, int],
+        elapsed: float,
+    ) -> float:
+        """What the probes cost the process over the interval (share of one core);
+        the goexit1 probe goes when goroutine churn alone would eat the budget."""
         exit_ns = delta["exit_hits"] * (
             self.budget.emulated_ns if self.exit_site.emulated else self.budget.stepped_ns
         )
@@ -880,21 +409,23 @@ class FuncLatencyProbes:
             # Goroutine churn alone would eat the budget: stale calls age out of the LRU.
             prog.detach("goexit")
             self.cleanup_at_exit = False
-        # Sampled functions start their next slice in the next interval; those whose
-        # measured cost now fits stay timed through the boundary. RETs still waiting
-        # for the calls of a late slice stay attached: the next interval takes them off
-        # once those calls returned (long calls are not cut at the boundary).
-        nxt = self._shares(interval_s)
+        return cost
+
+    def _carry_over(self, prog: LatencyProgram, iv: _Interval, now: float) -> None:
+        """Sampled functions start their next slice in the next interval; those whose
+        measured cost now fits stay timed through the boundary. RETs still waiting
+        for the calls of a late slice stay attached: the next interval takes them off
+        once those calls returned (long calls are not cut at the boundary)."""
+        nxt = self._shares(iv.length_s)
         for f in self.funcs:
-            if f.fid not in slices:
+            if f.fid not in iv.slices:
                 continue
-            if self._need(f, interval_s) <= nxt[f.fid] * 1.0001:
+            if self._need(f, iv.length_s) <= nxt[f.fid] * 1.0001:
                 continue
             if f.timing:
                 self._timing_off(f, now)
             if f.rets_on and _inflight(prog.stats(f.fid)) <= f.baseline_inflight:
                 self._rets_off(f)
-        return IntervalReading(t0, now, readings, delta, cost, self.cleanup_at_exit)
 
     def flush(self) -> IntervalReading:
         """What happened since the last interval, read at once, nothing rescheduled:
@@ -978,126 +509,3 @@ class FuncLatencyProbes:
 
 def _inflight(st: dict[str, int]) -> int:
     return st["opened"] - st["count"] - st["stale"] - st["expired"]
-
-
-# --- panics --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PanicSite:
-    function: str  # the first function outside the runtime: the one that panicked
-    file: str | None
-    line: int | None
-    count: int
-    frames: tuple[str, ...]  # caller of gopanic first (runtime frames included)
-
-
-@dataclass
-class PanicReading:
-    total: int
-    sites: list[PanicSite]
-
-    def by_function(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for s in self.sites:
-            out[s.function] = out.get(s.function, 0) + s.count
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "total": self.total,
-            "functions": [
-                {"function": fn, "count": n}
-                for fn, n in sorted(self.by_function().items(), key=lambda kv: -kv[1])
-            ],
-            "sites": [
-                {
-                    "function": s.function,
-                    "file": s.file,
-                    "line": s.line,
-                    "count": s.count,
-                    "frames": list(s.frames),
-                }
-                for s in sorted(self.sites, key=lambda s: -s.count)
-            ],
-        }
-
-
-class PanicProbes:
-    """Panics in one process, recovered or not: a uprobe on runtime.gopanic."""
-
-    def __init__(self, proc: GoProcess, *, max_sites: int = DEFAULT_MAX_PANIC_SITES) -> None:
-        self.proc = proc
-        self.max_sites = max_sites
-        self.site, self.sp_adj = runtime_site(proc, "runtime.gopanic", ("r14",))
-        self._prog: LatencyProgram | None = None
-
-    def attach(self) -> None:
-        if self._prog is not None:
-            return
-        self._prog = LatencyProgram(
-            self.proc,
-            [],
-            max_goroutines=1,
-            max_panic_sites=self.max_sites,
-            panic_sp_adj=self.sp_adj,
-        )
-        try:
-            self._prog.attach("panic", [self.site], "fl_panic")
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        if self._prog is not None:
-            self._prog.close()
-            self._prog = None
-
-    def __enter__(self) -> PanicProbes:
-        self.attach()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def read(self) -> PanicReading:
-        """Counts since attach."""
-        if self._prog is None:
-            raise FuncProbeError("read() before attach()")
-        tab = self.proc.pclntab
-        bias = self.proc.load_bias
-        sites: list[PanicSite] = []
-        for k, v in self._prog.bpf["fl_panics"].items():
-            pcs: list[int] = []
-            for pc in k.pcs:
-                # Where gopanic's probe sits past its frame set-up (Go 1.19), the
-                # frame-pointer walk repeats the caller: keep each frame once.
-                if pc and (not pcs or pcs[-1] != pc - bias):
-                    pcs.append(int(pc) - bias)
-            names = []
-            for pc in pcs:
-                fn = tab.func_for_pc(pc - 1)
-                names.append(fn.name if fn is not None else f"{pc:#x}")
-            pick = next((i for i, n in enumerate(names) if not n.startswith("runtime.")), 0)
-            src = tab.call_site(pcs[pick]) if pcs else None
-            sites.append(
-                PanicSite(
-                    function=names[pick] if names else "?",
-                    file=src.file if src else None,
-                    line=src.line if src else None,
-                    count=int(v.value),
-                    frames=tuple(names),
-                )
-            )
-        total = self._prog.counters()["panic_hits"]
-        return PanicReading(total, _merge_sites(sites))
-
-
-def _merge_sites(sites: list[PanicSite]) -> list[PanicSite]:
-    """Sites recorded with different deeper frames but the same panicking line are one."""
-    merged: dict[tuple[str, str | None, int | None], PanicSite] = {}
-    for s in sites:
-        key = (s.function, s.file, s.line)
-        old = merged.get(key)
-        merged[key] = s if old is None else PanicSite(*key, old.count + s.count, old.frames)
-    return list(merged.values())

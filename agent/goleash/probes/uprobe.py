@@ -1,21 +1,42 @@
-"""Attach BCC uprobes at a file offset we computed, bypassing BCC's own resolution.
+"""The one way goleash attaches uprobes: at a file offset we computed, as perf-event
+uprobes or as one uprobe_multi BPF link per group of sites.
 
 BCC's attach_uprobe(addr=...) re-resolves the address (a virtual address for
 non-PIE, a load-relative one for PIE) through bcc_resolve_symname, which also
 refuses paths like /proc/PID/exe. We already know the file offset from the ELF
 program headers (gobin), so we hand it to the kernel directly; the kernel follows
 /proc/PID/exe into the process's own mount namespace.
+
+Closing a perf-event uprobe costs the kernel an RCU grace period (~0.1 s here for
+each, serialized; ~0.04 s for a whole uprobe_multi link), though the breakpoints
+leave the process at once. So probes that come and go (function latency, sampled)
+are attached in groups, each group one uprobe_multi link where the kernel has them
+(Linux >= 6.6, which BCC 0.26 does not wrap: a raw bpf(2) call), one perf-event
+uprobe per site elsewhere.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import ctypes
+import os
+import struct
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+
+# bpf(2) for uprobe_multi links (Linux >= 6.6).
+_SYS_BPF = 321  # x86-64
+_BPF_LINK_CREATE = 28
+_BPF_TRACE_UPROBE_MULTI = 48  # enum bpf_attach_type
+_BPF_ATTR_SIZE = 128
+_libc = ctypes.CDLL(None, use_errno=True)
+
+Detach = Callable[[], None]
 
 
 def attach_at(bpf: Any, path: str, file_offset: int, fn_name: str, pid: int) -> str:
-    """Attach `fn_name` at `file_offset` of `path` for `pid`; returns the event name."""
+    """Attach `fn_name` at `file_offset` of `path` for `pid` as one perf-event uprobe;
+    returns the event name (for detach())."""
     from bcc import BPF, lib
 
     fn = bpf.load_func(fn_name.encode(), BPF.KPROBE)
@@ -32,6 +53,80 @@ def detach(bpf: Any, ev_name: str) -> None:
     # Already gone when the process exited or it was detached before.
     with contextlib.suppress(Exception):
         bpf.detach_uprobe_event(ev_name.encode())
+
+
+def attach_multi(bpf: Any, path: str, file_offsets: Sequence[int], fn_name: str, pid: int) -> int:
+    """Attach `fn_name` at every offset as one uprobe_multi link; returns the link's fd
+    (closing it detaches every site). OSError when the kernel has no such links."""
+    from bcc import BPF
+
+    fn = bpf.load_func(fn_name.encode(), BPF.KPROBE, attach_type=_BPF_TRACE_UPROBE_MULTI)
+    offsets = (ctypes.c_uint64 * len(file_offsets))(*file_offsets)
+    c_path = ctypes.create_string_buffer(path.encode())
+    attr = (ctypes.c_uint8 * _BPF_ATTR_SIZE)()
+    # union bpf_attr.link_create: prog_fd, target_fd, attach_type, flags, then
+    # uprobe_multi: path, offsets, ref_ctr_offsets, cookies, cnt, flags, pid.
+    struct.pack_into("<IIII", attr, 0, fn.fd, 0, _BPF_TRACE_UPROBE_MULTI, 0)
+    struct.pack_into(
+        "<QQQQIII",
+        attr,
+        16,
+        ctypes.addressof(c_path),
+        ctypes.addressof(offsets),
+        0,
+        0,
+        len(file_offsets),
+        0,
+        pid,
+    )
+    fd = int(_libc.syscall(_SYS_BPF, _BPF_LINK_CREATE, attr, _BPF_ATTR_SIZE))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"uprobe_multi link: {os.strerror(err)}")
+    return fd
+
+
+class GroupAttacher:
+    """Attaches groups of sites for one BPF object and one process: a uprobe_multi link
+    per group while the kernel takes them, else (found at the first group) one
+    perf-event uprobe per site. Each attach returns the group's detach."""
+
+    def __init__(self, bpf: Any, path: str, pid: int) -> None:
+        self.bpf = bpf
+        self.path = path
+        self.pid = pid
+        self.multi: bool | None = None  # uprobe_multi links work here (None: not tried)
+
+    def attach(self, file_offsets: Sequence[int], fn_name: str) -> Detach:
+        if self.multi is not False:
+            try:
+                fd = attach_multi(self.bpf, self.path, file_offsets, fn_name, self.pid)
+                self.multi = True
+                return lambda: os.close(fd)
+            except OSError:
+                if self.multi:
+                    raise
+                self.multi = False
+                # The program was loaded for uprobe_multi: reload it for perf events.
+                fn = self.bpf.funcs.pop(fn_name.encode(), None)
+                if fn is not None:
+                    os.close(fn.fd)
+        return self._attach_perf(file_offsets, fn_name)
+
+    def _attach_perf(self, file_offsets: Sequence[int], fn_name: str) -> Detach:
+        events: list[str] = []
+
+        def undo() -> None:
+            for ev in events:
+                detach(self.bpf, ev)
+
+        try:
+            for off in file_offsets:
+                events.append(attach_at(self.bpf, self.path, off, fn_name, self.pid))
+        except Exception:
+            undo()
+            raise
+        return undo
 
 
 @contextlib.contextmanager
