@@ -45,11 +45,18 @@ class Report:
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
 
+# The test suite's Go fixtures, for sections that measure on them (run from a checkout).
+CHECKOUT_FIXTURES = Path(__file__).resolve().parents[3] / "tests" / "fixtures" / "go"
+
+
 def fixture(name: str, toolchain: str, variant: str = "default") -> Path:
-    """Build one of the package's Go programs (goleash/goprograms)."""
+    """Build one of the package's Go programs (goleash/goprograms), or else one of the
+    checkout's test fixtures (funclat, populations, service)."""
     from goleash import gobuild
 
-    return gobuild.build(name, toolchain, variant)
+    if (gobuild.PROGRAMS / name).is_dir() or not (CHECKOUT_FIXTURES / name).is_dir():
+        return gobuild.build(name, toolchain, variant)
+    return gobuild.build_dir(CHECKOUT_FIXTURES / name, toolchain, variant)
 
 
 @contextmanager
