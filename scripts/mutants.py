@@ -153,7 +153,7 @@ MUTANTS: tuple[Mutant, ...] = (
     # --- policy engine -------------------------------------------------------------------
     Mutant(
         "policy-sustain-ignored",
-        "agent/goleash/control/engine.py",
+        "agent/goleash/control/engine_state.py",
         "st.runs[i] >= rule.consecutive",
         "st.runs[i] >= 1",
         (POLICY_AGENT, "-k", "levels_up"),
