@@ -155,3 +155,27 @@ def test_check_captures_goroutines_blocked_at_exit_of_a_program() -> None:
     assert leak["go_statement"].endswith(_site("cmd/exitleak", "exitleak"))
     (proc,) = rep["processes"]
     assert proc["test_binary"] is False and proc["captured_at_exit"]
+
+
+def test_check_reports_the_last_tests_leak_when_main_exits_at_once(edge_toolchain: str) -> None:
+    # testing releases the main goroutine before the last test's runner goroutine
+    # exits; TestMain's os.Exit can come first. Exiting from the main goroutine means
+    # every test ended, recorded or not.
+    rc, rep, stderr = _check(edge_toolchain, "./testdata/exitmain")
+    assert rc == 1, stderr
+    assert [lk["test"] for lk in rep["leaks"]] == ["TestLeaksLast"], rep["leaks"]
+    assert rep["leaks"][0]["wait_reason"] == "chan receive"
+    assert rep["leaks"][0]["go_statement"].endswith(_site("testdata/exitmain", "exitmain"))
+    (proc,) = rep["processes"]
+    assert proc["tests"] == ["TestLeaksLast", "TestNothing"]
+    assert proc["exit_goroutine"] == 1  # the main goroutine, read from R14 at runtime.exit
+
+
+def test_check_os_exit_inside_a_test_cuts_it_short_no_leak(edge_toolchain: str) -> None:
+    rc, rep, stderr = _check(edge_toolchain, "./testdata/exitintest")
+    assert rc == 1 and rep["command_exit_code"] == 1, stderr  # go test's FAIL
+    assert "exit status 3" in stderr
+    assert rep["leaks"] == []
+    (proc,) = rep["processes"]
+    assert proc["tests"] == ["TestExitsInside"] and proc["captured_at_exit"]
+    assert proc["exit_goroutine"] not in (0, 1)  # the test's own goroutine

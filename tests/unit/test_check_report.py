@@ -139,3 +139,18 @@ def test_junit_marks_exactly_the_leaking_tests(tmp_path: Path) -> None:
     assert cases["TestFoo"].find("failure") is not None
     assert cases["TestOk"].find("failure") is None  # in the baseline
     assert root.get("failures") == "1"
+
+
+def test_an_unrecorded_test_end_is_the_exit_only_when_main_exits() -> None:
+    from goleash.node.check import MAIN_GOROUTINE, end_of_test_at_exit
+    from goleash.probes.testleaks import PROCESS_EXIT, CheckEvent
+
+    ended = RunnerRecord(goid=7, fn_pc=1, parent_test=0, start_ns=10, end_ns=20)
+    unrecorded = RunnerRecord(goid=7, fn_pc=1, parent_test=0, start_ns=10, end_ns=0)
+    by_main = CheckEvent(PROCESS_EXIT, 42, goid=MAIN_GOROUTINE, ns=99)
+    by_test = CheckEvent(PROCESS_EXIT, 42, goid=7, ns=99)
+    unknown = CheckEvent(PROCESS_EXIT, 42, goid=0, ns=99)
+    assert end_of_test_at_exit(ended, by_test) == 20
+    assert end_of_test_at_exit(unrecorded, by_main) == 99
+    assert end_of_test_at_exit(unrecorded, by_test) is None
+    assert end_of_test_at_exit(unrecorded, unknown) is None

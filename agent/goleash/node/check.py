@@ -61,6 +61,7 @@ from goleash.probes.testleaks import (
     FOLLOW_EXEC,
     FOLLOW_EXIT,
     PROCESS_EXIT,
+    CheckEvent,
     CheckProbeError,
     CheckProbes,
     CheckSites,
@@ -71,6 +72,9 @@ BLOCKED = ("waiting", "leaked", "syscall")
 STOP_WAIT_S = 1.0
 MAX_LEAKS_PER_PROCESS = 10_000
 MAX_STACK_FRAMES = 32
+# runtime.main runs on the first goroutine created (goid 1, every release): it calls
+# runtime.exit only once m.Run has returned (or TestMain exits), never mid-test.
+MAIN_GOROUTINE = 1
 
 
 class CheckUsageError(GoleashError):
@@ -136,6 +140,7 @@ class FollowedProcess:
     package: str = ""
     captured_at_exit: bool = False
     goroutines_at_exit: int = 0
+    exit_goroutine: int = 0  # the goid that called runtime.exit; 0 unknown
     note: str = ""
 
 
@@ -399,15 +404,16 @@ class _Checker:
         self.processes.append(record)
         self.tracked[pid] = _Tracked(proc, j, record)
 
-    def on_process_exit(self, pid: int) -> None:
-        """runtime.exit stopped PID: read what is left, then let it go."""
+    def on_process_exit(self, ev: CheckEvent) -> None:
+        """runtime.exit stopped the process: read what is left, then let it go."""
+        pid = ev.pid
         t = self.tracked.get(pid)
         try:
             if t is None:
                 return
             _wait_stopped(pid, STOP_WAIT_S)
             try:
-                self._collect(t)
+                self._collect(t, ev)
             except (ProcessError, MemoryFault, BinaryError, GoleashError) as exc:
                 t.record.note = f"goroutines at exit not read: {exc}"
         finally:
@@ -420,11 +426,12 @@ class _Checker:
             t.proc.close()
             self._detach_q.put(pid)
 
-    def _collect(self, t: _Tracked) -> None:
+    def _collect(self, t: _Tracked, ev: CheckEvent) -> None:
         proc, rec = t.proc, t.record
         inv = read_goroutines(proc)
         att = self.probes.read(proc.pid)
         rec.captured_at_exit = True
+        rec.exit_goroutine = ev.goid
         rec.goroutines_at_exit = len(inv.goroutines)
         names = _test_names(att.tests, proc.pclntab)
         rec.tests = sorted({n[1].split("/")[0] for n in names.values()})
@@ -442,23 +449,24 @@ class _Checker:
                 continue
             owner = att.goroutines.get(g.goid)
             pkg_test: tuple[str, str] = ("", "")
-            run: RunnerRecord | None = None
+            ended_ns: int | None = None
             if owner is not None:
                 run = att.tests.get(owner[0])
                 if run is None or owner[0] not in names:
                     continue  # the harness's own runner
-                if run.end_ns == 0:
+                ended_ns = end_of_test_at_exit(run, ev)
+                if ended_ns is None:
                     continue  # its test is still running (os.Exit inside a test)
                 pkg_test = names[owner[0]]
             elif g.status == "syscall" or never_ran:
                 continue
-            candidates.append((g, site, pkg_test, run))
+            candidates.append((g, site, pkg_test, ended_ns))
             if len(candidates) >= MAX_LEAKS_PER_PROCESS:
                 break
         stacks = walk_stacks(proc, [c[0] for c in candidates], MAX_STACK_FRAMES)
         groups: dict[tuple[str, str, str, str], Leak] = {}
         reasons: dict[tuple[str, str, str, str], Counter[str]] = {}
-        for g, site, (pkg, test), run in candidates:
+        for g, site, (pkg, test), ended_ns in candidates:
             stack = stacks[g.goid]
             frames = [f"{fr.function} {fr.file}:{fr.line}" for fr in stack.frames]
             function = started_function(proc, site.function, [fr.function for fr in stack.frames])
@@ -466,7 +474,7 @@ class _Checker:
                 continue
             key = (pkg, test, function, site.go_statement)
             blocked = (inv.read_ns - g.wait_since_ns) / 1e9 if g.wait_since_ns else None
-            after = (inv.read_ns - run.end_ns) / 1e9 if run is not None else None
+            after = (inv.read_ns - ended_ns) / 1e9 if ended_ns is not None else None
             owner = att.goroutines.get(g.goid)
             age = (inv.read_ns - owner[1]) / 1e9 if owner and owner[1] else None
             lk = groups.get(key)
@@ -509,6 +517,22 @@ class _Checker:
             self.tracked.pop(pid).proc.close()  # their probes go with the program
         self._detach_q.put(None)
         self._detacher.join()
+
+
+def end_of_test_at_exit(run: RunnerRecord, ev: CheckEvent) -> int | None:
+    """When a test ended, as seen at its process's exit; None while it still runs.
+
+    Its end is recorded when its tRunner goroutine exits, but tRunner releases its
+    caller first: on a busy machine the main goroutine can run the remaining tests
+    and exit while that goroutine has not reached goexit1. The main goroutine calls
+    runtime.exit only after every test ended, so then an unrecorded end is the exit.
+    Any other goroutine (os.Exit inside a test, a signal handler) may cut a test
+    short: its goroutines are not leaks, the test never got to clean them up."""
+    if run.end_ns:
+        return run.end_ns
+    if ev.goid == MAIN_GOROUTINE and ev.ns:
+        return ev.ns
+    return None
 
 
 def started_function(proc: GoProcess, function: str, frames: list[str]) -> str:
@@ -654,20 +678,20 @@ def run_check(
         os.close(release)
         done_at: float | None = None
         while True:
-            for kind, p in probes.poll(poll_ms):
+            for ev in probes.poll(poll_ms):
                 try:
-                    if kind == FOLLOW_EXEC:
-                        checker.on_exec(p)
-                    elif kind == PROCESS_EXIT:
-                        checker.on_process_exit(p)
-                    elif kind == FOLLOW_EXIT:
-                        checker.on_gone(p)
+                    if ev.kind == FOLLOW_EXEC:
+                        checker.on_exec(ev.pid)
+                    elif ev.kind == PROCESS_EXIT:
+                        checker.on_process_exit(ev)
+                    elif ev.kind == FOLLOW_EXIT:
+                        checker.on_gone(ev.pid)
                 except Exception as exc:  # one process's failure never stops the check
-                    checker.notes.append(f"PID {p}: {type(exc).__name__}: {exc}")
+                    checker.notes.append(f"PID {ev.pid}: {type(exc).__name__}: {exc}")
                 finally:
-                    if kind in (FOLLOW_EXEC, PROCESS_EXIT):
+                    if ev.kind in (FOLLOW_EXEC, PROCESS_EXIT):
                         with contextlib.suppress(ProcessLookupError):
-                            os.kill(p, signal.SIGCONT)
+                            os.kill(ev.pid, signal.SIGCONT)
             if exit_code is None:
                 wpid, status = os.waitpid(pid, os.WNOHANG)
                 if wpid == pid:
@@ -685,10 +709,10 @@ def run_check(
         # be stopped with their events unread: stop following, then resume them.
         with contextlib.suppress(Exception):
             probes.unfollow_all()
-            for kind, p in probes.poll(0):
-                if kind in (FOLLOW_EXEC, PROCESS_EXIT):
+            for ev in probes.poll(0):
+                if ev.kind in (FOLLOW_EXEC, PROCESS_EXIT):
                     with contextlib.suppress(ProcessLookupError):
-                        os.kill(p, signal.SIGCONT)
+                        os.kill(ev.pid, signal.SIGCONT)
         for s, h in forwarded.items():
             signal.signal(s, h)
         checker.close()

@@ -50,7 +50,20 @@ class _Key(ctypes.Structure):
 
 
 class _Event(ctypes.Structure):
-    _fields_ = [("pid", ctypes.c_uint32), ("kind", ctypes.c_uint32)]
+    _fields_ = [
+        ("pid", ctypes.c_uint32),
+        ("kind", ctypes.c_uint32),
+        ("goid", ctypes.c_uint64),
+        ("ns", ctypes.c_uint64),
+    ]
+
+
+@dataclass(frozen=True)
+class CheckEvent:
+    kind: int  # FOLLOW_EXEC, FOLLOW_EXIT or PROCESS_EXIT
+    pid: int
+    goid: int = 0  # PROCESS_EXIT: the goroutine calling runtime.exit, 0 unknown
+    ns: int = 0  # PROCESS_EXIT: when, CLOCK_MONOTONIC
 
 
 @dataclass(frozen=True)
@@ -104,8 +117,8 @@ class CheckSites:
 
 class CheckProbes:
     """check.bpf.c: follows one process tree and attributes goroutines to tests in every
-    Go process of it that is attached. `poll()` returns (kind, pid) events: FOLLOW_EXEC
-    (the process is stopped), FOLLOW_EXIT, PROCESS_EXIT (stopped at runtime.exit)."""
+    Go process of it that is attached. `poll()` returns CheckEvents: FOLLOW_EXEC (the
+    process is stopped), FOLLOW_EXIT, PROCESS_EXIT (stopped at runtime.exit)."""
 
     def __init__(self) -> None:
         src = (BPF_DIR / "check.bpf.c").read_text()
@@ -119,13 +132,13 @@ class CheckProbes:
                 f"-DMAX_TESTS={MAX_TESTS}",
             ],
         )
-        self._events: list[tuple[int, int]] = []
+        self._events: list[CheckEvent] = []
         self._attached: dict[int, list[str]] = {}
         self._lock = threading.Lock()
 
         def on_raw(_cpu: int, data: int, _size: int) -> None:
             ev = ctypes.cast(data, ctypes.POINTER(_Event)).contents
-            self._events.append((int(ev.kind), int(ev.pid)))
+            self._events.append(CheckEvent(int(ev.kind), int(ev.pid), int(ev.goid), int(ev.ns)))
 
         self._bpf["chk_events"].open_perf_buffer(on_raw, page_cnt=64)  # type: ignore[index]
 
@@ -137,7 +150,7 @@ class CheckProbes:
         self._bpf["followed"].clear()  # type: ignore[index]
         self._bpf["tl_procs"].clear()  # type: ignore[index]
 
-    def poll(self, timeout_ms: int) -> list[tuple[int, int]]:
+    def poll(self, timeout_ms: int) -> list[CheckEvent]:
         self._bpf.perf_buffer_poll(timeout=timeout_ms)  # type: ignore[attr-defined]
         out, self._events = self._events, []
         return out
