@@ -16,11 +16,11 @@ from goleash.node.check import (
     FollowedProcess,
     IgnoreList,
     Leak,
-    _test_names,
     load_baseline,
     split_symbol,
     write_junit,
 )
+from goleash.node.checktrace import _test_names
 from goleash.probes.testleaks import RunnerRecord
 
 
@@ -142,7 +142,7 @@ def test_junit_marks_exactly_the_leaking_tests(tmp_path: Path) -> None:
 
 
 def test_an_unrecorded_test_end_is_the_exit_only_when_main_exits() -> None:
-    from goleash.node.check import MAIN_GOROUTINE, end_of_test_at_exit
+    from goleash.node.checktrace import MAIN_GOROUTINE, end_of_test_at_exit
     from goleash.probes.testleaks import PROCESS_EXIT, CheckEvent
 
     ended = RunnerRecord(goid=7, fn_pc=1, parent_test=0, start_ns=10, end_ns=20)

@@ -18,7 +18,7 @@ from typing import Any
 
 from goleash.errors import GoleashError
 from goleash.gobin.errors import ProcessError
-from goleash.node.check import started_function
+from goleash.node.checktrace import started_function
 from goleash.node.latency import _select
 from goleash.node.tracker import ProcessTracker
 from goleash.probes.budget import OverheadBudget
