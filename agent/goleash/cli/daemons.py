@@ -118,9 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _agent_args(p: argparse.ArgumentParser, *, metrics_default: str, health_default: str) -> None:
-    from goleash.node.metrics import DEFAULT_TOP_SITES
-    from goleash.node.sender import DEFAULT_MAX_BATCHES
-    from goleash.node.tracker import DEFAULT_ORPHAN_MIN_AGE_S
+    from goleash.node import DEFAULT_MAX_BATCHES, DEFAULT_ORPHAN_MIN_AGE_S, DEFAULT_TOP_SITES
 
     g = p.add_argument_group(
         "which processes (every criterion given must hold; default: every Go process)"
@@ -326,7 +324,7 @@ def add_control_plane_command(sub: Any) -> None:
 
 def add_agent_commands(sub: Any) -> None:
     from goleash.control import DEFAULT_LISTEN, DEFAULT_SERVER
-    from goleash.node.agent import DEFAULT_HEALTH_LISTEN, DEFAULT_METRICS_LISTEN
+    from goleash.node import DEFAULT_HEALTH_LISTEN, DEFAULT_METRICS_LISTEN
 
     p = sub.add_parser(
         "agent",
