@@ -370,7 +370,8 @@ def _supervise(
             gate.open()
         done_at: float | None = None
         while True:
-            for ev in probes.poll(poll_ms):
+            events = probes.poll(poll_ms)
+            for ev in events:
                 try:
                     if ev.kind == FOLLOW_EXEC:
                         checker.on_exec(ev.pid)
@@ -391,8 +392,11 @@ def _supervise(
                     if exit_code < 0:
                         exit_code = 128 - exit_code
                     done_at = time.monotonic()
-            elif done_at is not None and time.monotonic() - done_at > 0.1:
-                break  # events of the last exits drained
+            elif done_at is not None and (not events or time.monotonic() - done_at > 0.1):
+                # Drained: the command waited for its children, each of which waited
+                # stopped for its exit event to be handled; a poll that finds nothing
+                # after it ended means nothing is left (up to 0.1 s for stragglers).
+                break
         full = probes.counters()["follow_table_full"]
         if full:
             checker.notes.append(f"{full} processes were not followed (follow table full)")

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from goleash.errors import GoleashError
 from goleash.gobin.disasm import GoroutineProbeSites, ProbeSite
@@ -266,7 +267,7 @@ class CheckProbes:
 
     def _detach_all(self, detaches: list[Callable[[], None]]) -> None:
         def run(one: Callable[[], None]) -> None:
-            with contextlib.suppress(OSError):  # already gone with its process
+            with contextlib.suppress(Exception):  # already gone with its process
                 one()
 
         if len(detaches) <= 1:
@@ -308,5 +309,8 @@ class CheckProbes:
         with self._lock:
             left = [ev for evs in self._attached.values() for ev in evs]
             self._attached.clear()
+            # The tracepoints too: each costs a grace period, in parallel they overlap.
+            bpf: Any = self._bpf
+            left += [lambda tp=tp: bpf.detach_tracepoint(tp) for tp in list(bpf.tracepoint_fds)]
             self._detach_all(left)
-            self._bpf.cleanup()  # type: ignore[attr-defined]
+            bpf.cleanup()
