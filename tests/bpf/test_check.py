@@ -179,3 +179,41 @@ def test_check_os_exit_inside_a_test_cuts_it_short_no_leak(edge_toolchain: str) 
     (proc,) = rep["processes"]
     assert proc["tests"] == ["TestExitsInside"] and proc["captured_at_exit"]
     assert proc["exit_goroutine"] not in (0, 1)  # the test's own goroutine
+
+
+def test_check_holds_a_go_program_started_by_any_other_command(edge_toolchain: str) -> None:
+    # Not `go test`/`go run`: the command is held before its exec until the probes
+    # follow it, so a Go program it execs is checked from its first instruction.
+    exe = gobuild.build("leakcheck/cmd/exitleak", edge_toolchain)
+    env = dict(os.environ, PYTHONPATH=str(AGENT))
+    res = subprocess.run(
+        [sys.executable, "-m", "goleash.cli", "check", "--json", "--", "sh", "-c",
+         f'"{exe}"; echo done'],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 1, res.stderr
+    rep = json.loads(res.stdout)
+    assert [(lk["test"], lk["wait_reason"]) for lk in rep["leaks"]] == [("", "chan receive")]
+    (proc,) = rep["processes"]
+    assert proc["attached_late"] is False and proc["captured_at_exit"]
+
+
+def test_check_gate_keeps_the_users_goflags(tmp_path: Path) -> None:
+    # `go test` runs its test binaries through goleash's gate (GOFLAGS=-exec=...);
+    # the tests must see the user's GOFLAGS, not goleash's.
+    toolchain = EDGE_TOOLCHAINS[-1]
+    env = gobuild.go_env(toolchain)
+    env["PYTHONPATH"] = str(AGENT)
+    env["GOFLAGS"] = "-mod=mod -count=1"
+    out = tmp_path / "goflags.txt"
+    env["GOLEASH_TEST_GOFLAGS_OUT"] = str(out)
+    res = subprocess.run(
+        [sys.executable, "-m", "goleash.cli", "check", "--json", "--", "go", "test",
+         "./testdata/goflags"],
+        cwd=MODULE, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert out.read_text() == "-mod=mod -count=1|unset"
+    rep = json.loads(res.stdout)
+    assert [p["tests"] for p in rep["processes"]] == [["TestGoflags"]]
+    assert not any("attached late" in n for n in rep["notes"])
