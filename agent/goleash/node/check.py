@@ -3,17 +3,20 @@ goroutines.
 
 How it works (no change to the command or its tests):
 
-1. follow.bpf.c follows CMD's process tree. Every exec in it is stopped (SIGSTOP from
-   BPF) before its first instruction; the new executable is judged here: not Go, or
-   part of the Go toolchain (build info path `cmd/...`: go, compile, link, vet, ...),
-   and it continues at once; a Go program gets testleaks.bpf.c attached first.
-2. testleaks.bpf.c marks each test's goroutine (testing.tRunner) and gives every
-   goroutine created from it, transitively, that test; a test ends when its runner
-   goroutine exits, after its t.Cleanup functions.
+0. BCC compiles bpf/check.bpf.c (seconds) in a thread while CMD starts: `go test` and
+   `go run` at once, with every program they run passing a gate (their -exec) that
+   waits until the probes follow CMD's tree; any other CMD is held before its exec.
+1. check.bpf.c follows CMD's process tree. Every exec in it is stopped (SIGSTOP from
+   BPF) before its first instruction; the new executable is judged (checktrace.py):
+   not Go, or part of the Go toolchain (build info path `cmd/...`: go, compile, link,
+   vet, ...), and it continues at once; a Go program gets its probes attached first.
+2. The probes mark each test's goroutine (testing.tRunner) and give every goroutine
+   created from it, transitively, that test; a test ends when its runner goroutine
+   exits, after its t.Cleanup functions (or when the main goroutine exits the process).
 3. At runtime.exit (os.Exit or main returning) the process is stopped again, its
    goroutines are read from memory, and every goroutine still blocked whose test has
    ended (or that no test created) is a leak, reported with its creation site and
-   stack. Then it continues.
+   stack (checkreport.py). Then it continues.
 
 Goroutines of the runtime and of package testing, and anything on the ignore list,
 are never leaks.
