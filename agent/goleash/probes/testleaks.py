@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import struct
 import threading
@@ -311,6 +312,6 @@ class CheckProbes:
             self._attached.clear()
             # The tracepoints too: each costs a grace period, in parallel they overlap.
             bpf: Any = self._bpf
-            left += [lambda tp=tp: bpf.detach_tracepoint(tp) for tp in list(bpf.tracepoint_fds)]
+            left += [functools.partial(bpf.detach_tracepoint, t) for t in list(bpf.tracepoint_fds)]
             self._detach_all(left)
             bpf.cleanup()
