@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import gobuild
+import polling
 
 pytestmark = pytest.mark.root
 
@@ -217,3 +219,33 @@ def test_check_gate_keeps_the_users_goflags(tmp_path: Path) -> None:
     rep = json.loads(res.stdout)
     assert [p["tests"] for p in rep["processes"]] == [["TestGoflags"]]
     assert not any("attached late" in n for n in rep["notes"])
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+def test_sigterm_while_the_probes_load_leaves_nothing_behind() -> None:
+    # A CI timeout's SIGTERM can come while BCC compiles: `go test` already runs and
+    # its test binaries wait at the gate. goleash must take the command down with it.
+    env = gobuild.go_env(EDGE_TOOLCHAINS[-1])
+    env["PYTHONPATH"] = str(AGENT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "goleash.cli", "check", "--", "go", "test", "-count=1",
+         "./..."],
+        cwd=MODULE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    go = polling.wait_for(lambda: next(iter(_children(proc.pid)), None), "go test started")
+    tree = {go, *_children(go)}
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (130, 143), err  # interrupted while loading, or forwarded
+    polling.wait_for(
+        lambda: not any(Path(f"/proc/{p}").exists() for p in tree) or None,
+        "the command's processes gone",
+        timeout=10,
+    )

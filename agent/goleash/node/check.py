@@ -131,8 +131,13 @@ def load_baseline(path: str) -> set[tuple[str, str, str, str]]:
 
 GATE_GO_SUBCOMMANDS = ("test", "run")  # the ones that honour -exec
 GATE_SCRIPT = """#!/bin/sh
-# goleash check: wait until goleash follows this process, then run what go would run.
+# goleash check: wait until goleash follows this process, then run what go would run;
+# never run it unfollowed (goleash gave up or is gone).
 [ -p "$GOLEASH_CHECK_GATE" ] && : < "$GOLEASH_CHECK_GATE"
+if [ ! -e "$GOLEASH_CHECK_GATE.go" ]; then
+    echo "goleash check: $1 not run: goleash stopped before it could follow it" >&2
+    exit 125
+fi
 if [ -n "${GOLEASH_CHECK_GOFLAGS+set}" ]; then
     GOFLAGS=$GOLEASH_CHECK_GOFLAGS
     export GOFLAGS
@@ -185,12 +190,17 @@ class ExecGate:
         env["GOLEASH_CHECK_GATE"] = str(self.fifo)
         return env
 
-    def open(self) -> None:
+    def open(self, *, run: bool = True) -> None:
+        """Let the waiting programs go: to run (followed by now), or to fail."""
+        if run:
+            Path(f"{self.fifo}.go").touch()
         # Read-write: never blocks, and every gate's open for reading returns from now
         # on (there is a writer) without waiting for data.
         self._held = os.open(self.fifo, os.O_RDWR | os.O_NONBLOCK)
 
     def close(self) -> None:
+        if self._held is None:
+            self.open(run=False)  # never opened: the waiting gates fail, not hang
         if self._held is not None:
             os.close(self._held)
             self._held = None
@@ -312,25 +322,49 @@ def run_check(
     if shutil.which(command[0]) is None:
         raise CheckUsageError(f"command not found: {command[0]}")
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="goleash-check-") as tmp:
-        gate = ExecGate.for_command(command, Path(tmp))
-        pid, release = _spawn(command, gate, stdout_to_stderr=stdout_to_stderr)
-        try:
-            loader = _ProbeLoader()
-            from goleash.node.checktrace import Checker  # heavy: beside the compile
+    # Until the probes are loaded a SIGTERM (a CI timeout) must not kill goleash
+    # alone, leaving the command held or its programs waiting at the gate.
+    on_term = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with tempfile.TemporaryDirectory(prefix="goleash-check-") as tmp:
+            return _run(command, Path(tmp), ignore, baseline, poll_ms, stdout_to_stderr, started)
+    finally:
+        signal.signal(signal.SIGTERM, on_term)
 
-            probes = loader.result()
-        except BaseException:
-            _kill_tree(pid)
-            raise
-        checker = Checker(probes, command, ignore or IgnoreList(), baseline or set())
-        try:
-            exit_code = _supervise(probes, checker, pid, release, gate, poll_ms)
-        finally:
-            if gate is not None:
-                gate.close()
-            checker.close()
-            probes.close()
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _run(
+    command: list[str],
+    tmp: Path,
+    ignore: IgnoreList | None,
+    baseline: set[Any] | None,
+    poll_ms: int,
+    stdout_to_stderr: bool,
+    started: float,
+) -> CheckReport:
+    gate = ExecGate.for_command(command, tmp)
+    pid, release = _spawn(command, gate, stdout_to_stderr=stdout_to_stderr)
+    try:
+        loader = _ProbeLoader()
+        from goleash.node.checktrace import Checker  # heavy: beside the compile
+
+        probes = loader.result()
+    except BaseException:
+        _kill_tree(pid)
+        if gate is not None:
+            gate.close()
+        raise
+    checker = Checker(probes, command, ignore or IgnoreList(), baseline or set())
+    try:
+        exit_code = _supervise(probes, checker, pid, release, gate, poll_ms)
+    finally:
+        if gate is not None:
+            gate.close()
+        checker.close()
+        probes.close()
     report = checker.report(exit_code, time.monotonic() - started)
     if not report.processes:
         report.notes.append(
