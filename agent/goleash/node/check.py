@@ -370,12 +370,6 @@ def _run(
         report.notes.append(
             "no Go program ran under the command (test results cached? add -count=1)"
         )
-    late = [p for p in report.processes if p.attached_late]
-    if late:
-        report.notes.append(
-            f"{len(late)} Go programs were running before goleash was ready: attached late, "
-            "their earlier tests are not attributed"
-        )
     return report
 
 
@@ -395,11 +389,9 @@ def _supervise(
     for s in (signal.SIGINT, signal.SIGTERM):
         forwarded[s] = signal.signal(s, forward)
     try:
-        for p in sorted(_follow_tree(probes, pid)):
-            try:
-                checker.attach_late(p)
-            except Exception as exc:  # one process's failure never stops the check
-                checker.notes.append(f"PID {p}: {type(exc).__name__}: {exc}")
+        # What it started so far: the toolchain, and gates waiting (nothing to check
+        # can have run: it waits at a gate, or the command itself is held).
+        _follow_tree(probes, pid)
         if release is not None:
             os.write(release, b"x")
             os.close(release)

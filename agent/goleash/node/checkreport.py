@@ -70,8 +70,6 @@ class FollowedProcess:
     captured_at_exit: bool = False
     goroutines_at_exit: int = 0
     exit_goroutine: int = 0  # the goid that called runtime.exit; 0 unknown
-    attached_late: bool = False  # running before the probes were loaded: tests that
-    # ran until then are not attributed, goroutines of no test not judged
     note: str = ""
 
 

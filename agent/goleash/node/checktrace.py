@@ -175,25 +175,8 @@ class Checker:
             j = self.judged[key] = _judge(f"/proc/{pid}/exe")
         return j
 
-    def attach_late(self, pid: int) -> None:
-        """A process that exec'd before the probes were loaded: if it runs a Go program
-        to check, stop it, attach, let it go. What ran before is not attributed."""
-        j = self._judged(pid)
-        if j is None or j.skip:
-            return
-        try:
-            os.kill(pid, signal.SIGSTOP)
-        except ProcessLookupError:
-            return
-        try:
-            _wait_stopped(pid, STOP_WAIT_S)
-            self.on_exec(pid, late=True)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-
-    def on_exec(self, pid: int, *, late: bool = False) -> None:
-        self.execs += not late
+    def on_exec(self, pid: int) -> None:
+        self.execs += 1
         old = self.tracked.pop(pid, None)
         if old is not None:  # exec'd again: the old image's probes are gone with it
             self._detach_q.put(pid)
@@ -205,7 +188,6 @@ class Checker:
         name = _exe_name(pid)
         started = start_time(pid)
         record = FollowedProcess(pid, name, j.info.go_version, j.sites.trunner is not None)
-        record.attached_late = late
         try:
             proc = GoProcess(
                 pid=pid,
@@ -282,9 +264,7 @@ class Checker:
                 if ended_ns is None:
                     continue  # its test is still running (os.Exit inside a test)
                 pkg_test = names[owner[0]]
-            elif g.status == "syscall" or never_ran or rec.attached_late:
-                # Attached late: a goroutine of no known test may be one that a test
-                # running before the attach created; it cannot be judged.
+            elif g.status == "syscall" or never_ran:
                 continue
             candidates.append((g, site, pkg_test, ended_ns))
             if len(candidates) >= MAX_LEAKS_PER_PROCESS:
