@@ -248,3 +248,22 @@ def test_sigterm_while_the_probes_load_leaves_nothing_behind() -> None:
         "the command's processes gone",
         timeout=10,
     )
+
+
+def test_check_falls_back_to_perf_event_uprobes(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Kernels before 6.6 have no uprobe_multi links: one perf-event uprobe per site.
+    from goleash.node.check import run_check
+    from goleash.probes.testleaks import CheckProbes
+
+    def refused(*_args: object) -> int:
+        raise OSError(22, "uprobe_multi link: Invalid argument")
+
+    monkeypatch.setattr(CheckProbes, "_link_multi", refused)
+    monkeypatch.chdir(MODULE)
+    for k, v in gobuild.go_env(EDGE_TOOLCHAINS[-1]).items():
+        monkeypatch.setenv(k, v)
+    rep = run_check(["go", "test", "-count=1", "./chanleak"])
+    assert rep.exit_code == 0, capfd.readouterr().err
+    assert [(lk.test, lk.wait_reason) for lk in rep.leaks] == [("TestWatchLeaks", "chan receive")]

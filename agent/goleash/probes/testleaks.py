@@ -231,9 +231,12 @@ class CheckProbes:
     def _link_multi(self, pid: int, exe: str, fn: str, group: list[ProbeSite]) -> int:
         from bcc import BPF
 
-        prog = self._bpf.load_func(  # type: ignore[attr-defined]
-            fn.encode(), BPF.KPROBE, attach_type=_BPF_TRACE_UPROBE_MULTI
-        )
+        try:
+            prog = self._bpf.load_func(  # type: ignore[attr-defined]
+                fn.encode(), BPF.KPROBE, attach_type=_BPF_TRACE_UPROBE_MULTI
+            )
+        except Exception as exc:  # BCC raises bare Exception; a kernel before 6.6 refuses
+            raise OSError(f"loading {fn} for uprobe_multi: {exc}") from exc
         offsets = (ctypes.c_uint64 * len(group))(*(s.file_offset for s in group))
         path = ctypes.create_string_buffer(exe.encode())
         attr = (ctypes.c_uint8 * _BPF_ATTR_SIZE)()
