@@ -24,7 +24,10 @@
 //   on_exit     runtime.goexit1: R14 = the exiting g; a test ends when its tRunner
 //               goroutine exits (after its t.Cleanup functions ran)
 //   on_pexit    runtime.exit (os.Exit, return from main): stop the process and tell
-//               user space, which reads its goroutines from memory and sends SIGCONT
+//               user space which goroutine exits it (R14); user space reads the
+//               goroutines from memory and sends SIGCONT. testing's tRunner releases
+//               its caller before its goroutine reaches goexit1, so when the main
+//               goroutine exits, a test can be over without its end recorded.
 #include <uapi/linux/ptrace.h>
 #include "goleash.h"
 
@@ -36,6 +39,8 @@
 struct chk_event {
     u32 pid;
     u32 kind;
+    u64 goid; /* CHK_PEXIT: the goroutine calling runtime.exit; 0 unknown (system stack) */
+    u64 ns;   /* CHK_PEXIT: when (bpf_ktime_get_ns, CLOCK_MONOTONIC) */
 };
 
 /* Per traced process: where runtime.g keeps what the probes read. */
@@ -219,10 +224,18 @@ int on_exit(struct pt_regs *ctx)
 int on_pexit(struct pt_regs *ctx)
 {
     u32 pid = bpf_get_current_pid_tgid() >> 32;
-    if (!tl_procs.lookup(&pid))
+    struct tl_proc *cfg = tl_procs.lookup(&pid);
+    if (!cfg)
         return 0;
     bpf_send_signal(CHK_SIGSTOP);
-    struct chk_event ev = {.pid = pid, .kind = CHK_PEXIT};
+    struct chk_event ev = {.pid = pid, .kind = CHK_PEXIT, .ns = bpf_ktime_get_ns()};
+    /* R14 is the calling g. Trust it only when it is its thread's current user
+     * goroutine (g.m.curg == g): on the system stack (a fatal error) R14 is g0,
+     * whose curg is another g, and the exiting goroutine stays unknown. */
+    u64 g = ctx->r14, m = 0, curg = 0, goid = 0;
+    if (g && !read_u64(&m, g + cfg->g_m) && m && !read_u64(&curg, m + cfg->m_curg) &&
+        curg == g && !read_u64(&goid, g + cfg->g_goid))
+        ev.goid = goid;
     chk_events.perf_submit(ctx, &ev, sizeof(ev));
     return 0;
 }

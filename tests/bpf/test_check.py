@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import gobuild
+import polling
 
 pytestmark = pytest.mark.root
 
@@ -155,3 +157,113 @@ def test_check_captures_goroutines_blocked_at_exit_of_a_program() -> None:
     assert leak["go_statement"].endswith(_site("cmd/exitleak", "exitleak"))
     (proc,) = rep["processes"]
     assert proc["test_binary"] is False and proc["captured_at_exit"]
+
+
+def test_check_reports_the_last_tests_leak_when_main_exits_at_once(edge_toolchain: str) -> None:
+    # testing releases the main goroutine before the last test's runner goroutine
+    # exits; TestMain's os.Exit can come first. Exiting from the main goroutine means
+    # every test ended, recorded or not.
+    rc, rep, stderr = _check(edge_toolchain, "./testdata/exitmain")
+    assert rc == 1, stderr
+    assert [lk["test"] for lk in rep["leaks"]] == ["TestLeaksLast"], rep["leaks"]
+    assert rep["leaks"][0]["wait_reason"] == "chan receive"
+    assert rep["leaks"][0]["go_statement"].endswith(_site("testdata/exitmain", "exitmain"))
+    (proc,) = rep["processes"]
+    assert proc["tests"] == ["TestLeaksLast", "TestNothing"]
+    assert proc["exit_goroutine"] == 1  # the main goroutine, read from R14 at runtime.exit
+
+
+def test_check_os_exit_inside_a_test_cuts_it_short_no_leak(edge_toolchain: str) -> None:
+    rc, rep, stderr = _check(edge_toolchain, "./testdata/exitintest")
+    assert rc == 1 and rep["command_exit_code"] == 1, stderr  # go test's FAIL
+    assert "exit status 3" in stderr
+    assert rep["leaks"] == []
+    (proc,) = rep["processes"]
+    assert proc["tests"] == ["TestExitsInside"] and proc["captured_at_exit"]
+    assert proc["exit_goroutine"] not in (0, 1)  # the test's own goroutine
+
+
+def test_check_holds_a_go_program_started_by_any_other_command(edge_toolchain: str) -> None:
+    # Not `go test`/`go run`: the command is held before its exec until the probes
+    # follow it, so a Go program it execs is checked from its first instruction.
+    exe = gobuild.build("leakcheck/cmd/exitleak", edge_toolchain)
+    env = dict(os.environ, PYTHONPATH=str(AGENT))
+    res = subprocess.run(
+        [sys.executable, "-m", "goleash.cli", "check", "--json", "--", "sh", "-c",
+         f'"{exe}"; echo done'],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 1, res.stderr
+    rep = json.loads(res.stdout)
+    assert [(lk["test"], lk["wait_reason"]) for lk in rep["leaks"]] == [("", "chan receive")]
+    (proc,) = rep["processes"]
+    assert proc["captured_at_exit"]
+
+
+def test_check_gate_keeps_the_users_goflags(tmp_path: Path) -> None:
+    # `go test` runs its test binaries through goleash's gate (GOFLAGS=-exec=...);
+    # the tests must see the user's GOFLAGS, not goleash's.
+    toolchain = EDGE_TOOLCHAINS[-1]
+    env = gobuild.go_env(toolchain)
+    env["PYTHONPATH"] = str(AGENT)
+    env["GOFLAGS"] = "-mod=mod -count=1"
+    out = tmp_path / "goflags.txt"
+    env["GOLEASH_TEST_GOFLAGS_OUT"] = str(out)
+    res = subprocess.run(
+        [sys.executable, "-m", "goleash.cli", "check", "--json", "--", "go", "test",
+         "./testdata/goflags"],
+        cwd=MODULE, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert out.read_text() == "-mod=mod -count=1|unset"
+    rep = json.loads(res.stdout)
+    assert [p["tests"] for p in rep["processes"]] == [["TestGoflags"]]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+def test_sigterm_while_the_probes_load_leaves_nothing_behind() -> None:
+    # A CI timeout's SIGTERM can come while BCC compiles: `go test` already runs and
+    # its test binaries wait at the gate. goleash must take the command down with it.
+    env = gobuild.go_env(EDGE_TOOLCHAINS[-1])
+    env["PYTHONPATH"] = str(AGENT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "goleash.cli", "check", "--", "go", "test", "-count=1",
+         "./..."],
+        cwd=MODULE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    go = polling.wait_for(lambda: next(iter(_children(proc.pid)), None), "go test started")
+    tree = {go, *_children(go)}
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (130, 143), err  # interrupted while loading, or forwarded
+    polling.wait_for(
+        lambda: not any(Path(f"/proc/{p}").exists() for p in tree) or None,
+        "the command's processes gone",
+        timeout=10,
+    )
+
+
+def test_check_falls_back_to_perf_event_uprobes(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Kernels before 6.6 have no uprobe_multi links: one perf-event uprobe per site.
+    from goleash.node.check import run_check
+    from goleash.probes.testleaks import CheckProbes
+
+    def refused(*_args: object) -> int:
+        raise OSError(22, "uprobe_multi link: Invalid argument")
+
+    monkeypatch.setattr(CheckProbes, "_link_multi", refused)
+    monkeypatch.chdir(MODULE)
+    for k, v in gobuild.go_env(EDGE_TOOLCHAINS[-1]).items():
+        monkeypatch.setenv(k, v)
+    rep = run_check(["go", "test", "-count=1", "./chanleak"])
+    assert rep.exit_code == 0, capfd.readouterr().err
+    assert [(lk.test, lk.wait_reason) for lk in rep.leaks] == [("TestWatchLeaks", "chan receive")]

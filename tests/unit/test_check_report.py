@@ -16,11 +16,11 @@ from goleash.node.check import (
     FollowedProcess,
     IgnoreList,
     Leak,
-    _test_names,
     load_baseline,
     split_symbol,
     write_junit,
 )
+from goleash.node.checktrace import _test_names
 from goleash.probes.testleaks import RunnerRecord
 
 
@@ -139,3 +139,56 @@ def test_junit_marks_exactly_the_leaking_tests(tmp_path: Path) -> None:
     assert cases["TestFoo"].find("failure") is not None
     assert cases["TestOk"].find("failure") is None  # in the baseline
     assert root.get("failures") == "1"
+
+
+def test_an_unrecorded_test_end_is_the_exit_only_when_main_exits() -> None:
+    from goleash.node.checktrace import MAIN_GOROUTINE, end_of_test_at_exit
+    from goleash.probes.testleaks import PROCESS_EXIT, CheckEvent
+
+    ended = RunnerRecord(goid=7, fn_pc=1, parent_test=0, start_ns=10, end_ns=20)
+    unrecorded = RunnerRecord(goid=7, fn_pc=1, parent_test=0, start_ns=10, end_ns=0)
+    by_main = CheckEvent(PROCESS_EXIT, 42, goid=MAIN_GOROUTINE, ns=99)
+    by_test = CheckEvent(PROCESS_EXIT, 42, goid=7, ns=99)
+    unknown = CheckEvent(PROCESS_EXIT, 42, goid=0, ns=99)
+    assert end_of_test_at_exit(ended, by_test) == 20
+    assert end_of_test_at_exit(unrecorded, by_main) == 99
+    assert end_of_test_at_exit(unrecorded, by_test) is None
+    assert end_of_test_at_exit(unrecorded, unknown) is None
+
+
+@pytest.mark.parametrize(
+    ("command", "gated"),
+    [
+        (["go", "test", "./..."], True),
+        (["/usr/local/go/bin/go", "run", "./cmd/x"], True),
+        (["go", "-C", "sub", "test", "./..."], True),
+        (["go", "build", "./..."], False),  # nothing it runs goes through -exec
+        (["go", "tool", "mytool"], False),
+        (["go", "test", "-exec", "sudo", "./..."], False),  # the user's own -exec
+        (["go", "test", "--exec=wrap", "./..."], False),
+        (["sh", "-c", "go test ./..."], False),
+        (["./app.test"], False),
+    ],
+)
+def test_only_go_test_and_go_run_start_unheld(
+    command: list[str], gated: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from goleash.node.check import ExecGate
+
+    monkeypatch.delenv("GOFLAGS", raising=False)
+    assert (ExecGate.for_command(command, tmp_path) is not None) is gated
+
+
+def test_gate_env_adds_exec_and_remembers_the_users_goflags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from goleash.node.check import ExecGate
+
+    monkeypatch.setenv("GOFLAGS", "-mod=mod")
+    gate = ExecGate.for_command(["go", "test"], tmp_path)
+    assert gate is not None
+    env = gate.env()
+    assert env["GOFLAGS"] == f"-mod=mod -exec={gate.script}"
+    assert env["GOLEASH_CHECK_GOFLAGS"] == "-mod=mod"
+    monkeypatch.setenv("GOFLAGS", "-exec=mywrapper")
+    assert ExecGate.for_command(["go", "test"], tmp_path / "x") is None

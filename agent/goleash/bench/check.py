@@ -2,9 +2,10 @@
 the leakcheck fixture module (4 packages), wall time, same toolchain, warm build
 cache. The goal in issue 13 is a ratio of at most 1.5.
 
-The fixed cost is one BCC compile of check.bpf.c (every release shares it) and the
-Python start; per test binary, a stop at exec while its probes are attached and one
-at exit while its goroutines are read.
+The fixed cost is one BCC compile of check.bpf.c (every release shares it; it runs
+while `go test` builds, but test binaries wait for it at their -exec gate), the Python
+start and the removal of the probes at the end; per test binary, a stop at exec while
+its probes are attached and one at exit while its goroutines are read.
 """
 
 from __future__ import annotations

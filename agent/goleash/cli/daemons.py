@@ -154,7 +154,7 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
 
 
 def _measure_args(p: argparse.ArgumentParser) -> None:
-    from goleash.node.tracker import DEFAULT_ORPHAN_MIN_AGE_S
+    from goleash.node import DEFAULT_ORPHAN_MIN_AGE_S
 
     g = p.add_argument_group("what to measure")
     g.add_argument(
@@ -192,8 +192,7 @@ def _measure_args(p: argparse.ArgumentParser) -> None:
 def _agent_own_args(
     p: argparse.ArgumentParser, *, metrics_default: str, health_default: str
 ) -> None:
-    from goleash.node.metrics import DEFAULT_TOP_SITES
-    from goleash.node.sender import DEFAULT_MAX_BATCHES
+    from goleash.node import DEFAULT_MAX_BATCHES, DEFAULT_TOP_SITES
 
     g = p.add_argument_group("agent")
     g.add_argument("--node-name", help="node name (default $NODE_NAME, else the host name)")
@@ -353,7 +352,7 @@ def _event_log_args(p: argparse.ArgumentParser) -> None:
 
 def add_agent_commands(sub: Any) -> None:
     from goleash.control import DEFAULT_LISTEN, DEFAULT_SERVER
-    from goleash.node.agent import DEFAULT_HEALTH_LISTEN, DEFAULT_METRICS_LISTEN
+    from goleash.node import DEFAULT_HEALTH_LISTEN, DEFAULT_METRICS_LISTEN
 
     p = sub.add_parser(
         "agent",

@@ -42,6 +42,7 @@ from goleash.gobin.errors import (
     ProcessError,
     UnsupportedGoVersionError,
 )
+from goleash.node import DEFAULT_HEALTH_LISTEN, DEFAULT_METRICS_LISTEN  # noqa: F401
 from goleash.node.discovery import Candidate, Discovery, Selector
 from goleash.node.export import (
     DEFAULT_MAX_KEPT,
@@ -81,8 +82,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("goleash.agent")
 
 DEFAULT_SERVER = "127.0.0.1:7070"  # the control plane's default (goleash.control)
-DEFAULT_HEALTH_LISTEN = "127.0.0.1:7071"
-DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
 ATTACH_ATTEMPTS = 3  # a process that keeps failing transiently is given up after these
 # A process whose handling fails unexpectedly this many times (any stage) is left
 # alone until its executable changes; before that, attaching is retried with backoff.

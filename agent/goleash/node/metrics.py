@@ -43,13 +43,14 @@ from prometheus_client.registry import Collector
 
 import goleash
 from goleash.errors import GoleashError
+from goleash.node import DEFAULT_TOP_SITES  # noqa: F401  (defined there for the CLI)
 from goleash.probes import hist
 
 READY_SERVICE = "goleash.ready"
 # Prometheus buckets at every power of two ns (1.024 µs .. 17.2 s), 2x apart: octave
 # boundaries of the log-linear histograms, so each count is exact, not interpolated.
 LATENCY_BOUNDS_NS = tuple(1 << k for k in range(10, 35))
-DEFAULT_TOP_SITES = 20  # per process; the rest is one "other" series
+
 OTHER = "other"
 PROCESS_LABELS = ("service", "namespace", "pod", "container")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from goleash.errors import GoleashError
 from goleash.gobin.errors import ProcessError
-from goleash.node.check import started_function
+from goleash.node.checktrace import started_function
 from goleash.node.latency import _select
 from goleash.node.tracker import ProcessSnapshot, ProcessTracker, SiteSummary
 from goleash.probes.budget import OverheadBudget

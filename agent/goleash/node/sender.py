@@ -36,12 +36,13 @@ from goleash.api.goleash.v1 import ingest_service_pb2 as ing
 from goleash.api.goleash.v1 import ingest_service_pb2_grpc as ing_grpc
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.errors import GoleashError
+from goleash.node import DEFAULT_MAX_BATCHES  # noqa: F401  (defined there for the CLI)
 
 log = logging.getLogger("goleash.agent")
 
 BUFFER_FULL = "batches_buffer_full"
 DENIED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
-DEFAULT_MAX_BATCHES = 120  # ten minutes at the default 5 s interval
+
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
 

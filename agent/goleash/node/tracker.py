@@ -19,6 +19,7 @@ from typing import Any
 
 from goleash.errors import GoleashError, StageFailure
 from goleash.gobin.errors import ProcessError
+from goleash.node import DEFAULT_ORPHAN_MIN_AGE_S  # noqa: F401  (defined there for the CLI)
 from goleash.probes.budget import OverheadBudget
 from goleash.probes.goroutines import GoroutineProbes, TrackerReading
 from goleash.probes.inventory import Goroutine, Inventory, read_goroutines, site_at
@@ -42,7 +43,7 @@ STUCK_WAIT_REASONS = frozenset(
         "sync.WaitGroup.Wait",
     }
 )
-DEFAULT_ORPHAN_MIN_AGE_S = 30.0
+
 BUDGET_MIN_WINDOW_S = 1.0
 
 

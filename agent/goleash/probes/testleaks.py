@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
+import os
+import struct
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from goleash.errors import GoleashError
 from goleash.gobin.disasm import GoroutineProbeSites, ProbeSite
@@ -30,6 +35,15 @@ MAX_LIVE = 65536
 MAX_TESTS = 16384
 MAX_PROCS = 4096
 FOLLOW_EXEC, FOLLOW_EXIT, PROCESS_EXIT = 1, 2, 3
+# bpf(2) for uprobe_multi links (Linux >= 6.6), which BCC 0.26 does not wrap: closing
+# one link costs the kernel one RCU grace period (~0.05 s here) for all its sites,
+# closing a perf-event uprobe one per site (~0.13 s, serialized). A test binary lives
+# for milliseconds; its probes' removal must not dominate the run.
+_SYS_BPF = 321  # x86-64
+_BPF_LINK_CREATE = 28
+_BPF_TRACE_UPROBE_MULTI = 48  # enum bpf_attach_type
+_BPF_ATTR_SIZE = 128
+_libc = ctypes.CDLL(None, use_errno=True)
 TL_COUNTERS = (
     "create_hits",
     "exit_hits",
@@ -50,7 +64,20 @@ class _Key(ctypes.Structure):
 
 
 class _Event(ctypes.Structure):
-    _fields_ = [("pid", ctypes.c_uint32), ("kind", ctypes.c_uint32)]
+    _fields_ = [
+        ("pid", ctypes.c_uint32),
+        ("kind", ctypes.c_uint32),
+        ("goid", ctypes.c_uint64),
+        ("ns", ctypes.c_uint64),
+    ]
+
+
+@dataclass(frozen=True)
+class CheckEvent:
+    kind: int  # FOLLOW_EXEC, FOLLOW_EXIT or PROCESS_EXIT
+    pid: int
+    goid: int = 0  # PROCESS_EXIT: the goroutine calling runtime.exit, 0 unknown
+    ns: int = 0  # PROCESS_EXIT: when, CLOCK_MONOTONIC
 
 
 @dataclass(frozen=True)
@@ -104,8 +131,8 @@ class CheckSites:
 
 class CheckProbes:
     """check.bpf.c: follows one process tree and attributes goroutines to tests in every
-    Go process of it that is attached. `poll()` returns (kind, pid) events: FOLLOW_EXEC
-    (the process is stopped), FOLLOW_EXIT, PROCESS_EXIT (stopped at runtime.exit)."""
+    Go process of it that is attached. `poll()` returns CheckEvents: FOLLOW_EXEC (the
+    process is stopped), FOLLOW_EXIT, PROCESS_EXIT (stopped at runtime.exit)."""
 
     def __init__(self) -> None:
         src = (BPF_DIR / "check.bpf.c").read_text()
@@ -119,13 +146,14 @@ class CheckProbes:
                 f"-DMAX_TESTS={MAX_TESTS}",
             ],
         )
-        self._events: list[tuple[int, int]] = []
-        self._attached: dict[int, list[str]] = {}
+        self._events: list[CheckEvent] = []
+        self._attached: dict[int, list[Callable[[], None]]] = {}  # pid -> its detaches
+        self._multi: bool | None = None  # uprobe_multi links work here (None: not tried)
         self._lock = threading.Lock()
 
         def on_raw(_cpu: int, data: int, _size: int) -> None:
             ev = ctypes.cast(data, ctypes.POINTER(_Event)).contents
-            self._events.append((int(ev.kind), int(ev.pid)))
+            self._events.append(CheckEvent(int(ev.kind), int(ev.pid), int(ev.goid), int(ev.ns)))
 
         self._bpf["chk_events"].open_perf_buffer(on_raw, page_cnt=64)  # type: ignore[index]
 
@@ -137,7 +165,7 @@ class CheckProbes:
         self._bpf["followed"].clear()  # type: ignore[index]
         self._bpf["tl_procs"].clear()  # type: ignore[index]
 
-    def poll(self, timeout_ms: int) -> list[tuple[int, int]]:
+    def poll(self, timeout_ms: int) -> list[CheckEvent]:
         self._bpf.perf_buffer_poll(timeout=timeout_ms)  # type: ignore[attr-defined]
         out, self._events = self._events, []
         return out
@@ -153,37 +181,105 @@ class CheckProbes:
         )
         self._bpf["tl_procs"][ctypes.c_uint32(pid)] = cfg  # type: ignore[index]
         on_create = "on_create_ax" if sites.goroutines.new_g_register == "rax" else "on_create_bx"
-        plan = [(s, on_create) for s in sites.goroutines.create_sites]
-        plan.append((sites.goroutines.exit, "on_exit"))
-        plan.append((sites.process_exit, "on_pexit"))
+        groups: dict[str, list[ProbeSite]] = {on_create: list(sites.goroutines.create_sites)}
+        groups["on_exit"] = [sites.goroutines.exit]
+        groups["on_pexit"] = [sites.process_exit]
         if sites.trunner is not None:
-            plan.append((sites.trunner, "on_trunner"))
-        events: list[str] = []
+            groups["on_trunner"] = [sites.trunner]
+        done: list[Callable[[], None]] = []
         try:
-            for site, fn in plan:
-                events.append(attach_at(self._bpf, exe, site.file_offset, fn, pid))
+            for fn, group in groups.items():
+                if group:
+                    done.append(self._attach_group(pid, exe, fn, group))
         except OSError as exc:
             with self._lock:
-                for ev in events:
-                    detach(self._bpf, ev)
+                self._detach_all(done)
             raise CheckProbeError(f"attaching to PID {pid}: {exc}") from exc
-        self._attached[pid] = events
+        self._attached[pid] = done
+
+    def _attach_group(
+        self, pid: int, exe: str, fn: str, group: list[ProbeSite]
+    ) -> Callable[[], None]:
+        if self._multi is not False:
+            try:
+                fd = self._link_multi(pid, exe, fn, group)
+                self._multi = True
+                return lambda: os.close(fd)
+            except OSError:
+                if self._multi:
+                    raise
+                # No uprobe_multi here: the program was loaded for it, reload it plain.
+                self._multi = False
+                loaded = self._bpf.funcs.pop(fn.encode(), None)  # type: ignore[attr-defined]
+                if loaded is not None:
+                    os.close(loaded.fd)
+        events: list[str] = []
+        try:
+            for site in group:
+                events.append(attach_at(self._bpf, exe, site.file_offset, fn, pid))
+        except OSError:
+            for ev in events:
+                detach(self._bpf, ev)
+            raise
+
+        def detach_group() -> None:
+            for ev in events:
+                detach(self._bpf, ev)
+
+        return detach_group
+
+    def _link_multi(self, pid: int, exe: str, fn: str, group: list[ProbeSite]) -> int:
+        from bcc import BPF
+
+        try:
+            prog = self._bpf.load_func(  # type: ignore[attr-defined]
+                fn.encode(), BPF.KPROBE, attach_type=_BPF_TRACE_UPROBE_MULTI
+            )
+        except Exception as exc:  # BCC raises bare Exception; a kernel before 6.6 refuses
+            raise OSError(f"loading {fn} for uprobe_multi: {exc}") from exc
+        offsets = (ctypes.c_uint64 * len(group))(*(s.file_offset for s in group))
+        path = ctypes.create_string_buffer(exe.encode())
+        attr = (ctypes.c_uint8 * _BPF_ATTR_SIZE)()
+        # union bpf_attr.link_create: prog_fd, target_fd, attach_type, flags, then
+        # uprobe_multi: path, offsets, ref_ctr_offsets, cookies, cnt, flags, pid.
+        struct.pack_into("<IIII", attr, 0, prog.fd, 0, _BPF_TRACE_UPROBE_MULTI, 0)
+        struct.pack_into(
+            "<QQQQIII",
+            attr,
+            16,
+            ctypes.addressof(path),
+            ctypes.addressof(offsets),
+            0,
+            0,
+            len(group),
+            0,
+            pid,
+        )
+        fd = _libc.syscall(_SYS_BPF, _BPF_LINK_CREATE, attr, _BPF_ATTR_SIZE)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"uprobe_multi link: {os.strerror(err)}")
+        return int(fd)
 
     def detach(self, pid: int) -> None:
-        """Remove the uprobes of one process. Each waits for the kernel (~120 ms per
-        perf-event uprobe on recent kernels), so they go in parallel (the waits
-        overlap) and callers run this off the event loop."""
+        """Remove the uprobes of one process. Each waits for the kernel (an RCU grace
+        period per link or perf-event uprobe), so they go in parallel (the waits
+        partly overlap) and callers run this off the event loop."""
         events = self._attached.pop(pid, [])
         with self._lock:
             self._detach_all(events)
 
-    def _detach_all(self, events: list[str]) -> None:
-        if len(events) <= 1:
-            for ev in events:
-                detach(self._bpf, ev)
+    def _detach_all(self, detaches: list[Callable[[], None]]) -> None:
+        def run(one: Callable[[], None]) -> None:
+            with contextlib.suppress(Exception):  # already gone with its process
+                one()
+
+        if len(detaches) <= 1:
+            for one in detaches:
+                run(one)
             return
-        with ThreadPoolExecutor(max_workers=min(8, len(events))) as pool:
-            list(pool.map(lambda ev: detach(self._bpf, ev), events))
+        with ThreadPoolExecutor(max_workers=min(8, len(detaches))) as pool:
+            list(pool.map(run, detaches))
 
     def read(self, pid: int) -> Attribution:
         goroutines: dict[int, tuple[int, int]] = {}
@@ -217,5 +313,8 @@ class CheckProbes:
         with self._lock:
             left = [ev for evs in self._attached.values() for ev in evs]
             self._attached.clear()
+            # The tracepoints too: each costs a grace period, in parallel they overlap.
+            bpf: Any = self._bpf
+            left += [functools.partial(bpf.detach_tracepoint, t) for t in list(bpf.tracepoint_fds)]
             self._detach_all(left)
-            self._bpf.cleanup()  # type: ignore[attr-defined]
+            bpf.cleanup()

@@ -1,0 +1,430 @@
+"""`goleash check`'s tracing side: judge each executable the command runs (once per
+inode), attach check.bpf.c's probes to the Go programs among them, and at each
+process's exit read its goroutines and name the ones its tests left behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from goleash.errors import GoleashError
+from goleash.gobin.binary import GoBinary
+from goleash.gobin.buildinfo import BuildInfo, check_supported, read_build_info
+from goleash.gobin.disasm import (
+    CreateKind,
+    GoroutineProbeSites,
+    ProbeSite,
+    SymbolLookup,
+    call_sites,
+    disassemble,
+    emulated_entry_site,
+    entry_site,
+    return_sites,
+)
+from goleash.gobin.errors import BinaryError, ProcessError, SymbolNotFoundError
+from goleash.gobin.offsets import RuntimeOffsets, table_offsets
+from goleash.gobin.pclntab import Pclntab
+from goleash.gobin.symbols import symbol_table
+from goleash.node.checkreport import (
+    MAX_STACK_FRAMES,
+    CheckReport,
+    FollowedProcess,
+    Leak,
+    split_symbol,
+)
+from goleash.probes.inventory import read_goroutines, site_at
+from goleash.probes.procmem import MemoryFault, ProcessMemory, load_bias, start_time
+from goleash.probes.stacks import _frames as logical_frames
+from goleash.probes.stacks import walk_stacks
+from goleash.probes.target import GoProcess
+from goleash.probes.testleaks import CheckEvent, CheckProbes, CheckSites, RunnerRecord
+
+if TYPE_CHECKING:
+    from goleash.node.check import IgnoreList
+
+BLOCKED = ("waiting", "leaked", "syscall")
+STOP_WAIT_S = 1.0
+MAX_LEAKS_PER_PROCESS = 10_000
+# runtime.main runs on the first goroutine created (goid 1, every release): it calls
+# runtime.exit only once m.Run has returned (or TestMain exits), never mid-test.
+MAIN_GOROUTINE = 1
+
+
+# --- one executable, analysed once per inode ----------------------------------------------
+
+
+@dataclass
+class _Judged:
+    skip: str  # why it is not traced ("" when it is)
+    binary: GoBinary | None = None
+    info: BuildInfo | None = None
+    offsets: RuntimeOffsets | None = None
+    pclntab: Pclntab | None = None
+    sites: CheckSites | None = None
+
+
+def _judge(path: str) -> _Judged:
+    try:
+        binary = GoBinary(path)
+        info = read_build_info(binary)
+    except BinaryError:
+        return _Judged("not a Go program")
+    if (info.main_package or "").startswith("cmd/"):
+        return _Judged(f"Go toolchain ({info.main_package})")
+    try:
+        check_supported(info)
+        offsets = table_offsets(info.go_version)
+        tab = Pclntab.from_binary(binary)
+        lookup = symbol_table(binary).lookup
+        sites = _check_sites(binary, lookup)
+    except (BinaryError, GoleashError) as exc:
+        return _Judged(f"cannot trace: {exc}")
+    return _Judged("", binary, info, offsets, tab, sites)
+
+
+def _check_sites(binary: GoBinary, lookup: SymbolLookup) -> CheckSites:
+    """The four sites check.bpf.c needs, and only those: a test binary is analysed
+    while it waits stopped at its first instruction, so every millisecond counts."""
+
+    def need(name: str) -> tuple[int, int]:
+        found = lookup(name)
+        if found is None:
+            raise SymbolNotFoundError(f"{binary.path}: no {name}")
+        return found
+
+    create: list[ProbeSite] = []
+    closure, runqput = lookup("runtime.newproc.func1"), lookup("runtime.runqput")
+    if closure is not None and runqput is not None:
+        calls = call_sites(binary, "runtime.newproc.func1", *closure, target=runqput[0])
+        if len(calls) == 1:
+            create = calls
+    kind: CreateKind = "runqput_call" if create else "newproc1_ret"
+    rets: list[ProbeSite] = []
+    if not create:
+        rets = return_sites(binary, "runtime.newproc1", *need("runtime.newproc1"))
+    exit_site = emulated_entry_site(binary, "runtime.goexit1", *need("runtime.goexit1"))
+    gsites = GoroutineProbeSites(
+        create_kind=kind,
+        create=create[0] if create else None,
+        create_rets=rets,
+        exit=exit_site,
+        newproc_entry=exit_site,  # not used by check.bpf.c
+        gopark=exit_site,  # not used
+        gopanic=exit_site,  # not used
+    )
+    tr = lookup("testing.tRunner")
+    trunner = (
+        emulated_entry_site(binary, "testing.tRunner", *tr, keep=("r14", "rbx")) if tr else None
+    )
+    pexit = entry_site(binary, "runtime.exit", *need("runtime.exit"))
+    return CheckSites(gsites, trunner, pexit)
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Tracked:
+    proc: GoProcess
+    judged: _Judged
+    record: FollowedProcess
+
+
+class Checker:
+    def __init__(
+        self, probes: CheckProbes, command: list[str], ignore: IgnoreList, baseline: set[Any]
+    ) -> None:
+        self.probes = probes
+        self.command = command
+        self.ignore = ignore
+        self.baseline = baseline
+        self.judged: dict[tuple[int, int, int, int], _Judged] = {}
+        self.tracked: dict[int, _Tracked] = {}
+        self.processes: list[FollowedProcess] = []
+        self.leaks: list[Leak] = []
+        self.notes: list[str] = []
+        self.execs = 0
+        self._detach_q: queue.Queue[int | None] = queue.Queue()
+        self._closing = False
+        self._detacher = threading.Thread(target=self._detach_loop, daemon=True)
+        self._detacher.start()
+
+    # Detaching a uprobe waits for the kernel (~120 ms each); never on the event loop.
+    def _detach_loop(self) -> None:
+        while (pid := self._detach_q.get()) is not None:
+            if not self._closing:  # else CheckProbes.close detaches them, in parallel
+                self.probes.detach(pid)
+                self.probes.forget(pid)
+
+    def _judged(self, pid: int) -> _Judged | None:
+        try:
+            st = os.stat(f"/proc/{pid}/exe")
+        except OSError:
+            return None
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        j = self.judged.get(key)
+        if j is None:
+            j = self.judged[key] = _judge(f"/proc/{pid}/exe")
+        return j
+
+    def on_exec(self, pid: int) -> None:
+        self.execs += 1
+        old = self.tracked.pop(pid, None)
+        if old is not None:  # exec'd again: the old image's probes are gone with it
+            self._detach_q.put(pid)
+        exe = f"/proc/{pid}/exe"
+        j = self._judged(pid)
+        if j is None or j.skip:
+            return
+        assert j.binary and j.info and j.offsets and j.pclntab and j.sites
+        name = _exe_name(pid)
+        started = start_time(pid)
+        record = FollowedProcess(pid, name, j.info.go_version, j.sites.trunner is not None)
+        try:
+            proc = GoProcess(
+                pid=pid,
+                exe=exe,
+                exe_name=name,
+                binary=j.binary,
+                build_info=j.info,
+                offsets=j.offsets,
+                symbols=symbol_table(j.binary),
+                pclntab=j.pclntab,
+                load_bias=load_bias(pid, j.binary),
+                memory=ProcessMemory(pid),
+                start_time=started or 0,
+            )
+            self.probes.attach(pid, exe, j.offsets, j.sites)
+        except (GoleashError, BinaryError, OSError) as exc:
+            record.note = f"not traced: {exc}"
+            self.processes.append(record)
+            return
+        self.processes.append(record)
+        self.tracked[pid] = _Tracked(proc, j, record)
+
+    def on_process_exit(self, ev: CheckEvent) -> None:
+        """runtime.exit stopped the process: read what is left, then let it go."""
+        pid = ev.pid
+        t = self.tracked.get(pid)
+        try:
+            if t is None:
+                return
+            _wait_stopped(pid, STOP_WAIT_S)
+            try:
+                self._collect(t, ev)
+            except (ProcessError, MemoryFault, BinaryError, GoleashError) as exc:
+                t.record.note = f"goroutines at exit not read: {exc}"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    def on_gone(self, pid: int) -> None:
+        t = self.tracked.pop(pid, None)
+        if t is not None:
+            t.proc.close()
+            self._detach_q.put(pid)
+
+    def _collect(self, t: _Tracked, ev: CheckEvent) -> None:
+        proc, rec = t.proc, t.record
+        inv = read_goroutines(proc)
+        att = self.probes.read(proc.pid)
+        rec.captured_at_exit = True
+        rec.exit_goroutine = ev.goid
+        rec.goroutines_at_exit = len(inv.goroutines)
+        names = _test_names(att.tests, proc.pclntab)
+        rec.tests = sorted({n[1].split("/")[0] for n in names.values()})
+        rec.package = next((n[0] for n in names.values()), "")
+        candidates = []
+        for g in inv.goroutines:
+            # Blocked, or created and never run: a goroutine its test is done with.
+            # One that runs (or is runnable after running) may be on its way out, as
+            # a worker stopped in t.Cleanup is right after it signalled "done".
+            never_ran = g.status == "runnable" and g.sched_pc == g.startpc and not g.sched_bp
+            if g.status not in BLOCKED and not never_ran:
+                continue
+            site = site_at(proc, g.gopc, g.startpc)
+            if _internal(site.function, site.created_by):
+                continue
+            owner = att.goroutines.get(g.goid)
+            pkg_test: tuple[str, str] = ("", "")
+            ended_ns: int | None = None
+            if owner is not None:
+                run = att.tests.get(owner[0])
+                if run is None or owner[0] not in names:
+                    continue  # the harness's own runner
+                ended_ns = end_of_test_at_exit(run, ev)
+                if ended_ns is None:
+                    continue  # its test is still running (os.Exit inside a test)
+                pkg_test = names[owner[0]]
+            elif g.status == "syscall" or never_ran:
+                continue
+            candidates.append((g, site, pkg_test, ended_ns))
+            if len(candidates) >= MAX_LEAKS_PER_PROCESS:
+                break
+        stacks = walk_stacks(proc, [c[0] for c in candidates], MAX_STACK_FRAMES)
+        groups: dict[tuple[str, str, str, str], Leak] = {}
+        reasons: dict[tuple[str, str, str, str], Counter[str]] = {}
+        for g, site, (pkg, test), ended_ns in candidates:
+            stack = stacks[g.goid]
+            frames = [f"{fr.function} {fr.file}:{fr.line}" for fr in stack.frames]
+            function = started_function(proc, site.function, [fr.function for fr in stack.frames])
+            if self.ignore.matches(function, site.go_statement, frames):
+                continue
+            key = (pkg, test, function, site.go_statement)
+            blocked = (inv.read_ns - g.wait_since_ns) / 1e9 if g.wait_since_ns else None
+            after = (inv.read_ns - ended_ns) / 1e9 if ended_ns is not None else None
+            owner = att.goroutines.get(g.goid)
+            age = (inv.read_ns - owner[1]) / 1e9 if owner and owner[1] else None
+            lk = groups.get(key)
+            if lk is None:
+                lk = groups[key] = Leak(
+                    package=pkg,
+                    test=test,
+                    binary=rec.binary,
+                    function=function,
+                    go_statement=site.go_statement,
+                    created_by=site.created_by,
+                    count=0,
+                    wait_reason="",
+                    blocked_s=None,
+                    after_test_s=after,
+                    stack=frames,
+                    age_s=age,
+                )
+                reasons[key] = Counter()
+            lk.count += 1
+            reasons[key][
+                g.wait_reason or ("never ran" if g.status == "runnable" else g.status)
+            ] += 1
+            if blocked is not None and (lk.blocked_s is None or blocked > lk.blocked_s):
+                lk.blocked_s = blocked
+            if age is not None and (lk.age_s is None or age > lk.age_s):
+                lk.age_s = age
+        for key, lk in groups.items():
+            lk.wait_reason = reasons[key].most_common(1)[0][0]
+            lk.known = lk.key in self.baseline
+            self.leaks.append(lk)
+
+    def report(self, exit_code: int | None, duration: float) -> CheckReport:
+        return CheckReport(
+            self.command, exit_code, duration, self.processes, self.leaks, self.notes, self.execs
+        )
+
+    def close(self) -> None:
+        for pid in list(self.tracked):
+            self.tracked.pop(pid).proc.close()  # their probes go with the program
+        self._closing = True
+        self._detach_q.put(None)
+        self._detacher.join()
+
+
+def end_of_test_at_exit(run: RunnerRecord, ev: CheckEvent) -> int | None:
+    """When a test ended, as seen at its process's exit; None while it still runs.
+
+    Its end is recorded when its tRunner goroutine exits, but tRunner releases its
+    caller first: on a busy machine the main goroutine can run the remaining tests
+    and exit while that goroutine has not reached goexit1. The main goroutine calls
+    runtime.exit only after every test ended, so then an unrecorded end is the exit.
+    Any other goroutine (os.Exit inside a test, a signal handler) may cut a test
+    short: its goroutines are not leaks, the test never got to clean them up."""
+    if run.end_ns:
+        return run.end_ns
+    if ev.goid == MAIN_GOROUTINE and ev.ns:
+        return ev.ns
+    return None
+
+
+def started_function(proc: GoProcess, function: str, frames: list[str]) -> str:
+    """The user's function behind a `go f(x)` wrapper (Go 1.21+ `caller.gowrapN`) when
+    the compiler inlined f into the wrapper: from the stack, or, for a goroutine that
+    never ran, from the wrapper's inline tree."""
+    if ".gowrap" not in function:
+        return function
+    if function in frames:
+        i = frames.index(function)
+        if i > 0 and not frames[i - 1].startswith("runtime."):
+            return frames[i - 1]
+    return _inlined_callee(proc, function) or function
+
+
+_callees: dict[tuple[int, str], str | None] = {}
+
+
+def _inlined_callee(proc: GoProcess, function: str) -> str | None:
+    key = (id(proc.binary), function)
+    if key not in _callees:
+        found = None
+        f = proc.pclntab.func_by_name(function)
+        if f is not None:
+            for ins in disassemble(proc.binary, f.entry, min(f.end - f.entry, 4096)):
+                inl = [fr for fr in logical_frames(proc, ins.address, True) if fr.inlined]
+                names = [fr.function for fr in inl if not fr.function.startswith("runtime.")]
+                if names:
+                    found = names[-1]  # the outermost inlined call: f itself
+                    break
+        _callees[key] = found
+    return _callees[key]
+
+
+def _internal(function: str, created_by: str) -> bool:
+    """Goroutines of the runtime and of package testing are never leaks."""
+    return (
+        function.startswith(("runtime.", "testing.", "internal/"))
+        or created_by.startswith("testing.")
+        or function == ""
+    )
+
+
+def _test_names(tests: dict[int, RunnerRecord], tab: Pclntab) -> dict[int, tuple[str, str]]:
+    """runner goid -> (package, "TestFoo" or "TestFoo/func1"), harness runners left out."""
+    out: dict[int, tuple[str, str]] = {}
+    for goid, run in tests.items():
+        chain: list[str] = []
+        cur: RunnerRecord | None = run
+        seen = 0
+        while cur is not None and seen < 64:
+            f = tab.func_for_pc(cur.fn_pc)
+            name = f.name if f else f"{cur.fn_pc:#x}"
+            if name.startswith("testing."):
+                break
+            chain.append(name)
+            cur = tests.get(cur.parent_test) if cur.parent_test else None
+            seen += 1
+        if not chain:
+            continue
+        pkg, top = split_symbol(chain[-1])
+        parts = [top]
+        for sub in reversed(chain[:-1]):
+            _, rest = split_symbol(sub)
+            parts.append(rest[len(top) + 1 :] if rest.startswith(top + ".") else rest)
+        out[goid] = (pkg, "/".join(parts))
+    return out
+
+
+def _wait_stopped(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        state = stat.rsplit(")", 1)[-1].split()[0]
+        if state in ("T", "t"):
+            return True
+        time.sleep(0.001)
+    return False
+
+
+def _exe_name(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return f"/proc/{pid}/exe"
