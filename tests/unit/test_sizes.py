@@ -29,7 +29,6 @@ ALLOWED_TODAY = frozenset(
     {
         "bench/goroutines.py::run",
         "node/agent.py",
-        "node/check.py",
         "node/tracker.py::ProcessTracker.snapshot",
     }
 )
