@@ -23,7 +23,7 @@ struct goroutine_info {
     s64 stack_id;    /* creator's user stack (--stacks), or -1 */
 };
 
-/* One traced process, in the per-CPU gr_procs hash keyed by pid: where its
+/* One traced process, a row of the per-CPU gr_procs array: where its
  * runtime.g keeps what the probes read (set by user space before its probes are
  * attached, the same on every CPU) and its counters (this CPU's share: the
  * program counts without atomics, user space adds the CPUs up).
@@ -56,6 +56,16 @@ struct gr_proc {
     u32 g_m;
     u32 m_curg;
     u64 counters[GR_CNT_MAX];
+};
+
+/* Where a pid's gr_proc row is: slot pid % GR_PID_SLOTS of gr_pid_slots when it
+ * holds that pid, else the gr_pid_rows hash. */
+#ifndef GR_PID_SLOTS
+#define GR_PID_SLOTS 4096 /* a power of two */
+#endif
+struct gr_pid_slot {
+    u32 pid; /* 0: free */
+    u32 row;
 };
 
 /* What one process holds in the tables all processes share, with atomics (only

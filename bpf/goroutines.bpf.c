@@ -2,7 +2,7 @@
 //
 // One program per agent for every traced process and every Go release: what differs
 // per process (runtime.g offsets, which words of g one read covers) is in gr_procs,
-// keyed by pid and filled by user space before the process's probes are attached,
+// a row found by pid, filled by user space before the process's probes are attached,
 // not in -D macros, so BCC compiles this once per agent, not once per process.
 // Only build options are macros: WITH_STACKS and the table sizes.
 //
@@ -20,7 +20,11 @@
 #define BPF_F_MMAPABLE (1U << 10)
 #endif
 
-BPF_PERCPU_HASH(gr_procs, u32, struct gr_proc, MAX_PROCS);
+/* pid -> row of gr_procs: a direct-mapped array (inlined by the verifier, where a
+ * hash lookup costs ~60 ns a hit here), and a hash for pids whose slot is taken. */
+BPF_ARRAY(gr_pid_slots, struct gr_pid_slot, GR_PID_SLOTS);
+BPF_HASH(gr_pid_rows, u32, u32, MAX_PROCS);
+BPF_PERCPU_ARRAY(gr_procs, struct gr_proc, MAX_PROCS);
 BPF_HASH(gr_usage, u32, struct gr_usage, MAX_PROCS);
 /* Live goroutines: a direct-mapped array, inlined by the verifier (no helper call,
  * no hashing, no bucket lock), and a hash for goroutines whose slot is taken. Hash
@@ -42,6 +46,22 @@ BPF_PERCPU_ARRAY(zero_site, struct site_stats, 1);
 BPF_STACK_TRACE(creator_stacks, MAX_SITES);
 BPF_HASH(pending_stack, u32, s64, 4096); /* thread id -> stack id, newproc -> create */
 #endif
+
+/* The traced process PID's row: its layout and this CPU's counters. */
+static __always_inline struct gr_proc *proc_of(u32 pid)
+{
+    u32 idx = pid & (GR_PID_SLOTS - 1), row;
+    struct gr_pid_slot *s = gr_pid_slots.lookup(&idx);
+    if (s && s->pid == pid) {
+        row = s->row;
+    } else {
+        u32 *r = gr_pid_rows.lookup(&pid);
+        if (!r)
+            return NULL;
+        row = *r;
+    }
+    return gr_procs.lookup(&row);
+}
 
 static __always_inline void count(struct gr_proc *p, int idx)
 {
@@ -179,7 +199,7 @@ static __always_inline void count_birth(struct gr_proc *p, u32 pid, u64 gopc, u6
      * its count goes to its own site only while that process is still registered. */
     struct gr_proc *owner = p;
     if (old_pid != pid)
-        owner = gr_procs.lookup(&old_pid);
+        owner = proc_of(old_pid);
     if (!owner || owner->gen != old_gen)
         return;
     struct site_stats *old = site_for(owner, old_pid, old_gopc, old_startpc);
@@ -191,7 +211,7 @@ static __always_inline void count_birth(struct gr_proc *p, u32 pid, u64 gopc, u6
 int on_newproc(struct pt_regs *ctx)
 {
     u32 pid = bpf_get_current_pid_tgid() >> 32;
-    struct gr_proc *p = gr_procs.lookup(&pid);
+    struct gr_proc *p = proc_of(pid);
     if (!p)
         return 0;
     count(p, GR_CNT_NEWPROC_HITS);
@@ -207,7 +227,7 @@ int on_newproc(struct pt_regs *ctx)
 static __always_inline int create(struct pt_regs *ctx, u64 g)
 {
     u32 pid = bpf_get_current_pid_tgid() >> 32;
-    struct gr_proc *p = gr_procs.lookup(&pid);
+    struct gr_proc *p = proc_of(pid);
     if (!p)
         return 0;
     count(p, GR_CNT_CREATE_HITS);
@@ -275,7 +295,7 @@ static __always_inline u32 log2_slot(u64 v)
 int on_exit(struct pt_regs *ctx)
 {
     u32 pid = bpf_get_current_pid_tgid() >> 32;
-    struct gr_proc *p = gr_procs.lookup(&pid);
+    struct gr_proc *p = proc_of(pid);
     if (!p)
         return 0;
     count(p, GR_CNT_EXIT_HITS);

@@ -110,8 +110,9 @@ def test_a_busy_process_cannot_take_the_shared_table() -> None:
     """Past its share of the shared live table a process counts its own drops; the
     others still find room."""
     toolchain = gobuild.TOOLCHAINS[-1]
-    # 256 direct-mapped slots and a 256-entry hash, at most 64 of it per process.
-    program = GoroutineProgram(max_live=256, max_sites=1024, max_live_per_process=64)
+    # 256 direct-mapped slots and a 256-entry hash, at most 64 of it per process. One
+    # pid slot: the second process's row is found through the pid hash.
+    program = GoroutineProgram(max_live=256, max_sites=1024, max_live_per_process=64, pid_slots=1)
     trackers: list[ProcessTracker] = []
     try:
         with (

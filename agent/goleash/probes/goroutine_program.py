@@ -2,7 +2,7 @@
 
 bpf/goroutines.bpf.c is compiled once per GoroutineProgram (a BCC compile costs
 ~0.6 CPU-s and leaves ~30 MB behind; per process that crash-looped the DaemonSet).
-What differs per process is a row of the gr_procs map keyed by pid: the runtime.g
+What differs per process is a row of the gr_procs map, found by pid: the runtime.g
 offsets of its Go release, as word indexes into the one read a hit makes. Every
 other table is shared and keyed by pid, and each record that outlives a hit carries
 the process's registration number (gen), so a pid reused by a new process never
@@ -39,6 +39,7 @@ COUNTER_NAMES = (
 )
 SPAN_WORDS = 32  # GR_SPAN_WORDS: one read of runtime.g covers at most 256 bytes
 NO_FIELD = 0xFF  # GR_NO_FIELD
+PID_SLOTS = 4096  # GR_PID_SLOTS: pids found without a hash lookup (the rest: one)
 DEFAULT_MAX_PROCS = 1024
 SITE_READ_TRIES = 3  # site_stats re-reads while births move out of site_cache
 # A walk of the tables serves every process once; a process asking again (or after
@@ -181,6 +182,7 @@ class GoroutineProgram:
         max_live_per_process: int | None = None,
         max_sites_per_process: int | None = None,
         max_procs: int = DEFAULT_MAX_PROCS,
+        pid_slots: int = PID_SLOTS,
     ) -> None:
         self.stacks = stacks
         self.max_live = max_live
@@ -188,8 +190,10 @@ class GoroutineProgram:
         self.max_live_per_process = max_live_per_process or max_live
         self.max_sites_per_process = max_sites_per_process or max_sites
         self.max_procs = max_procs
+        self.pid_slots = live_slots_for(pid_slots)  # a power of two
         self.bpf = None  # bcc.BPF; falsy when it has no tables: test `is not None`
         self._registered: dict[int, int] = {}  # pid -> gen
+        self._rows: dict[int, int] = {}  # pid -> its row of gr_procs
         self._gens = itertools.count(1)
         self._slots_mm: mmap.mmap | None = None
         self._walk: _Walk | None = None
@@ -204,6 +208,7 @@ class GoroutineProgram:
             f"-DMAX_LIVE={self.max_live}",
             f"-DLIVE_SLOTS={live_slots_for(self.max_live)}",
             f"-DMAX_SITES={self.max_sites}",
+            f"-DGR_PID_SLOTS={self.pid_slots}",
         ]
         if self.stacks:
             flags.append("-DWITH_STACKS=1")
@@ -234,6 +239,7 @@ class GoroutineProgram:
         """Unload the program (every process's uprobes go with it)."""
         with self._lock:
             self._registered.clear()
+            self._rows.clear()
             self._walk = None
             if self._slots_mm is not None:
                 self._slots_mm.close()
@@ -251,10 +257,12 @@ class GoroutineProgram:
         with self._lock:
             if pid in self._registered:
                 raise ProbeAttachError(f"PID {pid} is already traced by this agent")
-            if len(self._registered) >= self.max_procs:
+            free = sorted(set(range(self.max_procs)) - set(self._rows.values()))
+            if not free:
                 raise ProbeAttachError(
                     f"already tracing {self.max_procs} processes, the most one program holds"
                 )
+            row_idx = free[0]
             gen = next(self._gens) & 0xFFFFFFFF or next(self._gens)
             usage = self.bpf["gr_usage"]
             u = usage.Leaf()
@@ -275,7 +283,18 @@ class GoroutineProgram:
                 p.g_goid = layout.g_goid
                 p.g_m = layout.g_m
                 p.m_curg = layout.m_curg
-            procs[procs.Key(pid)] = row
+            procs[procs.Key(row_idx)] = row
+            # Then where the program finds the row: the pid's slot if free, else the hash.
+            slots = self.bpf["gr_pid_slots"]
+            slot_key = slots.Key(pid % self.pid_slots)
+            if slots[slot_key].pid == 0:
+                slot = slots.Leaf()
+                slot.pid, slot.row = pid, row_idx
+                slots[slot_key] = slot
+            else:
+                rows = self.bpf["gr_pid_rows"]
+                rows[rows.Key(pid)] = rows.Leaf(row_idx)
+            self._rows[pid] = row_idx
             self._registered[pid] = gen
 
     def unregister(self, pid: int) -> None:
@@ -287,10 +306,16 @@ class GoroutineProgram:
                 return
             self._walk = None
             b = self.bpf
-            for name in ("gr_procs", "gr_usage"):
+            row_idx = self._rows.pop(pid)
+            slots = b["gr_pid_slots"]
+            slot_key = slots.Key(pid % self.pid_slots)
+            if slots[slot_key].pid == pid:
+                slots.clearitem(slot_key)
+            for name in ("gr_pid_rows", "gr_usage"):
                 t = b[name]
                 with contextlib.suppress(KeyError):
                     del t[t.Key(pid)]
+            b["gr_procs"].clearitem(b["gr_procs"].Key(row_idx))  # its counters: zero
             for name in ("live_goroutines", "site_stats"):
                 t = b[name]
                 for k in [k for k in t if k.pid == pid]:
@@ -340,10 +365,7 @@ class GoroutineProgram:
     def _counters(self, pid: int) -> dict[str, int]:
         assert self.bpf is not None
         t = self.bpf["gr_procs"]
-        try:
-            row = t[t.Key(pid)]
-        except KeyError:
-            return dict.fromkeys(COUNTER_NAMES, 0)
+        row = t[t.Key(self._rows[pid])]
         return {name: sum(int(p.counters[i]) for p in row) for i, name in enumerate(COUNTER_NAMES)}
 
     def _site_table(self, regs: dict[int, int]) -> dict[tuple[int, int, int], ctypes.Array]:  # type: ignore[type-arg]
