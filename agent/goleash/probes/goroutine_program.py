@@ -164,6 +164,13 @@ def _site_counts(gopc: int, startpc: int, per_cpu: ctypes.Array) -> SiteCounts: 
     return SiteCounts(gopc, startpc, cols[0], cols[1], cols[2], cols[3], tuple(cols[4:]))
 
 
+def _return_freed_memory() -> None:
+    """Give the heap LLVM freed after a compile back to the system: glibc keeps it
+    otherwise, ~30 MB of the agent's resident memory for good."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class GoroutineProgram:
     """goroutines.bpf.c compiled once, for every process registered with it.
 
@@ -226,6 +233,7 @@ class GoroutineProgram:
         except Exception as exc:  # BCC raises bare Exception on compile errors
             raise ProbeAttachError(f"compiling goroutines.bpf.c failed: {exc}") from exc
         _compiles += 1
+        _return_freed_memory()
 
     @property
     def compiled(self) -> bool:
