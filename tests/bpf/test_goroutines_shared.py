@@ -145,3 +145,41 @@ def test_a_busy_process_cannot_take_the_shared_table() -> None:
         for tr in trackers:
             tr.close()
         program.close()
+
+
+def test_creator_stacks_shared_and_forgotten() -> None:
+    """--stacks with one program: two processes of one executable record the same
+    creator stack (one stack id); the first to leave keeps it for the other, the
+    last one takes it away."""
+    toolchain = gobuild.TOOLCHAINS[-1]
+    program = node_program(stacks=True)
+    trackers: list[ProcessTracker] = []
+    try:
+        with (
+            running_populations(toolchain, "default", **COUNTS) as a,
+            running_populations(toolchain, "default", **COUNTS) as b,
+        ):
+            for pop in (a, b):
+                tr = ProcessTracker(GoProcess.attach(pop.pid), program=program)
+                trackers.append(tr)
+                tr.start()
+                pop.command("orphans 3")
+            ids: list[set[int]] = []
+            for tr in trackers:
+                snap = tr.snapshot()
+                assert site(snap.sites, "orphan").creator_stack[0].startswith("main.creator ")
+                ids.append({g.stack_id for g in tr.probes.read().live.values() if g.stack_id >= 0})
+            shared = ids[0] & ids[1]
+            assert shared, "one executable, one code path: one stack id"
+            bpf = program.bpf
+            assert bpf is not None
+            trackers.pop(0).close()
+            snap = trackers[0].snapshot()
+            assert site(snap.sites, "orphan").creator_stack, "the other's stack is kept"
+            trackers.pop(0).close()
+            left = {k.value for k in bpf["creator_stacks"]}
+            assert not (ids[0] | ids[1]) & left
+    finally:
+        for tr in trackers:
+            tr.close()
+        program.close()

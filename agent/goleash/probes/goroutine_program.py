@@ -324,6 +324,9 @@ class GoroutineProgram:
                 with contextlib.suppress(KeyError):
                     del t[t.Key(pid)]
             b["gr_procs"].clearitem(b["gr_procs"].Key(row_idx))  # its counters: zero
+            live_slots = self._slots()
+            if self.stacks:
+                self._forget_stacks(pid, gen, live_slots)
             for name in ("live_goroutines", "site_stats"):
                 t = b[name]
                 for k in [k for k in t if k.pid == pid]:
@@ -332,11 +335,30 @@ class GoroutineProgram:
             # Its live slots: nothing else writes a slot it holds (only its own exit
             # probe frees one), so clearing them cannot race another process.
             slots = b["live_slots"]
-            for idx, _goid, slot_pid, slot_gen, *_ in self._slots():
+            for idx, _goid, slot_pid, slot_gen, *_ in live_slots:
                 if (slot_pid, slot_gen) == (pid, gen):
                     slots.clearitem(slots.Key(idx))
             # Its site_cache entries are dropped by the program when evicted (their
             # gen is no longer registered) and skipped by readers meanwhile.
+
+    def _forget_stacks(self, pid: int, gen: int, live_slots: list) -> None:  # type: ignore[type-arg]
+        """The creator stacks only PID's live goroutines refer to. The stack map is
+        shared: processes of one non-PIE executable share stack ids, so an id
+        another live goroutine uses stays. (Ids of goroutines that already exited
+        stay too, as they did with a program per process.)"""
+        assert self.bpf is not None
+        mine: set[int] = set()
+        others: set[int] = set()
+        for *_, slot_pid, slot_gen, _p, _gopc, _startpc, _ns, sid in live_slots:
+            if sid >= 0:
+                (mine if (slot_pid, slot_gen) == (pid, gen) else others).add(sid)
+        for k, v in self.bpf["live_goroutines"].items():
+            if v.stack_id >= 0:
+                (mine if k.pid == pid else others).add(v.stack_id)
+        table = self.bpf["creator_stacks"]
+        for sid in mine - others:
+            with contextlib.suppress(KeyError):
+                del table[table.Key(sid)]
 
     # --- reading --------------------------------------------------------------------
 
