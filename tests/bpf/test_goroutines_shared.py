@@ -10,7 +10,12 @@ import pytest
 
 import gobuild
 from goleash.node.tracker import ProcessTracker, SiteSummary
-from goleash.probes.goroutines import GoroutineProgram, compile_count, node_program
+from goleash.probes.goroutines import (
+    GoroutineProgram,
+    ProbeAttachError,
+    compile_count,
+    node_program,
+)
 from goleash.probes.target import GoProcess
 from polling import wait_for
 from populations import running_populations
@@ -183,3 +188,18 @@ def test_creator_stacks_shared_and_forgotten() -> None:
         for tr in trackers:
             tr.close()
         program.close()
+
+
+def test_a_failed_compile_is_not_repeated_for_every_process() -> None:
+    """Where the program cannot be built (say, no kernel headers), every process of
+    the node gets the same error at once, not a compile attempt each."""
+    program = GoroutineProgram(max_live=256, max_sites=1024)
+    program.cflags = lambda: ["-DMAX_PROCS=not_a_number"]  # type: ignore[method-assign]
+    compiles = compile_count()
+    with pytest.raises(ProbeAttachError, match="compiling goroutines.bpf.c failed") as first:
+        program.compile()
+    program.cflags = lambda: []  # type: ignore[method-assign]  # would not even find goleash.h
+    with pytest.raises(ProbeAttachError) as again:
+        program.compile()
+    assert again.value is first.value
+    assert compile_count() == compiles and not program.compiled

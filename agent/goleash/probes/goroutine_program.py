@@ -205,6 +205,7 @@ class GoroutineProgram:
         self._slots_mm: mmap.mmap | None = None
         self._walk: _Walk | None = None
         self._lock = threading.Lock()
+        self._compile_error: ProbeAttachError | None = None
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -225,13 +226,16 @@ class GoroutineProgram:
         global _compiles
         if self.bpf is not None:
             return
+        if self._compile_error is not None:  # once: not a compile per process again
+            raise self._compile_error
         from bcc import BPF  # the only package that imports bcc
 
         src = (bpf_dir() / "goroutines.bpf.c").read_text()
         try:
             self.bpf = BPF(text=src.encode(), cflags=self.cflags())
         except Exception as exc:  # BCC raises bare Exception on compile errors
-            raise ProbeAttachError(f"compiling goroutines.bpf.c failed: {exc}") from exc
+            self._compile_error = ProbeAttachError(f"compiling goroutines.bpf.c failed: {exc}")
+            raise self._compile_error from exc
         _compiles += 1
         _return_freed_memory()
 
