@@ -49,6 +49,21 @@ TABLES_MAX_AGE_S = 1.0
 # which allocates arrays for the table's whole capacity.
 BATCH_FROM = 2048
 
+
+# Views of bpf/goleash.h, in its field order (BCC's own Leaf types serve the rest).
+class _GoroutineKey(ctypes.Structure):
+    _fields_ = [("pid", ctypes.c_uint32), ("_pad", ctypes.c_uint32), ("goid", ctypes.c_uint64)]
+
+
+class _SiteKey(ctypes.Structure):
+    _fields_ = [
+        ("pid", ctypes.c_uint32),
+        ("gen", ctypes.c_uint32),
+        ("gopc", ctypes.c_uint64),
+        ("startpc", ctypes.c_uint64),
+    ]
+
+
 # struct live_slot in bpf/goleash.h: goid, pid, gen, then struct goroutine_info.
 _LIVE_SLOT = struct.Struct("<QIIQQQQq")
 _SLOT_WRITING = (1 << 64) - 1  # empty slots have goid 0

@@ -13,13 +13,17 @@ import os
 from dataclasses import dataclass, field, replace
 
 from goleash.gobin.disasm import ProbeSite, goroutine_probe_sites
-from goleash.probes.goroutine_program import (
+from goleash.probes.goroutine_program import (  # _names: views the layout test checks
+    _LIVE_SLOT,  # noqa: F401
+    _SLOT_WRITING,  # noqa: F401
     COUNTER_NAMES,
     LIFETIME_SLOTS,
     GoroutineProgram,
     LiveGoroutine,
     ProbeAttachError,
     SiteCounts,
+    _GoroutineKey,  # noqa: F401
+    _SiteKey,  # noqa: F401
     compile_count,
     live_slots_for,
     process_layout,
