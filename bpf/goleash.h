@@ -24,22 +24,77 @@ struct goroutine_info {
     s64 stack_id;    /* creator's user stack (--stacks), or -1 */
 };
 
-/* The fast home of a live goroutine: slot goid % LIVE_SLOTS of a direct-mapped
- * array (goids are sequential, so the slots in use stay close together). A
- * goroutine whose slot is taken goes to the live_goroutines hash instead. */
+/* One traced process, a row of the per-CPU gr_procs array: where its
+ * runtime.g keeps what the probes read (set by user space before its probes are
+ * attached, the same on every CPU) and its counters (this CPU's share: the
+ * program counts without atomics, user space adds the CPUs up).
+ * gen tells a process from an earlier one with the same pid: every record that
+ * outlives a hit (live slots, site keys, site cache entries) carries it. */
+#define GR_SPAN_WORDS 32 /* one read of runtime.g covers at most 256 bytes */
+#define GR_NO_FIELD 0xff /* w_parent: this Go release has no g.parentGoid */
+
+/* Indexes of gr_proc.counters. */
+enum goroutine_counter {
+    GR_CNT_CREATE_HITS = 0,
+    GR_CNT_EXIT_HITS,
+    GR_CNT_NEWPROC_HITS,
+    GR_CNT_LIVE_FULL,       /* live table full (or this process's share of it): a birth not recorded */
+    GR_CNT_SITES_FULL,      /* site table full (or this process's share): a site's counts lost */
+    GR_CNT_READ_FAULTS,     /* bpf_probe_read_user failed on a g */
+    GR_CNT_STACK_FAULTS,    /* creator stack not captured */
+    GR_CNT_MAX,
+};
+
+struct gr_proc {
+    u32 gen;
+    u16 span_start;  /* offset in runtime.g of the one read a hit makes */
+    u16 span_bytes;  /* its length, at most GR_SPAN_WORDS * 8 */
+    u8 w_goid;       /* word indexes into that read */
+    u8 w_gopc;
+    u8 w_startpc;
+    u8 w_parent;     /* GR_NO_FIELD before Go 1.21: the parent is g0.m.curg's goid */
+    u32 g_goid;      /* byte offsets for that older path */
+    u32 g_m;
+    u32 m_curg;
+    u64 counters[GR_CNT_MAX];
+};
+
+/* Where a pid's gr_proc row is: slot pid % GR_PID_SLOTS of gr_pid_slots when it
+ * holds that pid, else the gr_pid_rows hash. */
+#ifndef GR_PID_SLOTS
+#define GR_PID_SLOTS 4096 /* a power of two */
+#endif
+struct gr_pid_slot {
+    u32 pid; /* 0: free */
+    u32 row;
+};
+
+/* What one process holds in the tables all processes share, with atomics (only
+ * the rare paths touch it): a process past its quota counts a drop instead of
+ * filling the table for everyone. */
+struct gr_usage {
+    s64 live_in_hash; /* entries in live_goroutines */
+    s64 sites;        /* entries in site_stats */
+    s64 max_live_in_hash;
+    s64 max_sites;
+};
+
+/* The fast home of a live goroutine: a slot of a direct-mapped array picked from
+ * (goid, pid) (goids are sequential, so a process's slots in use stay close
+ * together). A goroutine whose slot is taken goes to the live_goroutines hash. */
 #define LIVE_SLOT_EMPTY 0ULL
 #define LIVE_SLOT_WRITING (~0ULL) /* claimed, info not written yet: readers skip it */
 struct live_slot {
     u64 goid;
     u32 pid;
-    u32 _pad;
+    u32 gen;
     struct goroutine_info info;
 };
 
 /* A creation site: the `go` statement plus the function it starts. */
 struct site_key {
     u32 pid;
-    u32 _pad;
+    u32 gen;
     u64 gopc;
     u64 startpc;
 };
@@ -56,27 +111,16 @@ struct site_stats {
 
 /* A per-CPU direct-mapped cache of creation counts in front of site_stats: a
  * birth at a cached site is one inlined array access, no hash lookup. An entry
- * taken by another site first adds its count to site_stats. User space adds
- * site_stats and every CPU's entries: counts stay exact. */
+ * taken by another site first adds its count to site_stats (dropped when its
+ * process is gone). User space adds site_stats and every CPU's entries: counts
+ * stay exact. */
 #define SITE_CACHE 64 /* entries per CPU, a power of two */
 struct site_cache_entry {
     u64 gopc;
     u64 startpc;
     u32 pid;
-    u32 _pad;
+    u32 gen;
     u64 created; /* births not yet added to site_stats */
-};
-
-/* Indexes of the per-CPU counters array. */
-enum goroutine_counter {
-    GR_CNT_CREATE_HITS = 0,
-    GR_CNT_EXIT_HITS,
-    GR_CNT_NEWPROC_HITS,
-    GR_CNT_LIVE_FULL,       /* live table full: a birth not recorded */
-    GR_CNT_SITES_FULL,      /* site table full: a site's counts lost */
-    GR_CNT_READ_FAULTS,     /* bpf_probe_read_user failed on a g */
-    GR_CNT_STACK_FAULTS,    /* creator stack not captured */
-    GR_CNT_MAX,
 };
 
 /* ---- end of goroutines section ---------------------------------------------- */

@@ -1,17 +1,18 @@
-// goroutines.bpf.c: every goroutine of one Go process from birth to exit.
+// goroutines.bpf.c: every goroutine of the traced Go processes from birth to exit.
 //
-// Attached per process (BCC, pid filter) at sites chosen by disassembly
+// One program per agent for every traced process and every Go release: what differs
+// per process (runtime.g offsets, which words of g one read covers) is in gr_procs,
+// a row found by pid, filled by user space before the process's probes are attached,
+// not in -D macros, so BCC compiles this once per agent, not once per process.
+// Only build options are macros: WITH_STACKS and the table sizes.
+//
+// Attached per process (uprobes with a pid filter) at sites chosen by disassembly
 // (agent/goleash/gobin/disasm.py) so the kernel emulates the probed instruction:
-//   on_create   `call runtime.runqput` in runtime.newproc's closure: RBX = new g
-//               (fallback: every RET of runtime.newproc1, RAX = new g)
-//   on_exit     `push %rbp` of runtime.goexit1 after its stack check: R14 = g
-//   on_newproc  (--stacks only) runtime.newproc on the creator's own stack
+//   on_create_bx  `call runtime.runqput` in runtime.newproc's closure: RBX = new g
+//   on_create_ax  (fallback) every RET of runtime.newproc1: RAX = new g
+//   on_exit       `push %rbp` of runtime.goexit1 after its stack check: R14 = g
+//   on_newproc    (WITH_STACKS only) runtime.newproc on the creator's own stack
 // Two hits per goroutine lifetime by default. Never a uretprobe: Go moves stacks.
-//
-// Offsets of runtime.g come from DWARF or the per-version table as -D macros:
-//   G_GOID G_GOPC G_STARTPC [G_PARENT_GOID | (G_M M_CURG)]
-//   SPAN_START SPAN_WORDS: one read covers goid .. [parentGoid,] gopc .. startpc
-//   CREATE_REG (bx|ax)  LIVE_SLOTS (a power of two)  MAX_LIVE  MAX_SITES  WITH_STACKS
 #include <uapi/linux/ptrace.h>
 #include "goleash.h"
 
@@ -19,17 +20,24 @@
 #define BPF_F_MMAPABLE (1U << 10)
 #endif
 
-/* Live goroutines: a direct-mapped array indexed by goid, inlined by the verifier
- * (no helper call, no hashing, no bucket lock), and a hash for goroutines whose
- * slot is taken. Hash ops cost ~300 ns a hit on kernel 6.18, the array ~0.
- * The hash is rarely used, so it allocates on insert. Mmapped by the reader. */
+/* pid -> row of gr_procs: a direct-mapped array (inlined by the verifier, where a
+ * hash lookup costs ~60 ns a hit here), and a hash for pids whose slot is taken. */
+BPF_ARRAY(gr_pid_slots, struct gr_pid_slot, GR_PID_SLOTS);
+BPF_HASH(gr_pid_rows, u32, u32, MAX_PROCS);
+BPF_PERCPU_ARRAY(gr_procs, struct gr_proc, MAX_PROCS);
+BPF_HASH(gr_usage, u32, struct gr_usage, MAX_PROCS);
+/* Live goroutines: a direct-mapped array, inlined by the verifier (no helper call,
+ * no hashing, no bucket lock), and a hash for goroutines whose slot is taken. Hash
+ * ops cost ~300 ns a hit on kernel 6.18, the array ~0. The hash is rarely used, so
+ * it allocates on insert. Mmapped by the reader. */
 BPF_F_TABLE("array", u32, struct live_slot, live_slots, LIVE_SLOTS, BPF_F_MMAPABLE);
 BPF_F_TABLE("hash", struct goroutine_key, struct goroutine_info, live_goroutines, MAX_LIVE,
             BPF_F_NO_PREALLOC);
 /* Per-CPU: the hot path takes no atomics and no cache line moves between CPUs.
- * Births are counted in site_cache first (see count_birth). */
-BPF_PERCPU_HASH(site_stats, struct site_key, struct site_stats, MAX_SITES);
-BPF_PERCPU_ARRAY(counters, u64, GR_CNT_MAX);
+ * Births are counted in site_cache first (see count_birth). Allocated on insert:
+ * a 416-byte value per CPU per site adds up on a node with many CPUs. */
+BPF_F_TABLE("percpu_hash", struct site_key, struct site_stats, site_stats, MAX_SITES,
+            BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(site_cache, struct site_cache_entry, SITE_CACHE);
 /* A zeroed site_stats to insert from: at 416 bytes it does not fit on the 512-byte
  * BPF stack next to the rest. Never written. */
@@ -39,17 +47,32 @@ BPF_STACK_TRACE(creator_stacks, MAX_SITES);
 BPF_HASH(pending_stack, u32, s64, 4096); /* thread id -> stack id, newproc -> create */
 #endif
 
-static __always_inline void count(int idx)
+/* The traced process PID's row: its layout and this CPU's counters. */
+static __always_inline struct gr_proc *proc_of(u32 pid)
 {
-    u64 *v = counters.lookup(&idx);
-    if (v)
-        (*v)++;
+    u32 idx = pid & (GR_PID_SLOTS - 1), row;
+    struct gr_pid_slot *s = gr_pid_slots.lookup(&idx);
+    if (s && s->pid == pid) {
+        row = s->row;
+    } else {
+        u32 *r = gr_pid_rows.lookup(&pid);
+        if (!r)
+            return NULL;
+        row = *r;
+    }
+    return gr_procs.lookup(&row);
 }
 
-static __always_inline int read_u64(u64 *dst, u64 addr)
+static __always_inline void count(struct gr_proc *p, int idx)
+{
+    if (idx >= 0 && idx < GR_CNT_MAX)
+        p->counters[idx]++;
+}
+
+static __always_inline int read_u64(struct gr_proc *p, u64 *dst, u64 addr)
 {
     if (bpf_probe_read_user(dst, sizeof(*dst), (void *)addr) != 0) {
-        count(GR_CNT_READ_FAULTS);
+        count(p, GR_CNT_READ_FAULTS);
         return -1;
     }
     return 0;
@@ -58,36 +81,43 @@ static __always_inline int read_u64(u64 *dst, u64 addr)
 /* g.goid, g.parentGoid, g.gopc and g.startpc sit within ~160 bytes: read them with
  * one bpf_probe_read_user. On kernel 6.18 (go1.22 churn, bpf_stats) each read costs
  * ~130 ns whatever its size, so one 152-byte read beats goid + a 40-byte span:
- * on_create 784 -> 657 ns, on_exit 554 -> 459 ns. */
+ * on_create 784 -> 657 ns, on_exit 554 -> 459 ns. Which words are which is per
+ * process: a word index is masked so the verifier sees it inside the span. */
 struct g_span {
-    u64 w[SPAN_WORDS];
+    u64 w[GR_SPAN_WORDS];
 };
-#define SPAN_AT(span, off) ((span).w[((off) - SPAN_START) / 8])
+#define WORD(span, i) ((span).w[(i) & (GR_SPAN_WORDS - 1)])
 
-static __always_inline int read_span(struct g_span *span, u64 g)
+static __always_inline int read_span(struct gr_proc *p, struct g_span *span, u64 g)
 {
-    if (bpf_probe_read_user(span, sizeof(*span), (void *)(g + SPAN_START)) != 0) {
-        count(GR_CNT_READ_FAULTS);
+    u32 n = p->span_bytes;
+    if (n > sizeof(*span))
+        n = sizeof(*span);
+    if (bpf_probe_read_user(span, n, (void *)(g + p->span_start)) != 0) {
+        count(p, GR_CNT_READ_FAULTS);
         return -1;
     }
     return 0;
 }
 
-static __always_inline struct live_slot *slot_of(u64 goid)
+/* Goids of every process start at 1: the pid spreads processes over the array. */
+static __always_inline struct live_slot *slot_of(u32 pid, u64 goid)
 {
-    u32 idx = goid & (LIVE_SLOTS - 1);
+    u32 idx = (u32)(goid + pid * 2654435761u) & (LIVE_SLOTS - 1);
     return live_slots.lookup(&idx);
 }
 
 /* Record a birth in the goroutine's slot; 0 when the slot is taken. */
-static __always_inline int put_in_slot(struct goroutine_key *key, struct goroutine_info *info)
+static __always_inline int put_in_slot(struct gr_proc *p, struct goroutine_key *key,
+                                       struct goroutine_info *info)
 {
     if (key->goid == LIVE_SLOT_EMPTY || key->goid == LIVE_SLOT_WRITING)
         return 0;
-    struct live_slot *s = slot_of(key->goid);
+    struct live_slot *s = slot_of(key->pid, key->goid);
     if (!s || __sync_val_compare_and_swap(&s->goid, LIVE_SLOT_EMPTY, LIVE_SLOT_WRITING) != 0)
         return 0;
     s->pid = key->pid;
+    s->gen = p->gen;
     s->info = *info;
     /* Publish goid last: x86 keeps stores in order, so a reader that sees the goid
      * sees the info; the barrier keeps the compiler from reordering them. */
@@ -96,92 +126,130 @@ static __always_inline int put_in_slot(struct goroutine_key *key, struct gorouti
     return 1;
 }
 
-static __always_inline struct site_stats *site_for(u32 pid, u64 gopc, u64 startpc)
+/* Into the shared hash, within this process's share of it. */
+static __always_inline void put_in_hash(struct gr_proc *p, struct goroutine_key *key,
+                                        struct goroutine_info *info)
 {
-    struct site_key sk = {.pid = pid, .gopc = gopc, .startpc = startpc};
+    struct gr_usage *u = gr_usage.lookup(&key->pid);
+    if (!u || u->live_in_hash >= u->max_live_in_hash) {
+        count(p, GR_CNT_LIVE_FULL);
+        return;
+    }
+    if (live_goroutines.update(key, info) != 0) {
+        count(p, GR_CNT_LIVE_FULL);
+        return;
+    }
+    __sync_fetch_and_add(&u->live_in_hash, 1);
+}
+
+static __always_inline struct site_stats *site_for(struct gr_proc *p, u32 pid, u64 gopc,
+                                                   u64 startpc)
+{
+    struct site_key sk = {.pid = pid, .gen = p->gen, .gopc = gopc, .startpc = startpc};
     struct site_stats *st = site_stats.lookup(&sk);
     if (st)
         return st;
     int zero_idx = 0;
     struct site_stats *zero = zero_site.lookup(&zero_idx);
-    if (!zero)
+    struct gr_usage *u = gr_usage.lookup(&pid);
+    if (!zero || !u)
         return NULL;
-    if (site_stats.insert(&sk, zero) != 0 && site_stats.lookup(&sk) == NULL) {
-        count(GR_CNT_SITES_FULL);
+    if (u->sites >= u->max_sites) {
+        count(p, GR_CNT_SITES_FULL);
         return NULL;
     }
-    return site_stats.lookup(&sk);
+    if (site_stats.insert(&sk, zero) == 0)
+        __sync_fetch_and_add(&u->sites, 1);
+    st = site_stats.lookup(&sk);
+    if (!st)
+        count(p, GR_CNT_SITES_FULL);
+    return st;
 }
 
 /* One birth at a site: in this CPU's cache entry for it, evicting another site's
  * pending count into site_stats when the entry was taken. */
-static __always_inline void count_birth(u32 pid, u64 gopc, u64 startpc)
+static __always_inline void count_birth(struct gr_proc *p, u32 pid, u64 gopc, u64 startpc)
 {
-    u32 idx = (u32)(gopc ^ (gopc >> 9) ^ startpc ^ (startpc >> 5)) & (SITE_CACHE - 1);
+    u32 idx = (u32)(gopc ^ (gopc >> 9) ^ startpc ^ (startpc >> 5) ^ pid) & (SITE_CACHE - 1);
     struct site_cache_entry *e = site_cache.lookup(&idx);
     if (!e) {
-        struct site_stats *st = site_for(pid, gopc, startpc);
+        struct site_stats *st = site_for(p, pid, gopc, startpc);
         if (st)
             st->created++;
         return;
     }
-    if (e->gopc == gopc && e->startpc == startpc && e->pid == pid) {
+    if (e->gopc == gopc && e->startpc == startpc && e->pid == pid && e->gen == p->gen) {
         e->created++;
         return;
     }
     /* Take the entry first, then add its old count to site_stats: a reader that
      * sees site_stats unchanged around its read of the cache then never counts the
-     * old count twice (probes/goroutines.py reads them in that order). */
+     * old count twice (probes/goroutine_program.py reads them in that order). */
     u64 n = e->created, old_gopc = e->gopc, old_startpc = e->startpc;
-    u32 old_pid = e->pid;
+    u32 old_pid = e->pid, old_gen = e->gen;
     e->gopc = gopc;
     e->startpc = startpc;
     e->pid = pid;
+    e->gen = p->gen;
     e->created = 1;
     asm volatile("" ::: "memory");
-    if (n) {
-        struct site_stats *old = site_for(old_pid, old_gopc, old_startpc);
-        if (old)
-            old->created += n;
-    }
+    if (!n)
+        return;
+    /* The old entry may be another process's, or of a process no longer traced:
+     * its count goes to its own site only while that process is still registered. */
+    struct gr_proc *owner = p;
+    if (old_pid != pid)
+        owner = proc_of(old_pid);
+    if (!owner || owner->gen != old_gen)
+        return;
+    struct site_stats *old = site_for(owner, old_pid, old_gopc, old_startpc);
+    if (old)
+        old->created += n;
 }
 
 #ifdef WITH_STACKS
 int on_newproc(struct pt_regs *ctx)
 {
-    count(GR_CNT_NEWPROC_HITS);
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    struct gr_proc *p = proc_of(pid);
+    if (!p)
+        return 0;
+    count(p, GR_CNT_NEWPROC_HITS);
     u32 tid = (u32)bpf_get_current_pid_tgid();
     s64 id = creator_stacks.get_stackid(ctx, BPF_F_USER_STACK);
     if (id < 0)
-        count(GR_CNT_STACK_FAULTS);
+        count(p, GR_CNT_STACK_FAULTS);
     pending_stack.update(&tid, &id);
     return 0;
 }
 #endif
 
-int on_create(struct pt_regs *ctx)
+static __always_inline int create(struct pt_regs *ctx, u64 g)
 {
-    count(GR_CNT_CREATE_HITS);
-    u64 g = ctx->CREATE_REG;
     u32 pid = bpf_get_current_pid_tgid() >> 32;
+    struct gr_proc *p = proc_of(pid);
+    if (!p)
+        return 0;
+    count(p, GR_CNT_CREATE_HITS);
     struct goroutine_key key = {.pid = pid};
     struct goroutine_info info = {.stack_id = -1};
     struct g_span span;
 
-    if (read_span(&span, g))
+    if (read_span(p, &span, g))
         return 0;
-    key.goid = SPAN_AT(span, G_GOID);
-    info.gopc = SPAN_AT(span, G_GOPC);
-    info.startpc = SPAN_AT(span, G_STARTPC);
-#ifdef G_PARENT_GOID
-    info.parent_goid = SPAN_AT(span, G_PARENT_GOID);
-#else
-    /* Before Go 1.21 the g has no parentGoid. This site runs on the system stack,
-     * so R14 is g0, and g0.m.curg is the goroutine that executed the `go`. */
-    u64 m = 0, curg = 0;
-    if (read_u64(&m, ctx->r14 + G_M) == 0 && m && read_u64(&curg, m + M_CURG) == 0 && curg)
-        read_u64(&info.parent_goid, curg + G_GOID);
-#endif
+    key.goid = WORD(span, p->w_goid);
+    info.gopc = WORD(span, p->w_gopc);
+    info.startpc = WORD(span, p->w_startpc);
+    if (p->w_parent != GR_NO_FIELD) {
+        info.parent_goid = WORD(span, p->w_parent);
+    } else {
+        /* Before Go 1.21 the g has no parentGoid. This site runs on the system
+         * stack, so R14 is g0, and g0.m.curg is the goroutine that executed the `go`. */
+        u64 m = 0, curg = 0;
+        if (read_u64(p, &m, ctx->r14 + p->g_m) == 0 && m &&
+            read_u64(p, &curg, m + p->m_curg) == 0 && curg)
+            read_u64(p, &info.parent_goid, curg + p->g_goid);
+    }
     info.created_ns = bpf_ktime_get_ns();
 #ifdef WITH_STACKS
     u32 tid = (u32)bpf_get_current_pid_tgid();
@@ -191,11 +259,23 @@ int on_create(struct pt_regs *ctx)
         pending_stack.delete(&tid);
     }
 #endif
-    if (!put_in_slot(&key, &info) && live_goroutines.update(&key, &info) != 0)
-        count(GR_CNT_LIVE_FULL);
+    if (!put_in_slot(p, &key, &info))
+        put_in_hash(p, &key, &info);
 
-    count_birth(pid, info.gopc, info.startpc);
+    count_birth(p, pid, info.gopc, info.startpc);
     return 0;
+}
+
+/* Two entry points, one per register holding the new g: the verifier refuses a
+ * pt_regs offset chosen at run time. */
+int on_create_bx(struct pt_regs *ctx)
+{
+    return create(ctx, ctx->bx);
+}
+
+int on_create_ax(struct pt_regs *ctx)
+{
+    return create(ctx, ctx->ax);
 }
 
 static __always_inline u32 log2_slot(u64 v)
@@ -214,20 +294,22 @@ static __always_inline u32 log2_slot(u64 v)
 
 int on_exit(struct pt_regs *ctx)
 {
-    count(GR_CNT_EXIT_HITS);
-    u64 g = ctx->r14;
     u32 pid = bpf_get_current_pid_tgid() >> 32;
+    struct gr_proc *p = proc_of(pid);
+    if (!p)
+        return 0;
+    count(p, GR_CNT_EXIT_HITS);
     struct goroutine_key key = {.pid = pid};
     struct g_span span;
 
-    if (read_span(&span, g))
+    if (read_span(p, &span, ctx->r14))
         return 0;
-    key.goid = SPAN_AT(span, G_GOID);
+    key.goid = WORD(span, p->w_goid);
 
-    struct site_stats *st = site_for(pid, SPAN_AT(span, G_GOPC), SPAN_AT(span, G_STARTPC));
+    struct site_stats *st = site_for(p, pid, WORD(span, p->w_gopc), WORD(span, p->w_startpc));
     u64 created_ns;
-    struct live_slot *slot = slot_of(key.goid);
-    if (slot && slot->goid == key.goid && slot->pid == pid) {
+    struct live_slot *slot = slot_of(pid, key.goid);
+    if (slot && slot->goid == key.goid && slot->pid == pid && slot->gen == p->gen) {
         created_ns = slot->info.created_ns;
         asm volatile("" ::: "memory"); /* read the slot before freeing it */
         slot->goid = LIVE_SLOT_EMPTY;
@@ -239,7 +321,11 @@ int on_exit(struct pt_regs *ctx)
             return 0;
         }
         created_ns = info->created_ns;
-        live_goroutines.delete(&key);
+        if (live_goroutines.delete(&key) == 0) {
+            struct gr_usage *u = gr_usage.lookup(&pid);
+            if (u)
+                __sync_fetch_and_add(&u->live_in_hash, -1);
+        }
     }
     u64 lifetime = bpf_ktime_get_ns() - created_ns;
     if (!st)

@@ -21,7 +21,7 @@ from goleash.errors import GoleashError, StageFailure
 from goleash.gobin.errors import ProcessError
 from goleash.node import DEFAULT_ORPHAN_MIN_AGE_S  # noqa: F401  (defined there for the CLI)
 from goleash.probes.budget import OverheadBudget
-from goleash.probes.goroutines import GoroutineProbes, TrackerReading
+from goleash.probes.goroutines import GoroutineProbes, GoroutineProgram, TrackerReading
 from goleash.probes.inventory import Goroutine, Inventory, read_goroutines, site_at
 from goleash.probes.target import GoProcess
 
@@ -133,10 +133,13 @@ class ProcessTracker:
         max_sites: int | None = None,
         orphan_min_age_s: float = DEFAULT_ORPHAN_MIN_AGE_S,
         use_probes: bool = True,
+        program: GoroutineProgram | None = None,
     ) -> None:
+        """With `program` (the agent's), the probes share that compiled program with
+        every other process; stacks, max_live and max_sites are then the program's."""
         self.proc = proc
         self.budget = budget or OverheadBudget()
-        kw: dict[str, Any] = {"stacks": stacks}
+        kw: dict[str, Any] = {"stacks": stacks, "program": program}
         if max_live:
             kw["max_live"] = max_live
         if max_sites:

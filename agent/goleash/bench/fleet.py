@@ -1,0 +1,217 @@
+"""A node full of idle Go services (issue "Cheaper tracing", part 3).
+
+N idle Go processes (default 50, $GOLEASH_BENCH_FLEET), built with every installed
+toolchain from 1.21 on, plain, stripped and PIE in turn, then `goleash agent --pid`
+over all of them, as a subprocess so its CPU and memory are its own:
+
+- time from the agent's start until it logged every process as followed;
+- agent CPU per additional process: CPU at the last "following" line minus CPU at
+  the first (which carries the one BPF compile), over N - 1;
+- agent RSS once all are followed, and its peak after the steady-state window;
+- steady-state agent CPU, as a share of one core, over a few default intervals.
+
+Goals: <= 10 s, <= 100 ms per process, RSS <= 200 MB, <= 2% of a core.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from goleash.bench import Report, fixture
+from goleash.gobuild import installed_toolchains
+
+N = int(os.environ.get("GOLEASH_BENCH_FLEET", "50"))
+INTERVAL_S = 5.0  # the agent's default
+STEADY_INTERVALS = 3
+FOLLOW_TIMEOUT_S = 300.0
+VARIANTS = ("default", "stripped", "pie")
+_FOLLOWING = re.compile(r"following PID (\d+) ")
+
+
+def _toolchains() -> list[str]:
+    found = [
+        v for v in installed_toolchains() if tuple(int(x) for x in v.split(".")[:2]) >= (1, 21)
+    ]
+    if not found:
+        raise RuntimeError("no Go toolchain >= 1.21 installed (make setup)")
+    return found
+
+
+def _binaries(n: int) -> list[Path]:
+    tcs = _toolchains()
+    combos = [(tc, v) for v in VARIANTS for tc in tcs]
+    return [fixture("benchload", *combos[i % len(combos)]) for i in range(n)]
+
+
+def _proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Follows:
+    """Reads the agent's log: when each PID was followed, and the agent's CPU then."""
+
+    def __init__(self, agent: subprocess.Popen[str], want: set[int]) -> None:
+        self.agent = agent
+        self.want = want
+        self.seen: dict[int, tuple[float, float]] = {}  # pid -> (monotonic, agent CPU s)
+        self.all_done = threading.Event()
+        self.log: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.agent.stderr is not None
+        for line in self.agent.stderr:
+            if len(self.log) < 2000:
+                self.log.append(line)
+            m = _FOLLOWING.search(line)
+            if m and int(m.group(1)) in self.want:
+                try:
+                    cpu = _proc_cpu_s(self.agent.pid)
+                except OSError:
+                    cpu = float("nan")
+                self.seen[int(m.group(1))] = (time.monotonic(), cpu)
+                if self.want <= set(self.seen):
+                    self.all_done.set()
+
+
+def _probes_alone(report: Report, pids: list[int]) -> None:
+    """The goroutine probes' own share of following a process (its row in the one
+    program and its uprobes), apart from analysing its executable."""
+    from goleash.probes.goroutines import GoroutineProbes, compile_count, node_program
+    from goleash.probes.target import GoProcess
+
+    program = node_program()
+    compiles = compile_count()
+    cpu0 = time.process_time()
+    program.compile()
+    report.line("goroutines program compile (once per agent)", time.process_time() - cpu0, "CPU-s")
+    procs = [GoProcess.attach(pid) for pid in pids]
+    probes = [GoroutineProbes(p, program=program) for p in procs]
+    try:
+        cpu0 = time.process_time()
+        for pr in probes:
+            pr.attach()
+        attach_ms = (time.process_time() - cpu0) / len(probes) * 1000
+        cpu0 = time.process_time()
+        for pr in probes:
+            pr.read()
+        read_ms = (time.process_time() - cpu0) / len(probes) * 1000
+    finally:
+        for pr in probes:
+            pr.close()
+        program.close()
+        for p in procs:
+            p.close()
+    report.line("  per process: its row + uprobes attached", attach_ms, "CPU-ms")
+    report.line("  per process: its counts read (one table walk for all)", read_ms, "CPU-ms")
+    report.line("  BPF compiles for all processes", compile_count() - compiles, "compiles")
+
+
+def run(report: Report) -> None:
+    n = max(2, N)
+    binaries = _binaries(n)  # built (or cached) before anything is timed
+    report.line("idle Go processes", n, "procs", f"toolchains {', '.join(_toolchains())}")
+    procs: list[subprocess.Popen[bytes]] = []
+    agent: subprocess.Popen[str] | None = None
+    try:
+        for b in binaries:
+            procs.append(
+                subprocess.Popen(
+                    [str(b), "-mode", "hold", "-n", "10"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                )
+            )
+        for p in procs:  # each says {"ready": true, ...} once its goroutines are up
+            assert p.stdout is not None
+            p.stdout.readline()
+        pids = {p.pid for p in procs}
+        cmd = [
+            sys.executable,
+            "-m",
+            "goleash.cli",
+            "agent",
+            "--pid",
+            *map(str, sorted(pids)),
+            "--server",
+            f"127.0.0.1:{_free_port()}",  # nobody listens: batches stay buffered
+            "--health-listen",
+            "off",
+            "--metrics-listen",
+            "off",
+            "--interval",
+            str(INTERVAL_S),
+        ]
+        t0 = time.monotonic()
+        agent = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        follows = _Follows(agent, pids)
+        if not follows.all_done.wait(FOLLOW_TIMEOUT_S):
+            raise RuntimeError(
+                f"only {len(follows.seen)} of {n} processes followed after "
+                f"{FOLLOW_TIMEOUT_S:.0f} s:\n" + "".join(follows.log[-20:])
+            )
+        rss_followed = _proc_kb(agent.pid, "VmRSS") / 1024
+        anon_followed = _proc_kb(agent.pid, "RssAnon") / 1024
+        times = sorted(follows.seen.values())
+        (first_t, first_cpu), (last_t, last_cpu) = times[0], times[-1]
+        report.line("agent start until all followed", last_t - t0, "s", "goal <= 10")
+        report.line("agent start until the first followed (one compile)", first_t - t0, "s")
+        report.line("agent CPU until the first followed", first_cpu, "CPU-s")
+        report.line(
+            "agent CPU per additional process",
+            (last_cpu - first_cpu) / (n - 1) * 1000,
+            "ms",
+            "goal <= 100",
+        )
+        report.line("agent RSS, all followed", rss_followed, "MB", "goal <= 200")
+        # The rest of RSS is file pages (libbcc/LLVM, the binaries read): page cache.
+        report.line("  of which anonymous memory", anon_followed, "MB")
+
+        # Steady state: whole intervals after the last follow.
+        time.sleep(INTERVAL_S)
+        c0, w0 = _proc_cpu_s(agent.pid), time.monotonic()
+        time.sleep(STEADY_INTERVALS * INTERVAL_S)
+        c1, w1 = _proc_cpu_s(agent.pid), time.monotonic()
+        report.line(
+            f"agent CPU, steady state ({INTERVAL_S:g} s interval)",
+            (c1 - c0) / (w1 - w0) * 100,
+            "% core",
+            "goal <= 2",
+        )
+        report.line("agent RSS peak", _proc_kb(agent.pid, "VmHWM") / 1024, "MB", "goal <= 200")
+        agent.terminate()
+        agent.wait(timeout=60)
+        _probes_alone(report, sorted(pids))
+    finally:
+        if agent is not None and agent.poll() is None:
+            agent.terminate()
+            try:
+                agent.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()

@@ -1,0 +1,523 @@
+"""The one compiled goroutines program of an agent, shared by every traced process.
+
+bpf/goroutines.bpf.c is compiled once per GoroutineProgram (a BCC compile costs
+~0.6 CPU-s and leaves ~30 MB behind; per process that crash-looped the DaemonSet).
+What differs per process is a row of the gr_procs map, found by pid: the runtime.g
+offsets of its Go release, as word indexes into the one read a hit makes. Every
+other table is shared and keyed by pid, and each record that outlives a hit carries
+the process's registration number (gen), so a pid reused by a new process never
+inherits an old one's counts.
+
+Reading walks each shared table once for all processes (`reading(pid)` hands each
+process its part of one walk), never once per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import itertools
+import mmap
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+from goleash.errors import GoleashError
+from goleash.gobin.offsets import RuntimeOffsets
+from goleash.probes.bpfsrc import bpf_dir
+
+LIFETIME_SLOTS = 48
+COUNTER_NAMES = (
+    "create_hits",
+    "exit_hits",
+    "newproc_hits",
+    "live_table_full",
+    "site_table_full",
+    "read_faults",
+    "stack_faults",
+)
+SPAN_WORDS = 32  # GR_SPAN_WORDS: one read of runtime.g covers at most 256 bytes
+NO_FIELD = 0xFF  # GR_NO_FIELD
+PID_SLOTS = 4096  # GR_PID_SLOTS: pids found without a hash lookup (the rest: one)
+DEFAULT_MAX_PROCS = 1024
+SITE_READ_TRIES = 3  # site_stats re-reads while births move out of site_cache
+# A walk of the tables serves every process once; a process asking again (or after
+# this long) gets a new walk.
+TABLES_MAX_AGE_S = 1.0
+# Below this many entries, walking live_goroutines key by key beats a batch lookup,
+# which allocates arrays for the table's whole capacity.
+BATCH_FROM = 2048
+
+
+# Views of bpf/goleash.h, in its field order (BCC's own Leaf types serve the rest).
+class _GoroutineKey(ctypes.Structure):
+    _fields_ = [("pid", ctypes.c_uint32), ("_pad", ctypes.c_uint32), ("goid", ctypes.c_uint64)]
+
+
+class _SiteKey(ctypes.Structure):
+    _fields_ = [
+        ("pid", ctypes.c_uint32),
+        ("gen", ctypes.c_uint32),
+        ("gopc", ctypes.c_uint64),
+        ("startpc", ctypes.c_uint64),
+    ]
+
+
+# struct live_slot in bpf/goleash.h: goid, pid, gen, then struct goroutine_info.
+_LIVE_SLOT = struct.Struct("<QIIQQQQq")
+_SLOT_WRITING = (1 << 64) - 1  # empty slots have goid 0
+_SITE_WORDS = 4 + LIFETIME_SLOTS  # struct site_stats in u64 words
+
+_compiles = 0
+
+
+def compile_count() -> int:
+    """How many times this Python process compiled goroutines.bpf.c."""
+    return _compiles
+
+
+class ProbeAttachError(GoleashError):
+    """BCC could not compile or attach the goroutine probes."""
+
+
+def live_slots_for(max_live: int) -> int:
+    """Slots of the direct-mapped live array: the largest power of two <= max_live
+    (a mask, not a division, picks the slot)."""
+    return 1 << (max(max_live, 1).bit_length() - 1)
+
+
+@dataclass(frozen=True)
+class ProcessLayout:
+    """Where one process's runtime.g keeps what a hit reads: one read of span_bytes
+    at span_start, and which 8-byte word of it is which field."""
+
+    span_start: int
+    span_bytes: int
+    w_goid: int
+    w_gopc: int
+    w_startpc: int
+    w_parent: int  # NO_FIELD before Go 1.21
+    g_goid: int
+    g_m: int
+    m_curg: int
+
+
+def process_layout(off: RuntimeOffsets) -> ProcessLayout:
+    # One bpf_probe_read_user covers every g field a hit needs: a read costs the
+    # same for 8 or 160 bytes, so fewer reads is what makes a hit cheaper.
+    fields = [off.g_goid, off.g_gopc, off.g_startpc]
+    if off.g_parent_goid is not None:
+        fields.append(off.g_parent_goid)
+    start, end = min(fields), max(fields) + 8
+    if end - start > SPAN_WORDS * 8 or any((f - start) % 8 for f in fields):
+        raise ProbeAttachError(
+            f"runtime.g fields goid/gopc/startpc/parentGoid span {end - start} bytes "
+            f"(at most {SPAN_WORDS * 8}, 8-byte aligned, fit one read): this Go release's "
+            "layout needs a probe update"
+        )
+    if start > 0xFFFF:
+        raise ProbeAttachError(f"runtime.g.goid at offset {start}: not a runtime.g layout")
+    return ProcessLayout(
+        span_start=start,
+        span_bytes=end - start,
+        w_goid=(off.g_goid - start) // 8,
+        w_gopc=(off.g_gopc - start) // 8,
+        w_startpc=(off.g_startpc - start) // 8,
+        w_parent=NO_FIELD if off.g_parent_goid is None else (off.g_parent_goid - start) // 8,
+        g_goid=off.g_goid,
+        g_m=off.g_m,
+        m_curg=off.m_curg,
+    )
+
+
+@dataclass(frozen=True)
+class SiteCounts:
+    """Kernel-side counts of one creation site since attach."""
+
+    gopc: int
+    startpc: int
+    created: int
+    exited: int
+    exited_unseen: int
+    lifetime_sum_ns: int
+    lifetime_log2: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LiveGoroutine:
+    """A goroutine born while attached and not yet exited."""
+
+    goid: int
+    parent_goid: int
+    gopc: int
+    startpc: int
+    created_ns: int
+    stack_id: int
+
+
+@dataclass
+class ProcessTables:
+    """One process's part of a walk of the shared tables (runtime PCs)."""
+
+    counters: dict[str, int]
+    sites: dict[tuple[int, int], SiteCounts]
+    live: dict[int, LiveGoroutine]
+
+
+@dataclass
+class _Walk:
+    taken: float
+    with_live: bool
+    procs: dict[int, ProcessTables]
+    served: set[int] = field(default_factory=set)
+
+
+def _site_counts(gopc: int, startpc: int, per_cpu: ctypes.Array) -> SiteCounts:  # type: ignore[type-arg]
+    words = memoryview(per_cpu).cast("B").cast("Q").tolist()
+    cols = [sum(words[i::_SITE_WORDS]) for i in range(_SITE_WORDS)]
+    return SiteCounts(gopc, startpc, cols[0], cols[1], cols[2], cols[3], tuple(cols[4:]))
+
+
+def _return_freed_memory() -> None:
+    """Give the heap LLVM freed after a compile back to the system: glibc keeps it
+    otherwise, ~30 MB of the agent's resident memory for good."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class GoroutineProgram:
+    """goroutines.bpf.c compiled once, for every process registered with it.
+
+    Capacity is the node's: max_live slots (a power of two) plus a max_live-entry
+    hash, max_sites creation sites. A process may hold at most its share of the hash
+    and of the sites; beyond it (or when the table is full) it counts drops in its
+    own counters, so one busy process cannot starve the others unnoticed.
+    """
+
+    def __init__(
+        self,
+        *,
+        stacks: bool = False,
+        max_live: int,
+        max_sites: int,
+        max_live_per_process: int | None = None,
+        max_sites_per_process: int | None = None,
+        max_procs: int = DEFAULT_MAX_PROCS,
+        pid_slots: int = PID_SLOTS,
+    ) -> None:
+        self.stacks = stacks
+        self.max_live = max_live
+        self.max_sites = max_sites
+        self.max_live_per_process = max_live_per_process or max_live
+        self.max_sites_per_process = max_sites_per_process or max_sites
+        self.max_procs = max_procs
+        self.pid_slots = live_slots_for(pid_slots)  # a power of two
+        self.bpf = None  # bcc.BPF; falsy when it has no tables: test `is not None`
+        self._registered: dict[int, int] = {}  # pid -> gen
+        self._rows: dict[int, int] = {}  # pid -> its row of gr_procs
+        self._gens = itertools.count(1)
+        self._slots_mm: mmap.mmap | None = None
+        self._walk: _Walk | None = None
+        self._lock = threading.Lock()
+        self._compile_error: ProbeAttachError | None = None
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def cflags(self) -> list[str]:
+        flags = [
+            f"-I{bpf_dir()}",
+            f"-DMAX_PROCS={self.max_procs}",
+            f"-DMAX_LIVE={self.max_live}",
+            f"-DLIVE_SLOTS={live_slots_for(self.max_live)}",
+            f"-DMAX_SITES={self.max_sites}",
+            f"-DGR_PID_SLOTS={self.pid_slots}",
+        ]
+        if self.stacks:
+            flags.append("-DWITH_STACKS=1")
+        return flags
+
+    def compile(self) -> None:
+        global _compiles
+        if self.bpf is not None:
+            return
+        if self._compile_error is not None:  # once: not a compile per process again
+            raise self._compile_error
+        from bcc import BPF  # the only package that imports bcc
+
+        src = (bpf_dir() / "goroutines.bpf.c").read_text()
+        try:
+            self.bpf = BPF(text=src.encode(), cflags=self.cflags())
+        except Exception as exc:  # BCC raises bare Exception on compile errors
+            self._compile_error = ProbeAttachError(f"compiling goroutines.bpf.c failed: {exc}")
+            raise self._compile_error from exc
+        _compiles += 1
+        _return_freed_memory()
+
+    @property
+    def compiled(self) -> bool:
+        return self.bpf is not None
+
+    @property
+    def pids(self) -> frozenset[int]:
+        return frozenset(self._registered)
+
+    def close(self) -> None:
+        """Unload the program (every process's uprobes go with it)."""
+        with self._lock:
+            self._registered.clear()
+            self._rows.clear()
+            self._walk = None
+            if self._slots_mm is not None:
+                self._slots_mm.close()
+                self._slots_mm = None
+            if self.bpf is not None:
+                self.bpf.cleanup()
+                self.bpf = None
+
+    # --- processes ------------------------------------------------------------------
+
+    def register(self, pid: int, layout: ProcessLayout) -> None:
+        """Make PID's hits count (before its uprobes are attached)."""
+        self.compile()
+        assert self.bpf is not None
+        with self._lock:
+            if pid in self._registered:
+                raise ProbeAttachError(f"PID {pid} is already traced by this agent")
+            free = sorted(set(range(self.max_procs)) - set(self._rows.values()))
+            if not free:
+                raise ProbeAttachError(
+                    f"already tracing {self.max_procs} processes, the most one program holds"
+                )
+            row_idx = free[0]
+            gen = next(self._gens) & 0xFFFFFFFF or next(self._gens)
+            usage = self.bpf["gr_usage"]
+            u = usage.Leaf()
+            u.max_live_in_hash = self.max_live_per_process
+            u.max_sites = self.max_sites_per_process
+            usage[usage.Key(pid)] = u
+            procs = self.bpf["gr_procs"]
+            row = procs.Leaf()
+            for cpu in range(len(row)):
+                p = row[cpu]
+                p.gen = gen
+                p.span_start = layout.span_start
+                p.span_bytes = layout.span_bytes
+                p.w_goid = layout.w_goid
+                p.w_gopc = layout.w_gopc
+                p.w_startpc = layout.w_startpc
+                p.w_parent = layout.w_parent
+                p.g_goid = layout.g_goid
+                p.g_m = layout.g_m
+                p.m_curg = layout.m_curg
+            procs[procs.Key(row_idx)] = row
+            # Then where the program finds the row: the pid's slot if free, else the hash.
+            slots = self.bpf["gr_pid_slots"]
+            slot_key = slots.Key(pid % self.pid_slots)
+            if slots[slot_key].pid == 0:
+                slot = slots.Leaf()
+                slot.pid, slot.row = pid, row_idx
+                slots[slot_key] = slot
+            else:
+                rows = self.bpf["gr_pid_rows"]
+                rows[rows.Key(pid)] = rows.Leaf(row_idx)
+            self._rows[pid] = row_idx
+            self._registered[pid] = gen
+
+    def unregister(self, pid: int) -> None:
+        """Forget PID: its row first (hits find nothing to count into), then its
+        records in the shared tables. Its uprobes must be detached already."""
+        with self._lock:
+            gen = self._registered.pop(pid, None)
+            if gen is None or self.bpf is None:
+                return
+            self._walk = None
+            b = self.bpf
+            row_idx = self._rows.pop(pid)
+            slots = b["gr_pid_slots"]
+            slot_key = slots.Key(pid % self.pid_slots)
+            if slots[slot_key].pid == pid:
+                slots.clearitem(slot_key)
+            for name in ("gr_pid_rows", "gr_usage"):
+                t = b[name]
+                with contextlib.suppress(KeyError):
+                    del t[t.Key(pid)]
+            b["gr_procs"].clearitem(b["gr_procs"].Key(row_idx))  # its counters: zero
+            live_slots = self._slots()
+            if self.stacks:
+                self._forget_stacks(pid, gen, live_slots)
+            for name in ("live_goroutines", "site_stats"):
+                t = b[name]
+                for k in [k for k in t if k.pid == pid]:
+                    with contextlib.suppress(KeyError):
+                        del t[k]
+            # Its live slots: nothing else writes a slot it holds (only its own exit
+            # probe frees one), so clearing them cannot race another process.
+            slots = b["live_slots"]
+            for idx, _goid, slot_pid, slot_gen, *_ in live_slots:
+                if (slot_pid, slot_gen) == (pid, gen):
+                    slots.clearitem(slots.Key(idx))
+            # Its site_cache entries are dropped by the program when evicted (their
+            # gen is no longer registered) and skipped by readers meanwhile.
+
+    def _forget_stacks(self, pid: int, gen: int, live_slots: list) -> None:  # type: ignore[type-arg]
+        """The creator stacks only PID's live goroutines refer to. The stack map is
+        shared: processes of one non-PIE executable share stack ids, so an id
+        another live goroutine uses stays. (Ids of goroutines that already exited
+        stay too, as they did with a program per process.)"""
+        assert self.bpf is not None
+        mine: set[int] = set()
+        others: set[int] = set()
+        for *_, slot_pid, slot_gen, _p, _gopc, _startpc, _ns, sid in live_slots:
+            if sid >= 0:
+                (mine if (slot_pid, slot_gen) == (pid, gen) else others).add(sid)
+        for k, v in self.bpf["live_goroutines"].items():
+            if v.stack_id >= 0:
+                (mine if k.pid == pid else others).add(v.stack_id)
+        table = self.bpf["creator_stacks"]
+        for sid in mine - others:
+            with contextlib.suppress(KeyError):
+                del table[table.Key(sid)]
+
+    # --- reading --------------------------------------------------------------------
+
+    def reading(self, pid: int, *, with_live: bool = True) -> ProcessTables:
+        """PID's part of the shared tables: from the last walk if PID has not had
+        it yet and it is recent, else from a new walk."""
+        with self._lock:
+            w = self._walk
+            if (
+                w is None
+                or pid in w.served
+                or (with_live and not w.with_live)
+                or time.monotonic() - w.taken > TABLES_MAX_AGE_S
+            ):
+                w = self._walk = self._walk_tables(with_live)
+            w.served.add(pid)
+            return w.procs.get(pid) or ProcessTables(
+                counters=dict.fromkeys(COUNTER_NAMES, 0), sites={}, live={}
+            )
+
+    def _walk_tables(self, with_live: bool) -> _Walk:
+        assert self.bpf is not None
+        regs = dict(self._registered)
+        procs = {
+            pid: ProcessTables(counters=self._counters(pid), sites={}, live={}) for pid in regs
+        }
+        for (pid, gopc, startpc), counts in self._read_sites(regs).items():
+            procs[pid].sites[(gopc, startpc)] = counts
+        if with_live:
+            for pid, g in self._read_live(regs):
+                procs[pid].live[g.goid] = g
+        return _Walk(time.monotonic(), with_live, procs)
+
+    def _counters(self, pid: int) -> dict[str, int]:
+        assert self.bpf is not None
+        t = self.bpf["gr_procs"]
+        row = t[t.Key(self._rows[pid])]
+        return {name: sum(int(p.counters[i]) for p in row) for i, name in enumerate(COUNTER_NAMES)}
+
+    def _site_table(self, regs: dict[int, int]) -> dict[tuple[int, int, int], ctypes.Array]:  # type: ignore[type-arg]
+        assert self.bpf is not None
+        return {
+            (k.pid, k.gopc, k.startpc): v
+            for k, v in self.bpf["site_stats"].items()
+            if regs.get(k.pid) == k.gen
+        }
+
+    @staticmethod
+    def _created(table: dict[tuple[int, int, int], ctypes.Array]) -> dict[tuple, int]:  # type: ignore[type-arg]
+        return {k: sum(p.created for p in v) for k, v in table.items()}
+
+    def _read_sites(self, regs: dict[int, int]) -> dict[tuple[int, int, int], SiteCounts]:
+        """site_stats plus the births still pending in each CPU's site_cache. A birth
+        moves from the cache to site_stats when its entry is taken (cache first, then
+        the table): reading the table before and after the cache, and again if it
+        changed meanwhile, counts each birth once."""
+        assert self.bpf is not None
+        before = self._site_table(regs)
+        pending: dict[tuple[int, int, int], int] = {}
+        for _ in range(SITE_READ_TRIES):
+            pending = {}
+            for _idx, per_cpu in self.bpf["site_cache"].items():
+                for e in per_cpu:
+                    if e.created and regs.get(e.pid) == e.gen:
+                        key = (e.pid, e.gopc, e.startpc)
+                        pending[key] = pending.get(key, 0) + int(e.created)
+            after = self._site_table(regs)
+            stable = self._created(after) == self._created(before)
+            before = after
+            if stable:
+                break
+        # Still moving after the tries: a birth may be missed for this one reading
+        # (never counted twice); the next reading finds it in site_stats.
+        sites = {k: _site_counts(k[1], k[2], v) for k, v in before.items()}
+        for key, n in pending.items():
+            old = sites.get(key)
+            sites[key] = (
+                SiteCounts(key[1], key[2], n, 0, 0, 0, (0,) * LIFETIME_SLOTS)
+                if old is None
+                else SiteCounts(
+                    old.gopc,
+                    old.startpc,
+                    old.created + n,
+                    old.exited,
+                    old.exited_unseen,
+                    old.lifetime_sum_ns,
+                    old.lifetime_log2,
+                )
+            )
+        return sites
+
+    def _slots(self) -> list[tuple[int, int, int, int, int, int, int, int, int]]:
+        """The occupied slots of live_slots as (index, goid, pid, gen, info...), read
+        through an mmap of the array (one copy instead of a syscall per slot)."""
+        assert self.bpf is not None
+        n = live_slots_for(self.max_live)
+        if self._slots_mm is None:
+            size = n * _LIVE_SLOT.size
+            size += -size % mmap.PAGESIZE
+            fd = self.bpf["live_slots"].map_fd
+            self._slots_mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        data = self._slots_mm[: n * _LIVE_SLOT.size]
+        words = memoryview(data).cast("Q")
+        stride = _LIVE_SLOT.size // 8
+        goids = words[::stride].tolist()
+        words.release()
+        # A slot freed and reused while copying shows a goid with another's info for
+        # one reading at most; the copy is one memcpy, so that window is tiny.
+        return [
+            (i, *_LIVE_SLOT.unpack_from(data, i * _LIVE_SLOT.size))
+            for i in itertools.compress(range(n), goids)  # nonzero goids, found in C
+            if goids[i] != _SLOT_WRITING
+        ]
+
+    def _read_live(self, regs: dict[int, int]) -> list[tuple[int, LiveGoroutine]]:
+        assert self.bpf is not None
+        out = [
+            (pid, LiveGoroutine(goid, parent, gopc, startpc, created_ns, stack_id))
+            for _i, goid, pid, gen, parent, gopc, startpc, created_ns, stack_id in self._slots()
+            if regs.get(pid) == gen
+        ]
+        usage = self.bpf["gr_usage"]
+        in_hash = sum(u.live_in_hash for _k, u in usage.items())
+        table = self.bpf["live_goroutines"]
+        items = None
+        if in_hash >= BATCH_FROM:
+            try:
+                items = list(table.items_lookup_batch())  # ~8x faster than items() at 100k
+            except Exception:
+                items = None
+        if items is None:
+            items = table.items()
+        for k, v in items:
+            if k.pid in regs:
+                out.append(
+                    (
+                        k.pid,
+                        LiveGoroutine(
+                            k.goid, v.parent_goid, v.gopc, v.startpc, v.created_ns, v.stack_id
+                        ),
+                    )
+                )
+        return out
