@@ -103,8 +103,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "bpf-parent-from-g0",
         "bpf/goroutines.bpf.c",
-        "read_u64(&info.parent_goid, curg + G_GOID);",
-        "read_u64(&info.parent_goid, ctx->r14 + G_GOID);",
+        "read_u64(p, &info.parent_goid, curg + p->g_goid);",
+        "read_u64(p, &info.parent_goid, ctx->r14 + p->g_goid);",
         (GOROUTINES, "-k", "parents_from_probes and go1.19"),
         "Go 1.19: the parent is read from g0 (the system stack) instead of g0.m.curg",
     ),

@@ -128,6 +128,35 @@ def _probes_alone(report: Report, pids: list[int]) -> None:
     report.line("  BPF compiles for all processes", compile_count() - compiles, "compiles")
 
 
+def _start_idle(binaries: list[Path], procs: list[subprocess.Popen[bytes]]) -> None:
+    """Start one idle process per binary (into `procs`, so the caller stops them all)."""
+    for b in binaries:
+        procs.append(
+            subprocess.Popen(
+                [str(b), "-mode", "hold", "-n", "10"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+        )
+    for p in procs:  # each says {"ready": true, ...} once its goroutines are up
+        assert p.stdout is not None
+        p.stdout.readline()
+
+
+def _steady_state(report: Report, agent_pid: int) -> None:
+    """The agent's CPU over whole intervals after the last follow."""
+    time.sleep(INTERVAL_S)
+    c0, w0 = _proc_cpu_s(agent_pid), time.monotonic()
+    time.sleep(STEADY_INTERVALS * INTERVAL_S)
+    c1, w1 = _proc_cpu_s(agent_pid), time.monotonic()
+    report.line(
+        f"agent CPU, steady state ({INTERVAL_S:g} s interval)",
+        (c1 - c0) / (w1 - w0) * 100,
+        "% core",
+        "goal <= 2",
+    )
+
+
 def run(report: Report) -> None:
     n = max(2, N)
     binaries = _binaries(n)  # built (or cached) before anything is timed
@@ -135,17 +164,7 @@ def run(report: Report) -> None:
     procs: list[subprocess.Popen[bytes]] = []
     agent: subprocess.Popen[str] | None = None
     try:
-        for b in binaries:
-            procs.append(
-                subprocess.Popen(
-                    [str(b), "-mode", "hold", "-n", "10"],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                )
-            )
-        for p in procs:  # each says {"ready": true, ...} once its goroutines are up
-            assert p.stdout is not None
-            p.stdout.readline()
+        _start_idle(binaries, procs)
         pids = {p.pid for p in procs}
         cmd = [
             sys.executable,
@@ -188,17 +207,7 @@ def run(report: Report) -> None:
         # The rest of RSS is file pages (libbcc/LLVM, the binaries read): page cache.
         report.line("  of which anonymous memory", anon_followed, "MB")
 
-        # Steady state: whole intervals after the last follow.
-        time.sleep(INTERVAL_S)
-        c0, w0 = _proc_cpu_s(agent.pid), time.monotonic()
-        time.sleep(STEADY_INTERVALS * INTERVAL_S)
-        c1, w1 = _proc_cpu_s(agent.pid), time.monotonic()
-        report.line(
-            f"agent CPU, steady state ({INTERVAL_S:g} s interval)",
-            (c1 - c0) / (w1 - w0) * 100,
-            "% core",
-            "goal <= 2",
-        )
+        _steady_state(report, agent.pid)
         report.line("agent RSS peak", _proc_kb(agent.pid, "VmHWM") / 1024, "MB", "goal <= 200")
         agent.terminate()
         agent.wait(timeout=60)
