@@ -16,6 +16,7 @@ from goleash.control.paging import (
     encode_page_token,
     page_size,
 )
+from goleash.control.records import Selection
 from goleash.control.state import STALE_INTERVALS, Store
 
 
@@ -63,7 +64,7 @@ def list_processes(
 ) -> q.ListProcessesResponse:
     found = queries.processes(
         store,
-        queries.Selection.of(req.selector),
+        Selection.of(req.selector),
         now,
         window_seconds=req.window_seconds,
         include_gone=req.include_gone,
@@ -78,7 +79,7 @@ def goroutine_summary(
 ) -> q.GetGoroutineSummaryResponse:
     found = queries.sites(
         store,
-        queries.Selection.of(req.selector),
+        Selection.of(req.selector),
         now,
         window_seconds=req.window_seconds,
         limit=req.limit,
@@ -100,7 +101,7 @@ def list_goroutines(
     where.check()
     size = page_size(req.page_size)
     start = decode_page_token("goroutines", req.page_token)
-    found = queries.kept_goroutines(store, queries.Selection.of(req.selector), where)
+    found = queries.kept_goroutines(store, Selection.of(req.selector), where)
     out = q.ListGoroutinesResponse(total_size=len(found))
     for g in found[start : start + size]:
         out.goroutines.append(messages.goroutine_record(g))
@@ -111,7 +112,7 @@ def list_goroutines(
 
 def list_orphans(store: Store, req: q.ListOrphansRequest, now: float) -> q.ListOrphansResponse:
     found = queries.orphans(
-        store, queries.Selection.of(req.selector), now, min_age_seconds=req.min_age_seconds
+        store, Selection.of(req.selector), now, min_age_seconds=req.min_age_seconds
     )
     return messages.list_orphans_response(found, MAX_RESPONSE_BYTES)
 
@@ -120,7 +121,7 @@ def leak_suspects(
     store: Store, req: q.ListLeakSuspectsRequest, now: float
 ) -> q.ListLeakSuspectsResponse:
     found = queries.leak_suspects(
-        store, queries.Selection.of(req.selector), now, window_seconds=req.window_seconds
+        store, Selection.of(req.selector), now, window_seconds=req.window_seconds
     )
     return messages.leak_suspects_response(found, MAX_RESPONSE_BYTES)
 
@@ -131,7 +132,7 @@ def function_latency(
     found = queries.function_latency(
         store,
         req.function,
-        queries.Selection.of(req.selector),
+        Selection.of(req.selector),
         now,
         window_seconds=req.window_seconds,
         quantiles=req.quantiles,

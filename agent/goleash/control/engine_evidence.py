@@ -19,7 +19,8 @@ from goleash.control import flamegraph, queries
 from goleash.control.actions import DEGRADE
 from goleash.control.engine_signals import Reading
 from goleash.control.histogram import bucket_bounds
-from goleash.control.queries import Selection, SiteRow
+from goleash.control.queries import SiteRow
+from goleash.control.records import Selection
 from goleash.control.rules import RuleSpec
 from goleash.control.state import ControlError, Store
 

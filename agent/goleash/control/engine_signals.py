@@ -9,7 +9,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from goleash.control import queries
-from goleash.control.queries import ProcessRow, Selection, site_is
+from goleash.control.queries import ProcessRow, site_is
+from goleash.control.records import Selection
 from goleash.control.rules import SignalSpec
 from goleash.control.state import ControlError, Store
 

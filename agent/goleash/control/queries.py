@@ -24,26 +24,13 @@ from goleash.control.records import (
     LIVE,
     PANICS,
     ProcState,
+    Selection,
     ServiceState,
     SiteKey,
     SiteState,
 )
 from goleash.control.state import DEFAULT_QUANTILES, Store, non_negative
 from goleash.control.windows import covered
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Which processes a question is about (empty fields: all)."""
-
-    service: str = ""
-    agent_id: str = ""
-    pid: int = 0
-
-    @classmethod
-    def of(cls, sel: q.ProcessSelector) -> Selection:
-        """From the API's selector (the servicer boundary)."""
-        return cls(service=sel.service, agent_id=sel.agent_id, pid=sel.pid)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import ingest_service_pb2 as ing
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.control import limits as caps
@@ -109,3 +110,17 @@ def service_of(info: t.ProcessInfo) -> str:
     # an executable's name is whatever the host had: keep it printable and bounded
     base = os.path.basename(info.exe)[: caps.ID_CHARS]
     return caps._CONTROL.sub("?", base) or f"pid-{info.pid}"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which processes a question is about (empty fields: all)."""
+
+    service: str = ""
+    agent_id: str = ""
+    pid: int = 0
+
+    @classmethod
+    def of(cls, sel: q.ProcessSelector) -> Selection:
+        """From the API's selector (the servicer boundary)."""
+        return cls(service=sel.service, agent_id=sel.agent_id, pid=sel.pid)

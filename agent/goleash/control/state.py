@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any
 
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import ingest_service_pb2 as ing
@@ -41,6 +41,7 @@ from goleash.control.records import (
     AgentState,
     ProcKey,
     ProcState,
+    Selection,
     ServiceSite,
     ServiceState,
     SiteKey,
@@ -49,11 +50,8 @@ from goleash.control.records import (
 )
 from goleash.control.windows import DEFAULT_TIERS, HistogramWindows, Tier, Windows, retention
 
-if TYPE_CHECKING:
-    from goleash.control.queries import Selection
-
 # the API's selector, or the read model's plain one (same fields)
-Selector = Union[q.ProcessSelector, "Selection"]
+Selector = q.ProcessSelector | Selection
 
 DEFAULT_WINDOW = 60.0
 DEFAULT_QUANTILES = (0.5, 0.9, 0.99, 0.999)

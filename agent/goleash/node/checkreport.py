@@ -1,5 +1,6 @@
 """`goleash check`'s report: what the user gets (leaks grouped by test and creation
-site, the processes followed) and how it is shown (text, --json, JUnit XML)."""
+site, the processes followed), what it leaves out (the ignore list, the baseline) and
+how it is shown (text, --json, JUnit XML)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,84 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from goleash.errors import GoleashError
+
 MAX_STACK_FRAMES = 32
 
 # --- what the user gets --------------------------------------------------------------
+
+
+class CheckUsageError(GoleashError):
+    """Bad arguments or ignore/baseline files for `goleash check`."""
+
+
+# --- ignore list and baseline ------------------------------------------------------------
+
+
+@dataclass
+class IgnoreList:
+    """Like goleak's options: a top function, a `go` statement or a started function."""
+
+    top: set[str] = field(default_factory=set)
+    sites: set[str] = field(default_factory=set)  # "file.go:42" (suffix of the path)
+    functions: set[str] = field(default_factory=set)
+
+    @classmethod
+    def load(cls, path: str) -> IgnoreList:
+        import yaml
+
+        try:
+            doc = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise CheckUsageError(f"cannot read ignore file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise CheckUsageError(f"{path}: not YAML: {exc}") from None
+        entries = doc.get("ignore") if isinstance(doc, dict) else None
+        if not isinstance(entries, list):
+            raise CheckUsageError(
+                f"{path}: expected `ignore:` with a list of {{top: FUNC}}, {{site: FILE:LINE}} "
+                "or {function: FUNC}"
+            )
+        out = cls()
+        for e in entries:
+            if not isinstance(e, dict) or len(e) != 1:
+                raise CheckUsageError(f"{path}: bad ignore entry {e!r}")
+            ((kind, value),) = e.items()
+            if not isinstance(value, str) or not value:
+                raise CheckUsageError(f"{path}: bad ignore entry {e!r}")
+            if kind == "top":
+                out.top.add(value)
+            elif kind == "site":
+                out.sites.add(value)
+            elif kind == "function":
+                out.functions.add(value)
+            else:
+                raise CheckUsageError(f"{path}: unknown ignore kind {kind!r} (top, site, function)")
+        return out
+
+    def matches(self, function: str, go_statement: str, stack: list[str]) -> bool:
+        if function in self.functions:
+            return True
+        if any(go_statement == s or go_statement.endswith("/" + s) for s in self.sites):
+            return True
+        top = next((f.split(" ")[0] for f in stack if not f.startswith("runtime.")), None)
+        return top is not None and top in self.top
+
+
+def load_baseline(path: str) -> set[tuple[str, str, str, str]]:
+    import json
+
+    try:
+        doc = json.loads(Path(path).read_text())
+        return {
+            (lk["package"], lk["test"], lk["function"], lk["created_by"]) for lk in doc["leaks"]
+        }
+    except OSError as exc:
+        raise CheckUsageError(f"cannot read baseline {path}: {exc.strerror}") from None
+    except (ValueError, KeyError, TypeError):
+        raise CheckUsageError(
+            f"{path}: not a `goleash check --json` report (no leaks list)"
+        ) from None
 
 
 @dataclass

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from goleash.errors import GoleashError
 from goleash.gobin.binary import GoBinary
@@ -37,6 +37,7 @@ from goleash.node.checkreport import (
     MAX_STACK_FRAMES,
     CheckReport,
     FollowedProcess,
+    IgnoreList,
     Leak,
     split_symbol,
 )
@@ -46,9 +47,6 @@ from goleash.probes.stacks import _frames as logical_frames
 from goleash.probes.stacks import walk_stacks
 from goleash.probes.target import GoProcess
 from goleash.probes.testleaks import CheckEvent, CheckProbes, CheckSites, RunnerRecord
-
-if TYPE_CHECKING:
-    from goleash.node.check import IgnoreList
 
 BLOCKED = ("waiting", "leaked", "syscall")
 STOP_WAIT_S = 1.0
