@@ -24,7 +24,8 @@ import threading
 from goleash.control.auth import Authenticator, Role
 from goleash.control.server import ControlPlane, ControlPlaneConfig
 from goleash.errors import GoleashError
-from goleash.node.agent import Agent, AgentConfig, describe
+from goleash.node.agent import Agent, describe
+from goleash.node.agentconfig import AgentConfig
 from goleash.signals import stop_on_signals
 
 log = logging.getLogger("goleash.run")

@@ -23,8 +23,11 @@ from goleash.cli import main
 from goleash.errors import StageFailure
 from goleash.node import agent as agent_mod
 from goleash.node import discovery as discovery_mod
-from goleash.node.agent import MAX_PROCESS_FAILURES, Agent, AgentConfig, Followed
+from goleash.node.agent import Agent
+from goleash.node.agentconfig import AgentConfig
 from goleash.node.discovery import JUDGE_ATTEMPTS, Candidate, Discovery, Selector
+from goleash.node.faults import MAX_PROCESS_FAILURES
+from goleash.node.followed import Followed
 from goleash.node.metrics import MetricsServer
 from goleash.probes.procmem import start_time
 
@@ -148,11 +151,11 @@ def test_an_unexpected_attach_failure_is_retried_with_backoff_then_untraceable(
     monkeypatch.setattr(agent_mod.GoProcess, "attach", staticmethod(boom))
     a, c = _agent(), _candidate()
     assert a.follow(c) is None
-    assert a.process_errors == {"attach": 1} and c.key in a._retry_at
+    assert a.process_errors == {"attach": 1} and c.key in a.faults.retry_at
     assert a.follow(c) is None  # backing off: not tried, not counted
     assert a.process_errors == {"attach": 1}
     for _ in range(MAX_PROCESS_FAILURES - 1):
-        a._retry_at[c.key] = 0.0  # the backoff has passed
+        a.faults.retry_at[c.key] = 0.0  # the backoff has passed
         assert a.follow(c) is None
     assert a.process_errors == {"attach": MAX_PROCESS_FAILURES}
     assert a.untraceable[c.key] == "errors"

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from goleash.control.engine_stats import EngineCounts
 from goleash.control.metrics import ControlCollector, ControlView
-from goleash.node.agent import DEFAULT_METRICS_LISTEN
+from goleash.node import DEFAULT_METRICS_LISTEN
 from goleash.node.metrics import AgentCollector, AgentView, FunctionView, ProcessView, SiteView
 from goleash.probes import hist
 

@@ -123,8 +123,15 @@ def _cpu_s() -> float:
 def run(report: Report) -> None:
     binary = fixture("benchload", TOOLCHAIN)
     report.line("toolchain", float(TOOLCHAIN.split(".")[1]), "go1.N", f"go{TOOLCHAIN}")
+    emulated_hit, sites = _physical_limit(report, binary)
+    _churn(report, binary, sites, emulated_hit)
+    _http_throughput(report, binary, sites)
+    _inventory_vs_pprof(report, binary)
 
-    # --- 1. the physical limit --------------------------------------------------------
+
+def _physical_limit(report: Report, binary: Path) -> tuple[float, list[int]]:
+    """1. An empty uprobe hit, emulated and single-stepped, on a Go call loop.
+    Returns the emulated hit's cost (ns) and the file offsets of goleash's sites."""
     from goleash.gobin.binary import GoBinary
     from goleash.gobin.symbols import symbol_table
 
@@ -153,8 +160,11 @@ def run(report: Report) -> None:
     report.line(f"empty uprobe hit, emulated `{push.instruction}`", emulated_hit, "ns/hit")
     report.line("empty uprobe hit, single-stepped `cmp` (entry)", calls["stepped"] - base, "ns/hit")
     report.line("single-stepped / emulated hit cost", (calls["stepped"] - base) / emulated_hit, "x")
+    return emulated_hit, sites
 
-    # --- 2. goroutine churn -------------------------------------------------------------
+
+def _churn(report: Report, binary: Path, sites: list[int], emulated_hit: float) -> None:
+    """2. goleash's cost per goroutine and per hit on a goroutine-churn workload."""
     n_g = 200_000
     churn_args = ["-mode", "churn", "-n", str(n_g)]
     hits: dict[str, int] = {}
@@ -196,11 +206,13 @@ def run(report: Report) -> None:
             "goal >= 10",
         )
 
-    # --- 3. HTTP throughput -------------------------------------------------------------
+
+def _http_throughput(report: Report, binary: Path, sites: list[int]) -> None:
+    """3. HTTP/2 and HTTP/1.1 requests per second, traced each way / untraced."""
     for mode in ("http2", "http1"):
         args = ["-mode", mode, "-seconds", "3", "-workers", "8"]
         # Empty programs at goleash's sites: what the traps alone cost this workload.
-        tracers = {
+        tracers: dict[str, Tracer | None] = {
             "untraced": None,
             "empty probes at goleash's sites": lambda pid: empty_probes(str(binary), pid, sites),
             "goleash": lambda pid: _goleash(pid, {}),
@@ -219,7 +231,21 @@ def run(report: Report) -> None:
                     goal,
                 )
 
-    # --- 4. inventory of 100k goroutines vs pprof ------------------------------------------
+
+def _wait_for_http(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _inventory_vs_pprof(report: Report, binary: Path) -> None:
+    """4. Reading 100k goroutines from memory vs pprof's capture, and the stalls."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -238,15 +264,7 @@ def run(report: Report) -> None:
             f"{len(inv.goroutines)} read",
         )
         report.line("  traced process's worst stall during it", stall_inv / 1e6, "ms", "goal: none")
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/debug/pprof/", timeout=1).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        _wait_for_http(f"http://127.0.0.1:{port}/debug/pprof/", timeout_s=10)
         w.send("stall")
         t0 = time.monotonic()
         urllib.request.urlopen(

@@ -58,7 +58,7 @@ def _agent_config(args: argparse.Namespace) -> Any:
     import os
 
     from goleash.control.auth import client_token
-    from goleash.node.agent import AgentConfig
+    from goleash.node.agentconfig import AgentConfig
     from goleash.node.discovery import Selector
 
     def endpoint(value: str) -> str | None:
@@ -100,7 +100,8 @@ def _agent_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from goleash.node.agent import DEFAULT_SERVER, serve
+    from goleash.node.agent import serve
+    from goleash.node.agentconfig import DEFAULT_SERVER
 
     cfg = _agent_config(args)
     cfg.server = cfg.server or DEFAULT_SERVER

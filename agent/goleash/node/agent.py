@@ -10,9 +10,9 @@ the sender (sender.py: bounded buffer, reconnects); the node package never impor
 the control plane, only the API messages (DESIGN.md).
 
 A process goleash cannot trace (not Go after all, Go < 1.17, no offsets for it) is
-reported once and left alone. When its probes cannot be placed (a kernel refusing
-uprobes, BPF not available) the process is still followed from its memory
-("inventory-only", the reason said in the API and logs).
+reported once and left alone (faults.py). When its probes cannot be placed (a kernel
+refusing uprobes, BPF not available) the process is still followed from its memory
+("inventory-only", the reason said in the API and logs; followed.py).
 """
 
 from __future__ import annotations
@@ -20,150 +20,48 @@ from __future__ import annotations
 import logging
 import os
 import resource
-import socket
 import threading
 import time
-import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from goleash import __version__
 from goleash.api.goleash.v1 import ingest_service_pb2 as ing
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.errors import GoleashError, StageFailure, printable
-from goleash.gobin.errors import (
-    BinaryError,
-    NotELFError,
-    NotGoError,
-    OffsetsUnavailableError,
-    ProcessError,
-    UnsupportedGoVersionError,
-)
-from goleash.node import DEFAULT_HEALTH_LISTEN, DEFAULT_METRICS_LISTEN  # noqa: F401
-from goleash.node.discovery import Candidate, Discovery, Selector
+from goleash.gobin.errors import BinaryError, ProcessError
+from goleash.node.agentconfig import AgentConfig, check_server_address
+from goleash.node.discovery import Candidate, Discovery
 from goleash.node.export import (
-    DEFAULT_MAX_KEPT,
     LatencyDelta,
     SnapshotExporter,
     boot_time_s,
-    is_system_function,
     process_info,
     service_name,
-    site_name,
     trim_kept,
 )
-from goleash.node.metrics import (
-    DEFAULT_TOP_SITES,
-    AgentView,
-    FunctionView,
-    HealthServer,
-    MetricsServer,
-    ProcessView,
-    SiteView,
+from goleash.node.faults import ERROR_DROP_PREFIX, ProcessFaults
+from goleash.node.followed import (
+    Followed,
+    process_view,
+    runs_still,
+    start_funcs,
+    start_tracker,
 )
-from goleash.node.sender import (
-    DEFAULT_MAX_BATCHES,
-    BatchBuffer,
-    IngestSender,
-    SenderOptions,
-)
-from goleash.node.tracker import DEFAULT_ORPHAN_MIN_AGE_S, ProcessSnapshot, ProcessTracker
-from goleash.probes.budget import OverheadBudget
+from goleash.node.identity import agent_identity
+from goleash.node.metrics import AgentView, HealthServer, MetricsServer, ProcessView
+from goleash.node.sender import BatchBuffer, IngestSender, SenderOptions
+from goleash.node.tracker import ProcessSnapshot, ProcessTracker
 from goleash.probes.goroutines import node_program
-from goleash.probes.procmem import process_state, start_time
 from goleash.probes.target import GoProcess
 from goleash.signals import stop_on_signals
 
-if TYPE_CHECKING:
-    from goleash.node.funcwatch import FunctionWatch
-
 log = logging.getLogger("goleash.agent")
 
-DEFAULT_SERVER = "127.0.0.1:7070"  # the control plane's default (goleash.control)
-ATTACH_ATTEMPTS = 3  # a process that keeps failing transiently is given up after these
-# A process whose handling fails unexpectedly this many times (any stage) is left
-# alone until its executable changes; before that, attaching is retried with backoff.
-MAX_PROCESS_FAILURES = 3
-RETRY_BACKOFF_S = 2.0  # doubled after each failure
 # The main loop failing this many times in a row is a fault of the agent, not of one
 # process: it stops with a message (exit 2) instead of spinning.
 MAX_LOOP_FAILURES = 10
-STAGES = ("judge", "attach", "snapshot", "inventory", "stacks", "latency", "export", "detach")
-_MAX_LOGGED = 10_000  # (process, stage) pairs whose first failure was logged
-
-
-@dataclass
-class AgentConfig:
-    """How to run the agent (CLI flags map one to one)."""
-
-    server: str = DEFAULT_SERVER
-    selector: Selector = field(default_factory=Selector)
-    interval: float = 5.0
-    node_name: str | None = None  # default: $NODE_NAME, else the host name
-    agent_id: str | None = None  # default: node name + boot id
-    funcs: tuple[str, ...] = ()
-    panics: bool = False
-    health_listen: str | None = DEFAULT_HEALTH_LISTEN  # None: no health endpoint
-    metrics_listen: str | None = DEFAULT_METRICS_LISTEN  # None: no /metrics
-    metrics_top_sites: int = DEFAULT_TOP_SITES  # per process; the rest is one "other"
-    metrics_pid_label: bool = False  # pid as a label: a new series at every restart
-    otlp_endpoint: str | None = None  # also push the metrics over OTLP/gRPC there
-    otlp_interval: float = 30.0
-    host_root: str = "/"
-    token: str | None = None
-    tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    orphan_min_age_s: float = DEFAULT_ORPHAN_MIN_AGE_S
-    budget_fraction: float = 0.01
-    stacks: bool = False
-    buffer_batches: int = DEFAULT_MAX_BATCHES
-    max_message_bytes: int = 8 * 1024 * 1024
-    max_kept: int = DEFAULT_MAX_KEPT
-    scan_interval: float = 1.0
-
-
-# --- identity ------------------------------------------------------------------------
-
-
-def _first_line(paths: Sequence[Path]) -> str:
-    for p in paths:
-        try:
-            line = p.read_text().strip().splitlines()
-        except OSError:
-            continue
-        if line and line[0].strip():
-            return line[0].strip()
-    return ""
-
-
-def node_name(configured: str | None, host_root: str) -> str:
-    root = Path(host_root)
-    return (
-        configured
-        or os.environ.get("NODE_NAME")
-        or _first_line([root / "etc/hostname"])
-        or socket.gethostname()
-    )
-
-
-def agent_identity(cfg: AgentConfig) -> t.AgentIdentity:
-    """agent_id: configured, else node name + this boot's id (stable while the host
-    runs, new after a reboot, when every PID is new anyway)."""
-    node = node_name(cfg.node_name, cfg.host_root)
-    boot = _first_line(
-        [
-            Path(cfg.host_root) / "proc/sys/kernel/random/boot_id",
-            Path("/proc/sys/kernel/random/boot_id"),
-        ]
-    )
-    agent_id = cfg.agent_id or (f"{node}-{boot[:8]}" if boot else node)
-    return t.AgentIdentity(
-        agent_id=agent_id, node_name=node, instance_id=uuid.uuid4().hex, version=__version__
-    )
 
 
 def _own_usage() -> tuple[float, int]:
@@ -174,78 +72,6 @@ def _own_usage() -> tuple[float, int]:
     except (OSError, IndexError, ValueError):
         rss_pages = 0
     return ru.ru_utime + ru.ru_stime, rss_pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def check_server_address(server: str) -> None:
-    """A whole-agent fault, refused at start (exit 2): a control-plane address that
-    can never work. gRPC target schemes (dns:///, unix:) are left to gRPC."""
-    if "://" in server or server.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
-        return
-    host, sep, port = server.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or any(c.isspace() for c in server) or not port.isdigit():
-        raise GoleashError(f"--server {server!r}: not HOST:PORT (e.g. goleash:7070)")
-    if not 0 < int(port) < 65536:
-        raise GoleashError(f"--server {server!r}: port {port} is not in 1-65535")
-
-
-# --- one followed process ----------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class Followed:
-    cand: Candidate
-    proc: GoProcess
-    tracker: ProcessTracker
-    exporter: SnapshotExporter
-    service: str
-    info: t.ProcessInfo
-    funcs: FunctionWatch | None = None  # with --func / --panics (imported only then)
-    last: ProcessSnapshot | None = None
-
-    def close(self) -> None:
-        # The uprobes first: whatever else fails, none may stay in the target.
-        try:
-            self.tracker.close()
-        finally:
-            try:
-                if self.funcs is not None:
-                    self.funcs.close()
-            finally:
-                self.proc.close()
-
-
-def _untraceable_kind(exc: BaseException) -> str:
-    if isinstance(exc, UnsupportedGoVersionError):
-        return "go_version"
-    if isinstance(exc, NotGoError | NotELFError):
-        return "not_go"
-    if isinstance(exc, OffsetsUnavailableError):
-        return "offsets_unknown"
-    if isinstance(exc, ProcessError):
-        return "unreadable"
-    if not isinstance(exc, GoleashError):
-        return "errors"
-    return "other"
-
-
-_ERROR_DROP_PREFIX = "process_errors_"
-
-
-def _alive(pid: int, start_ticks: int) -> bool:
-    """The process (pid, start) still runs: not exited, reaped, reused or a zombie."""
-    return start_time(pid) == start_ticks and process_state(pid) not in (None, "Z", "X")
-
-
-def _runs_still(f: Followed) -> bool:
-    """A followed process is still there running the executable it was attached to."""
-    try:
-        return _alive(f.cand.pid, f.proc.start_time) and f.proc.same_executable()
-    except Exception:
-        return False
-
-
-# --- the agent ----------------------------------------------------------------------------
 
 
 class Agent:
@@ -259,6 +85,7 @@ class Agent:
             config.selector, host_root=config.host_root, on_error=self._judge_failed
         )
         self.buffer = BatchBuffer(max_batches=config.buffer_batches)
+        self.faults = ProcessFaults(self.discovery, self.buffer)
         self.sender = IngestSender(
             SenderOptions(
                 server=config.server,
@@ -282,15 +109,6 @@ class Agent:
         # the first one is attached): a compile per process cost ~0.6 CPU-s and
         # ~30 MB each.
         self.goroutine_program = node_program(stacks=config.stacks)
-        self.untraceable: dict[tuple[int, int], str] = {}  # (pid, start) -> kind
-        self._untraceable_counts: dict[str, int] = {}
-        self._attempts: Counter[tuple[int, int]] = Counter()
-        # Fault isolation: failures by stage (for /metrics and the control plane),
-        # by process (to give up on one), and when a failed process may be tried again.
-        self.process_errors: Counter[str] = Counter()
-        self._failures: Counter[tuple[int, int]] = Counter()
-        self._retry_at: dict[tuple[int, int], float] = {}
-        self._logged: set[tuple[tuple[int, int], str]] = set()
         self._reported_pids: set[int] = set()
         self._pending_appeared: list[t.ProcessInfo] = []
         self._pending_gone: list[ing.ProcessGone] = []
@@ -299,6 +117,16 @@ class Agent:
         self.health: HealthServer | None = None
         self.metrics: MetricsServer | None = None
         self.otlp: Any = None  # goleash.otlp.OtlpExporter (optional extra)
+
+    @property
+    def process_errors(self) -> Counter[str]:
+        """Failures of one process's handling, by stage (faults.py)."""
+        return self.faults.process_errors
+
+    @property
+    def untraceable(self) -> dict[tuple[int, int], str]:
+        """(pid, start) -> why goleash does not trace that process (faults.py)."""
+        return self.faults.untraceable
 
     # --- endpoints -----------------------------------------------------------------
 
@@ -313,11 +141,11 @@ class Agent:
             batch_drops={
                 k: v
                 for k, v in self.buffer.drop_counts().items()
-                if not k.startswith(_ERROR_DROP_PREFIX)
+                if not k.startswith(ERROR_DROP_PREFIX)
             },
             reconnects=s.reconnects,
             connected=s.connected,
-            untraceable=self._untraceable_counts,
+            untraceable=self.faults.untraceable_counts,
             scans=self.discovery.scans,
             process_errors=dict(self.process_errors),
         )
@@ -362,167 +190,53 @@ class Agent:
     def ready(self) -> bool:
         """BPF works here, /proc was scanned, and no selected process is still waiting
         for its attach to be retried (see metrics.py for the choice)."""
-        return bool(self.bpf_ok and self.discovery.scans and not self._attempts)
+        return bool(self.bpf_ok and self.discovery.scans and not self.faults.attempts)
 
     # --- following ------------------------------------------------------------------
 
-    def _fault(
-        self, stage: str, pid: int, exe: str, exc: BaseException, key: tuple[int, int]
-    ) -> None:
-        """Count one failure of one process's handling, and log the first per stage."""
-        if isinstance(exc, StageFailure):
-            stage, exc = exc.stage, exc.cause
-        self.process_errors[stage] += 1
-        # Reaches the control plane in the next batch's agent-level drops.
-        self.buffer.count_drop(f"{_ERROR_DROP_PREFIX}{stage}")
-        if (key, stage) in self._logged:
-            log.debug("PID %d: %s failed again: %r", pid, stage, exc)
-            return
-        if len(self._logged) >= _MAX_LOGGED:
-            self._logged.clear()
-        self._logged.add((key, stage))
-        log.warning(
-            "PID %d (%s): %s failed: %s: %s (this process only; counted in "
-            "goleash_agent_process_errors_total)",
-            pid,
-            printable(exe),
-            stage,
-            type(exc).__name__,
-            printable(str(exc))[:300],
-            exc_info=exc if log.isEnabledFor(logging.DEBUG) else None,
-        )
-
     def _judge_failed(self, pid: int, exe: str, exc: BaseException, key: tuple[int, int]) -> None:
-        self._fault("judge", pid, exe, exc, key)
-
-    def _failed(self, c: Candidate, stage: str, exc: BaseException) -> None:
-        """An unexpected failure while attaching to C: retried later with backoff,
-        given up after MAX_PROCESS_FAILURES, forgotten quietly if C is gone."""
-        self._fault(stage, c.pid, c.exe, exc, c.key)
-        if not _alive(c.pid, c.start_ticks):
-            self._forget_key(c.key)
-            self.discovery.forget(c.pid)
-            return
-        self._failures[c.key] += 1
-        n = self._failures[c.key]
-        if n >= MAX_PROCESS_FAILURES:
-            self._retry_at.pop(c.key, None)
-            self._untraceable(c, exc)
-        else:
-            self._retry_at[c.key] = time.monotonic() + RETRY_BACKOFF_S * 2 ** (n - 1)
-            self.discovery.forget(c.pid, retry=True)
-
-    def _forget_key(self, key: tuple[int, int]) -> None:
-        self._attempts.pop(key, None)
-        self._failures.pop(key, None)
-        self._retry_at.pop(key, None)
-
-    def _untraceable(self, c: Candidate, exc: BaseException) -> None:
-        kind = _untraceable_kind(exc)
-        if c.key not in self.untraceable:
-            log.warning("not tracing PID %d (%s): %s", c.pid, printable(c.exe), exc)
-        self.untraceable[c.key] = kind
-        self._failures.pop(c.key, None)
-        self._untraceable_counts = dict(Counter(self.untraceable.values()))
-        self._attempts.pop(c.key, None)
-        self.discovery.forget(c.pid)
-
-    def _start_tracker(self, proc: GoProcess) -> ProcessTracker:
-        cfg = self.cfg
-        kw = {
-            "budget": OverheadBudget(cpu_fraction=cfg.budget_fraction),
-            "orphan_min_age_s": cfg.orphan_min_age_s,
-        }
-        if self.bpf_ok:
-            tracker = None
-            try:
-                tracker = ProcessTracker(proc, program=self.goroutine_program, **kw)  # type: ignore[arg-type]
-                tracker.start()
-                return tracker
-            except ProcessError:
-                if tracker is not None:
-                    tracker.close()
-                raise
-            except GoleashError as exc:
-                if tracker is not None:
-                    tracker.close()
-                why = f"uprobes could not be placed: {exc}"
-            except BaseException:
-                if tracker is not None:
-                    tracker.close()  # a compiled BPF program must not outlive a failure
-                raise
-        else:
-            why = f"BPF unavailable on this host: {self.bpf_problem}"
-        tracker = ProcessTracker(proc, use_probes=False, **kw)  # type: ignore[arg-type]
-        tracker.start()
-        tracker.mode_reason = why
-        log.warning("PID %d: %s; following it from its memory only", proc.pid, why)
-        return tracker
-
-    def _start_funcs(self, f: Followed) -> None:
-        from goleash.node.funcwatch import FunctionWatch
-
-        try:
-            w = FunctionWatch(
-                f.proc,
-                self.cfg.funcs,
-                interval=self.cfg.interval,
-                budget_fraction=self.cfg.budget_fraction,
-                panics=self.cfg.panics,
-            )
-            for why in w.missing:
-                log.info("PID %d (%s): --func: %s", f.proc.pid, f.service, why)
-            for r in w.resolutions:
-                log.info("PID %d (%s): timing %s", f.proc.pid, f.service, r.describe())
-            w.start()
-            if not f.proc.same_executable():  # exec'd or gone: no probe may stay
-                w.close()
-                return
-        except GoleashError as exc:
-            log.warning("PID %d (%s): no function latency/panics: %s", f.proc.pid, f.service, exc)
-            return
-        except Exception:  # a bug here must not cost the goroutine tracking
-            log.exception("PID %d (%s): no function latency/panics", f.proc.pid, f.service)
-            return
-        f.funcs = w
+        self.faults.judge_failed(pid, exe, exc, key)
 
     def follow(self, c: Candidate) -> Followed | None:
         """Attach to a new candidate; None when it cannot be (reported) or not yet.
         Never raises: whatever goes wrong is this process's failure alone."""
-        retry_at = self._retry_at.get(c.key)
-        if retry_at is not None and time.monotonic() < retry_at:
-            self.discovery.forget(c.pid, retry=True)  # backing off: judged again later
+        if self.faults.backing_off(c):
             return None
         try:
             return self._follow(c)
         except Exception as exc:  # a bug or hostile input: this process only
-            self._failed(c, "attach", exc)
+            self.faults.failed(c, "attach", exc)
             return None
 
     def _follow(self, c: Candidate) -> Followed | None:
         try:
             proc = GoProcess.attach(c.pid)
         except ProcessError as exc:
-            self._retry_or_give_up(c, exc)
+            self.faults.retry_or_give_up(c, exc)
             return None
         except BinaryError as exc:
-            self._untraceable(c, exc)
+            self.faults.mark_untraceable(c, exc)
             return None
         try:
-            tracker = self._start_tracker(proc)
+            tracker = start_tracker(
+                proc,
+                self.cfg,
+                self.goroutine_program,
+                bpf_ok=self.bpf_ok,
+                bpf_problem=self.bpf_problem,
+            )
         except ProcessError as exc:
             proc.close()
-            self._retry_or_give_up(c, exc)
+            self.faults.retry_or_give_up(c, exc)
             return None
         except GoleashError as exc:
             proc.close()
-            self._untraceable(c, exc)
+            self.faults.mark_untraceable(c, exc)
             return None
         except BaseException:
             proc.close()
             raise
-        self._attempts.pop(c.key, None)
-        self._retry_at.pop(c.key, None)
+        self.faults.attached(c.key)
         service = service_name(c)
         f = Followed(
             c,
@@ -533,7 +247,7 @@ class Agent:
             self._info(c, service, tracker),
         )
         if self.cfg.funcs or self.cfg.panics:
-            self._start_funcs(f)
+            start_funcs(f, self.cfg)
         log.info(
             "following PID %d %s (%s, service %s): %s",
             c.pid,
@@ -544,25 +258,6 @@ class Agent:
         )
         return f
 
-    def _retry_or_give_up(self, c: Candidate, exc: ProcessError) -> None:
-        self._attempts[c.key] += 1
-        if not _alive(c.pid, c.start_ticks):
-            self._attempts.pop(c.key, None)
-            self.discovery.forget(c.pid)
-        elif self._attempts[c.key] >= ATTACH_ATTEMPTS:
-            self._untraceable(c, exc)
-        else:
-            self.discovery.forget(c.pid, retry=True)  # young processes: runtime not up yet
-
-    def _forget_vanished(self) -> None:
-        """Processes that could not be traced (or were waiting for a retry) and exited."""
-        gone = [k for k in (*self.untraceable, *self._attempts) if start_time(k[0]) != k[1]]
-        gone += [k for k in (*self._failures, *self._retry_at) if start_time(k[0]) != k[1]]
-        for k in gone:
-            self._forget_key(k)
-            if self.untraceable.pop(k, None) is not None:
-                self._untraceable_counts = dict(Counter(self.untraceable.values()))
-
     def _info(self, c: Candidate, service: str, tracker: ProcessTracker) -> t.ProcessInfo:
         return process_info(
             c, service=service, boot_s=self.boot_s, mode=tracker.mode, reason=tracker.mode_reason
@@ -572,21 +267,17 @@ class Agent:
 
     def _snapshot(self, f: Followed) -> ing.ProcessSnapshot | None:
         """This interval's message for one process; None if it exited (finished) or
-        failed (counted; after MAX_PROCESS_FAILURES it is no longer followed)."""
+        failed (counted; after faults.MAX_PROCESS_FAILURES it is no longer followed)."""
         try:
             return self._snapshot_unguarded(f)
         except Exception as exc:
-            if not _runs_still(f):
+            if not runs_still(f):
                 self.finish(f.cand.pid, "exited")  # gone mid-read: quietly
             elif isinstance(exc, ProcessError):
                 self.buffer.count_drop("snapshot_failed")  # a torn read; next interval
-            else:
-                self._fault("snapshot", f.cand.pid, f.cand.exe, exc, f.cand.key)
-                self._failures[f.cand.key] += 1
-                if self._failures[f.cand.key] >= MAX_PROCESS_FAILURES:
-                    self.finish(f.cand.pid, "untraceable: repeated errors")
-                    self.untraceable[f.cand.key] = "errors"
-                    self._untraceable_counts = dict(Counter(self.untraceable.values()))
+            elif self.faults.failed_again("snapshot", f.cand.pid, f.cand.exe, exc, f.cand.key):
+                self.finish(f.cand.pid, "untraceable: repeated errors")
+                self.faults.gave_up(f.cand.key)
             return None
 
     def _snapshot_unguarded(self, f: Followed) -> ing.ProcessSnapshot | None:
@@ -606,7 +297,7 @@ class Agent:
             try:
                 latency, panics, not_timed = f.funcs.take()
             except Exception as exc:  # the goroutine numbers still go out
-                self._fault("latency", f.cand.pid, f.cand.exe, exc, f.cand.key)
+                self.faults.fault("latency", f.cand.pid, f.cand.exe, exc, f.cand.key)
         try:
             return f.exporter.message(
                 snap, latency=latency, panics=panics, extra_drops=not_timed, keep=keep
@@ -625,18 +316,18 @@ class Agent:
         if f is None:
             return
         self.discovery.forget(pid)
-        self._forget_key(f.cand.key)
+        self.faults.forget_key(f.cand.key)
         try:
             if f.last is not None:
                 final = f.tracker.final_snapshot()
                 self._pending_snaps.append(self._message(f, final, keep=False))
         except Exception as exc:
-            self._fault("snapshot", pid, f.cand.exe, exc, f.cand.key)
+            self.faults.fault("snapshot", pid, f.cand.exe, exc, f.cand.key)
         finally:
             try:
                 f.close()
             except Exception as exc:
-                self._fault("detach", pid, f.cand.exe, exc, f.cand.key)
+                self.faults.fault("detach", pid, f.cand.exe, exc, f.cand.key)
         self._pending_gone.append(
             ing.ProcessGone(
                 pid=pid, start_time_unix_nano=f.info.start_time_unix_nano, reason=reason
@@ -688,53 +379,17 @@ class Agent:
         procs = []
         for f in self.followed.values():
             try:
-                procs.append(self._process_view(f))
+                procs.append(process_view(f))
             except Exception as exc:
-                self._fault("export", f.cand.pid, f.cand.exe, exc, f.cand.key)
+                self.faults.fault("export", f.cand.pid, f.cand.exe, exc, f.cand.key)
         self._procs_view = procs
-
-    def _process_view(self, f: Followed) -> ProcessView:
-        snap = f.last
-        sites: dict[tuple[str, str], SiteView] = {}
-        for s in snap.sites if snap is not None else ():
-            if is_system_function(s.function):
-                continue
-            k = site_name(s)
-            v = sites.setdefault(k, SiteView(k[0], k[1], 0, 0, 0, 0))
-            v.live += s.live
-            v.created += s.created
-            v.exited += s.exited + s.exited_unseen
-            v.orphans += s.orphans
-        functions: list[FunctionView] = []
-        panics: dict[str, int] = {}
-        if f.funcs is not None:
-            functions = [
-                FunctionView(fn, tot.buckets, tot.count, tot.sum_ns, tot.timed)
-                for fn, tot in f.funcs.totals_copy().items()
-            ]
-            panics = dict(f.funcs.panic_totals)
-        return ProcessView(
-            pid=f.cand.pid,
-            service=f.service,
-            mode=f.tracker.mode,
-            goroutines=sum(v.live for v in sites.values()),
-            sites=list(sites.values()),
-            probe_hits=dict(snap.probe_hits) if snap else {},
-            dropped=dict(snap.dropped) if snap else {},
-            functions=functions,
-            panics=panics,
-            namespace=f.info.kubernetes.namespace,
-            pod=f.info.kubernetes.pod,
-            container=f.info.kubernetes.container,
-            module=f.info.module_path,
-        )
 
     def step(self, *, periodic: bool) -> None:
         """One scan; one batch when something appeared or went, or when `periodic`."""
         result = self.discovery.scan()
         for pid, _start in result.vanished:
             self.finish(pid, "exited")
-        self._forget_vanished()
+        self.faults.forget_vanished()
         first_snaps = []
         for c in result.appeared:
             f = self.follow(c)
@@ -779,7 +434,7 @@ class Agent:
                     raise  # a fault of the whole agent (configuration, environment)
                 except Exception as exc:
                     failed_in_a_row += 1
-                    self.process_errors["agent"] += 1
+                    self.faults.process_errors["agent"] += 1
                     log.exception("agent loop failed (%d in a row)", failed_in_a_row)
                     if failed_in_a_row >= MAX_LOOP_FAILURES:
                         raise GoleashError(

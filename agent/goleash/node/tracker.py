@@ -268,6 +268,34 @@ class ProcessTracker:
         return self.snapshot(inventory=self._last_inventory)
 
     def snapshot(self, inventory: Inventory | None = None) -> ProcessSnapshot:
+        inv, reading = self._read(inventory)
+        born = reading.live if reading else {}
+        by_site: dict[tuple[int, int], list[Goroutine]] = {}
+        for g in inv.goroutines:
+            by_site.setdefault((g.gopc, g.startpc), []).append(g)
+        keys = set(by_site) | (set(reading.sites) if reading else set())
+        live_by_goid = {g.goid for g in inv.goroutines}
+        sites: list[SiteSummary] = []
+        ages_s: dict[int, float] = {}
+        orphan_goids: set[int] = set()
+        for key in keys:
+            members = by_site.get(key, [])
+            member_ages = [
+                (inv.read_ns - self._birth_ns(g.goid, born, inv.read_ns)) / 1e9 for g in members
+            ]
+            orphans = 0
+            for g, age in zip(members, member_ages, strict=True):
+                ages_s[g.goid] = age
+                if self._is_orphan(g, age, born, live_by_goid):
+                    orphans += 1
+                    orphan_goids.add(g.goid)
+            sites.append(self._site_summary(key, members, member_ages, orphans, reading, born))
+        sites.sort(key=lambda s: (-s.live, -s.created, s.function))
+        return self._process_snapshot(inv, reading, sites, ages_s, orphan_goids, born)
+
+    def _read(self, inventory: Inventory | None) -> tuple[Inventory, TrackerReading | None]:
+        """The live goroutines (INVENTORY if given, else read now) and the probes'
+        reading; the overhead budget judged on a fresh read only."""
         now = time.monotonic()
         # The budget is a share of a core over time: a burst read over a few
         # milliseconds (two snapshots close together) is judged over one second.
@@ -281,70 +309,71 @@ class ProcessTracker:
         if inventory is None:
             self._apply_budget(reading, max_goid, dt)
         self._last_max_goid = max(self._last_max_goid, max_goid)
+        return inv, reading
 
-        live_by_goid = {g.goid for g in inv.goroutines}
-        born = reading.live if reading else {}
-        by_site: dict[tuple[int, int], list[Goroutine]] = {}
-        for g in inv.goroutines:
-            by_site.setdefault((g.gopc, g.startpc), []).append(g)
-        keys = set(by_site) | (set(reading.sites) if reading else set())
+    def _site_stack(
+        self, key: tuple[int, int], members: list[Goroutine], reading: TrackerReading, born: dict
+    ) -> list[str]:
+        """The creator's stack of one of the site's goroutines the probes saw born."""
+        sid = next(
+            (
+                born[g.goid].stack_id
+                for g in members
+                if g.goid in born and born[g.goid].stack_id in reading.creator_stacks
+            ),
+            None,
+        )
+        return [] if sid is None else self.creator_stack(key[0], reading.creator_stacks[sid])
 
-        sites: list[SiteSummary] = []
-        ages_s: dict[int, float] = {}
-        orphan_goids: set[int] = set()
-        for key in keys:
-            members = by_site.get(key, [])
-            counts = reading.sites.get(key) if reading else None
-            member_ages = [
-                (inv.read_ns - self._birth_ns(g.goid, born, inv.read_ns)) / 1e9 for g in members
-            ]
-            ages = sorted(member_ages)
-            reasons = Counter(g.wait_reason for g in members if g.wait_reason)
-            orphans = 0
-            for g, age in zip(members, member_ages, strict=True):
-                ages_s[g.goid] = age
-                if self._is_orphan(g, age, born, live_by_goid):
-                    orphans += 1
-                    orphan_goids.add(g.goid)
-            fn, stmt = self.site_name(*key)
-            stack: list[str] = []
-            if reading is not None and reading.creator_stacks:
-                sid = next(
-                    (
-                        born[g.goid].stack_id
-                        for g in members
-                        if g.goid in born and born[g.goid].stack_id in reading.creator_stacks
-                    ),
-                    None,
-                )
-                if sid is not None:
-                    stack = self.creator_stack(key[0], reading.creator_stacks[sid])
-            exited = counts.exited if counts else 0
-            oldest = max(range(len(members)), key=member_ages.__getitem__, default=None)
-            oldest_unborn = oldest is not None and members[oldest].goid not in born
-            sites.append(
-                SiteSummary(
-                    function=fn,
-                    go_statement=stmt,
-                    live=len(members),
-                    created=counts.created if counts else 0,
-                    exited=exited,
-                    exited_unseen=counts.exited_unseen if counts else 0,
-                    age_p50_s=_quantile(ages, 0.5),
-                    age_p99_s=_quantile(ages, 0.99),
-                    age_max_s=ages[-1] if ages else None,
-                    wait_reasons=dict(reasons.most_common(3)),
-                    orphans=orphans,
-                    lifetime_mean_s=(counts.lifetime_sum_ns / exited / 1e9)
-                    if counts and exited
-                    else None,
-                    gopc=key[0],
-                    startpc=key[1],
-                    creator_stack=stack,
-                    age_max_lower_bound=oldest_unborn,
-                )
-            )
-        sites.sort(key=lambda s: (-s.live, -s.created, s.function))
+    def _site_summary(
+        self,
+        key: tuple[int, int],
+        members: list[Goroutine],
+        member_ages: list[float],
+        orphans: int,
+        reading: TrackerReading | None,
+        born: dict,
+    ) -> SiteSummary:
+        """One creation site: its live MEMBERS (ages in MEMBER_AGES, same order) joined
+        with the probes' counts for it."""
+        counts = reading.sites.get(key) if reading else None
+        ages = sorted(member_ages)
+        reasons = Counter(g.wait_reason for g in members if g.wait_reason)
+        fn, stmt = self.site_name(*key)
+        stack: list[str] = []
+        if reading is not None and reading.creator_stacks:
+            stack = self._site_stack(key, members, reading, born)
+        exited = counts.exited if counts else 0
+        oldest = max(range(len(members)), key=member_ages.__getitem__, default=None)
+        oldest_unborn = oldest is not None and members[oldest].goid not in born
+        return SiteSummary(
+            function=fn,
+            go_statement=stmt,
+            live=len(members),
+            created=counts.created if counts else 0,
+            exited=exited,
+            exited_unseen=counts.exited_unseen if counts else 0,
+            age_p50_s=_quantile(ages, 0.5),
+            age_p99_s=_quantile(ages, 0.99),
+            age_max_s=ages[-1] if ages else None,
+            wait_reasons=dict(reasons.most_common(3)),
+            orphans=orphans,
+            lifetime_mean_s=(counts.lifetime_sum_ns / exited / 1e9) if counts and exited else None,
+            gopc=key[0],
+            startpc=key[1],
+            creator_stack=stack,
+            age_max_lower_bound=oldest_unborn,
+        )
+
+    def _process_snapshot(
+        self,
+        inv: Inventory,
+        reading: TrackerReading | None,
+        sites: list[SiteSummary],
+        ages_s: dict[int, float],
+        orphan_goids: set[int],
+        born: dict,
+    ) -> ProcessSnapshot:
         counters = reading.counters if reading else {}
         return ProcessSnapshot(
             pid=self.proc.pid,
