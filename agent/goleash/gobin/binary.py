@@ -249,7 +249,10 @@ class GoBinary:
 
     def close(self) -> None:
         if self._data is not None:
-            self._data.close()
+            # A Pclntab's view of the mapping may outlive the binary: the mapping (and
+            # the descriptor mmap keeps of its own) then goes with the last view.
+            with contextlib.suppress(BufferError):
+                self._data.close()
             self._data = None
         if self.fd >= 0:
             os.close(self.fd)
