@@ -239,9 +239,20 @@ class GoBinary:
             out[name.decode("utf-8", "replace")] = (value, sym_size)
         return out
 
+    def release_pages(self) -> None:
+        """Drop this mapping's resident pages after a whole-file pass (analysis reads
+        DWARF, symbols, pclntab): they stay in the page cache, shared, and the few that
+        later reads need fault back in. A read-only file mapping loses nothing."""
+        if self._data is not None and hasattr(mmap, "MADV_DONTNEED"):
+            with contextlib.suppress(OSError):
+                self._data.madvise(mmap.MADV_DONTNEED)
+
     def close(self) -> None:
         if self._data is not None:
-            self._data.close()
+            # A Pclntab's view of the mapping may outlive the binary: the mapping (and
+            # the descriptor mmap keeps of its own) then goes with the last view.
+            with contextlib.suppress(BufferError):
+                self._data.close()
             self._data = None
         if self.fd >= 0:
             os.close(self.fd)

@@ -28,6 +28,7 @@ import contextlib
 import fnmatch
 import struct
 import weakref
+from array import array
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -126,18 +127,19 @@ class Pclntab:
 
     # --- function table --------------------------------------------------------
 
-    def _read_functab(self) -> tuple[list[int], list[int]]:
+    def _read_functab(self) -> tuple[array[int], array[int]]:
+        # Arrays, not lists of ints: a tenth of the memory, kept as long as the binary.
         n = self.header.nfunc
         buf = self._buf
         off = self._pclntable
         if self._old:
             words = struct.unpack_from(f"<{2 * n + 1}Q", buf, off)
-            entries = list(words[0::2])
+            entries = array("Q", words[0::2])
         else:
             words = struct.unpack_from(f"<{2 * n + 1}I", buf, off)
             ts = self.text_start
-            entries = [ts + e for e in words[0::2]]
-        funcoffs = list(words[1::2])
+            entries = array("Q", (ts + e for e in words[0::2]))
+        funcoffs = array("Q", words[1::2])
         if any(b < a for a, b in zip(entries, entries[1:], strict=False)):
             raise NotGoError(f"{self.path}: damaged Go pclntab (function table unsorted)")
         return entries, funcoffs  # entries has one extra: the end of the last function
@@ -247,9 +249,21 @@ class Pclntab:
         return self._cstring(self._funcnametab + self._func_field(fo, 1))
 
     def _cstring(self, off: int) -> str:
-        end = self._buf.index(b"\0", off)
+        buf = self._buf
+        if not 0 <= off < len(buf):
+            raise ValueError(f"string at {off} outside the pclntab")
+        end, step = off, 256
+        while True:  # a view of the file has no index(): look chunk by chunk
+            chunk = bytes(buf[end : end + step])
+            if not chunk:
+                raise ValueError(f"unterminated string at {off} in the pclntab")
+            at = chunk.find(b"\0")
+            if at >= 0:
+                end += at
+                break
+            end, step = end + len(chunk), min(step * 2, 1 << 16)
         # Names end up on terminals, in logs and label values: no control characters.
-        return printable(self._buf[off:end].decode("utf-8", "replace"))
+        return printable(bytes(buf[off:end]).decode("utf-8", "replace"))
 
     def _pcvalue(self, off: int, entry: int, target: int) -> int:
         # A pc-value table is a sequence of (value delta zig-zag varint, pc delta
@@ -278,7 +292,7 @@ def _elide_brackets(name: str) -> str:
     return name if j <= i else name[:i] + "[...]" + name[j + 1 :]
 
 
-def _uvarint(buf: bytes, p: int) -> tuple[int, int]:
+def _uvarint(buf: bytes | memoryview, p: int) -> tuple[int, int]:
     v = shift = 0
     while True:
         b = buf[p]
@@ -292,12 +306,15 @@ def _uvarint(buf: bytes, p: int) -> tuple[int, int]:
 # --- finding it ------------------------------------------------------------------------
 
 
-def _bytes_from(binary: GoBinary, vaddr: int) -> bytes:
-    """The file bytes from vaddr to the end of its segment's file image."""
+def _bytes_from(binary: GoBinary, vaddr: int) -> memoryview:
+    """The file bytes from vaddr to the end of its segment's file image: a view of the
+    binary's mapping, not a copy. The pages stay the page cache's (shared with the
+    process running the file, dropped under pressure) instead of megabytes of heap
+    per binary; the view keeps the mapping alive after the binary is closed."""
     for seg in binary.segments:
         if seg.vaddr <= vaddr < seg.vaddr + seg.filesz:
             start = seg.offset + vaddr - seg.vaddr
-            return bytes(binary.data[start : seg.offset + seg.filesz])
+            return memoryview(binary.data)[start : seg.offset + seg.filesz]
     raise NotGoError(f"{binary.path}: Go pclntab at {vaddr:#x} is not backed by the file")
 
 

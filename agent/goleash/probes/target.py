@@ -17,7 +17,8 @@ from goleash.gobin.buildinfo import BuildInfo
 from goleash.gobin.errors import BinaryError, ProcessError
 from goleash.gobin.offsets import RuntimeOffsets
 from goleash.gobin.pclntab import Pclntab
-from goleash.gobin.report import InspectReport, analyze, inspect_binary
+from goleash.gobin.report import InspectReport, inspect_binary
+from goleash.gobin.shared import SHARED, Analysis, AnalysisCache
 from goleash.gobin.symbols import SymbolTable
 from goleash.probes.procmem import ProcessMemory, check_pid, exe_path, load_bias, start_time
 
@@ -35,12 +36,18 @@ class GoProcess:
     load_bias: int
     memory: ProcessMemory = field(repr=False)
     start_time: int  # /proc/PID/stat starttime: a reused PID has another
+    # The analysis shared with other processes of the same file (released on close);
+    # None when the caller built this object around a binary of its own.
+    shared: Analysis | None = field(default=None, repr=False)
+    cache: AnalysisCache | None = field(default=None, repr=False)
 
     @classmethod
-    def attach(cls, pid: int) -> GoProcess:
-        """Open PID's Go executable and memory. Raises (each with a message to act on):
-        ProcessError (no such PID, exited, no permission), NotGoError / NotELFError
-        (not a Go program), UnsupportedGoVersionError, OffsetsUnavailableError."""
+    def attach(cls, pid: int, *, cache: AnalysisCache = SHARED) -> GoProcess:
+        """Open PID's Go executable and memory. The executable's analysis comes from
+        `cache`: done once per file, shared by every process running it. Raises (each
+        with a message to act on): ProcessError (no such PID, exited, no permission),
+        NotGoError / NotELFError (not a Go program), UnsupportedGoVersionError,
+        OffsetsUnavailableError."""
         check_pid(pid)
         exe = exe_path(pid)
         try:
@@ -49,17 +56,10 @@ class GoProcess:
             exe_name = exe
         started = start_time(pid)
         try:
-            binary = GoBinary(exe)
+            shared = cache.acquire(exe)
         except BinaryError as exc:
             raise _named(exc, pid, exe, exe_name, started) from None
-        try:
-            try:
-                info, symbols, offsets, pclntab = analyze(binary)
-            except BinaryError as exc:
-                raise _named(exc, pid, exe, exe_name, started) from None
-        except BaseException:
-            binary.close()
-            raise
+        binary = shared.binary
         try:
             memory = ProcessMemory(pid)
             bias = load_bias(pid, binary)
@@ -68,20 +68,22 @@ class GoProcess:
             if not _runs(pid, binary):
                 raise ProcessError(f"PID {pid}: it exec'd another program while attaching")
         except BaseException:
-            binary.close()
+            cache.release(shared)
             raise
         return cls(
             pid=pid,
             exe=exe,
             exe_name=exe_name,
             binary=binary,
-            build_info=info,
-            offsets=offsets,
-            symbols=symbols,
-            pclntab=pclntab,
+            build_info=shared.build_info,
+            offsets=shared.offsets,
+            symbols=shared.symbols,
+            pclntab=shared.pclntab,
             load_bias=bias,
             memory=memory,
             start_time=started,
+            shared=shared,
+            cache=cache,
         )
 
     def same_executable(self) -> bool:
@@ -104,10 +106,15 @@ class GoProcess:
         return runtime_addr - self.load_bias
 
     def close(self) -> None:
+        """Idempotent: the shared analysis is released once, by its last user closed."""
         try:
             self.memory.close()
         finally:
-            self.binary.close()
+            shared, self.shared = self.shared, None
+            if shared is not None and self.cache is not None:
+                self.cache.release(shared)
+            elif self.cache is None:  # a binary of its own (not from a cache)
+                self.binary.close()
 
     def __enter__(self) -> GoProcess:
         return self
