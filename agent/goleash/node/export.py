@@ -234,7 +234,7 @@ class SnapshotExporter:
             if not gs and not d_created and not d_exited:
                 continue
             total += len(gs)
-            s = out.sites.add(
+            row = out.sites.add(
                 function=k[0],
                 go_statement=k[1],
                 creator_function=creators.get(k, ""),
@@ -242,7 +242,7 @@ class SnapshotExporter:
                 created=d_created,
                 exited=d_exited,
             )
-            self._describe_members(s, snap, gs)
+            self._describe_members(row, snap, gs)
         return total
 
     def _describe_members(
