@@ -41,6 +41,14 @@ CONGESTED_AFTER_FALLBACK_S = 12.0
 HTTP2_OFF = "GODEBUG=http2client=0,http2server=0"
 
 
+def _evidence(event: t.Event) -> dict[str, Any]:
+    """A decision's evidence as plain values (`details` is a protobuf Struct)."""
+    from google.protobuf.json_format import MessageToDict
+
+    ev = MessageToDict(event.details).get("evidence")
+    return ev if isinstance(ev, dict) else {}
+
+
 class DemoError(GoleashError):
     """A step of the demo did not happen in time."""
 
@@ -401,8 +409,8 @@ class Demo:
         if fired is None:
             raise DemoError("the policy did not fire within 90s of the congestion")
         t_fire = self.now()
-        ev = dict(fired.details).get("evidence")
-        if ev is not None and "baseline" in ev:  # what the policy measured, if we missed it
+        ev = _evidence(fired)
+        if "baseline" in ev:  # what the policy measured, if we missed it
             self.step(
                 "jump",
                 "the client's HTTP/2 ReadFrame p99 jumps",
@@ -484,7 +492,8 @@ class Demo:
         assert self.api is not None
         rdir = self.dir / "report"
         rdir.mkdir(exist_ok=True)
-        events, token = [], ""
+        events: list[t.Event] = []
+        token = ""
         while True:
             resp = self.api.call(
                 "ListEvents", q.ListEventsRequest(page_size=1000, page_token=token)
@@ -499,8 +508,8 @@ class Demo:
             for e in events:
                 f.write(json.dumps(views.event_dict(e), default=str) + "\n")
         svg = ""
-        ev = dict(self.fired.details).get("evidence")
-        if ev is not None and "flamegraph_svg" in ev:
+        ev = _evidence(self.fired)
+        if "flamegraph_svg" in ev:
             src = Path(ev["flamegraph_svg"])
             if src.exists():
                 svg = str(rdir / "flamegraph.svg")
