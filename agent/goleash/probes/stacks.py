@@ -80,14 +80,16 @@ class _Symbolizer:
     _FUNCDATA_INL_TREE = 3
 
     def __init__(self, proc: GoProcess) -> None:
-        self.proc = proc
+        # Kept per binary in a WeakKeyDictionary: holding the binary (or the process,
+        # which holds it) would keep the key alive, its mapping and fd with it, forever.
+        self._binary = weakref.ref(proc.binary)
         self.tab = proc.pclntab
         self.cache: dict[tuple[int, bool], tuple[Frame, ...]] = {}
-        self.gofunc = self._gofunc()
+        self.gofunc = self._gofunc(proc)
         self.node = (16, 4, 8) if self.tab.magic == MAGIC_GO120 else (20, 12, 16)
 
-    def _gofunc(self) -> int | None:
-        tab, binary = self.tab, self.proc.binary
+    def _gofunc(self, proc: GoProcess) -> int | None:
+        tab, binary = self.tab, proc.binary
         rodata = binary.section(".rodata")
         if tab.moduledata is None or rodata is None or tab.magic == MAGIC_GO116:
             return None
@@ -97,7 +99,7 @@ class _Symbolizer:
             return None
         # moduledata.rodata by its place in the struct (runtime/symtab.go): an external
         # linker (cgo) puts C's read-only data first, so it is not .rodata's start.
-        at = _rodata_word(self.proc.build_info.go_version)
+        at = _rodata_word(proc.build_info.go_version)
         if at is not None and 0 < words[at] <= words[at + 1]:
             return words[at + 1]
         found = [i for i in range(24, 63) if words[i] == rodata.vaddr]
@@ -138,7 +140,8 @@ class _Symbolizer:
         and the PC whose line is the physical function's (the outermost call site)."""
         tab = self.tab
         none: tuple[list[tuple[str, int]], int] = ([], tracepc)
-        if self.gofunc is None:
+        binary = self._binary()
+        if self.gofunc is None or binary is None:
             return none
         i = tab._index_for_pc(entry)
         if i is None:
@@ -161,7 +164,7 @@ class _Symbolizer:
             ix = tab._pcvalue(pcdata, entry, pc)
             if ix < 0:
                 return out, pc
-            node = self.proc.binary.read(self.gofunc + tree + ix * size, size)
+            node = binary.read(self.gofunc + tree + ix * size, size)
             (name_off,) = struct.unpack_from("<i", node, name_at)
             (parent_pc,) = struct.unpack_from("<i", node, parent_at)
             out.append((tab._cstring(tab._funcnametab + name_off), pc))
