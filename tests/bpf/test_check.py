@@ -255,12 +255,12 @@ def test_check_falls_back_to_perf_event_uprobes(
 ) -> None:
     # Kernels before 6.6 have no uprobe_multi links: one perf-event uprobe per site.
     from goleash.node.check import run_check
-    from goleash.probes.testleaks import CheckProbes
+    from goleash.probes import uprobe
 
     def refused(*_args: object) -> int:
         raise OSError(22, "uprobe_multi link: Invalid argument")
 
-    monkeypatch.setattr(CheckProbes, "_link_multi", refused)
+    monkeypatch.setattr(uprobe, "attach_multi", refused)
     monkeypatch.chdir(MODULE)
     for k, v in gobuild.go_env(EDGE_TOOLCHAINS[-1]).items():
         monkeypatch.setenv(k, v)

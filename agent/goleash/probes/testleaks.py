@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import os
-import struct
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +25,7 @@ from typing import Any
 from goleash.errors import GoleashError
 from goleash.gobin.disasm import GoroutineProbeSites, ProbeSite
 from goleash.gobin.offsets import RuntimeOffsets
-from goleash.probes.uprobe import attach_at, detach
+from goleash.probes.uprobe import GroupAttacher
 
 BPF_DIR = Path(__file__).resolve().parents[3] / "bpf"
 MAX_FOLLOWED = 65536
@@ -35,15 +33,10 @@ MAX_LIVE = 65536
 MAX_TESTS = 16384
 MAX_PROCS = 4096
 FOLLOW_EXEC, FOLLOW_EXIT, PROCESS_EXIT = 1, 2, 3
-# bpf(2) for uprobe_multi links (Linux >= 6.6), which BCC 0.26 does not wrap: closing
-# one link costs the kernel one RCU grace period (~0.05 s here) for all its sites,
-# closing a perf-event uprobe one per site (~0.13 s, serialized). A test binary lives
-# for milliseconds; its probes' removal must not dominate the run.
-_SYS_BPF = 321  # x86-64
-_BPF_LINK_CREATE = 28
-_BPF_TRACE_UPROBE_MULTI = 48  # enum bpf_attach_type
-_BPF_ATTR_SIZE = 128
-_libc = ctypes.CDLL(None, use_errno=True)
+# Probes go in as uprobe_multi links (Linux >= 6.6, probes/uprobe.py): closing one
+# link costs the kernel one RCU grace period (~0.05 s here) for all its sites, closing
+# a perf-event uprobe one per site (~0.13 s, serialized). A test binary lives for
+# milliseconds; its probes' removal must not dominate the run.
 TL_COUNTERS = (
     "create_hits",
     "exit_hits",
@@ -200,66 +193,14 @@ class CheckProbes:
     def _attach_group(
         self, pid: int, exe: str, fn: str, group: list[ProbeSite]
     ) -> Callable[[], None]:
-        if self._multi is not False:
-            try:
-                fd = self._link_multi(pid, exe, fn, group)
-                self._multi = True
-                return lambda: os.close(fd)
-            except OSError:
-                if self._multi:
-                    raise
-                # No uprobe_multi here: the program was loaded for it, reload it plain.
-                self._multi = False
-                loaded = self._bpf.funcs.pop(fn.encode(), None)  # type: ignore[attr-defined]
-                if loaded is not None:
-                    os.close(loaded.fd)
-        events: list[str] = []
+        """One link for the group (or a perf-event uprobe per site on kernels before
+        6.6, learnt at the first process and kept for the others)."""
+        attacher = GroupAttacher(self._bpf, exe, pid)
+        attacher.multi = self._multi
         try:
-            for site in group:
-                events.append(attach_at(self._bpf, exe, site.file_offset, fn, pid))
-        except OSError:
-            for ev in events:
-                detach(self._bpf, ev)
-            raise
-
-        def detach_group() -> None:
-            for ev in events:
-                detach(self._bpf, ev)
-
-        return detach_group
-
-    def _link_multi(self, pid: int, exe: str, fn: str, group: list[ProbeSite]) -> int:
-        from bcc import BPF
-
-        try:
-            prog = self._bpf.load_func(  # type: ignore[attr-defined]
-                fn.encode(), BPF.KPROBE, attach_type=_BPF_TRACE_UPROBE_MULTI
-            )
-        except Exception as exc:  # BCC raises bare Exception; a kernel before 6.6 refuses
-            raise OSError(f"loading {fn} for uprobe_multi: {exc}") from exc
-        offsets = (ctypes.c_uint64 * len(group))(*(s.file_offset for s in group))
-        path = ctypes.create_string_buffer(exe.encode())
-        attr = (ctypes.c_uint8 * _BPF_ATTR_SIZE)()
-        # union bpf_attr.link_create: prog_fd, target_fd, attach_type, flags, then
-        # uprobe_multi: path, offsets, ref_ctr_offsets, cookies, cnt, flags, pid.
-        struct.pack_into("<IIII", attr, 0, prog.fd, 0, _BPF_TRACE_UPROBE_MULTI, 0)
-        struct.pack_into(
-            "<QQQQIII",
-            attr,
-            16,
-            ctypes.addressof(path),
-            ctypes.addressof(offsets),
-            0,
-            0,
-            len(group),
-            0,
-            pid,
-        )
-        fd = _libc.syscall(_SYS_BPF, _BPF_LINK_CREATE, attr, _BPF_ATTR_SIZE)
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"uprobe_multi link: {os.strerror(err)}")
-        return int(fd)
+            return attacher.attach([s.file_offset for s in group], fn)
+        finally:
+            self._multi = attacher.multi
 
     def detach(self, pid: int) -> None:
         """Remove the uprobes of one process. Each waits for the kernel (an RCU grace

@@ -60,7 +60,10 @@ def attach_multi(bpf: Any, path: str, file_offsets: Sequence[int], fn_name: str,
     (closing it detaches every site). OSError when the kernel has no such links."""
     from bcc import BPF
 
-    fn = bpf.load_func(fn_name.encode(), BPF.KPROBE, attach_type=_BPF_TRACE_UPROBE_MULTI)
+    try:
+        fn = bpf.load_func(fn_name.encode(), BPF.KPROBE, attach_type=_BPF_TRACE_UPROBE_MULTI)
+    except Exception as exc:  # BCC raises bare Exception; a kernel before 6.6 refuses
+        raise OSError(f"loading {fn_name} for uprobe_multi: {exc}") from exc
     offsets = (ctypes.c_uint64 * len(file_offsets))(*file_offsets)
     c_path = ctypes.create_string_buffer(path.encode())
     attr = (ctypes.c_uint8 * _BPF_ATTR_SIZE)()
