@@ -251,18 +251,38 @@ def run_check(
     if shutil.which(command[0]) is None:
         raise CheckUsageError(f"command not found: {command[0]}")
     started = time.monotonic()
-    # Until the probes are loaded a SIGTERM (a CI timeout) must not kill goleash
-    # alone, leaving the command held or its programs waiting at the gate.
-    on_term = signal.signal(signal.SIGTERM, _interrupt)
+    # Until the probes are loaded a SIGINT or SIGTERM (a CI timeout) must not kill
+    # goleash alone, leaving the command held or its programs waiting at the gate.
+    _interrupt.signals.clear()
+    _interrupt.command_pid = None
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with tempfile.TemporaryDirectory(prefix="goleash-check-") as tmp:
             return _run(command, Path(tmp), ignore, baseline, poll_ms, stdout_to_stderr, started)
     finally:
-        signal.signal(signal.SIGTERM, on_term)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
+class _Interrupt:
+    """The signal handler while the probes load: it kills the command's tree at once
+    and remembers the signal, and _run raises KeyboardInterrupt once loading is over.
+    It never raises itself: raised inside an import (an importlib lock callback), the
+    exception was swallowed and left the loader thread waiting on the import lock."""
+
+    def __init__(self) -> None:
+        self.signals: list[int] = []
+        self.command_pid: int | None = None
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        self.signals.append(signum)
+        if self.command_pid is not None:
+            for pid in [self.command_pid, *_tree(self.command_pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+_interrupt = _Interrupt()
 
 
 def _run(
@@ -276,11 +296,15 @@ def _run(
 ) -> CheckReport:
     gate = ExecGate.for_command(command, tmp)
     pid, release = _spawn(command, gate, stdout_to_stderr=stdout_to_stderr)
+    _interrupt.command_pid = pid
     try:
         loader = _ProbeLoader()
         from goleash.node.checktrace import Checker  # heavy: beside the compile
 
         probes = loader.result()
+        if _interrupt.signals:
+            probes.close()
+            raise KeyboardInterrupt
     except BaseException:
         _kill_tree(pid)
         if gate is not None:
