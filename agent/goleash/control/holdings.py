@@ -5,15 +5,21 @@ so a refused batch changes nothing."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from goleash.api.goleash.v1 import ingest_service_pb2 as ing
 from goleash.control import limits as caps
-from goleash.control.limits import InvalidArgument, ResourceExhausted
-from goleash.control.records import ProcKey
+from goleash.control.limits import InvalidArgument, Limits, ResourceExhausted
+from goleash.control.records import AgentState, ProcKey, ProcState
 
-if TYPE_CHECKING:
-    from goleash.control.state import Store
+
+class Store(Protocol):
+    """What the caps are checked against: the part of state.Store read here."""
+
+    limits: Limits
+    agents: dict[str, AgentState]
+    procs: dict[ProcKey, ProcState]
+    sites_held: int
 
 
 def check_holdings(store: Store, b: ing.AgentBatch) -> int:

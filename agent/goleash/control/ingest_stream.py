@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -15,21 +14,22 @@ from goleash.api.goleash.v1 import ingest_service_pb2 as ing
 from goleash.api.goleash.v1 import ingest_service_pb2_grpc as ing_grpc
 from goleash.control import auth
 from goleash.control.limits import ControlError, InvalidArgument
-
-if TYPE_CHECKING:
-    from goleash.control.server import ControlPlane
+from goleash.control.owners import AgentOwners
+from goleash.control.state import Store
 
 
 class IngestServicer(ing_grpc.IngestServiceServicer):
-    def __init__(self, cp: ControlPlane) -> None:
-        self._cp = cp
+    def __init__(self, store: Store, owners: AgentOwners, clock: Callable[[], float]) -> None:
+        self._store = store
+        self._owners = owners
+        self._clock = clock
 
     async def StreamBatches(
         self,
         request_iterator: AsyncIterator[ing.StreamBatchesRequest],
         context: grpc.aio.ServicerContext,
     ) -> ing.StreamBatchesResponse:
-        store, clock = self._cp.store, self._cp.clock
+        store, clock = self._store, self._clock
         agent_id = ""
         out = ing.StreamBatchesResponse()
         why = "stream closed by the agent"
@@ -42,17 +42,17 @@ class IngestServicer(ing_grpc.IngestServiceServicer):
                     if not agent_id:
                         # who may write this agent id first: strangers learn nothing
                         # about what the store would accept
-                        self._cp.owners.check(b.agent.agent_id, auth.current().name)
+                        self._owners.check(b.agent.agent_id, auth.current().name)
                         store.check_batch(b)
                         agent_id = b.agent.agent_id
                         store.stream_opened(b.agent, clock())
-                        self._cp.owners.claim(agent_id, auth.current().name, clock())
+                        self._owners.claim(agent_id, auth.current().name, clock())
                     elif b.agent.agent_id != agent_id:
                         raise InvalidArgument(
                             f"one stream carries one agent: {agent_id!r} then {b.agent.agent_id!r}"
                         )
                     a = store.agents[agent_id]
-                    self._cp.owners.touch(agent_id, clock())
+                    self._owners.touch(agent_id, clock())
                     gaps = a.gaps
                     if store.ingest(b, clock()):
                         out.accepted += 1

@@ -270,7 +270,9 @@ class ControlPlane:
                 ("grpc.so_reuseport", 0),  # a second control plane must not share the port
             ],
         )
-        ing_grpc.add_IngestServiceServicer_to_server(IngestServicer(self), server)
+        ing_grpc.add_IngestServiceServicer_to_server(
+            IngestServicer(self.store, self.owners, self.clock), server
+        )
         q_grpc.add_GoleashServiceServicer_to_server(GoleashServicer(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
