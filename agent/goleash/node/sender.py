@@ -333,11 +333,15 @@ class IngestSender:
     def _loop(self) -> None:
         delay = self.opts.backoff_initial_s
         quiet_until = 0.0
-        self._channel.subscribe(self._on_state, try_to_connect=True)
+        # Connected means: the channel came up and its stream has not failed since. No
+        # connectivity subscription: gRPC's poller thread for it could outlive the
+        # channel's close and die with a traceback at every agent stop.
         while self._wait_connected():
+            self._set_connected(True)
             began = time.monotonic()
             self.stats.streams += 1
             err = self._one_stream()
+            self._set_connected(False)
             if self._stop.is_set() or self._draining.is_set():
                 break
             failed = time.monotonic()
@@ -374,8 +378,8 @@ class IngestSender:
             delay = min(delay * 2, self.opts.backoff_max_s)
             self.stats.reconnects += 1
 
-    def _on_state(self, state: grpc.ChannelConnectivity) -> None:
+    def _set_connected(self, connected: bool) -> None:
         was = self.stats.connected
-        self.stats.connected = state == grpc.ChannelConnectivity.READY
-        if self.stats.connected and not was:
+        self.stats.connected = connected
+        if connected and not was:
             log.info("connected to the control plane at %s", self.opts.server)
