@@ -8,6 +8,7 @@ leaking tests, with their `go` statements, and pass the clean packages.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -245,7 +246,13 @@ def test_sigterm_while_the_probes_load_leaves_nothing_behind(delay: float) -> No
     time.sleep(delay)  # not for luck: the moment of the signal is the test's parameter
     tree = {go, *_children(go)}
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:  # a hung check must not outlive its test (nor hold probes on the host)
+        if proc.poll() is None:
+            for p in [proc.pid, *tree]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGKILL)
     assert proc.returncode in (130, 143), err  # interrupted while loading, or forwarded
     polling.wait_for(
         lambda: not any(Path(f"/proc/{p}").exists() for p in tree) or None,
