@@ -14,6 +14,8 @@ import ctypes
 import logging
 import os
 import re
+import signal
+import socket
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -372,3 +374,90 @@ def open_program(name: str, source: Path, cflags: list[str]) -> tuple[LoadedBpf,
     loaded = LoadedBpf(image)  # before caching: only what the kernel took is kept
     write_cached(name, image)
     return loaded, Origin("compiled", miss)
+
+
+# --- removing probes without waiting for the kernel -----------------------------------------
+
+_SLOW_TO_CLOSE = ("anon_inode:[perf_event]", "anon_inode:bpf_link", "anon_inode:bpf-link")
+_FDS_PER_MESSAGE = 250
+
+
+def _slow_fds() -> list[int]:
+    """This process's perf-event and BPF-link fds: closing the last reference to an
+    attached tracepoint, uprobe or uprobe_multi link waits for RCU grace periods."""
+    out = []
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError, ValueError):
+            if os.readlink(f"/proc/self/fd/{name}") in _SLOW_TO_CLOSE:
+                out.append(int(name))
+    return out
+
+
+class ReleaseHelper:
+    """A process that takes the last references to our probes, so that their removal
+    (the kernel waits ~0.05-0.2 s per batch here, and a process cannot exit while it
+    waits) does not hold up ours: a CI job waits for `goleash check` to exit.
+
+    Started early (a fork, while the process is small and has no threads yet); at
+    close, `released_elsewhere()` sends it copies of this process's perf-event and
+    link fds, so closing ours only drops references; when the block ends it exits
+    and the last references go there. Extra references to probes we keep are
+    harmless. When it cannot start or receive, closing just waits, as before."""
+
+    def __init__(self, sock: socket.socket | None) -> None:
+        self._sock = sock
+
+    @classmethod
+    def start(cls) -> ReleaseHelper:
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            pid = os.fork()
+        except OSError:
+            return cls(None)
+        if pid == 0:  # pragma: no cover (a child process)
+            try:
+                ours.close()
+                if os.fork() == 0:  # orphaned at once: nobody has to reap it
+                    _hold_until_eof(theirs)
+            finally:
+                os._exit(0)
+        theirs.close()
+        os.waitpid(pid, 0)
+        return cls(ours)
+
+    @contextlib.contextmanager
+    def released_elsewhere(self) -> Iterator[None]:
+        if self._sock is not None:
+            try:
+                fds = _slow_fds()
+                for i in range(0, len(fds), _FDS_PER_MESSAGE):
+                    socket.send_fds(self._sock, [b"f"], fds[i : i + _FDS_PER_MESSAGE])
+            except OSError:
+                pass  # what it did not get is released here, waiting
+        try:
+            yield
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()  # the helper reads EOF, exits, and the kernel releases
+            self._sock = None
+
+
+def _hold_until_eof(sock: socket.socket) -> None:  # pragma: no cover (a child process)
+    os.setsid()  # its own session: a signal to the CI job's process group spares it
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)  # never keeps the job's pipes open
+    keep = sock.fileno()
+    os.closerange(3, keep)
+    os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+    held: list[int] = []
+    while True:
+        msg, fds, _flags, _addr = socket.recv_fds(sock, 16, _FDS_PER_MESSAGE + 3)
+        held += fds
+        if not msg:
+            return

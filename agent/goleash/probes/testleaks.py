@@ -24,7 +24,7 @@ from pathlib import Path
 from goleash.errors import GoleashError
 from goleash.gobin.disasm import GoroutineProbeSites, ProbeSite
 from goleash.gobin.offsets import RuntimeOffsets
-from goleash.probes.bpfload import open_program
+from goleash.probes.bpfload import ReleaseHelper, open_program
 from goleash.probes.uprobe import GroupAttacher
 
 BPF_DIR = Path(__file__).resolve().parents[3] / "bpf"
@@ -269,11 +269,14 @@ class CheckProbes:
                 with contextlib.suppress(KeyError):
                     del table[k]
 
-    def close(self) -> None:
-        with self._lock:
+    def close(self, helper: ReleaseHelper | None = None) -> None:
+        """Remove every probe. With a helper, the kernel's wait for that (grace periods,
+        ~0.2 s here) is left to it: `goleash check` exits, and the CI job goes on."""
+        release = helper.released_elsewhere() if helper else contextlib.nullcontext()
+        with self._lock, release:
             left = [ev for evs in self._attached.values() for ev in evs]
             self._attached.clear()
-            # The tracepoints too: each costs a grace period, in parallel they overlap.
+            # Without the helper each costs a grace period; in parallel they overlap.
             bpf = self._bpf
             left += [functools.partial(bpf.detach_tracepoint, t) for t in list(bpf.tracepoint_fds)]
             self._detach_all(left)
