@@ -48,6 +48,7 @@ from goleash.node.checkreport import (  # noqa: F401  (the report model, re-expo
     split_symbol,
     write_junit,
 )
+from goleash.probes.bpfload import ReleaseHelper
 
 # --- starting the command while the probes load ---------------------------------------------
 #
@@ -294,6 +295,9 @@ def _run(
     stdout_to_stderr: bool,
     started: float,
 ) -> CheckReport:
+    # First, while this process is small and has no threads: the removal of the
+    # probes at the end waits for the kernel there, not here (bpfload.ReleaseHelper).
+    helper = ReleaseHelper.start()
     gate = ExecGate.for_command(command, tmp)
     pid, release = _spawn(command, gate, stdout_to_stderr=stdout_to_stderr)
     _interrupt.command_pid = pid
@@ -303,12 +307,13 @@ def _run(
 
         probes = loader.result()
         if _interrupt.signals:
-            probes.close()
+            probes.close(helper)
             raise KeyboardInterrupt
     except BaseException:
         _kill_tree(pid)
         if gate is not None:
             gate.close()
+        helper.close()
         raise
     checker = Checker(probes, command, ignore or IgnoreList(), baseline or set())
     try:
@@ -317,7 +322,7 @@ def _run(
         if gate is not None:
             gate.close()
         checker.close()
-        probes.close()
+        probes.close(helper)
     report = checker.report(exit_code, time.monotonic() - started)
     if not report.processes:
         report.notes.append(

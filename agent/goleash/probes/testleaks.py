@@ -20,11 +20,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from goleash.errors import GoleashError
 from goleash.gobin.disasm import GoroutineProbeSites, ProbeSite
 from goleash.gobin.offsets import RuntimeOffsets
+from goleash.probes.bpfload import ReleaseHelper, open_program
 from goleash.probes.uprobe import GroupAttacher
 
 BPF_DIR = Path(__file__).resolve().parents[3] / "bpf"
@@ -93,13 +93,17 @@ class Attribution:
     counters: dict[str, int]
 
 
-def _compile(src: str, cflags: list[str]) -> object:
-    from bcc import BPF  # the only package that imports bcc
+class _Goroutine(ctypes.Structure):
+    _fields_ = [("test_goid", ctypes.c_uint64), ("created_ns", ctypes.c_uint64)]
 
-    try:
-        return BPF(text=src.encode(), cflags=cflags)
-    except Exception as exc:  # BCC raises bare Exception on compile errors
-        raise CheckProbeError(f"compiling check.bpf.c failed: {exc}") from exc
+
+class _Test(ctypes.Structure):
+    _fields_ = [
+        ("fn_pc", ctypes.c_uint64),
+        ("parent_test", ctypes.c_uint64),
+        ("start_ns", ctypes.c_uint64),
+        ("end_ns", ctypes.c_uint64),
+    ]
 
 
 class _Proc(ctypes.Structure):
@@ -128,17 +132,29 @@ class CheckProbes:
     process is stopped), FOLLOW_EXIT, PROCESS_EXIT (stopped at runtime.exit)."""
 
     def __init__(self) -> None:
-        src = (BPF_DIR / "check.bpf.c").read_text()
-        self._bpf = _compile(
-            src,
-            [
-                f"-I{BPF_DIR}",
-                f"-DMAX_FOLLOWED={MAX_FOLLOWED}",
-                f"-DMAX_PROCS={MAX_PROCS}",
-                f"-DMAX_LIVE={MAX_LIVE}",
-                f"-DMAX_TESTS={MAX_TESTS}",
-            ],
-        )
+        cflags = [
+            f"-I{BPF_DIR}",
+            f"-DMAX_FOLLOWED={MAX_FOLLOWED}",
+            f"-DMAX_PROCS={MAX_PROCS}",
+            f"-DMAX_LIVE={MAX_LIVE}",
+            f"-DMAX_TESTS={MAX_TESTS}",
+        ]
+        # Compiled once per source, kernel and BCC; later runs load the cached program
+        # (bpfimage.py): the compile was most of `goleash check`'s cost.
+        try:
+            self._bpf, self.origin = open_program("check", BPF_DIR / "check.bpf.c", cflags)
+        except (GoleashError, OSError) as exc:
+            raise CheckProbeError(f"loading check.bpf.c failed: {exc}") from exc
+        b = self._bpf
+        try:
+            self._followed = b.map("followed", ctypes.c_uint32, ctypes.c_uint8)
+            self._procs = b.map("tl_procs", ctypes.c_uint32, _Proc)
+            self._goroutines = b.map("tl_goroutines", _Key, _Goroutine)
+            self._tests = b.map("tl_tests", _Key, _Test)
+            self._counters = b.map("tl_counters", ctypes.c_uint32, ctypes.c_uint64)
+        except (GoleashError, KeyError) as exc:
+            b.cleanup()
+            raise CheckProbeError(f"check.bpf.c and testleaks.py disagree: {exc}") from exc
         self._events: list[CheckEvent] = []
         self._attached: dict[int, list[Callable[[], None]]] = {}  # pid -> its detaches
         self._multi: bool | None = None  # uprobe_multi links work here (None: not tried)
@@ -148,18 +164,22 @@ class CheckProbes:
             ev = ctypes.cast(data, ctypes.POINTER(_Event)).contents
             self._events.append(CheckEvent(int(ev.kind), int(ev.pid), int(ev.goid), int(ev.ns)))
 
-        self._bpf["chk_events"].open_perf_buffer(on_raw, page_cnt=64)  # type: ignore[index]
+        try:
+            b.open_perf_buffer("chk_events", on_raw, page_cnt=64)
+        except GoleashError as exc:
+            b.cleanup()
+            raise CheckProbeError(str(exc)) from exc
 
     def follow(self, pid: int) -> None:
-        self._bpf["followed"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)  # type: ignore[index]
+        self._followed[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
 
     def unfollow_all(self) -> None:
         """Stop following anything: no process is stopped from now on."""
-        self._bpf["followed"].clear()  # type: ignore[index]
-        self._bpf["tl_procs"].clear()  # type: ignore[index]
+        self._followed.clear()
+        self._procs.clear()
 
     def poll(self, timeout_ms: int) -> list[CheckEvent]:
-        self._bpf.perf_buffer_poll(timeout=timeout_ms)  # type: ignore[attr-defined]
+        self._bpf.perf_buffer_poll(timeout=timeout_ms)
         out, self._events = self._events, []
         return out
 
@@ -172,7 +192,7 @@ class CheckProbes:
             0,
             0,
         )
-        self._bpf["tl_procs"][ctypes.c_uint32(pid)] = cfg  # type: ignore[index]
+        self._procs[ctypes.c_uint32(pid)] = cfg
         on_create = "on_create_ax" if sites.goroutines.new_g_register == "rax" else "on_create_bx"
         groups: dict[str, list[ProbeSite]] = {on_create: list(sites.goroutines.create_sites)}
         groups["on_exit"] = [sites.goroutines.exit]
@@ -224,11 +244,11 @@ class CheckProbes:
 
     def read(self, pid: int) -> Attribution:
         goroutines: dict[int, tuple[int, int]] = {}
-        for k, v in self._bpf["tl_goroutines"].items():  # type: ignore[index]
+        for k, v in self._goroutines.items():
             if k.pid == pid:
                 goroutines[int(k.goid)] = (int(v.test_goid), int(v.created_ns))
         tests: dict[int, RunnerRecord] = {}
-        for k, v in self._bpf["tl_tests"].items():  # type: ignore[index]
+        for k, v in self._tests.items():
             if k.pid == pid:
                 tests[int(k.goid)] = RunnerRecord(
                     int(k.goid), int(v.fn_pc), int(v.parent_test), int(v.start_ns), int(v.end_ns)
@@ -237,25 +257,27 @@ class CheckProbes:
 
     def counters(self) -> dict[str, int]:
         counters = dict.fromkeys(TL_COUNTERS, 0)
-        for idx, per_cpu in self._bpf["tl_counters"].items():  # type: ignore[index]
+        for idx, per_cpu in self._counters.items():
             if idx.value < len(TL_COUNTERS):
                 counters[TL_COUNTERS[idx.value]] = sum(int(v) for v in per_cpu)
         return counters
 
     def forget(self, pid: int) -> None:
         """Drop what the maps hold for a process that is gone (bounded maps)."""
-        for name in ("tl_goroutines", "tl_tests"):
-            table = self._bpf[name]  # type: ignore[index]
+        for table in (self._goroutines, self._tests):
             for k in [k for k in table if k.pid == pid]:
                 with contextlib.suppress(KeyError):
                     del table[k]
 
-    def close(self) -> None:
-        with self._lock:
+    def close(self, helper: ReleaseHelper | None = None) -> None:
+        """Remove every probe. With a helper, the kernel's wait for that (grace periods,
+        ~0.2 s here) is left to it: `goleash check` exits, and the CI job goes on."""
+        release = helper.released_elsewhere() if helper else contextlib.nullcontext()
+        with self._lock, release:
             left = [ev for evs in self._attached.values() for ev in evs]
             self._attached.clear()
-            # The tracepoints too: each costs a grace period, in parallel they overlap.
-            bpf: Any = self._bpf
+            # Without the helper each costs a grace period; in parallel they overlap.
+            bpf = self._bpf
             left += [functools.partial(bpf.detach_tracepoint, t) for t in list(bpf.tracepoint_fds)]
             self._detach_all(left)
             bpf.cleanup()
