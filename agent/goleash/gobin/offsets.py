@@ -205,7 +205,8 @@ def _structs_by_name(dwarf: DWARFInfo, names: set[str]) -> dict[str, DIE]:
     not). Parsing two DIEs beats walking thousands. Whatever is not found this way
     is left to _find_structs."""
     assert dwarf.debug_info_sec is not None
-    raw = dwarf.debug_info_sec.stream.getvalue()
+    stream = dwarf.debug_info_sec.stream
+    raw = stream.getvalue() if isinstance(stream, io.BytesIO) else b""
     found: dict[str, DIE] = {}
     for name in names:
         needle = name.encode() + b"\0"
