@@ -70,6 +70,9 @@ class GoBinary:
             raise BinaryError(f"{self.path}: cannot open ({exc.strerror})") from None
         self.fd = fd
         self._data: mmap.mmap | None = None
+        # Results derived from the file's bytes, shared by every copy of the same
+        # bytes when gobin.shared hands this binary out (else None: not memoised).
+        self.memo: dict[str, Any] | None = None
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
