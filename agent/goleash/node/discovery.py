@@ -140,11 +140,25 @@ def read_environ(pid: int, proc_root: str = "/proc") -> dict[str, str]:
     return env
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path | str, errors: str = "strict") -> str:
+    """A small /proc or config file's text, "" when it cannot be read. os.read, not
+    Path.read_text: a scan reads a few files per process every second, and the
+    text-file layers cost four times the read itself (measured 185 vs 45 us)."""
     try:
-        return path.read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return ""
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+            if len(chunks) > 64:  # 4 MB: no file read here is nearly that large
+                break
+        return b"".join(chunks).decode(errors=errors)
     except (OSError, UnicodeDecodeError):
         return ""
+    finally:
+        os.close(fd)
 
 
 def _runtime_annotations(host_root: Path, container_id: str) -> dict[str, str]:
@@ -298,9 +312,9 @@ class ScanResult:
 
 def _stat_fields(pid: int, proc_root: str) -> tuple[int, int] | None:
     """(ppid, starttime) from /proc/PID/stat."""
-    try:
-        text = Path(f"{proc_root}/{pid}/stat").read_text()
-    except OSError:
+    # the command name in it is any bytes a process chose: only what follows counts
+    text = _read_text(f"{proc_root}/{pid}/stat", errors="replace")
+    if not text:
         return None
     fields = text.rpartition(")")[2].split()
     try:
@@ -456,7 +470,8 @@ class Discovery:
                 del self.followed[pid]
                 self._seen.pop(pid, None)
         appeared: list[Candidate] = []
-        for pid in sorted(pids):
+        chosen = self.selector.pids
+        for pid in sorted(pids & chosen if chosen else pids):
             if pid == self.self_pid or pid in self._no_exe or pid in self.followed:
                 continue
             key = self._exe_key(pid)
