@@ -21,7 +21,7 @@ from goleash.errors import GoleashError, StageFailure
 from goleash.node.discovery import Candidate
 from goleash.node.tracker import ProcessSnapshot, SiteSummary
 from goleash.probes.inventory import SYSTEM_KEEP, Goroutine, site_at
-from goleash.probes.stacks import walk_stacks
+from goleash.probes.stacks import Stack, StackKey, walk_stacks
 from goleash.probes.target import GoProcess
 
 DEFAULT_MAX_KEPT = 200  # individual goroutines per process and snapshot
@@ -165,6 +165,11 @@ class SnapshotExporter:
         self._last_sites: dict[tuple[str, str], tuple[int, int]] = {}
         self._last_drops: dict[str, int] = {}
         self._creators: dict[int, str] = {}
+        # Kept goroutines' stacks from the previous snapshot (probes/stacks.py memo),
+        # and their frames as protobuf, by the Stack they were made from: a parked
+        # goroutine of an idle process is neither walked nor converted again.
+        self._stack_memo: dict[StackKey, Stack] = {}
+        self._frames_pb: dict[int, tuple[Stack, t.Goroutine]] = {}
 
     def creator(self, gopc: int) -> str:
         name = self._creators.get(gopc)
@@ -304,13 +309,14 @@ class SnapshotExporter:
         if not chosen:
             return []
         try:
-            stacks = walk_stacks(self.proc, chosen, KEPT_FRAMES)
+            stacks = walk_stacks(self.proc, chosen, KEPT_FRAMES, memo=self._stack_memo)
         except GoleashError:
             raise
         except Exception as exc:
             raise StageFailure("stacks", exc) from exc
         live = {g.goid for g in snap.goroutines}
         out = []
+        frames_pb: dict[int, tuple[Stack, t.Goroutine]] = {}
         for g in chosen:
             fn, stmt = names[(g.gopc, g.startpc)]
             parent = snap.parents.get(g.goid, 0)
@@ -331,16 +337,28 @@ class SnapshotExporter:
                 created_by=site_at(self.proc, g.gopc, g.startpc).created_by,
             )
             stack = stacks.get(g.goid)
-            for f in stack.frames if stack is not None else ():
+            if stack is not None:
+                m.MergeFrom(self._stack_pb(stack, frames_pb))
+            out.append(m)
+        self._frames_pb = frames_pb  # only this snapshot's: bounded by max_kept
+        return out
+
+    def _stack_pb(self, stack: Stack, made: dict[int, tuple[Stack, t.Goroutine]]) -> t.Goroutine:
+        """A Goroutine message holding only STACK's frames, made once per Stack."""
+        found = made.get(id(stack)) or self._frames_pb.get(id(stack))
+        if found is None or found[0] is not stack:
+            pb = t.Goroutine()
+            for f in stack.frames:
                 # Read from another process: only in-range numbers reach protobuf.
-                m.stack.add(
+                pb.stack.add(
                     function=f.function,
                     file=f.file,
                     line=f.line if 0 <= f.line <= _U32 else 0,
                     pc=f.pc if 0 <= f.pc <= _U64 else 0,
                 )
-            out.append(m)
-        return out
+            found = (stack, pb)
+        made[id(stack)] = found
+        return found[1]
 
 
 def trim_kept(batch: ing.AgentBatch, max_bytes: int) -> bool:
