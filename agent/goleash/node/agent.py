@@ -506,6 +506,7 @@ class Agent:
                 log.exception("PID %d: detaching failed", pid)
         log.info("stopping: probes detached from %d process(es)", n)
         self._program_compiled()  # a compile still running must not outlive its program
+        self.discovery.close()
         try:
             self.goroutine_program.close()
         except Exception:

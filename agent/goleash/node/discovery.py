@@ -24,10 +24,12 @@ process's environment when the pod's spec sets them.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
 import re
+import select
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,6 +350,10 @@ class Discovery:
         self.on_error = on_error
         self._judge_failures: dict[int, int] = {}  # pid -> unexpected failures judging it
         self.scans = 0
+        # A pidfd per followed process (the host's /proc only): its exit is one poll
+        # for all of them instead of a read of /proc/PID/stat each, every scan.
+        self._pidfds: dict[int, int] = {}  # pid -> pidfd
+        self._poll = select.poll()
 
     # --- one process -------------------------------------------------------------
 
@@ -463,11 +469,17 @@ class Discovery:
         for pid in [p for p in self._judge_failures if p not in pids]:
             del self._judge_failures[pid]
         vanished: list[tuple[int, int]] = []
+        exited = self._exited()
         for pid, c in list(self.followed.items()):
-            st = _stat_fields(pid, self.proc_root) if pid in pids else None
-            if st is None or st[1] != c.start_ticks or self._exe_key(pid) != c.exe_key:
+            if pid in self._pidfds:  # the very process: no start time to compare
+                gone = pid in exited or pid not in pids
+            else:
+                st = _stat_fields(pid, self.proc_root) if pid in pids else None
+                gone = st is None or st[1] != c.start_ticks
+            if gone or self._exe_key(pid) != c.exe_key:
                 vanished.append(c.key)
                 del self.followed[pid]
+                self._unwatch(pid)
                 self._seen.pop(pid, None)
         appeared: list[Candidate] = []
         chosen = self.selector.pids
@@ -492,9 +504,50 @@ class Discovery:
                 continue
             if self.selector.everything and self._descends_from_self(pid):
                 continue
+            if not self._watch(found):
+                continue  # exited (its PID maybe reused) since it was judged
             self.followed[pid] = found
             appeared.append(found)
         return ScanResult(appeared, vanished)
+
+    # --- exits -------------------------------------------------------------------
+
+    def _watch(self, c: Candidate) -> bool:
+        """Open a pidfd for C (when the kernel has them and this is the host's /proc);
+        False when the PID no longer is C's process. Without a pidfd (old kernel, no
+        descriptor left) C is watched through /proc/PID/stat, as before."""
+        if self.proc_root != "/proc" or not hasattr(os, "pidfd_open"):
+            return True
+        try:
+            fd = os.pidfd_open(c.pid)
+        except OSError:
+            return _stat_fields(c.pid, self.proc_root) is not None
+        st = _stat_fields(c.pid, self.proc_root)
+        if st is None or st[1] != c.start_ticks:  # the pidfd is of another process
+            os.close(fd)
+            return False
+        self._pidfds[c.pid] = fd
+        self._poll.register(fd, select.POLLIN)
+        return True
+
+    def _unwatch(self, pid: int) -> None:
+        fd = self._pidfds.pop(pid, None)
+        if fd is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._poll.unregister(fd)
+            os.close(fd)
+
+    def _exited(self) -> set[int]:
+        """Followed PIDs whose process has exited (its pidfd is readable)."""
+        if not self._pidfds:
+            return set()
+        by_fd = {fd: pid for pid, fd in self._pidfds.items()}
+        return {by_fd[fd] for fd, _ev in self._poll.poll(0) if fd in by_fd}
+
+    def close(self) -> None:
+        """Close the pidfds (the agent stops)."""
+        for pid in list(self._pidfds):
+            self._unwatch(pid)
 
     def _remember(self, key: tuple[int, int, int, int], verdict: GoCheck) -> None:
         if len(self._verdicts) >= MAX_VERDICTS:
@@ -523,5 +576,6 @@ class Discovery:
         """Stop following PID. With retry, the next scan judges it afresh (a transient
         failure); without, not until its executable changes (it cannot be traced)."""
         self.followed.pop(pid, None)
+        self._unwatch(pid)
         if retry:
             self._seen.pop(pid, None)
