@@ -165,6 +165,15 @@ class AnalysisCache:
                 del self._entries[analysis.key]
         analysis.binary.close()
 
+    def release_pages(self) -> None:
+        """Drop the pages of every open executable from this process's resident
+        set (binary.release_pages): what symbolizing read of pclntab and stacks
+        stays in the page cache, and the next reads fault in only what they need."""
+        with self._lock:
+            binaries = [a.binary for a in self._entries.values()]
+        for b in binaries:
+            b.release_pages()
+
     def __len__(self) -> int:
         return len(self._entries)
 
