@@ -11,6 +11,8 @@ import dataclasses
 import pytest
 
 import gobuild
+from goleash.node.export import SnapshotExporter
+from goleash.node.tracker import ProcessTracker
 from goleash.probes.inventory import Goroutine, read_goroutines
 from goleash.probes.stacks import Stack, StackKey, walk_stacks
 from goleash.probes.target import GoProcess
@@ -61,3 +63,29 @@ def test_parked_goroutines_are_walked_once_and_changes_are_seen() -> None:
         fourth = walk_stacks(proc, [moved], 32, memo=memo)
         assert fourth[g.goid] is not third[g.goid]
         assert len(memo) <= 1  # only what the last call saw is kept
+
+
+def test_exporter_sends_the_same_goroutines_as_a_fresh_one_every_interval() -> None:
+    # The exporter reuses what did not change (walks, messages): what it sends must
+    # equal what an exporter without that memory sends, interval after interval.
+    with (
+        running_populations(gobuild.TOOLCHAINS[-1], orphan=4, condwait=2) as pop,
+        GoProcess.attach(pop.pid) as proc,
+    ):
+        tracker = ProcessTracker(proc, use_probes=False, orphan_min_age_s=0.0)
+        tracker.start()
+        try:
+            kept = SnapshotExporter(proc)
+            for step in range(3):
+                if step == 2:
+                    assert pop.command("orphans 1")["orphaned"] == 1
+                snap = tracker.snapshot()
+                mine = kept.message(snap).goroutines_kept
+                fresh = SnapshotExporter(proc).message(snap).goroutines_kept
+                assert len(mine) >= 6
+                assert [m.SerializeToString(deterministic=True) for m in mine] == [
+                    m.SerializeToString(deterministic=True) for m in fresh
+                ]
+                assert all(m.stack for m in mine)
+        finally:
+            tracker.close()

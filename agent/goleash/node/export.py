@@ -24,6 +24,9 @@ from goleash.probes.inventory import SYSTEM_KEEP, Goroutine, site_at
 from goleash.probes.stacks import Stack, StackKey, walk_stacks
 from goleash.probes.target import GoProcess
 
+# goid, id of its Stack, function, go statement, status, wait reason, gopc, startpc
+_TemplateKey = tuple[int, int, str, str, str, str | None, int, int]
+
 DEFAULT_MAX_KEPT = 200  # individual goroutines per process and snapshot
 KEPT_FRAMES = 32
 _U32 = (1 << 32) - 1
@@ -166,10 +169,10 @@ class SnapshotExporter:
         self._last_drops: dict[str, int] = {}
         self._creators: dict[int, str] = {}
         # Kept goroutines' stacks from the previous snapshot (probes/stacks.py memo),
-        # and their frames as protobuf, by the Stack they were made from: a parked
+        # and their messages but for what changes each snapshot (_template): a parked
         # goroutine of an idle process is neither walked nor converted again.
         self._stack_memo: dict[StackKey, Stack] = {}
-        self._frames_pb: dict[int, tuple[Stack, t.Goroutine]] = {}
+        self._templates: dict[_TemplateKey, tuple[Stack | None, t.Goroutine]] = {}
 
     def creator(self, gopc: int) -> str:
         name = self._creators.get(gopc)
@@ -316,39 +319,48 @@ class SnapshotExporter:
             raise StageFailure("stacks", exc) from exc
         live = {g.goid for g in snap.goroutines}
         out = []
-        frames_pb: dict[int, tuple[Stack, t.Goroutine]] = {}
+        made: dict[_TemplateKey, tuple[Stack | None, t.Goroutine]] = {}
         for g in chosen:
             fn, stmt = names[(g.gopc, g.startpc)]
             parent = snap.parents.get(g.goid, 0)
             if not (0 <= g.goid <= _U64 and 0 <= parent <= _U64):
                 continue  # torn: goids are non-negative 64-bit counters
-            m = t.Goroutine(
+            m = t.Goroutine()
+            m.CopyFrom(self._template(g, fn, stmt, stacks.get(g.goid), made))
+            # What changes from one snapshot to the next of a parked goroutine:
+            m.parent_goid = parent
+            m.parent_exited = bool(parent) and parent not in live
+            m.age_seconds = ages.get(g.goid, 0.0)
+            m.age_is_lower_bound = g.goid in snap.ages_lower_bound
+            m.blocked_for_seconds = self._blocked(snap, g)
+            m.orphan = g.goid in snap.orphan_goids
+            out.append(m)
+        self._templates = made  # only this snapshot's: bounded by max_kept
+        return out
+
+    def _template(
+        self,
+        g: Goroutine,
+        fn: str,
+        stmt: str,
+        stack: Stack | None,
+        made: dict[_TemplateKey, tuple[Stack | None, t.Goroutine]],
+    ) -> t.Goroutine:
+        """G's message without what changes between snapshots (ages, parent, orphan),
+        made once while its site, state and stack (the very Stack object the walk
+        memo returns) stay the same."""
+        key = (g.goid, id(stack), fn, stmt, g.status, g.wait_reason, g.gopc, g.startpc)
+        found = made.get(key) or self._templates.get(key)
+        if found is None or found[0] is not stack:
+            pb = t.Goroutine(
                 goid=g.goid,
-                parent_goid=parent,
-                parent_exited=bool(parent) and parent not in live,
                 function=fn,
                 go_statement=stmt,
                 state=STATES.get(g.status, t.GOROUTINE_STATE_UNSPECIFIED),
                 wait_reason=g.wait_reason or "",
-                age_seconds=ages.get(g.goid, 0.0),
-                age_is_lower_bound=g.goid in snap.ages_lower_bound,
-                blocked_for_seconds=self._blocked(snap, g),
-                orphan=g.goid in snap.orphan_goids,
                 created_by=site_at(self.proc, g.gopc, g.startpc).created_by,
             )
-            stack = stacks.get(g.goid)
-            if stack is not None:
-                m.MergeFrom(self._stack_pb(stack, frames_pb))
-            out.append(m)
-        self._frames_pb = frames_pb  # only this snapshot's: bounded by max_kept
-        return out
-
-    def _stack_pb(self, stack: Stack, made: dict[int, tuple[Stack, t.Goroutine]]) -> t.Goroutine:
-        """A Goroutine message holding only STACK's frames, made once per Stack."""
-        found = made.get(id(stack)) or self._frames_pb.get(id(stack))
-        if found is None or found[0] is not stack:
-            pb = t.Goroutine()
-            for f in stack.frames:
+            for f in stack.frames if stack is not None else ():
                 # Read from another process: only in-range numbers reach protobuf.
                 pb.stack.add(
                     function=f.function,
@@ -357,7 +369,7 @@ class SnapshotExporter:
                     pc=f.pc if 0 <= f.pc <= _U64 else 0,
                 )
             found = (stack, pb)
-        made[id(stack)] = found
+        made[key] = found
         return found[1]
 
 
