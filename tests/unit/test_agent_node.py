@@ -283,6 +283,17 @@ def test_discovery_reads_proc_files_that_are_odd(tmp_path: Path, go_binary: str)
     assert got[91].start_ticks == 5  # a command name that is not UTF-8 is no obstacle
 
 
+def test_an_exec_is_seen_by_the_scans_that_check_for_it(tmp_path: Path, go_binary: str) -> None:
+    # The agent checks executables on the scan before each snapshot only.
+    proc = FakeProc(tmp_path / "proc")
+    proc.add(60, go_binary, start=7)
+    d = Discovery(Selector(), proc_root=str(proc.root), self_pid=1)
+    assert [c.pid for c in d.scan().appeared] == [60]
+    proc.add(60, "/bin/sh", start=7)  # exec'd another program: same PID, same start
+    assert d.scan(check_exec=False).vanished == []
+    assert d.scan(check_exec=True).vanished == [(60, 7)]
+
+
 def test_discovery_selects_by_pod(tmp_path: Path, go_binary: str) -> None:
     proc = FakeProc(tmp_path / "proc")
     proc.add(70, go_binary, cgroup=SYSTEMD)

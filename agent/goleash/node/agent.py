@@ -430,7 +430,7 @@ class Agent:
 
     def step(self, *, periodic: bool) -> None:
         """One scan; one batch when something appeared or went, or when `periodic`."""
-        result = self.discovery.scan()
+        result = self.discovery.scan(check_exec=periodic)
         for pid, _start in result.vanished:
             self.finish(pid, "exited")
         self.faults.forget_vanished()
