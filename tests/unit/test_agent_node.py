@@ -258,6 +258,42 @@ def test_discovery_never_follows_itself_or_its_children_unless_asked(
     assert [c.pid for c in asked.scan().appeared] == [52]
 
 
+def test_discovery_with_pids_never_looks_at_other_processes(tmp_path: Path, go_binary: str) -> None:
+    # `--pid` on a busy node: the other processes cost no stat and no judgement.
+    proc = FakeProc(tmp_path / "proc")
+    proc.add(40, go_binary)
+    proc.add(41, go_binary)
+    d = Discovery(Selector(pids=frozenset({41, 77})), proc_root=str(proc.root), self_pid=1)
+    assert [c.pid for c in d.scan().appeared] == [41]
+    assert set(d._seen) == {41}
+    proc.add(77, go_binary, start=300)  # an asked-for PID that appears later
+    assert [c.pid for c in d.scan().appeared] == [77]
+
+
+def test_discovery_reads_proc_files_that_are_odd(tmp_path: Path, go_binary: str) -> None:
+    proc = FakeProc(tmp_path / "proc")
+    proc.add(90, go_binary)
+    (proc.root / "90" / "cgroup").unlink()
+    (proc.root / "90" / "cgroup").mkdir()  # unreadable as a file: no cgroups, no crash
+    proc.add(91, go_binary)
+    (proc.root / "91" / "stat").write_bytes(b"91 (\xff\xfe) S 1 " + b"0 " * 17 + b"5 0 0\n")
+    d = Discovery(Selector(), proc_root=str(proc.root), self_pid=1)
+    got = {c.pid: c for c in d.scan().appeared}
+    assert set(got) == {90, 91} and got[90].cgroups == ()
+    assert got[91].start_ticks == 5  # a command name that is not UTF-8 is no obstacle
+
+
+def test_an_exec_is_seen_by_the_scans_that_check_for_it(tmp_path: Path, go_binary: str) -> None:
+    # The agent checks executables on the scan before each snapshot only.
+    proc = FakeProc(tmp_path / "proc")
+    proc.add(60, go_binary, start=7)
+    d = Discovery(Selector(), proc_root=str(proc.root), self_pid=1)
+    assert [c.pid for c in d.scan().appeared] == [60]
+    proc.add(60, "/bin/sh", start=7)  # exec'd another program: same PID, same start
+    assert d.scan(check_exec=False).vanished == []
+    assert d.scan(check_exec=True).vanished == [(60, 7)]
+
+
 def test_discovery_selects_by_pod(tmp_path: Path, go_binary: str) -> None:
     proc = FakeProc(tmp_path / "proc")
     proc.add(70, go_binary, cgroup=SYSTEMD)

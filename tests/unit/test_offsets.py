@@ -18,6 +18,9 @@ from goleash.gobin.errors import OffsetsUnavailableError
 from goleash.gobin.offsets import (
     OFFSET_FIELDS,
     RuntimeOffsets,
+    _find_structs,
+    _structs_by_name,
+    _types_dwarf,
     go_release,
     load_table,
     runtime_offsets,
@@ -81,6 +84,23 @@ def test_every_variant_with_dwarf_agrees(toolchain: str, variant: str) -> None:
         offs = runtime_offsets(binary, exact_version(toolchain))
     assert offs.source == "dwarf"
     assert offs.as_row() == dwarf_offsets(toolchain).as_row()
+
+
+@pytest.mark.parametrize("variant", ["default", "cgo"])
+def test_name_search_finds_the_structs_the_unit_walk_finds(toolchain: str, variant: str) -> None:
+    # The fast path (a DIE found by its inline name) must land on the very DIEs the
+    # walk of the runtime units finds, in plain and cgo builds alike.
+    names = {"runtime.g", "runtime.m"}
+    with GoBinary(gobuild.build("spawner", toolchain, variant)) as binary:
+        fast = _structs_by_name(_types_dwarf(binary), names)
+        walked = _find_structs(binary.elf.get_dwarf_info(), names)
+    assert set(fast) == names
+    assert {k: d.offset for k, d in fast.items()} == {k: d.offset for k, d in walked.items()}
+
+
+def test_name_search_leaves_what_it_cannot_find_to_the_walk(toolchain: str) -> None:
+    with GoBinary(gobuild.build("spawner", toolchain, "default")) as binary:
+        assert _structs_by_name(_types_dwarf(binary), {"runtime.nosuchtype"}) == {}
 
 
 def test_stripped_binary_uses_table(toolchain: str) -> None:

@@ -11,6 +11,8 @@ import mmap
 import os
 import stat
 import struct
+from array import array
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -48,6 +50,105 @@ class Segment:
     executable: bool
 
 
+_SYM = struct.Struct("<IBBHQQ")  # Elf64_Sym
+MAX_REMEMBERED_LOOKUPS = 4096
+
+
+class ElfSymbols(Mapping[str, tuple[int, int]]):
+    """An ELF64 little-endian .symtab, looked up in the file's own bytes.
+
+    A dict of every symbol cost ~1.9 MB of Python objects per binary (tracemalloc:
+    26 MB for the 14 binaries with .symtab of the fleet bench), kept as long as any
+    process ran it, for the handful of names an agent ever asks. This keeps views
+    of the two sections (page cache, not heap) and finds a name when asked: every
+    place the string table holds it, then the symbols naming that place; the last
+    symbol with an address wins, as a dict filled in table order would have it.
+    Answers are remembered (a few names per binary). Iterating decodes them all.
+    """
+
+    def __init__(self, data: mmap.mmap, strtab: tuple[int, int], symtab: tuple[int, int]) -> None:
+        # A view keeps the mapping open past GoBinary.close (mmap refuses to close
+        # while exported), so searching the mmap itself stays valid.
+        self._data, self._view = data, memoryview(data)
+        (self._str_off, str_size), (self._sym_off, sym_size) = strtab, symtab
+        self._str_end = self._str_off + str_size
+        self._count = sym_size // _SYM.size
+        self._name_offs: bytes | None = None  # st_name of each symbol, packed
+        self._asked: dict[str, tuple[int, int] | None] = {}
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        if name in self._asked:
+            found = self._asked[name]
+        else:
+            found = self._find(name)
+            if len(self._asked) < MAX_REMEMBERED_LOOKUPS:
+                self._asked[name] = found
+        return default if found is None else found
+
+    def _symtab(self) -> memoryview:
+        return self._view[self._sym_off : self._sym_off + self._count * _SYM.size]
+
+    def _names(self) -> bytes:
+        if self._name_offs is None:  # 4 bytes a symbol: searched in C, not in Python
+            names = array("I", (e[0] for e in _SYM.iter_unpack(self._symtab())))
+            self._name_offs = names.tobytes()
+        return self._name_offs
+
+    def _find(self, name: str) -> tuple[int, int] | None:
+        want = name.encode("utf-8", "surrogateescape")
+        if not want or b"\0" in want:
+            return None
+        data, lo, hi = self._data, self._str_off, self._str_end
+        places = []
+        at = data.find(want + b"\0", lo + 1, hi)
+        while at >= 0:
+            places.append(at - lo)
+            at = data.find(want + b"\0", at + 1, hi)
+        tail = hi - len(want)
+        if tail > lo and data[tail:hi] == want:  # an unterminated last string
+            places.append(tail - lo)
+        names, best = self._names(), -1
+        for place in places:
+            key = struct.pack("<I", place)
+            at = names.find(key)
+            while at >= 0:
+                if at % 4 == 0:
+                    i = at // 4
+                    if _SYM.unpack_from(self._view, self._sym_off + i * _SYM.size)[4]:
+                        best = max(best, i)
+                at = names.find(key, at + 1)
+        if best < 0:
+            return None
+        entry = _SYM.unpack_from(self._view, self._sym_off + best * _SYM.size)
+        return (entry[4], entry[5])
+
+    def __getitem__(self, name: str) -> tuple[int, int]:
+        found = self.get(name)
+        if found is None:
+            raise KeyError(name)
+        return found  # type: ignore[no-any-return]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def _all(self) -> dict[str, tuple[int, int]]:
+        out: dict[str, tuple[int, int]] = {}
+        strings = bytes(self._view[self._str_off : self._str_end])
+        for name_off, _i, _o, _s, value, size in _SYM.iter_unpack(self._symtab()):
+            if not name_off or not value or name_off >= len(strings):
+                continue
+            end = strings.find(b"\0", name_off)
+            name = strings[name_off : end if end >= 0 else len(strings)]
+            out[name.decode("utf-8", "replace")] = (value, size)
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
 class GoBinary:
     """A Go executable on disk (or behind /proc/PID/exe), read without running it."""
 
@@ -70,6 +171,9 @@ class GoBinary:
             raise BinaryError(f"{self.path}: cannot open ({exc.strerror})") from None
         self.fd = fd
         self._data: mmap.mmap | None = None
+        # Results derived from the file's bytes, shared by every copy of the same
+        # bytes when gobin.shared hands this binary out (else None: not memoised).
+        self.memo: dict[str, Any] | None = None
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
@@ -208,35 +312,22 @@ class GoBinary:
 
     @cached_property
     @parse_guard
-    def elf_symbols(self) -> dict[str, tuple[int, int]]:
+    def elf_symbols(self) -> Mapping[str, tuple[int, int]]:
         """name -> (address, size) from .symtab; empty when stripped."""
-        out: dict[str, tuple[int, int]] = {}
         s = self.elf.get_section_by_name(".symtab")
         if s is None:
-            return out
+            return {}
         if self.elf.elfclass == 64 and self.elf.little_endian:
-            return self._symbols64(s)
+            strtab = self.elf.get_section(s["sh_link"])
+            return ElfSymbols(
+                self.data,
+                (strtab["sh_offset"], strtab["sh_size"]),
+                (s["sh_offset"], s["sh_size"]),
+            )
+        out: dict[str, tuple[int, int]] = {}
         for sym in s.iter_symbols():  # type: ignore[attr-defined]
             if sym.name and sym["st_value"]:
                 out[sym.name] = (sym["st_value"], sym["st_size"])
-        return out
-
-    def _symbols64(self, symtab: Any) -> dict[str, tuple[int, int]]:
-        """.symtab of an ELF64 little-endian file read with struct: pyelftools takes
-        ~1.2 s for a test binary's 10k symbols, this ~20 ms (`goleash check` analyses
-        every test binary `go test` starts)."""
-        out: dict[str, tuple[int, int]] = {}
-        strtab = self.elf.get_section(symtab["sh_link"])
-        str_off, str_size = strtab["sh_offset"], strtab["sh_size"]
-        strings = bytes(self.data[str_off : str_off + str_size])
-        off, size = symtab["sh_offset"], symtab["sh_size"]
-        raw = bytes(self.data[off : off + size - size % 24])
-        for name_off, _info, _other, _shndx, value, sym_size in struct.iter_unpack("<IBBHQQ", raw):
-            if not name_off or not value or name_off >= len(strings):
-                continue
-            end = strings.find(b"\0", name_off)
-            name = strings[name_off : end if end >= 0 else len(strings)]
-            out[name.decode("utf-8", "replace")] = (value, sym_size)
         return out
 
     def release_pages(self) -> None:

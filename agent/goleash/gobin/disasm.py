@@ -445,8 +445,21 @@ def _need(lookup: SymbolLookup, name: str, binary: GoBinary) -> tuple[int, int]:
     return found
 
 
-@parse_guard
 def goroutine_probe_sites(binary: GoBinary, lookup: SymbolLookup) -> GoroutineProbeSites:
+    """The goroutine probes' sites in BINARY, disassembled once per content: every
+    process of one executable (and of its copies, see gobin.shared) attaches at the
+    same file offsets, so the agent does not disassemble per process."""
+    memo = binary.memo
+    if memo is None:
+        return _goroutine_probe_sites(binary, lookup)
+    found = memo.get("goroutine_probe_sites")
+    if found is None:
+        found = memo["goroutine_probe_sites"] = _goroutine_probe_sites(binary, lookup)
+    return found  # type: ignore[no-any-return]
+
+
+@parse_guard
+def _goroutine_probe_sites(binary: GoBinary, lookup: SymbolLookup) -> GoroutineProbeSites:
     create_kind: CreateKind = "runqput_call"
     create: ProbeSite | None = None
     create_rets: list[ProbeSite] = []

@@ -10,6 +10,7 @@ A version that neither gives is an error: a wrong offset reads garbage silently.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from dataclasses import asdict, dataclass, fields
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from elftools.dwarf.die import DIE
-from elftools.dwarf.dwarfinfo import DWARFInfo
+from elftools.dwarf.dwarfinfo import DebugSectionDescriptor, DwarfConfig, DWARFInfo
 
 from goleash.gobin.binary import GoBinary
 from goleash.gobin.errors import OffsetsUnavailableError, parse_guard
@@ -118,7 +119,11 @@ def table_offsets(go_version: str) -> RuntimeOffsets:
 
 
 def _from_dwarf(binary: GoBinary, go_version: str) -> RuntimeOffsets | None:
-    structs = _find_structs(binary.elf.get_dwarf_info(), {"runtime.g", "runtime.m"})
+    names = {"runtime.g", "runtime.m"}
+    dwarf = _types_dwarf(binary)
+    structs = _structs_by_name(dwarf, names) if dwarf is not None else {}
+    if len(structs) < len(names):  # not where the name search looked: walk the units
+        structs = _find_structs(binary.elf.get_dwarf_info(), names)
     g, m = structs.get("runtime.g"), structs.get("runtime.m")
     if g is None or m is None:
         return None
@@ -135,6 +140,97 @@ def _from_dwarf(binary: GoBinary, go_version: str) -> RuntimeOffsets | None:
     values["g_waitreason_size"] = _byte_size(_member_type(g, "waitreason"))
     values["g_atomicstatus_size"] = _byte_size(_member_type(g, "atomicstatus"))
     return RuntimeOffsets(**values, source="dwarf", go_version=go_version)
+
+
+def _types_dwarf(binary: GoBinary) -> DWARFInfo | None:
+    """The DWARF of BINARY with only what type DIEs need (.debug_info, .debug_abbrev,
+    .debug_str): pyelftools' get_dwarf_info decompresses every debug section, line
+    tables and frames included, which is most of its cost. None for old-style
+    .zdebug_* sections (the caller then takes the whole DWARF)."""
+    elf = binary.elf
+    secs: dict[str, DebugSectionDescriptor | None] = {}
+    for name in (".debug_info", ".debug_abbrev", ".debug_str"):
+        sec = elf.get_section_by_name(name)
+        if sec is None:
+            if name == ".debug_str":
+                secs[name] = None
+                continue
+            return None
+        data = sec.data()
+        secs[name] = DebugSectionDescriptor(
+            stream=io.BytesIO(data),
+            name=name,
+            global_offset=sec["sh_offset"],
+            size=len(data),
+            address=sec["sh_addr"],
+        )
+    return DWARFInfo(
+        config=DwarfConfig(
+            little_endian=elf.little_endian,
+            default_address_size=elf.elfclass // 8,
+            machine_arch=elf.get_machine_arch(),
+        ),
+        debug_info_sec=secs[".debug_info"],
+        debug_aranges_sec=None,
+        debug_abbrev_sec=secs[".debug_abbrev"],
+        debug_frame_sec=None,
+        eh_frame_sec=None,
+        debug_str_sec=secs[".debug_str"],
+        debug_loc_sec=None,
+        debug_ranges_sec=None,
+        debug_line_sec=None,
+        debug_pubtypes_sec=None,
+        debug_pubnames_sec=None,
+        debug_addr_sec=None,
+        debug_str_offsets_sec=None,
+        debug_line_str_sec=None,
+        debug_loclists_sec=None,
+        debug_rnglists_sec=None,
+        debug_sup_sec=None,
+        gnu_debugaltlink_sec=None,
+        debug_types_sec=None,
+    )
+
+
+MAX_NAME_HITS = 64  # occurrences of one name tried before walking the units instead
+
+
+def _structs_by_name(dwarf: DWARFInfo, names: set[str]) -> dict[str, DIE]:
+    """Top-level struct DIEs found through their names in the raw .debug_info.
+
+    Go's linker writes a type's name inline (DW_FORM_string) as the first attribute
+    of its DIE, right after a one-byte abbreviation code. So each occurrence of
+    "runtime.g\0" is a candidate DIE one byte earlier; pyelftools parses it and only a
+    structure_type DIE of exactly that name counts (a typedef or "*runtime.g" does
+    not). Parsing two DIEs beats walking thousands. Whatever is not found this way
+    is left to _find_structs."""
+    assert dwarf.debug_info_sec is not None
+    stream = dwarf.debug_info_sec.stream
+    raw = stream.getvalue() if isinstance(stream, io.BytesIO) else b""
+    found: dict[str, DIE] = {}
+    for name in names:
+        needle = name.encode() + b"\0"
+        at, tries = raw.find(needle), 0
+        while at > 0 and tries < MAX_NAME_HITS:
+            tries += 1
+            die = _die_at(dwarf, at - 1)
+            if (
+                die is not None
+                and die.tag == "DW_TAG_structure_type"
+                and _die_name(die) == name.encode()
+                and die.has_children
+            ):
+                found[name] = die
+                break
+            at = raw.find(needle, at + 1)
+    return found
+
+
+def _die_at(dwarf: DWARFInfo, offset: int) -> DIE | None:
+    try:
+        return dwarf.get_DIE_from_refaddr(offset)
+    except Exception:  # not a DIE boundary: garbage to pyelftools, not to us
+        return None
 
 
 def _find_structs(dwarf: DWARFInfo, names: set[str]) -> dict[str, DIE]:

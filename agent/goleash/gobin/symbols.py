@@ -15,6 +15,7 @@ Addresses are link-time virtual addresses (add the load bias for a PIE process).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,7 +30,7 @@ _ABI0 = ".abi0"
 class SymbolTable:
     path: str
     source: Literal["symtab", "pclntab"]
-    _elf: dict[str, tuple[int, int]]
+    _elf: Mapping[str, tuple[int, int]]
     _pclntab: Pclntab | None
 
     def lookup(self, name: str) -> tuple[int, int] | None:

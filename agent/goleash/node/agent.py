@@ -17,6 +17,7 @@ refusing uprobes, BPF not available) the process is still followed from its memo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -31,7 +32,9 @@ from goleash.api.goleash.v1 import ingest_service_pb2 as ing
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.errors import GoleashError, StageFailure, printable
 from goleash.gobin.errors import BinaryError, ProcessError
+from goleash.gobin.shared import SHARED
 from goleash.node.agentconfig import AgentConfig, check_server_address
+from goleash.node.compilerpages import drop_compiler_pages
 from goleash.node.discovery import Candidate, Discovery
 from goleash.node.export import (
     LatencyDelta,
@@ -109,6 +112,7 @@ class Agent:
         # the first one is attached): a compile per process cost ~0.6 CPU-s and
         # ~30 MB each.
         self.goroutine_program = node_program(stacks=config.stacks)
+        self._compiling: threading.Thread | None = None
         self._reported_pids: set[int] = set()
         self._pending_appeared: list[t.ProcessInfo] = []
         self._pending_gone: list[ing.ProcessGone] = []
@@ -200,23 +204,36 @@ class Agent:
     def follow(self, c: Candidate) -> Followed | None:
         """Attach to a new candidate; None when it cannot be (reported) or not yet.
         Never raises: whatever goes wrong is this process's failure alone."""
+        proc = self.open(c)
+        return None if proc is None else self.start(c, proc)
+
+    def open(self, c: Candidate) -> GoProcess | None:
+        """C's process with its executable analysed (shared, gobin.shared); None when
+        it cannot be (reported) or not yet. Never raises."""
         if self.faults.backing_off(c):
             return None
         try:
-            return self._follow(c)
+            return GoProcess.attach(c.pid)
+        except ProcessError as exc:
+            self.faults.retry_or_give_up(c, exc)
+        except BinaryError as exc:
+            self.faults.mark_untraceable(c, exc)
+        except Exception as exc:  # a bug or hostile input: this process only
+            self.faults.failed(c, "attach", exc)
+        return None
+
+    def start(self, c: Candidate, proc: GoProcess) -> Followed | None:
+        """Probes and tracker for an opened process; None when it cannot be followed
+        (reported; PROC closed). Never raises."""
+        try:
+            return self._start(c, proc)
         except Exception as exc:  # a bug or hostile input: this process only
             self.faults.failed(c, "attach", exc)
             return None
 
-    def _follow(self, c: Candidate) -> Followed | None:
-        try:
-            proc = GoProcess.attach(c.pid)
-        except ProcessError as exc:
-            self.faults.retry_or_give_up(c, exc)
-            return None
-        except BinaryError as exc:
-            self.faults.mark_untraceable(c, exc)
-            return None
+    def _start(self, c: Candidate, proc: GoProcess) -> Followed | None:
+        if self.bpf_ok:
+            self._program_compiled()
         try:
             tracker = start_tracker(
                 proc,
@@ -257,6 +274,33 @@ class Agent:
             tracker.mode if tracker.mode == "probes" else tracker.mode_reason,
         )
         return f
+
+    # --- the one goroutines program ---------------------------------------------------
+
+    def _compile_in_background(self) -> None:
+        """Start compiling the goroutines program (BCC's compile runs in C++ through
+        ctypes, without the GIL) while the main thread analyses executables: on a
+        node full of Go processes the two overlap instead of adding up."""
+        if self._compiling is not None or self.goroutine_program.compiled:
+            return
+        self._compiling = threading.Thread(
+            target=self._compile_program, name="goleash-compile", daemon=True
+        )
+        self._compiling.start()
+
+    def _compile_program(self) -> None:
+        # A failure is kept by the program and raised again by register(): each
+        # process then says why it is followed from its memory only.
+        with contextlib.suppress(Exception):
+            self.goroutine_program.compile()
+
+    def _program_compiled(self) -> None:
+        """Wait for a background compile: register() must not start a second one."""
+        if self._compiling is not None:
+            self._compiling.join()
+            self._compiling = None
+            # Done compiling: LLVM's and clang's ~85 MB of code need not stay resident.
+            drop_compiler_pages()
 
     def _info(self, c: Candidate, service: str, tracker: ProcessTracker) -> t.ProcessInfo:
         return process_info(
@@ -386,13 +430,17 @@ class Agent:
 
     def step(self, *, periodic: bool) -> None:
         """One scan; one batch when something appeared or went, or when `periodic`."""
-        result = self.discovery.scan()
+        result = self.discovery.scan(check_exec=periodic)
         for pid, _start in result.vanished:
             self.finish(pid, "exited")
         self.faults.forget_vanished()
         first_snaps = []
-        for c in result.appeared:
-            f = self.follow(c)
+        if result.appeared and self.bpf_ok:
+            self._compile_in_background()
+        # Every new executable is analysed while the program compiles; then the probes.
+        opened = [(c, p) for c in result.appeared if (p := self.open(c)) is not None]
+        for c, proc in opened:
+            f = self.start(c, proc)
             if f is None:
                 continue
             self.followed[c.pid] = f
@@ -401,9 +449,14 @@ class Agent:
                 msg = self._snapshot(f)
                 if msg is not None:
                     first_snaps.append(msg)
+        if opened and (self.cfg.funcs or self.cfg.panics):
+            drop_compiler_pages()  # function probes compile a program per process
         if periodic:
             snaps = [m for f in list(self.followed.values()) if (m := self._snapshot(f))]
             self._emit(snaps)
+            # The executables' pages the snapshots read (pclntab for names and
+            # stacks) go back to the page cache: ~1 MB per binary otherwise.
+            SHARED.release_pages()
         elif self._pending_appeared or self._pending_gone or first_snaps:
             self._emit(first_snaps)
         self._update_view()
@@ -456,6 +509,8 @@ class Agent:
             except Exception:
                 log.exception("PID %d: detaching failed", pid)
         log.info("stopping: probes detached from %d process(es)", n)
+        self._program_compiled()  # a compile still running must not outlive its program
+        self.discovery.close()
         try:
             self.goroutine_program.close()
         except Exception:

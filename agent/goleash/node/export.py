@@ -21,8 +21,11 @@ from goleash.errors import GoleashError, StageFailure
 from goleash.node.discovery import Candidate
 from goleash.node.tracker import ProcessSnapshot, SiteSummary
 from goleash.probes.inventory import SYSTEM_KEEP, Goroutine, site_at
-from goleash.probes.stacks import walk_stacks
+from goleash.probes.stacks import Stack, StackKey, walk_stacks
 from goleash.probes.target import GoProcess
+
+# goid, id of its Stack, function, go statement, status, wait reason, gopc, startpc
+_TemplateKey = tuple[int, int, str, str, str, str | None, int, int]
 
 DEFAULT_MAX_KEPT = 200  # individual goroutines per process and snapshot
 KEPT_FRAMES = 32
@@ -165,6 +168,11 @@ class SnapshotExporter:
         self._last_sites: dict[tuple[str, str], tuple[int, int]] = {}
         self._last_drops: dict[str, int] = {}
         self._creators: dict[int, str] = {}
+        # Kept goroutines' stacks from the previous snapshot (probes/stacks.py memo),
+        # and their messages but for what changes each snapshot (_template): a parked
+        # goroutine of an idle process is neither walked nor converted again.
+        self._stack_memo: dict[StackKey, Stack] = {}
+        self._templates: dict[_TemplateKey, tuple[Stack | None, t.Goroutine]] = {}
 
     def creator(self, gopc: int) -> str:
         name = self._creators.get(gopc)
@@ -304,43 +312,65 @@ class SnapshotExporter:
         if not chosen:
             return []
         try:
-            stacks = walk_stacks(self.proc, chosen, KEPT_FRAMES)
+            stacks = walk_stacks(self.proc, chosen, KEPT_FRAMES, memo=self._stack_memo)
         except GoleashError:
             raise
         except Exception as exc:
             raise StageFailure("stacks", exc) from exc
         live = {g.goid for g in snap.goroutines}
         out = []
+        made: dict[_TemplateKey, tuple[Stack | None, t.Goroutine]] = {}
         for g in chosen:
             fn, stmt = names[(g.gopc, g.startpc)]
             parent = snap.parents.get(g.goid, 0)
             if not (0 <= g.goid <= _U64 and 0 <= parent <= _U64):
                 continue  # torn: goids are non-negative 64-bit counters
-            m = t.Goroutine(
+            m = t.Goroutine()
+            m.CopyFrom(self._template(g, fn, stmt, stacks.get(g.goid), made))
+            # What changes from one snapshot to the next of a parked goroutine:
+            m.parent_goid = parent
+            m.parent_exited = bool(parent) and parent not in live
+            m.age_seconds = ages.get(g.goid, 0.0)
+            m.age_is_lower_bound = g.goid in snap.ages_lower_bound
+            m.blocked_for_seconds = self._blocked(snap, g)
+            m.orphan = g.goid in snap.orphan_goids
+            out.append(m)
+        self._templates = made  # only this snapshot's: bounded by max_kept
+        return out
+
+    def _template(
+        self,
+        g: Goroutine,
+        fn: str,
+        stmt: str,
+        stack: Stack | None,
+        made: dict[_TemplateKey, tuple[Stack | None, t.Goroutine]],
+    ) -> t.Goroutine:
+        """G's message without what changes between snapshots (ages, parent, orphan),
+        made once while its site, state and stack (the very Stack object the walk
+        memo returns) stay the same."""
+        key = (g.goid, id(stack), fn, stmt, g.status, g.wait_reason, g.gopc, g.startpc)
+        found = made.get(key) or self._templates.get(key)
+        if found is None or found[0] is not stack:
+            pb = t.Goroutine(
                 goid=g.goid,
-                parent_goid=parent,
-                parent_exited=bool(parent) and parent not in live,
                 function=fn,
                 go_statement=stmt,
                 state=STATES.get(g.status, t.GOROUTINE_STATE_UNSPECIFIED),
                 wait_reason=g.wait_reason or "",
-                age_seconds=ages.get(g.goid, 0.0),
-                age_is_lower_bound=g.goid in snap.ages_lower_bound,
-                blocked_for_seconds=self._blocked(snap, g),
-                orphan=g.goid in snap.orphan_goids,
                 created_by=site_at(self.proc, g.gopc, g.startpc).created_by,
             )
-            stack = stacks.get(g.goid)
             for f in stack.frames if stack is not None else ():
                 # Read from another process: only in-range numbers reach protobuf.
-                m.stack.add(
+                pb.stack.add(
                     function=f.function,
                     file=f.file,
                     line=f.line if 0 <= f.line <= _U32 else 0,
                     pc=f.pc if 0 <= f.pc <= _U64 else 0,
                 )
-            out.append(m)
-        return out
+            found = (stack, pb)
+        made[key] = found
+        return found[1]
 
 
 def trim_kept(batch: ing.AgentBatch, max_bytes: int) -> bool:

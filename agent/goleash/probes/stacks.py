@@ -24,6 +24,7 @@ Inlined calls are expanded into frames of their own, as the runtime prints them.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import weakref
 from dataclasses import dataclass
@@ -205,10 +206,12 @@ class _StackMemory:
         self.lo = g.sched_sp if g.stack_lo <= g.sched_sp < g.stack_hi else g.stack_lo
         self.hi = g.stack_hi
         self.data = data
+        self.read_elsewhere = False  # the walk needed bytes outside `data`
 
     def u64_pair(self, addr: int) -> tuple[int, int] | None:
         if self.data is not None and self.lo <= addr and addr + 16 <= self.lo + len(self.data):
             return struct.unpack_from("<2Q", self.data, addr - self.lo)
+        self.read_elsewhere = True
         raw = self.proc.memory.read_many([(addr, 16)])[0]
         return None if raw is None else struct.unpack("<2Q", raw)
 
@@ -233,7 +236,10 @@ def walk_stack(
         return Stack([], False, "no saved PC; stack unavailable")
     if data is None and (rng := _stack_range(g)) is not None:
         data = proc.memory.read_many([rng])[0]
-    mem = _StackMemory(proc, g, data)
+    return _walk(proc, g, max_frames, _StackMemory(proc, g, data))
+
+
+def _walk(proc: GoProcess, g: Goroutine, max_frames: int, mem: _StackMemory) -> Stack:
     bias = proc.load_bias
     frames: list[Frame] = []
     pc, bp = g.sched_pc, g.sched_bp
@@ -277,19 +283,62 @@ def walk_stack(
         pc, bp, exact = ret - bias, next_bp, fr.function == _ASYNC_PREEMPT
 
 
+# A walk's inputs: the goroutine's saved registers and stack bounds, the frame limit,
+# and a digest of its stack bytes.
+StackKey = tuple[int, int, int, int, int, int, int, int, bytes]
+
+
+def _stack_key(g: Goroutine, max_frames: int, data: bytes) -> StackKey:
+    digest = hashlib.blake2b(data, digest_size=16).digest()
+    return (
+        g.goid,
+        g.status_code,
+        g.sched_pc,
+        g.sched_sp,
+        g.sched_bp,
+        g.stack_lo,
+        g.stack_hi,
+        max_frames,
+        digest,
+    )
+
+
 def walk_stacks(
-    proc: GoProcess, goroutines: list[Goroutine], max_frames: int = MAX_FRAMES
+    proc: GoProcess,
+    goroutines: list[Goroutine],
+    max_frames: int = MAX_FRAMES,
+    memo: dict[StackKey, Stack] | None = None,
 ) -> dict[int, Stack]:
     """walk_stack for many goroutines, their stack bytes read in batched system calls.
 
-    Keyed by goid."""
+    Keyed by goid. With `memo` (the caller's, kept between calls for one process), a
+    goroutine whose registers and stack bytes are what they were last time is not
+    walked again: a walk reads nothing else (when it did, it is not memoised), so
+    the same inputs give the same frames. An idle process's parked goroutines are
+    the common case. `memo` is left holding only this call's stacks (bounded)."""
     wanted = [(g, _stack_range(g)) for g in goroutines if g.status != "running"]
     ranges = [rng for _, rng in wanted if rng is not None]
     datas = iter(proc.memory.read_many(ranges))
     out: dict[int, Stack] = {}
+    kept: dict[StackKey, Stack] = {}
     for g, rng in wanted:
-        out[g.goid] = walk_stack(proc, g, max_frames, next(datas) if rng else None)
+        data = next(datas) if rng else None
+        if memo is None or data is None or not g.sched_pc:
+            out[g.goid] = walk_stack(proc, g, max_frames, data)
+            continue
+        key = _stack_key(g, max_frames, data)
+        st = memo.get(key)
+        if st is None:
+            mem = _StackMemory(proc, g, data)
+            st = _walk(proc, g, max_frames, mem)
+            if mem.read_elsewhere:
+                out[g.goid] = st
+                continue
+        kept[key] = out[g.goid] = st
     for g in goroutines:
         if g.goid not in out:
             out[g.goid] = walk_stack(proc, g, max_frames)
+    if memo is not None:
+        memo.clear()
+        memo.update(kept)
     return out
