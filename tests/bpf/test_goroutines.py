@@ -387,7 +387,7 @@ def test_sigterm_detaches_and_prints_summary() -> None:
         wait_for(lambda: "main.orphan" in tr.stdout.readline(), "a summary naming main.orphan")
         # Attached: int3 at the probe sites, held by uprobe fds of the tracer (perf
         # events or BPF links, which tracefs's uprobe_events does not list).
-        assert int3_count(pop.pid) >= 2, "the create and exit probes at least"
+        assert int3_count(pop.pid) >= 1, "the create probe at least"
         assert uprobe_fds(tr.pid)
         tr.terminate()
         out, err = tr.communicate(timeout=30)
