@@ -21,6 +21,7 @@ import mmap
 import struct
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from goleash.errors import GoleashError
@@ -406,7 +407,7 @@ class GoroutineProgram:
             self._walk = None
             mm = self._writable_slots()
             freed = 0
-            for idx, goid, slot_pid, slot_gen, *_info, created_ns, _sid in self._slots():
+            for idx, goid, slot_pid, slot_gen, *_info, created_ns, _sid in self._slots(pid):
                 if (slot_pid, slot_gen) != (pid, gen) or goid in live_goids:
                     continue
                 if created_ns >= born_before_ns:
@@ -565,9 +566,12 @@ class GoroutineProgram:
             self._slots_mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
         return self._slots_mm
 
-    def _slots(self) -> list[tuple[int, int, int, int, int, int, int, int, int]]:
+    def _slots(
+        self, pid: int | None = None
+    ) -> list[tuple[int, int, int, int, int, int, int, int, int]]:
         """The occupied slots of live_slots as (index, goid, pid, gen, info...), read
-        through an mmap of the array (one copy instead of a syscall per slot)."""
+        through an mmap of the array (one copy instead of a syscall per slot); only
+        PID's when given (slots of other processes are not unpacked)."""
         assert self.bpf is not None
         n = live_slots_for(self.max_live)
         data = self._writable_slots()[: n * _LIVE_SLOT.size]
@@ -575,11 +579,17 @@ class GoroutineProgram:
         stride = _LIVE_SLOT.size // 8
         goids = words[::stride].tolist()
         words.release()
+        occupied: Iterable[int] = itertools.compress(range(n), goids)  # nonzero goids, in C
+        if pid is not None:
+            halves = memoryview(data).cast("I")
+            pids = halves[2 :: stride * 2].tolist()  # struct live_slot: goid, then pid
+            halves.release()
+            occupied = (i for i in occupied if pids[i] == pid)
         # A slot freed and reused while copying shows a goid with another's info for
         # one reading at most; the copy is one memcpy, so that window is tiny.
         return [
             (i, *_LIVE_SLOT.unpack_from(data, i * _LIVE_SLOT.size))
-            for i in itertools.compress(range(n), goids)  # nonzero goids, found in C
+            for i in occupied
             if goids[i] != _SLOT_WRITING
         ]
 
