@@ -59,6 +59,12 @@ struct gr_proc {
     u64 counters[GR_CNT_MAX];
 };
 
+/* gr_modes[row]: a plain array beside gr_procs so that user space can switch it
+ * while the process runs (a per-CPU row is written whole, counters included). */
+#define GR_WITH_EXITS 1 /* the exit probe is attached (--lifetimes): slots are claimed
+                         * with a CAS and freed by exits; else a birth overwrites its
+                         * slot (see overwrite_slot) */
+
 /* Where a pid's gr_proc row is: slot pid % GR_PID_SLOTS of gr_pid_slots when it
  * holds that pid, else the gr_pid_rows hash. */
 #ifndef GR_PID_SLOTS
@@ -81,7 +87,11 @@ struct gr_usage {
 
 /* The fast home of a live goroutine: a slot of a direct-mapped array picked from
  * (goid, pid) (goids are sequential, so a process's slots in use stay close
- * together). A goroutine whose slot is taken goes to the live_goroutines hash. */
+ * together). With the exit probe (--lifetimes) a goroutine whose slot is taken goes
+ * to the live_goroutines hash and its exit frees the slot. Without it (the default)
+ * a birth overwrites its slot when the slot is free or its own process's: readers
+ * trust a slot only for a goid the memory inventory sees live, and user space frees
+ * the slots of goroutines no longer live every interval, so the table never fills. */
 #define LIVE_SLOT_EMPTY 0ULL
 #define LIVE_SLOT_WRITING (~0ULL) /* claimed, info not written yet: readers skip it */
 struct live_slot {

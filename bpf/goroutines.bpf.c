@@ -1,18 +1,22 @@
-// goroutines.bpf.c: every goroutine of the traced Go processes from birth to exit.
+// goroutines.bpf.c: every goroutine of the traced Go processes from its birth.
 //
 // One program per agent for every traced process and every Go release: what differs
-// per process (runtime.g offsets, which words of g one read covers) is in gr_procs,
-// a row found by pid, filled by user space before the process's probes are attached,
-// not in -D macros, so BCC compiles this once per agent, not once per process.
-// Only build options are macros: WITH_STACKS and the table sizes.
+// per process (runtime.g offsets, which words of g one read covers, whether its exit
+// probe is on) is in gr_procs, a row found by pid, filled by user space before the
+// process's probes are attached, not in -D macros, so BCC compiles this once per
+// agent, not once per process. Only build options are macros: WITH_STACKS and the
+// table sizes.
 //
 // Attached per process (uprobes with a pid filter) at sites chosen by disassembly
 // (agent/goleash/gobin/disasm.py) so the kernel emulates the probed instruction:
 //   on_create_bx  `call runtime.runqput` in runtime.newproc's closure: RBX = new g
 //   on_create_ax  (fallback) every RET of runtime.newproc1: RAX = new g
-//   on_exit       `push %rbp` of runtime.goexit1 after its stack check: R14 = g
+//   on_exit       (--lifetimes only) `push %rbp` of runtime.goexit1: R14 = g
 //   on_newproc    (WITH_STACKS only) runtime.newproc on the creator's own stack
-// Two hits per goroutine lifetime by default. Never a uretprobe: Go moves stacks.
+// One hit per goroutine by default: the memory inventory tells which goroutines
+// still live, so exits per site follow from births and live counts; the exit probe
+// is needed only for exact per-site lifetime distributions. Never a uretprobe: Go
+// moves stacks.
 #include <uapi/linux/ptrace.h>
 #include "goleash.h"
 
@@ -25,6 +29,10 @@
 BPF_ARRAY(gr_pid_slots, struct gr_pid_slot, GR_PID_SLOTS);
 BPF_HASH(gr_pid_rows, u32, u32, MAX_PROCS);
 BPF_PERCPU_ARRAY(gr_procs, struct gr_proc, MAX_PROCS);
+BPF_ARRAY(gr_modes, u32, MAX_PROCS);
+/* Per row: live_goroutines entries user space freed (reconcile). Only user space
+ * writes it, so it needs no atomics beside gr_usage.live_in_hash (the program's). */
+BPF_ARRAY(gr_freed, s64, MAX_PROCS);
 BPF_HASH(gr_usage, u32, struct gr_usage, MAX_PROCS);
 /* Live goroutines: a direct-mapped array, inlined by the verifier (no helper call,
  * no hashing, no bucket lock), and a hash for goroutines whose slot is taken. Hash
@@ -47,8 +55,9 @@ BPF_STACK_TRACE(creator_stacks, MAX_SITES);
 BPF_HASH(pending_stack, u32, s64, 4096); /* thread id -> stack id, newproc -> create */
 #endif
 
-/* The traced process PID's row: its layout and this CPU's counters. */
-static __always_inline struct gr_proc *proc_of(u32 pid)
+/* The traced process PID's row: its layout and this CPU's counters; its index in
+ * *ROW_OUT. */
+static __always_inline struct gr_proc *proc_row(u32 pid, u32 *row_out)
 {
     u32 idx = pid & (GR_PID_SLOTS - 1), row;
     struct gr_pid_slot *s = gr_pid_slots.lookup(&idx);
@@ -60,7 +69,14 @@ static __always_inline struct gr_proc *proc_of(u32 pid)
             return NULL;
         row = *r;
     }
+    *row_out = row;
     return gr_procs.lookup(&row);
+}
+
+static __always_inline struct gr_proc *proc_of(u32 pid)
+{
+    u32 row;
+    return proc_row(pid, &row);
 }
 
 static __always_inline void count(struct gr_proc *p, int idx)
@@ -126,12 +142,40 @@ static __always_inline int put_in_slot(struct gr_proc *p, struct goroutine_key *
     return 1;
 }
 
+/* Without the exit probe (the default) nothing frees a slot in the kernel, so a
+ * birth takes its slot when it is free or holds a goroutine of the same process
+ * (dead, or live and losing its birth record: the tracker kept that at its last
+ * reading, else it ages from first sight). No atomics: a slot is written by one
+ * process, and the goid published last tells a reader the info is whole. A slot
+ * of another process is left alone: 0, the birth goes to the hash (user space
+ * frees dead slots and entries each interval). */
+static __always_inline int overwrite_slot(struct gr_proc *p, struct goroutine_key *key,
+                                          struct goroutine_info *info)
+{
+    if (key->goid == LIVE_SLOT_EMPTY || key->goid == LIVE_SLOT_WRITING)
+        return 0;
+    struct live_slot *s = slot_of(key->pid, key->goid);
+    if (!s)
+        return 0;
+    if (s->goid != LIVE_SLOT_EMPTY && (s->pid != key->pid || s->gen != p->gen))
+        return 0;
+    s->goid = LIVE_SLOT_WRITING;
+    asm volatile("" ::: "memory");
+    s->pid = key->pid;
+    s->gen = p->gen;
+    s->info = *info;
+    asm volatile("" ::: "memory");
+    s->goid = key->goid;
+    return 1;
+}
+
 /* Into the shared hash, within this process's share of it. */
-static __always_inline void put_in_hash(struct gr_proc *p, struct goroutine_key *key,
+static __always_inline void put_in_hash(struct gr_proc *p, u32 row, struct goroutine_key *key,
                                         struct goroutine_info *info)
 {
     struct gr_usage *u = gr_usage.lookup(&key->pid);
-    if (!u || u->live_in_hash >= u->max_live_in_hash) {
+    s64 *freed = gr_freed.lookup(&row);
+    if (!u || !freed || u->live_in_hash - *freed >= u->max_live_in_hash) {
         count(p, GR_CNT_LIVE_FULL);
         return;
     }
@@ -226,8 +270,8 @@ int on_newproc(struct pt_regs *ctx)
 
 static __always_inline int create(struct pt_regs *ctx, u64 g)
 {
-    u32 pid = bpf_get_current_pid_tgid() >> 32;
-    struct gr_proc *p = proc_of(pid);
+    u32 pid = bpf_get_current_pid_tgid() >> 32, row = 0;
+    struct gr_proc *p = proc_row(pid, &row);
     if (!p)
         return 0;
     count(p, GR_CNT_CREATE_HITS);
@@ -259,8 +303,11 @@ static __always_inline int create(struct pt_regs *ctx, u64 g)
         pending_stack.delete(&tid);
     }
 #endif
-    if (!put_in_slot(p, &key, &info))
-        put_in_hash(p, &key, &info);
+    u32 *mode = gr_modes.lookup(&row);
+    int placed = mode && (*mode & GR_WITH_EXITS) ? put_in_slot(p, &key, &info)
+                                                 : overwrite_slot(p, &key, &info);
+    if (!placed)
+        put_in_hash(p, row, &key, &info);
 
     count_birth(p, pid, info.gopc, info.startpc);
     return 0;

@@ -53,7 +53,10 @@ def test_processes_of_different_toolchains_share_one_program() -> None:
             running_populations(old, "default", **COUNTS) as a,
             running_populations(new, "pie", **COUNTS) as b,
         ):
-            ta = ProcessTracker(GoProcess.attach(a.pid), program=program, orphan_min_age_s=0)
+            # One with the exit probe (--lifetimes), one without: a mode per process.
+            ta = ProcessTracker(
+                GoProcess.attach(a.pid), program=program, orphan_min_age_s=0, lifetimes=True
+            )
             trackers.append(ta)
             tb = ProcessTracker(GoProcess.attach(b.pid), program=program, orphan_min_age_s=0)
             trackers.append(tb)
@@ -72,7 +75,11 @@ def test_processes_of_different_toolchains_share_one_program() -> None:
                 # Its own counts only: every hit it counted is at one of its sites.
                 hits = snap.probe_hits
                 assert hits["create_hits"] == sum(s.created for s in snap.sites)
-                assert hits["exit_hits"] == sum(s.exited + s.exited_unseen for s in snap.sites)
+                if tr is ta:
+                    assert snap.lifetimes == "exact"
+                    assert hits["exit_hits"] == sum(s.exited + s.exited_unseen for s in snap.sites)
+                else:
+                    assert (snap.lifetimes, hits["exit_hits"]) == ("off", 0)
                 assert site(snap.sites, "orphan").created == n
                 born = tr.probes.read().live
                 assert all(g.goid in {x.goid for x in snap.goroutines} for g in born.values())
@@ -111,9 +118,11 @@ def test_processes_of_different_toolchains_share_one_program() -> None:
         program.close()
 
 
-def test_a_busy_process_cannot_take_the_shared_table() -> None:
-    """Past its share of the shared live table a process counts its own drops; the
-    others still find room."""
+@pytest.mark.parametrize("lifetimes", [False, True], ids=["births-only", "lifetimes"])
+def test_a_busy_process_cannot_take_the_shared_table(lifetimes: bool) -> None:
+    """Past its share of the shared live table a process counts its own drops (with
+    the exit probe; without it, its births overwrite its own slots); the others
+    still find room."""
     toolchain = gobuild.TOOLCHAINS[-1]
     # 256 direct-mapped slots and a 256-entry hash, at most 64 of it per process. One
     # pid slot: the second process's row is found through the pid hash.
@@ -125,7 +134,7 @@ def test_a_busy_process_cannot_take_the_shared_table() -> None:
             running_populations(toolchain, "default", **COUNTS) as quiet,
         ):
             for pop in (busy, quiet):
-                tr = ProcessTracker(GoProcess.attach(pop.pid), program=program)
+                tr = ProcessTracker(GoProcess.attach(pop.pid), program=program, lifetimes=lifetimes)
                 trackers.append(tr)
                 tr.start()
             t_busy, t_quiet = trackers
@@ -142,9 +151,13 @@ def test_a_busy_process_cannot_take_the_shared_table() -> None:
             busy_kids = [
                 g for g in r_busy.live.values() if g.parent_goid == fam_busy["parent_goid"]
             ]
-            # At most every slot and its share of the hash; the rest are its drops.
+            # At most every slot and its share of the hash; the rest are its drops
+            # (without the exit probe, births it overwrote itself).
             assert len(busy_kids) <= 256 + 64
-            assert r_busy.counters["live_table_full"] >= 1000 - len(busy_kids)
+            if lifetimes:
+                assert r_busy.counters["live_table_full"] >= 1000 - len(busy_kids)
+            else:
+                assert r_busy.counters["live_table_full"] <= 1000 - len(busy_kids)
             assert t_quiet.probes.read().counters["live_table_full"] == 0
     finally:
         for tr in trackers:

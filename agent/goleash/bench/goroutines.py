@@ -4,7 +4,8 @@
    (`push %rbp`) and at a single-stepped one (the prologue's `cmp`), on a tight
    Go call loop, against the same loop untraced.
 2. goleash's cost per hit (ratio to the empty emulated hit) and hits per goroutine
-   on a goroutine-churn workload; the same workload under bpftrace probing
+   on a goroutine-churn workload, by default (creation trapped only) and with
+   --lifetimes (goexit1 too); the same workload under bpftrace probing
    runtime.newproc1 and runtime.goexit1 at their entries (the usual way).
 3. Throughput of std-lib HTTP/2 and HTTP/1.1 (one goroutine per request)
    client+server pairs: untraced, goleash, bpftrace.
@@ -72,9 +73,9 @@ def _median(values: list[float]) -> float:
 
 
 @contextmanager
-def _goleash(pid: int, hits: dict[str, int]) -> Iterator[None]:
+def _goleash(pid: int, hits: dict[str, int], *, lifetimes: bool = False) -> Iterator[None]:
     proc = GoProcess.attach(pid)
-    probes = GoroutineProbes(proc)
+    probes = GoroutineProbes(proc, lifetimes=lifetimes)
     probes.attach()
     try:
         yield
@@ -84,9 +85,22 @@ def _goleash(pid: int, hits: dict[str, int]) -> Iterator[None]:
         probes.close()
 
 
-def _bpftrace_usual(binary: Path, pid: int) -> Any:
-    """Goroutine births and exits the usual way: probes at the functions' entries."""
-    return bpftrace(binary, pid, {"runtime.newproc1": "created", "runtime.goexit1": "exited"})
+@contextmanager
+def _bpftrace_usual(binary: Path, pid: int) -> Iterator[None]:
+    """Goroutine births and exits the usual way: probes at the functions' entries.
+
+    On a loaded host bpftrace may take more than the helper's 30 s to exit (it
+    detaches its uprobes one by one); the run was measured by then and the helper
+    kills it, so that is not a failed section."""
+    cm = bpftrace(binary, pid, {"runtime.newproc1": "created", "runtime.goexit1": "exited"})
+    cm.__enter__()
+    try:
+        yield
+    finally:
+        try:
+            cm.__exit__(None, None, None)
+        except subprocess.TimeoutExpired:
+            print("bench: bpftrace was slow to exit (killed after the measured run)")
 
 
 Tracer = Callable[[int], Any]
@@ -123,15 +137,16 @@ def _cpu_s() -> float:
 def run(report: Report) -> None:
     binary = fixture("benchload", TOOLCHAIN)
     report.line("toolchain", float(TOOLCHAIN.split(".")[1]), "go1.N", f"go{TOOLCHAIN}")
-    emulated_hit, sites = _physical_limit(report, binary)
-    _churn(report, binary, sites, emulated_hit)
+    emulated_hit, sites, exit_site = _physical_limit(report, binary)
+    _churn(report, binary, sites, exit_site, emulated_hit)
     _http_throughput(report, binary, sites)
     _inventory_vs_pprof(report, binary)
 
 
-def _physical_limit(report: Report, binary: Path) -> tuple[float, list[int]]:
+def _physical_limit(report: Report, binary: Path) -> tuple[float, list[int], int]:
     """1. An empty uprobe hit, emulated and single-stepped, on a Go call loop.
-    Returns the emulated hit's cost (ns) and the file offsets of goleash's sites."""
+    Returns the emulated hit's cost (ns), the file offsets of goleash's default
+    sites (creation) and of the exit site (--lifetimes)."""
     from goleash.gobin.binary import GoBinary
     from goleash.gobin.symbols import symbol_table
 
@@ -141,7 +156,8 @@ def _physical_limit(report: Report, binary: Path) -> tuple[float, list[int]]:
         push = entry_site(gb, "main.work", addr, size)
         first_offset = gb.vaddr_to_offset(addr)
         gsites = goroutine_probe_sites(gb, proc_syms.lookup)
-        sites = [x.file_offset for x in (*gsites.create_sites, gsites.exit)]
+        sites = [x.file_offset for x in gsites.create_sites]
+        exit_site = gsites.exit.file_offset
     n_calls = 200_000
     call_args = ["-mode", "call", "-n", str(n_calls)]
     calls = compare(
@@ -160,18 +176,25 @@ def _physical_limit(report: Report, binary: Path) -> tuple[float, list[int]]:
     report.line(f"empty uprobe hit, emulated `{push.instruction}`", emulated_hit, "ns/hit")
     report.line("empty uprobe hit, single-stepped `cmp` (entry)", calls["stepped"] - base, "ns/hit")
     report.line("single-stepped / emulated hit cost", (calls["stepped"] - base) / emulated_hit, "x")
-    return emulated_hit, sites
+    return emulated_hit, sites, exit_site
 
 
-def _churn(report: Report, binary: Path, sites: list[int], emulated_hit: float) -> None:
+def _churn(
+    report: Report, binary: Path, sites: list[int], exit_site: int, emulated_hit: float
+) -> None:
     """2. goleash's cost per goroutine and per hit on a goroutine-churn workload."""
     n_g = 200_000
     churn_args = ["-mode", "churn", "-n", str(n_g)]
     hits: dict[str, int] = {}
+    hits_lt: dict[str, int] = {}
     tracers: dict[str, Tracer | None] = {
         "untraced": None,
         "empty probes at goleash's sites": lambda pid: empty_probes(str(binary), pid, sites),
         "goleash": lambda pid: _goleash(pid, hits),
+        "goleash --lifetimes": lambda pid: _goleash(pid, hits_lt, lifetimes=True),
+        "empty probes at goleash --lifetimes' sites": lambda pid: empty_probes(
+            str(binary), pid, [*sites, exit_site]
+        ),
     }
     if shutil.which("bpftrace"):
         tracers["bpftrace"] = lambda pid: _bpftrace_usual(binary, pid)
@@ -179,31 +202,53 @@ def _churn(report: Report, binary: Path, sites: list[int], emulated_hit: float) 
     churn = compare(binary, churn_args, "ns_per_goroutine", tracers)
     agent_cpu = (_cpu_s() - cpu0) / REPEATS
     untraced = churn["untraced"]
-    hits_per_g = (hits.get("create_hits", 0) + hits.get("exit_hits", 0)) / n_g
-    goleash_per_g = churn["goleash"] - untraced
-    empty_per_g = churn["empty probes at goleash's sites"] - untraced
     for name, v in churn.items():
         report.line(f"churn, {name}", v, "ns/goroutine")
-    report.line("goleash probe hits per goroutine", hits_per_g, "hits", "goal 2")
     report.line(
-        "goleash cost per hit / empty emulated hit (call loop)",
-        goleash_per_g / max(hits_per_g, 1e-9) / emulated_hit,
-        "x",
-        "goal <= 1.2",
+        "churn slowdown, goleash / untraced", churn["goleash"] / untraced, "x", "goal <= 6.5"
     )
     report.line(
-        "goleash cost / empty probes at the same sites (churn)",
-        goleash_per_g / max(empty_per_g, 1e-9),
+        "churn slowdown, goleash --lifetimes / untraced",
+        churn["goleash --lifetimes"] / untraced,
         "x",
-        "what the BPF programs add",
     )
-    report.line("agent CPU per churn run (compile+attach+read)", agent_cpu, "s")
+    for label, counted, key, empty_key in (
+        ("goleash", hits, "goleash", "empty probes at goleash's sites"),
+        (
+            "goleash --lifetimes",
+            hits_lt,
+            "goleash --lifetimes",
+            "empty probes at goleash --lifetimes' sites",
+        ),
+    ):
+        hits_per_g = (counted.get("create_hits", 0) + counted.get("exit_hits", 0)) / n_g
+        per_g = churn[key] - untraced
+        empty_per_g = churn[empty_key] - untraced
+        report.line(
+            f"{label} probe hits per goroutine",
+            hits_per_g,
+            "hits",
+            "goal 1" if label == "goleash" else "",
+        )
+        report.line(
+            f"{label} cost per hit / empty emulated hit (call loop)",
+            per_g / max(hits_per_g, 1e-9) / emulated_hit,
+            "x",
+            "goal <= 1.2" if label == "goleash" else "",
+        )
+        report.line(
+            f"{label} cost / empty probes at the same sites (churn)",
+            per_g / max(empty_per_g, 1e-9),
+            "x",
+            "what the BPF programs add",
+        )
+    report.line("agent CPU per churn run (compile+attach+read, both modes)", agent_cpu, "s")
     if "bpftrace" in churn:
         report.line(
             "bpftrace cost / goleash cost per goroutine",
-            (churn["bpftrace"] - untraced) / max(goleash_per_g, 1e-9),
+            (churn["bpftrace"] - untraced) / max(churn["goleash"] - untraced, 1e-9),
             "x",
-            "goal >= 10",
+            "goal >= 12",
         )
 
 
@@ -223,7 +268,8 @@ def _http_throughput(report: Report, binary: Path, sites: list[int]) -> None:
         report.line(f"{mode} untraced", rps["untraced"], "req/s")
         for name in ("empty probes at goleash's sites", "goleash", "bpftrace"):
             if name in rps:
-                goal = "goal >= 0.85" if (mode, name) == ("http2", "goleash") else ""
+                goal = {"http2": "goal >= 0.88", "http1": "goal >= 0.95"}[mode]
+                goal = goal if name == "goleash" else ""
                 report.line(
                     f"{mode} traced by {name} / untraced",
                     rps[name] / rps["untraced"],

@@ -95,6 +95,7 @@ def _agent_config(args: argparse.Namespace) -> Any:
         orphan_min_age_s=args.orphan_min_age,
         budget_fraction=args.budget,
         stacks=args.stacks,
+        lifetimes=args.lifetimes,
         buffer_batches=args.buffer_batches,
     )
 
@@ -187,6 +188,12 @@ def _measure_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--stacks", action="store_true", help="record each creation site's creator stack"
+    )
+    g.add_argument(
+        "--lifetimes",
+        action="store_true",
+        help="also trap goroutine exits (one more hit per goroutine) for exact per-site "
+        "lifetimes; the budget may sample them",
     )
 
 

@@ -32,6 +32,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         as_json=args.json,
         budget_fraction=args.budget,
         max_live=args.max_live,
+        lifetimes=args.lifetimes,
         emit_json=print_json,
     )
 
@@ -264,6 +265,12 @@ def _add_trace(sub: Any) -> None:
     p.add_argument("--interval", type=arg_seconds, default=2.0, help="seconds between summaries")
     p.add_argument(
         "--stacks", action="store_true", help="also record each creator's stack (one more hit)"
+    )
+    p.add_argument(
+        "--lifetimes",
+        action="store_true",
+        help="also trap every goroutine exit (one more hit per goroutine) for exact "
+        "per-site lifetimes; without it exits are counted from memory and lifetimes are off",
     )
     p.add_argument(
         "--budget",

@@ -41,6 +41,7 @@ class AgentConfig:
     orphan_min_age_s: float = DEFAULT_ORPHAN_MIN_AGE_S
     budget_fraction: float = 0.01
     stacks: bool = False
+    lifetimes: bool = False  # trap goroutine exits too: exact per-site lifetimes
     buffer_batches: int = DEFAULT_MAX_BATCHES
     max_message_bytes: int = 8 * 1024 * 1024
     max_kept: int = DEFAULT_MAX_KEPT

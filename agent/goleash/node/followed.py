@@ -72,6 +72,8 @@ def start_tracker(
         "orphan_min_age_s": cfg.orphan_min_age_s,
     }
     if bpf_ok:
+        kw["lifetimes"] = cfg.lifetimes
+    if bpf_ok:
         tracker = None
         try:
             tracker = ProcessTracker(proc, program=program, **kw)  # type: ignore[arg-type]

@@ -28,6 +28,12 @@ def _fmt_age(v: float | None) -> str:
     return f"{v / 3600:.1f}h"
 
 
+def _created_note(snap: ProcessSnapshot) -> str:
+    bound = snap.created_error_bound
+    within = f" within {bound}" if bound is not None else ""
+    return f"; created counted from the runtime's goid counter{within}"
+
+
 def render(snap: ProcessSnapshot, elapsed_s: float, *, limit: int = 25) -> str:
     t = snap.totals
     lines = [
@@ -39,7 +45,12 @@ def render(snap: ProcessSnapshot, elapsed_s: float, *, limit: int = 25) -> str:
         f"orphans {t['orphans']}  dropped "
         + (", ".join(f"{k}={v}" for k, v in snap.dropped.items() if v) or "none"),
     ]
-    if snap.mode != "probes":
+    lines.append(
+        f"lifetimes: {snap.lifetimes}"
+        + ("" if snap.lifetimes != "off" else " (--lifetimes traps exits for them)")
+        + ("" if snap.created_source == "probes" else _created_note(snap))
+    )
+    if snap.mode != "probes" or snap.lifetimes == "sampled":
         lines.append(f"note: {snap.mode_reason}")
     lines.append(
         f"{'LIVE':>7} {'CREATED':>8} {'EXITED':>8} {'AGE p50/p99/max':>20} {'ORPH':>5}  "
@@ -68,6 +79,7 @@ def run_trace(
     as_json: bool,
     budget_fraction: float,
     max_live: int | None,
+    lifetimes: bool = False,
     out: TextIO = sys.stdout,
     emit_json: Callable[[object], None] | None = None,
 ) -> int:
@@ -75,7 +87,11 @@ def run_trace(
         raise GoleashError("--interval must be positive")
     proc = GoProcess.attach(pid)
     tracker = ProcessTracker(
-        proc, stacks=stacks, budget=OverheadBudget(cpu_fraction=budget_fraction), max_live=max_live
+        proc,
+        stacks=stacks,
+        budget=OverheadBudget(cpu_fraction=budget_fraction),
+        max_live=max_live,
+        lifetimes=lifetimes,
     )
     start = time.monotonic()
     last: ProcessSnapshot | None = None

@@ -7,6 +7,15 @@ attach or started without newproc (iter.Pull coroutines). A snapshot joins both.
 When the probes cost more than the budget allows, they are detached and the
 inventory alone carries on (mode "inventory-only"); they return once the
 creation rate (read from goid growth) fits the budget again.
+
+By default the probes trap only goroutine creation. Exits per site then follow
+from the counts: exits = created + live at start - live now (births counted by
+the probes, live counts read from memory), and the birth records of goroutines no
+longer live are freed each interval (probes reconcile). `lifetimes=True`
+(`--lifetimes`) also traps runtime.goexit1 for exact per-site lifetimes; over
+budget that probe goes first (lifetimes become a sample), the creation probe next.
+With the probes off, goroutines created are counted from the runtime's own goid
+generator (probes/goidgen.py).
 """
 
 from __future__ import annotations
@@ -21,7 +30,13 @@ from goleash.errors import GoleashError, StageFailure
 from goleash.gobin.errors import ProcessError
 from goleash.node import DEFAULT_ORPHAN_MIN_AGE_S  # noqa: F401  (defined there for the CLI)
 from goleash.probes.budget import OverheadBudget
-from goleash.probes.goroutines import GoroutineProbes, GoroutineProgram, TrackerReading
+from goleash.probes.goidgen import GoidCounter, GoidgenUnavailable, checked_goid_counter
+from goleash.probes.goroutines import (
+    GoroutineProbes,
+    GoroutineProgram,
+    LiveGoroutine,
+    TrackerReading,
+)
 from goleash.probes.inventory import Goroutine, Inventory, read_goroutines, site_at
 from goleash.probes.target import GoProcess
 
@@ -45,6 +60,11 @@ STUCK_WAIT_REASONS = frozenset(
 )
 
 BUDGET_MIN_WINDOW_S = 1.0
+
+# ProcessSnapshot.lifetimes
+LIFETIMES_EXACT = "exact"  # the exit probe saw every exit since attach
+LIFETIMES_SAMPLED = "sampled"  # the budget took the exit probe off for a while
+LIFETIMES_OFF = "off"  # no exit probe (the default): exits derived, no lifetimes
 
 
 def _read_inventory(proc: GoProcess) -> Inventory:
@@ -114,6 +134,13 @@ class ProcessSnapshot:
     parents: dict[int, int] = field(default_factory=dict, repr=False)
     orphan_goids: frozenset[int] = field(default_factory=frozenset, repr=False)
     read_ns: int = 0  # CLOCK_MONOTONIC of the inventory read (Goroutine.wait_since_ns's clock)
+    # Per-site lifetimes (lifetime_mean_s): "exact", "sampled" or "off" (LIFETIMES_*).
+    lifetimes: str = LIFETIMES_OFF
+    # Where totals["created"] comes from: "probes" (every birth trapped since attach)
+    # or "goidgen" (the runtime's goid counter, when the probes were off for a while:
+    # within created_error_bound, 16 goids cached per P).
+    created_source: str = "probes"
+    created_error_bound: int | None = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -134,12 +161,15 @@ class ProcessTracker:
         orphan_min_age_s: float = DEFAULT_ORPHAN_MIN_AGE_S,
         use_probes: bool = True,
         program: GoroutineProgram | None = None,
+        lifetimes: bool = False,
     ) -> None:
         """With `program` (the agent's), the probes share that compiled program with
-        every other process; stacks, max_live and max_sites are then the program's."""
+        every other process; stacks, max_live and max_sites are then the program's.
+        LIFETIMES: also trap goroutine exits, for exact per-site lifetimes."""
         self.proc = proc
         self.budget = budget or OverheadBudget()
-        kw: dict[str, Any] = {"stacks": stacks, "program": program}
+        self.lifetimes_wanted = lifetimes
+        kw: dict[str, Any] = {"stacks": stacks, "program": program, "lifetimes": lifetimes}
         if max_live:
             kw["max_live"] = max_live
         if max_sites:
@@ -152,6 +182,20 @@ class ProcessTracker:
         self._last_max_goid = 0
         self.mode_reason = "probes attached"
         self._last_inventory: Inventory | None = None
+        # Birth records the probes gave for goroutines still live (their slot may be
+        # taken by a later birth: kept here from the reading that saw them).
+        self.born: dict[int, LiveGoroutine] = {}
+        # Derived exits: live per site when the probes went on, and the goroutines
+        # already live then (their exits are exits of goroutines born unseen).
+        self._live_at_start: Counter[tuple[int, int]] = Counter()
+        self._unborn: dict[int, tuple[int, int]] = {}  # goid -> site, live at start
+        self._unborn_exited: Counter[tuple[int, int]] = Counter()
+        self._births_missed = False  # the creation probe was off for a while
+        self._exits_missed = False  # the exit probe was off for a while (--lifetimes)
+        self._goids: GoidCounter | None = None
+        self._goidgen_at_start = 0
+        self._last_goidgen = 0
+        self.goidgen_unavailable = ""  # why the goid counter cannot be read, if so
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -160,6 +204,11 @@ class ProcessTracker:
         inv = _read_inventory(self.proc)
         self._last_inventory = inv
         self._remember(inv.goroutines, inv.read_ns)
+        for g in inv.goroutines:
+            site = (g.gopc, g.startpc)
+            self._live_at_start[site] += 1
+            self._unborn[g.goid] = site
+        self._start_goid_counter(inv)
         if self.probes is not None:
             self.probes.attach()
             # The probes went to /proc/PID/exe at offsets computed from the file that
@@ -172,9 +221,36 @@ class ProcessTracker:
             self.mode_reason = "probes off (inventory only)"
         self._last_poll = time.monotonic()
 
+    def _start_goid_counter(self, inv: Inventory) -> None:
+        try:
+            self._goids = checked_goid_counter(
+                self.proc, max((g.goid for g in inv.goroutines), default=0)
+            )
+            self._goidgen_at_start = self._last_goidgen = self._goids.read()
+        except GoidgenUnavailable as exc:
+            self._goids = None
+            self.goidgen_unavailable = str(exc)
+
+    def _read_goidgen(self) -> int | None:
+        if self._goids is None:
+            return None
+        try:
+            value = self._goids.read()
+        except GoidgenUnavailable as exc:
+            self.goidgen_unavailable = str(exc)
+            return None
+        self._last_goidgen = max(self._last_goidgen, value)
+        return value
+
     def close(self) -> None:
         if self.probes is not None:
             self.probes.close()
+
+    @property
+    def lifetimes(self) -> str:
+        if not self.lifetimes_wanted or self.probes is None:
+            return LIFETIMES_OFF
+        return LIFETIMES_SAMPLED if self._exits_missed else LIFETIMES_EXACT
 
     @property
     def mode(self) -> str:
@@ -215,7 +291,9 @@ class ProcessTracker:
 
     # --- budget ---------------------------------------------------------------------------
 
-    def _apply_budget(self, reading: TrackerReading | None, max_goid: int, dt: float) -> None:
+    def _apply_budget(self, reading: TrackerReading | None, new_goids: int, dt: float) -> None:
+        """NEW_GOIDS: goroutines created since the last poll, from memory (what the
+        probes would have trapped while off)."""
         if self.probes is None:
             return
         if reading is not None and self.probes.attached:
@@ -223,22 +301,56 @@ class ProcessTracker:
             new_hits = hits - self._last_hits
             self._last_hits = hits
         else:
-            # Detached: estimate what the probes would cost from goid growth (goids
-            # are handed out in order, one per goroutine created, two hits each).
-            new_hits = 2 * max(0, max_goid - self._last_max_goid)
+            per_goroutine = 2 if self.lifetimes_wanted else 1
+            new_hits = per_goroutine * max(0, new_goids)
         stepped = self.probes.stepped_sites
         emulated_hits = new_hits if stepped == 0 else new_hits // 2
         stepped_hits = 0 if stepped == 0 else new_hits - emulated_hits
         over = self.budget.update(emulated_hits, stepped_hits, dt)
-        if over and self.probes.attached:
-            self.probes.detach()
-            self.mode_reason = (
-                f"probes detached: they would cost {self.budget.last_fraction:.1%} of a core "
-                f"(budget {self.budget.cpu_fraction:.1%}); counting from memory only"
-            )
-        elif not over and not self.probes.attached:
+        cost = (
+            f"they would cost {self.budget.last_fraction:.1%} of a core "
+            f"(budget {self.budget.cpu_fraction:.1%})"
+        )
+        if self.probes.attached:
+            if over and self.probes.exits_attached:
+                # The exit probe goes first: births stay counted, lifetimes sampled.
+                self.probes.detach_exits()
+                self._exits_missed = True
+                self.mode_reason = f"exit probe detached: {cost}; lifetimes sampled"
+            elif self.budget.last_fraction > self.budget.cpu_fraction:
+                self.probes.detach()
+                self._births_missed = True
+                self._exits_missed = self._exits_missed or self.lifetimes_wanted
+                self.mode_reason = f"probes detached: {cost}; counting from memory only"
+            elif not over and self.lifetimes_wanted and not self.probes.exits_attached:
+                self.probes.attach_exits()
+                self.mode_reason = "exit probe re-attached: back under budget"
+        elif not over:
             self.probes.attach()
             self.mode_reason = "probes re-attached: back under budget"
+
+    def _keep_births(self, inv: Inventory, reading: TrackerReading | None) -> None:
+        """Birth records of live goroutines, verified by goid and creation site (a
+        slot read as a goroutine's is ignored unless both match), kept while they
+        live; then the kernel's records of goroutines no longer live are freed."""
+        live = {g.goid: g for g in inv.goroutines}
+        self.born = {goid: b for goid, b in self.born.items() if goid in live}
+        if reading is None:
+            return
+        for goid, b in reading.live.items():
+            g = live.get(goid)
+            if g is not None and (g.gopc, g.startpc) == (b.gopc, b.startpc):
+                self.born[goid] = b
+        if self.probes is not None and self.probes.compiled:
+            self.probes.reconcile(frozenset(live), inv.read_ns)
+
+    def _count_unborn_exits(self, inv: Inventory) -> None:
+        """Exits of goroutines that were live when the probes went on."""
+        if not self._unborn:
+            return
+        live = {g.goid for g in inv.goroutines}
+        for goid in [goid for goid in self._unborn if goid not in live]:
+            self._unborn_exited[self._unborn.pop(goid)] += 1
 
     def _birth_ns(self, goid: int, born: dict, now_ns: int) -> int:
         """Birth time from the probes, else when we first saw it (a lower bound)."""
@@ -269,7 +381,7 @@ class ProcessTracker:
 
     def snapshot(self, inventory: Inventory | None = None) -> ProcessSnapshot:
         inv, reading = self._read(inventory)
-        born = reading.live if reading else {}
+        born = self.born
         by_site: dict[tuple[int, int], list[Goroutine]] = {}
         for g in inv.goroutines:
             by_site.setdefault((g.gopc, g.startpc), []).append(g)
@@ -305,9 +417,16 @@ class ProcessTracker:
         self._last_inventory = inv
         self._remember(inv.goroutines, inv.read_ns)
         reading = self.probes.read() if self.probes is not None and self.probes.compiled else None
+        self._keep_births(inv, reading)
+        self._count_unborn_exits(inv)
         max_goid = max((g.goid for g in inv.goroutines), default=self._last_max_goid)
         if inventory is None:
-            self._apply_budget(reading, max_goid, dt)
+            # Goroutines created since the last poll: the runtime's goid counter,
+            # else the growth of the largest live goid (a lower bound).
+            before = self._last_goidgen
+            goidgen = self._read_goidgen()
+            new_goids = goidgen - before if goidgen is not None else max_goid - self._last_max_goid
+            self._apply_budget(reading, new_goids, dt)
         self._last_max_goid = max(self._last_max_goid, max_goid)
         return inv, reading
 
@@ -343,22 +462,33 @@ class ProcessTracker:
         stack: list[str] = []
         if reading is not None and reading.creator_stacks:
             stack = self._site_stack(key, members, reading, born)
-        exited = counts.exited if counts else 0
+        created = counts.created if counts else 0
+        if self.lifetimes == LIFETIMES_EXACT:
+            exited = counts.exited if counts else 0
+            exited_unseen = counts.exited_unseen if counts else 0
+        else:
+            # Exits follow from births and live counts (no exit trap, or not always).
+            all_exits = max(0, created + self._live_at_start[key] - len(members))
+            exited_unseen = min(all_exits, self._unborn_exited[key])
+            exited = all_exits - exited_unseen
+        lifetime_mean_s = None
+        if self.lifetimes != LIFETIMES_OFF and counts and counts.exited:
+            lifetime_mean_s = counts.lifetime_sum_ns / counts.exited / 1e9
         oldest = max(range(len(members)), key=member_ages.__getitem__, default=None)
         oldest_unborn = oldest is not None and members[oldest].goid not in born
         return SiteSummary(
             function=fn,
             go_statement=stmt,
             live=len(members),
-            created=counts.created if counts else 0,
+            created=created,
             exited=exited,
-            exited_unseen=counts.exited_unseen if counts else 0,
+            exited_unseen=exited_unseen,
             age_p50_s=_quantile(ages, 0.5),
             age_p99_s=_quantile(ages, 0.99),
             age_max_s=ages[-1] if ages else None,
             wait_reasons=dict(reasons.most_common(3)),
             orphans=orphans,
-            lifetime_mean_s=(counts.lifetime_sum_ns / exited / 1e9) if counts and exited else None,
+            lifetime_mean_s=lifetime_mean_s,
             gopc=key[0],
             startpc=key[1],
             creator_stack=stack,
@@ -375,6 +505,12 @@ class ProcessTracker:
         born: dict,
     ) -> ProcessSnapshot:
         counters = reading.counters if reading else {}
+        created = sum(s.created for s in sites)
+        created_source, bound = "probes", 0
+        if (self._births_missed or self.probes is None) and self._goids is not None:
+            created_source = "goidgen"
+            created = max(0, self._last_goidgen - self._goidgen_at_start)
+            bound = self._goids.error_bound()
         return ProcessSnapshot(
             pid=self.proc.pid,
             exe=self.proc.exe_name,
@@ -385,7 +521,7 @@ class ProcessTracker:
             sites=sites,
             totals={
                 "live": len(inv.goroutines),
-                "created": sum(s.created for s in sites),
+                "created": created,
                 "exited": sum(s.exited + s.exited_unseen for s in sites),
                 "orphans": sum(s.orphans for s in sites),
             },
@@ -407,4 +543,7 @@ class ProcessTracker:
             parents={g.goid: p for g in inv.goroutines if (p := self._parent(g, born))},
             orphan_goids=frozenset(orphan_goids),
             read_ns=inv.read_ns,
+            lifetimes=self.lifetimes,
+            created_source=created_source,
+            created_error_bound=bound,
         )

@@ -21,6 +21,7 @@ import mmap
 import struct
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from goleash.errors import GoleashError
@@ -41,6 +42,7 @@ SPAN_WORDS = 32  # GR_SPAN_WORDS: one read of runtime.g covers at most 256 bytes
 NO_FIELD = 0xFF  # GR_NO_FIELD
 PID_SLOTS = 4096  # GR_PID_SLOTS: pids found without a hash lookup (the rest: one)
 DEFAULT_MAX_PROCS = 1024
+GR_WITH_EXITS = 1  # gr_modes: the exit probe is attached (bpf/goleash.h)
 SITE_READ_TRIES = 3  # site_stats re-reads while births move out of site_cache
 # A walk of the tables serves every process once; a process asking again (or after
 # this long) gets a new walk.
@@ -277,8 +279,9 @@ class GoroutineProgram:
 
     # --- processes ------------------------------------------------------------------
 
-    def register(self, pid: int, layout: ProcessLayout) -> None:
-        """Make PID's hits count (before its uprobes are attached)."""
+    def register(self, pid: int, layout: ProcessLayout, *, with_exits: bool = False) -> None:
+        """Make PID's hits count (before its uprobes are attached). WITH_EXITS: its
+        exit probe will be attached (see set_exits)."""
         self.compile()
         assert self.bpf is not None
         with self._lock:
@@ -311,6 +314,9 @@ class GoroutineProgram:
                 p.g_m = layout.g_m
                 p.m_curg = layout.m_curg
             procs[procs.Key(row_idx)] = row
+            modes = self.bpf["gr_modes"]
+            modes[modes.Key(row_idx)] = modes.Leaf(GR_WITH_EXITS if with_exits else 0)
+            self.bpf["gr_freed"].clearitem(self.bpf["gr_freed"].Key(row_idx))
             # Then where the program finds the row: the pid's slot if free, else the hash.
             slots = self.bpf["gr_pid_slots"]
             slot_key = slots.Key(pid % self.pid_slots)
@@ -343,6 +349,8 @@ class GoroutineProgram:
                 with contextlib.suppress(KeyError):
                     del t[t.Key(pid)]
             b["gr_procs"].clearitem(b["gr_procs"].Key(row_idx))  # its counters: zero
+            b["gr_modes"].clearitem(b["gr_modes"].Key(row_idx))
+            b["gr_freed"].clearitem(b["gr_freed"].Key(row_idx))
             live_slots = self._slots()
             if self.stacks:
                 self._forget_stacks(pid, gen, live_slots)
@@ -359,6 +367,83 @@ class GoroutineProgram:
                     slots.clearitem(slots.Key(idx))
             # Its site_cache entries are dropped by the program when evicted (their
             # gen is no longer registered) and skipped by readers meanwhile.
+
+    def set_exits(self, pid: int, on: bool) -> None:
+        """Tell the program whether PID's exit probe is attached: with it births
+        claim slots (CAS) and exits free them; without, births overwrite their own
+        process's slots and reconcile() frees the dead ones. Attach the exit probe
+        before switching on, switch off before detaching it."""
+        assert self.bpf is not None
+        with self._lock:
+            row_idx = self._rows.get(pid)
+            if row_idx is None:
+                return
+            modes = self.bpf["gr_modes"]
+            modes[modes.Key(row_idx)] = modes.Leaf(GR_WITH_EXITS if on else 0)
+
+    def exits_on(self, pid: int) -> bool:
+        assert self.bpf is not None
+        row_idx = self._rows.get(pid)
+        if row_idx is None:
+            return False
+        modes = self.bpf["gr_modes"]
+        return bool(modes[modes.Key(row_idx)].value & GR_WITH_EXITS)
+
+    def reconcile(
+        self, pid: int, live_goids: set[int] | frozenset[int], born_before_ns: int
+    ) -> int:
+        """Free PID's records of goroutines the memory inventory no longer sees live.
+
+        Only records of births before BORN_BEFORE_NS (when the inventory read started)
+        are judged: a goroutine born later may be live but missing from that read.
+        Slots are freed through the writable mmap (a store of goid 0, no syscall per
+        slot), hash entries by deleting them. With the exit probe on, exits free
+        records first (goexit1 runs before the g is dead in memory): what is left
+        are records whose exit was missed. Returns how many records were freed."""
+        with self._lock:
+            gen = self._registered.get(pid)
+            if gen is None or self.bpf is None:
+                return 0
+            self._walk = None
+            mm = self._writable_slots()
+            freed = 0
+            for idx, goid, slot_pid, slot_gen, *_info, created_ns, _sid in self._slots(pid):
+                if (slot_pid, slot_gen) != (pid, gen) or goid in live_goids:
+                    continue
+                if created_ns >= born_before_ns:
+                    continue
+                word = ctypes.c_uint64.from_buffer(mm, idx * _LIVE_SLOT.size)
+                # The kernel may have rewritten it since the copy: free only what we judged.
+                if word.value == goid:
+                    word.value = 0
+                    freed += 1
+                del word
+            # Entries of the hash: a delete that succeeds is counted in gr_freed, the
+            # program's own deletes (exits) in live_in_hash: neither counts twice.
+            freed_table = self.bpf["gr_freed"]
+            freed_key = freed_table.Key(self._rows[pid])
+            usage = self.bpf["gr_usage"]
+            try:
+                in_hash = usage[usage.Key(pid)].live_in_hash - freed_table[freed_key].value
+            except KeyError:
+                in_hash = 0
+            if in_hash <= 0:  # the usual case: no walk of the shared hash
+                return freed
+            table = self.bpf["live_goroutines"]
+            dead = [
+                k.goid
+                for k, v in table.items()
+                if k.pid == pid and k.goid not in live_goids and v.created_ns < born_before_ns
+            ]
+            deleted = 0
+            for goid in dead:
+                with contextlib.suppress(KeyError):
+                    del table[table.Key(pid, 0, goid)]
+                    deleted += 1
+            if deleted:
+                total = freed_table[freed_key].value + deleted
+                freed_table[freed_key] = freed_table.Leaf(total)
+            return freed + deleted
 
     def _forget_stacks(self, pid: int, gen: int, live_slots: list) -> None:  # type: ignore[type-arg]
         """The creator stacks only PID's live goroutines refer to. The stack map is
@@ -469,26 +554,42 @@ class GoroutineProgram:
             )
         return sites
 
-    def _slots(self) -> list[tuple[int, int, int, int, int, int, int, int, int]]:
-        """The occupied slots of live_slots as (index, goid, pid, gen, info...), read
-        through an mmap of the array (one copy instead of a syscall per slot)."""
+    def _writable_slots(self) -> mmap.mmap:
+        """live_slots mapped into this process: copied by readers, written (goid 0)
+        only by reconcile()."""
         assert self.bpf is not None
-        n = live_slots_for(self.max_live)
         if self._slots_mm is None:
-            size = n * _LIVE_SLOT.size
+            size = live_slots_for(self.max_live) * _LIVE_SLOT.size
             size += -size % mmap.PAGESIZE
             fd = self.bpf["live_slots"].map_fd
-            self._slots_mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
-        data = self._slots_mm[: n * _LIVE_SLOT.size]
+            prot = mmap.PROT_READ | mmap.PROT_WRITE
+            self._slots_mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
+        return self._slots_mm
+
+    def _slots(
+        self, pid: int | None = None
+    ) -> list[tuple[int, int, int, int, int, int, int, int, int]]:
+        """The occupied slots of live_slots as (index, goid, pid, gen, info...), read
+        through an mmap of the array (one copy instead of a syscall per slot); only
+        PID's when given (slots of other processes are not unpacked)."""
+        assert self.bpf is not None
+        n = live_slots_for(self.max_live)
+        data = self._writable_slots()[: n * _LIVE_SLOT.size]
         words = memoryview(data).cast("Q")
         stride = _LIVE_SLOT.size // 8
         goids = words[::stride].tolist()
         words.release()
+        occupied: Iterable[int] = itertools.compress(range(n), goids)  # nonzero goids, in C
+        if pid is not None:
+            halves = memoryview(data).cast("I")
+            pids = halves[2 :: stride * 2].tolist()  # struct live_slot: goid, then pid
+            halves.release()
+            occupied = (i for i in occupied if pids[i] == pid)
         # A slot freed and reused while copying shows a goid with another's info for
         # one reading at most; the copy is one memcpy, so that window is tiny.
         return [
             (i, *_LIVE_SLOT.unpack_from(data, i * _LIVE_SLOT.size))
-            for i in itertools.compress(range(n), goids)  # nonzero goids, found in C
+            for i in occupied
             if goids[i] != _SLOT_WRITING
         ]
 

@@ -4,6 +4,13 @@ the kernel's tables as plain records.
 
 Counts and lifetimes are aggregated in the kernel (site_stats); Python reads the
 tables every interval, never a per-event stream.
+
+By default only the creation site is probed (one hit per goroutine): the memory
+inventory tells which goroutines live, so exits follow from births and live counts
+(node/tracker.py), and reconcile() frees the birth records of goroutines no longer
+live. `lifetimes=True` also probes runtime.goexit1 for exact per-site lifetime
+distributions; the tracker's budget may take that probe off and on (detach_exits,
+attach_exits), which makes lifetimes a sample.
 """
 
 from __future__ import annotations
@@ -95,8 +102,10 @@ class GoroutineProbes:
         max_live: int = DEFAULT_MAX_LIVE,
         max_sites: int = DEFAULT_MAX_SITES,
         program: GoroutineProgram | None = None,
+        lifetimes: bool = False,
     ) -> None:
         self.proc = proc
+        self.lifetimes = lifetimes
         self._owns_program = program is None
         self.program = program or GoroutineProgram(
             stacks=stacks, max_live=max_live, max_sites=max_sites
@@ -104,6 +113,7 @@ class GoroutineProbes:
         self.stacks = self.program.stacks
         self.sites = goroutine_probe_sites(proc.binary, proc.symbols.lookup)
         self._attached: list[tuple[ProbeSite, str]] = []  # (site, BCC event name)
+        self._exit_event: str | None = None  # the exit probe, when attached
         self._registered = False
 
     # --- lifecycle ----------------------------------------------------------------
@@ -128,7 +138,8 @@ class GoroutineProbes:
     @property
     def stepped_sites(self) -> int:
         """How many of the attached sites the kernel single-steps (cost model)."""
-        return sum(1 for s, _ev in self._attached if not s.emulated)
+        n = sum(1 for s, _ev in self._attached if not s.emulated)
+        return n + (1 if self._exit_event is not None and not self.sites.exit.emulated else 0)
 
     def attach(self) -> None:
         if not self._registered:
@@ -137,7 +148,6 @@ class GoroutineProbes:
         bpf = self.program.bpf
         assert bpf is not None
         plan: list[tuple[ProbeSite, str]] = [(s, self.create_function) for s in self.create_sites]
-        plan.append((self.sites.exit, "on_exit"))
         if self.stacks:
             plan.append((self.sites.newproc_entry, "on_newproc"))
         try:
@@ -149,6 +159,47 @@ class GoroutineProbes:
             if not os.path.exists(f"/proc/{self.proc.pid}"):
                 raise ProbeAttachError(f"PID {self.proc.pid} exited while attaching") from exc
             raise ProbeAttachError(f"attaching uprobes to PID {self.proc.pid}: {exc}") from exc
+        if self.lifetimes:
+            self.attach_exits()
+
+    def attach_exits(self) -> None:
+        """The exit probe (--lifetimes): attached first, then the program told, so no
+        birth claims a slot that no exit would free."""
+        if self._exit_event is not None or not self._attached:
+            return
+        bpf = self.program.bpf
+        assert bpf is not None
+        try:
+            self._exit_event = attach_at(
+                bpf, self._exe(), self.sites.exit.file_offset, "on_exit", self.proc.pid
+            )
+        except Exception as exc:
+            self.detach()
+            raise ProbeAttachError(
+                f"attaching the exit probe to PID {self.proc.pid}: {exc}"
+            ) from exc
+        self.program.set_exits(self.proc.pid, True)
+
+    def detach_exits(self) -> None:
+        """The exit probe only (births still counted): the program told first."""
+        if self._exit_event is None:
+            return
+        bpf = self.program.bpf
+        if bpf is not None:
+            self.program.set_exits(self.proc.pid, False)
+            detach(bpf, self._exit_event)
+        self._exit_event = None
+
+    @property
+    def exits_attached(self) -> bool:
+        return self._exit_event is not None
+
+    def reconcile(self, live_goids: set[int] | frozenset[int], born_before_ns: int) -> int:
+        """Free the birth records of goroutines no longer live (see
+        GoroutineProgram.reconcile); returns how many."""
+        if not self._registered or self.program.bpf is None:
+            return 0
+        return self.program.reconcile(self.proc.pid, live_goids, born_before_ns)
 
     @property
     def compiled(self) -> bool:
@@ -161,6 +212,7 @@ class GoroutineProbes:
 
     def detach(self) -> None:
         """Remove this process's uprobes (its counts stay readable until close())."""
+        self.detach_exits()
         bpf = self.program.bpf
         if bpf is not None:
             for _site, ev in self._attached:
