@@ -506,7 +506,8 @@ class ProcessTracker:
     ) -> ProcessSnapshot:
         counters = reading.counters if reading else {}
         created = sum(s.created for s in sites)
-        created_source, bound = "probes", 0
+        created_source = "probes"
+        bound: int | None = 0
         if (self._births_missed or self.probes is None) and self._goids is not None:
             created_source = "goidgen"
             created = max(0, self._last_goidgen - self._goidgen_at_start)
