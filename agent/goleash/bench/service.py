@@ -6,10 +6,21 @@ short-lived goroutines that encode and hash, a map update under a mutex, a JSON
 answer), loaded by its own client in a separate, untraced process that measures
 throughput and p99 latency.
 
-The server runs untraced and under goleash's defaults: goroutine probes, the memory
-inventory every 5 s, and (HTTP/2) ReadFrame timed under the default 1% budget. Runs
-are interleaved (untraced, traced, untraced, ...) and the medians compared, so drift
-on the machine hits both alike; the figures are ratios within one run.
+The server runs untraced, under each part of goleash's defaults alone, and under all
+of them (a cost breakdown):
+  goroutine probes   the creation/exit uprobes, their maps read every 5 s
+  inventory          the memory read of every goroutine every 5 s (a snapshot)
+  ReadFrame timing   (HTTP/2) `--func http2.ReadFrame` under the default 1% budget,
+                     its panic probe and its goexit1 clean-up probe included
+  goleash defaults   all of the above, as `goleash run` sets them up
+
+Besides throughput and p99 (both hurt by anything else on the machine), each run
+measures the server's own CPU time per request (utime + stime from /proc: a uprobe
+trap and its BPF program are charged to the thread that hits them), which is what
+the probes take from the service whatever else runs on the host, and the agent's
+CPU as a share of one core (what it takes from the host). Runs are interleaved
+(untraced, then each configuration, the order rotated every round) and medians
+compared; every run's figures are printed.
 """
 
 from __future__ import annotations
@@ -20,8 +31,9 @@ import resource
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +41,16 @@ from goleash.bench import Report, fixture
 from goleash.node.funcwatch import FunctionWatch
 from goleash.node.tracker import ProcessTracker
 from goleash.probes.budget import OverheadBudget
+from goleash.probes.goroutines import GoroutineProbes
 from goleash.probes.target import GoProcess
 
 TOOLCHAIN = os.environ.get("GOLEASH_BENCH_GO", "1.22.10")
-REPEATS = int(os.environ.get("GOLEASH_BENCH_REPEATS", "5"))
-SECONDS = 6.0  # at least one inventory (every 5 s) inside each run
-INVENTORY_S = 5.0
+REPEATS = int(os.environ.get("GOLEASH_BENCH_REPEATS", "3"))
+SECONDS = float(os.environ.get("GOLEASH_BENCH_SERVICE_S", "6"))
+INTERVAL_S = 5.0  # the agent's default interval: snapshots and latency intervals
 WORKERS = 8
+FUNC = "http2.ReadFrame"
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 
 
 def _cpu_s() -> float:
@@ -43,42 +58,130 @@ def _cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def _proc_cpu_s(pid: int) -> float:
+    """utime + stime of every thread of PID (the process's own CPU, kernel time of its
+    uprobe traps included)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * _TICK_S
+
+
+def _every(interval: float, work: Callable[[], object]) -> Callable[[], None]:
+    """Run WORK every INTERVAL seconds on a thread; returns its stop."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            work()
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+
+    def end() -> None:
+        stop.set()
+        t.join()
+
+    return end
+
+
+# --- what each configuration attaches ------------------------------------------------
+
+
 @contextmanager
-def _default_goleash(pid: int, h2: bool, cpu: list[float]) -> Iterator[None]:
-    """What `goleash run --func http2.ReadFrame` does to one process by default."""
-    proc = GoProcess.attach(pid)
+def _goroutine_probes(proc: GoProcess, _h2: bool) -> Iterator[None]:
+    probes = GoroutineProbes(proc)
+    probes.attach()
+    stop = _every(INTERVAL_S, probes.read)
+    try:
+        yield
+    finally:
+        stop()
+        probes.close()
+
+
+@contextmanager
+def _inventory(proc: GoProcess, _h2: bool) -> Iterator[None]:
+    tracker = ProcessTracker(proc, use_probes=False)
+    tracker.start()
+    stop = _every(INTERVAL_S, tracker.snapshot)
+    try:
+        yield
+    finally:
+        stop()
+        tracker.close()
+
+
+@contextmanager
+def _readframe(proc: GoProcess, h2: bool) -> Iterator[None]:
+    if not h2:
+        yield
+        return
+    watch = FunctionWatch(proc, [FUNC], interval=INTERVAL_S, budget_fraction=0.01)
+    watch.start()
+    stop = _every(INTERVAL_S, watch.take)
+    try:
+        yield
+    finally:
+        stop()
+        watch.close()
+
+
+@contextmanager
+def _defaults(proc: GoProcess, h2: bool) -> Iterator[None]:
+    """What `goleash run` (--func http2.ReadFrame on HTTP/2) does to one process."""
     tracker = ProcessTracker(proc, budget=OverheadBudget())
     tracker.start()
     watch = None
-    if h2:
-        watch = FunctionWatch(proc, ["http2.ReadFrame"], interval=1.0, budget_fraction=0.01)
-        watch.start()
-    stop = threading.Event()
+    try:
+        if h2:
+            watch = FunctionWatch(proc, [FUNC], interval=INTERVAL_S, budget_fraction=0.01)
+            watch.start()
 
-    def snapshots() -> None:
-        while not stop.wait(INVENTORY_S):
+        def snapshot() -> None:
             tracker.snapshot()
             if watch is not None:
                 watch.take()
 
-    t = threading.Thread(target=snapshots, daemon=True)
-    t.start()
-    t0 = _cpu_s()  # after the compile and attach: steady-state cost
-    cpu.append(-(time.monotonic()))
-    try:
-        yield
+        stop = _every(INTERVAL_S, snapshot)
+        try:
+            yield
+        finally:
+            stop()
     finally:
-        cpu[-1] += time.monotonic()
-        stop.set()
-        t.join()
         if watch is not None:
             watch.close()
         tracker.close()
-        # agent CPU while the load ran, as a share of one core (detach included)
-        cpu[-1] = (_cpu_s() - t0) / cpu[-1]
 
 
-def _once(binary: Path, proto: str, traced: bool, cpu: list[float]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Config:
+    name: str
+    setup: Callable[[GoProcess, bool], Any] | None  # None: untraced
+    h2_only: bool = False
+
+
+CONFIGS = [
+    Config("untraced", None),
+    Config("goroutine probes", _goroutine_probes),
+    Config("inventory", _inventory),
+    Config("ReadFrame timing", _readframe, h2_only=True),
+    Config("goleash defaults", _defaults),
+]
+
+
+# --- one run ----------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    rps: float
+    p99_ms: float
+    server_us_per_req: float
+    agent_cpu: float  # share of one core, while the load ran (0 untraced)
+    load: float  # the host's 1-minute load average at the end
+
+
+def _once(binary: Path, proto: str, cfg: Config) -> Run:
     server = subprocess.Popen(
         [str(binary), "-mode", "server", "-proto", proto],
         stdin=subprocess.PIPE,
@@ -90,39 +193,34 @@ def _once(binary: Path, proto: str, traced: bool, cpu: list[float]) -> dict[str,
     try:
         assert server.stdout is not None
         ready = json.loads(server.stdout.readline())
+        pid = ready["pid"]
         client = subprocess.Popen(
-            [
-                str(binary),
-                "-mode",
-                "client",
-                "-proto",
-                proto,
-                "-addr",
-                ready["addr"],
-                "-seconds",
-                str(SECONDS),
-                "-workers",
-                str(WORKERS),
-            ],
+            [str(binary), "-mode", "client", "-proto", proto, "-addr", ready["addr"]]
+            + ["-seconds", str(SECONDS), "-workers", str(WORKERS)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
         assert client.stdin is not None and client.stdout is not None
         client.stdout.readline()
-
-        def go() -> dict[str, Any]:
-            assert client is not None and client.stdin is not None
-            assert client.stdout is not None
+        with ExitStack() as stack:
+            if cfg.setup is not None:
+                stack.enter_context(cfg.setup(GoProcess.attach(pid), proto == "h2"))
+            # after compile and attach: the steady state
+            agent0, server0, wall0 = _cpu_s(), _proc_cpu_s(pid), time.monotonic()
             client.stdin.write("\n")
             client.stdin.flush()
             res: dict[str, Any] = json.loads(client.stdout.readline())
-            return res
-
-        if not traced:
-            return go()
-        with _default_goleash(ready["pid"], proto == "h2", cpu):
-            return go()
+            server_s = _proc_cpu_s(pid) - server0
+            agent_s, wall = _cpu_s() - agent0, time.monotonic() - wall0
+        n = max(1.0, res["requests_per_s"] * SECONDS)
+        return Run(
+            rps=res["requests_per_s"],
+            p99_ms=res["p99_ns"] / 1e6,
+            server_us_per_req=server_s / n * 1e6,
+            agent_cpu=agent_s / wall if cfg.setup is not None else 0.0,
+            load=os.getloadavg()[0],
+        )
     finally:
         for p in (client, server):
             if p is not None and p.poll() is None:
@@ -132,7 +230,16 @@ def _once(binary: Path, proto: str, traced: bool, cpu: list[float]) -> dict[str,
 
 def _median(v: list[float]) -> float:
     s = sorted(v)
-    return s[len(s) // 2]
+    n = len(s)
+    return (s[n // 2] + s[(n - 1) // 2]) / 2
+
+
+def _selected() -> list[Config]:
+    want = os.environ.get("GOLEASH_BENCH_SERVICE_CONFIGS")
+    if not want:
+        return CONFIGS
+    names = {w.strip() for w in want.split(",")}
+    return [c for c in CONFIGS if c.setup is None or c.name in names]
 
 
 def run(report: Report) -> None:
@@ -142,30 +249,56 @@ def run(report: Report) -> None:
     for proto, label in (("h1", "HTTP/1.1"), ("h2", "HTTP/2")):
         if proto not in protos:
             continue
-        runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
-        cpu: list[float] = []
-        for _ in range(REPEATS):
-            for traced in (False, True):
-                runs[traced].append(_once(binary, proto, traced, cpu))
-        rps = {k: _median([r["requests_per_s"] for r in v]) for k, v in runs.items()}
-        p99 = {k: _median([r["p99_ns"] for r in v]) for k, v in runs.items()}
-        report.line(f"service {label} untraced", rps[False], "req/s", f"{WORKERS} clients")
-        report.line(f"service {label} untraced p99", p99[False] / 1e6, "ms")
+        configs = [c for c in _selected() if proto == "h2" or not c.h2_only]
+        runs: dict[str, list[Run]] = {c.name: [] for c in configs}
+        traced = configs[1:]
+        for i in range(REPEATS):
+            k = i % len(traced)
+            for cfg in [configs[0], *traced[k:], *traced[:k]]:
+                r = _once(binary, proto, cfg)
+                runs[cfg.name].append(r)
+                print(
+                    f"    run {i + 1} {label} {cfg.name:<18} {r.rps:8.0f} req/s  "
+                    f"p99 {r.p99_ms:7.2f} ms  server {r.server_us_per_req:6.1f} us/req  "
+                    f"agent {r.agent_cpu * 100:5.2f}% core  load {r.load:5.1f}",
+                    flush=True,
+                )
+        _summarize(report, label, runs)
+
+
+def _summarize(report: Report, label: str, runs: dict[str, list[Run]]) -> None:
+    base = runs["untraced"]
+    rps0 = _median([r.rps for r in base])
+    p99_0 = _median([r.p99_ms for r in base])
+    cpu0 = _median([r.server_us_per_req for r in base])
+    report.line(f"service {label} untraced", rps0, "req/s", f"{WORKERS} clients")
+    report.line(f"service {label} untraced p99", p99_0, "ms")
+    report.line(f"service {label} untraced server CPU", cpu0, "us/req")
+    for name, rs in runs.items():
+        if name == "untraced":
+            continue
+        goal = name == "goleash defaults"
         report.line(
-            f"service {label} throughput kept, goleash defaults",
-            rps[True] / rps[False],
+            f"service {label} {name}: throughput kept",
+            _median([r.rps for r in rs]) / rps0,
             "ratio",
-            "goal >= 0.98",
+            "goal >= 0.98" if goal else "",
         )
         report.line(
-            f"service {label} p99 traced / untraced",
-            p99[True] / p99[False],
+            f"service {label} {name}: p99 traced / untraced",
+            _median([r.p99_ms for r in rs]) / p99_0,
             "ratio",
-            "goal <= 1.02",
+            "goal <= 1.02" if goal else "",
         )
         report.line(
-            f"service {label} agent CPU while tracing (median)",
-            _median(cpu) * 100,
+            f"service {label} {name}: server CPU per request",
+            _median([r.server_us_per_req for r in rs]) / cpu0,
+            "ratio",
+            "traced / untraced",
+        )
+        report.line(
+            f"service {label} {name}: agent CPU",
+            _median([r.agent_cpu for r in rs]) * 100,
             "% core",
-            "Beyla publishes 0.5-2% for its Go probes",
+            "Beyla publishes 0.5-2% for its Go probes" if goal else "",
         )
