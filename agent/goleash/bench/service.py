@@ -33,14 +33,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from goleash.bench import Report, fixture
 from goleash.node.funcwatch import FunctionWatch
 from goleash.node.tracker import ProcessTracker
-from goleash.probes.budget import OverheadBudget
+from goleash.probes.budget import OverheadBudget, hit_costs_ns
 from goleash.probes.goroutines import GoroutineProbes
 from goleash.probes.target import GoProcess
 
@@ -87,47 +87,76 @@ def _every(interval: float, work: Callable[[], object]) -> Callable[[], None]:
 # --- what each configuration attaches ------------------------------------------------
 
 
+# A configuration yields what its probes were hit so far: name -> (hits, emulated).
+Hits = Callable[[], dict[str, tuple[int, bool]]]
+
+
+def _tracker_hits(probes: GoroutineProbes | None) -> dict[str, tuple[int, bool]]:
+    if probes is None or not probes.compiled:
+        return {}
+    c = probes.read(with_live=False).counters
+    create_emulated = all(s.emulated for s in probes.create_sites)
+    return {
+        "goroutine create": (c["create_hits"], create_emulated),
+        "goroutine exit (goexit1)": (c["exit_hits"], probes.sites.exit.emulated),
+    }
+
+
+def _watch_hits(watch: FunctionWatch | None) -> dict[str, tuple[int, bool]]:
+    lat = watch.latency if watch is not None else None
+    prog = lat._prog if lat is not None else None
+    if lat is None or prog is None:
+        return {}
+    st = prog.stats(0)
+    return {
+        f"{FUNC} entry": (st["entry_hits"], lat.funcs[0].sites.entry.emulated),
+        f"{FUNC} RET": (st["ret_hits"], False),
+        f"{FUNC} NOP before RET": (st["ret_nop_hits"], True),
+        "funclat goexit1": (prog.counters()["exit_hits"], lat.exit_site.emulated),
+    }
+
+
 @contextmanager
-def _goroutine_probes(proc: GoProcess, _h2: bool) -> Iterator[None]:
+def _goroutine_probes(proc: GoProcess, _h2: bool) -> Iterator[Hits]:
     probes = GoroutineProbes(proc)
     probes.attach()
     stop = _every(INTERVAL_S, probes.read)
     try:
-        yield
+        yield lambda: _tracker_hits(probes)
     finally:
         stop()
         probes.close()
 
 
 @contextmanager
-def _inventory(proc: GoProcess, _h2: bool) -> Iterator[None]:
+def _inventory(proc: GoProcess, _h2: bool) -> Iterator[Hits]:
     tracker = ProcessTracker(proc, use_probes=False)
     tracker.start()
     stop = _every(INTERVAL_S, tracker.snapshot)
     try:
-        yield
+        yield dict
     finally:
         stop()
         tracker.close()
 
 
 @contextmanager
-def _readframe(proc: GoProcess, h2: bool) -> Iterator[None]:
+def _readframe(proc: GoProcess, h2: bool) -> Iterator[Hits]:
     if not h2:
-        yield
+        yield dict
         return
     watch = FunctionWatch(proc, [FUNC], interval=INTERVAL_S, budget_fraction=0.01)
     watch.start()
     stop = _every(INTERVAL_S, watch.take)
     try:
-        yield
+        yield lambda: _watch_hits(watch)
     finally:
         stop()
         watch.close()
 
 
 @contextmanager
-def _defaults(proc: GoProcess, h2: bool) -> Iterator[None]:
+def _defaults(proc: GoProcess, h2: bool) -> Iterator[Hits]:
     """What `goleash run` (--func http2.ReadFrame on HTTP/2) does to one process."""
     tracker = ProcessTracker(proc, budget=OverheadBudget())
     tracker.start()
@@ -144,7 +173,7 @@ def _defaults(proc: GoProcess, h2: bool) -> Iterator[None]:
 
         stop = _every(INTERVAL_S, snapshot)
         try:
-            yield
+            yield lambda: {**_tracker_hits(tracker.probes), **_watch_hits(watch)}
         finally:
             stop()
     finally:
@@ -179,6 +208,10 @@ class Run:
     server_us_per_req: float
     agent_cpu: float  # share of one core, while the load ran (0 untraced)
     load: float  # the host's 1-minute load average at the end
+    # Probe hits per request, per probe, and what they cost at the budget's per-hit
+    # costs (probes/budget.py; `goroutines` and `funclat` sections measure them).
+    hits_per_req: dict[str, float] = field(default_factory=dict)
+    modeled_us_per_req: float = 0.0
 
 
 def _once(binary: Path, proto: str, cfg: Config) -> Run:
@@ -204,22 +237,32 @@ def _once(binary: Path, proto: str, cfg: Config) -> Run:
         assert client.stdin is not None and client.stdout is not None
         client.stdout.readline()
         with ExitStack() as stack:
+            hits: Hits = dict
             if cfg.setup is not None:
-                stack.enter_context(cfg.setup(GoProcess.attach(pid), proto == "h2"))
+                hits = stack.enter_context(cfg.setup(GoProcess.attach(pid), proto == "h2"))
             # after compile and attach: the steady state
+            hits0 = hits()
             agent0, server0, wall0 = _cpu_s(), _proc_cpu_s(pid), time.monotonic()
             client.stdin.write("\n")
             client.stdin.flush()
             res: dict[str, Any] = json.loads(client.stdout.readline())
             server_s = _proc_cpu_s(pid) - server0
             agent_s, wall = _cpu_s() - agent0, time.monotonic() - wall0
+            hits1 = hits()
         n = max(1.0, res["requests_per_s"] * SECONDS)
+        per_req = {k: ((h - hits0.get(k, (0, e))[0]) / n, e) for k, (h, e) in hits1.items()}
+        emulated_ns, stepped_ns = hit_costs_ns()
         return Run(
             rps=res["requests_per_s"],
             p99_ms=res["p99_ns"] / 1e6,
             server_us_per_req=server_s / n * 1e6,
             agent_cpu=agent_s / wall if cfg.setup is not None else 0.0,
             load=os.getloadavg()[0],
+            hits_per_req={k: h for k, (h, _) in per_req.items()},
+            modeled_us_per_req=sum(
+                h * (emulated_ns if e else stepped_ns) for h, e in per_req.values()
+            )
+            / 1e3,
         )
     finally:
         for p in (client, server):
@@ -260,9 +303,16 @@ def run(report: Report) -> None:
                 print(
                     f"    run {i + 1} {label} {cfg.name:<18} {r.rps:8.0f} req/s  "
                     f"p99 {r.p99_ms:7.2f} ms  server {r.server_us_per_req:6.1f} us/req  "
-                    f"agent {r.agent_cpu * 100:5.2f}% core  load {r.load:5.1f}",
+                    f"agent {r.agent_cpu * 100:5.2f}% core  load {r.load:5.1f}  "
+                    f"probes {r.modeled_us_per_req:5.2f} us/req modeled",
                     flush=True,
                 )
+                if r.hits_per_req:
+                    print(
+                        "      hits/req: "
+                        + ", ".join(f"{k} {v:.2f}" for k, v in r.hits_per_req.items()),
+                        flush=True,
+                    )
         _summarize(report, label, runs)
 
 
@@ -296,6 +346,18 @@ def _summarize(report: Report, label: str, runs: dict[str, list[Run]]) -> None:
             "ratio",
             "traced / untraced",
         )
+        report.line(
+            f"service {label} {name}: probe cost modeled / server CPU",
+            _median([r.modeled_us_per_req for r in rs]) / cpu0,
+            "ratio",
+            "hits x per-hit cost (budget.py) / untraced us per request",
+        )
+        for probe in rs[0].hits_per_req:
+            report.line(
+                f"service {label} {name}: {probe} hits per request",
+                _median([r.hits_per_req.get(probe, 0.0) for r in rs]),
+                "hits",
+            )
         report.line(
             f"service {label} {name}: agent CPU",
             _median([r.agent_cpu for r in rs]) * 100,
