@@ -20,7 +20,9 @@ trap and its BPF program are charged to the thread that hits them), which is wha
 the probes take from the service whatever else runs on the host, and the agent's
 CPU as a share of one core (what it takes from the host). Runs are interleaved
 (untraced, then each configuration, the order rotated every round) and medians
-compared; every run's figures are printed.
+compared; every run's figures are printed. Each run loads the server for one interval
+first, unmeasured (WARMUP_S), so traced runs are measured in the governor's steady
+state, as a long-running service sees it.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ TOOLCHAIN = os.environ.get("GOLEASH_BENCH_GO", "1.22.10")
 REPEATS = int(os.environ.get("GOLEASH_BENCH_REPEATS", "3"))
 SECONDS = float(os.environ.get("GOLEASH_BENCH_SERVICE_S", "6"))
 INTERVAL_S = 5.0  # the agent's default interval: snapshots and latency intervals
+WARMUP_S = float(os.environ.get("GOLEASH_BENCH_SERVICE_WARMUP_S", str(INTERVAL_S + 0.5)))
 WORKERS = 8
 FUNC = "http2.ReadFrame"
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
@@ -214,6 +217,28 @@ class Run:
     modeled_us_per_req: float = 0.0
 
 
+def _load(binary: Path, proto: str, addr: str, seconds: float) -> subprocess.Popen[str]:
+    """A client, ready: a line on its stdin starts the load, it prints the result."""
+    client = subprocess.Popen(
+        [str(binary), "-mode", "client", "-proto", proto, "-addr", addr]
+        + ["-seconds", str(seconds), "-workers", str(WORKERS)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert client.stdout is not None
+    client.stdout.readline()
+    return client
+
+
+def _result(client: subprocess.Popen[str]) -> dict[str, Any]:
+    assert client.stdin is not None and client.stdout is not None
+    client.stdin.write("\n")
+    client.stdin.flush()
+    res: dict[str, Any] = json.loads(client.stdout.readline())
+    return res
+
+
 def _once(binary: Path, proto: str, cfg: Config) -> Run:
     server = subprocess.Popen(
         [str(binary), "-mode", "server", "-proto", proto],
@@ -222,30 +247,24 @@ def _once(binary: Path, proto: str, cfg: Config) -> Run:
         stderr=subprocess.DEVNULL,  # TLS handshake errors when clients go away
         text=True,
     )
-    client = None
+    clients: list[subprocess.Popen[str]] = []
     try:
         assert server.stdout is not None
         ready = json.loads(server.stdout.readline())
         pid = ready["pid"]
-        client = subprocess.Popen(
-            [str(binary), "-mode", "client", "-proto", proto, "-addr", ready["addr"]]
-            + ["-seconds", str(SECONDS), "-workers", str(WORKERS)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert client.stdin is not None and client.stdout is not None
-        client.stdout.readline()
         with ExitStack() as stack:
             hits: Hits = dict
             if cfg.setup is not None:
                 hits = stack.enter_context(cfg.setup(GoProcess.attach(pid), proto == "h2"))
-            # after compile and attach: the steady state
+            # Load for a first interval, unmeasured: the overhead governor plans each
+            # interval from the rates it measured in the last, and a long-running
+            # service is seen in that steady state (every configuration alike).
+            clients.append(_load(binary, proto, ready["addr"], WARMUP_S))
+            _result(clients[-1])
+            clients.append(client := _load(binary, proto, ready["addr"], SECONDS))
             hits0 = hits()
             agent0, server0, wall0 = _cpu_s(), _proc_cpu_s(pid), time.monotonic()
-            client.stdin.write("\n")
-            client.stdin.flush()
-            res: dict[str, Any] = json.loads(client.stdout.readline())
+            res = _result(client)
             server_s = _proc_cpu_s(pid) - server0
             agent_s, wall = _cpu_s() - agent0, time.monotonic() - wall0
             hits1 = hits()
@@ -265,8 +284,8 @@ def _once(binary: Path, proto: str, cfg: Config) -> Run:
             / 1e3,
         )
     finally:
-        for p in (client, server):
-            if p is not None and p.poll() is None:
+        for p in (*clients, server):
+            if p.poll() is None:
                 p.kill()
                 p.wait()
 
