@@ -212,7 +212,7 @@ class Run:
     agent_cpu: float  # share of one core, while the load ran (0 untraced)
     load: float  # the host's 1-minute load average at the end
     # Probe hits per request, per probe, and what they cost at the budget's per-hit
-    # costs (probes/budget.py; `goroutines` and `funclat` sections measure them).
+    # costs (probes/budget.py: measured on this host once, probes/hitcost.py).
     hits_per_req: dict[str, float] = field(default_factory=dict)
     modeled_us_per_req: float = 0.0
 
@@ -307,6 +307,9 @@ def _selected() -> list[Config]:
 def run(report: Report) -> None:
     binary = fixture("service", TOOLCHAIN)
     report.line("toolchain", float(TOOLCHAIN.split(".")[1]), "go1.N", f"go{TOOLCHAIN}")
+    emulated_ns, stepped_ns = hit_costs_ns()  # measured here once (probes/hitcost.py)
+    report.line("uprobe hit cost the budget counts, emulated", emulated_ns, "ns/hit", "this host")
+    report.line("uprobe hit cost the budget counts, single-stepped", stepped_ns, "ns/hit")
     protos = os.environ.get("GOLEASH_BENCH_PROTOS", "h1,h2").split(",")
     for proto, label in (("h1", "HTTP/1.1"), ("h2", "HTTP/2")):
         if proto not in protos:
@@ -369,7 +372,7 @@ def _summarize(report: Report, label: str, runs: dict[str, list[Run]]) -> None:
             f"service {label} {name}: probe cost modeled / server CPU",
             _median([r.modeled_us_per_req for r in rs]) / cpu0,
             "ratio",
-            "hits x per-hit cost (budget.py) / untraced us per request",
+            "hits x per-hit cost (measured here) / untraced us per request",
         )
         for probe in rs[0].hits_per_req:
             report.line(
