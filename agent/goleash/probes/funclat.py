@@ -34,6 +34,7 @@ from goleash.probes.target import GoProcess
 
 DEFAULT_MAX_GOROUTINES = 16384
 POLL_S = 0.05  # how often a sampled function's slice is checked against its share
+DEBT_INTERVALS = 2.0  # a function's debt is capped at this many of its shares
 
 
 @dataclass
@@ -60,6 +61,10 @@ class _FuncState:
     rets_s: float = 0.0  # RET-attached time since the last read, closed stretches
     drain_s: float = 0.0  # how long RETs stayed on after a slice, waiting for its calls
     epoch: int = 0  # attachments of its RET probes (fl_ctl.epoch in the kernel)
+    # What its probes cost beyond its shares so far (ns): a first interval planned
+    # without rates, a drain longer than the share left, a rising call rate. Timing
+    # repays it in the next intervals, so the budget holds on average.
+    debt_ns: float = 0.0
     last: RawReading | None = None
 
 
@@ -74,6 +79,7 @@ class _Interval:
     sampled: set[int] = field(default_factory=set)  # timing off for part of the interval
     slices: dict[int, float] = field(default_factory=dict)  # sampled fid -> slice length (s)
     timing_share: dict[int, float] = field(default_factory=dict)  # fid -> ns timing may cost
+    shares: dict[int, float] = field(default_factory=dict)  # fid -> ns all its probes may cost
     started: dict[int, float] = field(default_factory=dict)  # fid -> when its slice started
     want_on: list[_FuncState] = field(default_factory=list)  # waiting for their slice
     start_at: dict[int, float] = field(default_factory=dict)  # fid -> when it is due
@@ -247,13 +253,22 @@ class FuncLatencyProbes:
         entry probe is attached only to time."""
         d = self._delta(f, st)
         spent = self._ret_ns(d["ret_hits"], d["ret_nop_hits"])
+        return spent if f.count_always else spent + self._entry_ns(f, d["timed_entries"])
+
+    def _timing_left(self, f: _FuncState, iv: _Interval, st: dict[str, int], now: float) -> float:
+        """What timing may still cost this interval: its planned share, less what
+        counting is on course to cost beyond the plan. The plan set counting aside at
+        the last interval's rate (nothing in the first, where it is unknown); a
+        rising call rate would otherwise spill over the budget."""
+        planned = iv.timing_share[f.fid]
         if not f.count_always:
-            return spent + self._entry_ns(f, d["timed_entries"])
-        if f.entry_rate is None:
-            # The first interval: counting's cost is not set aside from the share yet
-            # (its rate is unknown), so timing pays for it, else the share overflows.
-            return spent + self._entry_ns(f, d["entry_hits"])
-        return spent
+            return planned
+        elapsed = now - iv.t0
+        if elapsed < POLL_S:
+            return planned  # too short a stretch to project from
+        counted = self._entry_ns(f, self._delta(f, st)["entry_hits"])
+        projected = counted * iv.length_s / elapsed
+        return min(planned, iv.shares[f.fid] - projected)
 
     def _need(self, f: _FuncState, interval_s: float) -> float:
         """What watching the function all the time would cost over an interval (ns)."""
@@ -300,6 +315,7 @@ class FuncLatencyProbes:
         self._measure_rates(prog, iv, now)
         readings, delta = self._collect(t0, now, iv.timed, iv.sampled)
         cost = self._account(prog, readings, delta, now - t0)
+        self._settle(iv, readings, now - t0)
         self._carry_over(prog, iv, now)
         return IntervalReading(t0, now, readings, delta, cost, self.cleanup_at_exit)
 
@@ -314,10 +330,14 @@ class FuncLatencyProbes:
             if f.count_always and not count_always and f.entry_on and not f.timing:
                 self._entry_off(f, iv.t0)
             f.count_always = count_always
-            ts = max(0.0, share - entry_need) if count_always else share
+            ts = max(0.0, (share - entry_need if count_always else share) - f.debt_ns)
             iv.timing_share[f.fid] = ts
+            iv.shares[f.fid] = share
             if f.rate is None:
                 iv.slices[f.fid] = math.inf  # cost unknown: cut once the share is spent
+            elif ts <= 0:
+                iv.slices[f.fid] = 0.0  # counting (or the debt) takes the whole share
+                iv.sampled.add(f.fid)
             elif (f.rate + f.timed_entry_rate) * iv.length_s > ts * 1.0001:
                 # A slice of S s costs (S + drain) s of RETs plus S s of timed entries.
                 per_s = f.rate + f.timed_entry_rate
@@ -374,7 +394,9 @@ class FuncLatencyProbes:
                 st = prog.stats(f.fid)
                 spent = self._timing_spent(f, st)
                 if f.timing:
-                    if now >= started[f.fid] + slices[f.fid] or spent >= iv.timing_share[f.fid]:
+                    if now >= started[f.fid] + slices[f.fid] or spent >= self._timing_left(
+                        f, iv, st, now
+                    ):
                         iv.timed[f.fid] += now - max(f.timing_since, iv.t0)
                         self._timing_off(f, now)
                         iv.sampled.add(f.fid)
@@ -426,6 +448,15 @@ class FuncLatencyProbes:
             prog.detach("goexit")
             self.cleanup_at_exit = False
         return cost
+
+    def _settle(self, iv: _Interval, readings: list[FunctionLatency], elapsed: float) -> None:
+        """Carry what each function's probes cost beyond its share into its debt (at
+        most DEBT_INTERVALS shares: one spike must not silence timing for long)."""
+        scale = elapsed / iv.length_s if iv.length_s > 0 else 1.0
+        for f, r in zip(self.funcs, readings, strict=True):
+            share = iv.shares.get(f.fid, 0.0) * scale
+            cost = self._cost_ns(f, r.entry_hits, r.ret_hits, r.ret_nop_hits)
+            f.debt_ns = min(max(0.0, f.debt_ns + cost - share), DEBT_INTERVALS * share)
 
     def _carry_over(self, prog: LatencyProgram, iv: _Interval, now: float) -> None:
         """Sampled functions start their next slice in the next interval; those whose
