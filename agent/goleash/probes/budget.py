@@ -76,10 +76,24 @@ class OverheadBudget:
     the probes may stay attached (hysteresis: back on only below half the cap)."""
 
     cpu_fraction: float = DEFAULT_CPU_FRACTION
-    emulated_ns: float = field(default_factory=lambda: hit_costs_ns()[0])
-    stepped_ns: float = field(default_factory=lambda: hit_costs_ns()[1])
     over: bool = False
     last_fraction: float = 0.0
+    # (emulated, stepped) ns per hit, measured when first needed: a budget nobody
+    # counts with (no probes attached) never costs a measurement
+    _costs: tuple[float, float] | None = field(default=None, repr=False)
+
+    @property
+    def emulated_ns(self) -> float:
+        return self._hit_costs()[0]
+
+    @property
+    def stepped_ns(self) -> float:
+        return self._hit_costs()[1]
+
+    def _hit_costs(self) -> tuple[float, float]:
+        if self._costs is None:
+            self._costs = hit_costs_ns()
+        return self._costs
 
     def cost_fraction(self, emulated_hits: int, stepped_hits: int, interval_s: float) -> float:
         """Fraction of one core the hits cost the traced process over the interval."""
