@@ -84,13 +84,15 @@ class OverheadBudget:
 
     @property
     def emulated_ns(self) -> float:
-        return self._hit_costs()[0]
+        return self.hit_costs()[0]
 
     @property
     def stepped_ns(self) -> float:
-        return self._hit_costs()[1]
+        return self.hit_costs()[1]
 
-    def _hit_costs(self) -> tuple[float, float]:
+    def hit_costs(self) -> tuple[float, float]:
+        """(emulated, stepped) ns per hit; the first call may measure them (~0.5 s):
+        make it before attaching probes that run until the budget is first judged."""
         if self._costs is None:
             self._costs = hit_costs_ns()
         return self._costs

@@ -146,6 +146,9 @@ class FuncLatencyProbes:
     def attach(self) -> None:
         if self._prog is not None:
             return
+        # Timing starts at attach and is first judged in run_interval(): a measurement
+        # of the host's hit cost then would leave every call of it timed, unbudgeted.
+        self.budget.hit_costs()
         self._prog = LatencyProgram(
             self.proc,
             [f.sites for f in self.funcs],
@@ -330,20 +333,24 @@ class FuncLatencyProbes:
             if f.count_always and not count_always and f.entry_on and not f.timing:
                 self._entry_off(f, iv.t0)
             f.count_always = count_always
-            ts = max(0.0, (share - entry_need if count_always else share) - f.debt_ns)
+            undebted = max(0.0, share - entry_need) if count_always else share
+            ts = max(0.0, undebted - f.debt_ns)
             iv.timing_share[f.fid] = ts
             iv.shares[f.fid] = share
             if f.rate is None:
                 iv.slices[f.fid] = math.inf  # cost unknown: cut once the share is spent
-            elif ts <= 0:
-                iv.slices[f.fid] = 0.0  # counting (or the debt) takes the whole share
+            elif ts <= 0 and count_always:
+                # Counting (or the debt) takes the whole share: no timing this interval.
+                # (When counting is sampled too, a slice is what counts the calls: it
+                # keeps its length below, debt or not.)
+                iv.slices[f.fid] = 0.0
                 iv.sampled.add(f.fid)
             elif (f.rate + f.timed_entry_rate) * iv.length_s > ts * 1.0001:
                 # A slice of S s costs (S + drain) s of RETs plus S s of timed entries.
                 per_s = f.rate + f.timed_entry_rate
                 s_len = (ts - f.drain_s * f.rate) / per_s if per_s > 0 else iv.length_s
                 # Not even the drain fits: slice as if there were none (a little over).
-                iv.slices[f.fid] = s_len if s_len > 0 else ts / per_s
+                iv.slices[f.fid] = s_len if s_len > 0 else (ts if count_always else undebted) / per_s
 
     def _place_slices(self, prog: LatencyProgram, iv: _Interval) -> None:
         """When each function's timing starts this interval (now, for those still
