@@ -350,7 +350,8 @@ class FuncLatencyProbes:
                 per_s = f.rate + f.timed_entry_rate
                 s_len = (ts - f.drain_s * f.rate) / per_s if per_s > 0 else iv.length_s
                 # Not even the drain fits: slice as if there were none (a little over).
-                iv.slices[f.fid] = s_len if s_len > 0 else (ts if count_always else undebted) / per_s
+                fallback = ts if count_always else undebted
+                iv.slices[f.fid] = s_len if s_len > 0 else fallback / per_s
 
     def _place_slices(self, prog: LatencyProgram, iv: _Interval) -> None:
         """When each function's timing starts this interval (now, for those still
