@@ -91,7 +91,7 @@ class OverheadBudget:
         return self.hit_costs()[1]
 
     def hit_costs(self) -> tuple[float, float]:
-        """(emulated, stepped) ns per hit; the first call may measure them (~0.5 s):
+        """(emulated, stepped) ns per hit; the first call may measure them (~0.3 s):
         make it before attaching probes that run until the budget is first judged."""
         if self._costs is None:
             self._costs = hit_costs_ns()

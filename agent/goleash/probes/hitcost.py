@@ -8,10 +8,11 @@ fed constants from a quiet day lets its probes cost twice the budget on a busy o
 
 So the agent measures: a 6-byte function of its own (`push rbp; mov rbp, rsp; mov
 rax, rdi; pop rbp; ret`) in a memfd mapped executable, called through ctypes with
-an empty BPF program on its `push` (emulated) and on its `mov` (single-stepped),
-against the same calls unprobed. Runs are interleaved and the median kept. It costs
-the agent about 0.1-0.3 s once (a compile of an empty program and ~2,000 hits); no
-traced process is touched.
+an empty BPF program (two instructions, loaded without a compiler) on its `push`
+(emulated) and on its `mov` (single-stepped) through a uprobe_multi link, against the
+same calls unprobed. Runs are interleaved and the median kept. It costs the agent
+~0.1 s of CPU once; no traced process is touched. A kernel without uprobe_multi
+links (before 6.6) keeps the defaults.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import ctypes
 import mmap
 import os
 import statistics
+import struct
 import time
 from dataclasses import dataclass
 
-from goleash.probes.uprobe import GroupAttacher
+from goleash.probes import uprobe
 
 # push rbp; mov rbp, rsp; mov rax, rdi; pop rbp; ret
 _CODE = bytes.fromhex("554889e54889f85dc3")
@@ -65,6 +67,34 @@ def _mapped_function(fd: int) -> tuple[ctypes._CFuncPtr, int]:  # type: ignore[n
     return fn, addr
 
 
+_BPF_PROG_LOAD = 5
+_BPF_PROG_TYPE_KPROBE = 2
+# r0 = 0; exit: an empty program, loaded without a compiler (a BCC compile would cost
+# the agent ~0.5 s of CPU, seconds on a busy host, on its start-up path)
+_EMPTY_PROG = bytes.fromhex("b7000000000000009500000000000000")
+
+
+def _load_empty_program() -> int:
+    """An empty uprobe program for uprobe_multi links; its fd."""
+    insns = ctypes.create_string_buffer(_EMPTY_PROG, len(_EMPTY_PROG))
+    license = ctypes.create_string_buffer(b"GPL")
+    attr = (ctypes.c_uint8 * uprobe._BPF_ATTR_SIZE)()
+    struct.pack_into(
+        "<IIQQ",
+        attr,
+        0,
+        _BPF_PROG_TYPE_KPROBE,
+        len(_EMPTY_PROG) // 8,
+        ctypes.addressof(insns),
+        ctypes.addressof(license),
+    )
+    struct.pack_into("<I", attr, 68, uprobe._BPF_TRACE_UPROBE_MULTI)  # expected_attach_type
+    fd = int(uprobe._libc.syscall(uprobe._SYS_BPF, _BPF_PROG_LOAD, attr, uprobe._BPF_ATTR_SIZE))
+    if fd < 0:
+        raise HitCostError(f"loading an empty BPF program: {os.strerror(ctypes.get_errno())}")
+    return fd
+
+
 def _per_call_ns(fn: ctypes._CFuncPtr, n: int) -> float:  # type: ignore[name-defined]
     """CPU time of this thread per call: a trap is charged to the thread that takes
     it, and time spent waiting for a core (a busy host) is not."""
@@ -74,24 +104,38 @@ def _per_call_ns(fn: ctypes._CFuncPtr, n: int) -> float:  # type: ignore[name-de
     return (time.thread_time_ns() - t0) / n
 
 
+def _link(prog_fd: int, path: str, offset: int, pid: int) -> int:
+    """A uprobe_multi link of PROG_FD at OFFSET of PATH for PID (uprobe.attach_multi's
+    attr, for a program loaded here); its fd."""
+    c_path = ctypes.create_string_buffer(path.encode())
+    offsets = (ctypes.c_uint64 * 1)(offset)
+    attr = (ctypes.c_uint8 * uprobe._BPF_ATTR_SIZE)()
+    struct.pack_into("<IIII", attr, 0, prog_fd, 0, uprobe._BPF_TRACE_UPROBE_MULTI, 0)
+    struct.pack_into(
+        "<QQQQIII", attr, 16, ctypes.addressof(c_path), ctypes.addressof(offsets), 0, 0, 1, 0, pid
+    )
+    fd = int(
+        uprobe._libc.syscall(uprobe._SYS_BPF, uprobe._BPF_LINK_CREATE, attr, uprobe._BPF_ATTR_SIZE)
+    )
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise HitCostError(f"uprobe_multi link for the measurement: {os.strerror(err)}")
+    return fd
+
+
 def measure() -> HitCosts:
     """Measure an empty uprobe hit, emulated and single-stepped, in this process."""
     if os.geteuid() != 0:
         raise HitCostError("measuring uprobe hits needs root")
-    try:
-        from bcc import BPF
-    except ImportError as exc:
-        raise HitCostError(f"no BCC: {exc}") from exc
     fd = os.memfd_create("goleash-hitcost")
     addr = 0
-    bpf = None
+    prog_fd = -1
     try:
         fn, addr = _mapped_function(fd)
         if fn(7) != 7:
             raise HitCostError("the calibration function does not return its argument")
         path, pid = f"/proc/{os.getpid()}/fd/{fd}", os.getpid()
-        bpf = BPF(text=b"int hit(struct pt_regs *ctx) { return 0; }")
-        attacher = GroupAttacher(bpf, path, pid)  # uprobe_multi: detaches in ~40 ms
+        prog_fd = _load_empty_program()
         samples: dict[str, list[float]] = {"emulated": [], "stepped": []}
         for _ in range(_ROUNDS):
             for kind, off, n in (
@@ -99,11 +143,11 @@ def measure() -> HitCosts:
                 ("stepped", _MOV_AT, _CALLS_STEPPED),
             ):
                 base = _per_call_ns(fn, n)
-                undo = attacher.attach([off], "hit")
+                link = _link(prog_fd, path, off, pid)
                 try:
                     probed = _per_call_ns(fn, n)
                 finally:
-                    undo()
+                    os.close(link)
                 samples[kind].append(probed - base)
         emulated = statistics.median(samples["emulated"])
         stepped = statistics.median(samples["stepped"])
@@ -115,8 +159,8 @@ def measure() -> HitCosts:
     except Exception as exc:  # BCC raises bare Exception
         raise HitCostError(f"measuring uprobe hits: {exc}") from exc
     finally:
-        if bpf is not None:
-            bpf.cleanup()
+        if prog_fd >= 0:
+            os.close(prog_fd)
         if addr:
             libc = ctypes.CDLL(None)
             libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
