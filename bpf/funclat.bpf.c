@@ -11,6 +11,8 @@
 //   fl_retnop_<fid> a NOP right before a RET nothing jumps to, instead of that RET
 //                   (emulated: ~10x cheaper; Go leaves one before ~3% of its RETs)
 //   fl_goexit       runtime.goexit1 after its check: drops calls that never returned
+//                   (only with no budget limit: a hit per goroutine exit; under a
+//                   budget such calls age out of the LRU table fl_inflight)
 //   fl_panic        runtime.gopanic after its check: counts panics per call site
 // The per-function stubs are appended by probes/funcprog.py as FL_FUNC(fid, sp_adj).
 //

@@ -34,6 +34,7 @@ from goleash.probes.target import GoProcess
 
 DEFAULT_MAX_GOROUTINES = 16384
 POLL_S = 0.05  # how often a sampled function's slice is checked against its share
+DEBT_INTERVALS = 2.0  # a function's debt is capped at this many of its shares
 
 
 @dataclass
@@ -60,6 +61,10 @@ class _FuncState:
     rets_s: float = 0.0  # RET-attached time since the last read, closed stretches
     drain_s: float = 0.0  # how long RETs stayed on after a slice, waiting for its calls
     epoch: int = 0  # attachments of its RET probes (fl_ctl.epoch in the kernel)
+    # What its probes cost beyond its shares so far (ns): a first interval planned
+    # without rates, a drain longer than the share left, a rising call rate. Timing
+    # repays it in the next intervals, so the budget holds on average.
+    debt_ns: float = 0.0
     last: RawReading | None = None
 
 
@@ -74,6 +79,7 @@ class _Interval:
     sampled: set[int] = field(default_factory=set)  # timing off for part of the interval
     slices: dict[int, float] = field(default_factory=dict)  # sampled fid -> slice length (s)
     timing_share: dict[int, float] = field(default_factory=dict)  # fid -> ns timing may cost
+    shares: dict[int, float] = field(default_factory=dict)  # fid -> ns all its probes may cost
     started: dict[int, float] = field(default_factory=dict)  # fid -> when its slice started
     want_on: list[_FuncState] = field(default_factory=list)  # waiting for their slice
     start_at: dict[int, float] = field(default_factory=dict)  # fid -> when it is due
@@ -89,7 +95,7 @@ class FuncLatencyProbes:
         functions: Sequence[TracedFunction],
         *,
         budget: OverheadBudget | None = None,
-        cleanup_at_exit: bool = True,
+        cleanup_at_exit: bool | None = None,
         max_goroutines: int = DEFAULT_MAX_GOROUTINES,
     ) -> None:
         self.proc = proc
@@ -101,7 +107,17 @@ class FuncLatencyProbes:
             )
         self.funcs = [_FuncState(function_sites(proc, fn), i) for i, fn in enumerate(functions)]
         self.exit_site, _ = runtime_site(proc, "runtime.goexit1", ("r14",))
-        self.cleanup_at_exit = cleanup_at_exit
+        # The goexit1 probe costs a hit per goroutine exit, whatever the traced
+        # functions: a service starting 5 goroutines per request paid twice as many
+        # hits there as at ReadFrame's entry. It only drops calls that never return
+        # (runtime.Goexit inside one), which are rare: under a budget they age out of
+        # the LRU table instead (a recovered panic is handled at the next entry or
+        # return of the goroutine, by depth). With no limit it is attached.
+        self.cleanup_at_exit = (
+            not math.isfinite(self.budget.cpu_fraction)
+            if cleanup_at_exit is None
+            else cleanup_at_exit
+        )
         self.max_goroutines = max_goroutines
         self._prog: LatencyProgram | None = None
         self._last_counters = dict.fromkeys(COUNTER_NAMES, 0)
@@ -130,6 +146,9 @@ class FuncLatencyProbes:
     def attach(self) -> None:
         if self._prog is not None:
             return
+        # Timing starts at attach and is first judged in run_interval(): a measurement
+        # of the host's hit cost then would leave every call of it timed, unbudgeted.
+        self.budget.hit_costs()
         self._prog = LatencyProgram(
             self.proc,
             [f.sites for f in self.funcs],
@@ -239,6 +258,21 @@ class FuncLatencyProbes:
         spent = self._ret_ns(d["ret_hits"], d["ret_nop_hits"])
         return spent if f.count_always else spent + self._entry_ns(f, d["timed_entries"])
 
+    def _timing_left(self, f: _FuncState, iv: _Interval, st: dict[str, int], now: float) -> float:
+        """What timing may still cost this interval: its planned share, less what
+        counting is on course to cost beyond the plan. The plan set counting aside at
+        the last interval's rate (nothing in the first, where it is unknown); a
+        rising call rate would otherwise spill over the budget."""
+        planned = iv.timing_share[f.fid]
+        if not f.count_always:
+            return planned
+        elapsed = now - iv.t0
+        if elapsed < POLL_S:
+            return planned  # too short a stretch to project from
+        counted = self._entry_ns(f, self._delta(f, st)["entry_hits"])
+        projected = counted * iv.length_s / elapsed
+        return min(planned, iv.shares[f.fid] - projected)
+
     def _need(self, f: _FuncState, interval_s: float) -> float:
         """What watching the function all the time would cost over an interval (ns)."""
         if f.rate is None:
@@ -284,6 +318,7 @@ class FuncLatencyProbes:
         self._measure_rates(prog, iv, now)
         readings, delta = self._collect(t0, now, iv.timed, iv.sampled)
         cost = self._account(prog, readings, delta, now - t0)
+        self._settle(iv, readings, now - t0)
         self._carry_over(prog, iv, now)
         return IntervalReading(t0, now, readings, delta, cost, self.cleanup_at_exit)
 
@@ -298,16 +333,25 @@ class FuncLatencyProbes:
             if f.count_always and not count_always and f.entry_on and not f.timing:
                 self._entry_off(f, iv.t0)
             f.count_always = count_always
-            ts = max(0.0, share - entry_need) if count_always else share
+            undebted = max(0.0, share - entry_need) if count_always else share
+            ts = max(0.0, undebted - f.debt_ns)
             iv.timing_share[f.fid] = ts
+            iv.shares[f.fid] = share
             if f.rate is None:
                 iv.slices[f.fid] = math.inf  # cost unknown: cut once the share is spent
+            elif ts <= 0 and count_always:
+                # Counting (or the debt) takes the whole share: no timing this interval.
+                # (When counting is sampled too, a slice is what counts the calls: it
+                # keeps its length below, debt or not.)
+                iv.slices[f.fid] = 0.0
+                iv.sampled.add(f.fid)
             elif (f.rate + f.timed_entry_rate) * iv.length_s > ts * 1.0001:
                 # A slice of S s costs (S + drain) s of RETs plus S s of timed entries.
                 per_s = f.rate + f.timed_entry_rate
                 s_len = (ts - f.drain_s * f.rate) / per_s if per_s > 0 else iv.length_s
                 # Not even the drain fits: slice as if there were none (a little over).
-                iv.slices[f.fid] = s_len if s_len > 0 else ts / per_s
+                fallback = ts if count_always else undebted
+                iv.slices[f.fid] = s_len if s_len > 0 else fallback / per_s
 
     def _place_slices(self, prog: LatencyProgram, iv: _Interval) -> None:
         """When each function's timing starts this interval (now, for those still
@@ -358,7 +402,9 @@ class FuncLatencyProbes:
                 st = prog.stats(f.fid)
                 spent = self._timing_spent(f, st)
                 if f.timing:
-                    if now >= started[f.fid] + slices[f.fid] or spent >= iv.timing_share[f.fid]:
+                    if now >= started[f.fid] + slices[f.fid] or spent >= self._timing_left(
+                        f, iv, st, now
+                    ):
                         iv.timed[f.fid] += now - max(f.timing_since, iv.t0)
                         self._timing_off(f, now)
                         iv.sampled.add(f.fid)
@@ -410,6 +456,15 @@ class FuncLatencyProbes:
             prog.detach("goexit")
             self.cleanup_at_exit = False
         return cost
+
+    def _settle(self, iv: _Interval, readings: list[FunctionLatency], elapsed: float) -> None:
+        """Carry what each function's probes cost beyond its share into its debt (at
+        most DEBT_INTERVALS shares: one spike must not silence timing for long)."""
+        scale = elapsed / iv.length_s if iv.length_s > 0 else 1.0
+        for f, r in zip(self.funcs, readings, strict=True):
+            share = iv.shares.get(f.fid, 0.0) * scale
+            cost = self._cost_ns(f, r.entry_hits, r.ret_hits, r.ret_nop_hits)
+            f.debt_ns = min(max(0.0, f.debt_ns + cost - share), DEBT_INTERVALS * share)
 
     def _carry_over(self, prog: LatencyProgram, iv: _Interval, now: float) -> None:
         """Sampled functions start their next slice in the next interval; those whose

@@ -32,16 +32,43 @@ _BPF_ATTR_SIZE = 128
 _libc = ctypes.CDLL(None, use_errno=True)
 
 Detach = Callable[[], None]
+_attach_uprobe_fn: Any = None
+
+
+def _bpf_attach_uprobe() -> Any:
+    """libbcc's bpf_attach_uprobe with its real C signature. BCC 0.26's Python binding
+    declares 6 arguments, but the C function takes a 7th (uint32 ref_ctr_offset, the
+    USDT semaphore) and reads it from the stack: garbage. The kernel then refuses a
+    uprobe_multi link at the same offset (EINVAL: semaphore mismatch), and a garbage
+    offset that lands in the binary's writable data would be incremented in the traced
+    process. A function object of our own (lib[...] is a fresh one) passes 0."""
+    global _attach_uprobe_fn
+    if _attach_uprobe_fn is None:
+        from bcc import lib
+
+        fn = lib["bpf_attach_uprobe"]
+        fn.restype = ctypes.c_int
+        fn.argtypes = [
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_ulonglong,
+            ctypes.c_int,
+            ctypes.c_uint32,
+        ]
+        _attach_uprobe_fn = fn
+    return _attach_uprobe_fn
 
 
 def attach_at(bpf: Any, path: str, file_offset: int, fn_name: str, pid: int) -> str:
     """Attach `fn_name` at `file_offset` of `path` for `pid` as one perf-event uprobe;
     returns the event name (for detach())."""
-    from bcc import BPF, lib
+    from bcc import BPF
 
     fn = bpf.load_func(fn_name.encode(), BPF.KPROBE)
     ev_name = bpf._get_uprobe_evname(b"p", path.encode(), file_offset, pid)
-    fd = lib.bpf_attach_uprobe(fn.fd, 0, ev_name, path.encode(), file_offset, pid)
+    fd = _bpf_attach_uprobe()(fn.fd, 0, ev_name, path.encode(), file_offset, pid, 0)
     if fd < 0:
         raise OSError(f"uprobe at {path}+{file_offset:#x} for PID {pid} was refused by the kernel")
     bpf._add_uprobe_fd(ev_name, fd)
