@@ -30,27 +30,17 @@ from goleash.probes.bpfimage import (
     MapSpec,
     patch_map_fds,
 )
+from goleash.probes.uprobe import _BPF_ATTR_SIZE, bpf_syscall
 
-_SYS_BPF = 321  # x86-64
 _MAP_CREATE, _LOOKUP, _UPDATE, _DELETE, _NEXT_KEY, _PROG_LOAD = 0, 1, 2, 3, 4, 5
-_ATTR_SIZE = 128
 _OBJ_NAME_LEN = 16
 _PERCPU_TYPES = {5, 6, 10}  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
-_libc = ctypes.CDLL(None, use_errno=True)
 _probe_repl = re.compile(b"[^a-zA-Z0-9_]")
 log = logging.getLogger(__name__)
 
 
 class BpfLoadError(GoleashError):
     """The kernel refused a map or a program of an image."""
-
-
-def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_uint8]) -> int:
-    ret = int(_libc.syscall(_SYS_BPF, cmd, attr, _ATTR_SIZE))
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return ret
 
 
 def _name(name: str) -> bytes:
@@ -96,7 +86,7 @@ class BpfMap:
             self.Leaf = value_type * len(_cpus("possible"))
 
     def _attr(self, key: Any, value: Any = None, flags: int = 0) -> ctypes.Array[ctypes.c_uint8]:
-        attr = (ctypes.c_uint8 * _ATTR_SIZE)()
+        attr = (ctypes.c_uint8 * _BPF_ATTR_SIZE)()
         struct.pack_into(
             "<IIQQQ",
             attr,
@@ -112,17 +102,17 @@ class BpfMap:
     def __getitem__(self, key: Any) -> Any:
         value = self.Leaf()
         try:
-            _bpf(_LOOKUP, self._attr(key, value))
+            bpf_syscall(_LOOKUP, self._attr(key, value))
         except OSError as exc:
             raise KeyError(key) from exc
         return value
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        _bpf(_UPDATE, self._attr(key, value))
+        bpf_syscall(_UPDATE, self._attr(key, value))
 
     def __delitem__(self, key: Any) -> None:
         try:
-            _bpf(_DELETE, self._attr(key))
+            bpf_syscall(_DELETE, self._attr(key))
         except OSError as exc:
             raise KeyError(key) from exc
 
@@ -131,7 +121,7 @@ class BpfMap:
         while True:
             nxt = self.Key()
             try:
-                _bpf(_NEXT_KEY, self._attr(key, nxt))
+                bpf_syscall(_NEXT_KEY, self._attr(key, nxt))
             except OSError:
                 return  # ENOENT: the last key
             yield nxt
@@ -183,7 +173,7 @@ class LoadedBpf:
     @staticmethod
     def _create_map(spec: MapSpec) -> int:
         max_entries = spec.max_entries
-        attr = (ctypes.c_uint8 * _ATTR_SIZE)()
+        attr = (ctypes.c_uint8 * _BPF_ATTR_SIZE)()
         struct.pack_into(
             "<IIIII",
             attr,
@@ -196,7 +186,7 @@ class LoadedBpf:
         )
         attr[28 : 28 + len(_name(spec.name))] = list(_name(spec.name))
         try:
-            return _bpf(_MAP_CREATE, attr)
+            return bpf_syscall(_MAP_CREATE, attr)
         except OSError as exc:
             raise BpfLoadError(f"creating map {spec.name}: {exc.strerror}") from exc
 
@@ -223,7 +213,7 @@ class LoadedBpf:
         buf = ctypes.create_string_buffer(insns, len(insns))
         lic = ctypes.create_string_buffer(self.image.license.encode())
         log = ctypes.create_string_buffer(1 << 16)
-        attr = (ctypes.c_uint8 * _ATTR_SIZE)()
+        attr = (ctypes.c_uint8 * _BPF_ATTR_SIZE)()
 
         def load(log_level: int) -> int:
             struct.pack_into(
@@ -242,7 +232,7 @@ class LoadedBpf:
             )
             attr[48 : 48 + len(_name(prog.name))] = list(_name(prog.name))
             struct.pack_into("<I", attr, 68, attach_type if attach_type >= 0 else 0)
-            return _bpf(_PROG_LOAD, attr)
+            return bpf_syscall(_PROG_LOAD, attr)
 
         try:
             fd = load(0)

@@ -89,10 +89,10 @@ def _load_empty_program() -> int:
         ctypes.addressof(license),
     )
     struct.pack_into("<I", attr, 68, uprobe._BPF_TRACE_UPROBE_MULTI)  # expected_attach_type
-    fd = int(uprobe._libc.syscall(uprobe._SYS_BPF, _BPF_PROG_LOAD, attr, uprobe._BPF_ATTR_SIZE))
-    if fd < 0:
-        raise HitCostError(f"loading an empty BPF program: {os.strerror(ctypes.get_errno())}")
-    return fd
+    try:
+        return uprobe.bpf_syscall(_BPF_PROG_LOAD, attr)
+    except OSError as exc:
+        raise HitCostError(f"loading an empty BPF program: {exc.strerror}") from None
 
 
 def _per_call_ns(fn: ctypes._CFuncPtr, n: int) -> float:  # type: ignore[name-defined]
@@ -102,25 +102,6 @@ def _per_call_ns(fn: ctypes._CFuncPtr, n: int) -> float:  # type: ignore[name-de
     for i in range(n):
         fn(i)
     return (time.thread_time_ns() - t0) / n
-
-
-def _link(prog_fd: int, path: str, offset: int, pid: int) -> int:
-    """A uprobe_multi link of PROG_FD at OFFSET of PATH for PID (uprobe.attach_multi's
-    attr, for a program loaded here); its fd."""
-    c_path = ctypes.create_string_buffer(path.encode())
-    offsets = (ctypes.c_uint64 * 1)(offset)
-    attr = (ctypes.c_uint8 * uprobe._BPF_ATTR_SIZE)()
-    struct.pack_into("<IIII", attr, 0, prog_fd, 0, uprobe._BPF_TRACE_UPROBE_MULTI, 0)
-    struct.pack_into(
-        "<QQQQIII", attr, 16, ctypes.addressof(c_path), ctypes.addressof(offsets), 0, 0, 1, 0, pid
-    )
-    fd = int(
-        uprobe._libc.syscall(uprobe._SYS_BPF, uprobe._BPF_LINK_CREATE, attr, uprobe._BPF_ATTR_SIZE)
-    )
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise HitCostError(f"uprobe_multi link for the measurement: {os.strerror(err)}")
-    return fd
 
 
 def measure() -> HitCosts:
@@ -143,7 +124,7 @@ def measure() -> HitCosts:
                 ("stepped", _MOV_AT, _CALLS_STEPPED),
             ):
                 base = _per_call_ns(fn, n)
-                link = _link(prog_fd, path, off, pid)
+                link = uprobe.link_multi(prog_fd, path, [off], pid)
                 try:
                     probed = _per_call_ns(fn, n)
                 finally:

@@ -82,21 +82,24 @@ def detach(bpf: Any, ev_name: str) -> None:
         bpf.detach_uprobe_event(ev_name.encode())
 
 
-def attach_multi(bpf: Any, path: str, file_offsets: Sequence[int], fn_name: str, pid: int) -> int:
-    """Attach `fn_name` at every offset as one uprobe_multi link; returns the link's fd
-    (closing it detaches every site). OSError when the kernel has no such links."""
-    from bcc import BPF
+def bpf_syscall(cmd: int, attr: ctypes.Array[ctypes.c_uint8]) -> int:
+    """bpf(2) with a BPF_ATTR_SIZE attr: its result, or OSError with the errno."""
+    ret = int(_libc.syscall(_SYS_BPF, cmd, attr, _BPF_ATTR_SIZE))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ret
 
-    try:
-        fn = bpf.load_func(fn_name.encode(), BPF.KPROBE, attach_type=_BPF_TRACE_UPROBE_MULTI)
-    except Exception as exc:  # BCC raises bare Exception; a kernel before 6.6 refuses
-        raise OSError(f"loading {fn_name} for uprobe_multi: {exc}") from exc
+
+def link_multi(prog_fd: int, path: str, file_offsets: Sequence[int], pid: int) -> int:
+    """One uprobe_multi link of a loaded program at every offset of PATH for PID; its
+    fd. OSError when the kernel refuses (no such links before Linux 6.6)."""
     offsets = (ctypes.c_uint64 * len(file_offsets))(*file_offsets)
     c_path = ctypes.create_string_buffer(path.encode())
     attr = (ctypes.c_uint8 * _BPF_ATTR_SIZE)()
     # union bpf_attr.link_create: prog_fd, target_fd, attach_type, flags, then
     # uprobe_multi: path, offsets, ref_ctr_offsets, cookies, cnt, flags, pid.
-    struct.pack_into("<IIII", attr, 0, fn.fd, 0, _BPF_TRACE_UPROBE_MULTI, 0)
+    struct.pack_into("<IIII", attr, 0, prog_fd, 0, _BPF_TRACE_UPROBE_MULTI, 0)
     struct.pack_into(
         "<QQQQIII",
         attr,
@@ -109,11 +112,22 @@ def attach_multi(bpf: Any, path: str, file_offsets: Sequence[int], fn_name: str,
         0,
         pid,
     )
-    fd = int(_libc.syscall(_SYS_BPF, _BPF_LINK_CREATE, attr, _BPF_ATTR_SIZE))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"uprobe_multi link: {os.strerror(err)}")
-    return fd
+    try:
+        return bpf_syscall(_BPF_LINK_CREATE, attr)
+    except OSError as exc:
+        raise OSError(exc.errno, f"uprobe_multi link: {exc.strerror}") from None
+
+
+def attach_multi(bpf: Any, path: str, file_offsets: Sequence[int], fn_name: str, pid: int) -> int:
+    """Attach `fn_name` at every offset as one uprobe_multi link; returns the link's fd
+    (closing it detaches every site). OSError when the kernel has no such links."""
+    from bcc import BPF
+
+    try:
+        fn = bpf.load_func(fn_name.encode(), BPF.KPROBE, attach_type=_BPF_TRACE_UPROBE_MULTI)
+    except Exception as exc:  # BCC raises bare Exception; a kernel before 6.6 refuses
+        raise OSError(f"loading {fn_name} for uprobe_multi: {exc}") from exc
+    return link_multi(fn.fd, path, file_offsets, pid)
 
 
 class GroupAttacher:
