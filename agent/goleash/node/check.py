@@ -390,12 +390,14 @@ def _supervise(
     finally:
         # Processes that exec'd or exited after the command did (daemons it left) may
         # be stopped with their events unread: stop following, then resume them.
+        # A SIGTERM forwarded to the command can orphan children mid-exec: each PID
+        # followed until now is resumed, not only those whose event arrived.
         with contextlib.suppress(Exception):
-            probes.unfollow_all()
-            for ev in probes.poll(0):
-                if ev.kind in (FOLLOW_EXEC, PROCESS_EXIT):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(ev.pid, signal.SIGCONT)
+            stopped = set(probes.unfollow_all())
+            stopped |= {ev.pid for ev in probes.poll(0) if ev.kind in (FOLLOW_EXEC, PROCESS_EXIT)}
+            for p in stopped:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGCONT)
         for s, h in forwarded.items():
             signal.signal(s, h)
     return exit_code

@@ -173,10 +173,14 @@ class CheckProbes:
     def follow(self, pid: int) -> None:
         self._followed[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
 
-    def unfollow_all(self) -> None:
-        """Stop following anything: no process is stopped from now on."""
+    def unfollow_all(self) -> list[int]:
+        """Stop following anything: no process is stopped from now on. Returns the
+        PIDs that were followed: any may sit stopped at an exec or exit whose event
+        was not read yet."""
+        was = [int(k.value) for k in self._followed]
         self._followed.clear()
         self._procs.clear()
+        return was
 
     def poll(self, timeout_ms: int) -> list[CheckEvent]:
         self._bpf.perf_buffer_poll(timeout=timeout_ms)
