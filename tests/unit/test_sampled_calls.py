@@ -106,3 +106,34 @@ def test_quantiles_weigh_each_interval_by_its_calls() -> None:
     assert p25 is not None and p25 < 1.1e6
     assert p75 is not None and p75 > 4.5e6
     assert both.timed == 110 and both.calls == 200
+
+
+def test_a_slice_that_timed_a_handful_of_calls_cannot_move_the_quantiles() -> None:
+    """Two intervals of 1,000 calls of ~4 ms: one slice timed 200 of them, the other
+    caught only 2 calls, both ~1 ms. Weighing each interval by calls / timed alone
+    would give those 2 calls half the weight (p50 ~1 ms); they count as if at least
+    MIN_TIMED_WEIGHT calls had been timed, so p50 stays ~4 ms."""
+    many = reading([4_000_000] * 200, calls=1000)
+    few = reading([1_000_000] * 2, calls=1000)
+    for r in (many, few):
+        r.weigh()
+    assert many.weighted is not None and few.weighted is not None
+    both = many + few
+    p50 = both.quantile_ns(0.5)
+    assert p50 is not None and 3.8e6 < p50 < 4.4e6
+    assert sum(few.weighted) < 0.1 * sum(many.weighted)
+    assert (both.calls, both.timed, both.sampled) == (2000, 202, True)
+
+
+def test_each_interval_weighs_by_its_calls_once_enough_were_timed() -> None:
+    """Above MIN_TIMED_WEIGHT timed calls, an interval weighs by calls / timed: 100
+    timed of 1,000 calls of ~1 ms against 1,000 of 1,000 calls of ~5 ms puts p25 in
+    the fast mode and p75 in the slow one (unweighted, p25 would be ~5 ms)."""
+    fast = reading([1_000_000] * 100, calls=1000)
+    slow = reading([5_000_000] * 1000, calls=1000)
+    for r in (fast, slow):
+        r.weigh()
+    both = fast + slow
+    p25, p75 = both.quantile_ns(0.25), both.quantile_ns(0.75)
+    assert p25 is not None and p25 < 1.1e6
+    assert p75 is not None and p75 > 4.5e6

@@ -34,6 +34,11 @@ from goleash.probes.target import GoProcess
 
 DEFAULT_MAX_GOROUTINES = 16384
 POLL_S = 0.05  # how often a sampled function's slice is checked against its share
+# How soon the calls of an ended slice are first checked for having returned: RETs
+# left on are the dearest probes there are, and a 50 ms poll kept them on 50 ms past
+# calls of a few ms, which took ~40% of a hot function's timing share. The check (one
+# map read) backs off to POLL_S as the drain goes on, for calls that take long.
+DRAIN_POLL_S = 0.005
 DEBT_INTERVALS = 2.0  # a function's debt is capped at this many of its shares
 
 
@@ -49,6 +54,7 @@ class _FuncState:
     count_always: bool = True
     entry_since: float = 0.0  # when the entry probe was last attached
     timing_since: float = 0.0  # when timing was last switched on
+    timing_until: float = 0.0  # ... and off: the calls of the slice drain since then
     entry_gap: bool = False  # the entry probe was off at some time since the last read
     counted_s: float = 0.0  # entry-attached time since the last read, closed stretches
     baseline_inflight: int = 0  # calls in flight when this slice started
@@ -205,7 +211,7 @@ class FuncLatencyProbes:
         keeps counting. RETs stay until the calls timed in the slice have returned."""
         assert self._prog is not None
         self._prog.set_ctl(f.fid, f.epoch, False)
-        f.timing = False
+        f.timing, f.timing_until = False, now
         if not f.count_always:
             self._entry_off(f, now)
 
@@ -393,7 +399,7 @@ class FuncLatencyProbes:
                 time.sleep(iv.end - now)
                 continue
             waiting = any(start_at[f.fid] <= now for f in want_on)  # for a detach
-            wake = [iv.end, now + POLL_S] if active or waiting else [iv.end]
+            wake = [iv.end, now + self._poll_s(active, now)] if active or waiting else [iv.end]
             wake += [started[f.fid] + slices[f.fid] for f in active if f.timing]
             wake += [start_at[f.fid] for f in want_on if start_at[f.fid] > now]
             time.sleep(max(0.0, min(wake) - now))
@@ -410,6 +416,15 @@ class FuncLatencyProbes:
                         iv.sampled.add(f.fid)
                 elif _inflight(st) <= f.baseline_inflight or spent >= 2 * iv.timing_share[f.fid]:
                     self._rets_off(f)
+
+    @staticmethod
+    def _poll_s(active: list[_FuncState], now: float) -> float:
+        """POLL_S, or sooner while a slice's calls drain: a quarter of the drain so
+        far, from DRAIN_POLL_S (a drain overshoots its calls by at most ~25%)."""
+        drains = [now - f.timing_until for f in active if f.rets_on and not f.timing]
+        if not drains:
+            return POLL_S
+        return min(POLL_S, max(DRAIN_POLL_S, min(drains) / 4))
 
     def _measure_rates(self, prog: LatencyProgram, iv: _Interval, now: float) -> None:
         """What each function's probes cost per second in this interval: the next
@@ -530,9 +545,8 @@ class FuncLatencyProbes:
                 if r.sampled_counted_s > 0:
                     rate = r.sampled_hits / r.sampled_counted_s
                     r.rate_n, r.rate_sum, r.rate_sq = 1, rate, rate * rate
-            if r.sampled and r.timed:
-                w = max(1.0, r.calls / r.timed)
-                r.weighted = [c * w for c in r.hist.counts]
+            if r.sampled:
+                r.weigh()
             f.counted_s, f.entry_gap, f.rets_s = 0.0, not f.entry_on, 0.0
             readings.append(r)
             f.last = raw

@@ -16,6 +16,11 @@ from goleash.probes.hist import Histogram
 # Calls estimated from a sampled entry probe carry this many standard deviations of
 # error (Poisson counts: ~95% of intervals land inside), see FunctionLatency.calls_error.
 CALLS_ERROR_SIGMAS = 2.0
+# A sampled interval's timed calls stand for all its calls (weight calls / timed), but
+# never as if fewer than this many were timed: a slice that caught 2 calls would
+# otherwise weigh as much as one that caught 200, and its 2 calls would move the
+# quantiles (CI saw a p50 of 1.4 ms for calls whose p50 was 4.5 ms that way).
+MIN_TIMED_WEIGHT = 32
 # Two-sided 95% quantiles of Student's t for 1, 2, ... degrees of freedom (then ~2).
 _T95 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.2, 2.18, 2.16, 2.14)
 
@@ -53,7 +58,7 @@ class FunctionLatency:
     sampled: bool = False  # over budget: calls were timed only part of the window
     # Bucket counts with each interval's timed calls weighted by its calls / timed, so
     # an interval timed for a larger share of its calls does not weigh more in the
-    # quantiles (None: no interval was sampled, the plain counts).
+    # quantiles (None: no interval was sampled, the plain counts). See weigh().
     weighted: list[float] | None = None
 
     @property
@@ -103,6 +108,14 @@ class FunctionLatency:
     def attached_fraction(self) -> float:
         """Share of the window its calls were timed."""
         return self.attached_s / self.window_s if self.window_s else 0.0
+
+    def weigh(self) -> None:
+        """Mark this reading as one sampled interval: its timed calls stand for all of
+        its calls in the quantiles of a sum of readings (see MIN_TIMED_WEIGHT)."""
+        self.sampled = True
+        if self.timed:
+            w = max(1.0, self.calls / max(self.timed, MIN_TIMED_WEIGHT))
+            self.weighted = [c * w for c in self.hist.counts]
 
     def __add__(self, other: FunctionLatency) -> FunctionLatency:
         out = FunctionLatency(self.symbol, self.hist + other.hist)
