@@ -109,9 +109,26 @@ class Daemon:
                 self._cv.wait(min(left, 0.2))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        """Its exit code after `sig`; one that does not exit in time is killed (no
+        daemon outlives its test) and the test fails."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        return self.proc.wait(timeout=timeout)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+def stop_both(agent: Daemon, cp: Daemon) -> None:
+    """Stop the agent, then the control plane whatever the agent did; the agent must
+    have exited cleanly."""
+    try:
+        code = agent.stop()
+    finally:
+        cp.stop()
+    assert code == 0, agent.log
 
 
 class ControlPlane(Daemon):
@@ -347,8 +364,7 @@ def test_processes_appear_with_their_populations_and_vanish(tmp_path: Path) -> N
         assert kinds == ["process_appeared", "process_gone"]
         print(f"appeared in ps {appeared_after:.2f}s after the process was ready")
     finally:
-        assert agent.stop() == 0, agent.log
-        cp.stop()
+        stop_both(agent, cp)
     assert "probes detached" in agent.log
 
 
@@ -447,8 +463,7 @@ def test_control_plane_restart_buffer_reconnect_and_drops(tmp_path: Path) -> Non
             events = cli_json("events", "--server", cp.address, "--pid", str(pop.pid))
             assert [e["kind"] for e in events].count("process_appeared") == 1
         finally:
-            assert agent.stop() == 0, agent.log
-            cp.stop()
+            stop_both(agent, cp)
 
 
 def test_agent_killed_leaves_no_probe_behind(tmp_path: Path) -> None:
@@ -478,8 +493,10 @@ def test_agent_killed_leaves_no_probe_behind(tmp_path: Path) -> None:
             assert stacks.count("main.orphan()") == COUNTS["orphan"]
             assert pop.proc.poll() is None
         finally:
-            agent.stop()
-            cp.stop()
+            try:
+                agent.stop()
+            finally:
+                cp.stop()
 
 
 def test_metrics_and_health(tmp_path: Path) -> None:
@@ -549,8 +566,7 @@ def test_metrics_and_health(tmp_path: Path) -> None:
             assert samples["process_cpu_seconds_total"] > 0
             assert samples["process_resident_memory_bytes"] > 0
         finally:
-            assert agent.stop() == 0, agent.log
-            cp.stop()
+            stop_both(agent, cp)
         # SIGTERM: the agent detached everything on its way out
         assert probes_in(pop.pid) == 0
 
@@ -690,7 +706,6 @@ def test_function_latency_and_panics_reach_the_control_plane(tmp_path: Path) -> 
             )
             assert 0 < lat["p50_ns"] <= lat["p99_ns"]
         finally:
-            assert agent.stop() == 0, agent.log
-            cp.stop()
+            stop_both(agent, cp)
             fx.stdin.close()
             fx.wait(timeout=10)
