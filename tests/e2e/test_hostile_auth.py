@@ -447,13 +447,16 @@ def test_an_agent_cannot_write_another_agents_id(token_plane: ControlPlaneProces
         assert {x.identity.agent_id: x.last_sequence for x in agents}["node-a-agent"] == 2
 
 
+# A sender stopped while gRPC's connectivity poller still ran killed that thread
+# ("Channel closed!"): the warning is an error here.
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 def test_the_agents_sender_presents_its_token_and_keeps_batches_when_refused(
     token_plane: ControlPlaneProcess,
 ) -> None:
     """The node agent's own sender (goleash.node.sender): with its token the batches
     arrive; with a wrong one the control plane refuses the stream and the agent keeps
     the batches (bounded) for when its credentials are fixed, instead of dropping them
-    as rejected data."""
+    as rejected data. Its stop leaves no thread of gRPC's to die after it."""
     from goleash.node.sender import BatchBuffer, IngestSender, SenderOptions
     from polling import wait_for
 

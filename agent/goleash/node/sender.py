@@ -250,7 +250,17 @@ class IngestSender:
         self._thread.join(timeout=flush_timeout + 1)
         self._stop.set()
         self._thread.join(timeout=2)
+        self._wait_poller_gone()
         self._channel.close()
+
+    def _wait_poller_gone(self, timeout: float = 1.0) -> None:
+        """gRPC's connectivity poller (started by channel_ready_future) outlives its
+        cancel by up to 0.2 s; a channel closed under it kills that thread with a
+        traceback ("Channel closed!"). Its flag is private: if gRPC drops it, skip."""
+        state = getattr(self._channel, "_connectivity_state", None)
+        deadline = time.monotonic() + timeout
+        while getattr(state, "polling", False) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     # --- the stream ---------------------------------------------------------------------
 
