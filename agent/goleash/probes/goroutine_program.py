@@ -10,6 +10,12 @@ inherits an old one's counts.
 
 Reading walks each shared table once for all processes (`reading(pid)` hands each
 process its part of one walk), never once per process.
+
+The program is loaded from the node's image cache (probes/bpfimage.py, bpfload.py):
+compiled by BCC in a child process the first time on a node (per kernel, BCC and
+goleash version), loaded with bpf(2) after, so the agent itself never maps LLVM.
+Its maps are read through the ctypes views below, which tests/bpf/test_layouts.py
+holds to bpf/goleash.h as clang lays it out.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from goleash.errors import GoleashError
+from goleash.probes.bpfload import LoadedBpf, open_program
 from goleash.probes.bpfsrc import bpf_dir
 from goleash.probes.goroutine_records import (  # noqa: F401  (re-exported)
     NO_FIELD,
@@ -73,17 +81,104 @@ class _SiteKey(ctypes.Structure):
     ]
 
 
+class _GoroutineInfo(ctypes.Structure):
+    _fields_ = [
+        ("parent_goid", ctypes.c_uint64),
+        ("gopc", ctypes.c_uint64),
+        ("startpc", ctypes.c_uint64),
+        ("created_ns", ctypes.c_uint64),
+        ("stack_id", ctypes.c_int64),
+    ]
+
+
+class _LiveSlot(ctypes.Structure):
+    _fields_ = [
+        ("goid", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32),
+        ("gen", ctypes.c_uint32),
+        ("info", _GoroutineInfo),
+    ]
+
+
+class _PidSlot(ctypes.Structure):
+    _fields_ = [("pid", ctypes.c_uint32), ("row", ctypes.c_uint32)]
+
+
+class _Proc(ctypes.Structure):  # struct gr_proc
+    _fields_ = [
+        ("gen", ctypes.c_uint32),
+        ("span_start", ctypes.c_uint16),
+        ("span_bytes", ctypes.c_uint16),
+        ("w_goid", ctypes.c_uint8),
+        ("w_gopc", ctypes.c_uint8),
+        ("w_startpc", ctypes.c_uint8),
+        ("w_parent", ctypes.c_uint8),
+        ("g_goid", ctypes.c_uint32),
+        ("g_m", ctypes.c_uint32),
+        ("m_curg", ctypes.c_uint32),
+        ("counters", ctypes.c_uint64 * len(COUNTER_NAMES)),  # GR_CNT_MAX
+    ]
+
+
+class _Usage(ctypes.Structure):  # struct gr_usage
+    _fields_ = [
+        ("live_in_hash", ctypes.c_int64),
+        ("sites", ctypes.c_int64),
+        ("max_live_in_hash", ctypes.c_int64),
+        ("max_sites", ctypes.c_int64),
+    ]
+
+
+class _SiteStats(ctypes.Structure):
+    _fields_ = [
+        ("created", ctypes.c_uint64),
+        ("exited", ctypes.c_uint64),
+        ("exited_unseen", ctypes.c_uint64),
+        ("lifetime_sum_ns", ctypes.c_uint64),
+        ("lifetime_log2", ctypes.c_uint64 * LIFETIME_SLOTS),
+    ]
+
+
+class _SiteCacheEntry(ctypes.Structure):
+    _fields_ = [
+        ("gopc", ctypes.c_uint64),
+        ("startpc", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32),
+        ("gen", ctypes.c_uint32),
+        ("created", ctypes.c_uint64),
+    ]
+
+
+STACK_DEPTH = 127  # BCC's BPF_MAX_STACK_DEPTH: a creator_stacks value's addresses
+_u32 = ctypes.c_uint32
+# Every map user space touches: name -> (key, value) views; a per-CPU map's value is
+# one CPU's (bpfload reads all CPUs). zero_site and pending_stack are the program's.
+_MAPS = {
+    "gr_pid_slots": (_u32, _PidSlot),
+    "gr_pid_rows": (_u32, _u32),
+    "gr_procs": (_u32, _Proc),
+    "gr_modes": (_u32, _u32),
+    "gr_freed": (_u32, ctypes.c_int64),
+    "gr_usage": (_u32, _Usage),
+    "live_slots": (_u32, _LiveSlot),
+    "live_goroutines": (_GoroutineKey, _GoroutineInfo),
+    "site_stats": (_SiteKey, _SiteStats),
+    "site_cache": (_u32, _SiteCacheEntry),
+}
+_STACK_MAP = ("creator_stacks", _u32, ctypes.c_uint64 * STACK_DEPTH)
+
 # struct live_slot in bpf/goleash.h: goid, pid, gen, then struct goroutine_info.
 _LIVE_SLOT = struct.Struct("<QIIQQQQq")
 _SLOT_WRITING = (1 << 64) - 1  # empty slots have goid 0
 _SITE_WORDS = 4 + LIFETIME_SLOTS  # struct site_stats in u64 words
 
-_compiles = 0
+_loads = 0
 
 
-def compile_count() -> int:
-    """How many times this Python process compiled goroutines.bpf.c."""
-    return _compiles
+def load_count() -> int:
+    """How many times this Python process loaded goroutines.bpf.c (compiled, or from
+    the image cache): once per agent, whatever the number of processes."""
+    return _loads
 
 
 @dataclass
@@ -100,15 +195,8 @@ def _site_counts(gopc: int, startpc: int, per_cpu: ctypes.Array) -> SiteCounts: 
     return SiteCounts(gopc, startpc, cols[0], cols[1], cols[2], cols[3], tuple(cols[4:]))
 
 
-def _return_freed_memory() -> None:
-    """Give the heap LLVM freed after a compile back to the system: glibc keeps it
-    otherwise, ~30 MB of the agent's resident memory for good."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 class GoroutineProgram:
-    """goroutines.bpf.c compiled once, for every process registered with it.
+    """goroutines.bpf.c loaded once, for every process registered with it.
 
     Capacity is the node's: max_live slots (a power of two) plus a max_live-entry
     hash, max_sites creation sites. A process may hold at most its share of the hash
@@ -134,7 +222,8 @@ class GoroutineProgram:
         self.max_sites_per_process = max_sites_per_process or max_sites
         self.max_procs = max_procs
         self.pid_slots = live_slots_for(pid_slots)  # a power of two
-        self.bpf = None  # bcc.BPF; falsy when it has no tables: test `is not None`
+        self.bpf: LoadedBpf | None = None
+        self.origin = ""  # "cache" or "compiled" (and why the cache was not used)
         self._registered: dict[int, int] = {}  # pid -> gen
         self._rows: dict[int, int] = {}  # pid -> its row of gr_procs
         self._gens = itertools.count(1)
@@ -159,21 +248,32 @@ class GoroutineProgram:
         return flags
 
     def compile(self) -> None:
-        global _compiles
+        """Load the program: from the image cache, else compiled (in a child process)
+        and cached. A failure is kept and raised again: not a compile per process."""
+        global _loads
         if self.bpf is not None:
             return
-        if self._compile_error is not None:  # once: not a compile per process again
+        if self._compile_error is not None:
             raise self._compile_error
-        from bcc import BPF  # the only package that imports bcc
-
-        src = (bpf_dir() / "goroutines.bpf.c").read_text()
         try:
-            self.bpf = BPF(text=src.encode(), cflags=self.cflags())
-        except Exception as exc:  # BCC raises bare Exception on compile errors
+            bpf, origin = open_program("goroutines", bpf_dir() / "goroutines.bpf.c", self.cflags())
+        except (GoleashError, OSError) as exc:
             self._compile_error = ProbeAttachError(f"compiling goroutines.bpf.c failed: {exc}")
             raise self._compile_error from exc
-        _compiles += 1
-        _return_freed_memory()
+        try:
+            for name, (key, value) in _MAPS.items():
+                bpf.map(name, key, value)
+            if self.stacks:
+                bpf.map(*_STACK_MAP)
+        except (GoleashError, KeyError) as exc:
+            bpf.cleanup()
+            self._compile_error = ProbeAttachError(
+                f"goroutines.bpf.c and goroutine_program.py disagree: {exc}"
+            )
+            raise self._compile_error from exc
+        self.bpf = bpf
+        self.origin = origin.source + (f" ({origin.cache_miss})" if origin.cache_miss else "")
+        _loads += 1
 
     @property
     def compiled(self) -> bool:
