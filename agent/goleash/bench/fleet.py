@@ -121,7 +121,7 @@ def _probes_alone(report: Report, pids: list[int]) -> None:
         "goroutines program load (once per agent)",
         time.process_time() - cpu0,
         "CPU-s",
-        program.origin,
+        program.origin.source if program.origin else "",
     )
     procs = [GoProcess.attach(pid) for pid in pids]
     probes = [GoroutineProbes(p, program=program) for p in procs]

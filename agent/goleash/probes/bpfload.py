@@ -18,13 +18,14 @@ import re
 import signal
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from goleash.errors import GoleashError
 from goleash.probes.bpfimage import (
+    PROG_TYPE_KPROBE,
     PROG_TYPE_TRACEPOINT,
     TRACEPOINT_PREFIX,
     BpfImage,
@@ -393,9 +394,24 @@ class Origin:
     cache_miss: str = ""
 
 
-def open_program(name: str, source: Path, cflags: list[str]) -> tuple[LoadedBpf, Origin]:
+def _load_image(image: BpfImage, uprobe_programs: Sequence[str]) -> LoadedBpf:
+    loaded = LoadedBpf(image)
+    try:
+        for prog in uprobe_programs:
+            loaded.load_func(prog.encode(), PROG_TYPE_KPROBE)
+    except BaseException:
+        loaded.cleanup()
+        raise
+    return loaded
+
+
+def open_program(
+    name: str, source: Path, cflags: list[str], uprobe_programs: Sequence[str] = ()
+) -> tuple[LoadedBpf, Origin]:
     """SOURCE (with every header beside it) loaded: from the image cache when it holds a
-    trustworthy one the kernel accepts, else compiled by BCC and cached for next time."""
+    trustworthy one the kernel accepts, else compiled by BCC and cached for next time.
+    UPROBE_PROGRAMS are loaded at once (for perf-event uprobes), so a cached program
+    the verifier refuses is found here and compiled again, not at an attach later."""
     from goleash.probes.bpfimage import (
         ImageError,
         cache_key,
@@ -409,7 +425,7 @@ def open_program(name: str, source: Path, cflags: list[str]) -> tuple[LoadedBpf,
     try:
         image = read_cached(name, key)
         try:
-            return LoadedBpf(image), Origin("cache")
+            return _load_image(image, uprobe_programs), Origin("cache")
         except (BpfLoadError, OSError) as exc:  # e.g. the verifier refused it
             miss = f"the kernel refused the cached program: {exc}"
     except ImageError as exc:
@@ -420,7 +436,7 @@ def open_program(name: str, source: Path, cflags: list[str]) -> tuple[LoadedBpf,
         image = compile_in_child(source.read_text(), cflags, key)
     except ImageError as exc:
         raise BpfLoadError(f"compiling {source.name} failed: {exc}") from exc
-    loaded = LoadedBpf(image)  # before caching: only what the kernel took is kept
+    loaded = _load_image(image, uprobe_programs)  # before caching: only what the kernel took
     write_cached(name, image)
     return loaded, Origin("compiled", miss)
 

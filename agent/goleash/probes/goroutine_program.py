@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from goleash.errors import GoleashError
-from goleash.probes.bpfload import LoadedBpf, open_program
+from goleash.probes.bpfload import LoadedBpf, Origin, open_program
 from goleash.probes.bpfsrc import bpf_dir
 from goleash.probes.goroutine_records import (  # noqa: F401  (re-exported)
     NO_FIELD,
@@ -223,7 +223,7 @@ class GoroutineProgram:
         self.max_procs = max_procs
         self.pid_slots = live_slots_for(pid_slots)  # a power of two
         self.bpf: LoadedBpf | None = None
-        self.origin = ""  # "cache" or "compiled" (and why the cache was not used)
+        self.origin: Origin | None = None  # from the cache, or compiled and why
         self._registered: dict[int, int] = {}  # pid -> gen
         self._rows: dict[int, int] = {}  # pid -> its row of gr_procs
         self._gens = itertools.count(1)
@@ -247,6 +247,10 @@ class GoroutineProgram:
             flags.append("-DWITH_STACKS=1")
         return flags
 
+    def programs(self) -> list[str]:
+        """The functions of goroutines.bpf.c that processes' uprobes run."""
+        return ["on_create_bx", "on_create_ax", "on_exit"] + (["on_newproc"] if self.stacks else [])
+
     def compile(self) -> None:
         """Load the program: from the image cache, else compiled (in a child process)
         and cached. A failure is kept and raised again: not a compile per process."""
@@ -256,7 +260,9 @@ class GoroutineProgram:
         if self._compile_error is not None:
             raise self._compile_error
         try:
-            bpf, origin = open_program("goroutines", bpf_dir() / "goroutines.bpf.c", self.cflags())
+            bpf, origin = open_program(
+                "goroutines", bpf_dir() / "goroutines.bpf.c", self.cflags(), self.programs()
+            )
         except (GoleashError, OSError) as exc:
             self._compile_error = ProbeAttachError(f"compiling goroutines.bpf.c failed: {exc}")
             raise self._compile_error from exc
@@ -272,7 +278,7 @@ class GoroutineProgram:
             )
             raise self._compile_error from exc
         self.bpf = bpf
-        self.origin = origin.source + (f" ({origin.cache_miss})" if origin.cache_miss else "")
+        self.origin = origin
         _loads += 1
 
     @property
