@@ -14,7 +14,7 @@ process its part of one walk), never once per process.
 The program is loaded from the node's image cache (probes/bpfimage.py, bpfload.py):
 compiled by BCC in a child process the first time on a node (per kernel, BCC and
 goleash version), loaded with bpf(2) after, so the agent itself never maps LLVM.
-Its maps are read through the ctypes views below, which tests/bpf/test_layouts.py
+Its maps are read through the ctypes views of goroutine_maps.py, which test_layouts
 holds to bpf/goleash.h as clang lays it out.
 """
 
@@ -24,7 +24,6 @@ import contextlib
 import ctypes
 import itertools
 import mmap
-import struct
 import threading
 import time
 from collections.abc import Iterable
@@ -33,6 +32,17 @@ from dataclasses import dataclass, field
 from goleash.errors import GoleashError
 from goleash.probes.bpfload import LoadedBpf, Origin, open_program
 from goleash.probes.bpfsrc import bpf_dir
+from goleash.probes.goroutine_maps import (  # noqa: F401  (re-exported)
+    _LIVE_SLOT,
+    _MAPS,
+    _SITE_WORDS,
+    _SLOT_WRITING,
+    _STACK_MAP,
+    COUNTER_NAMES,
+    LIFETIME_SLOTS,
+    _GoroutineKey,
+    _SiteKey,
+)
 from goleash.probes.goroutine_records import (  # noqa: F401  (re-exported)
     NO_FIELD,
     SPAN_WORDS,
@@ -45,16 +55,6 @@ from goleash.probes.goroutine_records import (  # noqa: F401  (re-exported)
     process_layout,
 )
 
-LIFETIME_SLOTS = 48
-COUNTER_NAMES = (
-    "create_hits",
-    "exit_hits",
-    "newproc_hits",
-    "live_table_full",
-    "site_table_full",
-    "read_faults",
-    "stack_faults",
-)
 PID_SLOTS = 4096  # GR_PID_SLOTS: pids found without a hash lookup (the rest: one)
 DEFAULT_MAX_PROCS = 1024
 GR_WITH_EXITS = 1  # gr_modes: the exit probe is attached (bpf/goleash.h)
@@ -66,111 +66,6 @@ TABLES_MAX_AGE_S = 1.0
 # which allocates arrays for the table's whole capacity.
 BATCH_FROM = 2048
 
-
-# Views of bpf/goleash.h, in its field order (BCC's own Leaf types serve the rest).
-class _GoroutineKey(ctypes.Structure):
-    _fields_ = [("pid", ctypes.c_uint32), ("_pad", ctypes.c_uint32), ("goid", ctypes.c_uint64)]
-
-
-class _SiteKey(ctypes.Structure):
-    _fields_ = [
-        ("pid", ctypes.c_uint32),
-        ("gen", ctypes.c_uint32),
-        ("gopc", ctypes.c_uint64),
-        ("startpc", ctypes.c_uint64),
-    ]
-
-
-class _GoroutineInfo(ctypes.Structure):
-    _fields_ = [
-        ("parent_goid", ctypes.c_uint64),
-        ("gopc", ctypes.c_uint64),
-        ("startpc", ctypes.c_uint64),
-        ("created_ns", ctypes.c_uint64),
-        ("stack_id", ctypes.c_int64),
-    ]
-
-
-class _LiveSlot(ctypes.Structure):
-    _fields_ = [
-        ("goid", ctypes.c_uint64),
-        ("pid", ctypes.c_uint32),
-        ("gen", ctypes.c_uint32),
-        ("info", _GoroutineInfo),
-    ]
-
-
-class _PidSlot(ctypes.Structure):
-    _fields_ = [("pid", ctypes.c_uint32), ("row", ctypes.c_uint32)]
-
-
-class _Proc(ctypes.Structure):  # struct gr_proc
-    _fields_ = [
-        ("gen", ctypes.c_uint32),
-        ("span_start", ctypes.c_uint16),
-        ("span_bytes", ctypes.c_uint16),
-        ("w_goid", ctypes.c_uint8),
-        ("w_gopc", ctypes.c_uint8),
-        ("w_startpc", ctypes.c_uint8),
-        ("w_parent", ctypes.c_uint8),
-        ("g_goid", ctypes.c_uint32),
-        ("g_m", ctypes.c_uint32),
-        ("m_curg", ctypes.c_uint32),
-        ("counters", ctypes.c_uint64 * len(COUNTER_NAMES)),  # GR_CNT_MAX
-    ]
-
-
-class _Usage(ctypes.Structure):  # struct gr_usage
-    _fields_ = [
-        ("live_in_hash", ctypes.c_int64),
-        ("sites", ctypes.c_int64),
-        ("max_live_in_hash", ctypes.c_int64),
-        ("max_sites", ctypes.c_int64),
-    ]
-
-
-class _SiteStats(ctypes.Structure):
-    _fields_ = [
-        ("created", ctypes.c_uint64),
-        ("exited", ctypes.c_uint64),
-        ("exited_unseen", ctypes.c_uint64),
-        ("lifetime_sum_ns", ctypes.c_uint64),
-        ("lifetime_log2", ctypes.c_uint64 * LIFETIME_SLOTS),
-    ]
-
-
-class _SiteCacheEntry(ctypes.Structure):
-    _fields_ = [
-        ("gopc", ctypes.c_uint64),
-        ("startpc", ctypes.c_uint64),
-        ("pid", ctypes.c_uint32),
-        ("gen", ctypes.c_uint32),
-        ("created", ctypes.c_uint64),
-    ]
-
-
-STACK_DEPTH = 127  # BCC's BPF_MAX_STACK_DEPTH: a creator_stacks value's addresses
-_u32 = ctypes.c_uint32
-# Every map user space touches: name -> (key, value) views; a per-CPU map's value is
-# one CPU's (bpfload reads all CPUs). zero_site and pending_stack are the program's.
-_MAPS = {
-    "gr_pid_slots": (_u32, _PidSlot),
-    "gr_pid_rows": (_u32, _u32),
-    "gr_procs": (_u32, _Proc),
-    "gr_modes": (_u32, _u32),
-    "gr_freed": (_u32, ctypes.c_int64),
-    "gr_usage": (_u32, _Usage),
-    "live_slots": (_u32, _LiveSlot),
-    "live_goroutines": (_GoroutineKey, _GoroutineInfo),
-    "site_stats": (_SiteKey, _SiteStats),
-    "site_cache": (_u32, _SiteCacheEntry),
-}
-_STACK_MAP = ("creator_stacks", _u32, ctypes.c_uint64 * STACK_DEPTH)
-
-# struct live_slot in bpf/goleash.h: goid, pid, gen, then struct goroutine_info.
-_LIVE_SLOT = struct.Struct("<QIIQQQQq")
-_SLOT_WRITING = (1 << 64) - 1  # empty slots have goid 0
-_SITE_WORDS = 4 + LIFETIME_SLOTS  # struct site_stats in u64 words
 
 _loads = 0
 
