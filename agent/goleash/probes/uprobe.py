@@ -24,6 +24,8 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from goleash.probes.bpfimage import PROG_TYPE_KPROBE  # uprobes are kprobe-type programs
+
 # bpf(2) for uprobe_multi links (Linux >= 6.6).
 _SYS_BPF = 321  # x86-64
 _BPF_LINK_CREATE = 28
@@ -32,7 +34,6 @@ _BPF_ATTR_SIZE = 128
 _libc = ctypes.CDLL(None, use_errno=True)
 
 Detach = Callable[[], None]
-PROG_TYPE_KPROBE = 2  # uprobes are kprobe-type programs
 # perf_reader callbacks: (cookie, data, size) and (cookie, lost count)
 PERF_RAW_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
 PERF_LOST_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_ulonglong)
