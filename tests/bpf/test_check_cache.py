@@ -12,14 +12,15 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
 
 import pytest
 
+import bpfcache
 from goleash.probes import bpfimage
+from goleash.probes.bpfload import Origin
 from goleash.probes.testleaks import FOLLOW_EXEC, CheckProbes
 
 pytestmark = pytest.mark.root
@@ -46,12 +47,7 @@ def compiled_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def cache(compiled_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """This test's own copy of the warm cache: the image file's path."""
-    home = tmp_path / "xdg"
-    shutil.copytree(compiled_cache, home)
-    (home / "goleash" / "bpf").chmod(0o700)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(home))
-    [image] = (home / "goleash" / "bpf").glob("check-*.json")
-    return image
+    return bpfcache.warm_copy(compiled_cache, tmp_path, monkeypatch, "check")
 
 
 def _follows_an_exec(probes: CheckProbes) -> None:
@@ -96,48 +92,31 @@ def test_a_later_run_loads_the_cached_program_and_it_follows_processes(cache: Pa
     assert took < 5  # a compile here takes 1.5-4.4 s; loading is milliseconds (bench)
 
 
-def _expect_recompiled(caplog: pytest.LogCaptureFixture, why: str) -> None:
-    with caplog.at_level(logging.WARNING):
-        probes = _load()
+def _load_origin() -> Origin:
+    probes = _load()
     probes.close()
-    assert probes.origin.source == "compiled"
-    assert why in probes.origin.cache_miss
-    assert why in caplog.text  # said, not silent
-    again = _load()  # and repaired: the next run loads from the cache
-    again.close()
-    assert again.origin.source == "cache", again.origin
+    return probes.origin
 
 
 def test_a_corrupt_cache_is_detected_and_recompiled(
     cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    data = bytearray(cache.read_bytes())
-    i = data.index(b"insns") + 20
-    data[i] = ord("A") if data[i] != ord("A") else ord("B")  # one byte of the code
-    cache.write_bytes(bytes(data))
-    _expect_recompiled(caplog, "checksum mismatch")
+    bpfcache.corrupt(cache)
+    bpfcache.expect_recompiled(_load_origin, caplog, "checksum mismatch")
 
 
 def test_a_truncated_cache_is_detected_and_recompiled(
     cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     cache.write_bytes(cache.read_bytes()[:100])
-    _expect_recompiled(caplog, "malformed")
-
-
-def _rewrite(cache: Path, **changes: object) -> None:
-    """A well-formed image (valid checksum) with some fields changed."""
-    image = bpfimage.BpfImage.from_json(cache.read_text())
-    cache.write_text(dataclasses.replace(image, **changes).to_json())  # type: ignore[arg-type]
+    bpfcache.expect_recompiled(_load_origin, caplog, "malformed")
 
 
 def test_a_cache_made_for_another_kernel_or_source_is_not_used(
     cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Its file name matches (a 128-bit prefix of the key); the full key does not.
-    image = bpfimage.BpfImage.from_json(cache.read_text())
-    _rewrite(cache, key=image.key[:32] + "0" * 32)
-    _expect_recompiled(caplog, "compiled for another source, kernel or BCC")
+    bpfcache.make_foreign(cache)
+    bpfcache.expect_recompiled(_load_origin, caplog, "compiled for another source, kernel or BCC")
 
 
 def test_a_cache_the_kernel_refuses_is_recompiled(
@@ -146,8 +125,8 @@ def test_a_cache_the_kernel_refuses_is_recompiled(
     image = bpfimage.BpfImage.from_json(cache.read_text())
     # Well-formed but not a program the verifier takes: `exit` with r0 never set.
     progs = tuple(dataclasses.replace(p, insns=b"\x95" + b"\0" * 7, relocs=()) for p in image.progs)
-    _rewrite(cache, progs=progs)
-    _expect_recompiled(caplog, "the kernel refused the cached program")
+    bpfcache.rewrite(cache, progs=progs)
+    bpfcache.expect_recompiled(_load_origin, caplog, "the kernel refused the cached program")
 
 
 def test_a_cache_directory_others_can_write_is_not_trusted(

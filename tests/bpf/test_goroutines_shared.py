@@ -13,7 +13,7 @@ from goleash.node.tracker import ProcessTracker, SiteSummary
 from goleash.probes.goroutines import (
     GoroutineProgram,
     ProbeAttachError,
-    compile_count,
+    load_count,
     node_program,
 )
 from goleash.probes.target import GoProcess
@@ -45,7 +45,7 @@ def test_processes_of_different_toolchains_share_one_program() -> None:
     # The oldest toolchain has no g.parentGoid (parents from g0.m.curg) and another
     # runtime.g layout than the newest, built as PIE (a load bias).
     old, new = gobuild.TOOLCHAINS[0], gobuild.TOOLCHAINS[-1]
-    compiles = compile_count()
+    loads = load_count()
     program = node_program()
     trackers: list[ProcessTracker] = []
     try:
@@ -111,7 +111,7 @@ def test_processes_of_different_toolchains_share_one_program() -> None:
             assert [s for s in first.sites if s.created] == []
             a.churn(40)
             churn_counted(ta, 40, 40)
-        assert compile_count() - compiles == 1, "one BPF compile for every process"
+        assert load_count() - loads == 1, "one BPF program for every process"
     finally:
         for tr in trackers:
             tr.close()
@@ -208,11 +208,11 @@ def test_a_failed_compile_is_not_repeated_for_every_process() -> None:
     the node gets the same error at once, not a compile attempt each."""
     program = GoroutineProgram(max_live=256, max_sites=1024)
     program.cflags = lambda: ["-DMAX_PROCS=not_a_number"]  # type: ignore[method-assign]
-    compiles = compile_count()
+    loads = load_count()
     with pytest.raises(ProbeAttachError, match="compiling goroutines.bpf.c failed") as first:
         program.compile()
     program.cflags = lambda: []  # type: ignore[method-assign]  # would not even find goleash.h
     with pytest.raises(ProbeAttachError) as again:
         program.compile()
     assert again.value is first.value
-    assert compile_count() == compiles and not program.compiled
+    assert load_count() == loads and not program.compiled

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from goleash.probes import funcprog, goroutines, testleaks
+from goleash.probes import funcprog, goroutine_maps, goroutines, testleaks
 from goleash.probes.bpfsrc import bpf_dir
 
 pytestmark = pytest.mark.root
@@ -70,6 +70,13 @@ VIEWS: list[tuple[str, Any]] = [
     ("site_key", goroutines._SiteKey),
     ("live_slot", goroutines._LIVE_SLOT),
     ("fl_ctl", funcprog.CtlView),
+    ("goroutine_info", goroutine_maps._GoroutineInfo),
+    ("live_slot", goroutine_maps._LiveSlot),
+    ("gr_pid_slot", goroutine_maps._PidSlot),
+    ("gr_proc", goroutine_maps._Proc),
+    ("gr_usage", goroutine_maps._Usage),
+    ("site_stats", goroutine_maps._SiteStats),
+    ("site_cache_entry", goroutine_maps._SiteCacheEntry),
 ]
 # Structs Python reads through BCC's own Leaf type, by these names (all of them).
 NAMED: list[tuple[str, tuple[str, ...]]] = [("fl_stats", funcprog.STAT_FIELDS)]

@@ -35,5 +35,7 @@ def test_goroutines_older_than_the_trace_have_lower_bound_ages() -> None:
         for fn in ("main.orphan", "main.sleeper"):
             assert sites[fn]["live"] > 0 and sites[fn]["age_max_lower_bound"] is True, sites[fn]
         text = trace(pop.pid)
-        (row,) = [ln for ln in text.splitlines() if " main.sleeper  (" in ln]
-        assert "/>=" in row, row  # p50/p99/>=max
+        # One table per interval: two when the probes are up in under a second (a
+        # cached program); the last is the summary.
+        rows = [ln for ln in text.splitlines() if " main.sleeper  (" in ln]
+        assert rows and "/>=" in rows[-1], text  # p50/p99/>=max

@@ -4,35 +4,46 @@ their fds into the programs, load and attach them. No compiler: milliseconds.
 LoadedBpf offers what goleash uses of a BCC `BPF` object (tables by name, load_func,
 perf buffers, tracepoints, the uprobe bookkeeping probes/uprobe.py relies on,
 cleanup), so the attach code is the same for both. BCC's functions for perf buffers
-and tracepoints are used through libbcc's C API.
+and tracepoints are used through libbcc_bpf's C API: nothing here maps LLVM.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import re
 import signal
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from goleash.errors import GoleashError
 from goleash.probes.bpfimage import (
+    PROG_TYPE_KPROBE,
     PROG_TYPE_TRACEPOINT,
     TRACEPOINT_PREFIX,
     BpfImage,
     MapSpec,
     patch_map_fds,
 )
-from goleash.probes.uprobe import _BPF_ATTR_SIZE, bpf_syscall
+from goleash.probes.uprobe import (
+    _BPF_ATTR_SIZE,
+    PERF_LOST_CB,
+    PERF_RAW_CB,
+    bpf_syscall,
+    libbcc_bpf,
+)
 
 _MAP_CREATE, _LOOKUP, _UPDATE, _DELETE, _NEXT_KEY, _PROG_LOAD = 0, 1, 2, 3, 4, 5
+_LOOKUP_BATCH = 24
+_ARRAY_TYPES = {2, 6}  # ARRAY, PERCPU_ARRAY: entries cannot be deleted, only zeroed
+_BATCH = 4096  # entries per BPF_MAP_LOOKUP_BATCH call
 _OBJ_NAME_LEN = 16
 _PERCPU_TYPES = {5, 6, 10}  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
 _probe_repl = re.compile(b"[^a-zA-Z0-9_]")
@@ -57,9 +68,7 @@ def _cpus(kind: str) -> list[int]:
 
 
 def _libbcc() -> Any:
-    from bcc import lib  # the only package that imports bcc
-
-    return lib
+    return libbcc_bpf()
 
 
 @dataclass
@@ -138,6 +147,58 @@ class BpfMap:
         for k in list(self):
             with contextlib.suppress(KeyError):
                 del self[k]
+
+    @property
+    def map_fd(self) -> int:  # BCC's name
+        return self.fd
+
+    def clearitem(self, key: Any) -> None:
+        """An array entry back to zeros (array entries cannot be deleted), as BCC's."""
+        if self.spec.map_type not in _ARRAY_TYPES:
+            raise BpfLoadError(f"map {self.spec.name}: clearitem is for arrays")
+        self[key] = self.Leaf()
+
+    def items_lookup_batch(self) -> Iterator[tuple[Any, Any]]:
+        """Every (key, value) with BPF_MAP_LOOKUP_BATCH, _BATCH entries a syscall
+        (a walk key by key costs two syscalls an entry). OSError where the kernel or
+        the map type has no batch lookups (before Linux 5.6)."""
+        keys, values = (self.Key * _BATCH)(), (self.Leaf * _BATCH)()
+        # The position token: a bucket number (hash) or a key (array), opaque here.
+        size = max(8, self.spec.key_size)
+        token_in, token_out = ctypes.create_string_buffer(size), ctypes.create_string_buffer(size)
+        attr = (ctypes.c_uint8 * _BPF_ATTR_SIZE)()
+        first = True
+        while True:
+            # union bpf_attr.batch: in_batch, out_batch, keys, values, count, map_fd
+            struct.pack_into(
+                "<QQQQII",
+                attr,
+                0,
+                0 if first else ctypes.addressof(token_in),
+                ctypes.addressof(token_out),
+                ctypes.addressof(keys),
+                ctypes.addressof(values),
+                _BATCH,
+                self.fd,
+            )
+            done = False
+            try:
+                bpf_syscall(_LOOKUP_BATCH, attr)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                done = True  # the last entries (count says how many, maybe 0)
+            (count,) = struct.unpack_from("<I", attr, 32)
+            ksize, vsize = ctypes.sizeof(self.Key), ctypes.sizeof(self.Leaf)
+            for i in range(count):  # copies: the next call reuses the arrays
+                yield (
+                    self.Key.from_buffer_copy(keys, i * ksize),
+                    self.Leaf.from_buffer_copy(values, i * vsize),
+                )
+            if done or count == 0:
+                return
+            ctypes.memmove(token_in, token_out, size)
+            first = False
 
 
 class LoadedBpf:
@@ -258,12 +319,11 @@ class LoadedBpf:
             def raw(_cookie: int, data: int, size: int, _cpu: int = cpu) -> None:
                 callback(_cpu, data, size)
 
-            raw_type, lost_type = lib.bpf_open_perf_buffer.argtypes[:2]
-            cb = raw_type(raw)
+            cb = PERF_RAW_CB(raw)
             self._callbacks.append(cb)  # alive as long as the reader
             reader = lib.bpf_open_perf_buffer(
                 cb,
-                lost_type(),  # NULL: lost events are not reported
+                PERF_LOST_CB(),  # NULL: lost events are not reported
                 None,
                 -1,
                 cpu,
@@ -334,13 +394,28 @@ class Origin:
     cache_miss: str = ""
 
 
-def open_program(name: str, source: Path, cflags: list[str]) -> tuple[LoadedBpf, Origin]:
+def _load_image(image: BpfImage, uprobe_programs: Sequence[str]) -> LoadedBpf:
+    loaded = LoadedBpf(image)
+    try:
+        for prog in uprobe_programs:
+            loaded.load_func(prog.encode(), PROG_TYPE_KPROBE)
+    except BaseException:
+        loaded.cleanup()
+        raise
+    return loaded
+
+
+def open_program(
+    name: str, source: Path, cflags: list[str], uprobe_programs: Sequence[str] = ()
+) -> tuple[LoadedBpf, Origin]:
     """SOURCE (with every header beside it) loaded: from the image cache when it holds a
-    trustworthy one the kernel accepts, else compiled by BCC and cached for next time."""
+    trustworthy one the kernel accepts, else compiled by BCC and cached for next time.
+    UPROBE_PROGRAMS are loaded at once (for perf-event uprobes), so a cached program
+    the verifier refuses is found here and compiled again, not at an attach later."""
     from goleash.probes.bpfimage import (
         ImageError,
         cache_key,
-        compile_image,
+        compile_in_child,
         read_cached,
         write_cached,
     )
@@ -350,7 +425,7 @@ def open_program(name: str, source: Path, cflags: list[str]) -> tuple[LoadedBpf,
     try:
         image = read_cached(name, key)
         try:
-            return LoadedBpf(image), Origin("cache")
+            return _load_image(image, uprobe_programs), Origin("cache")
         except (BpfLoadError, OSError) as exc:  # e.g. the verifier refused it
             miss = f"the kernel refused the cached program: {exc}"
     except ImageError as exc:
@@ -358,10 +433,10 @@ def open_program(name: str, source: Path, cflags: list[str]) -> tuple[LoadedBpf,
     if miss != "not cached yet":
         log.warning("BPF program cache for %s not used (%s): compiling", name, miss)
     try:
-        image = compile_image(source.read_text(), cflags, key)
+        image = compile_in_child(source.read_text(), cflags, key)
     except ImageError as exc:
         raise BpfLoadError(f"compiling {source.name} failed: {exc}") from exc
-    loaded = LoadedBpf(image)  # before caching: only what the kernel took is kept
+    loaded = _load_image(image, uprobe_programs)  # before caching: only what the kernel took
     write_cached(name, image)
     return loaded, Origin("compiled", miss)
 

@@ -10,6 +10,12 @@ inherits an old one's counts.
 
 Reading walks each shared table once for all processes (`reading(pid)` hands each
 process its part of one walk), never once per process.
+
+The program is loaded from the node's image cache (probes/bpfimage.py, bpfload.py):
+compiled by BCC in a child process the first time on a node (per kernel, BCC and
+goleash version), loaded with bpf(2) after, so the agent itself never maps LLVM.
+Its maps are read through the ctypes views of goroutine_maps.py, which test_layouts
+holds to bpf/goleash.h as clang lays it out.
 """
 
 from __future__ import annotations
@@ -18,13 +24,25 @@ import contextlib
 import ctypes
 import itertools
 import mmap
-import struct
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from goleash.errors import GoleashError
+from goleash.probes.bpfload import LoadedBpf, Origin, open_program
 from goleash.probes.bpfsrc import bpf_dir
+from goleash.probes.goroutine_maps import (  # noqa: F401  (re-exported)
+    _LIVE_SLOT,
+    _MAPS,
+    _SITE_WORDS,
+    _SLOT_WRITING,
+    _STACK_MAP,
+    COUNTER_NAMES,
+    LIFETIME_SLOTS,
+    _GoroutineKey,
+    _SiteKey,
+)
 from goleash.probes.goroutine_records import (  # noqa: F401  (re-exported)
     NO_FIELD,
     SPAN_WORDS,
@@ -37,16 +55,6 @@ from goleash.probes.goroutine_records import (  # noqa: F401  (re-exported)
     process_layout,
 )
 
-LIFETIME_SLOTS = 48
-COUNTER_NAMES = (
-    "create_hits",
-    "exit_hits",
-    "newproc_hits",
-    "live_table_full",
-    "site_table_full",
-    "read_faults",
-    "stack_faults",
-)
 PID_SLOTS = 4096  # GR_PID_SLOTS: pids found without a hash lookup (the rest: one)
 DEFAULT_MAX_PROCS = 1024
 GR_WITH_EXITS = 1  # gr_modes: the exit probe is attached (bpf/goleash.h)
@@ -59,31 +67,13 @@ TABLES_MAX_AGE_S = 1.0
 BATCH_FROM = 2048
 
 
-# Views of bpf/goleash.h, in its field order (BCC's own Leaf types serve the rest).
-class _GoroutineKey(ctypes.Structure):
-    _fields_ = [("pid", ctypes.c_uint32), ("_pad", ctypes.c_uint32), ("goid", ctypes.c_uint64)]
+_loads = 0
 
 
-class _SiteKey(ctypes.Structure):
-    _fields_ = [
-        ("pid", ctypes.c_uint32),
-        ("gen", ctypes.c_uint32),
-        ("gopc", ctypes.c_uint64),
-        ("startpc", ctypes.c_uint64),
-    ]
-
-
-# struct live_slot in bpf/goleash.h: goid, pid, gen, then struct goroutine_info.
-_LIVE_SLOT = struct.Struct("<QIIQQQQq")
-_SLOT_WRITING = (1 << 64) - 1  # empty slots have goid 0
-_SITE_WORDS = 4 + LIFETIME_SLOTS  # struct site_stats in u64 words
-
-_compiles = 0
-
-
-def compile_count() -> int:
-    """How many times this Python process compiled goroutines.bpf.c."""
-    return _compiles
+def load_count() -> int:
+    """How many times this Python process loaded goroutines.bpf.c (compiled, or from
+    the image cache): once per agent, whatever the number of processes."""
+    return _loads
 
 
 @dataclass
@@ -100,15 +90,8 @@ def _site_counts(gopc: int, startpc: int, per_cpu: ctypes.Array) -> SiteCounts: 
     return SiteCounts(gopc, startpc, cols[0], cols[1], cols[2], cols[3], tuple(cols[4:]))
 
 
-def _return_freed_memory() -> None:
-    """Give the heap LLVM freed after a compile back to the system: glibc keeps it
-    otherwise, ~30 MB of the agent's resident memory for good."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 class GoroutineProgram:
-    """goroutines.bpf.c compiled once, for every process registered with it.
+    """goroutines.bpf.c loaded once, for every process registered with it.
 
     Capacity is the node's: max_live slots (a power of two) plus a max_live-entry
     hash, max_sites creation sites. A process may hold at most its share of the hash
@@ -134,7 +117,8 @@ class GoroutineProgram:
         self.max_sites_per_process = max_sites_per_process or max_sites
         self.max_procs = max_procs
         self.pid_slots = live_slots_for(pid_slots)  # a power of two
-        self.bpf = None  # bcc.BPF; falsy when it has no tables: test `is not None`
+        self.bpf: LoadedBpf | None = None
+        self.origin: Origin | None = None  # from the cache, or compiled and why
         self._registered: dict[int, int] = {}  # pid -> gen
         self._rows: dict[int, int] = {}  # pid -> its row of gr_procs
         self._gens = itertools.count(1)
@@ -158,22 +142,39 @@ class GoroutineProgram:
             flags.append("-DWITH_STACKS=1")
         return flags
 
+    def programs(self) -> list[str]:
+        """The functions of goroutines.bpf.c that processes' uprobes run."""
+        return ["on_create_bx", "on_create_ax", "on_exit"] + (["on_newproc"] if self.stacks else [])
+
     def compile(self) -> None:
-        global _compiles
+        """Load the program: from the image cache, else compiled (in a child process)
+        and cached. A failure is kept and raised again: not a compile per process."""
+        global _loads
         if self.bpf is not None:
             return
-        if self._compile_error is not None:  # once: not a compile per process again
+        if self._compile_error is not None:
             raise self._compile_error
-        from bcc import BPF  # the only package that imports bcc
-
-        src = (bpf_dir() / "goroutines.bpf.c").read_text()
         try:
-            self.bpf = BPF(text=src.encode(), cflags=self.cflags())
-        except Exception as exc:  # BCC raises bare Exception on compile errors
+            bpf, origin = open_program(
+                "goroutines", bpf_dir() / "goroutines.bpf.c", self.cflags(), self.programs()
+            )
+        except (GoleashError, OSError) as exc:
             self._compile_error = ProbeAttachError(f"compiling goroutines.bpf.c failed: {exc}")
             raise self._compile_error from exc
-        _compiles += 1
-        _return_freed_memory()
+        try:
+            for name, (key, value) in _MAPS.items():
+                bpf.map(name, key, value)
+            if self.stacks:
+                bpf.map(*_STACK_MAP)
+        except (GoleashError, KeyError) as exc:
+            bpf.cleanup()
+            self._compile_error = ProbeAttachError(
+                f"goroutines.bpf.c and goroutine_program.py disagree: {exc}"
+            )
+            raise self._compile_error from exc
+        self.bpf = bpf
+        self.origin = origin
+        _loads += 1
 
     @property
     def compiled(self) -> bool:

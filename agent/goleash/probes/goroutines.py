@@ -16,6 +16,7 @@ attach_exits), which makes lifetimes a sample.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from dataclasses import dataclass, field, replace
 
@@ -31,8 +32,8 @@ from goleash.probes.goroutine_program import (  # _names: views the layout test 
     SiteCounts,
     _GoroutineKey,  # noqa: F401
     _SiteKey,  # noqa: F401
-    compile_count,
     live_slots_for,
+    load_count,
     process_layout,
 )
 from goleash.probes.target import GoProcess
@@ -47,7 +48,7 @@ __all__ = [
     "ProbeAttachError",
     "SiteCounts",
     "TrackerReading",
-    "compile_count",
+    "load_count",
     "live_slots_for",
     "node_program",
 ]
@@ -63,7 +64,7 @@ NODE_MAX_SITES_PER_PROCESS = 4096
 
 
 def node_program(*, stacks: bool = False) -> GoroutineProgram:
-    """The program an agent shares between all its processes (compiled on first use)."""
+    """The program an agent shares between all its processes (loaded on first use)."""
     return GoroutineProgram(
         stacks=stacks,
         max_live=NODE_MAX_LIVE,
@@ -252,7 +253,8 @@ class GoroutineProbes:
             table = self.program.bpf["creator_stacks"]
             for sid in {g.stack_id for g in live.values() if g.stack_id >= 0}:
                 with contextlib.suppress(KeyError):
-                    stacks[sid] = [pc - bias for pc in table.walk(sid)]
+                    pcs = table[table.Key(sid)]
+                    stacks[sid] = [pc - bias for pc in itertools.takewhile(bool, pcs)]
         return TrackerReading(
             sites=sites, live=live, counters=dict(part.counters), creator_stacks=stacks
         )

@@ -21,7 +21,6 @@ import ctypes
 import mmap
 import os
 import statistics
-import struct
 import time
 from dataclasses import dataclass
 
@@ -67,30 +66,12 @@ def _mapped_function(fd: int) -> tuple[ctypes._CFuncPtr, int]:  # type: ignore[n
     return fn, addr
 
 
-_BPF_PROG_LOAD = 5
-_BPF_PROG_TYPE_KPROBE = 2
-# r0 = 0; exit: an empty program, loaded without a compiler (a BCC compile would cost
-# the agent ~0.5 s of CPU, seconds on a busy host, on its start-up path)
-_EMPTY_PROG = bytes.fromhex("b7000000000000009500000000000000")
-
-
 def _load_empty_program() -> int:
-    """An empty uprobe program for uprobe_multi links; its fd."""
-    insns = ctypes.create_string_buffer(_EMPTY_PROG, len(_EMPTY_PROG))
-    license = ctypes.create_string_buffer(b"GPL")
-    attr = (ctypes.c_uint8 * uprobe._BPF_ATTR_SIZE)()
-    struct.pack_into(
-        "<IIQQ",
-        attr,
-        0,
-        _BPF_PROG_TYPE_KPROBE,
-        len(_EMPTY_PROG) // 8,
-        ctypes.addressof(insns),
-        ctypes.addressof(license),
-    )
-    struct.pack_into("<I", attr, 68, uprobe._BPF_TRACE_UPROBE_MULTI)  # expected_attach_type
+    """An empty uprobe program for uprobe_multi links (no compiler: a BCC compile
+    would cost the agent ~0.5 s of CPU, seconds on a busy host, on its start-up
+    path); its fd."""
     try:
-        return uprobe.bpf_syscall(_BPF_PROG_LOAD, attr)
+        return uprobe.load_empty_program(uprobe._BPF_TRACE_UPROBE_MULTI)
     except OSError as exc:
         raise HitCostError(f"loading an empty BPF program: {exc.strerror}") from None
 

@@ -24,6 +24,8 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from goleash.probes.bpfimage import PROG_TYPE_KPROBE  # uprobes are kprobe-type programs
+
 # bpf(2) for uprobe_multi links (Linux >= 6.6).
 _SYS_BPF = 321  # x86-64
 _BPF_LINK_CREATE = 28
@@ -32,43 +34,61 @@ _BPF_ATTR_SIZE = 128
 _libc = ctypes.CDLL(None, use_errno=True)
 
 Detach = Callable[[], None]
-_attach_uprobe_fn: Any = None
+# perf_reader callbacks: (cookie, data, size) and (cookie, lost count)
+PERF_RAW_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
+PERF_LOST_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_ulonglong)
+_libbcc_bpf: Any = None
 
 
-def _bpf_attach_uprobe() -> Any:
-    """libbcc's bpf_attach_uprobe with its real C signature. BCC 0.26's Python binding
-    declares 6 arguments, but the C function takes a 7th (uint32 ref_ctr_offset, the
-    USDT semaphore) and reads it from the stack: garbage. The kernel then refuses a
-    uprobe_multi link at the same offset (EINVAL: semaphore mismatch), and a garbage
-    offset that lands in the binary's writable data would be incremented in the traced
-    process. A function object of our own (lib[...] is a fresh one) passes 0."""
-    global _attach_uprobe_fn
-    if _attach_uprobe_fn is None:
-        from bcc import lib
-
-        fn = lib["bpf_attach_uprobe"]
-        fn.restype = ctypes.c_int
-        fn.argtypes = [
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_char_p,
-            ctypes.c_char_p,
-            ctypes.c_ulonglong,
-            ctypes.c_int,
-            ctypes.c_uint32,
-        ]
-        _attach_uprobe_fn = fn
-    return _attach_uprobe_fn
+def libbcc_bpf() -> Any:
+    """libbcc_bpf: BCC's attach, detach and perf-buffer functions without its compiler.
+    libbcc (what `import bcc` loads) links LLVM and clang: mapping them costs ~64 MB
+    of resident memory before anything is compiled, so code that only loads, attaches
+    and reads programs uses this library (same functions, same C signatures)."""
+    global _libbcc_bpf
+    if _libbcc_bpf is None:
+        try:
+            lib = ctypes.CDLL("libbcc_bpf.so.0", use_errno=True)
+        except OSError as exc:
+            raise OSError(
+                f"BCC's libbcc_bpf is missing ({exc}); install libbpfcc (Debian)"
+            ) from None
+        vp, cp, c_int = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
+        sigs: dict[str, tuple[list[Any], Any]] = {
+            # The 7th argument (uint32 ref_ctr_offset, the USDT semaphore) is declared:
+            # BCC 0.26's Python binding passes 6, and the C function then reads stack
+            # garbage: the kernel refuses a uprobe_multi link at the same offset
+            # (semaphore mismatch), and a garbage offset that lands in the binary's
+            # writable data would be incremented in the traced process.
+            "bpf_attach_uprobe": (
+                [c_int, c_int, cp, cp, ctypes.c_ulonglong, c_int, ctypes.c_uint32],
+                c_int,
+            ),
+            "bpf_detach_uprobe": ([cp], c_int),
+            "bpf_attach_tracepoint": ([c_int, cp, cp], c_int),
+            "bpf_detach_tracepoint": ([cp, cp], c_int),
+            "bpf_close_perf_event_fd": ([c_int], c_int),
+            "bpf_open_perf_buffer": (
+                [PERF_RAW_CB, PERF_LOST_CB, vp, c_int, c_int, c_int],
+                vp,
+            ),
+            "perf_reader_fd": ([vp], c_int),
+            "perf_reader_poll": ([c_int, ctypes.POINTER(vp), c_int], c_int),
+            "perf_reader_free": ([vp], None),
+        }
+        for name, (args, res) in sigs.items():
+            f = getattr(lib, name)
+            f.argtypes, f.restype = args, res
+        _libbcc_bpf = lib
+    return _libbcc_bpf
 
 
 def attach_at(bpf: Any, path: str, file_offset: int, fn_name: str, pid: int) -> str:
     """Attach `fn_name` at `file_offset` of `path` for `pid` as one perf-event uprobe;
     returns the event name (for detach())."""
-    from bcc import BPF
-
-    fn = bpf.load_func(fn_name.encode(), BPF.KPROBE)
+    fn = bpf.load_func(fn_name.encode(), PROG_TYPE_KPROBE)
     ev_name = bpf._get_uprobe_evname(b"p", path.encode(), file_offset, pid)
-    fd = _bpf_attach_uprobe()(fn.fd, 0, ev_name, path.encode(), file_offset, pid, 0)
+    fd = libbcc_bpf().bpf_attach_uprobe(fn.fd, 0, ev_name, path.encode(), file_offset, pid, 0)
     if fd < 0:
         raise OSError(f"uprobe at {path}+{file_offset:#x} for PID {pid} was refused by the kernel")
     bpf._add_uprobe_fd(ev_name, fd)
@@ -89,6 +109,30 @@ def bpf_syscall(cmd: int, attr: ctypes.Array[ctypes.c_uint8]) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return ret
+
+
+# r0 = 0; exit: a program that does nothing, loaded without a compiler
+_EMPTY_PROG = bytes.fromhex("b7000000000000009500000000000000")
+_BPF_PROG_LOAD = 5
+
+
+def load_empty_program(expected_attach_type: int = 0) -> int:
+    """A uprobe program that does nothing (for a cost baseline, or to prove that
+    this process may load programs); its fd, or OSError with the kernel's errno."""
+    insns = ctypes.create_string_buffer(_EMPTY_PROG, len(_EMPTY_PROG))
+    license = ctypes.create_string_buffer(b"GPL")
+    attr = (ctypes.c_uint8 * _BPF_ATTR_SIZE)()
+    struct.pack_into(
+        "<IIQQ",
+        attr,
+        0,
+        PROG_TYPE_KPROBE,
+        len(_EMPTY_PROG) // 8,
+        ctypes.addressof(insns),
+        ctypes.addressof(license),
+    )
+    struct.pack_into("<I", attr, 68, expected_attach_type)
+    return bpf_syscall(_BPF_PROG_LOAD, attr)
 
 
 def link_multi(prog_fd: int, path: str, file_offsets: Sequence[int], pid: int) -> int:
@@ -121,10 +165,8 @@ def link_multi(prog_fd: int, path: str, file_offsets: Sequence[int], pid: int) -
 def attach_multi(bpf: Any, path: str, file_offsets: Sequence[int], fn_name: str, pid: int) -> int:
     """Attach `fn_name` at every offset as one uprobe_multi link; returns the link's fd
     (closing it detaches every site). OSError when the kernel has no such links."""
-    from bcc import BPF
-
     try:
-        fn = bpf.load_func(fn_name.encode(), BPF.KPROBE, attach_type=_BPF_TRACE_UPROBE_MULTI)
+        fn = bpf.load_func(fn_name.encode(), PROG_TYPE_KPROBE, attach_type=_BPF_TRACE_UPROBE_MULTI)
     except Exception as exc:  # BCC raises bare Exception; a kernel before 6.6 refuses
         raise OSError(f"loading {fn_name} for uprobe_multi: {exc}") from exc
     return link_multi(fn.fd, path, file_offsets, pid)
