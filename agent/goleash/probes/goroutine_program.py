@@ -75,6 +75,7 @@ class _SiteKey(ctypes.Structure):
 
 # struct live_slot in bpf/goleash.h: goid, pid, gen, then struct goroutine_info.
 _LIVE_SLOT = struct.Struct("<QIIQQQQq")
+_SLOT_HEAD = struct.Struct("<QII")  # goid, pid, gen
 _SLOT_WRITING = (1 << 64) - 1  # empty slots have goid 0
 _SITE_WORDS = 4 + LIFETIME_SLOTS  # struct site_stats in u64 words
 
@@ -86,11 +87,19 @@ def compile_count() -> int:
     return _compiles
 
 
+# An occupied slot of live_slots as a walk saw it: (index, goid, created_ns).
+_SlotSeen = tuple[int, int, int]
+
+
 @dataclass
 class _Walk:
     taken: float
     with_live: bool
     procs: dict[int, ProcessTables]
+    # pid -> its occupied slots (with_live only; every registered pid has a list), so
+    # that reconcile() frees from the walk instead of copying the 6 MB array again.
+    slots: dict[int, list[_SlotSeen]] = field(default_factory=dict)
+    gens: dict[int, int] = field(default_factory=dict)
     served: set[int] = field(default_factory=set)
 
 
@@ -323,20 +332,38 @@ class GoroutineProgram:
             gen = self._registered.get(pid)
             if gen is None or self.bpf is None:
                 return 0
-            self._walk = None
+            w = self._walk
+            if w is not None:
+                # What it holds of PID may be freed now: PID's next reading walks again
+                # (the other processes' parts stay true: only PID's records go).
+                w.served.add(pid)
+            if (
+                w is not None
+                and w.with_live
+                and w.gens.get(pid) == gen
+                and time.monotonic() - w.taken <= TABLES_MAX_AGE_S
+            ):
+                # The walk PID's reading just made: its slots as of then (a birth since
+                # then is judged at the next interval).
+                seen = w.slots[pid]
+            else:
+                seen = [
+                    (idx, goid, created_ns)
+                    for idx, goid, slot_pid, slot_gen, *_info, created_ns, _sid in self._slots(pid)
+                    if (slot_pid, slot_gen) == (pid, gen)
+                ]
             mm = self._writable_slots()
             freed = 0
-            for idx, goid, slot_pid, slot_gen, *_info, created_ns, _sid in self._slots(pid):
-                if (slot_pid, slot_gen) != (pid, gen) or goid in live_goids:
+            for idx, goid, created_ns in seen:
+                if goid in live_goids or created_ns >= born_before_ns:
                     continue
-                if created_ns >= born_before_ns:
-                    continue
-                word = ctypes.c_uint64.from_buffer(mm, idx * _LIVE_SLOT.size)
-                # The kernel may have rewritten it since the copy: free only what we judged.
-                if word.value == goid:
+                # The kernel may have rewritten it since it was read: free only what
+                # was judged (the same goroutine of the same process).
+                if _SLOT_HEAD.unpack_from(mm, idx * _LIVE_SLOT.size) == (goid, pid, gen):
+                    word = ctypes.c_uint64.from_buffer(mm, idx * _LIVE_SLOT.size)
                     word.value = 0
                     freed += 1
-                del word
+                    del word
             # Entries of the hash: a delete that succeeds is counted in gr_freed, the
             # program's own deletes (exits) in live_in_hash: neither counts twice.
             freed_table = self.bpf["gr_freed"]
@@ -410,10 +437,13 @@ class GoroutineProgram:
         }
         for (pid, gopc, startpc), counts in self._read_sites(regs).items():
             procs[pid].sites[(gopc, startpc)] = counts
+        slots: dict[int, list[_SlotSeen]] = {pid: [] for pid in regs}
         if with_live:
-            for pid, g in self._read_live(regs):
+            for pid, g, idx in self._read_live(regs):
                 procs[pid].live[g.goid] = g
-        return _Walk(time.monotonic(), with_live, procs)
+                if idx >= 0:
+                    slots[pid].append((idx, g.goid, g.created_ns))
+        return _Walk(time.monotonic(), with_live, procs, slots, regs)
 
     def _counters(self, pid: int) -> dict[str, int]:
         assert self.bpf is not None
@@ -512,11 +542,12 @@ class GoroutineProgram:
             if goids[i] != _SLOT_WRITING
         ]
 
-    def _read_live(self, regs: dict[int, int]) -> list[tuple[int, LiveGoroutine]]:
+    def _read_live(self, regs: dict[int, int]) -> list[tuple[int, LiveGoroutine, int]]:
+        """(pid, goroutine, its slot or -1 in the hash) of every registered pid."""
         assert self.bpf is not None
         out = [
-            (pid, LiveGoroutine(goid, parent, gopc, startpc, created_ns, stack_id))
-            for _i, goid, pid, gen, parent, gopc, startpc, created_ns, stack_id in self._slots()
+            (pid, LiveGoroutine(goid, parent, gopc, startpc, created_ns, stack_id), i)
+            for i, goid, pid, gen, parent, gopc, startpc, created_ns, stack_id in self._slots()
             if regs.get(pid) == gen
         ]
         usage = self.bpf["gr_usage"]
@@ -538,6 +569,7 @@ class GoroutineProgram:
                         LiveGoroutine(
                             k.goid, v.parent_goid, v.gopc, v.startpc, v.created_ns, v.stack_id
                         ),
+                        -1,
                     )
                 )
         return out
