@@ -459,7 +459,10 @@ class Agent:
             SHARED.release_pages()
         elif self._pending_appeared or self._pending_gone or first_snaps:
             self._emit(first_snaps)
-        self._update_view()
+        # A process's view changes with its snapshots and when processes come and go;
+        # only function latency totals (a thread of their own) change in between.
+        if periodic or result.appeared or result.vanished or self.cfg.funcs:
+            self._update_view()
         if self.cfg.selector.pids and self.discovery.scans == 1:
             self._report_missing_pids()
         if self.health is not None:

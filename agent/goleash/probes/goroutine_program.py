@@ -21,7 +21,6 @@ import mmap
 import struct
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from goleash.probes.bpfsrc import bpf_dir
@@ -34,6 +33,7 @@ from goleash.probes.goroutine_records import (  # noqa: F401  (re-exported)
     ProcessTables,
     SiteCounts,
     live_slots_for,
+    occupied_slots,
     process_layout,
 )
 
@@ -515,32 +515,12 @@ class GoroutineProgram:
             self._slots_mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
         return self._slots_mm
 
-    def _slots(
-        self, pid: int | None = None
-    ) -> list[tuple[int, int, int, int, int, int, int, int, int]]:
+    def _slots(self, pid: int | None = None) -> list[tuple[int, ...]]:
         """The occupied slots of live_slots as (index, goid, pid, gen, info...), read
-        through an mmap of the array (one copy instead of a syscall per slot); only
-        PID's when given (slots of other processes are not unpacked)."""
+        through an mmap of the array (no syscall per slot); only PID's when given."""
         assert self.bpf is not None
-        n = live_slots_for(self.max_live)
-        data = self._writable_slots()[: n * _LIVE_SLOT.size]
-        words = memoryview(data).cast("Q")
-        stride = _LIVE_SLOT.size // 8
-        goids = words[::stride].tolist()
-        words.release()
-        occupied: Iterable[int] = itertools.compress(range(n), goids)  # nonzero goids, in C
-        if pid is not None:
-            halves = memoryview(data).cast("I")
-            pids = halves[2 :: stride * 2].tolist()  # struct live_slot: goid, then pid
-            halves.release()
-            occupied = (i for i in occupied if pids[i] == pid)
-        # A slot freed and reused while copying shows a goid with another's info for
-        # one reading at most; the copy is one memcpy, so that window is tiny.
-        return [
-            (i, *_LIVE_SLOT.unpack_from(data, i * _LIVE_SLOT.size))
-            for i in occupied
-            if goids[i] != _SLOT_WRITING
-        ]
+        found = occupied_slots(self._writable_slots(), _LIVE_SLOT, live_slots_for(self.max_live))
+        return [s for s in found if s[1] != _SLOT_WRITING and (pid is None or s[2] == pid)]
 
     def _read_live(self, regs: dict[int, int]) -> list[tuple[int, LiveGoroutine, int]]:
         """(pid, goroutine, its slot or -1 in the hash) of every registered pid."""

@@ -308,8 +308,14 @@ def _layout(proc: GoProcess) -> _Layout:
 def _g_pointers(proc: GoProcess, lay: _Layout) -> list[int]:
     mem = proc.memory
     if lay.allglen is not None and lay.allgptr is not None:
-        n = mem.read_u64(proc.runtime_addr(lay.allglen))  # allglen before allgptr
-        ptr = mem.read_u64(proc.runtime_addr(lay.allgptr))
+        # allglen before allgptr: one system call copies its ranges in order.
+        n_raw, ptr_raw = mem.read_many(
+            [(proc.runtime_addr(lay.allglen), 8), (proc.runtime_addr(lay.allgptr), 8)]
+        )
+        if n_raw is None or ptr_raw is None:  # read one by one: the error says which
+            n_raw = mem.read(proc.runtime_addr(lay.allglen), 8)
+            ptr_raw = mem.read(proc.runtime_addr(lay.allgptr), 8)
+        n, ptr = int.from_bytes(n_raw, "little"), int.from_bytes(ptr_raw, "little")
     else:
         ptr, n = struct.unpack("<2Q", mem.read(proc.runtime_addr(lay.allgs), 16))
     if n == 0:
