@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 import gobuild
-from goleash.probes.inventory import DecodeMemo, Goroutine, read_goroutines
+from goleash.probes.inventory import Goroutine, ReadMemo, read_goroutines
 from goleash.probes.target import GoProcess
 from populations import running_populations
 
@@ -26,9 +26,9 @@ def test_unchanged_gs_reused_changed_ones_read_again(toolchain: str) -> None:
         running_populations(toolchain, orphan=20, sleeper=3) as pop,
         GoProcess.attach(pop.pid) as proc,
     ):
-        memo: DecodeMemo = {}
+        memo = ReadMemo()
         first = read_goroutines(proc, memo)
-        assert len(memo) == first.allglen  # only this read's gs: bounded
+        assert len(memo.decoded) == first.allglen  # only this read's gs: bounded
         again = read_goroutines(proc, memo)
         by_goid = {g.goid: g for g in first.goroutines}
         reused = [g for g in again.goroutines if by_goid.get(g.goid) is g]
@@ -36,15 +36,18 @@ def test_unchanged_gs_reused_changed_ones_read_again(toolchain: str) -> None:
         assert len(orphans) >= 20 and all(g in reused for g in orphans)
         assert parked(again.goroutines) == parked(read_goroutines(proc).goroutines)
 
-        # Exited since (their gs are dead now): gone from the memo's read too.
+        def born_since(before: list[Goroutine]) -> set[int]:
+            pop.command("orphans 5")
+            now = read_goroutines(proc, memo)
+            assert parked(now.goroutines) == parked(read_goroutines(proc).goroutines)
+            assert len(memo.decoded) == now.allglen
+            return {g.goid for g in now.goroutines} - {g.goid for g in before}
+
+        # Born since in new gs (allgs grew: its pointers read again) ...
+        assert len(born_since(again.goroutines)) == 5
+        # ... and, after a churn left dead gs, in those (the runtime reuses them): read
+        # as they are now, not as the memo last saw those addresses.
         pop.churn(300)
         after_churn = read_goroutines(proc, memo)
         assert parked(after_churn.goroutines) == parked(read_goroutines(proc).goroutines)
-        assert len(memo) == after_churn.allglen
-        # Born since, in the dead gs the churn left (the runtime reuses them): read as
-        # they are now, not as the memo last saw those addresses.
-        pop.command("orphans 5")
-        now = read_goroutines(proc, memo)
-        kids = {g.goid for g in now.goroutines} - {g.goid for g in after_churn.goroutines}
-        assert len(kids) == 5
-        assert parked(now.goroutines) == parked(read_goroutines(proc).goroutines)
+        assert len(born_since(after_churn.goroutines)) == 5

@@ -38,9 +38,9 @@ from goleash.probes.goroutines import (
     TrackerReading,
 )
 from goleash.probes.inventory import (
-    DecodeMemo,
     Goroutine,
     Inventory,
+    ReadMemo,
     read_goroutines,
     site_at,
 )
@@ -73,7 +73,7 @@ LIFETIMES_SAMPLED = "sampled"  # the budget took the exit probe off for a while
 LIFETIMES_OFF = "off"  # no exit probe (the default): exits derived, no lifetimes
 
 
-def _read_inventory(proc: GoProcess, memo: DecodeMemo | None = None) -> Inventory:
+def _read_inventory(proc: GoProcess, memo: ReadMemo | None = None) -> Inventory:
     """The live goroutines; a failure other than the process's own (gone, unreadable)
     is named as the inventory stage's, for the agent to count."""
     try:
@@ -188,7 +188,7 @@ class ProcessTracker:
         self._last_max_goid = 0
         self.mode_reason = "probes attached"
         self._last_inventory: Inventory | None = None
-        self._decoded: DecodeMemo = {}  # gs unchanged since the last read: not decoded
+        self._read_memo = ReadMemo()  # what did not change since the last read: not again
         # Birth records the probes gave for goroutines still live (their slot may be
         # taken by a later birth: kept here from the reading that saw them).
         self.born: dict[int, LiveGoroutine] = {}
@@ -420,7 +420,7 @@ class ProcessTracker:
         # milliseconds (two snapshots close together) is judged over one second.
         dt = max(BUDGET_MIN_WINDOW_S, now - self._last_poll)
         self._last_poll = now
-        inv = inventory or _read_inventory(self.proc, self._decoded)
+        inv = inventory or _read_inventory(self.proc, self._read_memo)
         self._last_inventory = inv
         self._remember(inv.goroutines, inv.read_ns)
         reading = self.probes.read() if self.probes is not None and self.probes.compiled else None

@@ -27,7 +27,7 @@ import struct
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from goleash.errors import printable
 from goleash.gobin.binary import GoBinary
@@ -305,7 +305,7 @@ def _layout(proc: GoProcess) -> _Layout:
 # --- reading --------------------------------------------------------------------------
 
 
-def _g_pointers(proc: GoProcess, lay: _Layout) -> list[int]:
+def _g_pointers(proc: GoProcess, lay: _Layout, memo: ReadMemo | None = None) -> list[int]:
     mem = proc.memory
     if lay.allglen is not None and lay.allgptr is not None:
         # allglen before allgptr: one system call copies its ranges in order.
@@ -325,39 +325,55 @@ def _g_pointers(proc: GoProcess, lay: _Layout) -> list[int]:
             f"PID {proc.pid}: runtime.allgs reads as {n} goroutines at {ptr:#x}; "
             "the runtime layout of this binary is not what goleash expects"
         )
+    if memo is not None and memo.allgs is not None and memo.allgs[:2] == (ptr, n):
+        return memo.allgs[2]
     raw = mem.read(ptr, 8 * n)
-    return list(struct.unpack(f"<{n}Q", raw))
+    pointers = list(struct.unpack(f"<{n}Q", raw))
+    if memo is not None:
+        memo.allgs = (ptr, n, pointers) if n <= MEMO_MAX_GS else None
+    return pointers
 
 
-# What a g read decoded to, by (its address, the bytes read): a goroutine, None (not
-# live), or _TORN. Kept by the caller between reads of one process (see read_goroutines).
-DecodeMemo = dict[tuple[int, bytes], "Goroutine | None | object"]
+@dataclass
+class ReadMemo:
+    """What the previous read of one process found, kept by its caller between reads
+    (see read_goroutines)."""
+
+    # What a g read decoded to, by (its address, the bytes read): a Goroutine, None
+    # (not live) or _TORN.
+    decoded: dict[tuple[int, bytes], object] = field(default_factory=dict)
+    # (allgptr, allglen, the g pointers read from that array): allgs only grows, and
+    # the runtime never rewrites an entry below allglen (a g is never freed).
+    allgs: tuple[int, int, list[int]] | None = None
+
+
 _TORN = object()
 _MISSING = object()
 # Above this many gs a memo would hold too much memory for what it saves.
 MEMO_MAX_GS = 4096
 
 
-def read_goroutines(proc: GoProcess, memo: DecodeMemo | None = None) -> Inventory:
+def read_goroutines(proc: GoProcess, memo: ReadMemo | None = None) -> Inventory:
     """Every live goroutine of the process (dead and never-started gs skipped).
 
     ProcessError when the process is gone or cannot be read; a g that cannot be read
     or decodes to nonsense (reused while read) is counted in `torn`.
 
-    With MEMO (the caller's, kept between reads of this one process), a g whose
-    bytes are what they were at the previous read is not decoded again: the same
-    Goroutine object comes back (most gs of an idle process). MEMO is left holding
-    only this read's gs.
+    With MEMO (the caller's, kept between reads of this one process), the pointer
+    array is not read again while allgs' address and length are unchanged, and a g
+    whose bytes are what they were at the previous read is not decoded again: the
+    same Goroutine object comes back (most gs of an idle process). MEMO is left
+    holding only this read's gs.
     """
     started = time.perf_counter()
     read_ns = time.monotonic_ns()
     lay = _layout(proc)
     d = _Decoder(proc)
-    pointers = [p for p in _g_pointers(proc, lay) if p]
+    pointers = [p for p in _g_pointers(proc, lay, memo) if p]
     span = d.span_hi - d.span_lo
     raws = proc.memory.read_many([(p + d.span_lo, span) for p in pointers])
     if memo is not None and len(pointers) <= MEMO_MAX_GS:
-        out, torn = _decode_memoised(proc, lay, d, pointers, raws, memo)
+        out, torn = _decode_memoised(proc, lay, d, pointers, raws, memo.decoded)
     else:
         out, torn = _decode_all(proc, lay, d, pointers, raws)
     if not proc.alive():
@@ -377,13 +393,13 @@ def _decode_memoised(
     d: _Decoder,
     pointers: list[int],
     raws: Sequence[bytes | None],
-    memo: DecodeMemo,
+    memo: dict[tuple[int, bytes], object],
 ) -> tuple[list[Goroutine], int]:
     """_decode_all, but the gs read as they were last time are taken from MEMO."""
     decode = _g_decoder(proc, lay, d)
     out: list[Goroutine] = []
     torn = 0
-    kept: DecodeMemo = {}
+    kept: dict[tuple[int, bytes], object] = {}
     for p, raw in zip(pointers, raws, strict=True):
         if raw is None:
             torn += 1
