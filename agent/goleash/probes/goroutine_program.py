@@ -75,7 +75,6 @@ class _SiteKey(ctypes.Structure):
 
 # struct live_slot in bpf/goleash.h: goid, pid, gen, then struct goroutine_info.
 _LIVE_SLOT = struct.Struct("<QIIQQQQq")
-_SLOT_HEAD = struct.Struct("<QII")  # goid, pid, gen
 _SLOT_WRITING = (1 << 64) - 1  # empty slots have goid 0
 _SITE_WORDS = 4 + LIFETIME_SLOTS  # struct site_stats in u64 words
 
@@ -89,6 +88,7 @@ def compile_count() -> int:
 
 # An occupied slot of live_slots as a walk saw it: (index, goid, created_ns).
 _SlotSeen = tuple[int, int, int]
+_SLOT_HEAD = struct.Struct("<QII")  # a live_slot's goid, pid, gen
 
 
 @dataclass
