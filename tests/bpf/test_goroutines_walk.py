@@ -114,3 +114,37 @@ def test_a_slot_taken_since_the_walk_is_not_freed() -> None:
                 tracker.close()
     finally:
         program.close()
+
+
+def test_births_after_the_walk_are_counted_with_the_memory_that_shows_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A walk made for one process serves the next only while the next had no hit
+    since: goroutines born in between are live in its memory, so its counts must
+    have them too (exits are derived from births and live counts)."""
+    monkeypatch.setattr(goroutine_program, "TABLES_MAX_AGE_S", 600.0)
+    toolchain = gobuild.TOOLCHAINS[-1]
+    program = GoroutineProgram(max_live=1024, max_sites=1024)
+    trackers: list[ProcessTracker] = []
+    try:
+        with (
+            running_populations(toolchain, **COUNTS) as a,
+            running_populations(toolchain, **COUNTS) as b,
+        ):
+            for pop in (a, b):
+                tr = ProcessTracker(GoProcess.attach(pop.pid), program=program)
+                trackers.append(tr)
+                tr.start()
+            ta, tb = trackers
+            for _interval in range(2):
+                ta.snapshot()  # the walk, before b's births
+                b.command("orphans 3")
+                b.churn(50)
+                snap = tb.snapshot()
+                late, churn = site(snap.sites, "orphan"), site(snap.sites, "churn")
+                assert (late.created, churn.created) == (3 * (_interval + 1), 50 * (_interval + 1))
+                assert (late.exited, churn.exited, churn.live) == (0, 50 * (_interval + 1), 0)
+    finally:
+        for tr in trackers:
+            tr.close()
+        program.close()

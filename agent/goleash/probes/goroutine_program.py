@@ -414,7 +414,9 @@ class GoroutineProgram:
 
     def reading(self, pid: int, *, with_live: bool = True) -> ProcessTables:
         """PID's part of the shared tables: from the last walk if PID has not had
-        it yet and it is recent, else from a new walk."""
+        it yet, it is recent and PID's hit counters are what that walk read (no hit
+        since: its part is still current, so it is as fresh as a walk now, after
+        the caller's read of PID's memory), else from a new walk."""
         with self._lock:
             w = self._walk
             if (
@@ -422,6 +424,8 @@ class GoroutineProgram:
                 or pid in w.served
                 or (with_live and not w.with_live)
                 or time.monotonic() - w.taken > TABLES_MAX_AGE_S
+                or w.gens.get(pid) != self._registered.get(pid)
+                or (pid in self._rows and self._counters(pid) != w.procs[pid].counters)
             ):
                 w = self._walk = self._walk_tables(with_live)
             w.served.add(pid)
