@@ -13,6 +13,7 @@ import pytest
 import gobuild
 from goleash.node.tracker import ProcessTracker, SiteSummary
 from goleash.probes import goroutine_program
+from goleash.probes.goroutine_records import SLOT_HEAD
 from goleash.probes.goroutines import GoroutineProgram
 from goleash.probes.inventory import read_goroutines
 from goleash.probes.target import GoProcess
@@ -104,7 +105,7 @@ def test_a_slot_taken_since_the_walk_is_not_freed() -> None:
                 slot_pid.value = pop.pid + 1
                 del slot_pid
                 freed = program.reconcile(pop.pid, live, inv.read_ns)
-                head = goroutine_program._SLOT_HEAD.unpack_from(mm, idx * size)
+                head = SLOT_HEAD.unpack_from(mm, idx * size)
                 assert head[:2] == (goid, pop.pid + 1), "another process's record was freed"
                 assert freed == len(dead) - 1
                 remaining = program.reading(pop.pid).live

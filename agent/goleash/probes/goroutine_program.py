@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from goleash.probes.bpfsrc import bpf_dir
 from goleash.probes.goroutine_records import (  # noqa: F401  (re-exported)
     NO_FIELD,
+    SLOT_HEAD,
     SPAN_WORDS,
     LiveGoroutine,
     ProbeAttachError,
@@ -88,7 +89,6 @@ def compile_count() -> int:
 
 # An occupied slot of live_slots as a walk saw it: (index, goid, created_ns).
 _SlotSeen = tuple[int, int, int]
-_SLOT_HEAD = struct.Struct("<QII")  # a live_slot's goid, pid, gen
 
 
 @dataclass
@@ -359,7 +359,7 @@ class GoroutineProgram:
                     continue
                 # The kernel may have rewritten it since it was read: free only what
                 # was judged (the same goroutine of the same process).
-                if _SLOT_HEAD.unpack_from(mm, idx * _LIVE_SLOT.size) == (goid, pid, gen):
+                if SLOT_HEAD.unpack_from(mm, idx * _LIVE_SLOT.size) == (goid, pid, gen):
                     word = ctypes.c_uint64.from_buffer(mm, idx * _LIVE_SLOT.size)
                     word.value = 0
                     freed += 1

@@ -21,6 +21,8 @@ class ProbeAttachError(GoleashError):
 
 # Slots compared at once against zeros when looking for occupied ones (48 KiB).
 SCAN_CHUNK_SLOTS = 1024
+# The first words of struct live_slot (bpf/goleash.h): goid, pid, gen.
+SLOT_HEAD = struct.Struct("<QII")
 
 
 def live_slots_for(max_live: int) -> int:
