@@ -120,8 +120,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "allgs-skips-last",
         "agent/goleash/probes/inventory.py",
-        'raw = mem.read(ptr, 8 * n)\n    return list(struct.unpack(f"<{n}Q", raw))',
-        'raw = mem.read(ptr, 8 * (n - 1))\n    return list(struct.unpack(f"<{n - 1}Q", raw))',
+        'raw = mem.read(ptr, 8 * n)\n    pointers = list(struct.unpack(f"<{n}Q", raw))',
+        'raw = mem.read(ptr, 8 * (n - 1))\n    pointers = list(struct.unpack(f"<{n - 1}Q", raw))',
         (GOROUTINES, "-k", "counts_exact and (go1.19 or go1.27.3) and default"),
         "the goroutine-list read skips the last allgs entry",
     ),

@@ -76,16 +76,20 @@ def test_exporter_sends_the_same_goroutines_as_a_fresh_one_every_interval() -> N
         tracker.start()
         try:
             kept = SnapshotExporter(proc)
+            sent = []  # messages already handed on stay as they were sent
             for step in range(3):
                 if step == 2:
                     assert pop.command("orphans 1")["orphaned"] == 1
                 snap = tracker.snapshot()
-                mine = kept.message(snap).goroutines_kept
+                message = kept.message(snap)
+                mine = message.goroutines_kept
                 fresh = SnapshotExporter(proc).message(snap).goroutines_kept
                 assert len(mine) >= 6
                 assert [m.SerializeToString(deterministic=True) for m in mine] == [
                     m.SerializeToString(deterministic=True) for m in fresh
                 ]
                 assert all(m.stack for m in mine)
+                sent.append((message, message.SerializeToString(deterministic=True)))
+            assert all(m.SerializeToString(deterministic=True) == b for m, b in sent)
         finally:
             tracker.close()

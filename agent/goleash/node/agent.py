@@ -327,10 +327,12 @@ class Agent:
     def _snapshot_unguarded(self, f: Followed) -> ing.ProcessSnapshot | None:
         snap = f.tracker.snapshot()
         f.last = snap
-        info = self._info(f.cand, f.service, f.tracker)
-        if info.tracking_mode != f.info.tracking_mode:  # e.g. the overhead governor
-            f.info = info
-            self._pending_appeared.append(info)  # a changed process is announced again
+        mode = (
+            t.TRACKING_MODE_PROBES if f.tracker.mode == "probes" else t.TRACKING_MODE_INVENTORY_ONLY
+        )
+        if mode != f.info.tracking_mode:  # e.g. the overhead governor
+            f.info = self._info(f.cand, f.service, f.tracker)
+            self._pending_appeared.append(f.info)  # a changed process is announced again
         return self._message(f, snap, keep=True)
 
     def _message(self, f: Followed, snap: ProcessSnapshot, *, keep: bool) -> ing.ProcessSnapshot:
@@ -459,7 +461,10 @@ class Agent:
             SHARED.release_pages()
         elif self._pending_appeared or self._pending_gone or first_snaps:
             self._emit(first_snaps)
-        self._update_view()
+        # A process's view changes with its snapshots and when processes come and go;
+        # only function latency totals (a thread of their own) change in between.
+        if periodic or result.appeared or result.vanished or self.cfg.funcs:
+            self._update_view()
         if self.cfg.selector.pids and self.discovery.scans == 1:
             self._report_missing_pids()
         if self.health is not None:

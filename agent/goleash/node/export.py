@@ -318,16 +318,22 @@ class SnapshotExporter:
         except Exception as exc:
             raise StageFailure("stacks", exc) from exc
         live = {g.goid for g in snap.goroutines}
-        out = []
+        out: list[t.Goroutine] = []
+        used: set[int] = set()
         made: dict[_TemplateKey, tuple[Stack | None, t.Goroutine]] = {}
         for g in chosen:
             fn, stmt = names[(g.gopc, g.startpc)]
             parent = snap.parents.get(g.goid, 0)
             if not (0 <= g.goid <= _U64 and 0 <= parent <= _U64):
                 continue  # torn: goids are non-negative 64-bit counters
-            m = t.Goroutine()
-            m.CopyFrom(self._template(g, fn, stmt, stacks.get(g.goid), made))
-            # What changes from one snapshot to the next of a parked goroutine:
+            # The template itself (one per goroutine, its own): the message's
+            # extend() copies it, so a copy here would be a second one.
+            m = self._template(g, fn, stmt, stacks.get(g.goid), made)
+            if id(m) in used:
+                m = _copy(m)  # the same goid twice (a torn read): each its own fields
+            used.add(id(m))
+            # What changes from one snapshot to the next of a parked goroutine (every
+            # field the template does not hold, set each time):
             m.parent_goid = parent
             m.parent_exited = bool(parent) and parent not in live
             m.age_seconds = ages.get(g.goid, 0.0)
@@ -371,6 +377,12 @@ class SnapshotExporter:
             found = (stack, pb)
         made[key] = found
         return found[1]
+
+
+def _copy(m: t.Goroutine) -> t.Goroutine:
+    c = t.Goroutine()
+    c.CopyFrom(m)
+    return c
 
 
 def trim_kept(batch: ing.AgentBatch, max_bytes: int) -> bool:

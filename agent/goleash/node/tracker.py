@@ -37,7 +37,13 @@ from goleash.probes.goroutines import (
     LiveGoroutine,
     TrackerReading,
 )
-from goleash.probes.inventory import Goroutine, Inventory, read_goroutines, site_at
+from goleash.probes.inventory import (
+    Goroutine,
+    Inventory,
+    ReadMemo,
+    read_goroutines,
+    site_at,
+)
 from goleash.probes.target import GoProcess
 
 # Wait reasons that cannot end by themselves: nobody else holds a reference that
@@ -67,11 +73,11 @@ LIFETIMES_SAMPLED = "sampled"  # the budget took the exit probe off for a while
 LIFETIMES_OFF = "off"  # no exit probe (the default): exits derived, no lifetimes
 
 
-def _read_inventory(proc: GoProcess) -> Inventory:
+def _read_inventory(proc: GoProcess, memo: ReadMemo | None = None) -> Inventory:
     """The live goroutines; a failure other than the process's own (gone, unreadable)
     is named as the inventory stage's, for the agent to count."""
     try:
-        return read_goroutines(proc)
+        return read_goroutines(proc, memo)
     except GoleashError:
         raise
     except Exception as exc:
@@ -182,6 +188,7 @@ class ProcessTracker:
         self._last_max_goid = 0
         self.mode_reason = "probes attached"
         self._last_inventory: Inventory | None = None
+        self._read_memo = ReadMemo()  # what did not change since the last read: not again
         # Birth records the probes gave for goroutines still live (their slot may be
         # taken by a later birth: kept here from the reading that saw them).
         self.born: dict[int, LiveGoroutine] = {}
@@ -413,7 +420,7 @@ class ProcessTracker:
         # milliseconds (two snapshots close together) is judged over one second.
         dt = max(BUDGET_MIN_WINDOW_S, now - self._last_poll)
         self._last_poll = now
-        inv = inventory or _read_inventory(self.proc)
+        inv = inventory or _read_inventory(self.proc, self._read_memo)
         self._last_inventory = inv
         self._remember(inv.goroutines, inv.read_ns)
         reading = self.probes.read() if self.probes is not None and self.probes.compiled else None

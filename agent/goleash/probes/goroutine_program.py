@@ -26,7 +26,6 @@ import itertools
 import mmap
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from goleash.errors import GoleashError
@@ -45,6 +44,7 @@ from goleash.probes.goroutine_maps import (  # noqa: F401  (re-exported)
 )
 from goleash.probes.goroutine_records import (  # noqa: F401  (re-exported)
     NO_FIELD,
+    SLOT_HEAD,
     SPAN_WORDS,
     LiveGoroutine,
     ProbeAttachError,
@@ -52,6 +52,7 @@ from goleash.probes.goroutine_records import (  # noqa: F401  (re-exported)
     ProcessTables,
     SiteCounts,
     live_slots_for,
+    occupied_slots,
     process_layout,
 )
 
@@ -76,11 +77,19 @@ def load_count() -> int:
     return _loads
 
 
+# An occupied slot of live_slots as a walk saw it: (index, goid, created_ns).
+_SlotSeen = tuple[int, int, int]
+
+
 @dataclass
 class _Walk:
     taken: float
     with_live: bool
     procs: dict[int, ProcessTables]
+    # pid -> its occupied slots (with_live only; every registered pid has a list), so
+    # that reconcile() frees from the walk instead of copying the 6 MB array again.
+    slots: dict[int, list[_SlotSeen]] = field(default_factory=dict)
+    gens: dict[int, int] = field(default_factory=dict)
     served: set[int] = field(default_factory=set)
 
 
@@ -324,20 +333,38 @@ class GoroutineProgram:
             gen = self._registered.get(pid)
             if gen is None or self.bpf is None:
                 return 0
-            self._walk = None
+            w = self._walk
+            if w is not None:
+                # What it holds of PID may be freed now: PID's next reading walks again
+                # (the other processes' parts stay true: only PID's records go).
+                w.served.add(pid)
+            if (
+                w is not None
+                and w.with_live
+                and w.gens.get(pid) == gen
+                and time.monotonic() - w.taken <= TABLES_MAX_AGE_S
+            ):
+                # The walk PID's reading just made: its slots as of then (a birth since
+                # then is judged at the next interval).
+                seen = w.slots[pid]
+            else:
+                seen = [
+                    (idx, goid, created_ns)
+                    for idx, goid, slot_pid, slot_gen, *_info, created_ns, _sid in self._slots(pid)
+                    if (slot_pid, slot_gen) == (pid, gen)
+                ]
             mm = self._writable_slots()
             freed = 0
-            for idx, goid, slot_pid, slot_gen, *_info, created_ns, _sid in self._slots(pid):
-                if (slot_pid, slot_gen) != (pid, gen) or goid in live_goids:
+            for idx, goid, created_ns in seen:
+                if goid in live_goids or created_ns >= born_before_ns:
                     continue
-                if created_ns >= born_before_ns:
-                    continue
-                word = ctypes.c_uint64.from_buffer(mm, idx * _LIVE_SLOT.size)
-                # The kernel may have rewritten it since the copy: free only what we judged.
-                if word.value == goid:
+                # The kernel may have rewritten it since it was read: free only what
+                # was judged (the same goroutine of the same process).
+                if SLOT_HEAD.unpack_from(mm, idx * _LIVE_SLOT.size) == (goid, pid, gen):
+                    word = ctypes.c_uint64.from_buffer(mm, idx * _LIVE_SLOT.size)
                     word.value = 0
                     freed += 1
-                del word
+                    del word
             # Entries of the hash: a delete that succeeds is counted in gr_freed, the
             # program's own deletes (exits) in live_in_hash: neither counts twice.
             freed_table = self.bpf["gr_freed"]
@@ -388,7 +415,9 @@ class GoroutineProgram:
 
     def reading(self, pid: int, *, with_live: bool = True) -> ProcessTables:
         """PID's part of the shared tables: from the last walk if PID has not had
-        it yet and it is recent, else from a new walk."""
+        it yet, it is recent and PID's hit counters are what that walk read (no hit
+        since: its part is still current, so it is as fresh as a walk now, after
+        the caller's read of PID's memory), else from a new walk."""
         with self._lock:
             w = self._walk
             if (
@@ -396,6 +425,8 @@ class GoroutineProgram:
                 or pid in w.served
                 or (with_live and not w.with_live)
                 or time.monotonic() - w.taken > TABLES_MAX_AGE_S
+                or w.gens.get(pid) != self._registered.get(pid)
+                or (pid in self._rows and self._counters(pid) != w.procs[pid].counters)
             ):
                 w = self._walk = self._walk_tables(with_live)
             w.served.add(pid)
@@ -411,10 +442,13 @@ class GoroutineProgram:
         }
         for (pid, gopc, startpc), counts in self._read_sites(regs).items():
             procs[pid].sites[(gopc, startpc)] = counts
+        slots: dict[int, list[_SlotSeen]] = {pid: [] for pid in regs}
         if with_live:
-            for pid, g in self._read_live(regs):
+            for pid, g, idx in self._read_live(regs):
                 procs[pid].live[g.goid] = g
-        return _Walk(time.monotonic(), with_live, procs)
+                if idx >= 0:
+                    slots[pid].append((idx, g.goid, g.created_ns))
+        return _Walk(time.monotonic(), with_live, procs, slots, regs)
 
     def _counters(self, pid: int) -> dict[str, int]:
         assert self.bpf is not None
@@ -486,38 +520,19 @@ class GoroutineProgram:
             self._slots_mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
         return self._slots_mm
 
-    def _slots(
-        self, pid: int | None = None
-    ) -> list[tuple[int, int, int, int, int, int, int, int, int]]:
+    def _slots(self, pid: int | None = None) -> list[tuple[int, ...]]:
         """The occupied slots of live_slots as (index, goid, pid, gen, info...), read
-        through an mmap of the array (one copy instead of a syscall per slot); only
-        PID's when given (slots of other processes are not unpacked)."""
+        through an mmap of the array (no syscall per slot); only PID's when given."""
         assert self.bpf is not None
-        n = live_slots_for(self.max_live)
-        data = self._writable_slots()[: n * _LIVE_SLOT.size]
-        words = memoryview(data).cast("Q")
-        stride = _LIVE_SLOT.size // 8
-        goids = words[::stride].tolist()
-        words.release()
-        occupied: Iterable[int] = itertools.compress(range(n), goids)  # nonzero goids, in C
-        if pid is not None:
-            halves = memoryview(data).cast("I")
-            pids = halves[2 :: stride * 2].tolist()  # struct live_slot: goid, then pid
-            halves.release()
-            occupied = (i for i in occupied if pids[i] == pid)
-        # A slot freed and reused while copying shows a goid with another's info for
-        # one reading at most; the copy is one memcpy, so that window is tiny.
-        return [
-            (i, *_LIVE_SLOT.unpack_from(data, i * _LIVE_SLOT.size))
-            for i in occupied
-            if goids[i] != _SLOT_WRITING
-        ]
+        found = occupied_slots(self._writable_slots(), _LIVE_SLOT, live_slots_for(self.max_live))
+        return [s for s in found if s[1] != _SLOT_WRITING and (pid is None or s[2] == pid)]
 
-    def _read_live(self, regs: dict[int, int]) -> list[tuple[int, LiveGoroutine]]:
+    def _read_live(self, regs: dict[int, int]) -> list[tuple[int, LiveGoroutine, int]]:
+        """(pid, goroutine, its slot or -1 in the hash) of every registered pid."""
         assert self.bpf is not None
         out = [
-            (pid, LiveGoroutine(goid, parent, gopc, startpc, created_ns, stack_id))
-            for _i, goid, pid, gen, parent, gopc, startpc, created_ns, stack_id in self._slots()
+            (pid, LiveGoroutine(goid, parent, gopc, startpc, created_ns, stack_id), i)
+            for i, goid, pid, gen, parent, gopc, startpc, created_ns, stack_id in self._slots()
             if regs.get(pid) == gen
         ]
         usage = self.bpf["gr_usage"]
@@ -539,6 +554,7 @@ class GoroutineProgram:
                         LiveGoroutine(
                             k.goid, v.parent_goid, v.gopc, v.startpc, v.created_ns, v.stack_id
                         ),
+                        -1,
                     )
                 )
         return out

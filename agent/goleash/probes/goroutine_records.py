@@ -3,6 +3,9 @@ reads (a gr_procs row) and the records a walk of the shared tables hands back.""
 
 from __future__ import annotations
 
+import itertools
+import mmap
+import struct
 from dataclasses import dataclass
 
 from goleash.errors import GoleashError
@@ -14,6 +17,12 @@ NO_FIELD = 0xFF  # GR_NO_FIELD
 
 class ProbeAttachError(GoleashError):
     """BCC could not compile or attach the goroutine probes."""
+
+
+# Slots compared at once against zeros when looking for occupied ones (48 KiB).
+SCAN_CHUNK_SLOTS = 1024
+# The first words of struct live_slot (bpf/goleash.h): goid, pid, gen.
+SLOT_HEAD = struct.Struct("<QII")
 
 
 def live_slots_for(max_live: int) -> int:
@@ -98,3 +107,30 @@ class ProcessTables:
     counters: dict[str, int]
     sites: dict[tuple[int, int], SiteCounts]
     live: dict[int, LiveGoroutine]
+
+
+def occupied_slots(
+    array: mmap.mmap | bytes, record: struct.Struct, slots: int
+) -> list[tuple[int, ...]]:
+    """(index, *fields) of every slot of ARRAY (SLOTS records of RECORD, the first
+    field an 8-byte goid, 0 when empty) that is occupied. The array is mostly empty
+    (its size is the node's capacity): a chunk of empty slots costs one comparison
+    in C instead of a Python object per slot."""
+    size = record.size
+    chunk_bytes = SCAN_CHUNK_SLOTS * size
+    zero = bytes(chunk_bytes)
+    out: list[tuple[int, ...]] = []
+    for base in range(0, slots, SCAN_CHUNK_SLOTS):
+        data = array[base * size : min(slots, base + SCAN_CHUNK_SLOTS) * size]
+        if data == zero[: len(data)]:
+            continue
+        words = memoryview(data).cast("Q")
+        goids = words[:: size // 8].tolist()
+        words.release()
+        # A slot freed and reused while copying shows a goid with another's info for
+        # one reading at most; a chunk is one memcpy, so that window is tiny.
+        out.extend(
+            (base + i, *record.unpack_from(data, i * size))
+            for i in itertools.compress(range(len(goids)), goids)  # nonzero, in C
+        )
+    return out

@@ -26,8 +26,8 @@ import re
 import struct
 import time
 import weakref
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from goleash.errors import printable
 from goleash.gobin.binary import GoBinary
@@ -305,11 +305,17 @@ def _layout(proc: GoProcess) -> _Layout:
 # --- reading --------------------------------------------------------------------------
 
 
-def _g_pointers(proc: GoProcess, lay: _Layout) -> list[int]:
+def _g_pointers(proc: GoProcess, lay: _Layout, memo: ReadMemo | None = None) -> list[int]:
     mem = proc.memory
     if lay.allglen is not None and lay.allgptr is not None:
-        n = mem.read_u64(proc.runtime_addr(lay.allglen))  # allglen before allgptr
-        ptr = mem.read_u64(proc.runtime_addr(lay.allgptr))
+        # allglen before allgptr: one system call copies its ranges in order.
+        n_raw, ptr_raw = mem.read_many(
+            [(proc.runtime_addr(lay.allglen), 8), (proc.runtime_addr(lay.allgptr), 8)]
+        )
+        if n_raw is None or ptr_raw is None:  # read one by one: the error says which
+            n_raw = mem.read(proc.runtime_addr(lay.allglen), 8)
+            ptr_raw = mem.read(proc.runtime_addr(lay.allgptr), 8)
+        n, ptr = int.from_bytes(n_raw, "little"), int.from_bytes(ptr_raw, "little")
     else:
         ptr, n = struct.unpack("<2Q", mem.read(proc.runtime_addr(lay.allgs), 16))
     if n == 0:
@@ -319,24 +325,57 @@ def _g_pointers(proc: GoProcess, lay: _Layout) -> list[int]:
             f"PID {proc.pid}: runtime.allgs reads as {n} goroutines at {ptr:#x}; "
             "the runtime layout of this binary is not what goleash expects"
         )
+    if memo is not None and memo.allgs is not None and memo.allgs[:2] == (ptr, n):
+        return memo.allgs[2]
     raw = mem.read(ptr, 8 * n)
-    return list(struct.unpack(f"<{n}Q", raw))
+    pointers = list(struct.unpack(f"<{n}Q", raw))
+    if memo is not None:
+        memo.allgs = (ptr, n, pointers) if n <= MEMO_MAX_GS else None
+    return pointers
 
 
-def read_goroutines(proc: GoProcess) -> Inventory:
+@dataclass
+class ReadMemo:
+    """What the previous read of one process found, kept by its caller between reads
+    (see read_goroutines)."""
+
+    # What a g read decoded to, by (its address, the bytes read): a Goroutine, None
+    # (not live) or _TORN.
+    decoded: dict[tuple[int, bytes], object] = field(default_factory=dict)
+    # (allgptr, allglen, the g pointers read from that array): allgs only grows, and
+    # the runtime never rewrites an entry below allglen (a g is never freed).
+    allgs: tuple[int, int, list[int]] | None = None
+
+
+_TORN = object()
+_MISSING = object()
+# Above this many gs a memo would hold too much memory for what it saves.
+MEMO_MAX_GS = 4096
+
+
+def read_goroutines(proc: GoProcess, memo: ReadMemo | None = None) -> Inventory:
     """Every live goroutine of the process (dead and never-started gs skipped).
 
     ProcessError when the process is gone or cannot be read; a g that cannot be read
     or decodes to nonsense (reused while read) is counted in `torn`.
+
+    With MEMO (the caller's, kept between reads of this one process), the pointer
+    array is not read again while allgs' address and length are unchanged, and a g
+    whose bytes are what they were at the previous read is not decoded again: the
+    same Goroutine object comes back (most gs of an idle process). MEMO is left
+    holding only this read's gs.
     """
     started = time.perf_counter()
     read_ns = time.monotonic_ns()
     lay = _layout(proc)
     d = _Decoder(proc)
-    pointers = [p for p in _g_pointers(proc, lay) if p]
+    pointers = [p for p in _g_pointers(proc, lay, memo) if p]
     span = d.span_hi - d.span_lo
     raws = proc.memory.read_many([(p + d.span_lo, span) for p in pointers])
-    out, torn = _decode_all(proc, lay, d, pointers, raws)
+    if memo is not None and len(pointers) <= MEMO_MAX_GS:
+        out, torn = _decode_memoised(proc, lay, d, pointers, raws, memo.decoded)
+    else:
+        out, torn = _decode_all(proc, lay, d, pointers, raws)
     if not proc.alive():
         raise ProcessError(f"PID {proc.pid}: the process exited while goleash was reading it")
     return Inventory(
@@ -348,6 +387,37 @@ def read_goroutines(proc: GoProcess) -> Inventory:
     )
 
 
+def _decode_memoised(
+    proc: GoProcess,
+    lay: _Layout,
+    d: _Decoder,
+    pointers: list[int],
+    raws: Sequence[bytes | None],
+    memo: dict[tuple[int, bytes], object],
+) -> tuple[list[Goroutine], int]:
+    """_decode_all, but the gs read as they were last time are taken from MEMO."""
+    decode = _g_decoder(proc, lay, d)
+    out: list[Goroutine] = []
+    torn = 0
+    kept: dict[tuple[int, bytes], object] = {}
+    for p, raw in zip(pointers, raws, strict=True):
+        if raw is None:
+            torn += 1
+            continue
+        key = (p, raw)
+        g = memo.get(key, _MISSING)
+        if g is _MISSING:
+            g = decode(p, raw)
+        kept[key] = g
+        if g is _TORN:
+            torn += 1
+        elif g is not None:
+            out.append(g)  # type: ignore[arg-type]
+    memo.clear()
+    memo.update(kept)
+    return out, torn
+
+
 def _decode_all(
     proc: GoProcess,
     lay: _Layout,
@@ -355,9 +425,22 @@ def _decode_all(
     pointers: list[int],
     raws: Sequence[bytes | None],
 ) -> tuple[list[Goroutine], int]:
-    """The live goroutines among the g structs read, and how many reads were torn.
-    One loop with everything it touches in locals: it runs once per g, 100k times on
-    a big process."""
+    """The live goroutines among the g structs read, and how many reads were torn."""
+    decode = _g_decoder(proc, lay, d)
+    out: list[Goroutine] = []
+    torn = 0
+    for p, raw in zip(pointers, raws, strict=True):
+        g = _TORN if raw is None else decode(p, raw)
+        if g is _TORN:
+            torn += 1
+        elif g is not None:
+            out.append(g)  # type: ignore[arg-type]
+    return out, torn
+
+
+def _g_decoder(proc: GoProcess, lay: _Layout, d: _Decoder) -> Callable[[int, bytes], object]:
+    """decode(address, bytes read) -> the Goroutine, None (not live) or _TORN. Everything
+    it touches is bound here: it runs once per g, 100k times on a big process."""
     ix = d.index
     i_goid, i_parent, i_gopc, i_start = ix["goid"], ix.get("parent"), ix["gopc"], ix["startpc"]
     i_status, i_reason, i_since = ix["status"], ix["reason"], ix["since"]
@@ -373,53 +456,46 @@ def _decode_all(
     bias = proc.load_bias
     entries = proc.pclntab._entries
     text_lo, text_hi = (entries[0], entries[-1]) if entries else (0, 0)
-    out: list[Goroutine] = []
-    torn = 0
-    for p, raw in zip(pointers, raws, strict=True):
-        if raw is None:
-            torn += 1
-            continue
+
+    def decode(p: int, raw: bytes) -> object:
         v = unpack(raw)
         code = v[i_status]
         base = code & ~_G_SCAN
         if base in _NOT_LIVE:
-            continue
+            return None
         name = STATUS_NAMES.get(base)
         goid, lo, hi, startpc = v[i_goid], v[i_lo], v[i_hi], v[i_start]
         if name is None or code & ~(_G_SCAN | 0xFF) or goid == 0 or not lo < hi or not startpc:
-            torn += 1  # mid-reuse (newproc1 fills a dead g in several steps) or garbage
-            continue
+            return _TORN  # mid-reuse (newproc1 fills a dead g in several steps) or garbage
         gopc, spc = v[i_gopc], v[i_pc]
         if not text_lo <= startpc - bias < text_hi or (
             gopc and not text_lo <= gopc - bias <= text_hi
         ):
-            torn += 1  # code addresses outside the program: not a g we can trust
-            continue
+            return _TORN  # code addresses outside the program: not a g we can trust
         wait_reason = None
         if base in (_G_WAITING, _G_LEAKED):
             r = v[i_reason]
             if r:
                 wait_reason = reasons[r] if r < len(reasons) else "unknown wait reason"
         since = v[i_since] if base in (_G_WAITING, _G_SYSCALL) else 0
-        out.append(
-            Goroutine(
-                goid=goid,
-                parent_goid=None if i_parent is None else v[i_parent],
-                status=name,
-                wait_reason=wait_reason,
-                wait_since_ns=since if since > 0 else 0,
-                gopc=gopc - bias if gopc else 0,
-                startpc=startpc - bias,
-                g_addr=p,
-                sched_pc=spc - bias if spc else 0,
-                sched_sp=v[i_sp],
-                sched_bp=v[i_bp],
-                stack_lo=lo,
-                stack_hi=hi,
-                status_code=code,
-            )
+        return Goroutine(
+            goid=goid,
+            parent_goid=None if i_parent is None else v[i_parent],
+            status=name,
+            wait_reason=wait_reason,
+            wait_since_ns=since if since > 0 else 0,
+            gopc=gopc - bias if gopc else 0,
+            startpc=startpc - bias,
+            g_addr=p,
+            sched_pc=spc - bias if spc else 0,
+            sched_sp=v[i_sp],
+            sched_bp=v[i_bp],
+            stack_lo=lo,
+            stack_hi=hi,
+            status_code=code,
         )
-    return out, torn
+
+    return decode
 
 
 # --- where a goroutine comes from -----------------------------------------------------

@@ -197,7 +197,7 @@ class ProcessMemory:
         n = len(batch)
         total = sum(size for _, size in batch)
         buf = ctypes.create_string_buffer(total)
-        local = _IOVec(ctypes.cast(buf, ctypes.c_void_p), total)
+        local = _IOVec(ctypes.addressof(buf), total)
         remote = array("Q")
         for addr, size in batch:
             remote.append(addr)
