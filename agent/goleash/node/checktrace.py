@@ -32,7 +32,8 @@ from goleash.gobin.disasm import (
 from goleash.gobin.errors import BinaryError, ProcessError, SymbolNotFoundError
 from goleash.gobin.offsets import RuntimeOffsets, table_offsets
 from goleash.gobin.pclntab import Pclntab
-from goleash.gobin.symbols import symbol_table
+from goleash.gobin.symbols import SymbolTable, symbol_table
+from goleash.node import checksites
 from goleash.node.checkreport import (
     MAX_STACK_FRAMES,
     CheckReport,
@@ -41,7 +42,8 @@ from goleash.node.checkreport import (
     Leak,
     split_symbol,
 )
-from goleash.probes.inventory import read_goroutines, site_at
+from goleash.node.checksites import ExecPlan
+from goleash.probes.inventory import read_goroutines, site_at, wait_reason_names
 from goleash.probes.procmem import MemoryFault, ProcessMemory, load_bias, start_time
 from goleash.probes.stacks import _frames as logical_frames
 from goleash.probes.stacks import walk_stacks
@@ -56,36 +58,112 @@ MAX_LEAKS_PER_PROCESS = 10_000
 MAIN_GOROUTINE = 1
 
 
-# --- one executable, analysed once per inode ----------------------------------------------
+# --- one executable, judged once per inode ------------------------------------------------
+#
+# A test binary waits stopped at exec until its probes are attached, so only what the
+# probes need is done then (its Go release, the probe sites: from the content-hash
+# cache when an earlier run analysed the same bytes); what reading its goroutines at
+# exit needs (pclntab, symbols, the process's mappings) is read once it runs again.
+
+
+@dataclass
+class _Analysis:
+    binary: GoBinary
+    info: BuildInfo
+    pclntab: Pclntab
+    symbols: SymbolTable
 
 
 @dataclass
 class _Judged:
     skip: str  # why it is not traced ("" when it is)
-    binary: GoBinary | None = None
-    info: BuildInfo | None = None
+    plan: ExecPlan | None = None
     offsets: RuntimeOffsets | None = None
-    pclntab: Pclntab | None = None
-    sites: CheckSites | None = None
+    fd: int | None = None  # the file judged, open until analysed
+    analysis: _Analysis | None = None
+    error: str = ""  # why it could not be analysed after its exec
+    warmed: bool = False
+
+    def analyse(self) -> _Analysis:
+        """The executable's analysis for reading its processes, from the very file the
+        probes were placed from (the fd judged)."""
+        if self.analysis is not None:
+            return self.analysis
+        if self.error:
+            raise BinaryError(self.error)
+        assert self.plan is not None and self.fd is not None
+        try:
+            binary = GoBinary(f"/proc/self/fd/{self.fd}")
+            try:
+                info = read_build_info(binary)
+                if info.go_version != self.plan.go_version:
+                    raise BinaryError(
+                        f"built with {info.go_version}, judged {self.plan.go_version}"
+                    )
+                tab = Pclntab.from_binary(binary)
+                self.analysis = _Analysis(binary, info, tab, symbol_table(binary))
+            except BaseException:
+                binary.close()
+                raise
+        except (BinaryError, GoleashError) as exc:
+            self.error = str(exc)
+            raise
+        finally:
+            os.close(self.fd)
+            self.fd = None
+        return self.analysis
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.analysis is not None:
+            self.analysis.binary.close()
 
 
-def _judge(path: str) -> _Judged:
+def _judge(fd: int) -> _Judged:
+    """Judge the executable open at FD: a Go program to trace (its plan), or why not."""
+    path = f"/proc/self/fd/{fd}"
     try:
-        binary = GoBinary(path)
-        info = read_build_info(binary)
-    except BinaryError:
-        return _Judged("not a Go program")
-    if (info.main_package or "").startswith("cmd/"):
-        return _Judged(f"Go toolchain ({info.main_package})")
+        digest, size = checksites.file_digest(fd)
+    except (OSError, ValueError) as exc:
+        return _Judged(f"cannot read: {exc}")
+    plan = checksites.load(digest, size)
+    if plan is None:
+        try:
+            binary = GoBinary(path)
+        except BinaryError:
+            return _Judged("not a Go program")
+        try:
+            plan_or_skip = _plan(binary)
+        finally:
+            binary.close()
+        if isinstance(plan_or_skip, str):
+            return _Judged(plan_or_skip)
+        plan = plan_or_skip
+        checksites.store(digest, plan)
     try:
-        check_supported(info)
-        offsets = table_offsets(info.go_version)
-        tab = Pclntab.from_binary(binary)
-        lookup = symbol_table(binary).lookup
-        sites = _check_sites(binary, lookup)
+        offsets = table_offsets(plan.go_version)
     except (BinaryError, GoleashError) as exc:
         return _Judged(f"cannot trace: {exc}")
-    return _Judged("", binary, info, offsets, tab, sites)
+    return _Judged("", plan, offsets)
+
+
+def _plan(binary: GoBinary) -> ExecPlan | str:
+    """What the probes need from BINARY, or why it is not traced."""
+    try:
+        info = read_build_info(binary)
+    except BinaryError:
+        return "not a Go program"
+    if (info.main_package or "").startswith("cmd/"):
+        return f"Go toolchain ({info.main_package})"
+    try:
+        check_supported(info)
+        table_offsets(info.go_version)
+        sites = _check_sites(binary, symbol_table(binary).lookup)
+    except (BinaryError, GoleashError) as exc:
+        return f"cannot trace: {exc}"
+    return ExecPlan(info.go_version, sites)
 
 
 def _check_sites(binary: GoBinary, lookup: SymbolLookup) -> CheckSites:
@@ -131,9 +209,16 @@ def _check_sites(binary: GoBinary, lookup: SymbolLookup) -> CheckSites:
 
 @dataclass
 class _Tracked:
-    proc: GoProcess
     judged: _Judged
     record: FollowedProcess
+    start_time: int
+    proc: GoProcess | None = None  # once prepared, after its exec stop
+
+    def release(self) -> None:
+        # Its memory only: the executable's analysis is the judged file's, shared by
+        # every process of it (closed with the Checker).
+        if self.proc is not None:
+            self.proc.memory.close()
 
 
 class Checker:
@@ -150,6 +235,7 @@ class Checker:
         self.leaks: list[Leak] = []
         self.notes: list[str] = []
         self.execs = 0
+        self._unprepared: list[int] = []
         self._detach_q: queue.Queue[int | None] = queue.Queue()
         self._closing = False
         self._detacher = threading.Thread(target=self._detach_loop, daemon=True)
@@ -164,49 +250,89 @@ class Checker:
 
     def _judged(self, pid: int) -> _Judged | None:
         try:
-            st = os.stat(f"/proc/{pid}/exe")
+            fd = os.open(f"/proc/{pid}/exe", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
             return None
-        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-        j = self.judged.get(key)
-        if j is None:
-            j = self.judged[key] = _judge(f"/proc/{pid}/exe")
-        return j
+        try:
+            st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+            j = self.judged.get(key)
+            if j is None:
+                j = self.judged[key] = _judge(fd)
+                if not j.skip:
+                    j.fd, fd = fd, -1  # kept: analysed from the same file once it runs
+            return j
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def on_exec(self, pid: int) -> None:
+        """A followed process exec'd and waits stopped: attach its probes (the caller
+        resumes it, then calls `prepare`)."""
         self.execs += 1
         old = self.tracked.pop(pid, None)
         if old is not None:  # exec'd again: the old image's probes are gone with it
             self._detach_q.put(pid)
+            old.release()
         exe = f"/proc/{pid}/exe"
         j = self._judged(pid)
         if j is None or j.skip:
             return
-        assert j.binary and j.info and j.offsets and j.pclntab and j.sites
-        name = _exe_name(pid)
+        assert j.plan is not None and j.offsets is not None
         started = start_time(pid)
-        record = FollowedProcess(pid, name, j.info.go_version, j.sites.trunner is not None)
+        record = FollowedProcess(
+            pid, _exe_name(pid), j.plan.go_version, j.plan.sites.trunner is not None
+        )
+        self.processes.append(record)
         try:
-            proc = GoProcess(
-                pid=pid,
-                exe=exe,
-                exe_name=name,
-                binary=j.binary,
-                build_info=j.info,
-                offsets=j.offsets,
-                symbols=symbol_table(j.binary),
-                pclntab=j.pclntab,
-                load_bias=load_bias(pid, j.binary),
-                memory=ProcessMemory(pid),
-                start_time=started or 0,
-            )
-            self.probes.attach(pid, exe, j.offsets, j.sites)
+            if started is None:
+                raise ProcessError(f"PID {pid}: gone")
+            self.probes.attach(pid, exe, j.offsets, j.plan.sites)
         except (GoleashError, BinaryError, OSError) as exc:
             record.note = f"not traced: {exc}"
-            self.processes.append(record)
             return
-        self.processes.append(record)
-        self.tracked[pid] = _Tracked(proc, j, record)
+        self.tracked[pid] = _Tracked(j, record, started)
+        self._unprepared.append(pid)
+
+    def prepare(self) -> None:
+        """What reading the goroutines of the processes attached since the last call
+        needs, read while they run: their executable's analysis and their mappings."""
+        while self._unprepared:
+            self._prepare(self._unprepared.pop(0))
+
+    def _prepare(self, pid: int) -> GoProcess | None:
+        t = self.tracked.get(pid)
+        if t is None or t.proc is not None:
+            return t.proc if t else None
+        try:
+            a = t.judged.analyse()
+            assert t.judged.offsets is not None
+            t.proc = GoProcess(
+                pid=pid,
+                exe=f"/proc/{pid}/exe",
+                exe_name=t.record.binary,
+                binary=a.binary,
+                build_info=a.info,
+                offsets=t.judged.offsets,
+                symbols=a.symbols,
+                pclntab=a.pclntab,
+                load_bias=load_bias(pid, a.binary),
+                memory=ProcessMemory(pid),
+                start_time=t.start_time,
+            )
+        except (GoleashError, BinaryError, OSError) as exc:
+            t.record.note = f"not traced: {exc}"
+            self.tracked.pop(pid, None)
+            self._detach_q.put(pid)
+            return None
+        if not t.judged.warmed:
+            # The first read of a binary's goroutines finds its symbols by name: in a
+            # stripped one (`go test` links with -s -w) that builds pclntab's name index
+            # and disassembles (capstone's import). Done now, not in the exit stop.
+            t.judged.warmed = True
+            with contextlib.suppress(GoleashError, BinaryError):
+                wait_reason_names(t.proc)
+        return t.proc
 
     def on_process_exit(self, ev: CheckEvent) -> None:
         """runtime.exit stopped the process: read what is left, then let it go."""
@@ -216,8 +342,11 @@ class Checker:
             if t is None:
                 return
             _wait_stopped(pid, STOP_WAIT_S)
+            proc = self._prepare(pid)  # when it exits before the loop got to it
+            if proc is None:
+                return
             try:
-                self._collect(t, ev)
+                self._collect(proc, t.record, ev)
             except (ProcessError, MemoryFault, BinaryError, GoleashError) as exc:
                 t.record.note = f"goroutines at exit not read: {exc}"
         finally:
@@ -227,11 +356,10 @@ class Checker:
     def on_gone(self, pid: int) -> None:
         t = self.tracked.pop(pid, None)
         if t is not None:
-            t.proc.close()
+            t.release()
             self._detach_q.put(pid)
 
-    def _collect(self, t: _Tracked, ev: CheckEvent) -> None:
-        proc, rec = t.proc, t.record
+    def _collect(self, proc: GoProcess, rec: FollowedProcess, ev: CheckEvent) -> None:
         inv = read_goroutines(proc)
         att = self.probes.read(proc.pid)
         rec.captured_at_exit = True
@@ -318,7 +446,9 @@ class Checker:
 
     def close(self) -> None:
         for pid in list(self.tracked):
-            self.tracked.pop(pid).proc.close()  # their probes go with the program
+            self.tracked.pop(pid).release()  # their probes go with the program
+        for j in self.judged.values():
+            j.close()
         self._closing = True
         self._detach_q.put(None)
         self._detacher.join()
