@@ -53,6 +53,9 @@ from goleash.probes.testleaks import CheckEvent, CheckProbes, CheckSites, Runner
 BLOCKED = ("waiting", "leaked", "syscall")
 STOP_WAIT_S = 1.0
 MAX_LEAKS_PER_PROCESS = 10_000
+# Judgments that hold for the path exec'd for the whole run (the toolchain's tools,
+# shells, the gate script): a `cannot trace` can be a passing fault.
+STABLE_SKIPS = ("not a Go program", "Go toolchain")
 # runtime.main runs on the first goroutine created (goid 1, every release): it calls
 # runtime.exit only once m.Run has returned (or TestMain exits), never mid-test.
 MAIN_GOROUTINE = 1
@@ -266,9 +269,9 @@ class Checker:
             if fd >= 0:
                 os.close(fd)
 
-    def on_exec(self, pid: int) -> None:
-        """A followed process exec'd and waits stopped: attach its probes (the caller
-        resumes it, then calls `prepare`)."""
+    def on_exec(self, pid: int, path: bytes = b"") -> None:
+        """A followed process exec'd PATH and waits stopped: attach its probes (the
+        caller resumes it, then calls `prepare`)."""
         self.execs += 1
         old = self.tracked.pop(pid, None)
         if old is not None:  # exec'd again: the old image's probes are gone with it
@@ -277,6 +280,10 @@ class Checker:
         exe = f"/proc/{pid}/exe"
         j = self._judged(pid)
         if j is None or j.skip:
+            if j is not None and j.skip.startswith(STABLE_SKIPS):
+                # Its next execs go on without a stop. The path, not the file: a path
+                # replaced by a Go program during the run would go unchecked.
+                self.probes.skip(path)
             return
         assert j.plan is not None and j.offsets is not None
         started = start_time(pid)
