@@ -72,6 +72,8 @@ def test_a_later_run_places_probes_from_the_stored_sites(cache_home: Path) -> No
     assert _leaking(first) == LEAKING
     entries = _entries(cache_home)
     assert len(entries) == 2  # one per test binary (the toolchain is not stored)
+    # Where their goroutines were found is kept too (a stripped binary's is dear).
+    assert all(json.loads(e.read_text())["layout"] for e in entries)
     second = _check(cache_home, "./chanleak", "./tickleak")
     assert _leaking(second) == LEAKING
     assert _entries(cache_home) == entries  # the same bytes: nothing new stored
@@ -84,6 +86,19 @@ def test_a_later_run_places_probes_from_the_stored_sites(cache_home: Path) -> No
     third = _check(cache_home, "./chanleak", "./tickleak")
     assert [p["test_binary"] for p in third["processes"]] == [False, False]
     assert all(p["tests"] == [] for p in third["processes"])
+
+
+def test_a_wrong_kept_layout_is_found_again(cache_home: Path) -> None:
+    _check(cache_home, "./chanleak")
+    [entry] = _entries(cache_home)
+    raw = json.loads(entry.read_text())
+    right = raw["layout"]
+    raw["layout"] = [right[0] + 0x1000, None, None, right[3]]
+    entry.write_text(json.dumps(raw))
+    rep = _check(cache_home, "./chanleak")
+    assert _leaking(rep) == {("example.com/leakcheck/chanleak", "TestWatchLeaks")}
+    assert rep["processes"][0]["note"] == ""
+    assert json.loads(entry.read_text())["layout"] == right  # and kept right
 
 
 def test_damaged_entries_are_analysed_again(cache_home: Path) -> None:

@@ -23,7 +23,10 @@ def _site(name: str, offset: int) -> ProbeSite:
     return ProbeSite(name, 0x400000 + offset, offset, "push rbp", True)
 
 
-def _plan(trunner: bool = True) -> ExecPlan:
+LAYOUT = (0x5A0000, 0x5A0018, 0x5A0020, ("", "GC assist marking", "chan receive"))
+
+
+def _plan(trunner: bool = True, layout: checksites.Layout | None = None) -> ExecPlan:
     exit_site = _site("runtime.goexit1", 0x2000)
     g = GoroutineProbeSites(
         create_kind="runqput_call",
@@ -35,7 +38,7 @@ def _plan(trunner: bool = True) -> ExecPlan:
         gopanic=exit_site,
     )
     tr = _site("testing.tRunner", 0x3000) if trunner else None
-    return ExecPlan("go1.22.5", CheckSites(g, tr, _site("runtime.exit", 0x4000)))
+    return ExecPlan("go1.22.5", CheckSites(g, tr, _site("runtime.exit", 0x4000)), layout)
 
 
 @pytest.fixture(autouse=True)
@@ -44,9 +47,14 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "goleash" / "check"
 
 
-@pytest.mark.parametrize("trunner", [True, False])
-def test_a_stored_plan_comes_back_unchanged(cache: Path, trunner: bool) -> None:
-    plan = _plan(trunner)
+@pytest.mark.parametrize(
+    ("trunner", "layout"),
+    [(True, None), (False, None), (True, LAYOUT), (True, (0x5A0000, None, None, ()))],
+)
+def test_a_stored_plan_comes_back_unchanged(
+    cache: Path, trunner: bool, layout: checksites.Layout | None
+) -> None:
+    plan = _plan(trunner, layout)
     checksites.store(DIGEST, plan)
     assert (cache / f"{DIGEST}.json").is_file()
     assert checksites.load(DIGEST, SIZE) == plan
@@ -73,6 +81,10 @@ def _edit(cache: Path, edit) -> None:  # type: ignore[no-untyped-def]
         lambda r: r["goroutines"]["exit"].pop("vaddr"),
         lambda r: r.update(go_version=7),
         lambda r: r.clear(),
+        lambda r: r.update(layout=[0, None, None, []]),  # no allgs
+        lambda r: r.update(layout=[0x5A0000, None, None]),
+        lambda r: r["layout"][3].append("\x1b[2Jclear screen"),  # reaches terminals
+        lambda r: r["layout"][3].extend(["x"] * 300),
     ],
     ids=[
         "other-digest",
@@ -85,10 +97,14 @@ def _edit(cache: Path, edit) -> None:  # type: ignore[no-untyped-def]
         "missing-field",
         "bad-version",
         "empty",
+        "layout-no-allgs",
+        "layout-short",
+        "layout-control-chars",
+        "layout-too-many-reasons",
     ],
 )
 def test_an_entry_that_does_not_fit_is_a_miss(cache: Path, edit) -> None:  # type: ignore[no-untyped-def]
-    checksites.store(DIGEST, _plan())
+    checksites.store(DIGEST, _plan(layout=LAYOUT))
     _edit(cache, edit)
     assert checksites.load(DIGEST, SIZE) is None
 

@@ -33,18 +33,26 @@ from goleash.probes.testleaks import CheckSites
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when what is stored, or how sites are chosen, changes
+FORMAT = 2  # bump when what is stored, or how sites are chosen, changes
 KEEP_ENTRIES = 512
 MAX_ENTRY_BYTES = 64 << 10
+
+
+Layout = tuple[int, "int | None", "int | None", tuple[str, ...]]
+"""Where the runtime keeps its goroutines (probes.inventory.found_layout): allgs,
+allglen, allgptr (link-time) and the wait reasons' names."""
+MAX_WAIT_REASONS = 256
 
 
 @dataclass(frozen=True)
 class ExecPlan:
     """What a Go test binary needs while it waits at exec: its Go release and the
-    sites of check.bpf.c's probes."""
+    sites of check.bpf.c's probes; and, once a run read its goroutines, where they
+    are (finding that in a stripped test binary costs more than the rest)."""
 
     go_version: str
     sites: CheckSites
+    layout: Layout | None = None
 
 
 def cache_dir() -> Path:
@@ -133,6 +141,7 @@ def _encode(digest: str, plan: ExecPlan) -> dict[str, Any]:
         "goroutines": asdict(plan.sites.goroutines),
         "trunner": asdict(plan.sites.trunner) if plan.sites.trunner else None,
         "process_exit": asdict(plan.sites.process_exit),
+        "layout": list(plan.layout[:3]) + [list(plan.layout[3])] if plan.layout else None,
     }
 
 
@@ -156,6 +165,30 @@ def _site(raw: Any, file_size: int) -> ProbeSite:
     if not isinstance(site.emulated, bool):
         raise TypeError("bad site flag")
     return site
+
+
+def _address(n: Any) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 < n < 1 << 48:
+        raise ValueError(f"bad address {n!r}")
+    return n
+
+
+def _layout(raw: Any) -> Layout | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or len(raw) != 4:
+        raise ValueError("bad layout")
+    allgs, allglen, allgptr, reasons = raw
+    if not isinstance(reasons, list) or len(reasons) > MAX_WAIT_REASONS:
+        raise ValueError("bad wait reasons")
+    if not all(isinstance(r, str) and len(r) <= 256 and r.isprintable() for r in reasons):
+        raise ValueError("bad wait reason")
+    return (
+        _address(allgs),
+        None if allglen is None else _address(allglen),
+        None if allgptr is None else _address(allgptr),
+        tuple(reasons),
+    )
 
 
 def _decode(raw: Any, digest: str, file_size: int) -> ExecPlan:
@@ -183,4 +216,5 @@ def _decode(raw: Any, digest: str, file_size: int) -> ExecPlan:
     if (gsites.create_kind == "runqput_call") != (create is not None) or not gsites.create_sites:
         raise ValueError("create sites do not match their kind")
     trunner = _site(raw["trunner"], file_size) if raw["trunner"] is not None else None
-    return ExecPlan(go_version, CheckSites(gsites, trunner, _site(raw["process_exit"], file_size)))
+    exit_site = _site(raw["process_exit"], file_size)
+    return ExecPlan(go_version, CheckSites(gsites, trunner, exit_site), _layout(raw["layout"]))

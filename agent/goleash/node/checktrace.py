@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,13 @@ from goleash.node.checkreport import (
     split_symbol,
 )
 from goleash.node.checksites import ExecPlan
-from goleash.probes.inventory import read_goroutines, site_at, wait_reason_names
+from goleash.probes.inventory import (
+    found_layout,
+    read_goroutines,
+    site_at,
+    use_layout,
+    wait_reason_names,
+)
 from goleash.probes.procmem import MemoryFault, ProcessMemory, load_bias, start_time
 from goleash.probes.stacks import _frames as logical_frames
 from goleash.probes.stacks import walk_stacks
@@ -83,6 +89,7 @@ class _Judged:
     plan: ExecPlan | None = None
     offsets: RuntimeOffsets | None = None
     fd: int | None = None  # the file judged, open until analysed
+    digest: str = ""  # its SHA-256, the key of its plan in checksites
     analysis: _Analysis | None = None
     error: str = ""  # why it could not be analysed after its exec
     warmed: bool = False
@@ -103,8 +110,12 @@ class _Judged:
                     raise BinaryError(
                         f"built with {info.go_version}, judged {self.plan.go_version}"
                     )
-                tab = Pclntab.from_binary(binary)
-                self.analysis = _Analysis(binary, info, tab, symbol_table(binary))
+                symbols = symbol_table(binary)
+                # A stripped binary's symbols are its pclntab's functions: one Pclntab.
+                tab = symbols._pclntab or Pclntab.from_binary(binary)
+                self.analysis = _Analysis(binary, info, tab, symbols)
+                if self.plan.layout is not None:
+                    use_layout(binary, *self.plan.layout)
             except BaseException:
                 binary.close()
                 raise
@@ -149,7 +160,7 @@ def _judge(fd: int) -> _Judged:
         offsets = table_offsets(plan.go_version)
     except (BinaryError, GoleashError) as exc:
         return _Judged(f"cannot trace: {exc}")
-    return _Judged("", plan, offsets)
+    return _Judged("", plan, offsets, digest=digest)
 
 
 def _plan(binary: GoBinary) -> ExecPlan | str:
@@ -333,12 +344,8 @@ class Checker:
             self._detach_q.put(pid)
             return None
         if not t.judged.warmed:
-            # The first read of a binary's goroutines finds its symbols by name: in a
-            # stripped one (`go test` links with -s -w) that builds pclntab's name index
-            # and disassembles (capstone's import). Done now, not in the exit stop.
             t.judged.warmed = True
-            with contextlib.suppress(GoleashError, BinaryError):
-                wait_reason_names(t.proc)
+            _warm(t.proc, t.judged)
         return t.proc
 
     def on_process_exit(self, ev: CheckEvent) -> None:
@@ -356,9 +363,25 @@ class Checker:
                 self._collect(proc, t.record, ev)
             except (ProcessError, MemoryFault, BinaryError, GoleashError) as exc:
                 t.record.note = f"goroutines at exit not read: {exc}"
+                j = t.judged
+                if j.plan is not None and j.plan.layout is not None and j.digest:
+                    # Maybe a wrong layout kept from a run before: found afresh next time.
+                    j.plan = replace(j.plan, layout=None)
+                    checksites.store(j.digest, j.plan)
+            else:
+                self._remember_layout(t.judged, proc)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
+
+    def _remember_layout(self, j: _Judged, proc: GoProcess) -> None:
+        """Keep where this binary's goroutines were found for later runs (its plan)."""
+        if j.plan is None or not j.digest:
+            return
+        found = found_layout(proc.binary)
+        if found is not None and found != j.plan.layout:
+            j.plan = replace(j.plan, layout=found)
+            checksites.store(j.digest, j.plan)
 
     def on_gone(self, pid: int) -> None:
         t = self.tracked.pop(pid, None)
@@ -459,6 +482,22 @@ class Checker:
         self._closing = True
         self._detach_q.put(None)
         self._detacher.join()
+
+
+def _warm(proc: GoProcess, j: _Judged) -> None:
+    """Read now, while the process runs, what the first read of a binary's goroutines
+    at its exit stop would: in a stripped binary (`go test` links with -s -w) the
+    runtime's goroutine list and wait reasons are found by function name (pclntab's
+    name index, a disassembly) unless an earlier run kept them (its plan); every
+    function lookup by PC needs the ABI wrappers; naming the function behind a
+    `go f(x)` wrapper disassembles (capstone's first use imports it)."""
+    with contextlib.suppress(GoleashError, BinaryError):
+        if j.plan is not None and j.plan.layout is None:
+            wait_reason_names(proc)
+        site = j.plan.sites.process_exit if j.plan is not None else None
+        if site is not None:
+            proc.pclntab.func_for_pc(site.vaddr)
+            disassemble(proc.binary, site.vaddr, 16)
 
 
 def end_of_test_at_exit(run: RunnerRecord, ev: CheckEvent) -> int | None:
