@@ -146,3 +146,16 @@ def test_file_digest_is_the_sha256_of_the_whole_file(tmp_path: Path) -> None:
         assert checksites.file_digest(fd) == (hashlib.sha256(data).hexdigest(), len(data))
     finally:
         os.close(fd)
+
+
+def test_a_file_judged_not_to_follow_is_known_by_its_identity(tmp_path: Path) -> None:
+    f = tmp_path / "tool"
+    f.write_bytes(b"\x7fELF" + b"\0" * 100)
+    ident = checksites.identity(os.stat(f))
+    assert checksites.load_skip(ident) is None
+    checksites.store_skip(ident, "Go toolchain (cmd/compile)")
+    assert checksites.load_skip(ident) == "Go toolchain (cmd/compile)"
+    # Written to (a new build in its place): another file, judged again.
+    with f.open("ab") as out:
+        out.write(b"\0")
+    assert checksites.load_skip(checksites.identity(os.stat(f))) is None

@@ -87,9 +87,8 @@ def _entry(digest: str) -> Path:
     return cache_dir() / f"{digest}.json"
 
 
-def load(digest: str, file_size: int) -> ExecPlan | None:
-    """The plan stored for these bytes, or None (not stored, not trusted, not valid)."""
-    path = _entry(digest)
+def _read(path: Path) -> Any:
+    """The JSON in PATH when only we could have written it, else None."""
     if not _safe_dir(path.parent):
         return None
     try:
@@ -102,15 +101,29 @@ def load(digest: str, file_size: int) -> ExecPlan | None:
             return None
         data = f.read(MAX_ENTRY_BYTES + 1)
     try:
-        return _decode(json.loads(data), digest, file_size)
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+def load(digest: str, file_size: int) -> ExecPlan | None:
+    """The plan stored for these bytes, or None (not stored, not trusted, not valid)."""
+    raw = _read(_entry(digest))
+    if raw is None:
+        return None
+    try:
+        return _decode(raw, digest, file_size)
     except (ValueError, TypeError, KeyError) as exc:
-        log.info("check site cache entry %s ignored: %s", path.name, exc)
+        log.info("check site cache entry %s ignored: %s", digest, exc)
         return None
 
 
 def store(digest: str, plan: ExecPlan) -> None:
     """Remember PLAN for these bytes; a cache that cannot be written is no error."""
-    path = _entry(digest)
+    _write(_entry(digest), _encode(digest, plan))
+
+
+def _write(path: Path, content: Any) -> None:
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not _safe_dir(path.parent):
@@ -118,7 +131,7 @@ def store(digest: str, plan: ExecPlan) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".entry-")
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump(_encode(digest, plan), f)
+                json.dump(content, f)
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)
@@ -131,6 +144,39 @@ def store(digest: str, plan: ExecPlan) -> None:
                     old.unlink()
     except OSError as exc:
         log.info("check site cache not written (%s)", exc)
+
+
+# --- executables not to follow -------------------------------------------------------------
+#
+# The toolchain's tools are big (compile: 28 MB) and run every time: hashing them costs
+# more than judging them. What is not followed is remembered by file identity instead
+# (device, inode, size, mtime, ctime: ctime cannot be set back, and any write moves
+# it); at worst a wrong entry leaves a program unchecked, never a probe misplaced.
+
+FileIdentity = tuple[int, int, int, int, int]
+
+
+def identity(st: os.stat_result) -> FileIdentity:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _skip_entry(ident: FileIdentity) -> Path:
+    return cache_dir() / ("skip-" + "-".join(str(n) for n in ident) + ".json")
+
+
+def load_skip(ident: FileIdentity) -> str | None:
+    """Why the file with this identity is not followed, when a run judged it so."""
+    raw = _read(_skip_entry(ident))
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        return None
+    reason = raw.get("skip")
+    if not isinstance(reason, str) or not reason or len(reason) > 512:
+        return None
+    return reason
+
+
+def store_skip(ident: FileIdentity, reason: str) -> None:
+    _write(_skip_entry(ident), {"format": FORMAT, "skip": reason})
 
 
 def _encode(digest: str, plan: ExecPlan) -> dict[str, Any]:

@@ -139,6 +139,13 @@ def _judge(fd: int) -> _Judged:
     """Judge the executable open at FD: a Go program to trace (its plan), or why not."""
     path = f"/proc/self/fd/{fd}"
     try:
+        ident = checksites.identity(os.fstat(fd))
+    except OSError as exc:
+        return _Judged(f"cannot read: {exc}")
+    skip = checksites.load_skip(ident)
+    if skip is not None:
+        return _Judged(skip)
+    try:
         digest, size = checksites.file_digest(fd)
     except (OSError, ValueError) as exc:
         return _Judged(f"cannot read: {exc}")
@@ -147,12 +154,15 @@ def _judge(fd: int) -> _Judged:
         try:
             binary = GoBinary(path)
         except BinaryError:
-            return _Judged("not a Go program")
-        try:
-            plan_or_skip = _plan(binary)
-        finally:
-            binary.close()
+            plan_or_skip: ExecPlan | str = "not a Go program"
+        else:
+            try:
+                plan_or_skip = _plan(binary)
+            finally:
+                binary.close()
         if isinstance(plan_or_skip, str):
+            if plan_or_skip.startswith(STABLE_SKIPS):
+                checksites.store_skip(ident, plan_or_skip)
             return _Judged(plan_or_skip)
         plan = plan_or_skip
         checksites.store(digest, plan)
@@ -379,6 +389,12 @@ class Checker:
         if j.plan is None or not j.digest:
             return
         found = found_layout(proc.binary)
+        if found is not None:
+            # allgs alone (checked at first use) and the names: in a stripped binary
+            # allglen/allgptr are told by the values they hold, which another word can
+            # share by chance (seen: two runs, two answers). A stopped process's slice
+            # header cannot tear, so check reads it directly.
+            found = (found[0], None, None, found[3])
         if found is not None and found != j.plan.layout:
             j.plan = replace(j.plan, layout=found)
             checksites.store(j.digest, j.plan)
