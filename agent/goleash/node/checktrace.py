@@ -59,6 +59,8 @@ from goleash.probes.testleaks import CheckEvent, CheckProbes, CheckSites, Runner
 BLOCKED = ("waiting", "leaked", "syscall")
 STOP_WAIT_S = 1.0
 MAX_LEAKS_PER_PROCESS = 10_000
+# Processes whose probes (3-4 links, as many fds) are removed together once gone.
+DETACH_BATCH = 32
 # Judgments that hold for the path exec'd for the whole run (the toolchain's tools,
 # shells, the gate script): a `cannot trace` can be a passing fault.
 STABLE_SKIPS = ("not a Go program", "Go toolchain")
@@ -260,6 +262,7 @@ class Checker:
         self.notes: list[str] = []
         self.execs = 0
         self._unprepared: list[int] = []
+        self._gone: list[int] = []  # processes gone, their probes not yet removed
         self._detach_q: queue.Queue[int | None] = queue.Queue()
         self._closing = False
         self._detacher = threading.Thread(target=self._detach_loop, daemon=True)
@@ -403,7 +406,14 @@ class Checker:
         t = self.tracked.pop(pid, None)
         if t is not None:
             t.release()
-            self._detach_q.put(pid)
+            # Its probes are removed with the next batch, or with all the others at the
+            # end (by the release helper, in no one's wall time): a removal still in
+            # flight when `goleash check` exits holds its exit for a grace period.
+            self._gone.append(pid)
+            if len(self._gone) >= DETACH_BATCH:
+                for p in self._gone:
+                    self._detach_q.put(p)
+                self._gone.clear()
 
     def _collect(self, proc: GoProcess, rec: FollowedProcess, ev: CheckEvent) -> None:
         inv = read_goroutines(proc)
