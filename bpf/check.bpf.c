@@ -9,7 +9,9 @@
 //   sched_process_fork  a followed process forks: follow the child
 //   sched_process_exec  a followed process execs: stop it (SIGSTOP) before its first
 //                       instruction so user space can judge the new executable and
-//                       attach its probes, then SIGCONT it
+//                       attach its probes, then SIGCONT it. An exec of a path user
+//                       space already judged not to follow (the Go toolchain, programs
+//                       that are not Go: chk_skip) goes on at once, without a stop.
 //   sched_process_exit  a followed task ends: forget it
 // Threads are followed too (the fork tracepoint cannot tell them apart); they are
 // forgotten when they exit, so the table holds live tasks only.
@@ -36,11 +38,19 @@
 #define CHK_EXIT 2
 #define CHK_PEXIT 3
 
+#define CHK_PATH_LEN 256
+
+/* The path an exec was asked for, NUL-padded: the key of chk_skip. */
+struct chk_path {
+    char name[CHK_PATH_LEN];
+};
+
 struct chk_event {
     u32 pid;
     u32 kind;
     u64 goid; /* CHK_PEXIT: the goroutine calling runtime.exit; 0 unknown (system stack) */
     u64 ns;   /* CHK_PEXIT: when (bpf_ktime_get_ns, CLOCK_MONOTONIC) */
+    struct chk_path path; /* CHK_EXEC: the exec'd path; empty when it did not fit */
 };
 
 /* Per traced process: where runtime.g keeps what the probes read. */
@@ -72,10 +82,12 @@ enum tl_counter {
     TL_CNT_TESTS_FULL,
     TL_CNT_READ_FAULTS,
     TL_CNT_FOLLOW_FULL,
+    TL_CNT_SKIPPED_EXECS,
     TL_CNT_MAX,
 };
 
 BPF_HASH(followed, u32, u8, MAX_FOLLOWED);
+BPF_HASH(chk_skip, struct chk_path, u8, MAX_SKIP);
 BPF_HASH(tl_procs, u32, struct tl_proc, MAX_PROCS);
 BPF_HASH(tl_goroutines, struct goroutine_key, struct tl_goroutine, MAX_LIVE);
 BPF_HASH(tl_tests, struct goroutine_key, struct tl_test, MAX_TESTS);
@@ -109,8 +121,17 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     if (!followed.lookup(&tgid))
         return 0;
     tl_procs.delete(&tgid); /* the old image's offsets */
-    bpf_send_signal(CHK_SIGSTOP);
     struct chk_event ev = {.pid = tgid, .kind = CHK_EXEC};
+    unsigned short off = args->data_loc_filename & 0xFFFF;
+    int n = bpf_probe_read_kernel_str(ev.path.name, sizeof(ev.path.name), (char *)args + off);
+    if (n <= 0 || n >= CHK_PATH_LEN) {
+        /* Unread, or maybe cut short: two paths could share the prefix. */
+        __builtin_memset(&ev.path, 0, sizeof(ev.path));
+    } else if (chk_skip.lookup(&ev.path)) {
+        count(TL_CNT_SKIPPED_EXECS);
+        return 0;
+    }
+    bpf_send_signal(CHK_SIGSTOP);
     chk_events.perf_submit(args, &ev, sizeof(ev));
     return 0;
 }

@@ -25,11 +25,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from functools import cached_property
-from typing import Literal
-
-from capstone import CS_ARCH_X86, CS_GRP_CALL, CS_GRP_JUMP, CS_MODE_64, Cs
-from capstone.x86 import X86_OP_IMM
+from functools import cache, cached_property
+from typing import Any, Literal
 
 from goleash.gobin.binary import GoBinary
 from goleash.gobin.errors import ProbeSiteError, SymbolNotFoundError, parse_guard
@@ -37,8 +34,19 @@ from goleash.gobin.errors import ProbeSiteError, SymbolNotFoundError, parse_guar
 SymbolLookup = Callable[[str], "tuple[int, int] | None"]
 """name -> (address, size), e.g. `binary.elf_symbols.get` or a pclntab lookup."""
 
-_CS = Cs(CS_ARCH_X86, CS_MODE_64)
-_CS.detail = True
+
+@cache
+def _capstone() -> tuple[Any, int, int, int]:
+    """capstone's x86-64 decoder, made at the first disassembly: importing capstone
+    loads every architecture it knows (~0.1 s), which `goleash check` pays only when
+    no earlier run analysed its test binaries (node/checksites.py)."""
+    from capstone import CS_ARCH_X86, CS_GRP_CALL, CS_GRP_JUMP, CS_MODE_64, Cs
+    from capstone.x86 import X86_OP_IMM
+
+    cs = Cs(CS_ARCH_X86, CS_MODE_64)
+    cs.detail = True
+    return cs, CS_GRP_JUMP, CS_GRP_CALL, X86_OP_IMM
+
 
 # x86_nops[len] of arch/x86/include/asm/nops.h (x86-64, ASM_NOP_MAX = 8); the same
 # byte sequences Go's assembler pads with.
@@ -165,13 +173,14 @@ class Instruction:
 
 
 def _decode(raw: bytes, address: int) -> list[Instruction]:
+    cs, grp_jump, grp_call, op_imm = _capstone()
     out: list[Instruction] = []
-    for ins in _CS.disasm(raw, address):
+    for ins in cs.disasm(raw, address):
         target = None
         if (
-            (ins.group(CS_GRP_JUMP) or ins.group(CS_GRP_CALL))
+            (ins.group(grp_jump) or ins.group(grp_call))
             and len(ins.operands) == 1
-            and ins.operands[0].type == X86_OP_IMM
+            and ins.operands[0].type == op_imm
         ):
             target = ins.operands[0].imm
         _, written = ins.regs_access()

@@ -9,7 +9,11 @@ How it works (no change to the command or its tests):
 1. check.bpf.c follows CMD's process tree. Every exec in it is stopped (SIGSTOP from
    BPF) before its first instruction; the new executable is judged (checktrace.py):
    not Go, or part of the Go toolchain (build info path `cmd/...`: go, compile, link,
-   vet, ...), and it continues at once; a Go program gets its probes attached first.
+   vet, ...), and it continues at once (its path's next execs are not even stopped);
+   a Go program gets its probes attached first
+   (the sites from a cache keyed by the file's content when an earlier run analysed
+   the same bytes: checksites.py), and what reading it at exit needs is read once it
+   runs again.
 2. The probes mark each test's goroutine (testing.tRunner) and give every goroutine
    created from it, transitively, that test; a test ends when its runner goroutine
    exits, after its t.Cleanup functions (or when the main goroutine exits the process).
@@ -361,7 +365,7 @@ def _supervise(
             for ev in events:
                 try:
                     if ev.kind == FOLLOW_EXEC:
-                        checker.on_exec(ev.pid)
+                        checker.on_exec(ev.pid, ev.path)
                     elif ev.kind == PROCESS_EXIT:
                         checker.on_process_exit(ev)
                     elif ev.kind == FOLLOW_EXIT:
@@ -372,6 +376,11 @@ def _supervise(
                     if ev.kind in (FOLLOW_EXEC, PROCESS_EXIT):
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(ev.pid, signal.SIGCONT)
+            # What reading their goroutines at exit needs, read now they run again.
+            try:
+                checker.prepare()
+            except Exception as exc:
+                checker.notes.append(f"{type(exc).__name__}: {exc}")
             if exit_code is None:
                 wpid, status = os.waitpid(pid, os.WNOHANG)
                 if wpid == pid:
@@ -384,7 +393,9 @@ def _supervise(
                 # stopped for its exit event to be handled; a poll that finds nothing
                 # after it ended means nothing is left (up to 0.1 s for stragglers).
                 break
-        full = probes.counters()["follow_table_full"]
+        counters = probes.counters()
+        checker.execs += counters["skipped_execs"]  # judged before: went on unstopped
+        full = counters["follow_table_full"]
         if full:
             checker.notes.append(f"{full} processes were not followed (follow table full)")
     finally:

@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,8 @@ from goleash.gobin.disasm import (
 from goleash.gobin.errors import BinaryError, ProcessError, SymbolNotFoundError
 from goleash.gobin.offsets import RuntimeOffsets, table_offsets
 from goleash.gobin.pclntab import Pclntab
-from goleash.gobin.symbols import symbol_table
+from goleash.gobin.symbols import SymbolTable, symbol_table
+from goleash.node import checksites
 from goleash.node.checkreport import (
     MAX_STACK_FRAMES,
     CheckReport,
@@ -41,7 +42,14 @@ from goleash.node.checkreport import (
     Leak,
     split_symbol,
 )
-from goleash.probes.inventory import read_goroutines, site_at
+from goleash.node.checksites import ExecPlan
+from goleash.probes.inventory import (
+    found_layout,
+    read_goroutines,
+    site_at,
+    use_layout,
+    wait_reason_names,
+)
 from goleash.probes.procmem import MemoryFault, ProcessMemory, load_bias, start_time
 from goleash.probes.stacks import _frames as logical_frames
 from goleash.probes.stacks import walk_stacks
@@ -51,41 +59,137 @@ from goleash.probes.testleaks import CheckEvent, CheckProbes, CheckSites, Runner
 BLOCKED = ("waiting", "leaked", "syscall")
 STOP_WAIT_S = 1.0
 MAX_LEAKS_PER_PROCESS = 10_000
+# Processes whose probes (3-4 links, as many fds) are removed together once gone.
+DETACH_BATCH = 32
+# Judgments that hold for the path exec'd for the whole run (the toolchain's tools,
+# shells, the gate script): a `cannot trace` can be a passing fault.
+STABLE_SKIPS = ("not a Go program", "Go toolchain")
 # runtime.main runs on the first goroutine created (goid 1, every release): it calls
 # runtime.exit only once m.Run has returned (or TestMain exits), never mid-test.
 MAIN_GOROUTINE = 1
 
 
-# --- one executable, analysed once per inode ----------------------------------------------
+# --- one executable, judged once per inode ------------------------------------------------
+#
+# A test binary waits stopped at exec until its probes are attached, so only what the
+# probes need is done then (its Go release, the probe sites: from the content-hash
+# cache when an earlier run analysed the same bytes); what reading its goroutines at
+# exit needs (pclntab, symbols, the process's mappings) is read once it runs again.
+
+
+@dataclass
+class _Analysis:
+    binary: GoBinary
+    info: BuildInfo
+    pclntab: Pclntab
+    symbols: SymbolTable
 
 
 @dataclass
 class _Judged:
     skip: str  # why it is not traced ("" when it is)
-    binary: GoBinary | None = None
-    info: BuildInfo | None = None
+    plan: ExecPlan | None = None
     offsets: RuntimeOffsets | None = None
-    pclntab: Pclntab | None = None
-    sites: CheckSites | None = None
+    fd: int | None = None  # the file judged, open until analysed
+    digest: str = ""  # its SHA-256, the key of its plan in checksites
+    analysis: _Analysis | None = None
+    error: str = ""  # why it could not be analysed after its exec
+    warmed: bool = False
+
+    def analyse(self) -> _Analysis:
+        """The executable's analysis for reading its processes, from the very file the
+        probes were placed from (the fd judged)."""
+        if self.analysis is not None:
+            return self.analysis
+        if self.error:
+            raise BinaryError(self.error)
+        assert self.plan is not None and self.fd is not None
+        try:
+            binary = GoBinary(f"/proc/self/fd/{self.fd}")
+            try:
+                info = read_build_info(binary)
+                if info.go_version != self.plan.go_version:
+                    raise BinaryError(
+                        f"built with {info.go_version}, judged {self.plan.go_version}"
+                    )
+                symbols = symbol_table(binary)
+                # A stripped binary's symbols are its pclntab's functions: one Pclntab.
+                tab = symbols._pclntab or Pclntab.from_binary(binary)
+                self.analysis = _Analysis(binary, info, tab, symbols)
+                if self.plan.layout is not None:
+                    use_layout(binary, *self.plan.layout)
+            except BaseException:
+                binary.close()
+                raise
+        except (BinaryError, GoleashError) as exc:
+            self.error = str(exc)
+            raise
+        finally:
+            os.close(self.fd)
+            self.fd = None
+        return self.analysis
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.analysis is not None:
+            self.analysis.binary.close()
 
 
-def _judge(path: str) -> _Judged:
+def _judge(fd: int) -> _Judged:
+    """Judge the executable open at FD: a Go program to trace (its plan), or why not."""
+    path = f"/proc/self/fd/{fd}"
     try:
-        binary = GoBinary(path)
-        info = read_build_info(binary)
-    except BinaryError:
-        return _Judged("not a Go program")
-    if (info.main_package or "").startswith("cmd/"):
-        return _Judged(f"Go toolchain ({info.main_package})")
+        ident = checksites.identity(os.fstat(fd))
+    except OSError as exc:
+        return _Judged(f"cannot read: {exc}")
+    skip = checksites.load_skip(ident)
+    if skip is not None:
+        return _Judged(skip)
     try:
-        check_supported(info)
-        offsets = table_offsets(info.go_version)
-        tab = Pclntab.from_binary(binary)
-        lookup = symbol_table(binary).lookup
-        sites = _check_sites(binary, lookup)
+        digest, size = checksites.file_digest(fd)
+    except (OSError, ValueError) as exc:
+        return _Judged(f"cannot read: {exc}")
+    plan = checksites.load(digest, size)
+    if plan is None:
+        try:
+            binary = GoBinary(path)
+        except BinaryError:
+            plan_or_skip: ExecPlan | str = "not a Go program"
+        else:
+            try:
+                plan_or_skip = _plan(binary)
+            finally:
+                binary.close()
+        if isinstance(plan_or_skip, str):
+            if plan_or_skip.startswith(STABLE_SKIPS):
+                checksites.store_skip(ident, plan_or_skip)
+            return _Judged(plan_or_skip)
+        plan = plan_or_skip
+        checksites.store(digest, plan)
+    try:
+        offsets = table_offsets(plan.go_version)
     except (BinaryError, GoleashError) as exc:
         return _Judged(f"cannot trace: {exc}")
-    return _Judged("", binary, info, offsets, tab, sites)
+    return _Judged("", plan, offsets, digest=digest)
+
+
+def _plan(binary: GoBinary) -> ExecPlan | str:
+    """What the probes need from BINARY, or why it is not traced."""
+    try:
+        info = read_build_info(binary)
+    except BinaryError:
+        return "not a Go program"
+    if (info.main_package or "").startswith("cmd/"):
+        return f"Go toolchain ({info.main_package})"
+    try:
+        check_supported(info)
+        table_offsets(info.go_version)
+        sites = _check_sites(binary, symbol_table(binary).lookup)
+    except (BinaryError, GoleashError) as exc:
+        return f"cannot trace: {exc}"
+    return ExecPlan(info.go_version, sites)
 
 
 def _check_sites(binary: GoBinary, lookup: SymbolLookup) -> CheckSites:
@@ -131,9 +235,16 @@ def _check_sites(binary: GoBinary, lookup: SymbolLookup) -> CheckSites:
 
 @dataclass
 class _Tracked:
-    proc: GoProcess
     judged: _Judged
     record: FollowedProcess
+    start_time: int
+    proc: GoProcess | None = None  # once prepared, after its exec stop
+
+    def release(self) -> None:
+        # Its memory only: the executable's analysis is the judged file's, shared by
+        # every process of it (closed with the Checker).
+        if self.proc is not None:
+            self.proc.memory.close()
 
 
 class Checker:
@@ -150,6 +261,8 @@ class Checker:
         self.leaks: list[Leak] = []
         self.notes: list[str] = []
         self.execs = 0
+        self._unprepared: list[int] = []
+        self._gone: list[int] = []  # processes gone, their probes not yet removed
         self._detach_q: queue.Queue[int | None] = queue.Queue()
         self._closing = False
         self._detacher = threading.Thread(target=self._detach_loop, daemon=True)
@@ -164,49 +277,89 @@ class Checker:
 
     def _judged(self, pid: int) -> _Judged | None:
         try:
-            st = os.stat(f"/proc/{pid}/exe")
+            fd = os.open(f"/proc/{pid}/exe", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
             return None
-        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-        j = self.judged.get(key)
-        if j is None:
-            j = self.judged[key] = _judge(f"/proc/{pid}/exe")
-        return j
+        try:
+            st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+            j = self.judged.get(key)
+            if j is None:
+                j = self.judged[key] = _judge(fd)
+                if not j.skip:
+                    j.fd, fd = fd, -1  # kept: analysed from the same file once it runs
+            return j
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
-    def on_exec(self, pid: int) -> None:
+    def on_exec(self, pid: int, path: bytes = b"") -> None:
+        """A followed process exec'd PATH and waits stopped: attach its probes (the
+        caller resumes it, then calls `prepare`)."""
         self.execs += 1
         old = self.tracked.pop(pid, None)
         if old is not None:  # exec'd again: the old image's probes are gone with it
             self._detach_q.put(pid)
+            old.release()
         exe = f"/proc/{pid}/exe"
         j = self._judged(pid)
         if j is None or j.skip:
+            if j is not None and j.skip.startswith(STABLE_SKIPS):
+                # Its next execs go on without a stop. The path, not the file: a path
+                # replaced by a Go program during the run would go unchecked.
+                self.probes.skip(path)
             return
-        assert j.binary and j.info and j.offsets and j.pclntab and j.sites
-        name = _exe_name(pid)
+        assert j.plan is not None and j.offsets is not None
         started = start_time(pid)
-        record = FollowedProcess(pid, name, j.info.go_version, j.sites.trunner is not None)
+        record = FollowedProcess(
+            pid, _exe_name(pid), j.plan.go_version, j.plan.sites.trunner is not None
+        )
+        self.processes.append(record)
         try:
-            proc = GoProcess(
-                pid=pid,
-                exe=exe,
-                exe_name=name,
-                binary=j.binary,
-                build_info=j.info,
-                offsets=j.offsets,
-                symbols=symbol_table(j.binary),
-                pclntab=j.pclntab,
-                load_bias=load_bias(pid, j.binary),
-                memory=ProcessMemory(pid),
-                start_time=started or 0,
-            )
-            self.probes.attach(pid, exe, j.offsets, j.sites)
+            if started is None:
+                raise ProcessError(f"PID {pid}: gone")
+            self.probes.attach(pid, exe, j.offsets, j.plan.sites)
         except (GoleashError, BinaryError, OSError) as exc:
             record.note = f"not traced: {exc}"
-            self.processes.append(record)
             return
-        self.processes.append(record)
-        self.tracked[pid] = _Tracked(proc, j, record)
+        self.tracked[pid] = _Tracked(j, record, started)
+        self._unprepared.append(pid)
+
+    def prepare(self) -> None:
+        """What reading the goroutines of the processes attached since the last call
+        needs, read while they run: their executable's analysis and their mappings."""
+        while self._unprepared:
+            self._prepare(self._unprepared.pop(0))
+
+    def _prepare(self, pid: int) -> GoProcess | None:
+        t = self.tracked.get(pid)
+        if t is None or t.proc is not None:
+            return t.proc if t else None
+        try:
+            a = t.judged.analyse()
+            assert t.judged.offsets is not None
+            t.proc = GoProcess(
+                pid=pid,
+                exe=f"/proc/{pid}/exe",
+                exe_name=t.record.binary,
+                binary=a.binary,
+                build_info=a.info,
+                offsets=t.judged.offsets,
+                symbols=a.symbols,
+                pclntab=a.pclntab,
+                load_bias=load_bias(pid, a.binary),
+                memory=ProcessMemory(pid),
+                start_time=t.start_time,
+            )
+        except (GoleashError, BinaryError, OSError) as exc:
+            t.record.note = f"not traced: {exc}"
+            self.tracked.pop(pid, None)
+            self._detach_q.put(pid)
+            return None
+        if not t.judged.warmed:
+            t.judged.warmed = True
+            _warm(t.proc, t.judged)
+        return t.proc
 
     def on_process_exit(self, ev: CheckEvent) -> None:
         """runtime.exit stopped the process: read what is left, then let it go."""
@@ -216,22 +369,53 @@ class Checker:
             if t is None:
                 return
             _wait_stopped(pid, STOP_WAIT_S)
+            proc = self._prepare(pid)  # when it exits before the loop got to it
+            if proc is None:
+                return
             try:
-                self._collect(t, ev)
+                self._collect(proc, t.record, ev)
             except (ProcessError, MemoryFault, BinaryError, GoleashError) as exc:
                 t.record.note = f"goroutines at exit not read: {exc}"
+                j = t.judged
+                if j.plan is not None and j.plan.layout is not None and j.digest:
+                    # Maybe a wrong layout kept from a run before: found afresh next time.
+                    j.plan = replace(j.plan, layout=None)
+                    checksites.store(j.digest, j.plan)
+            else:
+                self._remember_layout(t.judged, proc)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
 
+    def _remember_layout(self, j: _Judged, proc: GoProcess) -> None:
+        """Keep where this binary's goroutines were found for later runs (its plan)."""
+        if j.plan is None or not j.digest:
+            return
+        found = found_layout(proc.binary)
+        if found is not None:
+            # allgs alone (checked at first use) and the names: in a stripped binary
+            # allglen/allgptr are told by the values they hold, which another word can
+            # share by chance (seen: two runs, two answers). A stopped process's slice
+            # header cannot tear, so check reads it directly.
+            found = (found[0], None, None, found[3])
+        if found is not None and found != j.plan.layout:
+            j.plan = replace(j.plan, layout=found)
+            checksites.store(j.digest, j.plan)
+
     def on_gone(self, pid: int) -> None:
         t = self.tracked.pop(pid, None)
         if t is not None:
-            t.proc.close()
-            self._detach_q.put(pid)
+            t.release()
+            # Its probes are removed with the next batch, or with all the others at the
+            # end (by the release helper, in no one's wall time): a removal still in
+            # flight when `goleash check` exits holds its exit for a grace period.
+            self._gone.append(pid)
+            if len(self._gone) >= DETACH_BATCH:
+                for p in self._gone:
+                    self._detach_q.put(p)
+                self._gone.clear()
 
-    def _collect(self, t: _Tracked, ev: CheckEvent) -> None:
-        proc, rec = t.proc, t.record
+    def _collect(self, proc: GoProcess, rec: FollowedProcess, ev: CheckEvent) -> None:
         inv = read_goroutines(proc)
         att = self.probes.read(proc.pid)
         rec.captured_at_exit = True
@@ -318,10 +502,28 @@ class Checker:
 
     def close(self) -> None:
         for pid in list(self.tracked):
-            self.tracked.pop(pid).proc.close()  # their probes go with the program
+            self.tracked.pop(pid).release()  # their probes go with the program
+        for j in self.judged.values():
+            j.close()
         self._closing = True
         self._detach_q.put(None)
         self._detacher.join()
+
+
+def _warm(proc: GoProcess, j: _Judged) -> None:
+    """Read now, while the process runs, what the first read of a binary's goroutines
+    at its exit stop would: in a stripped binary (`go test` links with -s -w) the
+    runtime's goroutine list and wait reasons are found by function name (pclntab's
+    name index, a disassembly) unless an earlier run kept them (its plan); every
+    function lookup by PC needs the ABI wrappers; naming the function behind a
+    `go f(x)` wrapper disassembles (capstone's first use imports it)."""
+    with contextlib.suppress(GoleashError, BinaryError):
+        if j.plan is not None and j.plan.layout is None:
+            wait_reason_names(proc)
+        site = j.plan.sites.process_exit if j.plan is not None else None
+        if site is not None:
+            proc.pclntab.func_for_pc(site.vaddr)
+            disassemble(proc.binary, site.vaddr, 16)
 
 
 def end_of_test_at_exit(run: RunnerRecord, ev: CheckEvent) -> int | None:

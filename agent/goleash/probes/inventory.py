@@ -295,6 +295,10 @@ def wait_reason_names(proc: GoProcess) -> tuple[str, ...]:
 
 def _layout(proc: GoProcess) -> _Layout:
     lay = _layouts.get(proc.binary)
+    if lay is not None and proc.binary in _unchecked:
+        _unchecked.discard(proc.binary)
+        if not _check_allgs(proc, lay.allgs):  # a wrong one given: found afresh
+            lay = None
     if lay is None:
         allgs, allglen, allgptr = _find_allgs(proc)
         lay = _Layout(allgs, allglen, allgptr, wait_reason_names(proc))
@@ -579,3 +583,30 @@ def is_system_goroutine(proc: GoProcess, g: Goroutine) -> bool:
     live finalizer check (the finalizer/cleanup goroutines count as system)."""
     name = creation_site_of(proc, g).function
     return name.startswith("runtime.") and name not in SYSTEM_KEEP
+
+
+# --- a layout found before ----------------------------------------------------------------
+
+
+def found_layout(binary: GoBinary) -> tuple[int, int | None, int | None, tuple[str, ...]] | None:
+    """(allgs, allglen, allgptr, wait reason names) found for BINARY so far, or None:
+    for a caller that keeps it across runs (`goleash check`, by the file's content)."""
+    lay = _layouts.get(binary)
+    return None if lay is None else (lay.allgs, lay.allglen, lay.allgptr, lay.wait_reasons)
+
+
+def use_layout(
+    binary: GoBinary,
+    allgs: int,
+    allglen: int | None,
+    allgptr: int | None,
+    wait_reasons: tuple[str, ...],
+) -> None:
+    """What `found_layout` gave for the same bytes: finding it again in a stripped
+    binary costs a name index of every function and a disassembly. Checked against
+    the process at its first use, as a found one is (found afresh when wrong)."""
+    _layouts[binary] = _Layout(allgs, allglen, allgptr, wait_reasons)
+    _unchecked.add(binary)
+
+
+_unchecked: weakref.WeakSet[GoBinary] = weakref.WeakSet()

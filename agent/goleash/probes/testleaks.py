@@ -32,6 +32,8 @@ MAX_FOLLOWED = 65536
 MAX_LIVE = 65536
 MAX_TESTS = 16384
 MAX_PROCS = 4096
+MAX_SKIP = 1024  # paths of executables judged not to follow
+PATH_LEN = 256  # check.bpf.c's CHK_PATH_LEN
 FOLLOW_EXEC, FOLLOW_EXIT, PROCESS_EXIT = 1, 2, 3
 # Probes go in as uprobe_multi links (Linux >= 6.6, probes/uprobe.py): closing one
 # link costs the kernel one RCU grace period (~0.05 s here) for all its sites, closing
@@ -45,6 +47,7 @@ TL_COUNTERS = (
     "tests_table_full",
     "read_faults",
     "follow_table_full",
+    "skipped_execs",
 )
 
 
@@ -56,12 +59,17 @@ class _Key(ctypes.Structure):
     _fields_ = [("pid", ctypes.c_uint32), ("_pad", ctypes.c_uint32), ("goid", ctypes.c_uint64)]
 
 
+class _Path(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char * PATH_LEN)]
+
+
 class _Event(ctypes.Structure):
     _fields_ = [
         ("pid", ctypes.c_uint32),
         ("kind", ctypes.c_uint32),
         ("goid", ctypes.c_uint64),
         ("ns", ctypes.c_uint64),
+        ("path", _Path),
     ]
 
 
@@ -71,6 +79,7 @@ class CheckEvent:
     pid: int
     goid: int = 0  # PROCESS_EXIT: the goroutine calling runtime.exit, 0 unknown
     ns: int = 0  # PROCESS_EXIT: when, CLOCK_MONOTONIC
+    path: bytes = b""  # FOLLOW_EXEC: the path exec'd (b"" when longer than fits)
 
 
 @dataclass(frozen=True)
@@ -138,6 +147,7 @@ class CheckProbes:
             f"-DMAX_PROCS={MAX_PROCS}",
             f"-DMAX_LIVE={MAX_LIVE}",
             f"-DMAX_TESTS={MAX_TESTS}",
+            f"-DMAX_SKIP={MAX_SKIP}",
         ]
         # Compiled once per source, kernel and BCC; later runs load the cached program
         # (bpfimage.py): the compile was most of `goleash check`'s cost.
@@ -148,6 +158,7 @@ class CheckProbes:
         b = self._bpf
         try:
             self._followed = b.map("followed", ctypes.c_uint32, ctypes.c_uint8)
+            self._skip = b.map("chk_skip", _Path, ctypes.c_uint8)
             self._procs = b.map("tl_procs", ctypes.c_uint32, _Proc)
             self._goroutines = b.map("tl_goroutines", _Key, _Goroutine)
             self._tests = b.map("tl_tests", _Key, _Test)
@@ -162,7 +173,9 @@ class CheckProbes:
 
         def on_raw(_cpu: int, data: int, _size: int) -> None:
             ev = ctypes.cast(data, ctypes.POINTER(_Event)).contents
-            self._events.append(CheckEvent(int(ev.kind), int(ev.pid), int(ev.goid), int(ev.ns)))
+            self._events.append(
+                CheckEvent(int(ev.kind), int(ev.pid), int(ev.goid), int(ev.ns), ev.path.name)
+            )
 
         try:
             b.open_perf_buffer("chk_events", on_raw, page_cnt=64)
@@ -172,6 +185,14 @@ class CheckProbes:
 
     def follow(self, pid: int) -> None:
         self._followed[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+
+    def skip(self, path: bytes) -> None:
+        """Execs of PATH (absolute, as exec'd) go on without a stop or an event from now
+        on: user space judged what it runs not to follow."""
+        if not path.startswith(b"/") or len(path) >= PATH_LEN or b"\0" in path:
+            return
+        with contextlib.suppress(Exception):  # table full: they keep stopping, no harm
+            self._skip[_Path(path)] = ctypes.c_uint8(1)
 
     def unfollow_all(self) -> list[int]:
         """Stop following anything: no process is stopped from now on. Returns the
