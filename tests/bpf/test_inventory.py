@@ -25,13 +25,9 @@ import pytest
 
 import gobuild
 from goleash.gobin.errors import NotGoError, ProcessError
+from goleash.probes.creation import creation_site
 from goleash.probes.dump import build_dump, render_text
-from goleash.probes.inventory import (
-    Goroutine,
-    creation_site,
-    read_goroutines,
-    wait_reason_names,
-)
+from goleash.probes.inventory import Goroutine, read_goroutines, wait_reason_names
 from goleash.probes.procmem import MemoryFault, ProcessMemory
 from goleash.probes.stacks import walk_stack
 from goleash.probes.target import GoProcess

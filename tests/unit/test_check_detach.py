@@ -7,8 +7,9 @@ from __future__ import annotations
 import threading
 
 from goleash.node import checktrace
+from goleash.node.checkjudge import Judged
 from goleash.node.checkreport import FollowedProcess, IgnoreList
-from goleash.node.checktrace import Checker, _Judged, _Tracked
+from goleash.node.checktrace import Checker, _Tracked
 
 
 class _Probes:
@@ -29,7 +30,7 @@ class _Probes:
 def _checker(probes: _Probes, n: int) -> Checker:
     c = Checker(probes, ["go", "test"], IgnoreList(), set())  # type: ignore[arg-type]
     for pid in range(1000, 1000 + n):
-        c.tracked[pid] = _Tracked(_Judged(""), FollowedProcess(pid, "x.test", "go1.22", True), 1)
+        c.tracked[pid] = _Tracked(Judged(""), FollowedProcess(pid, "x.test", "go1.22", True), 1)
     return c
 
 

@@ -20,7 +20,8 @@ from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.errors import GoleashError, StageFailure
 from goleash.node.discovery import Candidate
 from goleash.node.tracker import ProcessSnapshot, SiteSummary
-from goleash.probes.inventory import SYSTEM_KEEP, Goroutine, site_at
+from goleash.probes.creation import SYSTEM_KEEP, site_at
+from goleash.probes.inventory import Goroutine
 from goleash.probes.stacks import Stack, StackKey, walk_stacks
 from goleash.probes.target import GoProcess
 

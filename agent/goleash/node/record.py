@@ -23,9 +23,10 @@ from goleash.node.checktrace import started_function
 from goleash.node.latency import _select
 from goleash.node.tracker import ProcessSnapshot, ProcessTracker, SiteSummary
 from goleash.probes.budget import OverheadBudget
+from goleash.probes.creation import site_at
 from goleash.probes.funclat import FuncLatencyProbes
 from goleash.probes.funcrecord import FunctionLatency
-from goleash.probes.inventory import Goroutine, site_at
+from goleash.probes.inventory import Goroutine
 from goleash.probes.stacks import walk_stacks
 from goleash.probes.target import GoProcess
 from goleash.recdiff import RECORD_KIND, RECORD_VERSION, growth_per_minute

@@ -30,6 +30,7 @@ from goleash.errors import GoleashError, StageFailure
 from goleash.gobin.errors import ProcessError
 from goleash.node import DEFAULT_ORPHAN_MIN_AGE_S  # noqa: F401  (defined there for the CLI)
 from goleash.probes.budget import OverheadBudget
+from goleash.probes.creation import site_at
 from goleash.probes.goidgen import GoidCounter, GoidgenUnavailable, checked_goid_counter
 from goleash.probes.goroutines import (
     GoroutineProbes,
@@ -37,13 +38,7 @@ from goleash.probes.goroutines import (
     LiveGoroutine,
     TrackerReading,
 )
-from goleash.probes.inventory import (
-    Goroutine,
-    Inventory,
-    ReadMemo,
-    read_goroutines,
-    site_at,
-)
+from goleash.probes.inventory import Goroutine, Inventory, ReadMemo, read_goroutines
 from goleash.probes.target import GoProcess
 
 # Wait reasons that cannot end by themselves: nobody else holds a reference that

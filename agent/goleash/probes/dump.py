@@ -24,12 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from goleash.probes.inventory import (
-    Goroutine,
-    creation_site_of,
-    is_system_goroutine,
-    read_goroutines,
-)
+from goleash.probes.creation import creation_site_of, is_system_goroutine
+from goleash.probes.inventory import Goroutine, read_goroutines
 from goleash.probes.stacks import Frame, Stack, walk_stacks
 from goleash.probes.target import GoProcess
 from goleash.profiles import (

@@ -33,7 +33,6 @@ from goleash.errors import printable
 from goleash.gobin.binary import GoBinary
 from goleash.gobin.disasm import Instruction, disassemble
 from goleash.gobin.errors import BinaryError, ProcessError, SymbolNotFoundError
-from goleash.gobin.pclntab import Func, SourceLine
 from goleash.probes.procmem import MemoryFault
 from goleash.probes.target import GoProcess
 
@@ -500,89 +499,6 @@ def _g_decoder(proc: GoProcess, lay: _Layout, d: _Decoder) -> Callable[[int, byt
         )
 
     return decode
-
-
-# --- where a goroutine comes from -----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CreationSite:
-    function: str  # the function the goroutine started with (startpc)
-    go_statement: str  # "file:line" of the `go` statement (gopc); "" for goroutine 1
-    created_by: str  # the function holding the `go` statement, as "created by" names it
-
-
-class _SiteCache:
-    def __init__(self) -> None:
-        self.sites: dict[tuple[int, int], CreationSite] = {}
-
-
-_site_caches: weakref.WeakKeyDictionary[GoBinary, _SiteCache] = weakref.WeakKeyDictionary()
-
-
-def _started_function(proc: GoProcess, wrapper: Func) -> str | None:
-    """The user's function behind a `go f(x)` wrapper (Go 1.21+ compiles such a
-    statement to a closure `caller.gowrapN` that calls f): its first direct call to
-    a non-runtime function, as the first frame of a traceback would show it."""
-    for ins in disassemble(proc.binary, wrapper.entry, wrapper.end - wrapper.entry):
-        if ins.mnemonic != "call" or ins.target is None:
-            continue
-        callee = proc.pclntab.func_for_pc(ins.target)
-        if callee is not None and not callee.name.startswith("runtime."):
-            return callee.name
-    return None
-
-
-def site_at(proc: GoProcess, gopc: int, startpc: int) -> CreationSite:
-    """The creation site of (gopc, startpc), link-time addresses, symbolized as the
-    runtime does: gopc is the return address after the CALL to newproc, so its line
-    is that of gopc - 1 (traceback.go printcreatedby1), its function the one holding
-    gopc. A `go f(x)` starts a compiler wrapper; the site names f."""
-    cache = _site_caches.get(proc.binary)
-    if cache is None:
-        cache = _site_caches[proc.binary] = _SiteCache()
-    key = (gopc, startpc)
-    site = cache.sites.get(key)
-    if site is None:
-        tab = proc.pclntab
-        start = tab.func_for_pc(startpc)
-        function = start.name if start else f"{startpc:#x}"
-        if start is not None and ".gowrap" in start.name:
-            function = _started_function(proc, start) or function
-        # Goroutine 1 (runtime.main) is started by the assembly of rt0_go, not by a go
-        # statement: the runtime prints no "created by" for it, and neither do we.
-        call: SourceLine | None = (
-            tab.call_site(gopc) if gopc and function != "runtime.main" else None
-        )
-        site = CreationSite(
-            function=function,
-            go_statement=f"{call.file}:{call.line}" if call else "",
-            created_by=call.function if call else "",
-        )
-        cache.sites[key] = site
-    return site
-
-
-def creation_site_of(proc: GoProcess, g: Goroutine) -> CreationSite:
-    return site_at(proc, g.gopc, g.startpc)
-
-
-def creation_site(proc: GoProcess, g: Goroutine) -> tuple[str, str]:
-    """(started function, "file:line" of the go statement): the site goroutines are
-    counted by. Goroutine 1 (runtime.main) has no go statement: ""."""
-    site = creation_site_of(proc, g)
-    return site.function, site.go_statement
-
-
-SYSTEM_KEEP = frozenset({"runtime.main", "runtime.handleAsyncEvent", "runtime.corostart"})
-
-
-def is_system_goroutine(proc: GoProcess, g: Goroutine) -> bool:
-    """A goroutine the runtime started for itself (GC workers, finalizers, ...), which
-    runtime.Stack and pprof leave out: traceback.go isSystemGoroutine without its
-    live finalizer check (the finalizer/cleanup goroutines count as system)."""
-    name = creation_site_of(proc, g).function
-    return name.startswith("runtime.") and name not in SYSTEM_KEEP
 
 
 # --- a layout found before ----------------------------------------------------------------
