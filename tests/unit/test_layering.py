@@ -20,8 +20,9 @@ PACKAGE = Path(__file__).resolve().parents[2] / "agent" / "goleash"
 # Leaves are modules every part may use because they use nothing of goleash but
 # errors: the exception base, the profile encoders (pprof/folded), the recording
 # format and its diff (written by node, read by control), the OTLP bridge of a
-# Prometheus registry; and `goleash`, the package face (__version__).
-LEAVES = {"errors", "profiles", "recdiff", "otlp", "signals"}
+# Prometheus registry, signal handling, the rules of the caches on disk (cachefiles);
+# and `goleash`, the package face (__version__).
+LEAVES = {"errors", "profiles", "recdiff", "otlp", "signals", "cachefiles"}
 COMMON = LEAVES | {"goleash"}
 MAY_IMPORT: dict[str, set[str]] = {
     "gobin": COMMON,

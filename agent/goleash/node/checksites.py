@@ -16,18 +16,16 @@ validated when read (an entry that does not fit the file is a miss), and bounded
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import mmap
 import os
-import stat
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from goleash import cachefiles
 from goleash.gobin.disasm import GoroutineProbeSites, ProbeSite
 from goleash.probes.testleaks import CheckSites
 
@@ -56,14 +54,8 @@ class ExecPlan:
 
 
 def cache_dir() -> Path:
-    """$XDG_CACHE_HOME/goleash/check, else /var/cache/goleash/check for root, else
-    ~/.cache/goleash/check (beside the BPF program cache)."""
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg) / "goleash" / "check"
-    if os.geteuid() == 0:
-        return Path("/var/cache/goleash/check")
-    return Path.home() / ".cache" / "goleash" / "check"
+    """Beside the BPF program cache (goleash.cachefiles: where, and what is trusted)."""
+    return cachefiles.cache_dir("check")
 
 
 def file_digest(fd: int) -> tuple[str, int]:
@@ -75,31 +67,16 @@ def file_digest(fd: int) -> tuple[str, int]:
         return hashlib.sha256(m).hexdigest(), size
 
 
-def _safe_dir(path: Path) -> bool:
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
-
-
 def _entry(digest: str) -> Path:
     return cache_dir() / f"{digest}.json"
 
 
 def _read(path: Path) -> Any:
     """The JSON in PATH when only we could have written it, else None."""
-    if not _safe_dir(path.parent):
-        return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        data = cachefiles.read_trusted(path, MAX_ENTRY_BYTES)
     except OSError:
         return None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            return None
-        data = f.read(MAX_ENTRY_BYTES + 1)
     try:
         return json.loads(data)
     except ValueError:
@@ -125,23 +102,7 @@ def store(digest: str, plan: ExecPlan) -> None:
 
 def _write(path: Path, content: Any) -> None:
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not _safe_dir(path.parent):
-            raise OSError(f"{path.parent} is writable by others")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".entry-")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(content, f)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        entries = list(path.parent.glob("*.json"))
-        if len(entries) > KEEP_ENTRIES:  # bounded: the oldest go
-            entries.sort(key=lambda p: p.stat().st_mtime)
-            for old in entries[: len(entries) - KEEP_ENTRIES]:
-                with contextlib.suppress(OSError):
-                    old.unlink()
+        cachefiles.write_atomic(path, json.dumps(content), KEEP_ENTRIES, "*.json")
     except OSError as exc:
         log.info("check site cache not written (%s)", exc)
 

@@ -31,14 +31,13 @@ import importlib.util
 import json
 import logging
 import os
-import stat
 import struct
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from goleash import cachefiles
 from goleash.errors import GoleashError
 
 log = logging.getLogger(__name__)
@@ -358,23 +357,8 @@ class _Libbcc:
 
 
 def cache_dir() -> Path:
-    """$XDG_CACHE_HOME/goleash/bpf, else /var/cache/goleash/bpf for root (goleash's
-    cache on a node), else ~/.cache/goleash/bpf."""
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg) / "goleash" / "bpf"
-    if os.geteuid() == 0:
-        return Path("/var/cache/goleash/bpf")
-    return Path.home() / ".cache" / "goleash" / "bpf"
-
-
-def _safe_dir(path: Path) -> bool:
-    """Only we can write it: a file another user could plant would be loaded as root."""
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+    """goleash.cachefiles: where, and what is trusted."""
+    return cachefiles.cache_dir("bpf")
 
 
 def cache_file(name: str, key: str) -> Path:
@@ -386,21 +370,12 @@ def read_cached(name: str, key: str) -> BpfImage:
     path = cache_file(name, key)
     if not path.parent.exists():
         raise ImageError("not cached yet")
-    if not _safe_dir(path.parent):
-        raise ImageError(f"{path.parent} is writable by others (or not ours): not trusted")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        data = cachefiles.read_trusted(path, MAX_FILE_BYTES)
     except FileNotFoundError as exc:
         raise ImageError("not cached yet") from exc
     except OSError as exc:
-        raise ImageError(f"{path}: {exc.strerror}") from exc
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            raise ImageError(f"{path} is not a regular file only we can write")
-        if st.st_size > MAX_FILE_BYTES:
-            raise ImageError(f"{path} is {st.st_size} bytes")
-        data = f.read(MAX_FILE_BYTES)
+        raise ImageError(str(exc) if exc.strerror is None else f"{path}: {exc.strerror}") from exc
     try:
         image = BpfImage.from_json(data.decode())
     except UnicodeDecodeError as exc:
@@ -415,21 +390,8 @@ def write_cached(name: str, image: BpfImage) -> Path | None:
     cannot be written is logged, never an error."""
     path = cache_file(name, image.key)
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not _safe_dir(path.parent):
-            raise OSError(f"{path.parent} is writable by others")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}-")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(image.to_json())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
         # Bounded: the newest few stay (two goleash versions in turn must not thrash).
-        images = sorted(path.parent.glob(f"{name}-*.json"), key=lambda p: p.stat().st_mtime)
-        for old in images[:-KEEP_IMAGES]:
-            old.unlink(missing_ok=True)
+        cachefiles.write_atomic(path, image.to_json(), KEEP_IMAGES, f"{name}-*.json")
     except OSError as exc:
         log.warning("BPF program cache not written (%s): the next run compiles again", exc)
         return None
