@@ -44,8 +44,10 @@ def test_processes_of_one_binary_share_one_analysis_released_by_the_last() -> No
         running_populations(new, "pie", worker=1) as a2,
         running_populations(old, "stripped", worker=1) as b,
     ):
-        # Other tests in this process may hold the same fixture file: count, not test.
+        # Other tests in this process may hold the same fixture file: count, not test,
+        # once their garbage is gone (the count at the end is taken after a collect).
         target = os.readlink(f"/proc/{a1.pid}/exe")
+        gc.collect()
         before = (_mapped(target), _opened(target))
         p1 = GoProcess.attach(a1.pid, cache=cache)
         p2 = GoProcess.attach(a2.pid, cache=cache)
