@@ -15,11 +15,15 @@ import select
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gobuild
+
+if TYPE_CHECKING:
+    from goleash.node.tracker import ProcessTracker
+    from goleash.probes.goroutines import GoroutineProgram
 
 READY_TIMEOUT = 60.0  # 100k goroutines on a busy 2-core CI machine take a few seconds
 POPULATIONS = ("orphan", "nilselect", "condwait", "worker", "sleeper")
@@ -97,3 +101,25 @@ def running_populations(
         for f in (proc.stdin, proc.stdout):
             if f is not None:
                 f.close()
+
+
+@contextmanager
+def tracked_pair(
+    program: GoroutineProgram, toolchain: str, **counts: int
+) -> Iterator[tuple[tuple[Populations, ProcessTracker], tuple[Populations, ProcessTracker]]]:
+    """Two populations fixtures, each followed by a started tracker on one shared
+    PROGRAM; the trackers are closed after the processes are gone (the program is
+    the caller's)."""
+    from goleash.node.tracker import ProcessTracker
+    from goleash.probes.target import GoProcess
+
+    trackers: list[ProcessTracker] = []
+    with ExitStack() as stack:
+        stack.callback(lambda: [tr.close() for tr in trackers])
+        a = stack.enter_context(running_populations(toolchain, **counts))
+        b = stack.enter_context(running_populations(toolchain, **counts))
+        for pop in (a, b):
+            tr = ProcessTracker(GoProcess.attach(pop.pid), program=program)
+            trackers.append(tr)
+            tr.start()
+        yield (a, trackers[0]), (b, trackers[1])

@@ -17,7 +17,7 @@ from goleash.probes.goroutine_records import SLOT_HEAD
 from goleash.probes.goroutines import GoroutineProgram
 from goleash.probes.inventory import read_goroutines
 from goleash.probes.target import GoProcess
-from populations import running_populations
+from populations import running_populations, tracked_pair
 
 pytestmark = pytest.mark.root
 
@@ -126,17 +126,8 @@ def test_births_after_the_walk_are_counted_with_the_memory_that_shows_them(
     monkeypatch.setattr(goroutine_program, "TABLES_MAX_AGE_S", 600.0)
     toolchain = gobuild.TOOLCHAINS[-1]
     program = GoroutineProgram(max_live=1024, max_sites=1024)
-    trackers: list[ProcessTracker] = []
     try:
-        with (
-            running_populations(toolchain, **COUNTS) as a,
-            running_populations(toolchain, **COUNTS) as b,
-        ):
-            for pop in (a, b):
-                tr = ProcessTracker(GoProcess.attach(pop.pid), program=program)
-                trackers.append(tr)
-                tr.start()
-            ta, tb = trackers
+        with tracked_pair(program, toolchain, **COUNTS) as ((a, ta), (b, tb)):
             for _interval in range(2):
                 ta.snapshot()  # the walk, before b's births
                 b.command("orphans 3")
@@ -146,6 +137,4 @@ def test_births_after_the_walk_are_counted_with_the_memory_that_shows_them(
                 assert (late.created, churn.created) == (3 * (_interval + 1), 50 * (_interval + 1))
                 assert (late.exited, churn.exited, churn.live) == (0, 50 * (_interval + 1), 0)
     finally:
-        for tr in trackers:
-            tr.close()
         program.close()

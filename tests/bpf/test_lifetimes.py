@@ -25,7 +25,7 @@ from goleash.probes.goidgen import SCHEDT_GOIDGEN_OFFSET
 from goleash.probes.goroutines import GoroutineProgram
 from goleash.probes.target import GoProcess
 from polling import wait_for
-from populations import running_populations
+from populations import running_populations, tracked_pair
 
 pytestmark = pytest.mark.root
 
@@ -108,17 +108,8 @@ def test_dead_records_of_one_process_do_not_crowd_out_another() -> None:
     slot until its interval freed them; the second then records all its births."""
     toolchain = gobuild.TOOLCHAINS[-1]
     program = GoroutineProgram(max_live=64, max_sites=1024, max_live_per_process=8)
-    trackers: list[ProcessTracker] = []
     try:
-        with (
-            running_populations(toolchain, **COUNTS) as a,
-            running_populations(toolchain, **COUNTS) as b,
-        ):
-            for pop in (a, b):
-                tr = ProcessTracker(GoProcess.attach(pop.pid), program=program)
-                trackers.append(tr)
-                tr.start()
-            ta, tb = trackers
+        with tracked_pair(program, toolchain, **COUNTS) as ((a, ta), (b, tb)):
             a.churn(5000)
             snap_a = ta.snapshot()  # frees a's records of its dead goroutines
             assert site(snap_a.sites, "churn").exited == 5000
@@ -131,8 +122,6 @@ def test_dead_records_of_one_process_do_not_crowd_out_another() -> None:
             assert unrecorded_only_by_collision(snap_b, kids, 64, births)
             assert snap_b.dropped["live_table_full"] == 0
     finally:
-        for tr in trackers:
-            tr.close()
         program.close()
 
 
