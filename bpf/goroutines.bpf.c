@@ -123,23 +123,36 @@ static __always_inline struct live_slot *slot_of(u32 pid, u64 goid)
     return live_slots.lookup(&idx);
 }
 
+/* The goroutine's slot; NULL for a goid that reads as one of the slot's markers. */
+static __always_inline struct live_slot *birth_slot(struct goroutine_key *key)
+{
+    if (key->goid == LIVE_SLOT_EMPTY || key->goid == LIVE_SLOT_WRITING)
+        return NULL;
+    return slot_of(key->pid, key->goid);
+}
+
+/* Fill a slot marked LIVE_SLOT_WRITING and publish it: goid last. x86 keeps stores in
+ * order, so a reader that sees the goid sees the info; the barrier keeps the compiler
+ * from reordering them. */
+static __always_inline int publish_slot(struct live_slot *s, struct gr_proc *p,
+                                        struct goroutine_key *key, struct goroutine_info *info)
+{
+    s->pid = key->pid;
+    s->gen = p->gen;
+    s->info = *info;
+    asm volatile("" ::: "memory");
+    s->goid = key->goid;
+    return 1;
+}
+
 /* Record a birth in the goroutine's slot; 0 when the slot is taken. */
 static __always_inline int put_in_slot(struct gr_proc *p, struct goroutine_key *key,
                                        struct goroutine_info *info)
 {
-    if (key->goid == LIVE_SLOT_EMPTY || key->goid == LIVE_SLOT_WRITING)
-        return 0;
-    struct live_slot *s = slot_of(key->pid, key->goid);
+    struct live_slot *s = birth_slot(key);
     if (!s || __sync_val_compare_and_swap(&s->goid, LIVE_SLOT_EMPTY, LIVE_SLOT_WRITING) != 0)
         return 0;
-    s->pid = key->pid;
-    s->gen = p->gen;
-    s->info = *info;
-    /* Publish goid last: x86 keeps stores in order, so a reader that sees the goid
-     * sees the info; the barrier keeps the compiler from reordering them. */
-    asm volatile("" ::: "memory");
-    s->goid = key->goid;
-    return 1;
+    return publish_slot(s, p, key, info);
 }
 
 /* Without the exit probe (the default) nothing frees a slot in the kernel, so a
@@ -152,21 +165,14 @@ static __always_inline int put_in_slot(struct gr_proc *p, struct goroutine_key *
 static __always_inline int overwrite_slot(struct gr_proc *p, struct goroutine_key *key,
                                           struct goroutine_info *info)
 {
-    if (key->goid == LIVE_SLOT_EMPTY || key->goid == LIVE_SLOT_WRITING)
-        return 0;
-    struct live_slot *s = slot_of(key->pid, key->goid);
+    struct live_slot *s = birth_slot(key);
     if (!s)
         return 0;
     if (s->goid != LIVE_SLOT_EMPTY && (s->pid != key->pid || s->gen != p->gen))
         return 0;
     s->goid = LIVE_SLOT_WRITING;
     asm volatile("" ::: "memory");
-    s->pid = key->pid;
-    s->gen = p->gen;
-    s->info = *info;
-    asm volatile("" ::: "memory");
-    s->goid = key->goid;
-    return 1;
+    return publish_slot(s, p, key, info);
 }
 
 /* Into the shared hash, within this process's share of it. */
