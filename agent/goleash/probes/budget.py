@@ -13,18 +13,23 @@ probe cost at all: function latency refuses it (nothing could be counted or time
 the goroutine tracker detaches its probes at the first interval they cost anything
 and counts from memory only.
 
-The cost per hit is this host's: measured once per agent process (probes/hitcost.py:
-an empty probe's hit, times the share goleash's programs add), since it varies
-several-fold between hosts and with load. Where it cannot be measured (no root, no
-BCC) the project's CI figures below are used; GOLEASH_HIT_COST_NS="emulated,stepped"
-sets them outright.
+The cost per hit is this host's: measured by the agent (probes/hitcost.py: an empty
+probe's hit, times the share goleash's programs add) when first needed and again
+every 10 minutes, since it varies several-fold between hosts and with load. Where it
+cannot be measured (no root) the project's CI figures below are used;
+GOLEASH_HIT_COST_NS="emulated,stepped" sets them outright.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
+import statistics
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 log = logging.getLogger("goleash.agent")
@@ -36,21 +41,62 @@ DEFAULT_EMULATED_NS = 600.0
 DEFAULT_STEPPED_NS = 15_000.0
 DEFAULT_CPU_FRACTION = 0.01  # 1% of one core per traced process
 
-_measured: tuple[float, float] | None = None
-_measure_lock = threading.Lock()
+# A measurement taken while the host is busy (an agent starting with its node) can
+# be twice a quiet one; a governor fed it for the agent's whole life keeps probes
+# off that would fit. So the cost is measured again every REMEASURE_S and the median
+# of the last KEPT_MEASUREMENTS is used: it follows the host, and one measurement
+# taken at a bad moment moves nothing. Each measurement costs ~0.1 CPU-s.
+REMEASURE_S = 600.0
+KEPT_MEASUREMENTS = 3
+
+
+@dataclass
+class HostCosts:
+    """This host's measured hit costs: the recent measurements and when the last
+    one was taken."""
+
+    measure: Callable[[], tuple[float, float]]
+    clock: Callable[[], float] = time.monotonic
+    recent: list[tuple[float, float]] = field(default_factory=list)
+    measured_at: float | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def costs(self) -> tuple[float, float]:
+        """(emulated, stepped) ns: the median of the kept measurements, refreshed
+        when the last one is older than REMEASURE_S."""
+        with self._lock:
+            now = self.clock()
+            if self.measured_at is None or now - self.measured_at >= REMEASURE_S:
+                self.recent = [*self.recent, self.measure()][-KEPT_MEASUREMENTS:]
+                self.measured_at = now
+            return (
+                statistics.median(c[0] for c in self.recent),
+                statistics.median(c[1] for c in self.recent),
+            )
+
+
+@functools.lru_cache(maxsize=4)  # read at every budget judgement: warn once
+def _from_env(raw: str) -> tuple[float, float] | None:
+    try:
+        emulated, stepped = (float(x) for x in raw.split(","))
+    except ValueError:
+        emulated = stepped = math.nan
+    if not all(math.isfinite(c) and c > 0 for c in (emulated, stepped)):
+        log.warning(
+            "GOLEASH_HIT_COST_NS=%r ignored: it must be two positive numbers of ns, "
+            "'emulated,stepped' (e.g. '600,15000'); measuring this host instead",
+            raw[:64],
+        )
+        return None
+    return emulated, stepped
 
 
 def hit_costs_ns() -> tuple[float, float]:
     """(emulated, single-stepped) ns a goleash probe hit costs a traced thread here."""
     raw = os.environ.get("GOLEASH_HIT_COST_NS")
-    if raw:
-        emulated, stepped = (float(x) for x in raw.split(","))
-        return emulated, stepped
-    global _measured
-    with _measure_lock:
-        if _measured is None:
-            _measured = _measure_host()
-        return _measured
+    if raw and (costs := _from_env(raw)) is not None:
+        return costs
+    return _host.costs()
 
 
 def _measure_host() -> tuple[float, float]:
@@ -70,6 +116,9 @@ def _measure_host() -> tuple[float, float]:
     return costs
 
 
+_host = HostCosts(_measure_host)
+
+
 @dataclass
 class OverheadBudget:
     """Per-process budget. Feed it each interval's hit counts; it says whether
@@ -78,9 +127,6 @@ class OverheadBudget:
     cpu_fraction: float = DEFAULT_CPU_FRACTION
     over: bool = False
     last_fraction: float = 0.0
-    # (emulated, stepped) ns per hit, measured when first needed: a budget nobody
-    # counts with (no probes attached) never costs a measurement
-    _costs: tuple[float, float] | None = field(default=None, repr=False)
 
     @property
     def emulated_ns(self) -> float:
@@ -91,11 +137,10 @@ class OverheadBudget:
         return self.hit_costs()[1]
 
     def hit_costs(self) -> tuple[float, float]:
-        """(emulated, stepped) ns per hit; the first call may measure them (~0.3 s):
-        make it before attaching probes that run until the budget is first judged."""
-        if self._costs is None:
-            self._costs = hit_costs_ns()
-        return self._costs
+        """(emulated, stepped) ns per hit; the agent's first call measures them (~0.3
+        s): make it before attaching probes that run until the budget is first judged.
+        A budget nobody counts with (no probes attached) never costs a measurement."""
+        return hit_costs_ns()
 
     def cost_fraction(self, emulated_hits: int, stepped_hits: int, interval_s: float) -> float:
         """Fraction of one core the hits cost the traced process over the interval."""

@@ -1,4 +1,5 @@
-"""What a uprobe hit costs on this host, measured once per agent process.
+"""What a uprobe hit costs on this host, measured by the agent (again every 10 minutes:
+probes/budget.py).
 
 The overhead budget counts hits times a cost per hit. That cost is mostly the trap
 (a VM exit on virtual machines) and varies several-fold between hosts and with
@@ -11,7 +12,7 @@ rax, rdi; pop rbp; ret`) in a memfd mapped executable, called through ctypes wit
 an empty BPF program (two instructions, loaded without a compiler) on its `push`
 (emulated) and on its `mov` (single-stepped) through a uprobe_multi link, against the
 same calls unprobed. Runs are interleaved and the median kept. It costs the agent
-~0.1 s of CPU once; no traced process is touched. A kernel without uprobe_multi
+~0.1 s of CPU each time; no traced process is touched. A kernel without uprobe_multi
 links (before 6.6) keeps the defaults.
 """
 
