@@ -194,8 +194,11 @@ def test_stripped_with_unknown_version(tmp_path: Path) -> None:
     expect_error(run_cli("inspect", str(future)), "go1.99", "offsets")
 
 
-def test_no_such_pid() -> None:
-    expect_error(run_cli("inspect", "--pid", "4000000"), "4000000")
+@pytest.mark.parametrize(
+    "command", [("inspect",), ("trace", "--duration", "1"), ("panics", "--duration", "1")]
+)
+def test_no_such_pid(command: tuple[str, ...]) -> None:
+    expect_error(run_cli(*command, "--pid", "4000000"), "4000000", "no such process")
 
 
 def test_pid_that_exited() -> None:

@@ -21,7 +21,17 @@ from goleash.errors import GoleashError
 # --- trace -----------------------------------------------------------------------
 
 
+def _require_live(pid: int) -> None:
+    """Fail at once on a PID that is not there, before seconds of imports (the
+    tracker's) on a loaded host; later failures (the process exits while we attach)
+    are still handled where they happen."""
+    from goleash.probes.procmem import check_pid
+
+    check_pid(pid)
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
+    _require_live(args.pid)
     from goleash.node.trace import run_trace
 
     return run_trace(
@@ -57,6 +67,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
 
 def cmd_panics(args: argparse.Namespace) -> int:
+    _require_live(args.pid)
     from goleash.node.latency import run_panics
 
     return run_panics(args.pid, duration=args.duration, as_json=args.json, emit_json=print_json)
