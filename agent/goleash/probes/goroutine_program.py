@@ -26,6 +26,7 @@ import itertools
 import mmap
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from goleash.errors import GoleashError
@@ -55,6 +56,7 @@ from goleash.probes.goroutine_records import (  # noqa: F401  (re-exported)
     occupied_slots,
     process_layout,
 )
+from goleash.probes.uprobe import ProgramLinks
 
 PID_SLOTS = 4096  # GR_PID_SLOTS: pids found without a hash lookup (the rest: one)
 DEFAULT_MAX_PROCS = 1024
@@ -135,6 +137,7 @@ class GoroutineProgram:
         self._walk: _Walk | None = None
         self._lock = threading.Lock()
         self._compile_error: ProbeAttachError | None = None
+        self._links: ProgramLinks | None = None
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -202,9 +205,34 @@ class GoroutineProgram:
             if self._slots_mm is not None:
                 self._slots_mm.close()
                 self._slots_mm = None
+            if self._links is not None:
+                self._links.close()
+                self._links = None
             if self.bpf is not None:
                 self.bpf.cleanup()
                 self.bpf = None
+
+    # --- attaching -----------------------------------------------------------------
+
+    def attach(
+        self, pid: int, exe: str, file_offsets: Sequence[int], fn: str
+    ) -> Callable[[], None]:
+        """FN at every offset of EXE for PID (see ProgramLinks); returns the detach."""
+        assert self.bpf is not None
+        if self._links is None:
+            self._links = ProgramLinks(self.bpf)
+        return self._links.attach(pid, exe, file_offsets, fn)
+
+    def program_fds(self) -> dict[str, list[int]]:
+        """Each function's loaded programs (for perf events, for links): their fds."""
+        out: dict[str, list[int]] = {}
+        if self.bpf is not None:
+            for name, f in self.bpf.funcs.items():
+                out.setdefault(name.decode(), []).append(f.fd)
+        if self._links is not None:
+            for name, fd in self._links.fds().items():
+                out.setdefault(name, []).append(fd)
+        return out
 
     # --- processes ------------------------------------------------------------------
 

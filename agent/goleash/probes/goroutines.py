@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from goleash.gobin.disasm import ProbeSite, goroutine_probe_sites
@@ -37,7 +38,6 @@ from goleash.probes.goroutine_program import (  # _names: views the layout test 
     process_layout,
 )
 from goleash.probes.target import GoProcess
-from goleash.probes.uprobe import attach_at, detach
 
 __all__ = [
     "COUNTER_NAMES",
@@ -113,8 +113,9 @@ class GoroutineProbes:
         )
         self.stacks = self.program.stacks
         self.sites = goroutine_probe_sites(proc.binary, proc.symbols.lookup)
-        self._attached: list[tuple[ProbeSite, str]] = []  # (site, BCC event name)
-        self._exit_event: str | None = None  # the exit probe, when attached
+        self._attached: list[ProbeSite] = []
+        self._detaches: list[Callable[[], None]] = []  # one per attached group of sites
+        self._exit_detach: Callable[[], None] | None = None  # the exit probe's
         self._registered = False
 
     # --- lifecycle ----------------------------------------------------------------
@@ -139,22 +140,21 @@ class GoroutineProbes:
     @property
     def stepped_sites(self) -> int:
         """How many of the attached sites the kernel single-steps (cost model)."""
-        n = sum(1 for s, _ev in self._attached if not s.emulated)
-        return n + (1 if self._exit_event is not None and not self.sites.exit.emulated else 0)
+        n = sum(1 for s in self._attached if not s.emulated)
+        return n + (1 if self._exit_detach is not None and not self.sites.exit.emulated else 0)
 
     def attach(self) -> None:
         if not self._registered:
             self.program.register(self.proc.pid, process_layout(self.proc.offsets))
             self._registered = True
-        bpf = self.program.bpf
-        assert bpf is not None
-        plan: list[tuple[ProbeSite, str]] = [(s, self.create_function) for s in self.create_sites]
+        plan: list[tuple[list[ProbeSite], str]] = [(self.create_sites, self.create_function)]
         if self.stacks:
-            plan.append((self.sites.newproc_entry, "on_newproc"))
+            plan.append(([self.sites.newproc_entry], "on_newproc"))
         try:
-            for site, fn in plan:
-                ev = attach_at(bpf, self._exe(), site.file_offset, fn, self.proc.pid)
-                self._attached.append((site, ev))
+            for sites, fn in plan:
+                offsets = [s.file_offset for s in sites]
+                self._detaches.append(self.program.attach(self.proc.pid, self._exe(), offsets, fn))
+                self._attached.extend(sites)
         except Exception as exc:
             self.detach()
             if not os.path.exists(f"/proc/{self.proc.pid}"):
@@ -166,13 +166,11 @@ class GoroutineProbes:
     def attach_exits(self) -> None:
         """The exit probe (--lifetimes): attached first, then the program told, so no
         birth claims a slot that no exit would free."""
-        if self._exit_event is not None or not self._attached:
+        if self._exit_detach is not None or not self._attached:
             return
-        bpf = self.program.bpf
-        assert bpf is not None
         try:
-            self._exit_event = attach_at(
-                bpf, self._exe(), self.sites.exit.file_offset, "on_exit", self.proc.pid
+            self._exit_detach = self.program.attach(
+                self.proc.pid, self._exe(), [self.sites.exit.file_offset], "on_exit"
             )
         except Exception as exc:
             self.detach()
@@ -183,17 +181,17 @@ class GoroutineProbes:
 
     def detach_exits(self) -> None:
         """The exit probe only (births still counted): the program told first."""
-        if self._exit_event is None:
+        if self._exit_detach is None:
             return
-        bpf = self.program.bpf
-        if bpf is not None:
+        if self.program.bpf is not None:
             self.program.set_exits(self.proc.pid, False)
-            detach(bpf, self._exit_event)
-        self._exit_event = None
+            with contextlib.suppress(Exception):  # already gone with its process
+                self._exit_detach()
+        self._exit_detach = None
 
     @property
     def exits_attached(self) -> bool:
-        return self._exit_event is not None
+        return self._exit_detach is not None
 
     def reconcile(self, live_goids: set[int] | frozenset[int], born_before_ns: int) -> int:
         """Free the birth records of goroutines no longer live (see
@@ -214,10 +212,11 @@ class GoroutineProbes:
     def detach(self) -> None:
         """Remove this process's uprobes (its counts stay readable until close())."""
         self.detach_exits()
-        bpf = self.program.bpf
-        if bpf is not None:
-            for _site, ev in self._attached:
-                detach(bpf, ev)
+        if self.program.bpf is not None:
+            for undo in self._detaches:
+                with contextlib.suppress(Exception):  # already gone with its process
+                    undo()
+        self._detaches.clear()
         self._attached.clear()
 
     def close(self) -> None:
