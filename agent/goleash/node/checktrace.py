@@ -89,6 +89,8 @@ class Checker:
 
     # Detaching a uprobe waits for the kernel (~120 ms each); never on the event loop.
     def _detach_loop(self) -> None:
+        # SIGCHLD is for the main thread: it ends its wait for events (check.py).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
         while (pid := self._detach_q.get()) is not None:
             if not self._closing:  # else CheckProbes.close detaches them, in parallel
                 self.probes.detach(pid)
