@@ -52,7 +52,6 @@ from goleash.node.checkreport import (  # noqa: F401  (the report model, re-expo
     split_symbol,
     write_junit,
 )
-from goleash.probes.bpfload import ReleaseHelper
 
 # --- starting the command while the probes load ---------------------------------------------
 #
@@ -331,13 +330,17 @@ def _run(
     stdout_to_stderr: bool,
     started: float,
 ) -> CheckReport:
-    # First, while this process is small and has no threads: the removal of the
-    # probes at the end waits for the kernel there, not here (bpfload.ReleaseHelper).
-    helper = ReleaseHelper.start()
+    # The command first: `go test` builds while the rest of goleash loads.
     gate = ExecGate.for_command(command, tmp)
     pid, release = _spawn(command, gate, stdout_to_stderr=stdout_to_stderr)
     _interrupt.command_pid = pid
+    helper = None
     try:
+        # Then, while this process is small and has no threads: the removal of the
+        # probes at the end waits for the kernel there, not here.
+        from goleash.probes.bpfload import ReleaseHelper
+
+        helper = ReleaseHelper.start()
         loader = _ProbeLoader()
         from goleash.node.checktrace import Checker  # heavy: beside the compile
 
@@ -349,7 +352,8 @@ def _run(
         _kill_tree(pid)
         if gate is not None:
             gate.close()
-        helper.close()
+        if helper is not None:
+            helper.close()
         raise
     checker = Checker(probes, command, ignore or IgnoreList(), baseline or set())
     try:
