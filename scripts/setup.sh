@@ -95,4 +95,11 @@ while read -r version source; do
   "$dest/bin/go" version >/dev/null || die "Go $version at $dest does not run"
 done < "$here/scripts/go-toolchains.txt"
 
+# --- goleash check's BPF program ----------------------------------------------
+# Compiled for this kernel now, as DKMS builds modules at install: `goleash check`
+# then loads it instead of compiling it while the command it runs waits. Its cache
+# key is the kernel and BCC: a later upgrade makes check compile (and cache) again.
+log "compiling goleash check's BPF program for $(uname -r)"
+"$venv/bin/python" -m goleash.cli prepare || log "goleash prepare failed: check compiles at its first run"
+
 log "ready (venv $venv, Go toolchains under $cache/go)"

@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -168,3 +170,20 @@ def test_an_image_round_trips_and_bad_relocations_are_refused(cache: Path) -> No
         bpfimage.BpfImage.from_json(broken.to_json())
     body = json.loads(json.loads(image.to_json())["body"])
     assert body["format"] == bpfimage.FORMAT
+
+
+def test_prepare_compiles_once_and_a_check_then_loads_the_program(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`goleash prepare` (the install step) leaves a program the next check loads
+    without compiling; a second prepare finds it and compiles nothing."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cmd = [sys.executable, "-m", "goleash.cli", "prepare"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert "compiled and cached" in first.stdout
+    assert [p.name[:6] for p in (tmp_path / "goleash" / "bpf").glob("*.json")] == ["check-"]
+    assert _load_origin().source == "cache"
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "already cached" in again.stdout

@@ -124,3 +124,29 @@ def test_damaged_entries_are_analysed_again(cache_home: Path) -> None:
     assert all(p["captured_at_exit"] and p["test_binary"] for p in rep["processes"])
     for e in entries:  # stored again, right
         assert json.loads(e.read_text())["process_exit"]["file_offset"] < 1 << 40
+
+
+def _leak_sites(rep: dict) -> set[tuple[str, str, str]]:
+    return {(lk["test"], lk["function"], lk["go_statement"]) for lk in rep["leaks"]}
+
+
+def test_kept_started_functions_never_hide_a_leak(cache_home: Path) -> None:
+    """The function each `go f(x)` wrapper starts is kept with the sites (a later run
+    names sites without a disassembler); a kept name that would make the user's
+    goroutine the runtime's (never a leak) is not believed."""
+    first = _check(cache_home, "./chanleak", "./tickleak")
+    assert _leaking(first) == LEAKING
+    entries = _entries(cache_home)
+    wrappers = set()
+    for e in entries:
+        kept = json.loads(e.read_text())["started"]
+        assert kept is not None, "a run that read the goroutines keeps what they start"
+        wrappers |= {w for w, _ in kept}
+    # The fixtures' leaking goroutines are started by such wrappers (`go watch(...)`).
+    assert {"example.com/leakcheck/chanleak.Watch.gowrap1"} <= wrappers
+    for e in entries:
+        raw = json.loads(e.read_text())
+        raw["started"] = [[w, "runtime.gcBgMarkWorker"] for w, _ in raw["started"]]
+        e.write_text(json.dumps(raw))
+    second = _check(cache_home, "./chanleak", "./tickleak")
+    assert _leak_sites(second) == _leak_sites(first)

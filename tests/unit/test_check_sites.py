@@ -26,7 +26,17 @@ def _site(name: str, offset: int) -> ProbeSite:
 LAYOUT = (0x5A0000, 0x5A0018, 0x5A0020, ("", "GC assist marking", "chan receive"))
 
 
-def _plan(trunner: bool = True, layout: checksites.Layout | None = None) -> ExecPlan:
+STARTED = (
+    ("example.com/m.Watch.gowrap1", "example.com/m.watch"),
+    ("runtime.gcenable.gowrap1", None),
+)
+
+
+def _plan(
+    trunner: bool = True,
+    layout: checksites.Layout | None = None,
+    started: checksites.Started | None = None,
+) -> ExecPlan:
     exit_site = _site("runtime.goexit1", 0x2000)
     g = GoroutineProbeSites(
         create_kind="runqput_call",
@@ -38,7 +48,7 @@ def _plan(trunner: bool = True, layout: checksites.Layout | None = None) -> Exec
         gopanic=exit_site,
     )
     tr = _site("testing.tRunner", 0x3000) if trunner else None
-    return ExecPlan("go1.22.5", CheckSites(g, tr, _site("runtime.exit", 0x4000)), layout)
+    return ExecPlan("go1.22.5", CheckSites(g, tr, _site("runtime.exit", 0x4000)), layout, started)
 
 
 @pytest.fixture(autouse=True)
@@ -48,13 +58,19 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("trunner", "layout"),
-    [(True, None), (False, None), (True, LAYOUT), (True, (0x5A0000, None, None, ()))],
+    ("trunner", "layout", "started"),
+    [
+        (True, None, None),
+        (False, None, None),
+        (True, LAYOUT, None),
+        (True, (0x5A0000, None, None, ()), ()),
+        (True, LAYOUT, STARTED),
+    ],
 )
 def test_a_stored_plan_comes_back_unchanged(
-    cache: Path, trunner: bool, layout: checksites.Layout | None
+    cache: Path, trunner: bool, layout: checksites.Layout | None, started: checksites.Started
 ) -> None:
-    plan = _plan(trunner, layout)
+    plan = _plan(trunner, layout, started)
     checksites.store(DIGEST, plan)
     assert (cache / f"{DIGEST}.json").is_file()
     assert checksites.load(DIGEST, SIZE) == plan
@@ -85,6 +101,11 @@ def _edit(cache: Path, edit) -> None:  # type: ignore[no-untyped-def]
         lambda r: r.update(layout=[0x5A0000, None, None]),
         lambda r: r["layout"][3].append("\x1b[2Jclear screen"),  # reaches terminals
         lambda r: r["layout"][3].extend(["x"] * 300),
+        lambda r: r["started"].append(["example.com/m.notawrapper", None]),
+        lambda r: r["started"].append(["x.gowrap1", "\x1b[2Jclear screen"]),
+        lambda r: r["started"].append(["x.gowrap1"]),
+        lambda r: r.update(started={"x.gowrap1": None}),
+        lambda r: r["started"].extend([["x.gowrap1", None]] * 5000),
     ],
     ids=[
         "other-digest",
@@ -101,10 +122,15 @@ def _edit(cache: Path, edit) -> None:  # type: ignore[no-untyped-def]
         "layout-short",
         "layout-control-chars",
         "layout-too-many-reasons",
+        "started-no-wrapper",
+        "started-control-chars",
+        "started-short",
+        "started-not-a-list",
+        "started-too-many",
     ],
 )
 def test_an_entry_that_does_not_fit_is_a_miss(cache: Path, edit) -> None:  # type: ignore[no-untyped-def]
-    checksites.store(DIGEST, _plan(layout=LAYOUT))
+    checksites.store(DIGEST, _plan(layout=LAYOUT, started=STARTED))
     _edit(cache, edit)
     assert checksites.load(DIGEST, SIZE) is None
 

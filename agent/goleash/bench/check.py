@@ -11,7 +11,9 @@ after (probes/bpfimage.py), and the probe sites of a test binary are kept by its
 content (node/checksites.py; go test links the same bytes while the code does not
 change): the ratio is measured with both caches warm, as every run but the first on
 a machine; the first run's cost (the compile, every analysis) is a separate line,
-with empty caches. goleash runs with its bytecode compiled, as installed from a wheel.
+with empty caches, and again after `goleash prepare` (the install step that compiles
+the program): every test binary analysed. goleash runs with its bytecode compiled, as
+installed from a wheel.
 """
 
 from __future__ import annotations
@@ -60,6 +62,13 @@ def run(report: Report) -> None:
         checked.append(_time(check, module, env))
     with tempfile.TemporaryDirectory(prefix="goleash-bench-cache-") as empty:
         cold = _time(check, module, {**env, "XDG_CACHE_HOME": empty})
+    # A machine set up by `goleash prepare` (scripts/setup.sh): the program compiled,
+    # no test binary analysed yet.
+    with tempfile.TemporaryDirectory(prefix="goleash-bench-cache-") as prepared:
+        penv = {**env, "XDG_CACHE_HOME": prepared}
+        prepare = [sys.executable, "-m", "goleash.cli", "prepare"]
+        subprocess.run(prepare, env=penv, stdout=subprocess.DEVNULL, check=True)
+        first = _time(check, module, penv)
     p, c = statistics.median(plain), statistics.median(checked)
     report.line(f"go test ./... alone (go{toolchain}, median of {RUNS})", p, "s")
     report.line("goleash check -- go test ./... (program cached)", c, "s")
@@ -70,4 +79,6 @@ def run(report: Report) -> None:
     report.line("load average (1 min) at the end", os.getloadavg()[0], "")
     report.line("first run on a machine (compiles, analyses), one run", cold, "s")
     report.line("first run / go test", cold / p, "x")
+    report.line("first run after `goleash prepare`, one run", first, "s")
+    report.line("first run after prepare / go test", first / p, "x")
     pycache.cleanup()

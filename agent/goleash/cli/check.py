@@ -51,7 +51,28 @@ def _exit_now(status: int) -> None:
     os._exit(status)
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from goleash.node.check import prepare
+
+    done = prepare()
+    what = "compiled and cached" if done.compiled else "already cached"
+    print(f"goleash check's BPF program: {what} in {done.cache_dir} ({done.seconds:.1f}s)")
+    return 0
+
+
 def add_commands(sub: Any) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="compile goleash check's BPF program for this kernel ahead of time",
+        description=(
+            "Compile the BPF program `goleash check` loads, for this kernel and BCC, into "
+            "goleash's cache ($XDG_CACHE_HOME/goleash, else /var/cache/goleash), as an "
+            "install step (scripts/setup.sh runs it). A check then starts without "
+            "compiling; without it the first check compiles. Run it again after a kernel "
+            "or goleash upgrade (a stale program is never used: check compiles). Needs root."
+        ),
+    )
+    p.set_defaults(handler=cmd_prepare)
     p = sub.add_parser(
         "check",
         help="run a command; fail when Go programs it starts leak goroutines (CI gate)",

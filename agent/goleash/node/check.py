@@ -52,7 +52,6 @@ from goleash.node.checkreport import (  # noqa: F401  (the report model, re-expo
     split_symbol,
     write_junit,
 )
-from goleash.probes.bpfload import ReleaseHelper
 
 # --- starting the command while the probes load ---------------------------------------------
 #
@@ -206,6 +205,13 @@ def _follow_tree(probes: Any, root: int) -> set[int]:
     return seen
 
 
+DRAIN_POLL_MS = 2
+
+
+def _wake(_signum: int, _frame: object) -> None:
+    """SIGCHLD: nothing to do; its arrival ends the current wait for events (EINTR)."""
+
+
 def _kill_tree(root: int) -> None:
     for pid in [root, *_tree(root)]:
         with contextlib.suppress(ProcessLookupError):
@@ -241,6 +247,31 @@ class _ProbeLoader(threading.Thread):
                 raise GoleashError(f"{self.error} (goleash check needs root and BPF)")
             raise self.error
         return self.probes
+
+
+@dataclass(frozen=True)
+class Prepared:
+    compiled: bool  # False: a cached program was there and the kernel took it
+    seconds: float
+    cache_dir: Path
+
+
+def prepare() -> Prepared:
+    """Compile check.bpf.c for this kernel and BCC now and keep it in the program
+    cache (`goleash prepare`, run by the host's set-up as DKMS builds modules at
+    install): a later `goleash check` loads it instead of compiling (~0.7 s idle,
+    seconds on a busy machine) while the command it runs waits. The program is
+    loaded once, as a check loads it, so one the kernel refuses is found here."""
+    from goleash.probes.bpfimage import cache_dir
+    from goleash.probes.testleaks import CheckProbeError, CheckProbes
+
+    started = time.monotonic()
+    try:
+        probes = CheckProbes()
+    except CheckProbeError as exc:
+        raise GoleashError(f"{exc} (goleash prepare needs root and BPF)") from exc
+    probes.close()
+    return Prepared(probes.origin.source != "cache", time.monotonic() - started, cache_dir())
 
 
 def run_check(
@@ -299,13 +330,17 @@ def _run(
     stdout_to_stderr: bool,
     started: float,
 ) -> CheckReport:
-    # First, while this process is small and has no threads: the removal of the
-    # probes at the end waits for the kernel there, not here (bpfload.ReleaseHelper).
-    helper = ReleaseHelper.start()
+    # The command first: `go test` builds while the rest of goleash loads.
     gate = ExecGate.for_command(command, tmp)
     pid, release = _spawn(command, gate, stdout_to_stderr=stdout_to_stderr)
     _interrupt.command_pid = pid
+    helper = None
     try:
+        # Then, while this process is small and has no threads: the removal of the
+        # probes at the end waits for the kernel there, not here.
+        from goleash.probes.bpfload import ReleaseHelper
+
+        helper = ReleaseHelper.start()
         loader = _ProbeLoader()
         from goleash.node.checktrace import Checker  # heavy: beside the compile
 
@@ -317,7 +352,8 @@ def _run(
         _kill_tree(pid)
         if gate is not None:
             gate.close()
-        helper.close()
+        if helper is not None:
+            helper.close()
         raise
     checker = Checker(probes, command, ignore or IgnoreList(), baseline or set())
     try:
@@ -335,11 +371,31 @@ def _run(
     return report
 
 
+def _handle(checker: Any, events: list[Any]) -> None:
+    """Act on each event; a process stopped for one always goes on."""
+    from goleash.probes.testleaks import FOLLOW_EXEC, FOLLOW_EXIT, PROCESS_EXIT
+
+    for ev in events:
+        try:
+            if ev.kind == FOLLOW_EXEC:
+                checker.on_exec(ev.pid, ev.path)
+            elif ev.kind == PROCESS_EXIT:
+                checker.on_process_exit(ev)
+            elif ev.kind == FOLLOW_EXIT:
+                checker.on_gone(ev.pid)
+        except Exception as exc:  # one process's failure never stops the check
+            checker.notes.append(f"PID {ev.pid}: {type(exc).__name__}: {exc}")
+        finally:
+            if ev.kind in (FOLLOW_EXEC, PROCESS_EXIT):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(ev.pid, signal.SIGCONT)
+
+
 def _supervise(
     probes: Any, checker: Any, pid: int, release: int | None, gate: ExecGate | None, poll_ms: int
 ) -> int | None:
     """Follow the command until it exits and its last events are handled: its exit code."""
-    from goleash.probes.testleaks import FOLLOW_EXEC, FOLLOW_EXIT, PROCESS_EXIT
+    from goleash.probes.testleaks import FOLLOW_EXEC, PROCESS_EXIT
 
     exit_code: int | None = None
     forwarded = {}
@@ -350,6 +406,9 @@ def _supervise(
 
     for s in (signal.SIGINT, signal.SIGTERM):
         forwarded[s] = signal.signal(s, forward)
+    # The command's exit interrupts the wait for events (SIGCHLD; the Checker's thread
+    # blocks it), so the report follows it at once, not a poll later.
+    forwarded[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, _wake)
     try:
         # What it started so far: the toolchain, and gates waiting (nothing to check
         # can have run: it waits at a gate, or the command itself is held).
@@ -361,21 +420,10 @@ def _supervise(
             gate.open()
         done_at: float | None = None
         while True:
-            events = probes.poll(poll_ms)
-            for ev in events:
-                try:
-                    if ev.kind == FOLLOW_EXEC:
-                        checker.on_exec(ev.pid, ev.path)
-                    elif ev.kind == PROCESS_EXIT:
-                        checker.on_process_exit(ev)
-                    elif ev.kind == FOLLOW_EXIT:
-                        checker.on_gone(ev.pid)
-                except Exception as exc:  # one process's failure never stops the check
-                    checker.notes.append(f"PID {ev.pid}: {type(exc).__name__}: {exc}")
-                finally:
-                    if ev.kind in (FOLLOW_EXEC, PROCESS_EXIT):
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(ev.pid, signal.SIGCONT)
+            # Once the command is gone every program it waited for was handled (each
+            # waited, stopped, for its event to be): a short look for stragglers.
+            events = probes.poll(poll_ms if done_at is None else DRAIN_POLL_MS)
+            _handle(checker, events)
             # What reading their goroutines at exit needs, read now they run again.
             try:
                 checker.prepare()

@@ -31,7 +31,7 @@ from goleash.probes.testleaks import CheckSites
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # bump when what is stored, or how sites are chosen, changes
+FORMAT = 3  # bump when what is stored, or how sites are chosen, changes
 KEEP_ENTRIES = 512
 MAX_ENTRY_BYTES = 64 << 10
 
@@ -40,6 +40,9 @@ Layout = tuple[int, "int | None", "int | None", tuple[str, ...]]
 """Where the runtime keeps its goroutines (probes.inventory.found_layout): allgs,
 allglen, allgptr (link-time) and the wait reasons' names."""
 MAX_WAIT_REASONS = 256
+Started = tuple[tuple[str, "str | None"], ...]
+"""`go f(x)` wrappers and the function each starts (probes.creation.started_functions)."""
+MAX_STARTED = 4096
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class ExecPlan:
     go_version: str
     sites: CheckSites
     layout: Layout | None = None
+    started: Started | None = None  # known once a run read its goroutines
 
 
 def cache_dir() -> Path:
@@ -149,6 +153,7 @@ def _encode(digest: str, plan: ExecPlan) -> dict[str, Any]:
         "trunner": asdict(plan.sites.trunner) if plan.sites.trunner else None,
         "process_exit": asdict(plan.sites.process_exit),
         "layout": list(plan.layout[:3]) + [list(plan.layout[3])] if plan.layout else None,
+        "started": [list(pair) for pair in plan.started] if plan.started is not None else None,
     }
 
 
@@ -198,6 +203,25 @@ def _layout(raw: Any) -> Layout | None:
     )
 
 
+def _name(raw: Any) -> str:
+    if not isinstance(raw, str) or not 0 < len(raw) <= 1024 or not raw.isprintable():
+        raise ValueError("bad function name")
+    return raw
+
+
+def _started(raw: Any) -> Started | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or len(raw) > MAX_STARTED:
+        raise ValueError("bad started functions")
+    out = []
+    for pair in raw:
+        if not isinstance(pair, list) or len(pair) != 2 or ".gowrap" not in _name(pair[0]):
+            raise ValueError("bad started function")
+        out.append((pair[0], None if pair[1] is None else _name(pair[1])))
+    return tuple(out)
+
+
 def _decode(raw: Any, digest: str, file_size: int) -> ExecPlan:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT or raw.get("digest") != digest:
         raise ValueError("another format or another file")
@@ -224,4 +248,9 @@ def _decode(raw: Any, digest: str, file_size: int) -> ExecPlan:
         raise ValueError("create sites do not match their kind")
     trunner = _site(raw["trunner"], file_size) if raw["trunner"] is not None else None
     exit_site = _site(raw["process_exit"], file_size)
-    return ExecPlan(go_version, CheckSites(gsites, trunner, exit_site), _layout(raw["layout"]))
+    return ExecPlan(
+        go_version,
+        CheckSites(gsites, trunner, exit_site),
+        _layout(raw["layout"]),
+        _started(raw["started"]),
+    )

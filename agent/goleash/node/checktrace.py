@@ -31,7 +31,7 @@ from goleash.node.checkreport import (
     Leak,
     split_symbol,
 )
-from goleash.probes.creation import site_at
+from goleash.probes.creation import site_at, started_functions
 from goleash.probes.inventory import found_layout, read_goroutines, wait_reason_names
 from goleash.probes.procmem import MemoryFault, ProcessMemory, load_bias, start_time
 from goleash.probes.stacks import _frames as logical_frames
@@ -89,6 +89,8 @@ class Checker:
 
     # Detaching a uprobe waits for the kernel (~120 ms each); never on the event loop.
     def _detach_loop(self) -> None:
+        # SIGCHLD is for the main thread: it ends its wait for events (check.py).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
         while (pid := self._detach_q.get()) is not None:
             if not self._closing:  # else CheckProbes.close detaches them, in parallel
                 self.probes.detach(pid)
@@ -201,15 +203,20 @@ class Checker:
                     j.plan = replace(j.plan, layout=None)
                     checksites.store(j.digest, j.plan)
             else:
-                self._remember_layout(t.judged, proc)
+                self._remember(t.judged, proc)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
 
-    def _remember_layout(self, j: Judged, proc: GoProcess) -> None:
-        """Keep where this binary's goroutines were found for later runs (its plan)."""
+    def _remember(self, j: Judged, proc: GoProcess) -> None:
+        """Keep for later runs (its plan) where this binary's goroutines were found and
+        the functions its `go f(x)` wrappers start."""
         if j.plan is None or not j.digest:
             return
+        started = tuple(sorted(started_functions(proc.binary).items()))
+        plan = j.plan
+        if started != (plan.started or ()):
+            plan = replace(plan, started=started[: checksites.MAX_STARTED])
         found = found_layout(proc.binary)
         if found is not None:
             # allgs alone (checked at first use) and the names: in a stripped binary
@@ -217,9 +224,11 @@ class Checker:
             # share by chance (seen: two runs, two answers). A stopped process's slice
             # header cannot tear, so check reads it directly.
             found = (found[0], None, None, found[3])
-        if found is not None and found != j.plan.layout:
-            j.plan = replace(j.plan, layout=found)
-            checksites.store(j.digest, j.plan)
+        if found is not None and found != plan.layout:
+            plan = replace(plan, layout=found)
+        if plan != j.plan:
+            j.plan = plan
+            checksites.store(j.digest, plan)
 
     def on_gone(self, pid: int) -> None:
         t = self.tracked.pop(pid, None)
@@ -337,12 +346,23 @@ def _warm(proc: GoProcess, j: Judged) -> None:
     function lookup by PC needs the ABI wrappers; naming the function behind a
     `go f(x)` wrapper disassembles (capstone's first use imports it)."""
     with contextlib.suppress(GoleashError, BinaryError):
+        if j.plan is not None and j.plan.started is not None:
+            # Kept by an earlier run: its sites are read without a disassembler
+            # (capstone's import alone costs ~25 ms). A name that would make a user's
+            # goroutine the runtime's or testing's (never a leak) is found afresh,
+            # never trusted; a wrapper of those packages starts none of the user's
+            # (they import no user code), so its goroutine is theirs either way.
+            known = started_functions(proc.binary)
+            for wrapper, function in j.plan.started:
+                if _trusted_start(wrapper, function):
+                    known.setdefault(wrapper, function)
         if j.plan is not None and j.plan.layout is None:
             wait_reason_names(proc)
         site = j.plan.sites.process_exit if j.plan is not None else None
         if site is not None:
             proc.pclntab.func_for_pc(site.vaddr)
-            disassemble(proc.binary, site.vaddr, 16)
+            if j.plan is None or j.plan.started is None:
+                disassemble(proc.binary, site.vaddr, 16)
 
 
 def end_of_test_at_exit(run: RunnerRecord, ev: CheckEvent) -> int | None:
@@ -393,10 +413,23 @@ def _inlined_callee(proc: GoProcess, function: str) -> str | None:
     return _callees[key]
 
 
+INTERNAL_PREFIXES = ("runtime.", "testing.", "internal/")
+
+
+def _trusted_start(wrapper: str, function: str | None) -> bool:
+    """Whether a kept (wrapper -> started function) may be used without checking: a
+    wrong one must never turn a user's goroutine into one that is never a leak."""
+    return (
+        function is None
+        or wrapper.startswith(INTERNAL_PREFIXES)
+        or not function.startswith(INTERNAL_PREFIXES)
+    )
+
+
 def _internal(function: str, created_by: str) -> bool:
     """Goroutines of the runtime and of package testing are never leaks."""
     return (
-        function.startswith(("runtime.", "testing.", "internal/"))
+        function.startswith(INTERNAL_PREFIXES)
         or created_by.startswith("testing.")
         or function == ""
     )

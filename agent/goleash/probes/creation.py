@@ -25,6 +25,19 @@ class CreationSite:
 class _SiteCache:
     def __init__(self) -> None:
         self.sites: dict[tuple[int, int], CreationSite] = {}
+        # `go f(x)` wrapper name -> the function it starts (None: none found): a
+        # disassembly each, and the only one reading a goroutine's site needs.
+        self.started: dict[str, str | None] = {}
+
+
+def started_functions(binary: GoBinary) -> dict[str, str | None]:
+    """The wrappers' started functions found (or given) for BINARY so far, by wrapper
+    name: a caller that analysed the same bytes before may fill it (it then reads
+    sites without a disassembler), or keep it for next time."""
+    cache = _site_caches.get(binary)
+    if cache is None:
+        cache = _site_caches[binary] = _SiteCache()
+    return cache.started
 
 
 _site_caches: weakref.WeakKeyDictionary[GoBinary, _SiteCache] = weakref.WeakKeyDictionary()
@@ -58,7 +71,9 @@ def site_at(proc: GoProcess, gopc: int, startpc: int) -> CreationSite:
         start = tab.func_for_pc(startpc)
         function = start.name if start else f"{startpc:#x}"
         if start is not None and ".gowrap" in start.name:
-            function = _started_function(proc, start) or function
+            if start.name not in cache.started:
+                cache.started[start.name] = _started_function(proc, start)
+            function = cache.started[start.name] or function
         # Goroutine 1 (runtime.main) is started by the assembly of rt0_go, not by a go
         # statement: the runtime prints no "created by" for it, and neither do we.
         call: SourceLine | None = (

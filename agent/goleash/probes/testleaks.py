@@ -20,12 +20,16 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from goleash.errors import GoleashError
-from goleash.gobin.disasm import GoroutineProbeSites, ProbeSite
-from goleash.gobin.offsets import RuntimeOffsets
 from goleash.probes.bpfload import ReleaseHelper, open_program
 from goleash.probes.uprobe import GroupAttacher
+
+if TYPE_CHECKING:  # names only: `goleash check` loads this module while BCC compiles,
+    # and the binary analysis (pyelftools: ~35 ms) is not needed for that.
+    from goleash.gobin.disasm import GoroutineProbeSites, ProbeSite
+    from goleash.gobin.offsets import RuntimeOffsets
 
 BPF_DIR = Path(__file__).resolve().parents[3] / "bpf"
 MAX_FOLLOWED = 65536
