@@ -1,6 +1,8 @@
 // funclat.bpf.c: latency of chosen Go functions, and panics, in one Go process.
 //
-// Attached per process (BCC, pid filter) at sites chosen by disassembly
+// Compiled once per node (probes/bpfimage.py caches the image), loaded once per traced
+// process with maps of its own (probes/bpfload.py), attached with a pid filter at
+// sites chosen by disassembly
 // (agent/goleash/gobin/disasm.py):
 //   fl_entry_<fid>  the function's entry after its stack-growth check, on an
 //                   emulated instruction (`push %rbp` on Go >= 1.21): fires once per
@@ -14,7 +16,8 @@
 //                   (only with no budget limit: a hit per goroutine exit; under a
 //                   budget such calls age out of the LRU table fl_inflight)
 //   fl_panic        runtime.gopanic after its check: counts panics per call site
-// The per-function stubs are appended by probes/funcprog.py as FL_FUNC(fid, sp_adj).
+// One stub of each kind per function id, FL_MAX_FUNCS of them (at the end): a process
+// loads only those of the functions it traces.
 //
 // Entry and return are paired by goroutine (pid, goid), never by thread: a goroutine
 // blocked in a traced call may resume on another thread. A goroutine's calls in flight
@@ -23,12 +26,13 @@
 // entered or returning frame's depth is dead (a panic unwound it): it is dropped and
 // counted as stale, so recursion and recovered panics pair correctly.
 //
-// -D macros (offsets from DWARF or the per-version table, never guessed):
-//   G_GOID G_STACK_HI          offsets in runtime.g
-//   FL_NFUNCS                  number of traced functions (>= 1)
-//   FL_MAX_GOROUTINES          LRU size of fl_inflight
-//   FL_MAX_PANIC_SITES         size of fl_panics
-//   FL_PANIC_SP_ADJ            bytes SP was lowered before gopanic's probe site
+// What differs per process is data, never a -D macro (one image serves every process):
+//   fl_config[0]     runtime.g offsets of its Go release, gopanic's SP adjustment
+//   fl_ctl[fid]      per function: timing on/off, RET epoch, the entry site's SP adjustment
+//   map sizes        fl_inflight's and fl_panics' capacity, the per-function arrays'
+//                    length: set when funcprog.py creates the maps (the sizes here are
+//                    placeholders; no code depends on them)
+// -D macros, the same for every process:
 //   GL_FL_SUB_BITS GL_FL_SUB GL_FL_MAX_EXP GL_FL_NBUCKETS GL_FL_SLOTS   from probes/hist.py
 #include <uapi/linux/ptrace.h>
 #include "goleash.h"
@@ -39,18 +43,19 @@ struct fl_hist {
     u64 b[GL_FL_SLOTS];
 };
 
-BPF_ARRAY(fl_stats, struct fl_stats, FL_NFUNCS);
-BPF_ARRAY(fl_hist, struct fl_hist, FL_NFUNCS);
+BPF_ARRAY(fl_config, struct fl_config, 1);
+BPF_ARRAY(fl_stats, struct fl_stats, FL_MAX_FUNCS);
+BPF_ARRAY(fl_hist, struct fl_hist, FL_MAX_FUNCS);
 // Per function, written by user space (struct fl_ctl): whether entries are timed now,
-// and the epoch of its RET probes' attachment.
-BPF_ARRAY(fl_ctl, struct fl_ctl, FL_NFUNCS);
+// the epoch of its RET probes' attachment, its entry site's SP adjustment.
+BPF_ARRAY(fl_ctl, struct fl_ctl, FL_MAX_FUNCS);
 // Every call that passed the entry probe, per CPU (exact without an atomic): the entry
 // stays attached while timing is sampled, so calls are counted even when not timed.
-BPF_PERCPU_ARRAY(fl_calls, u64, FL_NFUNCS);
+BPF_PERCPU_ARRAY(fl_calls, u64, FL_MAX_FUNCS);
 // LRU: goroutines that exit while we are detached from goexit1 cannot pile up.
-BPF_TABLE("lru_hash", struct goroutine_key, struct fl_inflight, fl_inflight, FL_MAX_GOROUTINES);
+BPF_TABLE("lru_hash", struct goroutine_key, struct fl_inflight, fl_inflight, 1);
 BPF_PERCPU_ARRAY(fl_zero, struct fl_inflight, 1); // never written: the insert template
-BPF_HASH(fl_panics, struct fl_panic_key, u64, FL_MAX_PANIC_SITES);
+BPF_HASH(fl_panics, struct fl_panic_key, u64, 1);
 BPF_PERCPU_ARRAY(fl_counters, u64, FL_CNT_MAX);
 
 static __always_inline u64 *counter_slot(int idx)
@@ -117,11 +122,20 @@ static __always_inline void fl_drop_dead(struct fl_inflight *fl, u64 depth, int 
     }
 }
 
+static __always_inline struct fl_config *fl_cfg(void)
+{
+    u32 zero = 0;
+    return fl_config.lookup(&zero);
+}
+
 static __always_inline int fl_goroutine(struct pt_regs *ctx, u64 sp, struct goroutine_key *key,
                                         u64 *depth)
 {
+    struct fl_config *cfg = fl_cfg();
+    if (!cfg)
+        return -1;
     u64 g = ctx->r14, hi = 0;
-    if (read_u64(&key->goid, g + G_GOID) || read_u64(&hi, g + G_STACK_HI))
+    if (read_u64(&key->goid, g + cfg->g_goid) || read_u64(&hi, g + cfg->g_stack_hi))
         return -1;
     u64 pid_tgid = bpf_get_current_pid_tgid();
     key->pid = pid_tgid >> 32;
@@ -133,7 +147,7 @@ static __always_inline int fl_goroutine(struct pt_regs *ctx, u64 sp, struct goro
     return 0;
 }
 
-static __always_inline int fl_entry(struct pt_regs *ctx, u32 fid, u64 sp_adj)
+static __always_inline int fl_entry(struct pt_regs *ctx, u32 fid)
 {
     u64 *calls = fl_calls.lookup(&fid);
     if (calls)
@@ -143,6 +157,7 @@ static __always_inline int fl_entry(struct pt_regs *ctx, u32 fid, u64 sp_adj)
     if (!ctl || !ctl->timing)
         return 0;
     u32 epoch = ctl->epoch;
+    u64 sp_adj = ctl->sp_adj;
     struct fl_stats *st = fl_stats.lookup(&fid);
     if (!st)
         return 0;
@@ -238,8 +253,8 @@ static __always_inline int fl_ret(struct pt_regs *ctx, u32 fid, int nop)
     return 0;
 }
 
-#define FL_FUNC(fid, sp_adj)                                                                 \
-    int fl_entry_##fid(struct pt_regs *ctx) { return fl_entry(ctx, fid, sp_adj); }          \
+#define FL_FUNC(fid)                                                                         \
+    int fl_entry_##fid(struct pt_regs *ctx) { return fl_entry(ctx, fid); }                  \
     int fl_ret_##fid(struct pt_regs *ctx) { return fl_ret(ctx, fid, 0); }                   \
     int fl_retnop_##fid(struct pt_regs *ctx) { return fl_ret(ctx, fid, 1); }
 
@@ -247,8 +262,11 @@ static __always_inline int fl_ret(struct pt_regs *ctx, u32 fid, int nop)
 int fl_goexit(struct pt_regs *ctx)
 {
     count(FL_CNT_EXIT_HITS);
+    struct fl_config *cfg = fl_cfg();
+    if (!cfg)
+        return 0;
     struct goroutine_key key = {.pid = bpf_get_current_pid_tgid() >> 32};
-    if (read_u64(&key.goid, ctx->r14 + G_GOID))
+    if (read_u64(&key.goid, ctx->r14 + cfg->g_goid))
         return 0;
     struct fl_inflight *fl = fl_inflight.lookup(&key);
     if (!fl)
@@ -271,8 +289,11 @@ int fl_goexit(struct pt_regs *ctx)
 int fl_panic(struct pt_regs *ctx)
 {
     count(FL_CNT_PANIC_HITS);
+    struct fl_config *cfg = fl_cfg();
+    if (!cfg)
+        return 0;
     struct fl_panic_key key = {.pid = bpf_get_current_pid_tgid() >> 32};
-    if (read_u64(&key.pcs[0], ctx->sp + FL_PANIC_SP_ADJ))
+    if (read_u64(&key.pcs[0], ctx->sp + cfg->panic_sp_adj))
         return 0;
     u64 bp = ctx->bp;
 #pragma unroll
@@ -297,3 +318,10 @@ int fl_panic(struct pt_regs *ctx)
     }
     return 0;
 }
+
+// FL_MAX_FUNCS (goleash.h) stubs of each kind: function ids 0 .. 31.
+FL_FUNC(0) FL_FUNC(1) FL_FUNC(2) FL_FUNC(3) FL_FUNC(4) FL_FUNC(5) FL_FUNC(6) FL_FUNC(7)
+FL_FUNC(8) FL_FUNC(9) FL_FUNC(10) FL_FUNC(11) FL_FUNC(12) FL_FUNC(13) FL_FUNC(14) FL_FUNC(15)
+FL_FUNC(16) FL_FUNC(17) FL_FUNC(18) FL_FUNC(19) FL_FUNC(20) FL_FUNC(21) FL_FUNC(22) FL_FUNC(23)
+FL_FUNC(24) FL_FUNC(25) FL_FUNC(26) FL_FUNC(27) FL_FUNC(28) FL_FUNC(29) FL_FUNC(30) FL_FUNC(31)
+_Static_assert(FL_MAX_FUNCS == 32, "one FL_FUNC(fid) above per function id");

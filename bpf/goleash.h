@@ -180,6 +180,17 @@ struct fl_ctl {
     u32 epoch;   /* bumped at each attachment of the function's RET probes: a frame
                   * entered under an older one may have returned while they were off */
     u32 timing;  /* 1: entries record a frame to be timed at RET; 0: count only */
+    u64 sp_adj;  /* bytes SP was lowered before the entry probe's site (frame set-up) */
+};
+
+/* The program is compiled once per node and loaded once per process (its maps are
+ * that process's own): what differs per process is this, fl_config[0], written by
+ * user space before any probe is attached. */
+#define FL_MAX_FUNCS 32 /* functions per process: fl_entry_<fid> .. stubs in the image */
+struct fl_config {
+    u64 g_goid;       /* offsets in runtime.g (DWARF or the per-version table) */
+    u64 g_stack_hi;
+    u64 panic_sp_adj; /* bytes SP was lowered before gopanic's probe site */
 };
 
 /* A panic site: the caller of runtime.gopanic and 3 more frames (frame pointers),
