@@ -179,7 +179,7 @@ class LatencyProgram:
         if len(sites) > MAX_FUNCS:
             raise FuncProbeError(f"{len(sites)} functions: one process traces at most {MAX_FUNCS}")
         self.proc = proc
-        self.bpf, self.origin = _load(len(sites), max_goroutines, max_panic_sites)
+        self.bpf, self.origin = load_program(len(sites), max_goroutines, max_panic_sites)
         self._sp_adj = [s.sp_adj for s in sites]
         try:
             cfg = self.bpf["fl_config"]
@@ -279,7 +279,9 @@ def load_count() -> int:
     return _loads
 
 
-def _load(nfuncs: int, max_goroutines: int, max_panic_sites: int) -> tuple[LoadedBpf, Origin]:
+def load_program(
+    nfuncs: int, max_goroutines: int, max_panic_sites: int
+) -> tuple[LoadedBpf, Origin]:
     """The image loaded with maps of this process's sizes: from the node's cache, or
     compiled in a child process and cached. The entry and RET stubs are checked by
     the kernel at once, so a cached image it refuses is compiled again here."""
