@@ -4,20 +4,21 @@
 // process with maps of its own (probes/bpfload.py), attached with a pid filter at
 // sites chosen by disassembly
 // (agent/goleash/gobin/disasm.py):
-//   fl_entry_<fid>  the function's entry after its stack-growth check, on an
+//   fl_entry        the function's entry after its stack-growth check, on an
 //                   emulated instruction (`push %rbp` on Go >= 1.21): fires once per
 //                   call even when the stack grows, R14 = the calling g. It counts
 //                   every call; it records a frame only while fl_ctl says `timing`
-//   fl_ret_<fid>    every RET of the function (single-stepped; never a uretprobe: Go
+//   fl_ret          every RET of the function (single-stepped; never a uretprobe: Go
 //                   moves goroutine stacks and a rewritten return address crashes it)
-//   fl_retnop_<fid> a NOP right before a RET nothing jumps to, instead of that RET
+//   fl_retnop       a NOP right before a RET nothing jumps to, instead of that RET
 //                   (emulated: ~10x cheaper; Go leaves one before ~3% of its RETs)
 //   fl_goexit       runtime.goexit1 after its check: drops calls that never returned
 //                   (only with no budget limit: a hit per goroutine exit; under a
 //                   budget such calls age out of the LRU table fl_inflight)
 //   fl_panic        runtime.gopanic after its check: counts panics per call site
-// One stub of each kind per function id, FL_MAX_FUNCS of them (at the end): a process
-// loads only those of the functions it traces.
+// One program per kind of site serves every traced function: the site's address (the
+// breakpoint's, which the kernel puts in IP before it runs the program) finds its
+// function id in fl_sites.
 //
 // Entry and return are paired by goroutine (pid, goid), never by thread: a goroutine
 // blocked in a traced call may resume on another thread. A goroutine's calls in flight
@@ -28,10 +29,11 @@
 //
 // What differs per process is data, never a -D macro (one image serves every process):
 //   fl_config[0]     runtime.g offsets of its Go release, gopanic's SP adjustment
-//   fl_ctl[fid]      per function: timing on/off, RET epoch, the entry site's SP adjustment
-//   map sizes        fl_inflight's and fl_panics' capacity, the per-function arrays'
-//                    length: set when funcprog.py creates the maps (the sizes here are
-//                    placeholders; no code depends on them)
+//   fl_sites[addr]   per probe site: its function id, the entry's SP adjustment
+//   fl_ctl[fid]      per function: timing on/off, the epoch of its RET probes
+//   map sizes        fl_inflight's and fl_panics' capacity, fl_sites' and the per-function
+//                    arrays' length: set when funcprog.py creates the maps (the sizes
+//                    here are placeholders; no code depends on them)
 // -D macros, the same for every process:
 //   GL_FL_SUB_BITS GL_FL_SUB GL_FL_MAX_EXP GL_FL_NBUCKETS GL_FL_SLOTS   from probes/hist.py
 #include <uapi/linux/ptrace.h>
@@ -44,14 +46,15 @@ struct fl_hist {
 };
 
 BPF_ARRAY(fl_config, struct fl_config, 1);
-BPF_ARRAY(fl_stats, struct fl_stats, FL_MAX_FUNCS);
-BPF_ARRAY(fl_hist, struct fl_hist, FL_MAX_FUNCS);
+BPF_HASH(fl_sites, u64, struct fl_site, 1);
+BPF_ARRAY(fl_stats, struct fl_stats, 1);
+BPF_ARRAY(fl_hist, struct fl_hist, 1);
 // Per function, written by user space (struct fl_ctl): whether entries are timed now,
-// the epoch of its RET probes' attachment, its entry site's SP adjustment.
-BPF_ARRAY(fl_ctl, struct fl_ctl, FL_MAX_FUNCS);
+// and the epoch of its RET probes' attachment.
+BPF_ARRAY(fl_ctl, struct fl_ctl, 1);
 // Every call that passed the entry probe, per CPU (exact without an atomic): the entry
 // stays attached while timing is sampled, so calls are counted even when not timed.
-BPF_PERCPU_ARRAY(fl_calls, u64, FL_MAX_FUNCS);
+BPF_PERCPU_ARRAY(fl_calls, u64, 1);
 // LRU: goroutines that exit while we are detached from goexit1 cannot pile up.
 BPF_TABLE("lru_hash", struct goroutine_key, struct fl_inflight, fl_inflight, 1);
 BPF_PERCPU_ARRAY(fl_zero, struct fl_inflight, 1); // never written: the insert template
@@ -147,7 +150,7 @@ static __always_inline int fl_goroutine(struct pt_regs *ctx, u64 sp, struct goro
     return 0;
 }
 
-static __always_inline int fl_entry(struct pt_regs *ctx, u32 fid)
+static __always_inline int fl_entry_of(struct pt_regs *ctx, u32 fid, u64 sp_adj)
 {
     u64 *calls = fl_calls.lookup(&fid);
     if (calls)
@@ -157,7 +160,6 @@ static __always_inline int fl_entry(struct pt_regs *ctx, u32 fid)
     if (!ctl || !ctl->timing)
         return 0;
     u32 epoch = ctl->epoch;
-    u64 sp_adj = ctl->sp_adj;
     struct fl_stats *st = fl_stats.lookup(&fid);
     if (!st)
         return 0;
@@ -211,7 +213,7 @@ static __always_inline void fl_record(struct fl_stats *st, u32 fid, u64 ns)
         st->max_ns = ns;
 }
 
-static __always_inline int fl_ret(struct pt_regs *ctx, u32 fid, int nop)
+static __always_inline int fl_ret_of(struct pt_regs *ctx, u32 fid, int nop)
 {
     u64 now = bpf_ktime_get_ns();
     struct fl_stats *st = fl_stats.lookup(&fid);
@@ -253,10 +255,32 @@ static __always_inline int fl_ret(struct pt_regs *ctx, u32 fid, int nop)
     return 0;
 }
 
-#define FL_FUNC(fid)                                                                         \
-    int fl_entry_##fid(struct pt_regs *ctx) { return fl_entry(ctx, fid); }                  \
-    int fl_ret_##fid(struct pt_regs *ctx) { return fl_ret(ctx, fid, 0); }                   \
-    int fl_retnop_##fid(struct pt_regs *ctx) { return fl_ret(ctx, fid, 1); }
+static __always_inline struct fl_site *fl_site_at(struct pt_regs *ctx)
+{
+    u64 addr = ctx->ip;
+    struct fl_site *site = fl_sites.lookup(&addr);
+    if (!site)
+        count(FL_CNT_UNKNOWN_SITES);
+    return site;
+}
+
+int fl_entry(struct pt_regs *ctx)
+{
+    struct fl_site *site = fl_site_at(ctx);
+    return site ? fl_entry_of(ctx, site->fid, site->sp_adj) : 0;
+}
+
+int fl_ret(struct pt_regs *ctx)
+{
+    struct fl_site *site = fl_site_at(ctx);
+    return site ? fl_ret_of(ctx, site->fid, 0) : 0;
+}
+
+int fl_retnop(struct pt_regs *ctx)
+{
+    struct fl_site *site = fl_site_at(ctx);
+    return site ? fl_ret_of(ctx, site->fid, 1) : 0;
+}
 
 // runtime.goexit1 on the exiting goroutine (R14): its calls in flight never return.
 int fl_goexit(struct pt_regs *ctx)
@@ -319,9 +343,3 @@ int fl_panic(struct pt_regs *ctx)
     return 0;
 }
 
-// FL_MAX_FUNCS (goleash.h) stubs of each kind: function ids 0 .. 31.
-FL_FUNC(0) FL_FUNC(1) FL_FUNC(2) FL_FUNC(3) FL_FUNC(4) FL_FUNC(5) FL_FUNC(6) FL_FUNC(7)
-FL_FUNC(8) FL_FUNC(9) FL_FUNC(10) FL_FUNC(11) FL_FUNC(12) FL_FUNC(13) FL_FUNC(14) FL_FUNC(15)
-FL_FUNC(16) FL_FUNC(17) FL_FUNC(18) FL_FUNC(19) FL_FUNC(20) FL_FUNC(21) FL_FUNC(22) FL_FUNC(23)
-FL_FUNC(24) FL_FUNC(25) FL_FUNC(26) FL_FUNC(27) FL_FUNC(28) FL_FUNC(29) FL_FUNC(30) FL_FUNC(31)
-_Static_assert(FL_MAX_FUNCS == 32, "one FL_FUNC(fid) above per function id");

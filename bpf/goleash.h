@@ -180,13 +180,19 @@ struct fl_ctl {
     u32 epoch;   /* bumped at each attachment of the function's RET probes: a frame
                   * entered under an older one may have returned while they were off */
     u32 timing;  /* 1: entries record a frame to be timed at RET; 0: count only */
-    u64 sp_adj;  /* bytes SP was lowered before the entry probe's site (frame set-up) */
+};
+
+/* A probe site of a traced function, fl_sites[its address in the process]: one
+ * program per kind of site serves every function, so one image serves every process. */
+struct fl_site {
+    u32 fid;
+    u32 _pad;
+    u64 sp_adj; /* entry: bytes SP was lowered before the site (frame set-up); RET: 0 */
 };
 
 /* The program is compiled once per node and loaded once per process (its maps are
- * that process's own): what differs per process is this, fl_config[0], written by
- * user space before any probe is attached. */
-#define FL_MAX_FUNCS 32 /* functions per process: fl_entry_<fid> .. stubs in the image */
+ * that process's own): what differs per process is this, fl_config[0], and fl_sites,
+ * written by user space before any probe is attached. */
 struct fl_config {
     u64 g_goid;       /* offsets in runtime.g (DWARF or the per-version table) */
     u64 g_stack_hi;
@@ -211,6 +217,7 @@ enum fl_counter {
     FL_CNT_PANIC_HITS,       /* runtime.gopanic */
     FL_CNT_PANIC_SITES_FULL,
     FL_CNT_READ_FAULTS,
+    FL_CNT_UNKNOWN_SITES,    /* a hit at an address missing from fl_sites (a bug) */
     FL_CNT_MAX,
 };
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from goleash.probes import funcprog, funcs, goroutine_maps, goroutines, testleaks
+from goleash.probes import funcprog, goroutine_maps, goroutines, testleaks
 from goleash.probes.bpfsrc import bpf_dir
 
 pytestmark = pytest.mark.root
@@ -71,6 +71,7 @@ VIEWS: list[tuple[str, Any]] = [
     ("live_slot", goroutines._LIVE_SLOT),
     ("fl_ctl", funcprog.CtlView),
     ("fl_config", funcprog.ConfigView),
+    ("fl_site", funcprog.SiteView),
     ("fl_stats", funcprog.StatsView),
     ("fl_panic_key", funcprog.PanicKeyView),
     ("fl_frame", funcprog.FrameView),
@@ -102,9 +103,6 @@ ENUMS: list[tuple[str, str, tuple[str, ...], dict[str, str]]] = [
 CONSTANTS: list[tuple[str, int]] = [
     ("LIFETIME_SLOTS", goroutines.LIFETIME_SLOTS),
     ("LIVE_SLOT_WRITING", goroutines._SLOT_WRITING),
-    ("FL_MAX_FUNCS", funcprog.MAX_FUNCS),
-    # Every function a selection may hold has its stubs in the image.
-    ("FL_MAX_FUNCS", funcs.MAX_FUNCTIONS),
 ]
 
 

@@ -5,9 +5,9 @@ The program is compiled once per node, not once per process: the image cache
 (bpfimage.py) holds it, bpfload.py creates a process's maps and loads the programs
 it attaches with bpf(2), so following a process with function probes neither
 compiles nor maps LLVM. What differs per process is data: fl_config (runtime.g
-offsets, gopanic's SP adjustment), fl_ctl (each function's entry SP adjustment) and
-the maps' sizes. The scheduler (funclat.py) and the panic probes (panics.py) each
-drive one.
+offsets, gopanic's SP adjustment), fl_sites (each probe site's address in the
+process: its function and SP adjustment) and the maps' sizes. The scheduler
+(funclat.py) and the panic probes (panics.py) each drive one.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from goleash.probes.target import GoProcess
 from goleash.probes.uprobe import GroupAttacher
 
 BPF_DIR = bpf_dir()
-MAX_FUNCS = 32  # FL_MAX_FUNCS in bpf/goleash.h: the image's stubs per kind
 # struct fl_stats in bpf/goleash.h, in its order (tests/bpf/test_layouts.py checks it).
 STAT_FIELDS = (
     "count",
@@ -56,6 +55,7 @@ COUNTER_NAMES = (
     "panic_hits",
     "panic_sites_full",
     "read_faults",
+    "unknown_sites",
 )
 
 
@@ -63,11 +63,13 @@ class CtlView(ctypes.Structure):
     """struct fl_ctl in bpf/goleash.h: what user space writes per function. The views
     here are held to goleash.h by tests/bpf/test_layouts.py."""
 
-    _fields_ = [
-        ("epoch", ctypes.c_uint32),
-        ("timing", ctypes.c_uint32),
-        ("sp_adj", ctypes.c_uint64),
-    ]
+    _fields_ = [("epoch", ctypes.c_uint32), ("timing", ctypes.c_uint32)]
+
+
+class SiteView(ctypes.Structure):
+    """struct fl_site: fl_sites' value, keyed by the site's address in the process."""
+
+    _fields_ = [("fid", ctypes.c_uint32), ("_pad", ctypes.c_uint32), ("sp_adj", ctypes.c_uint64)]
 
 
 class ConfigView(ctypes.Structure):
@@ -135,6 +137,7 @@ _Index = ctypes.c_uint32
 # The maps user space opens: name -> (key, value) views (per-CPU values: one per CPU).
 _MAPS = {
     "fl_config": (_Index, ConfigView),
+    "fl_sites": (ctypes.c_uint64, SiteView),
     "fl_stats": (_Index, StatsView),
     "fl_hist": (_Index, HistView),
     "fl_ctl": (_Index, CtlView),
@@ -176,16 +179,22 @@ class LatencyProgram:
         max_panic_sites: int,
         panic_sp_adj: int,
     ) -> None:
-        if len(sites) > MAX_FUNCS:
-            raise FuncProbeError(f"{len(sites)} functions: one process traces at most {MAX_FUNCS}")
         self.proc = proc
-        self.bpf, self.origin = load_program(len(sites), max_goroutines, max_panic_sites)
-        self._sp_adj = [s.sp_adj for s in sites]
+        # Each probe site by its address in the process (where the program finds it).
+        by_addr = {}
+        for fid, s in enumerate(sites):
+            by_addr[s.entry.vaddr + proc.load_bias] = SiteView(fid, 0, s.sp_adj)
+            for r in (*s.rets, *s.ret_nops):
+                by_addr[r.vaddr + proc.load_bias] = SiteView(fid, 0, 0)
+        self.bpf, self.origin = load_program(
+            len(sites), len(by_addr), max_goroutines, max_panic_sites
+        )
         try:
             cfg = self.bpf["fl_config"]
             cfg[_Index(0)] = ConfigView(proc.offsets.g_goid, proc.offsets.g_stack_hi, panic_sp_adj)
-            for fid in range(len(sites)):
-                self.set_ctl(fid, 0, False)
+            table = self.bpf["fl_sites"]
+            for addr, site in by_addr.items():
+                table[ctypes.c_uint64(addr)] = site
         except BaseException:
             self.bpf.cleanup()
             raise
@@ -240,8 +249,7 @@ class LatencyProgram:
 
     def set_ctl(self, fid: int, epoch: int, timing: bool) -> None:
         """Whether the function's entries are timed now, and its RET probes' epoch."""
-        ctl = CtlView(epoch & 0xFFFFFFFF, int(timing), self._sp_adj[fid])
-        self.bpf["fl_ctl"][_Index(fid)] = ctl
+        self.bpf["fl_ctl"][_Index(fid)] = CtlView(epoch & 0xFFFFFFFF, int(timing))
 
     def stats(self, fid: int) -> dict[str, int]:
         """Cumulative figures; entry_hits is every call the entry probe counted."""
@@ -280,14 +288,16 @@ def load_count() -> int:
 
 
 def load_program(
-    nfuncs: int, max_goroutines: int, max_panic_sites: int
+    nfuncs: int, nsites: int, max_goroutines: int, max_panic_sites: int
 ) -> tuple[LoadedBpf, Origin]:
     """The image loaded with maps of this process's sizes: from the node's cache, or
-    compiled in a child process and cached. The entry and RET stubs are checked by
-    the kernel at once, so a cached image it refuses is compiled again here."""
+    compiled in a child process and cached. The programs the caller will attach are
+    checked by the kernel at once, so a cached image it refuses is compiled again here
+    (they are loaded again at attach, for uprobe_multi links)."""
     global _loads
     per_func = max(1, nfuncs)
     sizes = {
+        "fl_sites": max(1, nsites),
         "fl_stats": per_func,
         "fl_hist": per_func,
         "fl_ctl": per_func,
@@ -300,7 +310,7 @@ def load_program(
             "funclat",
             BPF_DIR / "funclat.bpf.c",
             cflags(),
-            verify=("fl_entry_0", "fl_ret_0") if nfuncs else ("fl_panic",),
+            verify=("fl_entry", "fl_ret", "fl_retnop", "fl_goexit") if nfuncs else ("fl_panic",),
             sizes=sizes,
         )
     except (GoleashError, OSError) as exc:
