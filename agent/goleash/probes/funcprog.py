@@ -181,7 +181,7 @@ class LatencyProgram:
     ) -> None:
         self.proc = proc
         # Each probe site by its address in the process (where the program finds it).
-        by_addr = {}
+        by_addr: dict[int, SiteView] = {}
         for fid, s in enumerate(sites):
             by_addr[s.entry.vaddr + proc.load_bias] = SiteView(fid, 0, s.sp_adj)
             for r in (*s.rets, *s.ret_nops):
