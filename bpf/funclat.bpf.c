@@ -1,20 +1,24 @@
 // funclat.bpf.c: latency of chosen Go functions, and panics, in one Go process.
 //
-// Attached per process (BCC, pid filter) at sites chosen by disassembly
+// Compiled once per node (probes/bpfimage.py caches the image), loaded once per traced
+// process with maps of its own (probes/bpfload.py), attached with a pid filter at
+// sites chosen by disassembly
 // (agent/goleash/gobin/disasm.py):
-//   fl_entry_<fid>  the function's entry after its stack-growth check, on an
+//   fl_entry        the function's entry after its stack-growth check, on an
 //                   emulated instruction (`push %rbp` on Go >= 1.21): fires once per
 //                   call even when the stack grows, R14 = the calling g. It counts
 //                   every call; it records a frame only while fl_ctl says `timing`
-//   fl_ret_<fid>    every RET of the function (single-stepped; never a uretprobe: Go
+//   fl_ret          every RET of the function (single-stepped; never a uretprobe: Go
 //                   moves goroutine stacks and a rewritten return address crashes it)
-//   fl_retnop_<fid> a NOP right before a RET nothing jumps to, instead of that RET
+//   fl_retnop       a NOP right before a RET nothing jumps to, instead of that RET
 //                   (emulated: ~10x cheaper; Go leaves one before ~3% of its RETs)
 //   fl_goexit       runtime.goexit1 after its check: drops calls that never returned
 //                   (only with no budget limit: a hit per goroutine exit; under a
 //                   budget such calls age out of the LRU table fl_inflight)
 //   fl_panic        runtime.gopanic after its check: counts panics per call site
-// The per-function stubs are appended by probes/funcprog.py as FL_FUNC(fid, sp_adj).
+// One program per kind of site serves every traced function: the site's address (the
+// breakpoint's, which the kernel puts in IP before it runs the program) finds its
+// function id in fl_sites.
 //
 // Entry and return are paired by goroutine (pid, goid), never by thread: a goroutine
 // blocked in a traced call may resume on another thread. A goroutine's calls in flight
@@ -23,12 +27,14 @@
 // entered or returning frame's depth is dead (a panic unwound it): it is dropped and
 // counted as stale, so recursion and recovered panics pair correctly.
 //
-// -D macros (offsets from DWARF or the per-version table, never guessed):
-//   G_GOID G_STACK_HI          offsets in runtime.g
-//   FL_NFUNCS                  number of traced functions (>= 1)
-//   FL_MAX_GOROUTINES          LRU size of fl_inflight
-//   FL_MAX_PANIC_SITES         size of fl_panics
-//   FL_PANIC_SP_ADJ            bytes SP was lowered before gopanic's probe site
+// What differs per process is data, never a -D macro (one image serves every process):
+//   fl_config[0]     runtime.g offsets of its Go release, gopanic's SP adjustment
+//   fl_sites[addr]   per probe site: its function id, the entry's SP adjustment
+//   fl_ctl[fid]      per function: timing on/off, the epoch of its RET probes
+//   map sizes        fl_inflight's and fl_panics' capacity, fl_sites' and the per-function
+//                    arrays' length: set when funcprog.py creates the maps (the sizes
+//                    here are placeholders; no code depends on them)
+// -D macros, the same for every process:
 //   GL_FL_SUB_BITS GL_FL_SUB GL_FL_MAX_EXP GL_FL_NBUCKETS GL_FL_SLOTS   from probes/hist.py
 #include <uapi/linux/ptrace.h>
 #include "goleash.h"
@@ -39,18 +45,20 @@ struct fl_hist {
     u64 b[GL_FL_SLOTS];
 };
 
-BPF_ARRAY(fl_stats, struct fl_stats, FL_NFUNCS);
-BPF_ARRAY(fl_hist, struct fl_hist, FL_NFUNCS);
+BPF_ARRAY(fl_config, struct fl_config, 1);
+BPF_HASH(fl_sites, u64, struct fl_site, 1);
+BPF_ARRAY(fl_stats, struct fl_stats, 1);
+BPF_ARRAY(fl_hist, struct fl_hist, 1);
 // Per function, written by user space (struct fl_ctl): whether entries are timed now,
 // and the epoch of its RET probes' attachment.
-BPF_ARRAY(fl_ctl, struct fl_ctl, FL_NFUNCS);
+BPF_ARRAY(fl_ctl, struct fl_ctl, 1);
 // Every call that passed the entry probe, per CPU (exact without an atomic): the entry
 // stays attached while timing is sampled, so calls are counted even when not timed.
-BPF_PERCPU_ARRAY(fl_calls, u64, FL_NFUNCS);
+BPF_PERCPU_ARRAY(fl_calls, u64, 1);
 // LRU: goroutines that exit while we are detached from goexit1 cannot pile up.
-BPF_TABLE("lru_hash", struct goroutine_key, struct fl_inflight, fl_inflight, FL_MAX_GOROUTINES);
+BPF_TABLE("lru_hash", struct goroutine_key, struct fl_inflight, fl_inflight, 1);
 BPF_PERCPU_ARRAY(fl_zero, struct fl_inflight, 1); // never written: the insert template
-BPF_HASH(fl_panics, struct fl_panic_key, u64, FL_MAX_PANIC_SITES);
+BPF_HASH(fl_panics, struct fl_panic_key, u64, 1);
 BPF_PERCPU_ARRAY(fl_counters, u64, FL_CNT_MAX);
 
 static __always_inline u64 *counter_slot(int idx)
@@ -117,11 +125,20 @@ static __always_inline void fl_drop_dead(struct fl_inflight *fl, u64 depth, int 
     }
 }
 
+static __always_inline struct fl_config *fl_cfg(void)
+{
+    u32 zero = 0;
+    return fl_config.lookup(&zero);
+}
+
 static __always_inline int fl_goroutine(struct pt_regs *ctx, u64 sp, struct goroutine_key *key,
                                         u64 *depth)
 {
+    struct fl_config *cfg = fl_cfg();
+    if (!cfg)
+        return -1;
     u64 g = ctx->r14, hi = 0;
-    if (read_u64(&key->goid, g + G_GOID) || read_u64(&hi, g + G_STACK_HI))
+    if (read_u64(&key->goid, g + cfg->g_goid) || read_u64(&hi, g + cfg->g_stack_hi))
         return -1;
     u64 pid_tgid = bpf_get_current_pid_tgid();
     key->pid = pid_tgid >> 32;
@@ -133,7 +150,7 @@ static __always_inline int fl_goroutine(struct pt_regs *ctx, u64 sp, struct goro
     return 0;
 }
 
-static __always_inline int fl_entry(struct pt_regs *ctx, u32 fid, u64 sp_adj)
+static __always_inline int fl_entry_of(struct pt_regs *ctx, u32 fid, u64 sp_adj)
 {
     u64 *calls = fl_calls.lookup(&fid);
     if (calls)
@@ -196,7 +213,7 @@ static __always_inline void fl_record(struct fl_stats *st, u32 fid, u64 ns)
         st->max_ns = ns;
 }
 
-static __always_inline int fl_ret(struct pt_regs *ctx, u32 fid, int nop)
+static __always_inline int fl_ret_of(struct pt_regs *ctx, u32 fid, int nop)
 {
     u64 now = bpf_ktime_get_ns();
     struct fl_stats *st = fl_stats.lookup(&fid);
@@ -238,17 +255,42 @@ static __always_inline int fl_ret(struct pt_regs *ctx, u32 fid, int nop)
     return 0;
 }
 
-#define FL_FUNC(fid, sp_adj)                                                                 \
-    int fl_entry_##fid(struct pt_regs *ctx) { return fl_entry(ctx, fid, sp_adj); }          \
-    int fl_ret_##fid(struct pt_regs *ctx) { return fl_ret(ctx, fid, 0); }                   \
-    int fl_retnop_##fid(struct pt_regs *ctx) { return fl_ret(ctx, fid, 1); }
+static __always_inline struct fl_site *fl_site_at(struct pt_regs *ctx)
+{
+    u64 addr = ctx->ip;
+    struct fl_site *site = fl_sites.lookup(&addr);
+    if (!site)
+        count(FL_CNT_UNKNOWN_SITES);
+    return site;
+}
+
+int fl_entry(struct pt_regs *ctx)
+{
+    struct fl_site *site = fl_site_at(ctx);
+    return site ? fl_entry_of(ctx, site->fid, site->sp_adj) : 0;
+}
+
+int fl_ret(struct pt_regs *ctx)
+{
+    struct fl_site *site = fl_site_at(ctx);
+    return site ? fl_ret_of(ctx, site->fid, 0) : 0;
+}
+
+int fl_retnop(struct pt_regs *ctx)
+{
+    struct fl_site *site = fl_site_at(ctx);
+    return site ? fl_ret_of(ctx, site->fid, 1) : 0;
+}
 
 // runtime.goexit1 on the exiting goroutine (R14): its calls in flight never return.
 int fl_goexit(struct pt_regs *ctx)
 {
     count(FL_CNT_EXIT_HITS);
+    struct fl_config *cfg = fl_cfg();
+    if (!cfg)
+        return 0;
     struct goroutine_key key = {.pid = bpf_get_current_pid_tgid() >> 32};
-    if (read_u64(&key.goid, ctx->r14 + G_GOID))
+    if (read_u64(&key.goid, ctx->r14 + cfg->g_goid))
         return 0;
     struct fl_inflight *fl = fl_inflight.lookup(&key);
     if (!fl)
@@ -271,8 +313,11 @@ int fl_goexit(struct pt_regs *ctx)
 int fl_panic(struct pt_regs *ctx)
 {
     count(FL_CNT_PANIC_HITS);
+    struct fl_config *cfg = fl_cfg();
+    if (!cfg)
+        return 0;
     struct fl_panic_key key = {.pid = bpf_get_current_pid_tgid() >> 32};
-    if (read_u64(&key.pcs[0], ctx->sp + FL_PANIC_SP_ADJ))
+    if (read_u64(&key.pcs[0], ctx->sp + cfg->panic_sp_adj))
         return 0;
     u64 bp = ctx->bp;
 #pragma unroll
@@ -297,3 +342,4 @@ int fl_panic(struct pt_regs *ctx)
     }
     return 0;
 }
+

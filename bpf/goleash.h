@@ -182,6 +182,23 @@ struct fl_ctl {
     u32 timing;  /* 1: entries record a frame to be timed at RET; 0: count only */
 };
 
+/* A probe site of a traced function, fl_sites[its address in the process]: one
+ * program per kind of site serves every function, so one image serves every process. */
+struct fl_site {
+    u32 fid;
+    u32 _pad;
+    u64 sp_adj; /* entry: bytes SP was lowered before the site (frame set-up); RET: 0 */
+};
+
+/* The program is compiled once per node and loaded once per process (its maps are
+ * that process's own): what differs per process is this, fl_config[0], and fl_sites,
+ * written by user space before any probe is attached. */
+struct fl_config {
+    u64 g_goid;       /* offsets in runtime.g (DWARF or the per-version table) */
+    u64 g_stack_hi;
+    u64 panic_sp_adj; /* bytes SP was lowered before gopanic's probe site */
+};
+
 /* A panic site: the caller of runtime.gopanic and 3 more frames (frame pointers),
  * user space picks the first frame outside the runtime. Runtime PCs (add no bias). */
 #define FL_PANIC_FRAMES 4
@@ -200,6 +217,7 @@ enum fl_counter {
     FL_CNT_PANIC_HITS,       /* runtime.gopanic */
     FL_CNT_PANIC_SITES_FULL,
     FL_CNT_READ_FAULTS,
+    FL_CNT_UNKNOWN_SITES,    /* a hit at an address missing from fl_sites (a bug) */
     FL_CNT_MAX,
 };
 

@@ -88,11 +88,11 @@ def _groups(pid: int, symbol: str, which: tuple[str, ...]) -> Iterator[None]:
     prog = LatencyProgram(proc, [sites], max_goroutines=1024, max_panic_sites=1, panic_sp_adj=0)
     try:
         if "rets" in which:
-            prog.attach("rets", sites.rets, "fl_ret_0")
+            prog.attach("rets", sites.rets, "fl_ret")
         if "entry" in which or "entry_timed" in which:
             # Count-only unless told to time (what it does between timing slices).
             prog.set_ctl(0, 1, "entry_timed" in which)
-            prog.attach("entry", [sites.entry], "fl_entry_0")
+            prog.attach("entry", [sites.entry], "fl_entry")
         yield
     finally:
         prog.close()

@@ -34,7 +34,6 @@ from goleash.errors import GoleashError, StageFailure, printable
 from goleash.gobin.errors import BinaryError, ProcessError
 from goleash.gobin.shared import SHARED
 from goleash.node.agentconfig import AgentConfig, check_server_address
-from goleash.node.compilerpages import drop_compiler_pages
 from goleash.node.discovery import Candidate, Discovery
 from goleash.node.export import (
     LatencyDelta,
@@ -299,8 +298,6 @@ class Agent:
         if self._compiling is not None:
             self._compiling.join()
             self._compiling = None
-            # Done compiling: LLVM's and clang's ~85 MB of code need not stay resident.
-            drop_compiler_pages()
 
     def _info(self, c: Candidate, service: str, tracker: ProcessTracker) -> t.ProcessInfo:
         return process_info(
@@ -451,8 +448,6 @@ class Agent:
                 msg = self._snapshot(f)
                 if msg is not None:
                     first_snaps.append(msg)
-        if opened and (self.cfg.funcs or self.cfg.panics):
-            drop_compiler_pages()  # function probes compile a program per process
         if periodic:
             snaps = [m for f in list(self.followed.values()) if (m := self._snapshot(f))]
             self._emit(snaps)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import logging
 import os
@@ -18,7 +19,7 @@ import re
 import signal
 import socket
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,10 +204,24 @@ class BpfMap:
 
 class LoadedBpf:
     """An image's maps created and its tracepoint programs attached (as BCC does for
-    TRACEPOINT_PROBE functions); other programs are loaded on demand (load_func)."""
+    TRACEPOINT_PROBE functions); other programs are loaded on demand (load_func).
 
-    def __init__(self, image: BpfImage) -> None:
-        self.image = image
+    SIZES overrides maps' max_entries by name: one image serves processes that need
+    tables of different capacities (a map's size is not part of the code)."""
+
+    def __init__(self, image: BpfImage, sizes: Mapping[str, int] | None = None) -> None:
+        unknown = set(sizes or {}) - {m.name for m in image.maps}
+        if unknown:
+            raise BpfLoadError(f"no map {', '.join(sorted(unknown))} in the image to size")
+        if any(n <= 0 for n in (sizes or {}).values()):
+            raise BpfLoadError(f"map sizes must be positive: {dict(sizes or {})}")
+        self.image = dataclasses.replace(
+            image,
+            maps=tuple(
+                dataclasses.replace(m, max_entries=(sizes or {}).get(m.name, m.max_entries))
+                for m in image.maps
+            ),
+        )
         self.funcs: dict[bytes, Function] = {}
         self.tracepoint_fds: dict[bytes, int] = {}
         self.uprobe_fds: dict[bytes, int] = {}
@@ -216,7 +231,7 @@ class LoadedBpf:
         self._callbacks: list[Any] = []
         self._progs = {p.name: p for p in image.progs}
         try:
-            for spec in image.maps:
+            for spec in self.image.maps:
                 self._map_fds[spec.name] = self._create_map(spec)
             for p in image.progs:
                 if p.prog_type == PROG_TYPE_TRACEPOINT:
@@ -307,6 +322,12 @@ class LoadedBpf:
         fn = self.funcs[func_name] = Function(func_name, fd)
         return fn
 
+    def unload_func(self, func_name: bytes) -> None:
+        """Close a program loaded by load_func (a later load_func loads it again)."""
+        fn = self.funcs.pop(func_name, None)
+        if fn is not None:
+            os.close(fn.fd)
+
     # --- perf buffers (libbcc's reader) -------------------------------------------------
 
     def open_perf_buffer(
@@ -394,24 +415,41 @@ class Origin:
     cache_miss: str = ""
 
 
-def _load_image(image: BpfImage, uprobe_programs: Sequence[str]) -> LoadedBpf:
-    loaded = LoadedBpf(image)
+def _load_image(
+    image: BpfImage,
+    uprobe_programs: Sequence[str],
+    verify: Sequence[str] = (),
+    sizes: Mapping[str, int] | None = None,
+) -> LoadedBpf:
+    loaded = LoadedBpf(image, sizes)
     try:
         for prog in uprobe_programs:
             loaded.load_func(prog.encode(), PROG_TYPE_KPROBE)
+        for prog in verify:
+            loaded.load_func(prog.encode(), PROG_TYPE_KPROBE)
+            loaded.unload_func(prog.encode())
     except BaseException:
         loaded.cleanup()
         raise
     return loaded
 
 
-def open_program(
-    name: str, source: Path, cflags: list[str], uprobe_programs: Sequence[str] = ()
+def open_program(  # noqa: PLR0913 (each argument is a separate fact of the load)
+    name: str,
+    source: Path,
+    cflags: list[str],
+    uprobe_programs: Sequence[str] = (),
+    *,
+    verify: Sequence[str] = (),
+    sizes: Mapping[str, int] | None = None,
 ) -> tuple[LoadedBpf, Origin]:
     """SOURCE (with every header beside it) loaded: from the image cache when it holds a
     trustworthy one the kernel accepts, else compiled by BCC and cached for next time.
     UPROBE_PROGRAMS are loaded at once (for perf-event uprobes), so a cached program
-    the verifier refuses is found here and compiled again, not at an attach later."""
+    the verifier refuses is found here and compiled again, not at an attach later.
+    VERIFY programs are loaded and closed again: the same check for programs the
+    caller loads later with another attach type (uprobe_multi). SIZES: maps'
+    max_entries by name (LoadedBpf)."""
     from goleash.probes.bpfimage import (
         ImageError,
         cache_key,
@@ -425,7 +463,7 @@ def open_program(
     try:
         image = read_cached(name, key)
         try:
-            return _load_image(image, uprobe_programs), Origin("cache")
+            return _load_image(image, uprobe_programs, verify, sizes), Origin("cache")
         except (BpfLoadError, OSError) as exc:  # e.g. the verifier refused it
             miss = f"the kernel refused the cached program: {exc}"
     except ImageError as exc:
@@ -436,7 +474,8 @@ def open_program(
         image = compile_in_child(source.read_text(), cflags, key)
     except ImageError as exc:
         raise BpfLoadError(f"compiling {source.name} failed: {exc}") from exc
-    loaded = _load_image(image, uprobe_programs)  # before caching: only what the kernel took
+    # Before caching: only what the kernel took.
+    loaded = _load_image(image, uprobe_programs, verify, sizes)
     write_cached(name, image)
     return loaded, Origin("compiled", miss)
 

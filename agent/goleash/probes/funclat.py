@@ -197,9 +197,9 @@ class FuncLatencyProbes:
             f.epoch += 1
             self._prog.set_ctl(f.fid, f.epoch, False)
             if f.sites.rets:
-                self._prog.attach(f"rets:{f.fid}", f.sites.rets, f"fl_ret_{f.fid}")
+                self._prog.attach(f"rets:{f.fid}", f.sites.rets, "fl_ret")
             if f.sites.ret_nops:
-                self._prog.attach(f"retn:{f.fid}", f.sites.ret_nops, f"fl_retnop_{f.fid}")
+                self._prog.attach(f"retn:{f.fid}", f.sites.ret_nops, "fl_retnop")
             f.rets_on, f.rets_since = True, time.monotonic()
         if not f.entry_on:
             self._entry_on(f, now)
@@ -217,7 +217,7 @@ class FuncLatencyProbes:
 
     def _entry_on(self, f: _FuncState, now: float) -> None:
         assert self._prog is not None
-        self._prog.attach(f"entry:{f.fid}", [f.sites.entry], f"fl_entry_{f.fid}")
+        self._prog.attach(f"entry:{f.fid}", [f.sites.entry], "fl_entry")
         f.entry_on, f.entry_since = True, now
 
     def _entry_off(self, f: _FuncState, now: float) -> None:

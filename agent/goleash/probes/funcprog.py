@@ -1,7 +1,13 @@
-"""One compiled bpf/funclat.bpf.c for one process: its probes attached in groups,
-its maps read into plain dicts and histograms.
+"""bpf/funclat.bpf.c loaded for one process: its probes attached in groups, its maps
+read into plain dicts and histograms.
 
-The scheduler (funclat.py) and the panic probes (panics.py) each drive one.
+The program is compiled once per node, not once per process: the image cache
+(bpfimage.py) holds it, bpfload.py creates a process's maps and loads the programs
+it attaches with bpf(2), so following a process with function probes neither
+compiles nor maps LLVM. What differs per process is data: fl_config (runtime.g
+offsets, gopanic's SP adjustment), fl_sites (each probe site's address in the
+process: its function and SP adjustment) and the maps' sizes. The scheduler
+(funclat.py) and the panic probes (panics.py) each drive one.
 """
 
 from __future__ import annotations
@@ -12,10 +18,11 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from goleash.errors import GoleashError
 from goleash.gobin.disasm import ProbeSite
 from goleash.probes import hist
+from goleash.probes.bpfload import LoadedBpf, Origin, open_program
 from goleash.probes.bpfsrc import bpf_dir
 from goleash.probes.funcsites import FuncProbeError, FuncSites
 from goleash.probes.hist import Histogram
@@ -48,15 +55,102 @@ COUNTER_NAMES = (
     "panic_hits",
     "panic_sites_full",
     "read_faults",
+    "unknown_sites",
 )
 
 
 class CtlView(ctypes.Structure):
-    """struct fl_ctl in bpf/goleash.h: what user space writes per function. A view of
-    our own (not BCC's Leaf) so a field renamed on one side fails a test instead of
-    becoming a new Python attribute nobody reads."""
+    """struct fl_ctl in bpf/goleash.h: what user space writes per function. The views
+    here are held to goleash.h by tests/bpf/test_layouts.py."""
 
     _fields_ = [("epoch", ctypes.c_uint32), ("timing", ctypes.c_uint32)]
+
+
+class SiteView(ctypes.Structure):
+    """struct fl_site: fl_sites' value, keyed by the site's address in the process."""
+
+    _fields_ = [("fid", ctypes.c_uint32), ("_pad", ctypes.c_uint32), ("sp_adj", ctypes.c_uint64)]
+
+
+class ConfigView(ctypes.Structure):
+    """struct fl_config: the process's facts, fl_config[0]."""
+
+    _fields_ = [
+        ("g_goid", ctypes.c_uint64),
+        ("g_stack_hi", ctypes.c_uint64),
+        ("panic_sp_adj", ctypes.c_uint64),
+    ]
+
+
+class StatsView(ctypes.Structure):
+    """struct fl_stats, fields named as STAT_FIELDS."""
+
+    _fields_ = [(name, ctypes.c_uint64) for name in STAT_FIELDS]
+
+
+class HistView(ctypes.Structure):
+    """struct fl_hist in funclat.bpf.c: GL_FL_SLOTS buckets (the first N_BUCKETS used)."""
+
+    _fields_ = [("b", ctypes.c_uint64 * hist.SLOTS)]
+
+
+class PanicKeyView(ctypes.Structure):
+    """struct fl_panic_key."""
+
+    _fields_ = [
+        ("pid", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("pcs", ctypes.c_uint64 * 4),  # FL_PANIC_FRAMES
+    ]
+
+
+class GoroutineKeyView(ctypes.Structure):
+    """struct goroutine_key: fl_inflight's key."""
+
+    _fields_ = [("pid", ctypes.c_uint32), ("_pad", ctypes.c_uint32), ("goid", ctypes.c_uint64)]
+
+
+class FrameView(ctypes.Structure):
+    """struct fl_frame."""
+
+    _fields_ = [
+        ("start_ns", ctypes.c_uint64),
+        ("depth", ctypes.c_uint64),
+        ("fid", ctypes.c_uint32),
+        ("tid", ctypes.c_uint32),
+        ("epoch", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    ]
+
+
+class InflightView(ctypes.Structure):
+    """struct fl_inflight: a goroutine's calls in flight."""
+
+    _fields_ = [
+        ("n", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("frames", FrameView * 16),  # FL_MAX_DEPTH
+    ]
+
+
+_Index = ctypes.c_uint32
+# The maps user space opens: name -> (key, value) views (per-CPU values: one per CPU).
+_MAPS = {
+    "fl_config": (_Index, ConfigView),
+    "fl_sites": (ctypes.c_uint64, SiteView),
+    "fl_stats": (_Index, StatsView),
+    "fl_hist": (_Index, HistView),
+    "fl_ctl": (_Index, CtlView),
+    "fl_calls": (_Index, ctypes.c_uint64),
+    "fl_panics": (PanicKeyView, ctypes.c_uint64),
+    "fl_inflight": (GoroutineKeyView, InflightView),
+    "fl_counters": (_Index, ctypes.c_uint64),
+}
+
+
+def cflags() -> list[str]:
+    """The same for every process (the image cache's key includes them)."""
+    return [f"-I{BPF_DIR}", *(f"-D{k}={v}" for k, v in hist.c_defines().items())]
 
 
 @dataclass
@@ -68,7 +162,7 @@ class RawReading:
 
 
 class LatencyProgram:
-    """One compiled funclat.bpf.c for one process (functions, goexit1, gopanic).
+    """funclat.bpf.c loaded for one process (functions, goexit1, gopanic).
 
     Probes are attached in groups (a function's entry, its RETs, goexit1, gopanic),
     each group one uprobe_multi link where the kernel has them, else one perf-event
@@ -85,26 +179,25 @@ class LatencyProgram:
         max_panic_sites: int,
         panic_sp_adj: int,
     ) -> None:
-        from bcc import BPF  # probes is the only package that imports bcc
-
         self.proc = proc
-        off = proc.offsets
-        flags = [
-            f"-I{BPF_DIR}",
-            f"-DG_GOID={off.g_goid}",
-            f"-DG_STACK_HI={off.g_stack_hi}",
-            f"-DFL_NFUNCS={max(1, len(sites))}",
-            f"-DFL_MAX_GOROUTINES={max_goroutines}",
-            f"-DFL_MAX_PANIC_SITES={max_panic_sites}",
-            f"-DFL_PANIC_SP_ADJ={panic_sp_adj}",
-            *(f"-D{k}={v}" for k, v in hist.c_defines().items()),
-        ]
-        text = (BPF_DIR / "funclat.bpf.c").read_text()
-        text += "".join(f"FL_FUNC({i}, {s.sp_adj})\n" for i, s in enumerate(sites))
+        # Each probe site by its address in the process (where the program finds it).
+        by_addr: dict[int, SiteView] = {}
+        for fid, s in enumerate(sites):
+            by_addr[s.entry.vaddr + proc.load_bias] = SiteView(fid, 0, s.sp_adj)
+            for r in (*s.rets, *s.ret_nops):
+                by_addr[r.vaddr + proc.load_bias] = SiteView(fid, 0, 0)
+        self.bpf, self.origin = load_program(
+            len(sites), len(by_addr), max_goroutines, max_panic_sites
+        )
         try:
-            self.bpf: Any = BPF(text=text, cflags=flags)
-        except Exception as exc:  # BCC raises bare Exception on compile errors
-            raise FuncProbeError(f"compiling funclat.bpf.c failed: {exc}") from exc
+            cfg = self.bpf["fl_config"]
+            cfg[_Index(0)] = ConfigView(proc.offsets.g_goid, proc.offsets.g_stack_hi, panic_sp_adj)
+            table = self.bpf["fl_sites"]
+            for addr, site in by_addr.items():
+                table[ctypes.c_uint64(addr)] = site
+        except BaseException:
+            self.bpf.cleanup()
+            raise
         self._attacher = GroupAttacher(self.bpf, proc.exe, proc.pid)
         self._groups: dict[str, Callable[[], None]] = {}  # attached group -> its detach
         self._pending: dict[str, threading.Event] = {}
@@ -156,23 +249,23 @@ class LatencyProgram:
 
     def set_ctl(self, fid: int, epoch: int, timing: bool) -> None:
         """Whether the function's entries are timed now, and its RET probes' epoch."""
-        self.bpf["fl_ctl"][ctypes.c_int(fid)] = CtlView(epoch & 0xFFFFFFFF, int(timing))
+        self.bpf["fl_ctl"][_Index(fid)] = CtlView(epoch & 0xFFFFFFFF, int(timing))
 
     def stats(self, fid: int) -> dict[str, int]:
         """Cumulative figures; entry_hits is every call the entry probe counted."""
-        v = self.bpf["fl_stats"][ctypes.c_int(fid)]
+        v = self.bpf["fl_stats"][_Index(fid)]
         out = {name: int(getattr(v, name)) for name in STAT_FIELDS}
-        out["entry_hits"] = sum(int(x) for x in self.bpf["fl_calls"][ctypes.c_int(fid)])
+        out["entry_hits"] = sum(int(x) for x in self.bpf["fl_calls"][_Index(fid)])
         return out
 
     def raw(self, fid: int) -> RawReading:
         st = self.stats(fid)
-        counts = [int(x) for x in self.bpf["fl_hist"][ctypes.c_int(fid)].b[: hist.N_BUCKETS]]
+        counts = [int(x) for x in self.bpf["fl_hist"][_Index(fid)].b[: hist.N_BUCKETS]]
         return RawReading(st, Histogram(counts, st["count"], st["sum_ns"], st["max_ns"]))
 
     def counters(self) -> dict[str, int]:
         out = dict.fromkeys(COUNTER_NAMES, 0)
-        for idx, per_cpu in self.bpf["fl_counters"].items():
+        for idx, per_cpu in self.bpf["fl_counters"].items():  # a few entries
             if idx.value < len(COUNTER_NAMES):
                 out[COUNTER_NAMES[idx.value]] = sum(int(x) for x in per_cpu)
         return out
@@ -183,3 +276,50 @@ class LatencyProgram:
         self._queue.put(None)
         self._worker.join()
         self.bpf.cleanup()
+
+
+_loads = 0
+
+
+def load_count() -> int:
+    """How many times this Python process loaded funclat.bpf.c (one per traced process
+    and kind of probe; each a load of the one image, never a compile here)."""
+    return _loads
+
+
+def load_program(
+    nfuncs: int, nsites: int, max_goroutines: int, max_panic_sites: int
+) -> tuple[LoadedBpf, Origin]:
+    """The image loaded with maps of this process's sizes: from the node's cache, or
+    compiled in a child process and cached. The programs the caller will attach are
+    checked by the kernel at once, so a cached image it refuses is compiled again here
+    (they are loaded again at attach, for uprobe_multi links)."""
+    global _loads
+    per_func = max(1, nfuncs)
+    sizes = {
+        "fl_sites": max(1, nsites),
+        "fl_stats": per_func,
+        "fl_hist": per_func,
+        "fl_ctl": per_func,
+        "fl_calls": per_func,
+        "fl_inflight": max_goroutines,
+        "fl_panics": max_panic_sites,
+    }
+    try:
+        bpf, origin = open_program(
+            "funclat",
+            BPF_DIR / "funclat.bpf.c",
+            cflags(),
+            verify=("fl_entry", "fl_ret", "fl_retnop", "fl_goexit") if nfuncs else ("fl_panic",),
+            sizes=sizes,
+        )
+    except (GoleashError, OSError) as exc:
+        raise FuncProbeError(f"loading funclat.bpf.c failed: {exc}") from exc
+    try:
+        for name, (key, value) in _MAPS.items():
+            bpf.map(name, key, value)
+    except (GoleashError, KeyError) as exc:
+        bpf.cleanup()
+        raise FuncProbeError(f"funclat.bpf.c and funcprog.py disagree: {exc}") from exc
+    _loads += 1
+    return bpf, origin
