@@ -11,7 +11,17 @@ from pathlib import Path
 
 from goleash.bench import Report
 
-SECTIONS = ["goroutines", "funclat", "service", "fleet", "funcfleet", "ingest", "check", "hostile", "gobin"]
+SECTIONS = [
+    "goroutines",
+    "funclat",
+    "service",
+    "fleet",
+    "funcfleet",
+    "ingest",
+    "check",
+    "hostile",
+    "gobin",
+]
 
 
 def main() -> int:

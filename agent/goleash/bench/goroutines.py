@@ -284,12 +284,11 @@ def _program_run_time(report: Report, binary: Path, churn_args: list[str]) -> No
     of their own: the accounting adds two clock reads to every program run."""
     for label, lifetimes in (("goleash", False), ("goleash --lifetimes", True)):
         run_ns: dict[str, float] = {}
-        _measure(
-            binary,
-            churn_args,
-            "ns_per_goroutine",
-            lambda pid, lt=lifetimes, out=run_ns: _goleash(pid, {}, lifetimes=lt, run_ns=out),
-        )
+
+        def tracer(pid: int, lt: bool = lifetimes, out: dict[str, float] = run_ns) -> Any:
+            return _goleash(pid, {}, lifetimes=lt, run_ns=out)
+
+        _measure(binary, churn_args, "ns_per_goroutine", tracer)
         for name, ns in sorted(run_ns.items()):
             report.line(f"{label}: {name} run time per hit (kernel bpf_stats)", ns, "ns/hit")
 

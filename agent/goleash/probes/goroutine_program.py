@@ -227,8 +227,8 @@ class GoroutineProgram:
         """Each function's loaded programs (for perf events, for links): their fds."""
         out: dict[str, list[int]] = {}
         if self.bpf is not None:
-            for name, f in self.bpf.funcs.items():
-                out.setdefault(name.decode(), []).append(f.fd)
+            for raw_name, f in self.bpf.funcs.items():
+                out.setdefault(raw_name.decode(), []).append(f.fd)
         if self._links is not None:
             for name, fd in self._links.fds().items():
                 out.setdefault(name, []).append(fd)
