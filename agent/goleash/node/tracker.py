@@ -39,7 +39,13 @@ from goleash.probes.goroutines import (
     LiveGoroutine,
     TrackerReading,
 )
-from goleash.probes.inventory import Goroutine, Inventory, ReadMemo, read_goroutines
+from goleash.probes.inventory import (
+    MEMO_MAX_GS,
+    Goroutine,
+    Inventory,
+    ReadMemo,
+    read_goroutines,
+)
 from goleash.probes.target import GoProcess
 
 # Wait reasons that cannot end by themselves: nobody else holds a reference that
@@ -408,7 +414,8 @@ class ProcessTracker:
             site = self._site_summary(key, members, member_ages, orphans, reading, born)
             summary.add_site(site, sorted(births[g.goid] for g in members)[::-1])
         summary.sites.sort(key=lambda s: (-s.live, -s.created, s.function))
-        self._summary = summary
+        # Kept for reuse only where the inventory's memo is (a bounded memory cost).
+        self._summary = summary if len(inv.goroutines) <= MEMO_MAX_GS else None
         return self._process_snapshot(
             inv,
             reading,
