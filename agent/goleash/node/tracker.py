@@ -338,7 +338,11 @@ class ProcessTracker:
             g = live.get(goid)
             if g is not None and (g.gopc, g.startpc) == (b.gopc, b.startpc):
                 self.born[goid] = b
-        if self.probes is not None and self.probes.compiled:
+        # The reading holds every record of this process the kernel has (its births
+        # are counted: a reading is never older than the last birth): when all are of
+        # live goroutines, a reconcile would free none (an idle process's usual case).
+        stale = any(goid not in live for goid in reading.live)
+        if stale and self.probes is not None and self.probes.compiled:
             self.probes.reconcile(frozenset(live), inv.read_ns)
 
     def _count_unborn_exits(self, inv: Inventory) -> None:
