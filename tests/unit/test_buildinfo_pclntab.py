@@ -179,6 +179,23 @@ def test_pclntab_finds_functions(toolchain: str, variant: str) -> None:
     assert all(f.name.startswith("main.") for f in mains)
 
 
+def test_name_index_agrees_with_each_function_read_alone(toolchain: str, variant: str) -> None:
+    # The name index and the wrapper set read every name in one pass over the name
+    # table; each function's own name read (what Func names come from) must agree.
+    tab = Pclntab.from_binary(binary(toolchain, variant))
+    names = [tab._func_name(i) for i in range(len(tab._funcoffs))]
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if i not in tab._wrappers:
+            first.setdefault(name, i)
+    assert tab._by_name == first
+    assert len(first) > 1000
+    # A wrapper shares its name with the function it wraps, and is never the one found.
+    for i in tab._wrappers:
+        assert first[names[i]] != i
+        assert tab.func_by_name(names[i]) == tab._func_at(first[names[i]])
+
+
 def test_pclntab_agrees_with_symtab(toolchain: str, variant: str) -> None:
     b = binary(toolchain, variant)
     tab = Pclntab.from_binary(b)

@@ -19,6 +19,7 @@ from goleash.api.goleash.v1 import ingest_service_pb2 as ing
 from goleash.api.goleash.v1 import types_pb2 as t
 from goleash.errors import GoleashError, StageFailure
 from goleash.node.discovery import Candidate
+from goleash.node.resend import RowAges, Sent, quantile_goids
 from goleash.node.tracker import ProcessSnapshot, SiteSummary
 from goleash.probes.creation import SYSTEM_KEEP, site_at
 from goleash.probes.inventory import Goroutine
@@ -174,6 +175,7 @@ class SnapshotExporter:
         # goroutine of an idle process is neither walked nor converted again.
         self._stack_memo: dict[StackKey, Stack] = {}
         self._templates: dict[_TemplateKey, tuple[Stack | None, t.Goroutine]] = {}
+        self._sent: Sent | None = None  # the last message and what it was made of
 
     def creator(self, gopc: int) -> str:
         name = self._creators.get(gopc)
@@ -197,17 +199,12 @@ class SnapshotExporter:
         keep: bool = True,
     ) -> ing.ProcessSnapshot:
         """keep=False leaves individual goroutines out (the final snapshot of an
-        exited process, whose memory can no longer be read for stacks)."""
-        names = {(s.gopc, s.startpc): site_name(s) for s in snap.sites}
-        members: dict[tuple[str, str], list[Goroutine]] = {}
-        for g in snap.goroutines:
-            site = names.get((g.gopc, g.startpc))
-            if site is not None and not is_system_function(site[0]):
-                members.setdefault(site, []).append(g)
-        out = ing.ProcessSnapshot(pid=snap.pid, time_unix_nano=int(snap.taken_at * 1e9))
-        out.goroutines = self._add_sites(out, snap, members)
-        if keep:
-            out.goroutines_kept.extend(self._kept(snap, names, members))
+        exited process, whose memory can no longer be read for stacks). The message
+        returned is never changed afterwards; its receiver must not change it either
+        (the next message of an unchanged process starts from a copy of it)."""
+        out = self._again(snap, keep) if self._sent is not None else None
+        if out is None:
+            out = self._afresh(snap, keep)
         _add_latency(out, latency)
         for fn, n in sorted((panics or {}).items()):
             if n:
@@ -215,11 +212,47 @@ class SnapshotExporter:
         self._add_drops(out, snap, extra_drops or {})
         return out
 
+    def _afresh(self, snap: ProcessSnapshot, keep: bool) -> ing.ProcessSnapshot:
+        names = {(s.gopc, s.startpc): site_name(s) for s in snap.sites}
+        members: dict[tuple[str, str], list[Goroutine]] = {}
+        for g in snap.goroutines:
+            site = names.get((g.gopc, g.startpc))
+            if site is not None and not is_system_function(site[0]):
+                members.setdefault(site, []).append(g)
+        out = ing.ProcessSnapshot(pid=snap.pid, time_unix_nano=int(snap.taken_at * 1e9))
+        sent = Sent(snap.state_id, keep, out)
+        out.goroutines = self._add_sites(out, snap, members, sent)
+        if keep:
+            out.goroutines_kept.extend(self._kept(snap, names, members, sent))
+        self._sent = sent
+        return out
+
+    def _again(self, snap: ProcessSnapshot, keep: bool) -> ing.ProcessSnapshot | None:
+        """The last message again with the clock moved on, when SNAP is of the same
+        state as the one it was made from (see node/summary.py); None if it is not."""
+        sent = self._sent
+        assert sent is not None
+        if sent.state_id != snap.state_id or sent.keep != keep or not snap.state_id:
+            return None
+        stacks: dict[int, Stack] = {}
+        if sent.kept:
+            try:
+                stacks = walk_stacks(self.proc, sent.kept, KEPT_FRAMES, memo=self._stack_memo)
+            except GoleashError:
+                raise
+            except Exception as exc:
+                raise StageFailure("stacks", exc) from exc
+        out = sent.next_message(snap, stacks, self._blocked)
+        if out is not None:
+            self._sent = sent
+        return out
+
     def _add_sites(
         self,
         out: ing.ProcessSnapshot,
         snap: ProcessSnapshot,
         members: Mapping[tuple[str, str], list[Goroutine]],
+        sent: Sent,
     ) -> int:
         """One entry per site that has live goroutines or created/exited some since the
         last message; returns the live goroutines counted (system ones left out)."""
@@ -251,14 +284,16 @@ class SnapshotExporter:
                 created=d_created,
                 exited=d_exited,
             )
-            self._describe_members(row, snap, gs)
+            sent.rows.append(self._describe_members(row, snap, gs))
         return total
 
     def _describe_members(
         self, s: ing.SiteSummary, snap: ProcessSnapshot, gs: list[Goroutine]
-    ) -> None:
-        """A site's ages, wait reasons and orphans, from its live goroutines."""
-        ages = sorted(snap.ages_s.get(g.goid, 0.0) for g in gs)
+    ) -> RowAges:
+        """A site's ages, wait reasons and orphans, from its live goroutines; returns
+        which goroutines its ages are of."""
+        by_age = sorted(gs, key=lambda g: snap.ages_s.get(g.goid, 0.0))
+        ages = [snap.ages_s.get(g.goid, 0.0) for g in by_age]
         p50, p90, p99, mx = _quantiles(ages)
         s.age.p50_seconds, s.age.p90_seconds = p50, p90
         s.age.p99_seconds, s.age.max_seconds = p99, mx
@@ -276,6 +311,8 @@ class SnapshotExporter:
             reasons = Counter(g.wait_reason or "" for g in orphans)
             s.orphans.dominant_wait_reason = reasons.most_common(1)[0][0]
             s.orphans.longest_blocked_seconds = max(self._blocked(snap, g) for g in orphans)
+            return RowAges(quantile_goids(by_age), eldest.goid, orphans)
+        return RowAges(quantile_goids(by_age), 0, [])
 
     def _add_drops(
         self, out: ing.ProcessSnapshot, snap: ProcessSnapshot, extra: Mapping[str, int]
@@ -304,6 +341,7 @@ class SnapshotExporter:
         snap: ProcessSnapshot,
         names: Mapping[tuple[int, int], tuple[str, str]],
         members: Mapping[tuple[str, str], list[Goroutine]],
+        sent: Sent,
     ) -> list[t.Goroutine]:
         """Orphans first, then the oldest parked goroutines, up to max_kept, with stacks."""
         ages = snap.ages_s
@@ -342,6 +380,8 @@ class SnapshotExporter:
             m.blocked_for_seconds = self._blocked(snap, g)
             m.orphan = g.goid in snap.orphan_goids
             out.append(m)
+            sent.kept.append(g)
+            sent.stacks.append(stacks.get(g.goid))
         self._templates = made  # only this snapshot's: bounded by max_kept
         return out
 

@@ -29,6 +29,7 @@ from typing import Any
 from goleash.errors import GoleashError, StageFailure
 from goleash.gobin.errors import ProcessError
 from goleash.node import DEFAULT_ORPHAN_MIN_AGE_S  # noqa: F401  (defined there for the CLI)
+from goleash.node.summary import SiteSummary, Summary, quantile_index
 from goleash.probes.budget import OverheadBudget
 from goleash.probes.creation import site_at
 from goleash.probes.goidgen import GoidCounter, GoidgenUnavailable, checked_goid_counter
@@ -38,7 +39,13 @@ from goleash.probes.goroutines import (
     LiveGoroutine,
     TrackerReading,
 )
-from goleash.probes.inventory import Goroutine, Inventory, ReadMemo, read_goroutines
+from goleash.probes.inventory import (
+    MEMO_MAX_GS,
+    Goroutine,
+    Inventory,
+    ReadMemo,
+    read_goroutines,
+)
 from goleash.probes.target import GoProcess
 
 # Wait reasons that cannot end by themselves: nobody else holds a reference that
@@ -82,31 +89,7 @@ def _read_inventory(proc: GoProcess, memo: ReadMemo | None = None) -> Inventory:
 def _quantile(sorted_vals: list[float], q: float) -> float | None:
     if not sorted_vals:
         return None
-    i = min(len(sorted_vals) - 1, max(0, round(q * (len(sorted_vals) - 1))))
-    return sorted_vals[i]
-
-
-@dataclass
-class SiteSummary:
-    """One creation site: the function a `go` statement starts, and where."""
-
-    function: str
-    go_statement: str
-    live: int
-    created: int
-    exited: int
-    exited_unseen: int
-    age_p50_s: float | None
-    age_p99_s: float | None
-    age_max_s: float | None
-    wait_reasons: dict[str, int]
-    orphans: int
-    lifetime_mean_s: float | None
-    gopc: int = 0
-    startpc: int = 0
-    creator_stack: list[str] = field(default_factory=list)  # with --stacks: "func file:line"
-    # the oldest was there before the probes saw it born: age_max_s is a lower bound
-    age_max_lower_bound: bool = False
+    return sorted_vals[quantile_index(len(sorted_vals), q)]
 
 
 @dataclass
@@ -142,10 +125,20 @@ class ProcessSnapshot:
     # within created_error_bound, 16 goids cached per P).
     created_source: str = "probes"
     created_error_bound: int | None = 0
+    # Snapshots of one tracker with the same state_id saw the same goroutines and
+    # counts; only the clock moved (ages, times blocked). Exporters reuse their work.
+    state_id: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("goroutines", "ages_s", "ages_lower_bound", "parents", "orphan_goids"):
+        for k in (
+            "goroutines",
+            "ages_s",
+            "ages_lower_bound",
+            "parents",
+            "orphan_goids",
+            "state_id",
+        ):
             d.pop(k)
         return d
 
@@ -198,6 +191,8 @@ class ProcessTracker:
         self._goidgen_at_start = 0
         self._last_goidgen = 0
         self.goidgen_unavailable = ""  # why the goid counter cannot be read, if so
+        # The last summary and what it was made from: reused while nothing changed.
+        self._summary: Summary | None = None
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -343,7 +338,11 @@ class ProcessTracker:
             g = live.get(goid)
             if g is not None and (g.gopc, g.startpc) == (b.gopc, b.startpc):
                 self.born[goid] = b
-        if self.probes is not None and self.probes.compiled:
+        # The reading holds every record of this process the kernel has (its births
+        # are counted: a reading is never older than the last birth): when all are of
+        # live goroutines, a reconcile would free none (an idle process's usual case).
+        stale = any(goid not in live for goid in reading.live)
+        if stale and self.probes is not None and self.probes.compiled:
             self.probes.reconcile(frozenset(live), inv.read_ns)
 
     def _count_unborn_exits(self, inv: Inventory) -> None:
@@ -383,29 +382,53 @@ class ProcessTracker:
 
     def snapshot(self, inventory: Inventory | None = None) -> ProcessSnapshot:
         inv, reading = self._read(inventory)
+        last = self._summary
+        if last is not None and last.still_true(
+            inv.goroutines, inv.read_ns, reading, self.lifetimes
+        ):
+            # An idle process (the common case on a node): the same goroutines and
+            # counts as last time. Only the clock moved: same summary, ages now.
+            sites = last.sites_at(inv.read_ns)
+            ages_s = last.ages_at(inv.read_ns)
+            return self._process_snapshot(
+                inv, reading, sites, ages_s, last.orphan_goids, self.born, last.state_id
+            )
+        return self._summarise(inv, reading)
+
+    def _summarise(self, inv: Inventory, reading: TrackerReading | None) -> ProcessSnapshot:
+        """The snapshot of INV and READING worked out from scratch (and remembered)."""
         born = self.born
         by_site: dict[tuple[int, int], list[Goroutine]] = {}
         for g in inv.goroutines:
             by_site.setdefault((g.gopc, g.startpc), []).append(g)
         keys = set(by_site) | (set(reading.sites) if reading else set())
         live_by_goid = {g.goid for g in inv.goroutines}
-        sites: list[SiteSummary] = []
-        ages_s: dict[int, float] = {}
-        orphan_goids: set[int] = set()
+        births = {g.goid: self._birth_ns(g.goid, born, inv.read_ns) for g in inv.goroutines}
+        summary = Summary(inv.goroutines, reading, self.lifetimes, births)
         for key in keys:
             members = by_site.get(key, [])
-            member_ages = [
-                (inv.read_ns - self._birth_ns(g.goid, born, inv.read_ns)) / 1e9 for g in members
-            ]
+            member_ages = [(inv.read_ns - births[g.goid]) / 1e9 for g in members]
             orphans = 0
             for g, age in zip(members, member_ages, strict=True):
-                ages_s[g.goid] = age
                 if self._is_orphan(g, age, born, live_by_goid):
                     orphans += 1
-                    orphan_goids.add(g.goid)
-            sites.append(self._site_summary(key, members, member_ages, orphans, reading, born))
-        sites.sort(key=lambda s: (-s.live, -s.created, s.function))
-        return self._process_snapshot(inv, reading, sites, ages_s, orphan_goids, born)
+                    summary.orphan_goids.add(g.goid)
+                elif self._is_orphan(g, math.inf, born, live_by_goid):
+                    summary.becomes_orphan(births[g.goid], self.orphan_min_age_s)
+            site = self._site_summary(key, members, member_ages, orphans, reading, born)
+            summary.add_site(site, sorted(births[g.goid] for g in members)[::-1])
+        summary.sites.sort(key=lambda s: (-s.live, -s.created, s.function))
+        # Kept for reuse only where the inventory's memo is (a bounded memory cost).
+        self._summary = summary if len(inv.goroutines) <= MEMO_MAX_GS else None
+        return self._process_snapshot(
+            inv,
+            reading,
+            summary.sites,
+            summary.ages_at(inv.read_ns),
+            summary.orphan_goids,
+            born,
+            summary.state_id,
+        )
 
     def _read(self, inventory: Inventory | None) -> tuple[Inventory, TrackerReading | None]:
         """The live goroutines (INVENTORY if given, else read now) and the probes'
@@ -503,8 +526,9 @@ class ProcessTracker:
         reading: TrackerReading | None,
         sites: list[SiteSummary],
         ages_s: dict[int, float],
-        orphan_goids: set[int],
+        orphan_goids: set[int] | frozenset[int],
         born: dict,
+        state_id: int,
     ) -> ProcessSnapshot:
         counters = reading.counters if reading else {}
         created = sum(s.created for s in sites)
@@ -549,4 +573,5 @@ class ProcessTracker:
             lifetimes=self.lifetimes,
             created_source=created_source,
             created_error_bound=bound,
+            state_id=state_id,
         )
