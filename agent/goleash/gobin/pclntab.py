@@ -182,10 +182,10 @@ class Pclntab:
         base = self._pclntable + self._field0  # where a func's nameOff is
         for fo in self._funcoffs:
             (off,) = unpack(buf, base + fo)
-            name = at.get(off)
-            if name is None:  # not where a name starts (or past the table): as before
-                name = self._cstring(start + off).encode("utf-8", "surrogateescape")
-            names.append(name)
+            found = at.get(off)
+            if found is None:  # not where a name starts (or past the table): as before
+                found = self._cstring(start + off).encode("utf-8", "surrogateescape")
+            names.append(found)
         return names
 
     def _func_at(self, i: int) -> Func:

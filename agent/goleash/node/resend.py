@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from goleash.api.goleash.v1 import ingest_service_pb2 as ing
+from goleash.node.tracker import ProcessSnapshot
 from goleash.probes.inventory import Goroutine
 from goleash.probes.stacks import Stack
 
@@ -52,21 +53,21 @@ class Sent:
 
     def next_message(
         self,
-        snap: object,
+        snap: ProcessSnapshot,
         stacks: dict[int, Stack],
-        blocked: Callable[[object, Goroutine], float],
+        blocked: Callable[[ProcessSnapshot, Goroutine], float],
     ) -> ing.ProcessSnapshot | None:
         """The message for SNAP (of this state, a later clock), the kept goroutines'
         stacks walked again as STACKS; None when a stack differs (then from scratch)."""
         walked = [stacks.get(g.goid) for g in self.kept]
         if any(a is not b and a != b for a, b in zip(walked, self.stacks, strict=True)):
             return None
-        ages: dict[int, float] = snap.ages_s  # type: ignore[attr-defined]
+        ages: dict[int, float] = snap.ages_s
         out = ing.ProcessSnapshot()
         out.CopyFrom(self.out)
         for name in ("latency", "panics", "drops"):  # this call's own, added by the caller
             out.ClearField(name)
-        out.time_unix_nano = int(snap.taken_at * 1e9)  # type: ignore[attr-defined]
+        out.time_unix_nano = int(snap.taken_at * 1e9)
         rows: list[RowAges] = []
         gone = []
         for i, (row, a) in enumerate(zip(out.sites, self.rows, strict=True)):
