@@ -277,9 +277,10 @@ class Agent:
     # --- the one goroutines program ---------------------------------------------------
 
     def _compile_in_background(self) -> None:
-        """Start compiling the goroutines program (BCC's compile runs in C++ through
-        ctypes, without the GIL) while the main thread analyses executables: on a
-        node full of Go processes the two overlap instead of adding up."""
+        """Start loading the goroutines program (from the node's image cache, or a
+        compile in a child process when the cache is cold: this thread only waits)
+        while the main thread analyses executables: the two overlap instead of adding
+        up."""
         if self._compiling is not None or self.goroutine_program.compiled:
             return
         self._compiling = threading.Thread(
