@@ -78,8 +78,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "entry-sp-adjust-ignored",
         "agent/goleash/probes/funcprog.py",
-        'text += "".join(f"FL_FUNC({i}, {s.sp_adj})\\n" for i, s in enumerate(sites))',
-        'text += "".join(f"FL_FUNC({i}, 0)\\n" for i, s in enumerate(sites))',
+        "by_addr[s.entry.vaddr + proc.load_bias] = SiteView(fid, 0, s.sp_adj)",
+        "by_addr[s.entry.vaddr + proc.load_bias] = SiteView(fid, 0, 0)",
         (FUNCLAT, "-k", "sleep_mixture and go1.19"),
         "the entry probe past `sub rsp` (Go 1.19) computes its stack depth from the wrong SP",
     ),
