@@ -336,7 +336,9 @@ def _inventory_vs_pprof(report: Report, binary: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    w = Workload(binary, "-mode", "hold", "-n", "100000", "-pprof", f"127.0.0.1:{port}")
+    w = Workload(
+        binary, "-mode", "hold", "-n", "100000", "-pprof", f"127.0.0.1:{port}", "-watch-stalls"
+    )
     try:
         proc = GoProcess.attach(w.pid)
         w.send("stall")  # reset the stall meter
