@@ -197,22 +197,25 @@ class GroupAttacher:
                 fn = self.bpf.funcs.pop(fn_name.encode(), None)
                 if fn is not None:
                     os.close(fn.fd)
-        return self._attach_perf(file_offsets, fn_name)
+        return attach_perf(self.bpf, self.path, file_offsets, fn_name, self.pid)
 
-    def _attach_perf(self, file_offsets: Sequence[int], fn_name: str) -> Detach:
-        events: list[str] = []
 
-        def undo() -> None:
-            for ev in events:
-                detach(self.bpf, ev)
+def attach_perf(bpf: Any, path: str, file_offsets: Sequence[int], fn: str, pid: int) -> Detach:
+    """One perf-event uprobe per site (kernels without uprobe_multi links), all or none;
+    returns their detach."""
+    events: list[str] = []
 
-        try:
-            for off in file_offsets:
-                events.append(attach_at(self.bpf, self.path, off, fn_name, self.pid))
-        except Exception:
-            undo()
-            raise
-        return undo
+    def undo() -> None:
+        for ev in events:
+            detach(bpf, ev)
+
+    try:
+        for off in file_offsets:
+            events.append(attach_at(bpf, path, off, fn, pid))
+    except Exception:
+        undo()
+        raise
+    return undo
 
 
 class ProgramLinks:
@@ -238,19 +241,7 @@ class ProgramLinks:
         if prog_fd is not None:
             link = link_multi(prog_fd, path, file_offsets, pid)
             return lambda: os.close(link)
-        events: list[str] = []
-
-        def undo() -> None:
-            for ev in events:
-                detach(self.bpf, ev)
-
-        try:
-            for off in file_offsets:
-                events.append(attach_at(self.bpf, path, off, fn, pid))
-        except Exception:
-            undo()
-            raise
-        return undo
+        return attach_perf(self.bpf, path, file_offsets, fn, pid)
 
     def _multi_fd(self, fn: str) -> int | None:
         """FN loaded for uprobe_multi links: a second load beside the perf-event one
