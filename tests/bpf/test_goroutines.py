@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -427,3 +428,46 @@ def test_coroutines_not_born_through_newproc_are_seen() -> None:
             assert site(snap.sites, "orphan").live == 3
         finally:
             tracker.close()
+
+
+def test_perf_event_uprobes_where_the_kernel_has_no_uprobe_multi(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Kernels before 6.6 refuse a program loaded for uprobe_multi links: the
+    goroutine probes then go in as one perf-event uprobe per site, count alike, and
+    leave when detached (as the budget governor detaches them, the program kept)."""
+    from goleash.probes import bpfload, uprobe
+
+    load_func = bpfload.LoadedBpf.load_func
+
+    def old_kernel(
+        self: bpfload.LoadedBpf, name: bytes, prog_type: int, attach_type: int = -1
+    ) -> bpfload.Function:
+        if attach_type == uprobe._BPF_TRACE_UPROBE_MULTI:
+            raise OSError(22, "bpf(BPF_PROG_LOAD): Invalid argument")
+        return load_func(self, name, prog_type, attach_type)
+
+    monkeypatch.setattr(bpfload.LoadedBpf, "load_func", old_kernel)
+    before = uprobe_fds(os.getpid())
+    with populations(gobuild.TOOLCHAINS[-1]) as pop:
+        tracker = ProcessTracker(GoProcess.attach(pop.pid))
+        try:
+            tracker.start()
+            assert tracker.mode == "probes"
+            held = set(uprobe_fds(os.getpid())) - set(before)
+            assert held and all(h.endswith("perf_event") for h in held), held
+            n = 300
+            assert pop.command(f"churn {n}") == {"churned": n}
+
+            def churn_done():
+                s = site(tracker.snapshot().sites, "churn")
+                return s if (s.created, s.live) == (n, 0) else None
+
+            churn = wait_for(churn_done, "every churn goroutine counted and gone")
+            assert churn.exited == n
+            assert tracker.probes is not None
+            tracker.probes.detach()
+            assert uprobe_fds(os.getpid()) == before
+        finally:
+            tracker.close()
+    assert uprobe_fds(os.getpid()) == before
