@@ -33,7 +33,7 @@ from goleash.probes.budget import OverheadBudget
 from goleash.probes.funclat import FuncLatencyProbes
 from goleash.probes.funcprog import LatencyProgram
 from goleash.probes.funcs import FunctionIndex, resolve
-from goleash.probes.funcsites import function_sites
+from goleash.probes.funcsites import FuncProbeError, function_sites
 from goleash.probes.target import GoProcess
 
 TOOLCHAIN = os.environ.get("GOLEASH_BENCH_GO", "1.22.10")
@@ -106,10 +106,16 @@ def _goleash(pid: int, patterns: list[str], budget: float) -> Iterator[None]:
     probes.attach()
     stop = False
 
-    # Duty cycling needs its interval loop running while the load runs.
+    # Duty cycling needs its interval loop running while the load runs. The load may
+    # end (and its process exit) during an interval: that ends the loop, not the bench.
     def loop() -> None:
         while not stop:
-            probes.run_interval(0.5)
+            try:
+                probes.run_interval(0.5)
+            except FuncProbeError:
+                if proc.alive():
+                    raise
+                return
 
     t = threading.Thread(target=loop, daemon=True)
     t.start()
