@@ -415,6 +415,13 @@ class Origin:
     cache_miss: str = ""
 
 
+# (image, program) the kernel took in this process. An image is the same bytes for
+# every process that loads it, so its VERIFY programs are checked at its first load
+# only, not once more per followed process (they are loaded again at attach anyway).
+_verified: set[tuple[BpfImage, str]] = set()
+_MAX_VERIFIED = 64
+
+
 def _load_image(
     image: BpfImage,
     uprobe_programs: Sequence[str],
@@ -426,8 +433,13 @@ def _load_image(
         for prog in uprobe_programs:
             loaded.load_func(prog.encode(), PROG_TYPE_KPROBE)
         for prog in verify:
+            if (image, prog) in _verified:
+                continue
             loaded.load_func(prog.encode(), PROG_TYPE_KPROBE)
             loaded.unload_func(prog.encode())
+            if len(_verified) >= _MAX_VERIFIED:
+                _verified.clear()
+            _verified.add((image, prog))
     except BaseException:
         loaded.cleanup()
         raise
