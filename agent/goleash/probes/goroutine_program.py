@@ -26,7 +26,7 @@ import itertools
 import mmap
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from goleash.errors import GoleashError
@@ -55,6 +55,8 @@ from goleash.probes.goroutine_records import (  # noqa: F401  (re-exported)
     live_slots_for,
     occupied_slots,
     process_layout,
+    records_in_slots,
+    stale_slots,
 )
 from goleash.probes.uprobe import ProgramLinks
 
@@ -79,8 +81,7 @@ def load_count() -> int:
     return _loads
 
 
-# An occupied slot of live_slots as a walk saw it: (index, goid, created_ns).
-_SlotSeen = tuple[int, int, int]
+_EMPTY_GOID = bytes(8)  # LIVE_SLOT_EMPTY, as reconcile() stores it
 
 
 @dataclass
@@ -88,9 +89,6 @@ class _Walk:
     taken: float
     with_live: bool
     procs: dict[int, ProcessTables]
-    # pid -> its occupied slots (with_live only; every registered pid has a list), so
-    # that reconcile() frees from the walk instead of copying the 6 MB array again.
-    slots: dict[int, list[_SlotSeen]] = field(default_factory=dict)
     gens: dict[int, int] = field(default_factory=dict)
     served: set[int] = field(default_factory=set)
 
@@ -353,57 +351,34 @@ class GoroutineProgram:
 
         Only records of births before BORN_BEFORE_NS (when the inventory read started)
         are judged: a goroutine born later may be live but missing from that read.
-        Slots are freed through the writable mmap (a store of goid 0, no syscall per
-        slot), hash entries by deleting them. With the exit probe on, exits free
+        Slots are found by one pass over the owner and goid words of the array and
+        freed through the writable mmap (a store of goid 0, no syscall per slot),
+        hash entries by deleting them. With the exit probe on, exits free
         records first (goexit1 runs before the g is dead in memory): what is left
         are records whose exit was missed. Returns how many records were freed."""
         with self._lock:
             gen = self._registered.get(pid)
             if gen is None or self.bpf is None:
                 return 0
-            w = self._walk
-            if w is not None:
+            if self._walk is not None:
                 # What it holds of PID may be freed now: PID's next reading walks again
                 # (the other processes' parts stay true: only PID's records go).
-                w.served.add(pid)
-            if (
-                w is not None
-                and w.with_live
-                and w.gens.get(pid) == gen
-                and time.monotonic() - w.taken <= TABLES_MAX_AGE_S
-            ):
-                # The walk PID's reading just made: its slots as of then (a birth since
-                # then is judged at the next interval).
-                seen = w.slots[pid]
-            else:
-                seen = [
-                    (idx, goid, created_ns)
-                    for idx, goid, slot_pid, slot_gen, *_info, created_ns, _sid in self._slots(pid)
-                    if (slot_pid, slot_gen) == (pid, gen)
-                ]
+                self._walk.served.add(pid)
             mm = self._writable_slots()
             freed = 0
-            for idx, goid, created_ns in seen:
-                if goid in live_goids or created_ns >= born_before_ns:
-                    continue
+            slots = live_slots_for(self.max_live)
+            for idx, goid in stale_slots(mm, slots, pid, gen, live_goids, born_before_ns):
                 # The kernel may have rewritten it since it was read: free only what
                 # was judged (the same goroutine of the same process).
                 if SLOT_HEAD.unpack_from(mm, idx * _LIVE_SLOT.size) == (goid, pid, gen):
-                    word = ctypes.c_uint64.from_buffer(mm, idx * _LIVE_SLOT.size)
-                    word.value = 0
+                    mm[idx * _LIVE_SLOT.size : idx * _LIVE_SLOT.size + 8] = _EMPTY_GOID
                     freed += 1
-                    del word
             # Entries of the hash: a delete that succeeds is counted in gr_freed, the
             # program's own deletes (exits) in live_in_hash: neither counts twice.
+            if self._in_hash(pid) <= 0:  # the usual case: no walk of the shared hash
+                return freed
             freed_table = self.bpf["gr_freed"]
             freed_key = freed_table.Key(self._rows[pid])
-            usage = self.bpf["gr_usage"]
-            try:
-                in_hash = usage[usage.Key(pid)].live_in_hash - freed_table[freed_key].value
-            except KeyError:
-                in_hash = 0
-            if in_hash <= 0:  # the usual case: no walk of the shared hash
-                return freed
             table = self.bpf["live_goroutines"]
             dead = [
                 k.goid
@@ -470,13 +445,10 @@ class GoroutineProgram:
         }
         for (pid, gopc, startpc), counts in self._read_sites(regs).items():
             procs[pid].sites[(gopc, startpc)] = counts
-        slots: dict[int, list[_SlotSeen]] = {pid: [] for pid in regs}
         if with_live:
-            for pid, g, idx in self._read_live(regs):
+            for pid, g in self._read_live(regs):
                 procs[pid].live[g.goid] = g
-                if idx >= 0:
-                    slots[pid].append((idx, g.goid, g.created_ns))
-        return _Walk(time.monotonic(), with_live, procs, slots, regs)
+        return _Walk(time.monotonic(), with_live, procs, regs)
 
     def _counters(self, pid: int) -> dict[str, int]:
         assert self.bpf is not None
@@ -555,34 +527,72 @@ class GoroutineProgram:
         found = occupied_slots(self._writable_slots(), _LIVE_SLOT, live_slots_for(self.max_live))
         return [s for s in found if s[1] != _SLOT_WRITING and (pid is None or s[2] == pid)]
 
-    def _read_live(self, regs: dict[int, int]) -> list[tuple[int, LiveGoroutine, int]]:
-        """(pid, goroutine, its slot or -1 in the hash) of every registered pid."""
+    def _read_live(self, regs: dict[int, int]) -> list[tuple[int, LiveGoroutine]]:
+        """(pid, goroutine) of every record of every registered pid."""
         assert self.bpf is not None
         out = [
-            (pid, LiveGoroutine(goid, parent, gopc, startpc, created_ns, stack_id), i)
-            for i, goid, pid, gen, parent, gopc, startpc, created_ns, stack_id in self._slots()
+            (pid, LiveGoroutine(goid, parent, gopc, startpc, created_ns, stack_id))
+            for _i, goid, pid, gen, parent, gopc, startpc, created_ns, stack_id in self._slots()
             if regs.get(pid) == gen
         ]
         usage = self.bpf["gr_usage"]
         in_hash = sum(u.live_in_hash for _k, u in usage.items())
-        table = self.bpf["live_goroutines"]
-        items = None
-        if in_hash >= BATCH_FROM:
-            try:
-                items = list(table.items_lookup_batch())  # ~8x faster than items() at 100k
-            except Exception:
-                items = None
-        if items is None:
-            items = table.items()
-        for k, v in items:
+        for k, v in self._hash_items(in_hash):
             if k.pid in regs:
-                out.append(
-                    (
-                        k.pid,
-                        LiveGoroutine(
-                            k.goid, v.parent_goid, v.gopc, v.startpc, v.created_ns, v.stack_id
-                        ),
-                        -1,
-                    )
-                )
+                out.append((k.pid, _from_hash(k, v)))
         return out
+
+    def _hash_items(self, in_hash: int) -> list:  # type: ignore[type-arg]
+        """Every entry of live_goroutines (about IN_HASH of them)."""
+        assert self.bpf is not None
+        table = self.bpf["live_goroutines"]
+        if in_hash >= BATCH_FROM:
+            with contextlib.suppress(Exception):
+                return list(table.items_lookup_batch())  # ~8x faster than items() at 100k
+        return list(table.items())
+
+    def births_of(self, pid: int, goids: Collection[int]) -> dict[int, LiveGoroutine]:
+        """PID's birth records of the goroutines GOIDS (those the program holds): each
+        read from the one slot the program would put it in, else from the hash. Costs
+        one small read per goid, however many dead goroutines' records the tables hold
+        (a busy service leaves ~100k an interval), where a walk reads them all."""
+        with self._lock:
+            gen = self._registered.get(pid)
+            if gen is None or self.bpf is None or not goids:
+                return {}
+            slots = live_slots_for(self.max_live)
+            found, missing, _writing = records_in_slots(
+                self._writable_slots(), slots, pid, gen, goids
+            )
+            out = {goid: LiveGoroutine(goid, *info) for goid, info in found.items()}
+            if missing and self._in_hash(pid) > 0:
+                # A birth whose slot was taken went to the hash: look there for the
+                # rest, by key when they are few, else in one walk of the hash.
+                table = self.bpf["live_goroutines"]
+                if len(missing) <= BATCH_FROM:
+                    for goid in missing:
+                        with contextlib.suppress(KeyError):
+                            key = table.Key(pid, 0, goid)
+                            out[goid] = _from_hash(key, table[key])
+                else:
+                    want = set(missing)
+                    for k, v in self._hash_items(self.max_live):
+                        if k.pid == pid and k.goid in want:
+                            out[k.goid] = _from_hash(k, v)
+            return out
+
+    def _in_hash(self, pid: int) -> int:
+        """How many of live_goroutines' entries are PID's (what it put in, less what
+        reconcile freed)."""
+        assert self.bpf is not None
+        freed_table = self.bpf["gr_freed"]
+        usage = self.bpf["gr_usage"]
+        try:
+            in_hash = usage[usage.Key(pid)].live_in_hash
+            return int(in_hash - freed_table[freed_table.Key(self._rows[pid])].value)
+        except KeyError:
+            return 0
+
+
+def _from_hash(k: _GoroutineKey, v: ctypes.Structure) -> LiveGoroutine:
+    return LiveGoroutine(k.goid, v.parent_goid, v.gopc, v.startpc, v.created_ns, v.stack_id)  # type: ignore[attr-defined]

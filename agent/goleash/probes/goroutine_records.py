@@ -6,10 +6,12 @@ from __future__ import annotations
 import itertools
 import mmap
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from goleash.errors import GoleashError
 from goleash.gobin.offsets import RuntimeOffsets
+from goleash.probes.goroutine_maps import _LIVE_SLOT, _SLOT_WRITING
 
 SPAN_WORDS = 32  # GR_SPAN_WORDS: one read of runtime.g covers at most 256 bytes
 NO_FIELD = 0xFF  # GR_NO_FIELD
@@ -132,5 +134,79 @@ def occupied_slots(
         out.extend(
             (base + i, *record.unpack_from(data, i * size))
             for i in itertools.compress(range(len(goids)), goids)  # nonzero, in C
+        )
+    return out
+
+
+# Knuth's multiplicative constant: the program's slot_of() spreads processes with it.
+_PID_SPREAD = 2654435761
+# struct live_slot in u64 words: goid, pid and gen (one word), then goroutine_info's
+# parent_goid, gopc, startpc, created_ns, stack_id.
+_SLOT_WORDS = _LIVE_SLOT.size // 8
+_CREATED_WORD = 5
+
+
+def slot_index(pid: int, goid: int, slots: int) -> int:
+    """The slot of live_slots where the program puts PID's goroutine GOID (slot_of in
+    bpf/goroutines.bpf.c: the low bits of goid + pid * K, in unsigned arithmetic)."""
+    return (goid + pid * _PID_SPREAD) & (slots - 1)
+
+
+def records_in_slots(
+    array: mmap.mmap | bytes, slots: int, pid: int, gen: int, goids: Iterable[int]
+) -> tuple[dict[int, tuple[int, ...]], list[int], int]:
+    """PID's (registration GEN) records of GOIDS in live_slots ARRAY, each read from
+    its own slot: (goid -> the goroutine_info fields, goids not in their slot, how
+    many of those slots were being written). One small read per goid, whatever else
+    the array holds: dead goroutines' records are never looked at."""
+    record, size = _LIVE_SLOT, _LIVE_SLOT.size
+    found: dict[int, tuple[int, ...]] = {}
+    missing: list[int] = []
+    writing = 0
+    for goid in goids:
+        fields = record.unpack_from(array, slot_index(pid, goid, slots) * size)
+        if fields[0] == goid and fields[1] == pid and fields[2] == gen:
+            found[goid] = fields[3:]
+        else:
+            missing.append(goid)
+            writing += fields[0] == _SLOT_WRITING
+    return found, missing, writing
+
+
+def stale_slots(
+    array: mmap.mmap | bytes,
+    slots: int,
+    pid: int,
+    gen: int,
+    live: set[int] | frozenset[int],
+    born_before_ns: int,
+) -> list[tuple[int, int]]:
+    """(index, goid) of PID's slots in live_slots ARRAY whose goroutine is not in LIVE
+    and was born before BORN_BEFORE_NS (a later birth may be live but missing from
+    the inventory LIVE came from). Only the goid, owner and birth-time words of
+    occupied chunks are looked at: a table full of dead goroutines costs a few list
+    operations per slot, not a record object each."""
+    size, words_per = _LIVE_SLOT.size, _SLOT_WORDS
+    owner = pid | (gen << 32)  # the pid and gen u32s as one little-endian u64
+    chunk_bytes = SCAN_CHUNK_SLOTS * size
+    zero = bytes(chunk_bytes)
+    out: list[tuple[int, int]] = []
+    for base in range(0, slots, SCAN_CHUNK_SLOTS):
+        data = array[base * size : min(slots, base + SCAN_CHUNK_SLOTS) * size]
+        if data == zero[: len(data)]:
+            continue
+        words = memoryview(data).cast("Q")
+        goids = words[::words_per].tolist()
+        owners = words[1::words_per].tolist()
+        births = words[_CREATED_WORD::words_per].tolist()
+        words.release()
+        out.extend(
+            (base + i, goid)
+            for i, (goid, who, born) in enumerate(zip(goids, owners, births, strict=True))
+            if who == owner
+            and goid
+            and goid != _SLOT_WRITING
+            and born < born_before_ns
+            and goid not in live
         )
     return out

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 
 from goleash.gobin.disasm import ProbeSite, goroutine_probe_sites
@@ -231,22 +231,33 @@ class GoroutineProbes:
 
     # --- reading --------------------------------------------------------------------
 
-    def read(self, *, with_live: bool = True) -> TrackerReading:
+    def read(
+        self, *, with_live: bool = True, goids: Collection[int] | None = None
+    ) -> TrackerReading:
+        """Counters, per-site counts and birth records: every record the kernel holds
+        of the process, or with GOIDS only those goroutines' (what a tracker that
+        knows the live set needs, at a cost that does not grow with the goroutines
+        born and dead since the last reading)."""
         assert self.compiled
         bias = self.proc.load_bias
-        part = self.program.reading(self.proc.pid, with_live=with_live)
-        sites = {
-            (gopc - bias, startpc - bias): replace(c, gopc=gopc - bias, startpc=startpc - bias)
-            for (gopc, startpc), c in part.sites.items()
-        }
-        live = (
-            {
-                goid: replace(g, gopc=g.gopc - bias, startpc=g.startpc - bias)
-                for goid, g in part.live.items()
+        pid = self.proc.pid
+        part = self.program.reading(pid, with_live=with_live and goids is None)
+        if not with_live:
+            records: dict[int, LiveGoroutine] = {}
+        elif goids is None:
+            records = part.live
+        else:
+            records = self.program.births_of(pid, goids)
+        sites, live = dict(part.sites), records
+        if bias:
+            sites = {
+                (gopc - bias, startpc - bias): replace(c, gopc=gopc - bias, startpc=startpc - bias)
+                for (gopc, startpc), c in part.sites.items()
             }
-            if with_live
-            else {}
-        )
+            live = {
+                goid: replace(g, gopc=g.gopc - bias, startpc=g.startpc - bias)
+                for goid, g in records.items()
+            }
         stacks: dict[int, list[int]] = {}
         if self.stacks and with_live and self.program.bpf is not None:
             table = self.program.bpf["creator_stacks"]
