@@ -80,11 +80,25 @@ def test_one_walk_serves_every_process_and_frees_their_dead_records(
         program.close()
 
 
-def test_a_slot_taken_since_the_walk_is_not_freed() -> None:
-    """reconcile() frees from the walk's view of the slots; a slot another process
-    took since then (the same goid, another pid) keeps its record."""
+def test_a_slot_taken_since_it_was_judged_is_not_freed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """reconcile() frees the slots one pass over the array judged stale; a slot another
+    process took between that pass and the free (the same goid, another pid) keeps
+    its record."""
     program = GoroutineProgram(max_live=1024, max_sites=1024)
     size = goroutine_program._LIVE_SLOT.size
+    judged: list[tuple[int, int]] = []
+    real_stale_slots = goroutine_program.stale_slots
+
+    def then_taken(mm, *args):  # type: ignore[no-untyped-def]
+        found = real_stale_slots(mm, *args)
+        judged.extend(found)
+        idx, _goid = found[0]
+        # Another process's birth of the same goid lands in that slot now.
+        slot_pid = ctypes.c_uint32.from_buffer(mm, idx * size + 8)
+        slot_pid.value += 1
+        del slot_pid
+        return found
+
     try:
         with running_populations(gobuild.TOOLCHAINS[-1], "default", **COUNTS) as pop:
             tracker = ProcessTracker(GoProcess.attach(pop.pid), program=program)
@@ -93,21 +107,15 @@ def test_a_slot_taken_since_the_walk_is_not_freed() -> None:
                 pop.churn(100)
                 inv = read_goroutines(tracker.proc)
                 live = frozenset(g.goid for g in inv.goroutines)
-                program.reading(pop.pid)  # the walk reconcile frees from
-                walk = program._walk
-                assert walk is not None
-                dead = [s for s in walk.slots[pop.pid] if s[1] not in live]
-                assert len(dead) > 1
-                idx, goid, _ns = dead[0]
-                # Another process's birth of the same goid lands in that slot now.
-                mm = program._writable_slots()
-                slot_pid = ctypes.c_uint32.from_buffer(mm, idx * size + 8)
-                slot_pid.value = pop.pid + 1
-                del slot_pid
+                monkeypatch.setattr(goroutine_program, "stale_slots", then_taken)
                 freed = program.reconcile(pop.pid, live, inv.read_ns)
+                monkeypatch.undo()
+                assert len(judged) > 1
+                idx, goid = judged[0]
+                mm = program._writable_slots()
                 head = SLOT_HEAD.unpack_from(mm, idx * size)
                 assert head[:2] == (goid, pop.pid + 1), "another process's record was freed"
-                assert freed == len(dead) - 1
+                assert freed == len(judged) - 1
                 remaining = program.reading(pop.pid).live
                 assert set(remaining) <= live
                 ctypes.c_uint64.from_buffer(mm, idx * size).value = 0  # free it again
@@ -136,5 +144,51 @@ def test_births_after_the_walk_are_counted_with_the_memory_that_shows_them(
                 late, churn = site(snap.sites, "orphan"), site(snap.sites, "churn")
                 assert (late.created, churn.created) == (3 * (_interval + 1), 50 * (_interval + 1))
                 assert (late.exited, churn.exited, churn.live) == (0, 50 * (_interval + 1), 0)
+    finally:
+        program.close()
+
+
+def test_an_interval_never_copies_the_records_of_dead_goroutines(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A busy service leaves ~100k records of goroutines born and dead within each
+    interval. A tracker's interval looks up its new live goroutines' records by goid
+    (in their slot, else in the hash) and never copies the slot array: the agent's
+    CPU follows what is live, not the birth rate. Counts stay exact, every goroutine
+    born while traced keeps its birth record, and only live records are left."""
+    copies: list[int] = []
+    real_occupied = goroutine_program.occupied_slots
+
+    def counted(*args):  # type: ignore[no-untyped-def]
+        copies.append(1)
+        return real_occupied(*args)
+
+    # 64 slots, and as many hash entries: the first process's churn takes every slot,
+    # so the second's births land in the hash (a few: it must hold them all).
+    program = GoroutineProgram(max_live=64, max_sites=1024)
+    try:
+        with tracked_pair(program, gobuild.TOOLCHAINS[-1], **COUNTS) as ((a, ta), (b, tb)):
+            before = {tr: {g.goid for g in tr.snapshot().goroutines} for tr in (ta, tb)}
+            monkeypatch.setattr(goroutine_program, "occupied_slots", counted)
+            churns = {ta: 500, tb: 10}
+            for interval in range(1, 3):
+                for pop, tr in ((a, ta), (b, tb)):
+                    pop.churn(churns[tr])
+                    pop.command("orphans 20")  # born while traced, and they stay
+                for tr in (ta, tb):
+                    snap = tr.snapshot()
+                    churn = site(snap.sites, "churn")
+                    n = churns[tr] * interval
+                    assert (churn.created, churn.exited, churn.live) == (n, n, 0)
+                    new = {g.goid for g in snap.goroutines} - before[tr]
+                    assert len(new) == 20 * interval
+                    assert new <= set(tr.births.born), "a traced birth lost its record"
+            assert copies == [], "an interval copied the whole slot array"
+            assert tb.probes is not None and program._in_hash(b.pid) > 0, "the hash was used"
+            monkeypatch.undo()
+            for tr in (ta, tb):
+                assert tr.probes is not None
+                live = {g.goid for g in tr.snapshot().goroutines}
+                assert set(tr.probes.read().live) <= live, "dead records were left"
     finally:
         program.close()

@@ -29,6 +29,7 @@ from typing import Any
 from goleash.errors import GoleashError, StageFailure
 from goleash.gobin.errors import ProcessError
 from goleash.node import DEFAULT_ORPHAN_MIN_AGE_S  # noqa: F401  (defined there for the CLI)
+from goleash.node.births import BirthRecords
 from goleash.node.summary import SiteSummary, Summary, quantile_index
 from goleash.probes.budget import OverheadBudget
 from goleash.probes.creation import site_at
@@ -36,7 +37,6 @@ from goleash.probes.goidgen import GoidCounter, GoidgenUnavailable, checked_goid
 from goleash.probes.goroutines import (
     GoroutineProbes,
     GoroutineProgram,
-    LiveGoroutine,
     TrackerReading,
 )
 from goleash.probes.inventory import (
@@ -177,9 +177,7 @@ class ProcessTracker:
         self.mode_reason = "probes attached"
         self._last_inventory: Inventory | None = None
         self._read_memo = ReadMemo()  # what did not change since the last read: not again
-        # Birth records the probes gave for goroutines still live (their slot may be
-        # taken by a later birth: kept here from the reading that saw them).
-        self.born: dict[int, LiveGoroutine] = {}
+        self.births = BirthRecords()  # the probes' records of live goroutines
         # Derived exits: live per site when the probes went on, and the goroutines
         # already live then (their exits are exits of goroutines born unseen).
         self._live_at_start: Counter[tuple[int, int]] = Counter()
@@ -326,24 +324,17 @@ class ProcessTracker:
             self.probes.attach()
             self.mode_reason = "probes re-attached: back under budget"
 
-    def _keep_births(self, inv: Inventory, reading: TrackerReading | None) -> None:
-        """Birth records of live goroutines, verified by goid and creation site (a
-        slot read as a goroutine's is ignored unless both match), kept while they
-        live; then the kernel's records of goroutines no longer live are freed."""
-        live = {g.goid: g for g in inv.goroutines}
-        self.born = {goid: b for goid, b in self.born.items() if goid in live}
-        if reading is None:
-            return
-        for goid, b in reading.live.items():
-            g = live.get(goid)
-            if g is not None and (g.gopc, g.startpc) == (b.gopc, b.startpc):
-                self.born[goid] = b
-        # The reading holds every record of this process the kernel has (its births
-        # are counted: a reading is never older than the last birth): when all are of
-        # live goroutines, a reconcile would free none (an idle process's usual case).
-        stale = any(goid not in live for goid in reading.live)
-        if stale and self.probes is not None and self.probes.compiled:
-            self.probes.reconcile(frozenset(live), inv.read_ns)
+    def _probe_reading(self, inv: Inventory) -> TrackerReading | None:
+        """The probes' counts and the birth records of INV's goroutines not known yet;
+        then the kernel's records of goroutines no longer live are freed."""
+        if self.probes is None or not self.probes.compiled:
+            self.births.keep(inv.goroutines, None, [])
+            return None
+        asked = self.births.to_ask(inv.goroutines)
+        reading = self.probes.read(goids=asked)
+        if self.births.keep(inv.goroutines, reading, asked):
+            self.probes.reconcile(frozenset(g.goid for g in inv.goroutines), inv.read_ns)
+        return reading
 
     def _count_unborn_exits(self, inv: Inventory) -> None:
         """Exits of goroutines that were live when the probes went on."""
@@ -391,13 +382,13 @@ class ProcessTracker:
             sites = last.sites_at(inv.read_ns)
             ages_s = last.ages_at(inv.read_ns)
             return self._process_snapshot(
-                inv, reading, sites, ages_s, last.orphan_goids, self.born, last.state_id
+                inv, reading, sites, ages_s, last.orphan_goids, self.births.born, last.state_id
             )
         return self._summarise(inv, reading)
 
     def _summarise(self, inv: Inventory, reading: TrackerReading | None) -> ProcessSnapshot:
         """The snapshot of INV and READING worked out from scratch (and remembered)."""
-        born = self.born
+        born = self.births.born
         by_site: dict[tuple[int, int], list[Goroutine]] = {}
         for g in inv.goroutines:
             by_site.setdefault((g.gopc, g.startpc), []).append(g)
@@ -441,8 +432,7 @@ class ProcessTracker:
         inv = inventory or _read_inventory(self.proc, self._read_memo)
         self._last_inventory = inv
         self._remember(inv.goroutines, inv.read_ns)
-        reading = self.probes.read() if self.probes is not None and self.probes.compiled else None
-        self._keep_births(inv, reading)
+        reading = self._probe_reading(inv)
         self._count_unborn_exits(inv)
         max_goid = max((g.goid for g in inv.goroutines), default=self._last_max_goid)
         if inventory is None:
@@ -455,19 +445,18 @@ class ProcessTracker:
         self._last_max_goid = max(self._last_max_goid, max_goid)
         return inv, reading
 
-    def _site_stack(
-        self, key: tuple[int, int], members: list[Goroutine], reading: TrackerReading, born: dict
-    ) -> list[str]:
+    def _site_stack(self, key: tuple[int, int], members: list[Goroutine], born: dict) -> list[str]:
         """The creator's stack of one of the site's goroutines the probes saw born."""
+        stacks = self.births.stacks
         sid = next(
             (
                 born[g.goid].stack_id
                 for g in members
-                if g.goid in born and born[g.goid].stack_id in reading.creator_stacks
+                if g.goid in born and born[g.goid].stack_id in stacks
             ),
             None,
         )
-        return [] if sid is None else self.creator_stack(key[0], reading.creator_stacks[sid])
+        return [] if sid is None else self.creator_stack(key[0], stacks[sid])
 
     def _site_summary(
         self,
@@ -485,8 +474,8 @@ class ProcessTracker:
         reasons = Counter(g.wait_reason for g in members if g.wait_reason)
         fn, stmt = self.site_name(*key)
         stack: list[str] = []
-        if reading is not None and reading.creator_stacks:
-            stack = self._site_stack(key, members, reading, born)
+        if reading is not None and self.births.stacks:
+            stack = self._site_stack(key, members, born)
         created = counts.created if counts else 0
         if self.lifetimes == LIFETIMES_EXACT:
             exited = counts.exited if counts else 0
