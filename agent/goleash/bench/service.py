@@ -8,7 +8,7 @@ throughput and p99 latency.
 
 The server runs untraced, under each part of goleash's defaults alone, and under all
 of them (a cost breakdown):
-  goroutine probes   the creation/exit uprobes, their maps read every 5 s
+  goroutine probes   the creation/exit uprobes, their counts read every 5 s
   inventory          the memory read of every goroutine every 5 s (a snapshot)
   ReadFrame timing   (HTTP/2) `--func http2.ReadFrame` under the default 1% budget,
                      its panic probe and its goexit1 clean-up probe included
@@ -123,7 +123,7 @@ def _watch_hits(watch: FunctionWatch | None) -> dict[str, tuple[int, bool]]:
 def _goroutine_probes(proc: GoProcess, _h2: bool) -> Iterator[Hits]:
     probes = GoroutineProbes(proc)
     probes.attach()
-    stop = _every(INTERVAL_S, probes.read)
+    stop = _every(INTERVAL_S, lambda: probes.read(with_live=False))
     try:
         yield lambda: _tracker_hits(probes)
     finally:
