@@ -34,6 +34,10 @@ BPF_ARRAY(gr_modes, u32, MAX_PROCS);
  * writes it, so it needs no atomics beside gr_usage.live_in_hash (the program's). */
 BPF_ARRAY(gr_freed, s64, MAX_PROCS);
 BPF_HASH(gr_usage, u32, struct gr_usage, MAX_PROCS);
+/* Per row: every record of the process born before this (CLOCK_MONOTONIC ns) has
+ * been read by its tracker, which keeps those of live goroutines (see may_take).
+ * Only user space writes it, after each reading; 0 until the first. */
+BPF_ARRAY(gr_read_ns, u64, MAX_PROCS);
 /* Live goroutines: a direct-mapped array, inlined by the verifier (no helper call,
  * no hashing, no bucket lock), and a hash for goroutines whose slot is taken. Hash
  * ops cost ~300 ns a hit on kernel 6.18, the array ~0. The hash is rarely used, so
@@ -145,30 +149,62 @@ static __always_inline int publish_slot(struct live_slot *s, struct gr_proc *p,
     return 1;
 }
 
-/* Record a birth in the goroutine's slot; 0 when the slot is taken. */
+/* Whether a birth of P (KEY) may take slot S, which holds OLD as its goid: when it
+ * is empty, holds this very process (its own dead goroutine, or a live one whose
+ * record its tracker kept at its last reading), holds a process no longer traced,
+ * or holds a record its process's tracker has read (older than its gr_read_ns):
+ * the tracker keeps what it read of live goroutines, so the rest is of dead ones.
+ * Slots are never freed one by one, and records of dead goroutines (~100k an
+ * interval from a busy service) cost user space nothing. Another process's row is
+ * looked up only when a birth lands on its record. */
+static __always_inline int may_take(struct live_slot *s, u64 old, struct gr_proc *p,
+                                    struct goroutine_key *key)
+{
+    if (old == LIVE_SLOT_EMPTY)
+        return 1;
+    if (old == LIVE_SLOT_WRITING)
+        return 0;
+    if (s->pid == key->pid && s->gen == p->gen)
+        return 1;
+    u32 row;
+    struct gr_proc *holder = proc_row(s->pid, &row);
+    if (!holder || holder->gen != s->gen)
+        return 1;
+    u32 *mode = gr_modes.lookup(&row);
+    if (!mode || (*mode & GR_WITH_EXITS))
+        return 0; /* its exits free its records, and need them for lifetimes */
+    u64 *read_ns = gr_read_ns.lookup(&row);
+    return read_ns && s->info.created_ns < *read_ns;
+}
+
+/* With the exit probe on, exits free slots: a birth claims its slot (CAS, so two
+ * CPUs never write one slot) that may_take() gives it, never its own process's.
+ * 0 when the slot is taken. */
 static __always_inline int put_in_slot(struct gr_proc *p, struct goroutine_key *key,
                                        struct goroutine_info *info)
 {
     struct live_slot *s = birth_slot(key);
-    if (!s || __sync_val_compare_and_swap(&s->goid, LIVE_SLOT_EMPTY, LIVE_SLOT_WRITING) != 0)
+    if (!s)
+        return 0;
+    u64 old = s->goid;
+    if (old != LIVE_SLOT_EMPTY && s->pid == key->pid && s->gen == p->gen)
+        return 0; /* a live goroutine of this process: its exit frees it */
+    if (!may_take(s, old, p, key))
+        return 0;
+    if (__sync_val_compare_and_swap(&s->goid, old, LIVE_SLOT_WRITING) != old)
         return 0;
     return publish_slot(s, p, key, info);
 }
 
-/* Without the exit probe (the default) nothing frees a slot in the kernel, so a
- * birth takes its slot when it is free or holds a goroutine of the same process
- * (dead, or live and losing its birth record: the tracker kept that at its last
- * reading, else it ages from first sight). No atomics: a slot is written by one
- * process, and the goid published last tells a reader the info is whole. A slot
- * of another process is left alone: 0, the birth goes to the hash (user space
- * frees dead slots and entries each interval). */
+/* Without the exit probe (the default) nothing frees a slot: a birth takes its slot
+ * when may_take() says so. No atomics: a slot of this process is written by this
+ * process only, and the goid published last tells a reader the info is whole.
+ * Otherwise 0: the birth goes to the hash (user space frees its dead entries). */
 static __always_inline int overwrite_slot(struct gr_proc *p, struct goroutine_key *key,
                                           struct goroutine_info *info)
 {
     struct live_slot *s = birth_slot(key);
-    if (!s)
-        return 0;
-    if (s->goid != LIVE_SLOT_EMPTY && (s->pid != key->pid || s->gen != p->gen))
+    if (!s || !may_take(s, s->goid, p, key))
         return 0;
     s->goid = LIVE_SLOT_WRITING;
     asm volatile("" ::: "memory");

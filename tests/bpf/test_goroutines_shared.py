@@ -82,7 +82,8 @@ def test_processes_of_different_toolchains_share_one_program() -> None:
                     assert (snap.lifetimes, hits["exit_hits"]) == ("off", 0)
                 assert site(snap.sites, "orphan").created == n
                 born = tr.probes.read().live
-                assert all(g.goid in {x.goid for x in snap.goroutines} for g in born.values())
+                if tr is ta:  # exits free their records: what is left is live
+                    assert all(g.goid in {x.goid for x in snap.goroutines} for g in born.values())
                 kids = [g for g in born.values() if g.parent_goid == late["creator_goid"]]
                 assert len(kids) == n
                 assert snap.dropped == dict.fromkeys(snap.dropped, 0)

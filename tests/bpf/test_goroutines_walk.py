@@ -1,7 +1,7 @@
 """The agent's interval over many processes reads the shared goroutine tables once:
-one walk serves every process's reading and the freeing of its dead birth records
-(reconcile), instead of a copy of the whole slot array per process. Real probes on
-real Go programs; the walks are counted, not timed.
+one walk of the counts serves every process's reading, birth records are looked up
+by goid, and records of dead goroutines cost user space nothing (births take their
+slots). Real probes on real Go programs; the walks are counted, not timed.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def site(sites: list[SiteSummary], marker: str) -> SiteSummary:
     return found[0]
 
 
-def test_one_walk_serves_every_process_and_frees_their_dead_records(
+def test_one_walk_serves_every_process(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A slow machine must not turn one walk into several (a walk is reused for 1 s).
@@ -58,6 +58,7 @@ def test_one_walk_serves_every_process_and_frees_their_dead_records(
                 tr = ProcessTracker(GoProcess.attach(pid), program=program)
                 trackers.append(tr)
                 tr.start()
+            start = {tr: {g.goid for g in tr.snapshot().goroutines} for tr in trackers}
             for pop, n in pops.values():
                 pop.churn(n)  # n dead goroutines whose birth records stay in the kernel
                 pop.command("orphans 2")  # and two born while traced that stay
@@ -69,11 +70,9 @@ def test_one_walk_serves_every_process_and_frees_their_dead_records(
                     n = pops[tr.proc.pid][1]
                     churn = site(snap.sites, "churn")
                     assert (churn.created, churn.exited, churn.live) == (n, n, 0)
-                    # What the kernel still holds of it is its live goroutines only,
-                    # though its part of the walk was read before its memory was.
-                    live = {g.goid for g in snap.goroutines}
-                    kernel = tr.probes.read().live
-                    assert len(kernel) >= 2 and set(kernel) <= live
+                    # Its goroutines born while traced have their birth records.
+                    new = {g.goid for g in snap.goroutines} - start[tr]
+                    assert len(new) == 2 and new <= set(tr.births.born)
     finally:
         for tr in trackers:
             tr.close()
@@ -81,9 +80,9 @@ def test_one_walk_serves_every_process_and_frees_their_dead_records(
 
 
 def test_a_slot_taken_since_it_was_judged_is_not_freed(monkeypatch: pytest.MonkeyPatch) -> None:
-    """reconcile() frees the slots one pass over the array judged stale; a slot another
-    process took between that pass and the free (the same goid, another pid) keeps
-    its record."""
+    """With the exit probe on, reconcile() frees the slots one pass over the array
+    judged stale; a slot another process took between that pass and the free (the
+    same goid, another pid) keeps its record."""
     program = GoroutineProgram(max_live=1024, max_sites=1024)
     size = goroutine_program._LIVE_SLOT.size
     judged: list[tuple[int, int]] = []
@@ -107,6 +106,8 @@ def test_a_slot_taken_since_it_was_judged_is_not_freed(monkeypatch: pytest.Monke
                 pop.churn(100)
                 inv = read_goroutines(tracker.proc)
                 live = frozenset(g.goid for g in inv.goroutines)
+                # Slots are freed one by one only with the exit probe on (its mode).
+                program.set_exits(pop.pid, True)
                 monkeypatch.setattr(goroutine_program, "stale_slots", then_taken)
                 freed = program.reconcile(pop.pid, live, inv.read_ns)
                 monkeypatch.undo()
@@ -154,8 +155,8 @@ def test_an_interval_never_copies_the_records_of_dead_goroutines(
     """A busy service leaves ~100k records of goroutines born and dead within each
     interval. A tracker's interval looks up its new live goroutines' records by goid
     (in their slot, else in the hash) and never copies the slot array: the agent's
-    CPU follows what is live, not the birth rate. Counts stay exact, every goroutine
-    born while traced keeps its birth record, and only live records are left."""
+    CPU follows what is live, not the birth rate. Counts stay exact, and every
+    goroutine born while traced keeps its birth record."""
     copies: list[int] = []
     real_occupied = goroutine_program.occupied_slots
 
@@ -184,11 +185,36 @@ def test_an_interval_never_copies_the_records_of_dead_goroutines(
                     assert len(new) == 20 * interval
                     assert new <= set(tr.births.born), "a traced birth lost its record"
             assert copies == [], "an interval copied the whole slot array"
-            assert tb.probes is not None and program._in_hash(b.pid) > 0, "the hash was used"
-            monkeypatch.undo()
-            for tr in (ta, tb):
-                assert tr.probes is not None
-                live = {g.goid for g in tr.snapshot().goroutines}
-                assert set(tr.probes.read().live) <= live, "dead records were left"
+            assert program.hash_entries(b.pid) > 0, "the hash was used"
+    finally:
+        program.close()
+
+
+def test_records_another_tracker_has_read_give_way_to_births() -> None:
+    """Nothing frees the slot of a dead goroutine without the exit probe: a birth
+    takes a slot holding a record of its own process, or one another process's
+    tracker has read (it keeps what it read of live goroutines). So one busy
+    process's dead records keep another's births out of the slots (into the hash)
+    only until its tracker's next reading."""
+    program = GoroutineProgram(max_live=64, max_sites=1024)
+    try:
+        with tracked_pair(program, gobuild.TOOLCHAINS[-1], **COUNTS) as ((a, ta), (b, tb)):
+            start = {tr: {g.goid for g in tr.snapshot().goroutines} for tr in (ta, tb)}
+            a.command("orphans 10")
+            ta.snapshot()  # reads their records: A keeps them while they live
+            a.churn(2000)  # its dead goroutines' records now fill every slot
+            b.command("orphans 5")
+            # 5 orphans and the goroutine that started them
+            assert program.hash_entries(b.pid) == 6, "records not read yet are not taken"
+            ta.snapshot()
+            b.command("orphans 20")
+            assert program.hash_entries(b.pid) == 6, "read records give way to births"
+            new_b = {g.goid for g in tb.snapshot().goroutines} - start[tb]
+            assert len(new_b) == 25 and new_b <= set(tb.births.born)
+            # A's live goroutines whose slots were taken keep the records A read.
+            snap_a = ta.snapshot()
+            new_a = {g.goid for g in snap_a.goroutines} - start[ta]
+            assert len(new_a) == 10 and new_a <= set(ta.births.born)
+            assert site(snap_a.sites, "churn").created == 2000
     finally:
         program.close()

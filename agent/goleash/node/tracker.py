@@ -10,8 +10,9 @@ creation rate (read from goid growth) fits the budget again.
 
 By default the probes trap only goroutine creation. Exits per site then follow
 from the counts: exits = created + live at start - live now (births counted by
-the probes, live counts read from memory), and the birth records of goroutines no
-longer live are freed each interval (probes reconcile). `lifetimes=True`
+the probes, live counts read from memory). Each interval asks the kernel only for
+the birth records of live goroutines not known yet (node/births.py); records of
+dead goroutines are left for later births to take. `lifetimes=True`
 (`--lifetimes`) also traps runtime.goexit1 for exact per-site lifetimes; over
 budget that probe goes first (lifetimes become a sample), the creation probe next.
 With the probes off, goroutines created are counted from the runtime's own goid
@@ -326,7 +327,8 @@ class ProcessTracker:
 
     def _probe_reading(self, inv: Inventory) -> TrackerReading | None:
         """The probes' counts and the birth records of INV's goroutines not known yet;
-        then the kernel's records of goroutines no longer live are freed."""
+        then the kernel's records of goroutines no longer live are freed (hash
+        entries, slots with the exit probe on) or left for births to take."""
         if self.probes is None or not self.probes.compiled:
             self.births.keep(inv.goroutines, None, [])
             return None
@@ -334,6 +336,7 @@ class ProcessTracker:
         reading = self.probes.read(goids=asked)
         if self.births.keep(inv.goroutines, reading, asked):
             self.probes.reconcile(frozenset(g.goid for g in inv.goroutines), inv.read_ns)
+        self.probes.records_read(inv.read_ns)
         return reading
 
     def _count_unborn_exits(self, inv: Inventory) -> None:

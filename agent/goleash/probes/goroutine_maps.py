@@ -115,6 +115,7 @@ _MAPS = {
     "gr_procs": (_u32, _Proc),
     "gr_modes": (_u32, _u32),
     "gr_freed": (_u32, ctypes.c_int64),
+    "gr_read_ns": (_u32, ctypes.c_uint64),
     "gr_usage": (_u32, _Usage),
     "live_slots": (_u32, _LiveSlot),
     "live_goroutines": (_GoroutineKey, _GoroutineInfo),

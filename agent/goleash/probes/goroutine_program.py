@@ -27,7 +27,7 @@ import mmap
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from goleash.errors import GoleashError
 from goleash.probes.bpfload import LoadedBpf, Origin, open_program
@@ -52,6 +52,7 @@ from goleash.probes.goroutine_records import (  # noqa: F401  (re-exported)
     ProcessLayout,
     ProcessTables,
     SiteCounts,
+    free_slots,
     live_slots_for,
     occupied_slots,
     process_layout,
@@ -79,9 +80,6 @@ def load_count() -> int:
     """How many times this Python process loaded goroutines.bpf.c (compiled, or from
     the image cache): once per agent, whatever the number of processes."""
     return _loads
-
-
-_EMPTY_GOID = bytes(8)  # LIVE_SLOT_EMPTY, as reconcile() stores it
 
 
 @dataclass
@@ -272,6 +270,7 @@ class GoroutineProgram:
             modes = self.bpf["gr_modes"]
             modes[modes.Key(row_idx)] = modes.Leaf(GR_WITH_EXITS if with_exits else 0)
             self.bpf["gr_freed"].clearitem(self.bpf["gr_freed"].Key(row_idx))
+            self.bpf["gr_read_ns"].clearitem(self.bpf["gr_read_ns"].Key(row_idx))
             # Then where the program finds the row: the pid's slot if free, else the hash.
             slots = self.bpf["gr_pid_slots"]
             slot_key = slots.Key(pid % self.pid_slots)
@@ -306,27 +305,24 @@ class GoroutineProgram:
             b["gr_procs"].clearitem(b["gr_procs"].Key(row_idx))  # its counters: zero
             b["gr_modes"].clearitem(b["gr_modes"].Key(row_idx))
             b["gr_freed"].clearitem(b["gr_freed"].Key(row_idx))
-            live_slots = self._slots()
             if self.stacks:
-                self._forget_stacks(pid, gen, live_slots)
+                self._forget_stacks(pid, gen, self._slots())
             for name in ("live_goroutines", "site_stats"):
                 t = b[name]
                 for k in [k for k in t if k.pid == pid]:
                     with contextlib.suppress(KeyError):
                         del t[k]
-            # Its live slots: nothing else writes a slot it holds (only its own exit
-            # probe frees one), so clearing them cannot race another process.
-            slots = b["live_slots"]
-            for idx, _goid, slot_pid, slot_gen, *_ in live_slots:
-                if (slot_pid, slot_gen) == (pid, gen):
-                    slots.clearitem(slots.Key(idx))
+            # Its slots (a birth of another process may take one meanwhile: free_slots
+            # leaves that alone).
+            mm, n = self._writable_slots(), live_slots_for(self.max_live)
+            free_slots(mm, stale_slots(mm, n, pid, gen, frozenset(), 1 << 64), pid, gen)
             # Its site_cache entries are dropped by the program when evicted (their
             # gen is no longer registered) and skipped by readers meanwhile.
 
     def set_exits(self, pid: int, on: bool) -> None:
         """Tell the program whether PID's exit probe is attached: with it births
-        claim slots (CAS) and exits free them; without, births overwrite their own
-        process's slots and reconcile() frees the dead ones. Attach the exit probe
+        claim slots (CAS) and exits free them; without, births take slots of their
+        own process and read records of others (records_read). Attach the exit probe
         before switching on, switch off before detaching it."""
         assert self.bpf is not None
         with self._lock:
@@ -336,7 +332,21 @@ class GoroutineProgram:
             modes = self.bpf["gr_modes"]
             modes[modes.Key(row_idx)] = modes.Leaf(GR_WITH_EXITS if on else 0)
 
+    def records_read(self, pid: int, born_before_ns: int) -> None:
+        """PID's tracker has read every record of a goroutine born before
+        BORN_BEFORE_NS that was live then, and keeps those: births of other
+        processes may take the slots of the rest (may_take in goroutines.bpf.c)."""
+        with self._lock:
+            row_idx = self._rows.get(pid)
+            if row_idx is not None and self.bpf is not None:
+                table = self.bpf["gr_read_ns"]
+                table[table.Key(row_idx)] = table.Leaf(born_before_ns)
+
     def exits_on(self, pid: int) -> bool:
+        with self._lock:
+            return self._exits_on(pid)
+
+    def _exits_on(self, pid: int) -> bool:
         assert self.bpf is not None
         row_idx = self._rows.get(pid)
         if row_idx is None:
@@ -351,11 +361,12 @@ class GoroutineProgram:
 
         Only records of births before BORN_BEFORE_NS (when the inventory read started)
         are judged: a goroutine born later may be live but missing from that read.
-        Slots are found by one pass over the owner and goid words of the array and
-        freed through the writable mmap (a store of goid 0, no syscall per slot),
-        hash entries by deleting them. With the exit probe on, exits free
-        records first (goexit1 runs before the g is dead in memory): what is left
-        are records whose exit was missed. Returns how many records were freed."""
+        Hash entries are deleted. Slots are freed only while PID's exit probe is on
+        (then births claim free slots only, and exits free them first: goexit1 runs
+        before the g is dead in memory; what is left are records whose exit was
+        missed), found by one pass over the array's owner and goid words and freed
+        through the writable mmap (a store of goid 0, no syscall per slot). Returns
+        how many records were freed."""
         with self._lock:
             gen = self._registered.get(pid)
             if gen is None or self.bpf is None:
@@ -364,18 +375,17 @@ class GoroutineProgram:
                 # What it holds of PID may be freed now: PID's next reading walks again
                 # (the other processes' parts stay true: only PID's records go).
                 self._walk.served.add(pid)
-            mm = self._writable_slots()
             freed = 0
-            slots = live_slots_for(self.max_live)
-            for idx, goid in stale_slots(mm, slots, pid, gen, live_goids, born_before_ns):
-                # The kernel may have rewritten it since it was read: free only what
-                # was judged (the same goroutine of the same process).
-                if SLOT_HEAD.unpack_from(mm, idx * _LIVE_SLOT.size) == (goid, pid, gen):
-                    mm[idx * _LIVE_SLOT.size : idx * _LIVE_SLOT.size + 8] = _EMPTY_GOID
-                    freed += 1
+            if self._exits_on(pid):
+                # Then births claim only free slots: free those whose exit was missed.
+                # Without it, births take read records' slots (may_take, goroutines.bpf.c).
+                mm = self._writable_slots()
+                slots = live_slots_for(self.max_live)
+                stale = stale_slots(mm, slots, pid, gen, live_goids, born_before_ns)
+                freed = free_slots(mm, stale, pid, gen)
             # Entries of the hash: a delete that succeeds is counted in gr_freed, the
             # program's own deletes (exits) in live_in_hash: neither counts twice.
-            if self._in_hash(pid) <= 0:  # the usual case: no walk of the shared hash
+            if self.hash_entries(pid) <= 0:  # the usual case: no walk of the shared hash
                 return freed
             freed_table = self.bpf["gr_freed"]
             freed_key = freed_table.Key(self._rows[pid])
@@ -496,21 +506,13 @@ class GoroutineProgram:
             sites[key] = (
                 SiteCounts(key[1], key[2], n, 0, 0, 0, (0,) * LIFETIME_SLOTS)
                 if old is None
-                else SiteCounts(
-                    old.gopc,
-                    old.startpc,
-                    old.created + n,
-                    old.exited,
-                    old.exited_unseen,
-                    old.lifetime_sum_ns,
-                    old.lifetime_log2,
-                )
+                else replace(old, created=old.created + n)
             )
         return sites
 
     def _writable_slots(self) -> mmap.mmap:
-        """live_slots mapped into this process: copied by readers, written (goid 0)
-        only by reconcile()."""
+        """live_slots mapped into this process: read by readers, written (goid 0) only
+        by reconcile() and unregister()."""
         assert self.bpf is not None
         if self._slots_mm is None:
             size = live_slots_for(self.max_live) * _LIVE_SLOT.size
@@ -565,7 +567,7 @@ class GoroutineProgram:
                 self._writable_slots(), slots, pid, gen, goids
             )
             out = {goid: LiveGoroutine(goid, *info) for goid, info in found.items()}
-            if missing and self._in_hash(pid) > 0:
+            if missing and self.hash_entries(pid) > 0:
                 # A birth whose slot was taken went to the hash: look there for the
                 # rest, by key when they are few, else in one walk of the hash.
                 table = self.bpf["live_goroutines"]
@@ -581,7 +583,7 @@ class GoroutineProgram:
                             out[k.goid] = _from_hash(k, v)
             return out
 
-    def _in_hash(self, pid: int) -> int:
+    def hash_entries(self, pid: int) -> int:
         """How many of live_goroutines' entries are PID's (what it put in, less what
         reconcile freed)."""
         assert self.bpf is not None

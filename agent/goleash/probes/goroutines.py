@@ -7,8 +7,9 @@ tables every interval, never a per-event stream.
 
 By default only the creation site is probed (one hit per goroutine): the memory
 inventory tells which goroutines live, so exits follow from births and live counts
-(node/tracker.py), and reconcile() frees the birth records of goroutines no longer
-live. `lifetimes=True` also probes runtime.goexit1 for exact per-site lifetime
+(node/tracker.py); a birth takes the slot of a dead goroutine's record once its
+tracker has read it (records_read), and reconcile() frees what the hash holds of
+dead goroutines. `lifetimes=True` also probes runtime.goexit1 for exact per-site lifetime
 distributions; the tracker's budget may take that probe off and on (detach_exits,
 attach_exits), which makes lifetimes a sample.
 """
@@ -199,6 +200,12 @@ class GoroutineProbes:
         if not self._registered or self.program.bpf is None:
             return 0
         return self.program.reconcile(self.proc.pid, live_goids, born_before_ns)
+
+    def records_read(self, born_before_ns: int) -> None:
+        """Every record of a goroutine born before BORN_BEFORE_NS and live then is
+        read and kept: another process's births may take the slots of the rest."""
+        if self._registered and self.program.bpf is not None:
+            self.program.records_read(self.proc.pid, born_before_ns)
 
     @property
     def compiled(self) -> bool:
