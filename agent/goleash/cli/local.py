@@ -258,8 +258,9 @@ def _add_trace(sub: Any) -> None:
         "trace",
         help="live goroutine summary of one process, per creation site",
         description=(
-            "Track every goroutine of a running Go process from birth to exit with BPF "
-            "uprobes (two probe hits per goroutine) and read the live set from its memory. "
+            "Track every goroutine of a running Go process from birth to exit: a BPF uprobe "
+            "counts each birth (one probe hit per goroutine, two with --lifetimes) and the "
+            "live set is read from its memory. "
             "Prints, every interval, per creation site (started function + `go` statement): "
             "live, created, exited, ages and what they are blocked on. Needs root."
         ),
