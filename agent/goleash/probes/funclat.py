@@ -46,9 +46,9 @@ POLL_S = 0.05  # how often a sampled function's slice is checked against its sha
 # map read) backs off to POLL_S as the drain goes on, for calls that take long.
 DRAIN_POLL_S = 0.005
 DEBT_INTERVALS = 2.0  # a function's debt is capped at this many of its shares
-# A timing window opens this long after the map write that opens it, so the write has
-# landed by then and the kernel times entries over exactly the window user space
-# divides by (a busy host preempts the writer for ms; slices last a few ms).
+# A sampling slice's timing window opens this long after the map write that opens it,
+# so the write has landed by then and the kernel times entries over exactly the window
+# user space divides by (a busy host preempts the writer for ms; slices last a few ms).
 WINDOW_LEAD_S = 0.001
 
 
@@ -220,7 +220,14 @@ class FuncLatencyProbes:
             f.rets_on, f.rets_since = True, time.monotonic()
         if not f.entry_on:
             self._entry_on(f, now)
-        start = time.monotonic() + WINDOW_LEAD_S
+        before = time.monotonic()
+        if math.isinf(length_s):
+            # Timed from now on (attach, or a function whose cost fits): its calls are
+            # counted exactly, and the first calls after attach must be timed.
+            f.timing, f.window_until = True, math.inf
+            f.timing_since = (before + self._write_window(f, 0.0)) / 2
+            return
+        start = before + WINDOW_LEAD_S
         f.timing, f.window_until = True, start + length_s
         f.timing_since = _opened(start, self._write_window(f, start))
 
@@ -235,16 +242,15 @@ class FuncLatencyProbes:
         f.windows.append((f.timing_since, max(f.timing_since, min(end, f.window_until))))
 
     def _reopen_window(self, f: _FuncState) -> None:
-        """Timing goes on past the planned end of its slice (its cost fits now): a
-        window with no end replaces it, the kernel switching when the write lands."""
+        """Timing goes on past the planned end of its slice (its cost fits now): the
+        window loses its end when the write lands (the kernel may have closed it
+        before; then it opens again there)."""
         before = time.monotonic()
-        start = before + WINDOW_LEAD_S
         planned, f.window_until = f.window_until, math.inf
-        landed = self._write_window(f, start)
-        f.window_until = planned
-        self._close_window(f, (before + landed) / 2)
-        f.window_until = math.inf
-        f.timing_since = _opened(start, landed)
+        landed = self._write_window(f, 0.0)
+        mid = (before + landed) / 2
+        f.windows.append((f.timing_since, max(f.timing_since, min(mid, planned))))
+        f.timing_since = mid
 
     def _timed_s(self, f: _FuncState, lo: float, hi: float) -> float:
         """How long the kernel timed the function's entries within [lo, hi]."""
