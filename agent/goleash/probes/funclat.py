@@ -493,11 +493,17 @@ class FuncLatencyProbes:
             rets_s = f.rets_s + (now - max(f.rets_since, t0) if f.rets_on else 0.0)
             if rets_s > 0 and timed[f.fid] > 0:
                 # RETs see every call while attached, timed or not: their cost is per
-                # second attached, which includes the drain after each slice.
-                f.rate = self._ret_ns(d["ret_hits"], d["ret_nop_hits"]) / rets_s
+                # second attached, which includes the drain after each slice. A slice
+                # of a few ms may catch no call at all (a busy host did not run the
+                # process then): counting one more call than it saw keeps that from
+                # reading as a free function timed all the next interval, far over
+                # its budget (a loaded host timed ~1,000 calls of ~6,000 that way).
+                f.rate = self._ret_ns(d["ret_hits"] + 1, d["ret_nop_hits"]) / rets_s
                 f.drain_s = max(0.0, rets_s - timed[f.fid]) if f.fid in iv.slices else 0.0
                 f.timed_entry_rate = (
-                    0.0 if f.count_always else self._entry_ns(f, d["timed_entries"]) / timed[f.fid]
+                    0.0
+                    if f.count_always
+                    else self._entry_ns(f, d["timed_entries"] + 1) / timed[f.fid]
                 )
 
     def _account(
