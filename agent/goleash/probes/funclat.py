@@ -64,12 +64,12 @@ class _FuncState:
     count_always: bool = True
     entry_since: float = 0.0  # when the entry probe was last attached
     timing_since: float = 0.0  # when timing was last switched on (its window opened)
+    timing_until: float = 0.0  # ... and off: the calls of the slice drain since then
     # The kernel's timing windows (time.monotonic(), fl_ctl.from_ns/until_ns) not yet
     # wholly read: calls are estimated from the entries timed over exactly these.
     windows: list[tuple[float, float]] = field(default_factory=list)
     window_until: float = math.inf  # the open window's planned end (while timing)
     read_at: float = 0.0  # when its maps were last read
-    timing_until: float = 0.0  # ... and off: the calls of the slice drain since then
     entry_gap: bool = False  # the entry probe was off at some time since the last read
     counted_s: float = 0.0  # entry-attached time since the last read, closed stretches
     baseline_inflight: int = 0  # calls in flight when this slice started
