@@ -30,7 +30,8 @@
 // What differs per process is data, never a -D macro (one image serves every process):
 //   fl_config[0]     runtime.g offsets of its Go release, gopanic's SP adjustment
 //   fl_sites[addr]   per probe site: its function id, the entry's SP adjustment
-//   fl_ctl[fid]      per function: timing on/off, the epoch of its RET probes
+//   fl_ctl[fid]      per function: timing on/off and its window, the epoch of its
+//                    RET probes
 //   map sizes        fl_inflight's and fl_panics' capacity, fl_sites' and the per-function
 //                    arrays' length: set when funcprog.py creates the maps (the sizes
 //                    here are placeholders; no code depends on them)
@@ -156,8 +157,13 @@ static __always_inline int fl_entry_of(struct pt_regs *ctx, u32 fid, u64 sp_adj)
     if (calls)
         *calls += 1;
     // Untimed (sampling between slices): counting the call was all there is to do.
+    // The slice's window is checked on the kernel's clock: user space estimates calls
+    // from the entries timed in it, so it must be exactly the span they were timed in.
     struct fl_ctl *ctl = fl_ctl.lookup(&fid);
     if (!ctl || !ctl->timing)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    if (now < ctl->from_ns || now >= ctl->until_ns)
         return 0;
     u32 epoch = ctl->epoch;
     struct fl_stats *st = fl_stats.lookup(&fid);

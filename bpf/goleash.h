@@ -180,6 +180,11 @@ struct fl_ctl {
     u32 epoch;   /* bumped at each attachment of the function's RET probes: a frame
                   * entered under an older one may have returned while they were off */
     u32 timing;  /* 1: entries record a frame to be timed at RET; 0: count only */
+    /* Entries are timed only in [from_ns, until_ns) of bpf_ktime_get_ns (CLOCK_MONOTONIC):
+     * a slice ends on the kernel's clock when planned, however late user space wakes,
+     * and calls are estimated from the entries timed over exactly that window. */
+    u64 from_ns;
+    u64 until_ns;
 };
 
 /* A probe site of a traced function, fl_sites[its address in the process]: one

@@ -32,10 +32,13 @@ import gobuild
 from goleash.probes import uprobe
 from goleash.probes.budget import OverheadBudget
 from goleash.probes.funclat import FuncLatencyProbes
+from goleash.probes.funcprog import LatencyProgram
 from goleash.probes.funcrecord import FunctionLatency
 from goleash.probes.funcs import FunctionIndex, resolve
+from goleash.probes.funcsites import function_sites
 from goleash.probes.panics import PanicProbes
 from goleash.probes.target import GoProcess
+from polling import wait_for
 from probe_evidence import uprobe_fds
 
 pytestmark = pytest.mark.root
@@ -409,6 +412,45 @@ def test_hot_function_is_sampled_within_budget(toolchain: str) -> None:
         assert total.calls_exact and total.calls_error == 0
         assert total.calls == res["calls"]
         assert_quantiles_close(total, res["ns"], names=("p50",))
+
+
+def test_entries_are_timed_only_inside_the_window_on_the_kernels_clock() -> None:
+    """Sampled calls are estimated from the entries timed in a window: the kernel must
+    time exactly those inside fl_ctl's [from_ns, until_ns), ending a slice on its own
+    clock when user space is late (a busy host)."""
+    toolchain = gobuild.TOOLCHAINS[-1]
+    with funclat(toolchain, "-mode", "mixture", "-goroutines", "10", "-duration", "20s") as (
+        prog,
+        pid,
+    ):
+        proc = GoProcess.attach(pid)
+        sel = resolve(FunctionIndex(proc.binary, proc.pclntab, proc.symbols), ["main.sleepFor"])
+        sites = function_sites(proc, sel.functions[0])
+        lp = LatencyProgram(proc, [sites], max_goroutines=64, max_panic_sites=1, panic_sp_adj=0)
+        try:
+            lp.attach("entry", [sites.entry], "fl_entry")
+            prog.send("go")
+
+            def opened_after_calls(n: int) -> int:
+                """`opened` once n more calls passed the entry probe."""
+                st0 = lp.stats(0)
+                wait_for(lambda: lp.stats(0)["entry_hits"] >= st0["entry_hits"] + n, "calls")
+                return lp.stats(0)["opened"]
+
+            now_ns = time.monotonic_ns()
+            lp.set_ctl(0, 1, True, from_ns=now_ns + 3_600 * 10**9)  # opens in an hour
+            assert opened_after_calls(200) == 0
+            lp.set_ctl(0, 1, True, from_ns=0, until_ns=now_ns)  # closed already
+            assert opened_after_calls(200) == 0
+            until = time.monotonic() + 0.3
+            lp.set_ctl(0, 1, True, from_ns=0, until_ns=round(until * 1e9))
+            inside = opened_after_calls(100)
+            assert inside > 0  # timed while the window is open ...
+            wait_for(lambda: time.monotonic() > until, "the window's end")
+            closed = lp.stats(0)["opened"]
+            assert opened_after_calls(200) == closed  # ... and not after, nothing rewritten
+        finally:
+            lp.close()
 
 
 def test_calls_estimated_when_even_counting_is_over_budget(toolchain: str) -> None:

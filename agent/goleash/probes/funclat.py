@@ -26,7 +26,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from goleash.probes.budget import OverheadBudget
-from goleash.probes.funcprog import COUNTER_NAMES, STAT_FIELDS, LatencyProgram, RawReading
+from goleash.probes.funcprog import (
+    COUNTER_NAMES,
+    NEVER_NS,
+    STAT_FIELDS,
+    LatencyProgram,
+    RawReading,
+)
 from goleash.probes.funcrecord import FunctionLatency, IntervalReading
 from goleash.probes.funcs import TracedFunction
 from goleash.probes.funcsites import FuncProbeError, FuncSites, function_sites, runtime_site
@@ -40,6 +46,10 @@ POLL_S = 0.05  # how often a sampled function's slice is checked against its sha
 # map read) backs off to POLL_S as the drain goes on, for calls that take long.
 DRAIN_POLL_S = 0.005
 DEBT_INTERVALS = 2.0  # a function's debt is capped at this many of its shares
+# A sampling slice's timing window opens this long after the map write that opens it,
+# so the write has landed by then and the kernel times entries over exactly the window
+# user space divides by (a busy host preempts the writer for ms; slices last a few ms).
+WINDOW_LEAD_S = 0.001
 
 
 @dataclass
@@ -53,8 +63,13 @@ class _FuncState:
     # it is emulated and its own cost fits the function's share.
     count_always: bool = True
     entry_since: float = 0.0  # when the entry probe was last attached
-    timing_since: float = 0.0  # when timing was last switched on
+    timing_since: float = 0.0  # when timing was last switched on (its window opened)
     timing_until: float = 0.0  # ... and off: the calls of the slice drain since then
+    # The kernel's timing windows (time.monotonic(), fl_ctl.from_ns/until_ns) not yet
+    # wholly read: calls are estimated from the entries timed over exactly these.
+    windows: list[tuple[float, float]] = field(default_factory=list)
+    window_until: float = math.inf  # the open window's planned end (while timing)
+    read_at: float = 0.0  # when its maps were last read
     entry_gap: bool = False  # the entry probe was off at some time since the last read
     counted_s: float = 0.0  # entry-attached time since the last read, closed stretches
     baseline_inflight: int = 0  # calls in flight when this slice started
@@ -168,6 +183,7 @@ class FuncLatencyProbes:
             for f in self.funcs:
                 f.count_always = f.sites.entry.emulated and self.budget.cpu_fraction > 0
                 self._timing_on(f, time.monotonic())
+                f.read_at = time.monotonic()
                 f.last = self._prog.raw(f.fid)
         except BaseException:
             self.close()
@@ -187,8 +203,9 @@ class FuncLatencyProbes:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _timing_on(self, f: _FuncState, now: float) -> None:
-        """Start a timing slice: RET probes first, so no timed entry lacks its RET."""
+    def _timing_on(self, f: _FuncState, now: float, length_s: float = math.inf) -> None:
+        """Start a timing slice of `length_s`, which the kernel ends on its own clock:
+        RET probes first, so no timed entry lacks its RET."""
         assert self._prog is not None
         st = self._prog.stats(f.fid)
         f.baseline_inflight = _inflight(st)
@@ -203,14 +220,52 @@ class FuncLatencyProbes:
             f.rets_on, f.rets_since = True, time.monotonic()
         if not f.entry_on:
             self._entry_on(f, now)
-        self._prog.set_ctl(f.fid, f.epoch, True)
-        f.timing, f.timing_since = True, time.monotonic()
+        before = time.monotonic()
+        if math.isinf(length_s):
+            # Timed from now on (attach, or a function whose cost fits): its calls are
+            # counted exactly, and the first calls after attach must be timed.
+            f.timing, f.window_until = True, math.inf
+            f.timing_since = (before + self._write_window(f, 0.0)) / 2
+            return
+        start = before + WINDOW_LEAD_S
+        f.timing, f.window_until = True, start + length_s
+        f.timing_since = _opened(start, self._write_window(f, start))
+
+    def _write_window(self, f: _FuncState, start: float) -> float:
+        """Time entries from `start` until f.window_until on the kernel's clock; returns
+        when the write had surely landed."""
+        assert self._prog is not None
+        self._prog.set_ctl(f.fid, f.epoch, True, _ns(start), _ns(f.window_until))
+        return time.monotonic()
+
+    def _close_window(self, f: _FuncState, end: float) -> None:
+        f.windows.append((f.timing_since, max(f.timing_since, min(end, f.window_until))))
+
+    def _reopen_window(self, f: _FuncState) -> None:
+        """Timing goes on past the planned end of its slice (its cost fits now): the
+        window loses its end when the write lands (the kernel may have closed it
+        before; then it opens again there)."""
+        before = time.monotonic()
+        planned, f.window_until = f.window_until, math.inf
+        landed = self._write_window(f, 0.0)
+        mid = (before + landed) / 2
+        f.windows.append((f.timing_since, max(f.timing_since, min(mid, planned))))
+        f.timing_since = mid
+
+    def _timed_s(self, f: _FuncState, lo: float, hi: float) -> float:
+        """How long the kernel timed the function's entries within [lo, hi]."""
+        spans = [*f.windows, (f.timing_since, f.window_until)] if f.timing else f.windows
+        return sum(max(0.0, min(b, hi) - max(a, lo)) for a, b in spans)
 
     def _timing_off(self, f: _FuncState, now: float) -> None:
         """End a timing slice at once (a map write); the entry probe goes too unless it
         keeps counting. RETs stay until the calls timed in the slice have returned."""
         assert self._prog is not None
+        before = time.monotonic()
         self._prog.set_ctl(f.fid, f.epoch, False)
+        # The kernel stopped timing when the write landed, or at the window's planned
+        # end if that came first (user space woke late).
+        self._close_window(f, (before + time.monotonic()) / 2)
         f.timing, f.timing_until = False, now
         if not f.count_always:
             self._entry_off(f, now)
@@ -391,7 +446,7 @@ class FuncLatencyProbes:
                 if now >= start_at[f.fid] and not any(
                     prog.busy(f"{g}:{f.fid}") for g in ("entry", "rets", "retn")
                 ):
-                    self._timing_on(f, now)
+                    self._timing_on(f, now, slices.get(f.fid, math.inf))
                     started[f.fid] = now
                     want_on.remove(f)
             active = [f for f in self.funcs if f.fid in slices and (f.timing or f.rets_on)]
@@ -411,7 +466,6 @@ class FuncLatencyProbes:
                     if now >= started[f.fid] + slices[f.fid] or spent >= self._timing_left(
                         f, iv, st, now
                     ):
-                        iv.timed[f.fid] += now - max(f.timing_since, iv.t0)
                         self._timing_off(f, now)
                         iv.sampled.add(f.fid)
                 elif _inflight(st) <= f.baseline_inflight or spent >= 2 * iv.timing_share[f.fid]:
@@ -431,8 +485,7 @@ class FuncLatencyProbes:
         interval's shares and slices are planned from it."""
         t0, timed = iv.t0, iv.timed
         for f in self.funcs:
-            if f.timing:
-                timed[f.fid] += now - max(f.timing_since, t0)
+            timed[f.fid] = self._timed_s(f, t0, now)
             d = self._delta(f, prog.stats(f.fid))
             counted = f.counted_s + (now - max(f.entry_since, t0) if f.entry_on else 0.0)
             if counted > 0:
@@ -440,11 +493,17 @@ class FuncLatencyProbes:
             rets_s = f.rets_s + (now - max(f.rets_since, t0) if f.rets_on else 0.0)
             if rets_s > 0 and timed[f.fid] > 0:
                 # RETs see every call while attached, timed or not: their cost is per
-                # second attached, which includes the drain after each slice.
-                f.rate = self._ret_ns(d["ret_hits"], d["ret_nop_hits"]) / rets_s
+                # second attached, which includes the drain after each slice. A slice
+                # of a few ms may catch no call at all (a busy host did not run the
+                # process then): counting one more call than it saw keeps that from
+                # reading as a free function timed all the next interval, far over
+                # its budget (a loaded host timed ~1,000 calls of ~6,000 that way).
+                f.rate = self._ret_ns(d["ret_hits"] + 1, d["ret_nop_hits"]) / rets_s
                 f.drain_s = max(0.0, rets_s - timed[f.fid]) if f.fid in iv.slices else 0.0
                 f.timed_entry_rate = (
-                    0.0 if f.count_always else self._entry_ns(f, d["timed_entries"]) / timed[f.fid]
+                    0.0
+                    if f.count_always
+                    else self._entry_ns(f, d["timed_entries"] + 1) / timed[f.fid]
                 )
 
     def _account(
@@ -491,6 +550,8 @@ class FuncLatencyProbes:
             if f.fid not in iv.slices:
                 continue
             if self._need(f, iv.length_s) <= nxt[f.fid] * 1.0001:
+                if f.timing and math.isfinite(f.window_until):
+                    self._reopen_window(f)
                 continue
             if f.timing:
                 self._timing_off(f, now)
@@ -504,7 +565,7 @@ class FuncLatencyProbes:
             raise FuncProbeError("flush() before attach()")
         now = time.monotonic()
         t0 = min(self._last_read, now)
-        timed = {f.fid: now - max(f.timing_since, t0) if f.timing else 0.0 for f in self.funcs}
+        timed = {f.fid: self._timed_s(f, t0, now) for f in self.funcs}
         readings, delta = self._collect(t0, now, timed, set())
         return IntervalReading(t0, now, readings, delta, 0.0, self.cleanup_at_exit)
 
@@ -515,6 +576,7 @@ class FuncLatencyProbes:
         assert self._prog is not None
         readings = []
         for f in self.funcs:
+            read_at = time.monotonic()  # its entries counted up to here
             raw = self._prog.raw(f.fid)
             assert f.last is not None
             d = {k: raw.stats[k] - f.last.stats[k] for k in STAT_FIELDS}
@@ -537,19 +599,21 @@ class FuncLatencyProbes:
                 r.exact_calls = d["entry_hits"]
             else:
                 # The entry probe was off for a while: scale up the calls entered while
-                # timing was on. Timing switches at once (a map write) where attaching
-                # and detaching the entry probe take tens of ms, so its time is known.
+                # timing was on. Attaching and detaching the entry probe take tens of
+                # ms, but the kernel times entries over a window on its own clock, so
+                # the time they were counted in is known: between the two map reads.
                 r.sampled_hits = d["opened"] + d["overflow"]
-                r.sampled_window_s = now - t0
-                r.sampled_counted_s = timed[f.fid]
+                r.sampled_window_s = read_at - f.read_at
+                r.sampled_counted_s = self._timed_s(f, f.read_at, read_at)
                 if r.sampled_counted_s > 0:
                     rate = r.sampled_hits / r.sampled_counted_s
                     r.rate_n, r.rate_sum, r.rate_sq = 1, rate, rate * rate
             if r.sampled:
                 r.weigh()
             f.counted_s, f.entry_gap, f.rets_s = 0.0, not f.entry_on, 0.0
+            f.windows = [w for w in f.windows if w[1] > read_at]
             readings.append(r)
-            f.last = raw
+            f.last, f.read_at = raw, read_at
         counters = self._prog.counters()
         delta = {k: counters[k] - self._last_counters[k] for k in COUNTER_NAMES}
         self._last_counters = counters
@@ -574,6 +638,17 @@ class FuncLatencyProbes:
         if self._prog is None:
             return 0
         return sum(1 for _ in self._prog.bpf["fl_inflight"])
+
+
+def _ns(t: float) -> int:
+    """A time.monotonic() as the kernel's bpf_ktime_get_ns() (both CLOCK_MONOTONIC)."""
+    return NEVER_NS if math.isinf(t) else round(t * 1e9)
+
+
+def _opened(start: float, landed: float) -> float:
+    """When a window meant to open at `start` did: then, if its write had landed by
+    then; else (preempted past the lead) somewhere in [start, landed]."""
+    return start if landed <= start else (start + landed) / 2
 
 
 def _inflight(st: dict[str, int]) -> int:

@@ -63,7 +63,12 @@ class CtlView(ctypes.Structure):
     """struct fl_ctl in bpf/goleash.h: what user space writes per function. The views
     here are held to goleash.h by tests/bpf/test_layouts.py."""
 
-    _fields_ = [("epoch", ctypes.c_uint32), ("timing", ctypes.c_uint32)]
+    _fields_ = [
+        ("epoch", ctypes.c_uint32),
+        ("timing", ctypes.c_uint32),
+        ("from_ns", ctypes.c_uint64),
+        ("until_ns", ctypes.c_uint64),
+    ]
 
 
 class SiteView(ctypes.Structure):
@@ -134,6 +139,7 @@ class InflightView(ctypes.Structure):
 
 
 _Index = ctypes.c_uint32
+NEVER_NS = 2**64 - 1  # fl_ctl.until_ns of a window that has no planned end
 # The maps user space opens: name -> (key, value) views (per-CPU values: one per CPU).
 _MAPS = {
     "fl_config": (_Index, ConfigView),
@@ -247,9 +253,14 @@ class LatencyProgram:
             with contextlib.suppress(Exception):
                 job()
 
-    def set_ctl(self, fid: int, epoch: int, timing: bool) -> None:
-        """Whether the function's entries are timed now, and its RET probes' epoch."""
-        self.bpf["fl_ctl"][_Index(fid)] = CtlView(epoch & 0xFFFFFFFF, int(timing))
+    def set_ctl(
+        self, fid: int, epoch: int, timing: bool, from_ns: int = 0, until_ns: int = NEVER_NS
+    ) -> None:
+        """Whether the function's entries are timed, in which window of the kernel's
+        clock (time.monotonic_ns(): both are CLOCK_MONOTONIC), and its RET probes' epoch."""
+        self.bpf["fl_ctl"][_Index(fid)] = CtlView(
+            epoch & 0xFFFFFFFF, int(timing), max(0, from_ns), min(NEVER_NS, max(0, until_ns))
+        )
 
     def stats(self, fid: int) -> dict[str, int]:
         """Cumulative figures; entry_hits is every call the entry probe counted."""
