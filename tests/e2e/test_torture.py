@@ -1,20 +1,25 @@
-"""The agent on a hostile, busy host: it never dies and never hurts.
+"""The agent on a hostile, busy host: it never dies, never hurts, and does not grow.
 
-`goleash run` with no selection (every Go process of the host) while a generator on
-this machine, bounded in count and time, keeps it busy: shell loops exec'ing
-hundreds of short non-Go processes a second; short-lived Go processes of several
-toolchains (plain, stripped, PIE, stripped PIE) living 50-500 ms, some SIGKILLed
-while the agent reads them; Go processes exec'ing into another Go binary and into a
-non-Go one; a non-Go ELF whose section table lies past its end, one truncated
-before its section table (the kernel runs both), a shebang script; a running Go
-binary replaced on disk; zombies. Two long-lived Go processes with known goroutine
-populations run throughout.
+`goleash agent` with no selection (every Go process of the host), streaming to a
+`goleash control-plane` of its own, while a generator on this machine, bounded in
+count and time, keeps it busy: shell loops exec'ing hundreds of short non-Go
+processes a second; short-lived Go processes of several toolchains (plain, stripped,
+PIE, stripped PIE) living 50-500 ms, some SIGKILLed while the agent reads them; Go
+processes exec'ing into another Go binary and into a non-Go one; a non-Go ELF whose
+section table lies past its end, one truncated before its section table (the kernel
+runs both), a shebang script; a running Go binary replaced on disk; zombies. Two
+long-lived Go processes with known goroutine populations run throughout.
 
 It passes when the agent still runs at the end, `goleash ps` answered throughout,
 the long-lived processes were followed with the right counts, the error counters
-show the damaged binaries were seen, the agent's memory stayed under a ceiling, and every
-target not killed on purpose exited 0, with its code bytes equal to the file's (no
-int3 left behind) and no uprobe left for it in the kernel.
+show the damaged binaries were seen, the agent's memory stayed under a ceiling its
+DaemonSet can afford and stopped growing after the first processes, and every target
+not killed on purpose exited 0, with its code bytes equal to the file's (no int3 left
+behind) and no uprobe left for it in the kernel.
+
+The agent and the control plane run as two processes, as in a cluster: the memory
+asserted is the agent's, which the DaemonSet's limit applies to (the control plane
+keeps gone processes for its retention, so it grows over a run this short by design).
 
 GOLEASH_TORTURE_S sets the generator's run time (default 120 s, the issue's floor).
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import struct
@@ -46,6 +52,8 @@ from goleash.probes.procmem import ProcessMemory, load_bias
 from polling import wait_for
 from populations import FLAGS, READY_TIMEOUT, read_json_line
 
+ROOT = Path(__file__).resolve().parents[2]
+
 pytestmark = [pytest.mark.root, pytest.mark.timeout(420)]
 
 BIN = Path(sys.executable).parent / "goleash"
@@ -56,11 +64,25 @@ VARIANTS = ("default", "stripped", "pie", "stripped-pie")
 MAX_GO_AT_ONCE = 6  # short-lived Go processes alive together (2 cores, shared)
 MAX_GO_TOTAL = 1500
 COUNTS = {"orphan": 12, "nilselect": 3, "condwait": 2, "worker": 2, "sleeper": 3}
-# The agent with the embedded control plane: Python, BCC's LLVM, one BPF program per
-# followed process. A ceiling that keeps a node safe. Known open problem: RSS still
-# grows over this run (from ~0.5 to ~0.6-1.4 GiB with ~1300 short-lived Go processes,
-# see the printed figures); until that is found, only the ceiling is asserted.
-MAX_RSS_BYTES = 2 << 30
+# The agent: Python with one goroutines program for the whole node, loaded from the
+# node's image cache (bpf(2), no LLVM mapped: probes/bpfload.py); an executable's
+# analysis is shared by its processes and dropped with the last, and what it leaves in
+# reference cycles is collected soon after (node/reclaim.py). Measured here
+# (2026-11-30, 2 vCPUs, ~1350-1400 short-lived Go processes in 120 s), agent RSS:
+# 70-73 MiB at the start, 77 after 300 Go processes, 78-81 at most, 76-78 at the end.
+# Without the collections it grew steadily, 65 -> 109 -> 258 MiB (~150 KiB per Go
+# process), which on a busy node ends in an OOM kill at the DaemonSet's limit, then
+# a crash loop.
+# The ceiling: half the DaemonSet's memory limit (deploy/kubernetes/agent.yaml). The
+# other half is the headroom real services need over these small fixtures (bigger
+# binaries, thousands of goroutines to read, more processes followed at once).
+MAX_RSS_FRACTION_OF_LIMIT = 0.5
+# Growth: once GROWTH_AFTER_GO Go processes were started (every toolchain and variant
+# analysed, every cache warm), the agent may grow by at most GROWTH_MAX_MIB over the
+# ~1000 processes that follow. Measured 1-4 MiB (samples move by +-5 MiB); a leak of
+# more than ~25 KiB per process fails it (the one fixed here grew 149 MiB).
+GROWTH_AFTER_GO = 300
+GROWTH_MAX_MIB = 25
 
 
 @dataclass
@@ -75,11 +97,22 @@ class Tally:
     bad_exits: list[str] = field(default_factory=list)
     ps_ok: int = 0
     ps_failed: list[str] = field(default_factory=list)
+    # per sample (every ~3 s): the agent's and the control plane's RSS, Go processes
+    # started so far
     rss: list[int] = field(default_factory=list)
+    cp_rss: list[int] = field(default_factory=list)
+    go_seen: list[int] = field(default_factory=list)
 
     @property
     def max_rss(self) -> int:
         return max(self.rss, default=0)
+
+    def warm_rss(self) -> int:
+        """The agent's largest RSS until GROWTH_AFTER_GO Go processes had started."""
+        return max(
+            (r for r, n in zip(self.rss, self.go_seen, strict=True) if n <= GROWTH_AFTER_GO),
+            default=0,
+        )
 
 
 # --- binaries -------------------------------------------------------------------------
@@ -278,6 +311,24 @@ def _rss(pid: int) -> int:
     return 0
 
 
+_QUANTITY = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+
+
+def _daemonset_memory_limit() -> int:
+    """The agent container's memory limit in deploy/kubernetes/agent.yaml, in bytes."""
+    import yaml
+
+    docs = yaml.safe_load_all((ROOT / "deploy/kubernetes/agent.yaml").read_text())
+    (ds,) = [d for d in docs if d and d.get("kind") == "DaemonSet"]
+    (agent,) = [c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "agent"]
+    limit = str(agent["resources"]["limits"]["memory"])
+    return int(limit[:-2]) * _QUANTITY[limit[-2:]] if limit[-2:] in _QUANTITY else int(limit)
+
+
+def _mib(values: list[int]) -> list[int]:
+    return [v >> 20 for v in values]
+
+
 def _text_differs(pid: int) -> list[int]:
     """Addresses where the process's code differs from its file (an int3 left)."""
     with GoBinary(f"/proc/{pid}/exe") as b, ProcessMemory(pid) as mem:
@@ -332,56 +383,77 @@ def _our_uprobes(pids: set[int]) -> list[str]:
     return [ln for ln in path.read_text().splitlines() if any(f"_{p}_" in ln for p in pids)]
 
 
+class _Daemon:
+    """A goleash daemon with its stderr kept (drained by a thread)."""
+
+    def __init__(self, name: str, args: list[str]) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(
+            [*GOLEASH, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        self.lines: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def check_alive(self) -> None:
+        assert self.proc.poll() is None, f"the {self.name} died:\n{self.log()[-5000:]}"
+
+    def endpoint(self, rx: str) -> str:
+        def found() -> str | None:
+            for line in self.lines:
+                m = re.search(rx, line)
+                if m:
+                    return m.group(1)
+            self.check_alive()
+            return None
+
+        return wait_for(found, f"the {self.name}: {rx}", 60)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+
 def test_agent_survives_a_torture_host(tmp_path: Path) -> None:
+    ceiling = int(_daemonset_memory_limit() * MAX_RSS_FRACTION_OF_LIMIT)
     go = _go_binaries(tmp_path)
     long_lived = [
         _long_lived(tmp_path, "glt-long-a", "1.22.10", "default"),
         _long_lived(tmp_path, "glt-long-b", "1.25.5", "pie"),
     ]
-    run = subprocess.Popen(
-        [
-            *GOLEASH,
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--db",
-            str(tmp_path / "run.db"),
-            "--interval",
-            "1",
-            "--orphan-min-age",
-            "0",
-            "--health-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    cp = _Daemon(
+        "control plane",
+        ["control-plane", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "cp.db")],
     )
-    lines: list[str] = []
-
-    def drain() -> None:
-        assert run.stderr is not None
-        for line in run.stderr:
-            lines.append(line)
-
-    threading.Thread(target=drain, daemon=True).start()
-    log = lambda: "".join(lines)  # noqa: E731
+    agent: _Daemon | None = None
     seen_pids: set[int] = {p.pid for p in long_lived}
     try:
-        import re
-
-        def endpoint(rx: str) -> str | None:
-            for line in lines:
-                m = re.search(rx, line)
-                if m:
-                    return m.group(1)
-            assert run.poll() is None, log()
-            return None
-
-        address = wait_for(lambda: endpoint(r"control plane listening on (\S+)"), "run", 60)
-        metrics = wait_for(lambda: endpoint(r"metrics on http://(\S+)/metrics"), "metrics", 60)
+        address = cp.endpoint(r"listening on (\S+)")
+        agent = _Daemon(
+            "agent",
+            [
+                "agent",
+                "--server",
+                address,
+                "--interval",
+                "1",
+                "--orphan-min-age",
+                "0",
+                "--health-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ],
+        )
+        metrics = agent.endpoint(r"metrics on http://(\S+)/metrics")
         for p in long_lived:
             wait_for(
                 lambda p=p: next((r for r in _ps(address) if r["pid"] == p.pid), None),
@@ -393,25 +465,31 @@ def test_agent_survives_a_torture_host(tmp_path: Path) -> None:
         worker = threading.Thread(target=gen.run, daemon=True)
         worker.start()
         while worker.is_alive():
-            assert run.poll() is None, f"the agent died:\n{log()[-5000:]}"
+            agent.check_alive()
+            cp.check_alive()
             try:
                 _ps(address)
                 gen.tally.ps_ok += 1
             except (AssertionError, subprocess.TimeoutExpired) as exc:
                 gen.tally.ps_failed.append(str(exc)[:200])
-            gen.tally.rss.append(_rss(run.pid))
+            gen.tally.rss.append(_rss(agent.proc.pid))
+            gen.tally.cp_rss.append(_rss(cp.proc.pid))
+            gen.tally.go_seen.append(gen.tally.go_started)
             seen_pids |= {p.pid for p, _, _ in gen.children}
             worker.join(timeout=3.0)
-        assert run.poll() is None, f"the agent died:\n{log()[-5000:]}"
+        agent.check_alive()
         t = gen.tally
         errors = _errors_by_stage(metrics)
+        rss, cp_rss = _mib(t.rss), _mib(t.cp_rss)
         print(
             f"\ntorture: {RUN_S:.0f}s; generator: {t.shell_execs} shell execs, "
             f"{t.go_started} Go processes ({t.go_killed} SIGKILLed), odd: {dict(t.odd_execs)}; "
             f"exit codes {dict(t.exit_codes)}; ps answered {t.ps_ok}x, failed {len(t.ps_failed)}; "
-            f"agent RSS max {t.max_rss / 2**20:.0f} MiB (first half "
-            f"{max(t.rss[: len(t.rss) // 2], default=0) / 2**20:.0f} MiB); "
-            f"process errors by stage {errors}"
+            f"process errors by stage {errors}\n"
+            f"agent RSS MiB: start {rss[0]}, after {GROWTH_AFTER_GO} Go processes "
+            f"{t.warm_rss() >> 20}, max {max(rss)}, end {rss[-1]} (ceiling {ceiling >> 20}); "
+            f"control plane RSS MiB: start {cp_rss[0]}, max {max(cp_rss)}, end {cp_rss[-1]}\n"
+            f"agent RSS MiB by sample: {rss}\nGo processes started by sample: {t.go_seen}"
         )
 
         assert not t.ps_failed, t.ps_failed
@@ -419,16 +497,19 @@ def test_agent_survives_a_torture_host(tmp_path: Path) -> None:
         assert not t.bad_exits, t.bad_exits
         assert t.shell_execs >= 100 * RUN_S, t.shell_execs  # "hundreds a second", loosely
         assert errors.get("judge", 0) >= 2, errors  # the bad e_shoff and truncated ELFs
-        assert t.max_rss < MAX_RSS_BYTES, [r >> 20 for r in t.rss]
+        assert t.max_rss < ceiling, rss
+        if t.go_started > 2 * GROWTH_AFTER_GO:  # a run long enough to tell growth
+            grown = (t.max_rss - t.warm_rss()) >> 20
+            assert grown <= GROWTH_MAX_MIB, (grown, rss, t.go_seen)
         for p in long_lived:
             sites = _sites(address, p.pid)
             for pop, n in COUNTS.items():
                 assert sites.get(f"main.{pop}") == n, (p.pid, pop, sites)
     finally:
-        if run.poll() is None:
-            run.send_signal(signal.SIGTERM)
-        rc = run.wait(timeout=60)
-    assert rc == 0, log()[-5000:]
+        agent_rc = agent.stop() if agent is not None else 0
+        cp_rc = cp.stop()
+    assert agent is not None and agent_rc == 0, agent.log()[-5000:] if agent else ""
+    assert cp_rc == 0, cp.log()[-5000:]
     assert not _our_uprobes(seen_pids), _our_uprobes(seen_pids)
     for p in long_lived:
         assert _text_differs(p.pid) == [], "code bytes differ from the file (int3 left?)"

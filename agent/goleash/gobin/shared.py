@@ -20,6 +20,11 @@ its processes are gone must not change what another file's processes read.
 An entry lives while some process uses it: `release` by its last user closes the
 binary and drops the entry, so months of process churn leave nothing behind. A user
 that is dropped without `release` does not pin it either: entries are held weakly.
+Not all of it goes with the last reference, though: pyelftools' ELF and DWARF
+objects refer to each other, so they, the debug sections they decompressed, and the
+file's mapping and descriptor behind them wait for the cyclic garbage collector.
+`dropped` counts the analyses made or dropped, for the agent to collect after them
+(node/reclaim.py).
 """
 
 from __future__ import annotations
@@ -110,6 +115,9 @@ class AnalysisCache:
         self._lock = threading.Lock()
         self.analyses = 0  # files analysed (a shared hit is not counted)
         self.copies_shared = 0  # another inode with the same bytes: not analysed again
+        # Analyses made or dropped: each leaves garbage in reference cycles (see
+        # `dropped`), which the agent collects when this changes (node/reclaim.py).
+        self.dropped = 0
 
     def acquire(self, path: str | os.PathLike[str]) -> Analysis:
         """The analysis of the file `path` names now, shared when another user holds
@@ -152,6 +160,7 @@ class AnalysisCache:
             content = Content(digest, info, symbols, offsets, pclntab, first=weakref.ref(binary))
             with self._lock:
                 self.analyses += 1
+                self.dropped += 1  # the DWARF objects the analysis read
                 content = self._contents.setdefault(digest, content)
         return Analysis.of(binary, content)
 
@@ -163,6 +172,7 @@ class AnalysisCache:
                 return
             if self._entries.get(analysis.key) is analysis:
                 del self._entries[analysis.key]
+            self.dropped += 1
         analysis.binary.close()
 
     def release_pages(self) -> None:

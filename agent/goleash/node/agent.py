@@ -53,6 +53,7 @@ from goleash.node.followed import (
 )
 from goleash.node.identity import agent_identity
 from goleash.node.metrics import AgentView, HealthServer, MetricsServer, ProcessView
+from goleash.node.reclaim import Reclaimer
 from goleash.node.sender import BatchBuffer, IngestSender, SenderOptions
 from goleash.node.tracker import ProcessSnapshot, ProcessTracker
 from goleash.probes.goroutines import node_program
@@ -112,6 +113,8 @@ class Agent:
         # ~30 MB each.
         self.goroutine_program = node_program(stacks=config.stacks)
         self._compiling: threading.Thread | None = None
+        # What exited processes' analyses leave in reference cycles: collected soon.
+        self.reclaimer = Reclaimer(SHARED)
         self._reported_pids: set[int] = set()
         self._pending_appeared: list[t.ProcessInfo] = []
         self._pending_gone: list[ing.ProcessGone] = []
@@ -465,6 +468,7 @@ class Agent:
             self._report_missing_pids()
         if self.health is not None:
             self.health.set_ready(self.ready())
+        self.reclaimer.step()
 
     def run(self, stop: threading.Event, *, on_started: Callable[[], None] | None = None) -> int:
         """Until `stop` is set. Endpoints must be open (open_endpoints) if wanted."""

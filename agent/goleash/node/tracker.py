@@ -348,9 +348,12 @@ class ProcessTracker:
             self._unborn_exited[self._unborn.pop(goid)] += 1
 
     def _birth_ns(self, goid: int, born: dict, now_ns: int) -> int:
-        """Birth time from the probes, else when we first saw it (a lower bound)."""
+        """Birth time from the probes, else when we first saw it (a lower bound); never
+        after NOW_NS (when the inventory read began): a goroutine born during the read
+        is of age 0, not negative (the control plane refuses a batch with a negative
+        age, and the agent's stream with it)."""
         if goid in born:
-            return born[goid].created_ns
+            return min(born[goid].created_ns, now_ns)
         return self.first_seen_ns.get(goid, now_ns)
 
     @staticmethod
