@@ -23,19 +23,17 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from goleash.probes.budget import OverheadBudget
 from goleash.probes.funcprog import (
     COUNTER_NAMES,
-    NEVER_NS,
     STAT_FIELDS,
     LatencyProgram,
-    RawReading,
 )
 from goleash.probes.funcrecord import FunctionLatency, IntervalReading
 from goleash.probes.funcs import TracedFunction
-from goleash.probes.funcsites import FuncProbeError, FuncSites, function_sites, runtime_site
+from goleash.probes.funcsites import FuncProbeError, function_sites, runtime_site
+from goleash.probes.funcstate import FuncState, Interval, calls_inflight, kernel_ns, window_opened
 from goleash.probes.target import GoProcess
 
 DEFAULT_MAX_GOROUTINES = 16384
@@ -50,60 +48,6 @@ DEBT_INTERVALS = 2.0  # a function's debt is capped at this many of its shares
 # so the write has landed by then and the kernel times entries over exactly the window
 # user space divides by (a busy host preempts the writer for ms; slices last a few ms).
 WINDOW_LEAD_S = 0.001
-
-
-@dataclass
-class _FuncState:
-    sites: FuncSites
-    fid: int
-    entry_on: bool = False  # entry probe attached: every call is counted
-    timing: bool = False  # the kernel times entries (fl_ctl.timing)
-    rets_on: bool = False
-    # The entry probe stays attached between timing slices (counting every call) when
-    # it is emulated and its own cost fits the function's share.
-    count_always: bool = True
-    entry_since: float = 0.0  # when the entry probe was last attached
-    timing_since: float = 0.0  # when timing was last switched on (its window opened)
-    timing_until: float = 0.0  # ... and off: the calls of the slice drain since then
-    # The kernel's timing windows (time.monotonic(), fl_ctl.from_ns/until_ns) not yet
-    # wholly read: calls are estimated from the entries timed over exactly these.
-    windows: list[tuple[float, float]] = field(default_factory=list)
-    window_until: float = math.inf  # the open window's planned end (while timing)
-    read_at: float = 0.0  # when its maps were last read
-    entry_gap: bool = False  # the entry probe was off at some time since the last read
-    counted_s: float = 0.0  # entry-attached time since the last read, closed stretches
-    baseline_inflight: int = 0  # calls in flight when this slice started
-    # Costs when last measured: RET probes per second attached, entries per second
-    # timed when the entry probe is attached only to time, entries per second counted.
-    rate: float | None = None
-    timed_entry_rate: float = 0.0
-    entry_rate: float | None = None
-    rets_since: float = 0.0  # when the RET probes were last attached
-    rets_s: float = 0.0  # RET-attached time since the last read, closed stretches
-    drain_s: float = 0.0  # how long RETs stayed on after a slice, waiting for its calls
-    epoch: int = 0  # attachments of its RET probes (fl_ctl.epoch in the kernel)
-    # What its probes cost beyond its shares so far (ns): a first interval planned
-    # without rates, a drain longer than the share left, a rising call rate. Timing
-    # repays it in the next intervals, so the budget holds on average.
-    debt_ns: float = 0.0
-    last: RawReading | None = None
-
-
-@dataclass
-class _Interval:
-    """One run_interval's schedule and what it saw, shared by its steps."""
-
-    t0: float  # time.monotonic() at its start
-    end: float
-    length_s: float
-    timed: dict[int, float]  # fid -> seconds its calls were timed
-    sampled: set[int] = field(default_factory=set)  # timing off for part of the interval
-    slices: dict[int, float] = field(default_factory=dict)  # sampled fid -> slice length (s)
-    timing_share: dict[int, float] = field(default_factory=dict)  # fid -> ns timing may cost
-    shares: dict[int, float] = field(default_factory=dict)  # fid -> ns all its probes may cost
-    started: dict[int, float] = field(default_factory=dict)  # fid -> when its slice started
-    want_on: list[_FuncState] = field(default_factory=list)  # waiting for their slice
-    start_at: dict[int, float] = field(default_factory=dict)  # fid -> when it is due
 
 
 class FuncLatencyProbes:
@@ -126,7 +70,7 @@ class FuncLatencyProbes:
                 "a budget of 0 allows the probes no cost at all: nothing can be counted or "
                 "timed (give a share of a core, or no limit)"
             )
-        self.funcs = [_FuncState(function_sites(proc, fn), i) for i, fn in enumerate(functions)]
+        self.funcs = [FuncState(function_sites(proc, fn), i) for i, fn in enumerate(functions)]
         self.exit_site, _ = runtime_site(proc, "runtime.goexit1", ("r14",))
         # The goexit1 probe costs a hit per goroutine exit, whatever the traced
         # functions: a service starting 5 goroutines per request paid twice as many
@@ -203,12 +147,12 @@ class FuncLatencyProbes:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _timing_on(self, f: _FuncState, now: float, length_s: float = math.inf) -> None:
+    def _timing_on(self, f: FuncState, now: float, length_s: float = math.inf) -> None:
         """Start a timing slice of `length_s`, which the kernel ends on its own clock:
         RET probes first, so no timed entry lacks its RET."""
         assert self._prog is not None
         st = self._prog.stats(f.fid)
-        f.baseline_inflight = _inflight(st)
+        f.baseline_inflight = calls_inflight(st)
         if not f.rets_on:
             # A new epoch: frames entered before may have returned while RETs were off.
             f.epoch += 1
@@ -229,19 +173,19 @@ class FuncLatencyProbes:
             return
         start = before + WINDOW_LEAD_S
         f.timing, f.window_until = True, start + length_s
-        f.timing_since = _opened(start, self._write_window(f, start))
+        f.timing_since = window_opened(start, self._write_window(f, start))
 
-    def _write_window(self, f: _FuncState, start: float) -> float:
+    def _write_window(self, f: FuncState, start: float) -> float:
         """Time entries from `start` until f.window_until on the kernel's clock; returns
         when the write had surely landed."""
         assert self._prog is not None
-        self._prog.set_ctl(f.fid, f.epoch, True, _ns(start), _ns(f.window_until))
+        self._prog.set_ctl(f.fid, f.epoch, True, kernel_ns(start), kernel_ns(f.window_until))
         return time.monotonic()
 
-    def _close_window(self, f: _FuncState, end: float) -> None:
+    def _close_window(self, f: FuncState, end: float) -> None:
         f.windows.append((f.timing_since, max(f.timing_since, min(end, f.window_until))))
 
-    def _reopen_window(self, f: _FuncState) -> None:
+    def _reopen_window(self, f: FuncState) -> None:
         """Timing goes on past the planned end of its slice (its cost fits now): the
         window loses its end when the write lands (the kernel may have closed it
         before; then it opens again there)."""
@@ -252,12 +196,12 @@ class FuncLatencyProbes:
         f.windows.append((f.timing_since, max(f.timing_since, min(mid, planned))))
         f.timing_since = mid
 
-    def _timed_s(self, f: _FuncState, lo: float, hi: float) -> float:
+    def _timed_s(self, f: FuncState, lo: float, hi: float) -> float:
         """How long the kernel timed the function's entries within [lo, hi]."""
         spans = [*f.windows, (f.timing_since, f.window_until)] if f.timing else f.windows
         return sum(max(0.0, min(b, hi) - max(a, lo)) for a, b in spans)
 
-    def _timing_off(self, f: _FuncState, now: float) -> None:
+    def _timing_off(self, f: FuncState, now: float) -> None:
         """End a timing slice at once (a map write); the entry probe goes too unless it
         keeps counting. RETs stay until the calls timed in the slice have returned."""
         assert self._prog is not None
@@ -270,18 +214,18 @@ class FuncLatencyProbes:
         if not f.count_always:
             self._entry_off(f, now)
 
-    def _entry_on(self, f: _FuncState, now: float) -> None:
+    def _entry_on(self, f: FuncState, now: float) -> None:
         assert self._prog is not None
         self._prog.attach(f"entry:{f.fid}", [f.sites.entry], "fl_entry")
         f.entry_on, f.entry_since = True, now
 
-    def _entry_off(self, f: _FuncState, now: float) -> None:
+    def _entry_off(self, f: FuncState, now: float) -> None:
         assert self._prog is not None
         self._prog.detach(f"entry:{f.fid}")
         f.counted_s += max(0.0, now - max(f.entry_since, self._last_read))
         f.entry_on, f.entry_gap = False, True
 
-    def _rets_off(self, f: _FuncState) -> None:
+    def _rets_off(self, f: FuncState) -> None:
         assert self._prog is not None
         self._prog.detach(f"rets:{f.fid}")
         self._prog.detach(f"retn:{f.fid}")
@@ -290,7 +234,7 @@ class FuncLatencyProbes:
 
     # --- cost --------------------------------------------------------------------------
 
-    def _entry_ns(self, f: _FuncState, entry_hits: int) -> float:
+    def _entry_ns(self, f: FuncState, entry_hits: int) -> float:
         b = self.budget
         return entry_hits * (b.emulated_ns if f.sites.entry.emulated else b.stepped_ns)
 
@@ -298,11 +242,11 @@ class FuncLatencyProbes:
         """RETs are single-stepped, their NOP stand-ins emulated."""
         return ret_hits * self.budget.stepped_ns + nop_hits * self.budget.emulated_ns
 
-    def _cost_ns(self, f: _FuncState, entry_hits: int, ret_hits: int, nop_hits: int) -> float:
+    def _cost_ns(self, f: FuncState, entry_hits: int, ret_hits: int, nop_hits: int) -> float:
         """What the hits cost the process."""
         return self._entry_ns(f, entry_hits) + self._ret_ns(ret_hits, nop_hits)
 
-    def _delta(self, f: _FuncState, st: dict[str, int]) -> dict[str, int]:
+    def _delta(self, f: FuncState, st: dict[str, int]) -> dict[str, int]:
         assert f.last is not None
         keys = ("entry_hits", "ret_hits", "ret_nop_hits", "opened", "overflow")
         d = {k: st[k] - f.last.stats[k] for k in keys}
@@ -312,14 +256,14 @@ class FuncLatencyProbes:
         d["timed_entries"] = d["opened"] + d["overflow"]
         return d
 
-    def _timing_spent(self, f: _FuncState, st: dict[str, int]) -> float:
+    def _timing_spent(self, f: FuncState, st: dict[str, int]) -> float:
         """What timing cost since the last read: the RETs, and the entries too when the
         entry probe is attached only to time."""
         d = self._delta(f, st)
         spent = self._ret_ns(d["ret_hits"], d["ret_nop_hits"])
         return spent if f.count_always else spent + self._entry_ns(f, d["timed_entries"])
 
-    def _timing_left(self, f: _FuncState, iv: _Interval, st: dict[str, int], now: float) -> float:
+    def _timing_left(self, f: FuncState, iv: Interval, st: dict[str, int], now: float) -> float:
         """What timing may still cost this interval: its planned share, less what
         counting is on course to cost beyond the plan. The plan set counting aside at
         the last interval's rate (nothing in the first, where it is unknown); a
@@ -334,7 +278,7 @@ class FuncLatencyProbes:
         projected = counted * iv.length_s / elapsed
         return min(planned, iv.shares[f.fid] - projected)
 
-    def _need(self, f: _FuncState, interval_s: float) -> float:
+    def _need(self, f: FuncState, interval_s: float) -> float:
         """What watching the function all the time would cost over an interval (ns)."""
         if f.rate is None:
             return float("inf")
@@ -370,7 +314,7 @@ class FuncLatencyProbes:
         if prog is None:
             raise FuncProbeError("run_interval() before attach()")
         t0 = time.monotonic()
-        iv = _Interval(t0, t0 + interval_s, interval_s, {f.fid: 0.0 for f in self.funcs})
+        iv = Interval(t0, t0 + interval_s, interval_s, {f.fid: 0.0 for f in self.funcs})
         self._plan_slices(iv, self._shares(interval_s))
         self._place_slices(prog, iv)
         self._run_slices(prog, iv)
@@ -383,7 +327,7 @@ class FuncLatencyProbes:
         self._carry_over(prog, iv, now)
         return IntervalReading(t0, now, readings, delta, cost, self.cleanup_at_exit)
 
-    def _plan_slices(self, iv: _Interval, shares: dict[int, float]) -> None:
+    def _plan_slices(self, iv: Interval, shares: dict[int, float]) -> None:
         """Per function: whether the entry probe keeps counting (its cost fits the
         share), what is left for timing, and the slice timing gets when that is not
         enough for the whole interval."""
@@ -414,13 +358,13 @@ class FuncLatencyProbes:
                 fallback = ts if count_always else undebted
                 iv.slices[f.fid] = s_len if s_len > 0 else fallback / per_s
 
-    def _place_slices(self, prog: LatencyProgram, iv: _Interval) -> None:
+    def _place_slices(self, prog: LatencyProgram, iv: Interval) -> None:
         """When each function's timing starts this interval (now, for those still
         timed from the last one)."""
         for f in self.funcs:
             if f.timing:
                 iv.started[f.fid] = iv.t0
-                f.baseline_inflight = _inflight(prog.stats(f.fid))
+                f.baseline_inflight = calls_inflight(prog.stats(f.fid))
             elif iv.slices.get(f.fid, 1.0) > 0:
                 iv.want_on.append(f)
                 # A slice starts at a random point of the interval, not at its start:
@@ -434,7 +378,7 @@ class FuncLatencyProbes:
             elif f.count_always and not f.entry_on and not prog.busy(f"entry:{f.fid}"):
                 self._entry_on(f, iv.t0)  # counting, no timing slice this interval
 
-    def _run_slices(self, prog: LatencyProgram, iv: _Interval) -> None:
+    def _run_slices(self, prog: LatencyProgram, iv: Interval) -> None:
         """Until the interval ends: start slices when due, end them when their time or
         share is spent, and take RETs off once the calls of a slice have returned."""
         slices, started, want_on, start_at = iv.slices, iv.started, iv.want_on, iv.start_at
@@ -468,11 +412,13 @@ class FuncLatencyProbes:
                     ):
                         self._timing_off(f, now)
                         iv.sampled.add(f.fid)
-                elif _inflight(st) <= f.baseline_inflight or spent >= 2 * iv.timing_share[f.fid]:
+                elif (
+                    calls_inflight(st) <= f.baseline_inflight or spent >= 2 * iv.timing_share[f.fid]
+                ):
                     self._rets_off(f)
 
     @staticmethod
-    def _poll_s(active: list[_FuncState], now: float) -> float:
+    def _poll_s(active: list[FuncState], now: float) -> float:
         """POLL_S, or sooner while a slice's calls drain: a quarter of the drain so
         far, from DRAIN_POLL_S (a drain overshoots its calls by at most ~25%)."""
         drains = [now - f.timing_until for f in active if f.rets_on and not f.timing]
@@ -480,7 +426,7 @@ class FuncLatencyProbes:
             return POLL_S
         return min(POLL_S, max(DRAIN_POLL_S, min(drains) / 4))
 
-    def _measure_rates(self, prog: LatencyProgram, iv: _Interval, now: float) -> None:
+    def _measure_rates(self, prog: LatencyProgram, iv: Interval, now: float) -> None:
         """What each function's probes cost per second in this interval: the next
         interval's shares and slices are planned from it."""
         t0, timed = iv.t0, iv.timed
@@ -531,7 +477,7 @@ class FuncLatencyProbes:
             self.cleanup_at_exit = False
         return cost
 
-    def _settle(self, iv: _Interval, readings: list[FunctionLatency], elapsed: float) -> None:
+    def _settle(self, iv: Interval, readings: list[FunctionLatency], elapsed: float) -> None:
         """Carry what each function's probes cost beyond its share into its debt (at
         most DEBT_INTERVALS shares: one spike must not silence timing for long)."""
         scale = elapsed / iv.length_s if iv.length_s > 0 else 1.0
@@ -540,7 +486,7 @@ class FuncLatencyProbes:
             cost = self._cost_ns(f, r.entry_hits, r.ret_hits, r.ret_nop_hits)
             f.debt_ns = min(max(0.0, f.debt_ns + cost - share), DEBT_INTERVALS * share)
 
-    def _carry_over(self, prog: LatencyProgram, iv: _Interval, now: float) -> None:
+    def _carry_over(self, prog: LatencyProgram, iv: Interval, now: float) -> None:
         """Sampled functions start their next slice in the next interval; those whose
         measured cost now fits stay timed through the boundary. RETs still waiting
         for the calls of a late slice stay attached: the next interval takes them off
@@ -555,7 +501,7 @@ class FuncLatencyProbes:
                 continue
             if f.timing:
                 self._timing_off(f, now)
-            if f.rets_on and _inflight(prog.stats(f.fid)) <= f.baseline_inflight:
+            if f.rets_on and calls_inflight(prog.stats(f.fid)) <= f.baseline_inflight:
                 self._rets_off(f)
 
     def flush(self) -> IntervalReading:
@@ -638,18 +584,3 @@ class FuncLatencyProbes:
         if self._prog is None:
             return 0
         return sum(1 for _ in self._prog.bpf["fl_inflight"])
-
-
-def _ns(t: float) -> int:
-    """A time.monotonic() as the kernel's bpf_ktime_get_ns() (both CLOCK_MONOTONIC)."""
-    return NEVER_NS if math.isinf(t) else round(t * 1e9)
-
-
-def _opened(start: float, landed: float) -> float:
-    """When a window meant to open at `start` did: then, if its write had landed by
-    then; else (preempted past the lead) somewhere in [start, landed]."""
-    return start if landed <= start else (start + landed) / 2
-
-
-def _inflight(st: dict[str, int]) -> int:
-    return st["opened"] - st["count"] - st["stale"] - st["expired"]
