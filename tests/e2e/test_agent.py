@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -32,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import gobuild
 import goleash
+from daemons import GOLEASH, Daemon, agent_args, node_args, stop_both
 from goleash.api.goleash.v1 import goleash_service_pb2 as q
 from goleash.api.goleash.v1 import goleash_service_pb2_grpc as q_grpc
 from goleash.gobin.disasm import goroutine_probe_sites
@@ -42,8 +40,6 @@ from probe_evidence import uprobe_fds
 
 pytestmark = pytest.mark.root
 
-BIN = Path(sys.executable).parent / "goleash"
-GOLEASH = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "goleash.cli"]
 GO_A, GO_B = "1.22.10", "1.25.5"
 INTERVAL = 1.0
 SCAN = 1.0  # the agent's /proc scan period
@@ -71,66 +67,6 @@ def stmt(marker: str) -> str:
 # --- processes under test ------------------------------------------------------------------
 
 
-class Daemon:
-    """A goleash subprocess whose stderr is collected; `wait_line` finds a line."""
-
-    def __init__(self, args: list[str]) -> None:
-        self.args = args
-        self.proc = subprocess.Popen(
-            [*GOLEASH, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-        self.lines: list[str] = []
-        self._cv = threading.Condition()
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self._cv:
-                self.lines.append(line)
-                self._cv.notify_all()
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def wait_line(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._cv:
-            while True:
-                for line in self.lines:
-                    m = rx.search(line)
-                    if m:
-                        return m
-                left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    raise AssertionError(f"no line matching {pattern!r} in:\n{self.log}")
-                self._cv.wait(min(left, 0.2))
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
-        """Its exit code after `sig`; one that does not exit in time is killed (no
-        daemon outlives its test) and the test fails."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-
-def stop_both(agent: Daemon, cp: Daemon) -> None:
-    """Stop the agent, then the control plane whatever the agent did; the agent must
-    have exited cleanly."""
-    try:
-        code = agent.stop()
-    finally:
-        cp.stop()
-    assert code == 0, agent.log
-
-
 class ControlPlane(Daemon):
     def __init__(self, db: Path, port: int = 0) -> None:
         super().__init__(["control-plane", "--listen", f"127.0.0.1:{port}", "--db", str(db)])
@@ -139,23 +75,7 @@ class ControlPlane(Daemon):
 
 class Agent(Daemon):
     def __init__(self, server: str, *selection: str, extra: tuple[str, ...] = ()) -> None:
-        super().__init__(
-            [
-                "agent",
-                "--server",
-                server,
-                "--interval",
-                str(INTERVAL),
-                "--orphan-min-age",
-                "0",
-                "--health-listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-                *selection,
-                *extra,
-            ]
-        )
+        super().__init__(agent_args(server, INTERVAL, *selection, *extra))
         m = self.wait_line(r"health on (\S+); metrics on http://(\S+)/metrics")
         self.health, self.metrics = m.group(1).rstrip(";"), m.group(2)
 
@@ -582,14 +502,7 @@ def test_goleash_run_shows_the_fixture_within_an_interval(tmp_path: Path) -> Non
                 str(tmp_path / "run.db"),
                 "--exe",
                 "*goleash-e2e-run",
-                "--interval",
-                str(INTERVAL),
-                "--orphan-min-age",
-                "0",
-                "--health-listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
+                *node_args(INTERVAL),
             ]
         )
         try:

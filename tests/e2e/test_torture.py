@@ -29,12 +29,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
-import signal
 import struct
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -47,6 +44,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import gobuild
+from daemons import GOLEASH, Daemon, agent_args
 from goleash.gobin.binary import GoBinary
 from goleash.probes.procmem import ProcessMemory, load_bias
 from polling import wait_for
@@ -56,8 +54,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(420)]
 
-BIN = Path(sys.executable).parent / "goleash"
-GOLEASH = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "goleash.cli"]
 RUN_S = float(os.environ.get("GOLEASH_TORTURE_S", "120"))
 TOOLCHAINS = ("1.19", "1.22.10", "1.25.5")
 VARIANTS = ("default", "stripped", "pie", "stripped-pie")
@@ -383,45 +379,6 @@ def _our_uprobes(pids: set[int]) -> list[str]:
     return [ln for ln in path.read_text().splitlines() if any(f"_{p}_" in ln for p in pids)]
 
 
-class _Daemon:
-    """A goleash daemon with its stderr kept (drained by a thread)."""
-
-    def __init__(self, name: str, args: list[str]) -> None:
-        self.name = name
-        self.proc = subprocess.Popen(
-            [*GOLEASH, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-        self.lines: list[str] = []
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def check_alive(self) -> None:
-        assert self.proc.poll() is None, f"the {self.name} died:\n{self.log()[-5000:]}"
-
-    def endpoint(self, rx: str) -> str:
-        def found() -> str | None:
-            for line in self.lines:
-                m = re.search(rx, line)
-                if m:
-                    return m.group(1)
-            self.check_alive()
-            return None
-
-        return wait_for(found, f"the {self.name}: {rx}", 60)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=60)
-
-
 def test_agent_survives_a_torture_host(tmp_path: Path) -> None:
     ceiling = int(_daemonset_memory_limit() * MAX_RSS_FRACTION_OF_LIMIT)
     go = _go_binaries(tmp_path)
@@ -429,31 +386,13 @@ def test_agent_survives_a_torture_host(tmp_path: Path) -> None:
         _long_lived(tmp_path, "glt-long-a", "1.22.10", "default"),
         _long_lived(tmp_path, "glt-long-b", "1.25.5", "pie"),
     ]
-    cp = _Daemon(
-        "control plane",
-        ["control-plane", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "cp.db")],
-    )
-    agent: _Daemon | None = None
+    cp = Daemon(["control-plane", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "cp.db")])
+    agent: Daemon | None = None
     seen_pids: set[int] = {p.pid for p in long_lived}
     try:
-        address = cp.endpoint(r"listening on (\S+)")
-        agent = _Daemon(
-            "agent",
-            [
-                "agent",
-                "--server",
-                address,
-                "--interval",
-                "1",
-                "--orphan-min-age",
-                "0",
-                "--health-listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-            ],
-        )
-        metrics = agent.endpoint(r"metrics on http://(\S+)/metrics")
+        address = cp.wait_line(r"listening on (\S+)", 60).group(1)
+        agent = Daemon(agent_args(address, 1))
+        metrics = agent.wait_line(r"metrics on http://(\S+)/metrics", 60).group(1)
         for p in long_lived:
             wait_for(
                 lambda p=p: next((r for r in _ps(address) if r["pid"] == p.pid), None),
@@ -506,10 +445,10 @@ def test_agent_survives_a_torture_host(tmp_path: Path) -> None:
             for pop, n in COUNTS.items():
                 assert sites.get(f"main.{pop}") == n, (p.pid, pop, sites)
     finally:
-        agent_rc = agent.stop() if agent is not None else 0
-        cp_rc = cp.stop()
-    assert agent is not None and agent_rc == 0, agent.log()[-5000:] if agent else ""
-    assert cp_rc == 0, cp.log()[-5000:]
+        agent_rc = agent.stop(timeout=60) if agent is not None else 0
+        cp_rc = cp.stop(timeout=60)
+    assert agent is not None and agent_rc == 0, agent.log[-5000:] if agent else ""
+    assert cp_rc == 0, cp.log[-5000:]
     assert not _our_uprobes(seen_pids), _our_uprobes(seen_pids)
     for p in long_lived:
         assert _text_differs(p.pid) == [], "code bytes differ from the file (int3 left?)"
