@@ -116,6 +116,22 @@ MUTANTS: tuple[Mutant, ...] = (
         (GOROUTINES, "-k", "counts_exact and go1.27.3 and default"),
         "every goroutine creation counted twice at its site",
     ),
+    Mutant(
+        "bpf-read-records-kept",
+        "bpf/goroutines.bpf.c",
+        "return read_ns && s->info.created_ns < *read_ns;",
+        "return 0;",
+        ("tests/bpf/test_goroutines_walk.py", "-k", "give_way"),
+        "a birth never takes the slot of a record another process's tracker has read",
+    ),
+    Mutant(
+        "births-asked-again",
+        "agent/goleash/node/births.py",
+        "return [g.goid for g in goroutines if g.goid not in known and g.goid not in unrecorded]",
+        "return [g.goid for g in goroutines if g.goid not in unrecorded]",
+        ("tests/unit/test_births.py",),
+        "every interval asks the kernel again for the records it already holds",
+    ),
     # --- inventory (process memory) ------------------------------------------------------
     Mutant(
         "allgs-skips-last",
