@@ -342,10 +342,6 @@ class GoroutineProgram:
                 table = self.bpf["gr_read_ns"]
                 table[table.Key(row_idx)] = table.Leaf(born_before_ns)
 
-    def exits_on(self, pid: int) -> bool:
-        with self._lock:
-            return self._exits_on(pid)
-
     def _exits_on(self, pid: int) -> bool:
         assert self.bpf is not None
         row_idx = self._rows.get(pid)
@@ -385,14 +381,15 @@ class GoroutineProgram:
                 freed = free_slots(mm, stale, pid, gen)
             # Entries of the hash: a delete that succeeds is counted in gr_freed, the
             # program's own deletes (exits) in live_in_hash: neither counts twice.
-            if self.hash_entries(pid) <= 0:  # the usual case: no walk of the shared hash
+            in_hash = self.hash_entries(pid)
+            if in_hash <= 0:  # the usual case: no walk of the shared hash
                 return freed
             freed_table = self.bpf["gr_freed"]
             freed_key = freed_table.Key(self._rows[pid])
             table = self.bpf["live_goroutines"]
             dead = [
                 k.goid
-                for k, v in table.items()
+                for k, v in self._hash_items(in_hash)
                 if k.pid == pid and k.goid not in live_goids and v.created_ns < born_before_ns
             ]
             deleted = 0
@@ -563,9 +560,7 @@ class GoroutineProgram:
             if gen is None or self.bpf is None or not goids:
                 return {}
             slots = live_slots_for(self.max_live)
-            found, missing, _writing = records_in_slots(
-                self._writable_slots(), slots, pid, gen, goids
-            )
+            found, missing = records_in_slots(self._writable_slots(), slots, pid, gen, goids)
             out = {goid: LiveGoroutine(goid, *info) for goid, info in found.items()}
             if missing and self.hash_entries(pid) > 0:
                 # A birth whose slot was taken went to the hash: look there for the

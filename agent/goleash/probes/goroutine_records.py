@@ -155,23 +155,21 @@ def slot_index(pid: int, goid: int, slots: int) -> int:
 
 def records_in_slots(
     array: mmap.mmap | bytes, slots: int, pid: int, gen: int, goids: Iterable[int]
-) -> tuple[dict[int, tuple[int, ...]], list[int], int]:
+) -> tuple[dict[int, tuple[int, ...]], list[int]]:
     """PID's (registration GEN) records of GOIDS in live_slots ARRAY, each read from
-    its own slot: (goid -> the goroutine_info fields, goids not in their slot, how
-    many of those slots were being written). One small read per goid, whatever else
-    the array holds: dead goroutines' records are never looked at."""
+    its own slot: (goid -> the goroutine_info fields, goids not in their slot). One
+    small read per goid, whatever else the array holds: dead goroutines' records are
+    never looked at."""
     record, size = _LIVE_SLOT, _LIVE_SLOT.size
     found: dict[int, tuple[int, ...]] = {}
     missing: list[int] = []
-    writing = 0
     for goid in goids:
         fields = record.unpack_from(array, slot_index(pid, goid, slots) * size)
         if fields[0] == goid and fields[1] == pid and fields[2] == gen:
             found[goid] = fields[3:]
         else:
             missing.append(goid)
-            writing += fields[0] == _SLOT_WRITING
-    return found, missing, writing
+    return found, missing
 
 
 def stale_slots(
